@@ -1,0 +1,76 @@
+/* The backend interface: what a device (CPU, a CUDA GPU, a HIP GPU) implements.
+ *
+ * A backend owns a device and, per model session, that session's KV storage (att_kv_t). Above it,
+ * att_ctx validates a call and asks kvc for block numbers; the backend only moves bytes and
+ * computes. run() receives a fully checked batch, so it fails only for the device's own reasons
+ * (AT_ERR_DEVICE, AT_ERR_NOMEM before any write).
+ *
+ * Made with GPUs and worker processes in mind: the batch carries plain values and host pointers
+ * (tensors in memory the caller owns; in the worker process that is shared memory registered for
+ * DMA), block tables as block numbers, never device pointers. A GPU backend uploads the tables,
+ * enqueues the KV write and the attention on the session's stream and returns when the output is
+ * in host memory; the worker overlaps calls by keeping several sessions' runs in flight.
+ *
+ * Thread: a backend may be called from several threads; run() on one att_kv_t is serialized by
+ * the caller (att_ctx). */
+#ifndef AT_ATTENTION_ATT_BACKEND_H
+#define AT_ATTENTION_ATT_BACKEND_H
+
+#include <stdint.h>
+
+#include "attention/att_model.h"
+#include "common/at_err.h"
+
+typedef struct att_backend att_backend_t;
+typedef struct att_kv att_kv_t;
+
+typedef struct att_batch_chunk {
+    uint32_t token_offset; /* first row of this chunk in q, k, v and out */
+    uint32_t start_pos;    /* new keys go to start_pos..start_pos+num_tokens-1 */
+    uint32_t num_tokens;
+    uint32_t num_blocks;
+    const uint32_t *blocks; /* borrowed for the run; [num_blocks] block numbers of the sequence */
+} att_batch_chunk_t;
+
+typedef struct att_batch {
+    uint32_t layer;
+    uint32_t num_chunks;
+    uint32_t total_tokens;
+    const att_batch_chunk_t *chunks; /* borrowed for the run; [num_chunks] */
+    const void *q;                   /* borrowed; [total_tokens, Hq, D], NULL = append only */
+    const void *k;                   /* borrowed; [total_tokens, Hkv, D] */
+    const void *v;                   /* borrowed; [total_tokens, Hkv, D] */
+    void *out;                       /* borrowed; [total_tokens, Hq, D], NULL = append only */
+} att_batch_t;
+
+typedef struct att_backend_ops {
+    const char *name; /* "cpu", "cuda", "hip" */
+    /* KV storage of num_blocks blocks for model m (borrowed: m outlives the storage).
+     * AT_ERR_NOMEM when the device cannot hold it. */
+    at_err_t (*kv_create)(att_backend_t *be, const att_model_t *m, uint32_t num_blocks,
+                          att_kv_t **out);
+    void (*kv_destroy)(att_backend_t *be, att_kv_t **kv);
+    /* Writes the batch's k and v into its blocks, then (q != NULL) computes out. Returns when out
+     * is complete. */
+    at_err_t (*run)(att_backend_t *be, att_kv_t *kv, const att_batch_t *b);
+    /* Copies n cached rows from position pos of one sequence (its block table) at layer into
+     * k_out and v_out, each [n, Hkv, D] in the model's dtype. */
+    at_err_t (*read_kv)(att_backend_t *be, att_kv_t *kv, uint32_t layer, const uint32_t *blocks,
+                        uint32_t pos, uint32_t n, void *k_out, void *v_out);
+    void (*destroy)(att_backend_t *be);
+} att_backend_ops_t;
+
+/* Every backend struct starts with this. */
+struct att_backend {
+    const att_backend_ops_t *ops;
+};
+
+/* Frees *be (NULL allowed) and sets it to NULL. Every att_kv_t of it must be gone. */
+static inline void att_backend_destroy(att_backend_t **be) {
+    if (be != NULL && *be != NULL) {
+        (*be)->ops->destroy(*be);
+        *be = NULL;
+    }
+}
+
+#endif

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages attnd needs to build and test, only those that are missing.
+# Usage: tools/setup.sh   (root, or a user with sudo)
+set -euo pipefail
+
+packages=(build-essential cmake pkg-config libcmocka-dev python3)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "setup: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
