@@ -80,7 +80,7 @@ static at_err_t scratch_reserve(thread_slot_t *t, size_t rows, size_t dim) {
         .o = malloc(rows * dim * sizeof(float)),
         .m = malloc(rows * sizeof(float)),
         .l = malloc(rows * sizeof(float)),
-        .s = malloc(ATT_CPU_KEY_TILE * sizeof(float)),
+        .s = malloc(4 * ATT_CPU_KEY_TILE * sizeof(float)),
         .kf = malloc(ATT_CPU_KEY_TILE * dim * sizeof(float)),
         .vf = malloc(ATT_CPU_KEY_TILE * dim * sizeof(float)),
     };
@@ -154,16 +154,36 @@ static int cmp_cost_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* Splits the batch into items; AT_ERR_NOMEM changes nothing. Requires run_mu. */
+static size_t count_items(const att_batch_t *b, uint32_t tokens_per_item, uint32_t heads,
+                          uint32_t heads_per_item) {
+    size_t n = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++)
+        n += ((size_t)b->chunks[c].num_tokens + tokens_per_item - 1) / tokens_per_item;
+    return n * ((heads + heads_per_item - 1) / heads_per_item);
+}
+
+/* Splits the batch into items; AT_ERR_NOMEM changes nothing. Requires run_mu.
+ * Rows per item (tokens x query heads) aim at tile_rows: a decode token's item spans several KV
+ * heads, a prefill item one head and tile_rows / group tokens. Heads are split further while
+ * there are too few items to keep every thread busy. */
 static at_err_t plan_items(cpu_backend_t *be, const att_model_t *m, const att_batch_t *b,
                            uint32_t window, size_t *n_out, size_t *max_rows) {
     uint32_t tokens_per_item = be->tile_rows / m->group;
     if (tokens_per_item == 0)
         tokens_per_item = 1;
-    size_t n = 0;
+    uint32_t longest = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++)
-        n += ((size_t)b->chunks[c].num_tokens + tokens_per_item - 1) / tokens_per_item *
-             m->num_kv_heads;
+        longest = b->chunks[c].num_tokens > longest ? b->chunks[c].num_tokens : longest;
+    uint32_t tokens_used = longest < tokens_per_item ? longest : tokens_per_item;
+    uint32_t heads_per_item = be->tile_rows / (m->group * tokens_used);
+    heads_per_item = heads_per_item < 1 ? 1
+                     : heads_per_item > m->num_kv_heads ? m->num_kv_heads
+                                                        : heads_per_item;
+    while (heads_per_item > 1 &&
+           count_items(b, tokens_per_item, m->num_kv_heads, heads_per_item) <
+               4 * (size_t)be->num_threads)
+        heads_per_item = (heads_per_item + 1) / 2;
+    size_t n = count_items(b, tokens_per_item, m->num_kv_heads, heads_per_item);
     if (n > be->cap_items) {
         att_cpu_item_t *p = realloc(be->items, n * sizeof *p);
         if (p == NULL)
@@ -179,13 +199,16 @@ static at_err_t plan_items(cpu_backend_t *be, const att_model_t *m, const att_ba
                                                                   : tokens_per_item;
             uint64_t last = (uint64_t)ch->start_pos + q0 + cnt;
             uint64_t keys = window != 0 && last > window + (uint64_t)cnt ? window + cnt : last;
-            for (uint32_t h = 0; h < m->num_kv_heads; h++)
-                be->items[k++] = (att_cpu_item_t){c, h, q0, cnt, keys * cnt * m->group};
+            for (uint32_t h = 0; h < m->num_kv_heads; h += heads_per_item) {
+                uint32_t nh = m->num_kv_heads - h < heads_per_item ? m->num_kv_heads - h
+                                                                    : heads_per_item;
+                be->items[k++] = (att_cpu_item_t){c, h, nh, q0, cnt, keys * cnt * m->group * nh};
+            }
         }
     }
     qsort(be->items, n, sizeof *be->items, cmp_cost_desc);
     *n_out = n;
-    *max_rows = (size_t)tokens_per_item * m->group;
+    *max_rows = (size_t)tokens_per_item * m->group * heads_per_item;
     return AT_OK;
 }
 

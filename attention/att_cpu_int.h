@@ -10,11 +10,14 @@
 /* Keys per inner tile: bounded by the block, so a tile's rows are contiguous in memory. */
 #define ATT_CPU_KEY_TILE 64u
 
-/* One work item: query tokens [q_begin, q_begin + q_count) of one chunk against one KV head,
- * all query heads of that head's group. */
+/* One work item: query tokens [q_begin, q_begin + q_count) of one chunk against KV heads
+ * [kv_head, kv_head + num_heads), with all query heads of each head's group. Decode items take
+ * many heads, so that a block's heads, adjacent in memory, are read as one stream; prefill items
+ * take one head and many tokens, so that each converted key tile serves many rows. */
 typedef struct att_cpu_item {
     uint32_t chunk;
     uint32_t kv_head;
+    uint32_t num_heads;
     uint32_t q_begin;
     uint32_t q_count;
     uint64_t cost; /* rows x keys, to schedule the longest items first */
@@ -34,7 +37,7 @@ typedef struct att_cpu_scratch {
     float *o;  /* [rows, D] unnormalized outputs */
     float *m;  /* [rows] running maxima */
     float *l;  /* [rows] running denominators */
-    float *s;  /* [ATT_CPU_KEY_TILE] one row's scores, then probabilities */
+    float *s;  /* [4, ATT_CPU_KEY_TILE] a row group's scores, then probabilities */
     float *kf; /* [ATT_CPU_KEY_TILE, D] the key tile in f32 */
     float *vf; /* [ATT_CPU_KEY_TILE, D] the value tile in f32 */
 } att_cpu_scratch_t;

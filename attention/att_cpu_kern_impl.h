@@ -40,32 +40,61 @@ static inline float exp_f32(float x) {
     return x < EXP_LO ? 0.0f : y;
 }
 
-/* d is a multiple of 8. Kept out of line: inlined into a loop over keys, GCC vectorizes across
- * keys instead (strided gathers), several times slower. Loop indices in this file are size_t:
- * with uint32_t, wrap-around is defined, GCC cannot prove accesses contiguous and gathers too. */
-static __attribute__((noinline)) float dot_f32(const float *restrict a, const float *restrict b,
-                                               size_t d) {
-    float acc[32];
+static inline float hsum8(const float x[8]) {
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+/* Four rows (stride qs floats) against one key: each key vector is loaded once for four FMAs.
+ * d is a multiple of 8. Out of line, like dot1: inlined into the loop over keys, GCC vectorized
+ * across keys instead (strided gathers). Loop indices in this file are size_t: with uint32_t,
+ * wrap-around is defined, GCC cannot prove accesses contiguous and emits gathers too. */
+static __attribute__((noinline)) void dot4(const float *restrict q, size_t qs,
+                                           const float *restrict k, size_t d, float out[4]) {
+    float a[4][8];
+    for (size_t r = 0; r < 4; r++)
+        for (size_t l = 0; l < 8; l++)
+            a[r][l] = 0.0f;
+    for (size_t i = 0; i < d; i += 8)
+        for (size_t r = 0; r < 4; r++)
+            for (size_t l = 0; l < 8; l++)
+                a[r][l] += q[r * qs + i + l] * k[i + l];
+    for (size_t r = 0; r < 4; r++)
+        out[r] = hsum8(a[r]);
+}
+
+/* One row against one key, 16 lanes in two chains. d is a multiple of 8. */
+static __attribute__((noinline)) float dot1(const float *restrict q, const float *restrict k,
+                                            size_t d) {
+    float a[16];
+    for (size_t l = 0; l < 16; l++)
+        a[l] = 0.0f;
     size_t i = 0;
-    if (d >= 32) { /* start from the first products: zeroing the array costs a rep stos */
-        for (size_t l = 0; l < 32; l++)
-            acc[l] = a[l] * b[l];
-        i = 32;
-    } else {
-        for (size_t l = 0; l < 32; l++)
-            acc[l] = 0.0f;
-    }
-    for (; i + 32 <= d; i += 32)
-        for (size_t l = 0; l < 32; l++)
-            acc[l] += a[i + l] * b[i + l];
+    for (; i + 16 <= d; i += 16)
+        for (size_t l = 0; l < 16; l++)
+            a[l] += q[i + l] * k[i + l];
     for (; i < d; i += 8)
         for (size_t l = 0; l < 8; l++)
-            acc[l] += a[i + l] * b[i + l];
-    for (size_t l = 0; l < 16; l++)
-        acc[l] += acc[l + 16];
+            a[l] += q[i + l] * k[i + l];
     for (size_t l = 0; l < 8; l++)
-        acc[l] += acc[l + 8];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        a[l] += a[l + 8];
+    return hsum8(a);
+}
+
+/* Raw scores of n <= 4 consecutive rows (q, stride d) against the nk keys of kf, into
+ * s[row * ATT_CPU_KEY_TILE + key]. */
+static void group_scores(const float *restrict q, uint32_t n, const float *restrict kf,
+                         size_t nk, size_t d, float *restrict s) {
+    for (size_t j = 0; j < nk; j++) {
+        if (n == 4) {
+            float o[4];
+            dot4(q, d, kf + j * d, d, o);
+            for (size_t r = 0; r < 4; r++)
+                s[r * ATT_CPU_KEY_TILE + j] = o[r];
+        } else {
+            for (size_t r = 0; r < n; r++)
+                s[r * ATT_CPU_KEY_TILE + j] = dot1(q + r * d, kf + j * d, d);
+        }
+    }
 }
 
 /* A tile's rows are contiguous, but consecutive tiles of one head are a block apart (other heads
@@ -73,7 +102,7 @@ static __attribute__((noinline)) float dot_f32(const float *restrict a, const fl
  * Asking for the next tile while this one is computed keeps memory busy. */
 static inline void prefetch_bytes(const uint8_t *p, size_t n) {
     for (size_t i = 0; i < n; i += 64)
-        __builtin_prefetch(p + i, 0, 0);
+        __builtin_prefetch(p + i, 0, 2); /* into L2: a tile of all the item's heads exceeds L1 */
 }
 
 static inline void to_f32(att_dtype_t t, const void *restrict src, float *restrict dst, size_t n) {
@@ -92,20 +121,10 @@ static inline void to_f32(att_dtype_t t, const void *restrict src, float *restri
     }
 }
 
-/* Position of row r's query: rows are token-major, group-minor. */
-static inline uint32_t row_pos(const att_batch_chunk_t *ch, const att_cpu_item_t *it, uint32_t r,
-                               uint32_t group) {
-    return ch->start_pos + it->q_begin + r / group;
-}
-
-/* Scores of one row against the key tile [j0, j0 + nk), with soft cap, ALiBi and the mask. */
-static inline void row_scores(const att_cpu_job_t *job, const float *restrict q,
-                              const float *restrict kf, float *restrict s, uint32_t nk, uint32_t j0,
+/* Soft cap, ALiBi and the mask on one row's raw scores of the key tile [j0, j0 + nk). */
+static inline void row_adjust(const att_cpu_job_t *job, float *restrict s, size_t nk, uint32_t j0,
                               uint32_t pos, uint32_t head) {
     const att_model_t *m = job->m;
-    size_t d = m->head_dim;
-    for (size_t j = 0; j < nk; j++)
-        s[j] = dot_f32(q, kf + j * d, d);
     if (m->soft_cap > 0.0f) {
         float c = m->soft_cap, inv2 = 2.0f / m->soft_cap;
         for (size_t j = 0; j < nk; j++)
@@ -120,22 +139,79 @@ static inline void row_scores(const att_cpu_job_t *job, const float *restrict q,
     /* keys allowed: lo <= key <= pos; only tiles that straddle a bound pay for the mask */
     uint32_t lo = (job->window != 0 && pos + 1 > job->window) ? pos + 1 - job->window : 0;
     if (j0 < lo || j0 + nk - 1 > pos) {
-        for (uint32_t j = 0; j < nk; j++) {
-            uint32_t key = j0 + j;
+        for (size_t j = 0; j < nk; j++) {
+            size_t key = j0 + j;
             s[j] = (key < lo || key > pos) ? -INFINITY : s[j];
         }
     }
 }
 
-/* Folds one row's tile of scores into its running max, denominator and output. */
-static inline void row_update(float *restrict s, const float *restrict vf, float *restrict o,
-                              float *m_run, float *l_run, size_t nk, size_t d) {
+/* One row: o = alpha * o + sum over keys j of p[j] * v[j], for n output lanes of value rows
+ * that are vs floats apart; 32 lanes at a time so the sums stay in registers across keys. The
+ * sums start at zero and o is read once at the end: loading o into the accumulators made GCC copy
+ * it through the stack in halves, and the wide reload stalled on store forwarding. n is a
+ * multiple of 8. */
+static inline void accumulate_pv(const float *restrict p, const float *restrict vf,
+                                 float *restrict o, float alpha, size_t nk, size_t n, size_t vs) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        float acc[32];
+        for (size_t l = 0; l < 32; l++)
+            acc[l] = 0.0f;
+        for (size_t j = 0; j < nk; j++)
+            for (size_t l = 0; l < 32; l++)
+                acc[l] += p[j] * vf[j * vs + i + l];
+        for (size_t l = 0; l < 32; l++)
+            o[i + l] = o[i + l] * alpha + acc[l];
+    }
+    for (; i < n; i += 8) {
+        float acc[8];
+        for (size_t l = 0; l < 8; l++)
+            acc[l] = 0.0f;
+        for (size_t j = 0; j < nk; j++)
+            for (size_t l = 0; l < 8; l++)
+                acc[l] += p[j] * vf[j * vs + i + l];
+        for (size_t l = 0; l < 8; l++)
+            o[i + l] = o[i + l] * alpha + acc[l];
+    }
+}
+
+/* Four rows at once: o[r] = alpha[r] * o[r] + sum over keys j of p[r][j] * v[j]. 16 lanes x 4
+ * rows keep eight independent FMA chains in registers and load each value vector once for four
+ * rows. d is a multiple of 8 (the last step covers 8 lanes). */
+static inline void accumulate_pv4(const float *restrict p, const float *restrict vf,
+                                  float *restrict o, const float alpha[4], size_t nk, size_t d) {
+    size_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        float a[4][16];
+        for (size_t r = 0; r < 4; r++)
+            for (size_t l = 0; l < 16; l++)
+                a[r][l] = 0.0f;
+        for (size_t j = 0; j < nk; j++)
+            for (size_t r = 0; r < 4; r++)
+                for (size_t l = 0; l < 16; l++)
+                    a[r][l] += p[r * ATT_CPU_KEY_TILE + j] * vf[j * d + i + l];
+        for (size_t r = 0; r < 4; r++)
+            for (size_t l = 0; l < 16; l++)
+                o[r * d + i + l] = o[r * d + i + l] * alpha[r] + a[r][l];
+    }
+    if (i < d)
+        for (size_t r = 0; r < 4; r++)
+            accumulate_pv(p + r * ATT_CPU_KEY_TILE, vf + i, o + r * d + i, alpha[r], nk, d - i, d);
+}
+
+/* Turns one row's adjusted scores into probabilities against its new running max, updates the
+ * max and denominator, and returns the factor that rescales the row's output so far. */
+static inline float row_softmax(float *restrict s, float *m_run, float *l_run, size_t nk) {
     float mx = -INFINITY;
     for (size_t j = 0; j < nk; j++)
         mx = s[j] > mx ? s[j] : mx;
     float m_new = mx > *m_run ? mx : *m_run;
-    if (m_new == -INFINITY)
-        return; /* every key of this tile is masked for this row */
+    if (m_new == -INFINITY) { /* every key so far is masked for this row: contribute nothing */
+        for (size_t j = 0; j < nk; j++)
+            s[j] = 0.0f;
+        return 1.0f;
+    }
     float alpha = exp_f32(*m_run - m_new);
     float sum = 0.0f;
     for (size_t j = 0; j < nk; j++) {
@@ -144,15 +220,7 @@ static inline void row_update(float *restrict s, const float *restrict vf, float
     }
     *l_run = *l_run * alpha + sum;
     *m_run = m_new;
-    if (alpha != 1.0f)
-        for (size_t i = 0; i < d; i++)
-            o[i] *= alpha;
-    for (size_t j = 0; j < nk; j++) {
-        float p = s[j];
-        const float *restrict v = vf + j * d;
-        for (size_t i = 0; i < d; i++)
-            o[i] += p * v[i];
-    }
+    return alpha;
 }
 
 /* Byte offset of key j's row within a layer's K (or V) storage, for the item's KV head. */
@@ -161,20 +229,24 @@ static inline size_t tile_offset(const att_batch_chunk_t *ch, uint32_t j, uint32
     return (size_t)ch->blocks[j / bs] * block_stride + head_off + (size_t)(j % bs) * row_bytes;
 }
 
+/* Rows of an item are head-major, then token, then query head within the group: row
+ * hl * per_head + t * group + gi is query head (kv_head + hl) * group + gi of token q_begin + t. */
 void ATT_CPU_KERN_NAME(const att_cpu_job_t *job, const att_cpu_item_t *it, att_cpu_scratch_t *sc) {
     const att_model_t *m = job->m;
     const att_batch_t *b = job->b;
     const att_batch_chunk_t *ch = &b->chunks[it->chunk];
     const uint32_t d = m->head_dim, g = m->group, bs = m->block_size;
-    const uint32_t rows = it->q_count * g;
+    const uint32_t per_head = it->q_count * g;
+    const uint32_t rows = per_head * it->num_heads;
     const size_t es = att_dtype_bytes(m->dtype);
     const size_t head_stride = (size_t)bs * d * es; /* one head of one block */
     const size_t block_stride = head_stride * m->num_kv_heads;
 
     for (uint32_t r = 0; r < rows; r++) {
-        uint32_t tok = ch->token_offset + it->q_begin + r / g;
-        uint32_t head = it->kv_head * g + r % g;
-        const uint8_t *src = (const uint8_t *)b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
+        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
+        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
+        const uint8_t *src =
+            (const uint8_t *)b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
         float *q = sc->q + (size_t)r * d;
         to_f32(m->dtype, src, q, d);
         for (size_t i = 0; i < d; i++)
@@ -185,42 +257,59 @@ void ATT_CPU_KERN_NAME(const att_cpu_job_t *job, const att_cpu_item_t *it, att_c
             sc->o[(size_t)r * d + i] = 0.0f;
     }
 
-    uint32_t first = row_pos(ch, it, 0, g), last = row_pos(ch, it, rows - 1, g);
+    uint32_t first = ch->start_pos + it->q_begin, last = first + it->q_count - 1;
     uint32_t j_lo = (job->window != 0 && first + 1 > job->window) ? first + 1 - job->window : 0;
     uint32_t tile = bs < ATT_CPU_KEY_TILE ? bs : ATT_CPU_KEY_TILE;
-    size_t tile_bytes = (size_t)tile * d * es;
+    size_t head_tile_bytes = (size_t)tile * d * es;
     for (uint32_t j0 = j_lo - j_lo % tile; j0 <= last; j0 += tile) {
         uint32_t nk = last + 1 - j0 < tile ? last + 1 - j0 : tile;
-        size_t off = tile_offset(ch, j0, bs, block_stride, it->kv_head * head_stride, d * es);
-        if (j0 + tile <= last) {
-            size_t next = tile_offset(ch, j0 + tile, bs, block_stride, it->kv_head * head_stride,
-                                      d * es);
-            prefetch_bytes(job->k_layer + next, tile_bytes);
-            prefetch_bytes(job->v_layer + next, tile_bytes);
-        }
-        const float *kf, *vf;
-        if (m->dtype == ATT_DTYPE_F32) {
-            kf = (const float *)(job->k_layer + off);
-            vf = (const float *)(job->v_layer + off);
-        } else {
-            to_f32(m->dtype, job->k_layer + off, sc->kf, (size_t)nk * d);
-            to_f32(m->dtype, job->v_layer + off, sc->vf, (size_t)nk * d);
-            kf = sc->kf;
-            vf = sc->vf;
-        }
-        for (uint32_t r = 0; r < rows; r++) {
-            uint32_t pos = row_pos(ch, it, r, g);
-            if (j0 > pos)
-                break; /* rows are in position order: no later row sees fewer keys */
-            uint32_t head = it->kv_head * g + r % g;
-            row_scores(job, sc->q + (size_t)r * d, kf, sc->s, nk, j0, pos, head);
-            row_update(sc->s, vf, sc->o + (size_t)r * d, &sc->m[r], &sc->l[r], nk, d);
+        size_t off0 = tile_offset(ch, j0, bs, block_stride, it->kv_head * head_stride, d * es);
+        size_t next0 = j0 + tile <= last ? tile_offset(ch, j0 + tile, bs, block_stride,
+                                                       it->kv_head * head_stride, d * es)
+                                         : SIZE_MAX;
+        for (uint32_t hl = 0; hl < it->num_heads; hl++) {
+            size_t off = off0 + hl * head_stride;
+            if (next0 != SIZE_MAX) { /* a few KiB per head keeps the miss queue from overflowing */
+                prefetch_bytes(job->k_layer + next0 + hl * head_stride, head_tile_bytes);
+                prefetch_bytes(job->v_layer + next0 + hl * head_stride, head_tile_bytes);
+            }
+            const float *kf, *vf;
+            if (m->dtype == ATT_DTYPE_F32) {
+                kf = (const float *)(job->k_layer + off);
+                vf = (const float *)(job->v_layer + off);
+            } else {
+                to_f32(m->dtype, job->k_layer + off, sc->kf, (size_t)nk * d);
+                to_f32(m->dtype, job->v_layer + off, sc->vf, (size_t)nk * d);
+                kf = sc->kf;
+                vf = sc->vf;
+            }
+            for (uint32_t rr0 = 0; rr0 < per_head; rr0 += 4) {
+                uint32_t n = per_head - rr0 < 4 ? per_head - rr0 : 4;
+                if (j0 > first + (rr0 + n - 1) / g)
+                    continue; /* every key of this tile is after every row of the group */
+                uint32_t r0 = hl * per_head + rr0;
+                group_scores(sc->q + (size_t)r0 * d, n, kf, nk, d, sc->s);
+                float alpha[4];
+                for (uint32_t i = 0; i < n; i++) {
+                    uint32_t rr = rr0 + i;
+                    float *srow = sc->s + (size_t)i * ATT_CPU_KEY_TILE;
+                    row_adjust(job, srow, nk, j0, first + rr / g, (it->kv_head + hl) * g + rr % g);
+                    alpha[i] = row_softmax(srow, &sc->m[r0 + i], &sc->l[r0 + i], nk);
+                }
+                float *o = sc->o + (size_t)r0 * d;
+                if (n == 4)
+                    accumulate_pv4(sc->s, vf, o, alpha, nk, d);
+                else
+                    for (uint32_t i = 0; i < n; i++)
+                        accumulate_pv(sc->s + (size_t)i * ATT_CPU_KEY_TILE, vf, o + (size_t)i * d,
+                                      alpha[i], nk, d, d);
+            }
         }
     }
 
     for (uint32_t r = 0; r < rows; r++) {
-        uint32_t tok = ch->token_offset + it->q_begin + r / g;
-        uint32_t head = it->kv_head * g + r % g;
+        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
+        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
         float mr = sc->m[r], lr = sc->l[r], scale_o;
         if (m->sinks != NULL) {
             /* the sink joins the denominator only; rebase on the larger of it and the max */

@@ -26,7 +26,8 @@ at_err_t att_ctx_create(att_backend_t *be, const att_model_cfg_t *cfg, uint64_t 
     at_err_t e = att_model_create(cfg, diag, &model);
     if (e != AT_OK)
         return e;
-    uint64_t blocks = (kv_capacity_tokens + model->block_size - 1) / model->block_size;
+    uint64_t blocks = kv_capacity_tokens / model->block_size +
+                      (kv_capacity_tokens % model->block_size != 0); /* no overflow near 2^64 */
     if (kv_capacity_tokens == 0 || blocks > UINT32_MAX - 1) {
         e = at_diag_set(diag, AT_ERR_KV_CAPACITY,
                         "kv_capacity_tokens: expected 1 to %llu, got %llu",
