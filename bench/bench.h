@@ -1,0 +1,13 @@
+/* Benchmarks built into the attnd command. */
+#ifndef AT_BENCH_BENCH_H
+#define AT_BENCH_BENCH_H
+
+/* `attnd bench [options]`: times the CPU attention backend on decode and prefill cases for one
+ * model shape and sets the results against the machine's memory read bandwidth, measured in the
+ * same run. argv[0] is the subcommand's name; `--help` lists the options. Results go to stdout (a
+ * table, or one JSON document with --json), progress and errors to stderr.
+ * Returns the process exit status: 0 on success, 1 when a measurement fails, 2 on bad usage.
+ * Thread: main thread only (it starts and joins its own threads). */
+int bench_cpu_main(int argc, char **argv);
+
+#endif
