@@ -65,8 +65,6 @@ static void scratch_free(att_cpu_scratch_t *sc) {
     free(sc->m);
     free(sc->l);
     free(sc->s);
-    free(sc->kf);
-    free(sc->vf);
     memset(sc, 0, sizeof *sc);
 }
 
@@ -81,10 +79,8 @@ static at_err_t scratch_reserve(thread_slot_t *t, size_t rows, size_t dim) {
         .m = malloc(rows * sizeof(float)),
         .l = malloc(rows * sizeof(float)),
         .s = malloc(4 * ATT_CPU_KEY_TILE * sizeof(float)),
-        .kf = malloc(ATT_CPU_KEY_TILE * dim * sizeof(float)),
-        .vf = malloc(ATT_CPU_KEY_TILE * dim * sizeof(float)),
     };
-    if (!sc.q || !sc.o || !sc.m || !sc.l || !sc.s || !sc.kf || !sc.vf) {
+    if (!sc.q || !sc.o || !sc.m || !sc.l || !sc.s) {
         scratch_free(&sc);
         return AT_ERR_NOMEM;
     }

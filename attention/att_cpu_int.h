@@ -38,8 +38,6 @@ typedef struct att_cpu_scratch {
     float *m;  /* [rows] running maxima */
     float *l;  /* [rows] running denominators */
     float *s;  /* [4, ATT_CPU_KEY_TILE] a row group's scores, then probabilities */
-    float *kf; /* [ATT_CPU_KEY_TILE, D] the key tile in f32 */
-    float *vf; /* [ATT_CPU_KEY_TILE, D] the value tile in f32 */
 } att_cpu_scratch_t;
 
 typedef void (*att_cpu_kern_fn)(const att_cpu_job_t *job, const att_cpu_item_t *it,

@@ -1,13 +1,17 @@
-/* The CPU attention kernel: one work item (a chunk's query tile x one KV head) with online softmax
- * over key tiles. Included once per instruction set with ATT_CPU_KERN_NAME set.
+/* The CPU attention kernel: one work item (a chunk's query tile x a range of KV heads) with online
+ * softmax over key tiles. Included once per instruction set with ATT_CPU_KERN_NAME set.
  *
- * Plain loops written so that GCC vectorizes them (checked with -fopt-info-vec and objdump):
- * dot products keep 32 independent lanes (four vector chains, no reassociation needed), tile
- * conversions and exp are branch-free. Thread: called from pool threads, each with its own
- * scratch; reads the job, writes only its own rows of out. */
+ * Plain loops, written so that GCC vectorizes them (checked with -fopt-info-vec and objdump):
+ * branch-free exp, masks and conversions, size_t indices. The two register-blocked
+ * micro-kernels (scores and P x V for four rows) use GCC/Clang vector types instead, because
+ * GCC 12 spilled their accumulators when they were written as loops (see v8f). Keys and values
+ * are converted to f32 in registers as they are loaded; the kernel body is specialized per dtype.
+ * Thread: called from pool threads, each with its own scratch; reads the job, writes only its own
+ * rows of out. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "attention/att_cpu_int.h"
 #include "attention/att_dtype.h"
@@ -15,6 +19,8 @@
 #ifndef ATT_CPU_KERN_NAME
 #error "define ATT_CPU_KERN_NAME before including att_cpu_kern_impl.h"
 #endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* Below this exponent expf is under the smallest normal float; masked logits (-inf) land here
  * and must give exactly 0. */
@@ -40,84 +46,149 @@ static inline float exp_f32(float x) {
     return x < EXP_LO ? 0.0f : y;
 }
 
-static inline float hsum8(const float x[8]) {
-    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+/* Eight floats as one value of GCC/Clang's vector extension: plain C arithmetic that the compiler
+ * maps onto the target's registers (one AVX register in the x86-64-v3 build, two SSE registers in
+ * the portable one). Written as loops over [4][8] float arrays, the micro-kernels below ran at a
+ * third of this speed: GCC 12's SLP vectorizer spilled some of the eight accumulators to the
+ * stack on every iteration, or fell back to scalar code, depending on the loop's shape.
+ * Unaligned loads and stores go through memcpy. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+static ALWAYS_INLINE v8f v8_load(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* Four rows (stride qs floats) against one key: each key vector is loaded once for four FMAs.
- * d is a multiple of 8. Out of line, like dot1: inlined into the loop over keys, GCC vectorized
- * across keys instead (strided gathers). Loop indices in this file are size_t: with uint32_t,
- * wrap-around is defined, GCC cannot prove accesses contiguous and emits gathers too. */
-static __attribute__((noinline)) void dot4(const float *restrict q, size_t qs,
-                                           const float *restrict k, size_t d, float out[4]) {
-    float a[4][8];
-    for (size_t r = 0; r < 4; r++)
-        for (size_t l = 0; l < 8; l++)
-            a[r][l] = 0.0f;
-    for (size_t i = 0; i < d; i += 8)
-        for (size_t r = 0; r < 4; r++)
-            for (size_t l = 0; l < 8; l++)
-                a[r][l] += q[r * qs + i + l] * k[i + l];
-    for (size_t r = 0; r < 4; r++)
-        out[r] = hsum8(a[r]);
+static ALWAYS_INLINE void v8_store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static ALWAYS_INLINE float v8_sum(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-/* One row against one key, 16 lanes in two chains. d is a multiple of 8. */
-static __attribute__((noinline)) float dot1(const float *restrict q, const float *restrict k,
-                                            size_t d) {
-    float a[16];
-    for (size_t l = 0; l < 16; l++)
-        a[l] = 0.0f;
-    size_t i = 0;
-    for (; i + 16 <= d; i += 16)
-        for (size_t l = 0; l < 16; l++)
-            a[l] += q[i + l] * k[i + l];
-    for (; i < d; i += 8)
-        for (size_t l = 0; l < 8; l++)
-            a[l] += q[i + l] * k[i + l];
-    for (size_t l = 0; l < 8; l++)
-        a[l] += a[l + 8];
-    return hsum8(a);
+static ALWAYS_INLINE v8f v8_from_bits(v8u u) {
+    v8f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
-/* Raw scores of n <= 4 consecutive rows (q, stride d) against the nk keys of kf, into
- * s[row * ATT_CPU_KEY_TILE + key]. */
-static void group_scores(const float *restrict q, uint32_t n, const float *restrict kf,
-                         size_t nk, size_t d, float *restrict s) {
-    for (size_t j = 0; j < nk; j++) {
-        if (n == 4) {
-            float o[4];
-            dot4(q, d, kf + j * d, d, o);
-            for (size_t r = 0; r < 4; r++)
-                s[r * ATT_CPU_KEY_TILE + j] = o[r];
-        } else {
-            for (size_t r = 0; r < n; r++)
-                s[r * ATT_CPU_KEY_TILE + j] = dot1(q + r * d, kf + j * d, d);
+static ALWAYS_INLINE v8u v8_bits(v8f f) {
+    v8u u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Elements i..i+7 of a K or V row of dtype t, as f32; the same rules as att_dtype.h (exact). t is
+ * a constant in every caller, so each specialization keeps one branch-free path. */
+static ALWAYS_INLINE v8f kv_load8(att_dtype_t t, const void *base, size_t i) {
+    if (t == ATT_DTYPE_F32)
+        return v8_load((const float *)base + i);
+    v8h h;
+    memcpy(&h, (const uint16_t *)base + i, sizeof h);
+    v8u w = __builtin_convertvector(h, v8u);
+    if (t == ATT_DTYPE_BF16)
+        return v8_from_bits(w << 16);
+    /* f16: as att_f16_to_f32, eight lanes at once */
+    v8u mag = (w & 0x7fffu) << 13;
+    v8u r = v8_bits(v8_from_bits(mag) * 0x1p112f);
+    v8u special = (v8u)(mag >= 0x0f800000u); /* all ones where the exponent is 31 */
+    r = (r & ~special) | ((mag | 0x7f800000u) & special);
+    return v8_from_bits(r | ((w & 0x8000u) << 16));
+}
+
+/* Scores of four rows (q, stride d floats) against keys k[0..nk) (stride d elements of t), into
+ * s[row * ATT_CPU_KEY_TILE + key]. Two keys at a time: eight independent accumulators, each key
+ * vector loaded and converted once for four rows. d is a multiple of 8. */
+static ALWAYS_INLINE void scores4(att_dtype_t t, const float *restrict q, const void *k, size_t nk,
+                                  size_t d, float *restrict s) {
+    size_t j = 0;
+    for (; j + 2 <= nk; j += 2) {
+        v8f a[4][2] = {{{0}}};
+        for (size_t i = 0; i < d; i += 8) {
+            v8f x0 = kv_load8(t, k, j * d + i), x1 = kv_load8(t, k, (j + 1) * d + i);
+            for (size_t r = 0; r < 4; r++) {
+                v8f qv = v8_load(q + r * d + i);
+                a[r][0] += qv * x0;
+                a[r][1] += qv * x1;
+            }
         }
+        for (size_t r = 0; r < 4; r++) {
+            s[r * ATT_CPU_KEY_TILE + j] = v8_sum(a[r][0]);
+            s[r * ATT_CPU_KEY_TILE + j + 1] = v8_sum(a[r][1]);
+        }
+    }
+    if (j < nk) {
+        v8f a[4] = {{0}};
+        for (size_t i = 0; i < d; i += 8) {
+            v8f x0 = kv_load8(t, k, j * d + i);
+            for (size_t r = 0; r < 4; r++)
+                a[r] += v8_load(q + r * d + i) * x0;
+        }
+        for (size_t r = 0; r < 4; r++)
+            s[r * ATT_CPU_KEY_TILE + j] = v8_sum(a[r]);
     }
 }
 
-/* A tile's rows are contiguous, but consecutive tiles of one head are a block apart (other heads
- * lie between), so the hardware prefetcher, which stops at page edges, starts cold on each tile.
- * Asking for the next tile while this one is computed keeps memory busy. */
-static inline void prefetch_bytes(const uint8_t *p, size_t n) {
-    for (size_t i = 0; i < n; i += 64)
-        __builtin_prefetch(p + i, 0, 2); /* into L2: a tile of all the item's heads exceeds L1 */
+/* One row's scores against keys k[0..nk), for groups of fewer than four rows. */
+static ALWAYS_INLINE void scores1(att_dtype_t t, const float *restrict q, const void *k, size_t nk,
+                                  size_t d, float *restrict s) {
+    for (size_t j = 0; j < nk; j++) {
+        v8f a[2] = {{0}};
+        size_t i = 0;
+        for (; i + 16 <= d; i += 16) {
+            a[0] += v8_load(q + i) * kv_load8(t, k, j * d + i);
+            a[1] += v8_load(q + i + 8) * kv_load8(t, k, j * d + i + 8);
+        }
+        if (i < d)
+            a[0] += v8_load(q + i) * kv_load8(t, k, j * d + i);
+        s[j] = v8_sum(a[0] + a[1]);
+    }
 }
 
-static inline void to_f32(att_dtype_t t, const void *restrict src, float *restrict dst, size_t n) {
-    if (t == ATT_DTYPE_BF16) {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++)
-            dst[i] = att_bf16_to_f32(s[i]);
-    } else if (t == ATT_DTYPE_F16) {
-        const uint16_t *s = src;
-        for (size_t i = 0; i < n; i++)
-            dst[i] = att_f16_to_f32(s[i]);
-    } else {
-        const float *s = src;
-        for (size_t i = 0; i < n; i++)
-            dst[i] = s[i];
+/* Four rows: o[r] = alpha[r] * o[r] + sum over keys j of p[r][j] * v[j]. 16 lanes x 4 rows: eight
+ * independent accumulators, each value vector loaded and converted once for four rows. d is a
+ * multiple of 8 (the last step covers 8 lanes). */
+static ALWAYS_INLINE void pv4(att_dtype_t t, const float *restrict p, const void *v,
+                              float *restrict o, const float alpha[4], size_t nk, size_t d) {
+    size_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        v8f a[4][2] = {{{0}}};
+        for (size_t j = 0; j < nk; j++) {
+            v8f x0 = kv_load8(t, v, j * d + i), x1 = kv_load8(t, v, j * d + i + 8);
+            for (size_t r = 0; r < 4; r++) {
+                float pr = p[r * ATT_CPU_KEY_TILE + j];
+                a[r][0] += pr * x0;
+                a[r][1] += pr * x1;
+            }
+        }
+        for (size_t r = 0; r < 4; r++) {
+            float *or = o + r * d + i;
+            v8_store(or, v8_load(or) * alpha[r] + a[r][0]);
+            v8_store(or + 8, v8_load(or + 8) * alpha[r] + a[r][1]);
+        }
+    }
+    if (i < d) {
+        v8f a[4] = {{0}};
+        for (size_t j = 0; j < nk; j++) {
+            v8f x0 = kv_load8(t, v, j * d + i);
+            for (size_t r = 0; r < 4; r++)
+                a[r] += p[r * ATT_CPU_KEY_TILE + j] * x0;
+        }
+        for (size_t r = 0; r < 4; r++)
+            v8_store(o + r * d + i, v8_load(o + r * d + i) * alpha[r] + a[r]);
+    }
+}
+
+/* One row: o = alpha * o + sum over keys j of p[j] * v[j]. */
+static ALWAYS_INLINE void pv1(att_dtype_t t, const float *restrict p, const void *v,
+                              float *restrict o, float alpha, size_t nk, size_t d) {
+    for (size_t i = 0; i < d; i += 8) {
+        v8f a = {0};
+        for (size_t j = 0; j < nk; j++)
+            a += p[j] * kv_load8(t, v, j * d + i);
+        v8_store(o + i, v8_load(o + i) * alpha + a);
     }
 }
 
@@ -146,60 +217,6 @@ static inline void row_adjust(const att_cpu_job_t *job, float *restrict s, size_
     }
 }
 
-/* One row: o = alpha * o + sum over keys j of p[j] * v[j], for n output lanes of value rows
- * that are vs floats apart; 32 lanes at a time so the sums stay in registers across keys. The
- * sums start at zero and o is read once at the end: loading o into the accumulators made GCC copy
- * it through the stack in halves, and the wide reload stalled on store forwarding. n is a
- * multiple of 8. */
-static inline void accumulate_pv(const float *restrict p, const float *restrict vf,
-                                 float *restrict o, float alpha, size_t nk, size_t n, size_t vs) {
-    size_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        float acc[32];
-        for (size_t l = 0; l < 32; l++)
-            acc[l] = 0.0f;
-        for (size_t j = 0; j < nk; j++)
-            for (size_t l = 0; l < 32; l++)
-                acc[l] += p[j] * vf[j * vs + i + l];
-        for (size_t l = 0; l < 32; l++)
-            o[i + l] = o[i + l] * alpha + acc[l];
-    }
-    for (; i < n; i += 8) {
-        float acc[8];
-        for (size_t l = 0; l < 8; l++)
-            acc[l] = 0.0f;
-        for (size_t j = 0; j < nk; j++)
-            for (size_t l = 0; l < 8; l++)
-                acc[l] += p[j] * vf[j * vs + i + l];
-        for (size_t l = 0; l < 8; l++)
-            o[i + l] = o[i + l] * alpha + acc[l];
-    }
-}
-
-/* Four rows at once: o[r] = alpha[r] * o[r] + sum over keys j of p[r][j] * v[j]. 16 lanes x 4
- * rows keep eight independent FMA chains in registers and load each value vector once for four
- * rows. d is a multiple of 8 (the last step covers 8 lanes). */
-static inline void accumulate_pv4(const float *restrict p, const float *restrict vf,
-                                  float *restrict o, const float alpha[4], size_t nk, size_t d) {
-    size_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-        float a[4][16];
-        for (size_t r = 0; r < 4; r++)
-            for (size_t l = 0; l < 16; l++)
-                a[r][l] = 0.0f;
-        for (size_t j = 0; j < nk; j++)
-            for (size_t r = 0; r < 4; r++)
-                for (size_t l = 0; l < 16; l++)
-                    a[r][l] += p[r * ATT_CPU_KEY_TILE + j] * vf[j * d + i + l];
-        for (size_t r = 0; r < 4; r++)
-            for (size_t l = 0; l < 16; l++)
-                o[r * d + i + l] = o[r * d + i + l] * alpha[r] + a[r][l];
-    }
-    if (i < d)
-        for (size_t r = 0; r < 4; r++)
-            accumulate_pv(p + r * ATT_CPU_KEY_TILE, vf + i, o + r * d + i, alpha[r], nk, d - i, d);
-}
-
 /* Turns one row's adjusted scores into probabilities against its new running max, updates the
  * max and denominator, and returns the factor that rescales the row's output so far. */
 static inline float row_softmax(float *restrict s, float *m_run, float *l_run, size_t nk) {
@@ -223,72 +240,96 @@ static inline float row_softmax(float *restrict s, float *m_run, float *l_run, s
     return alpha;
 }
 
-/* Byte offset of key j's row within a layer's K (or V) storage, for the item's KV head. */
+/* Byte offset of key j's row within a layer's K (or V) storage, for the item's first KV head. */
 static inline size_t tile_offset(const att_batch_chunk_t *ch, uint32_t j, uint32_t bs,
                                  size_t block_stride, size_t head_off, size_t row_bytes) {
     return (size_t)ch->blocks[j / bs] * block_stride + head_off + (size_t)(j % bs) * row_bytes;
 }
 
-/* Rows of an item are head-major, then token, then query head within the group: row
- * hl * per_head + t * group + gi is query head (kv_head + hl) * group + gi of token q_begin + t. */
-void ATT_CPU_KERN_NAME(const att_cpu_job_t *job, const att_cpu_item_t *it, att_cpu_scratch_t *sc) {
+/* Queries of the item as f32, pre-scaled, with fresh softmax state. */
+static void load_queries(const att_cpu_job_t *job, const att_cpu_item_t *it,
+                         att_cpu_scratch_t *sc) {
     const att_model_t *m = job->m;
-    const att_batch_t *b = job->b;
-    const att_batch_chunk_t *ch = &b->chunks[it->chunk];
-    const uint32_t d = m->head_dim, g = m->group, bs = m->block_size;
-    const uint32_t per_head = it->q_count * g;
-    const uint32_t rows = per_head * it->num_heads;
+    const att_batch_chunk_t *ch = &job->b->chunks[it->chunk];
+    const uint32_t d = m->head_dim, g = m->group, per_head = it->q_count * g;
     const size_t es = att_dtype_bytes(m->dtype);
-    const size_t head_stride = (size_t)bs * d * es; /* one head of one block */
-    const size_t block_stride = head_stride * m->num_kv_heads;
-
-    for (uint32_t r = 0; r < rows; r++) {
+    for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
         uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
         uint32_t head = (it->kv_head + r / per_head) * g + r % g;
         const uint8_t *src =
-            (const uint8_t *)b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
+            (const uint8_t *)job->b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
         float *q = sc->q + (size_t)r * d;
-        to_f32(m->dtype, src, q, d);
         for (size_t i = 0; i < d; i++)
-            q[i] *= m->scale;
-        sc->m[r] = -INFINITY;
-        sc->l[r] = 0.0f;
+            q[i] = att_load(m->dtype, src, i) * m->scale;
         for (size_t i = 0; i < d; i++)
             sc->o[(size_t)r * d + i] = 0.0f;
+        sc->m[r] = -INFINITY;
+        sc->l[r] = 0.0f;
     }
+}
 
-    uint32_t first = ch->start_pos + it->q_begin, last = first + it->q_count - 1;
-    uint32_t j_lo = (job->window != 0 && first + 1 > job->window) ? first + 1 - job->window : 0;
-    uint32_t tile = bs < ATT_CPU_KEY_TILE ? bs : ATT_CPU_KEY_TILE;
-    size_t head_tile_bytes = (size_t)tile * d * es;
+/* Normalizes each row (sinks join the denominator) and writes it to out in the model's dtype. */
+static void store_outputs(const att_cpu_job_t *job, const att_cpu_item_t *it,
+                          const att_cpu_scratch_t *sc) {
+    const att_model_t *m = job->m;
+    const att_batch_chunk_t *ch = &job->b->chunks[it->chunk];
+    const uint32_t d = m->head_dim, g = m->group, per_head = it->q_count * g;
+    const size_t es = att_dtype_bytes(m->dtype);
+    for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
+        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
+        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
+        float mr = sc->m[r], lr = sc->l[r], scale_o;
+        if (m->sinks != NULL) {
+            /* rebase on the larger of the sink and the running max before adding exp(sink) */
+            float sink = m->sinks[head], top = sink > mr ? sink : mr;
+            float keep = exp_f32(mr - top);
+            scale_o = keep / (lr * keep + exp_f32(sink - top));
+        } else {
+            scale_o = 1.0f / lr;
+        }
+        const float *o = sc->o + (size_t)r * d;
+        uint8_t *dst = (uint8_t *)job->b->out + ((size_t)tok * m->num_query_heads + head) * d * es;
+        for (size_t i = 0; i < d; i++)
+            att_store(m->dtype, dst, i, o[i] * scale_o);
+    }
+}
+
+/* The key-tile loop of one item, for KV dtype t (a constant in each caller).
+ * Rows are head-major, then token, then query head within the group: row hl * per_head +
+ * tq * group + gi is query head (kv_head + hl) * group + gi of token q_begin + tq, at position
+ * first + tq. */
+static ALWAYS_INLINE void attend_tiles(att_dtype_t t, const att_cpu_job_t *job,
+                                       const att_cpu_item_t *it, att_cpu_scratch_t *sc) {
+    const att_model_t *m = job->m;
+    const att_batch_chunk_t *ch = &job->b->chunks[it->chunk];
+    const uint32_t d = m->head_dim, g = m->group, bs = m->block_size;
+    const uint32_t per_head = it->q_count * g;
+    const size_t row_bytes = (size_t)d * att_dtype_bytes(t);
+    const size_t head_stride = (size_t)bs * row_bytes; /* one head of one block */
+    const size_t block_stride = head_stride * m->num_kv_heads;
+    const uint32_t first = ch->start_pos + it->q_begin, last = first + it->q_count - 1;
+    const uint32_t j_lo =
+        (job->window != 0 && first + 1 > job->window) ? first + 1 - job->window : 0;
+    const uint32_t tile = bs < ATT_CPU_KEY_TILE ? bs : ATT_CPU_KEY_TILE;
+
     for (uint32_t j0 = j_lo - j_lo % tile; j0 <= last; j0 += tile) {
-        uint32_t nk = last + 1 - j0 < tile ? last + 1 - j0 : tile;
-        size_t off0 = tile_offset(ch, j0, bs, block_stride, it->kv_head * head_stride, d * es);
-        size_t next0 = j0 + tile <= last ? tile_offset(ch, j0 + tile, bs, block_stride,
-                                                       it->kv_head * head_stride, d * es)
-                                         : SIZE_MAX;
+        const size_t nk = last + 1 - j0 < tile ? last + 1 - j0 : tile;
+        const size_t off0 =
+            tile_offset(ch, j0, bs, block_stride, it->kv_head * head_stride, row_bytes);
         for (uint32_t hl = 0; hl < it->num_heads; hl++) {
-            size_t off = off0 + hl * head_stride;
-            if (next0 != SIZE_MAX) { /* a few KiB per head keeps the miss queue from overflowing */
-                prefetch_bytes(job->k_layer + next0 + hl * head_stride, head_tile_bytes);
-                prefetch_bytes(job->v_layer + next0 + hl * head_stride, head_tile_bytes);
-            }
-            const float *kf, *vf;
-            if (m->dtype == ATT_DTYPE_F32) {
-                kf = (const float *)(job->k_layer + off);
-                vf = (const float *)(job->v_layer + off);
-            } else {
-                to_f32(m->dtype, job->k_layer + off, sc->kf, (size_t)nk * d);
-                to_f32(m->dtype, job->v_layer + off, sc->vf, (size_t)nk * d);
-                kf = sc->kf;
-                vf = sc->vf;
-            }
+            const uint8_t *k = job->k_layer + off0 + hl * head_stride;
+            const uint8_t *v = job->v_layer + off0 + hl * head_stride;
             for (uint32_t rr0 = 0; rr0 < per_head; rr0 += 4) {
                 uint32_t n = per_head - rr0 < 4 ? per_head - rr0 : 4;
                 if (j0 > first + (rr0 + n - 1) / g)
                     continue; /* every key of this tile is after every row of the group */
                 uint32_t r0 = hl * per_head + rr0;
-                group_scores(sc->q + (size_t)r0 * d, n, kf, nk, d, sc->s);
+                const float *q = sc->q + (size_t)r0 * d;
+                if (n == 4)
+                    scores4(t, q, k, nk, d, sc->s);
+                else
+                    for (uint32_t i = 0; i < n; i++)
+                        scores1(t, q + (size_t)i * d, k, nk, d, sc->s + i * ATT_CPU_KEY_TILE);
                 float alpha[4];
                 for (uint32_t i = 0; i < n; i++) {
                     uint32_t rr = rr0 + i;
@@ -298,30 +339,22 @@ void ATT_CPU_KERN_NAME(const att_cpu_job_t *job, const att_cpu_item_t *it, att_c
                 }
                 float *o = sc->o + (size_t)r0 * d;
                 if (n == 4)
-                    accumulate_pv4(sc->s, vf, o, alpha, nk, d);
+                    pv4(t, sc->s, v, o, alpha, nk, d);
                 else
                     for (uint32_t i = 0; i < n; i++)
-                        accumulate_pv(sc->s + (size_t)i * ATT_CPU_KEY_TILE, vf, o + (size_t)i * d,
-                                      alpha[i], nk, d, d);
+                        pv1(t, sc->s + i * ATT_CPU_KEY_TILE, v, o + (size_t)i * d, alpha[i], nk,
+                            d);
             }
         }
     }
+}
 
-    for (uint32_t r = 0; r < rows; r++) {
-        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
-        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
-        float mr = sc->m[r], lr = sc->l[r], scale_o;
-        if (m->sinks != NULL) {
-            /* the sink joins the denominator only; rebase on the larger of it and the max */
-            float sink = m->sinks[head], top = sink > mr ? sink : mr;
-            float keep = exp_f32(mr - top);
-            scale_o = keep / (lr * keep + exp_f32(sink - top));
-        } else {
-            scale_o = 1.0f / lr;
-        }
-        float *o = sc->o + (size_t)r * d;
-        uint8_t *dst = (uint8_t *)b->out + ((size_t)tok * m->num_query_heads + head) * d * es;
-        for (size_t i = 0; i < d; i++)
-            att_store(m->dtype, dst, i, o[i] * scale_o);
+void ATT_CPU_KERN_NAME(const att_cpu_job_t *job, const att_cpu_item_t *it, att_cpu_scratch_t *sc) {
+    load_queries(job, it, sc);
+    switch (job->m->dtype) {
+    case ATT_DTYPE_F16: attend_tiles(ATT_DTYPE_F16, job, it, sc); break;
+    case ATT_DTYPE_BF16: attend_tiles(ATT_DTYPE_BF16, job, it, sc); break;
+    default: attend_tiles(ATT_DTYPE_F32, job, it, sc); break;
     }
+    store_outputs(job, it, sc);
 }
