@@ -42,7 +42,7 @@ typedef struct cpu_backend {
     uint32_t num_threads;
     uint32_t tile_rows;
     att_cpu_kern_fn kern;
-    const char *isa;
+    att_cpu_isa_t isa;
     thread_slot_t *slots;      /* [num_threads]; slot 0 is the caller of run() */
     pthread_mutex_t run_mu;    /* one run at a time */
     att_cpu_item_t *items;     /* guarded by run_mu; [cap_items] */
@@ -348,16 +348,48 @@ static const att_backend_ops_t cpu_ops = {
     .destroy = cpu_destroy,
 };
 
-static bool have_x86v3(void) {
+/* The best kernel build this CPU runs.
+ * clang 14 knows neither "x86-64-v3" nor "f16c" as feature names; every CPU with AVX2, FMA and
+ * BMI2 has the rest of x86-64-v3 (F16C, MOVBE, LZCNT). */
+static att_cpu_isa_t best_isa(void) {
 #if defined(ATT_CPU_HAVE_X86V3)
-    /* clang 14 knows neither "x86-64-v3" nor "f16c" here; every CPU with AVX2, FMA and BMI2 has
-     * the rest of x86-64-v3 (F16C, MOVBE, LZCNT). */
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("bmi2");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+        !__builtin_cpu_supports("bmi2"))
+        return ATT_CPU_ISA_PORTABLE;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl"))
+        return ATT_CPU_ISA_X86V4;
+    return ATT_CPU_ISA_X86V3;
 #else
-    return false;
+    return ATT_CPU_ISA_PORTABLE;
 #endif
+}
+
+bool att_cpu_isa_supported(att_cpu_isa_t isa) {
+    /* the builds are ordered: a CPU that runs one runs every lower one */
+    return isa >= ATT_CPU_ISA_BEST && isa <= best_isa();
+}
+
+const char *att_cpu_isa_name(att_cpu_isa_t isa) {
+    switch (isa) {
+    case ATT_CPU_ISA_BEST: return "best";
+    case ATT_CPU_ISA_PORTABLE: return "portable";
+    case ATT_CPU_ISA_X86V3: return "x86-64-v3";
+    case ATT_CPU_ISA_X86V4: return "x86-64-v4";
+    default: return "unknown";
+    }
+}
+
+static att_cpu_kern_fn kernel_for(att_cpu_isa_t isa) {
+    switch (isa) {
+#if defined(ATT_CPU_HAVE_X86V3)
+    case ATT_CPU_ISA_X86V4: return att_cpu__kern_x86v4;
+    case ATT_CPU_ISA_X86V3: return att_cpu__kern_x86v3;
+#endif
+    default: return att_cpu__kern_portable;
+    }
 }
 
 at_err_t att_cpu_create(const att_cpu_cfg_t *cfg, att_backend_t **out) {
@@ -368,21 +400,17 @@ at_err_t att_cpu_create(const att_cpu_cfg_t *cfg, att_backend_t **out) {
     }
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
+    if (!att_cpu_isa_supported(cfg->isa))
+        return AT_ERR_UNSUPPORTED;
+    att_cpu_isa_t be_isa = cfg->isa == ATT_CPU_ISA_BEST ? best_isa() : cfg->isa;
     cpu_backend_t *be = calloc(1, sizeof *be);
     if (be == NULL)
         return AT_ERR_NOMEM;
     be->base.ops = &cpu_ops;
     be->num_threads = threads;
     be->tile_rows = cfg->tile_rows != 0 ? cfg->tile_rows : DEFAULT_TILE_ROWS;
-#if defined(ATT_CPU_HAVE_X86V3)
-    bool v3 = !cfg->force_portable && have_x86v3();
-    be->kern = v3 ? att_cpu__kern_x86v3 : att_cpu__kern_portable;
-    be->isa = v3 ? "x86-64-v3" : "portable";
-#else
-    (void)have_x86v3;
-    be->kern = att_cpu__kern_portable;
-    be->isa = "portable";
-#endif
+    be->isa = be_isa;
+    be->kern = kernel_for(be_isa);
     be->slots = calloc(threads, sizeof *be->slots);
     if (be->slots == NULL) {
         free(be);
@@ -408,5 +436,5 @@ at_err_t att_cpu_create(const att_cpu_cfg_t *cfg, att_backend_t **out) {
 }
 
 const char *att_cpu_isa(const att_backend_t *base) {
-    return ((const cpu_backend_t *)base)->isa;
+    return att_cpu_isa_name(((const cpu_backend_t *)base)->isa);
 }

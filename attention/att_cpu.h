@@ -4,22 +4,38 @@
 #ifndef AT_ATTENTION_ATT_CPU_H
 #define AT_ATTENTION_ATT_CPU_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "attention/att_backend.h"
 
+/* Builds of the one kernel source; the backend runs the best one the CPU supports unless told. */
+typedef enum att_cpu_isa {
+    ATT_CPU_ISA_BEST = 0,
+    ATT_CPU_ISA_PORTABLE = 1, /* whatever the compiler's default target is */
+    ATT_CPU_ISA_X86V3 = 2,    /* x86-64-v3: AVX2, FMA, F16C */
+    ATT_CPU_ISA_X86V4 = 3,    /* x86-64-v4: AVX-512 F/BW/CD/DQ/VL */
+} att_cpu_isa_t;
+
 typedef struct att_cpu_cfg {
-    uint32_t num_threads;    /* 0 = one per online CPU */
-    uint32_t tile_rows;      /* query rows (tokens x grouped heads) per work item; 0 = 64 */
-    uint32_t force_portable; /* 1 = never use the x86-64-v3 kernels (tests compare both paths) */
+    uint32_t num_threads; /* 0 = one per online CPU */
+    uint32_t tile_rows;   /* query rows (tokens x grouped heads) per work item; 0 = 64 */
+    att_cpu_isa_t isa;    /* tests and benches pin a build; 0 = the best one */
 } att_cpu_cfg_t;
 
-/* AT_ERR_NOMEM, or AT_ERR_INTERNAL when threads cannot be started. On success *out is the
- * caller's (att_backend_destroy). Thread: any; runs of different sessions are serialized inside
- * the backend, each using every thread. */
+/* AT_ERR_UNSUPPORTED when cfg->isa is not built in or this CPU lacks it, AT_ERR_NOMEM, or
+ * AT_ERR_INTERNAL when threads cannot be started. On success *out is the caller's
+ * (att_backend_destroy). Thread: any; runs of different sessions are serialized inside the
+ * backend, each using every thread. */
 at_err_t att_cpu_create(const att_cpu_cfg_t *cfg, att_backend_t **out);
 
-/* Which kernel set a CPU backend runs: "x86-64-v3" or "portable". */
+/* True when att_cpu_create would accept isa on this machine. Any thread. */
+bool att_cpu_isa_supported(att_cpu_isa_t isa);
+
+/* "x86-64-v4", "x86-64-v3", "portable" or "best"; "unknown" outside the enum. */
+const char *att_cpu_isa_name(att_cpu_isa_t isa);
+
+/* Which kernel build a CPU backend runs (never "best"). */
 const char *att_cpu_isa(const att_backend_t *be);
 
 #endif

@@ -43,10 +43,12 @@ typedef struct att_cpu_scratch {
 typedef void (*att_cpu_kern_fn)(const att_cpu_job_t *job, const att_cpu_item_t *it,
                                 att_cpu_scratch_t *sc);
 
-/* The same kernel built for two instruction sets (att_cpu_kern_impl.h). */
+/* The same kernel built for several instruction sets (att_cpu_kern_impl.h). */
 void att_cpu__kern_portable(const att_cpu_job_t *job, const att_cpu_item_t *it,
                             att_cpu_scratch_t *sc);
 void att_cpu__kern_x86v3(const att_cpu_job_t *job, const att_cpu_item_t *it,
+                         att_cpu_scratch_t *sc);
+void att_cpu__kern_x86v4(const att_cpu_job_t *job, const att_cpu_item_t *it,
                          att_cpu_scratch_t *sc);
 
 #endif

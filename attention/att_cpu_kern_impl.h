@@ -4,7 +4,7 @@
  * Plain loops, written so that GCC vectorizes them (checked with -fopt-info-vec and objdump):
  * branch-free exp, masks and conversions, size_t indices. The two register-blocked
  * micro-kernels (scores and P x V for four rows) use GCC/Clang vector types instead, because
- * GCC 12 spilled their accumulators when they were written as loops (see v8f). Keys and values
+ * GCC 12 spilled their accumulators when they were written as loops (see vf). Keys and values
  * are converted to f32 in registers as they are loaded; the kernel body is specialized per dtype.
  * Thread: called from pool threads, each with its own scratch; reads the job, writes only its own
  * rows of out. */
@@ -46,88 +46,125 @@ static inline float exp_f32(float x) {
     return x < EXP_LO ? 0.0f : y;
 }
 
-/* Eight floats as one value of GCC/Clang's vector extension: plain C arithmetic that the compiler
- * maps onto the target's registers (one AVX register in the x86-64-v3 build, two SSE registers in
- * the portable one). Written as loops over [4][8] float arrays, the micro-kernels below ran at a
- * third of this speed: GCC 12's SLP vectorizer spilled some of the eight accumulators to the
- * stack on every iteration, or fell back to scalar code, depending on the loop's shape.
- * Unaligned loads and stores go through memcpy. */
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
+/* VL floats as one value of GCC/Clang's vector extension: plain C arithmetic that the compiler
+ * maps onto the target's registers. Written as loops over [4][8] float arrays, the micro-kernels
+ * below ran at a third of this speed: GCC 12's SLP vectorizer spilled some of the eight
+ * accumulators to the stack on every iteration, or fell back to scalar code, depending on the
+ * loop's shape. VL is one register of the build's target (8 with AVX, 4 with SSE2 or NEON): a
+ * wider vector than the target's registers is kept in memory by GCC, ten times slower. head_dim
+ * is a multiple of 8, so of VL. Unaligned loads and stores go through memcpy. */
+#if defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 
-static ALWAYS_INLINE v8f v8_load(const float *p) {
-    v8f v;
+static ALWAYS_INLINE vf vf_load(const float *p) {
+    vf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static ALWAYS_INLINE void v8_store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static ALWAYS_INLINE void vf_store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-static ALWAYS_INLINE float v8_sum(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+static ALWAYS_INLINE float vf_sum(vf v) {
+    float s = 0.0f;
+    for (int l = 0; l < VL; l++)
+        s += v[l];
+    return s;
 }
 
-static ALWAYS_INLINE v8f v8_from_bits(v8u u) {
-    v8f f;
+/* out[k] = the sum of the lanes of x[k], for eight vectors. With eight lanes: three levels of
+ * pairwise shuffles and adds, 21 operations instead of eight horizontal sums (about 56). */
+static ALWAYS_INLINE void vf_sum8(const vf x[8], float out[8]) {
+#if VL == 8
+#define PAIR_(a, b)                                                                                \
+    (__builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13) +                                     \
+     __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15))
+#define QUAD_(a, b)                                                                                \
+    (__builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +                                     \
+     __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15))
+    vf q0 = QUAD_(PAIR_(x[0], x[1]), PAIR_(x[2], x[3]));
+    vf q1 = QUAD_(PAIR_(x[4], x[5]), PAIR_(x[6], x[7]));
+#undef PAIR_
+#undef QUAD_
+    vf_store(out, __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                      __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15));
+#else
+    for (int k = 0; k < 8; k++)
+        out[k] = vf_sum(x[k]);
+#endif
+}
+
+static ALWAYS_INLINE vf vf_from_bits(vu u) {
+    vf f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static ALWAYS_INLINE v8u v8_bits(v8f f) {
-    v8u u;
+static ALWAYS_INLINE vu vf_bits(vf f) {
+    vu u;
     memcpy(&u, &f, sizeof u);
     return u;
 }
 
-/* Elements i..i+7 of a K or V row of dtype t, as f32; the same rules as att_dtype.h (exact). t is
- * a constant in every caller, so each specialization keeps one branch-free path. */
-static ALWAYS_INLINE v8f kv_load8(att_dtype_t t, const void *base, size_t i) {
+/* Elements i..i+VL-1 of a K or V row of dtype t, as f32; the same rules as att_dtype.h (exact).
+ * t is a constant in every caller, so each specialization keeps one branch-free path. */
+static ALWAYS_INLINE vf kv_load(att_dtype_t t, const void *base, size_t i) {
     if (t == ATT_DTYPE_F32)
-        return v8_load((const float *)base + i);
-    /* Built element by element, this widening compiles to one vpmovzxwd on AVX2; through
+        return vf_load((const float *)base + i);
+    /* Built element by element, the widening compiles to one vpmovzxwd on AVX2; through
      * __builtin_convertvector GCC 12 split it into 128-bit halves (five instructions). */
     const uint16_t *h = (const uint16_t *)base + i;
-    v8u w = {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]};
+#if VL == 8
+    vu w = {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]};
+#else
+    vu w = {h[0], h[1], h[2], h[3]};
+#endif
     if (t == ATT_DTYPE_BF16)
-        return v8_from_bits(w << 16);
-    /* f16: as att_f16_to_f32, eight lanes at once */
-    v8u mag = (w & 0x7fffu) << 13;
-    v8u r = v8_bits(v8_from_bits(mag) * 0x1p112f);
-    v8u special = (v8u)(mag >= 0x0f800000u); /* all ones where the exponent is 31 */
+        return vf_from_bits(w << 16);
+    /* f16: as att_f16_to_f32, all lanes at once */
+    vu mag = (w & 0x7fffu) << 13;
+    vu r = vf_bits(vf_from_bits(mag) * 0x1p112f);
+    vu special = (vu)(mag >= 0x0f800000u); /* all ones where the exponent is 31 */
     r = (r & ~special) | ((mag | 0x7f800000u) & special);
-    return v8_from_bits(r | ((w & 0x8000u) << 16));
+    return vf_from_bits(r | ((w & 0x8000u) << 16));
 }
 
 /* Scores of four rows (q, stride d floats) against keys k[0..nk) (stride d elements of t), into
  * s[row * ATT_CPU_KEY_TILE + key]. Two keys at a time: eight independent accumulators, each key
- * vector loaded and converted once for four rows. d is a multiple of 8. */
+ * vector loaded and converted once for four rows. */
 static ALWAYS_INLINE void scores4(att_dtype_t t, const float *restrict q, const void *k, size_t nk,
                                   size_t d, float *restrict s) {
     size_t j = 0;
     for (; j + 2 <= nk; j += 2) {
-        v8f a[4][2] = {{{0}}};
-        for (size_t i = 0; i < d; i += 8) {
-            v8f x0 = kv_load8(t, k, j * d + i), x1 = kv_load8(t, k, (j + 1) * d + i);
+        vf a[8] = {{0}}; /* a[2r + c]: row r, key j + c */
+        for (size_t i = 0; i < d; i += VL) {
+            vf x0 = kv_load(t, k, j * d + i), x1 = kv_load(t, k, (j + 1) * d + i);
             for (size_t r = 0; r < 4; r++) {
-                v8f qv = v8_load(q + r * d + i);
-                a[r][0] += qv * x0;
-                a[r][1] += qv * x1;
+                vf qv = vf_load(q + r * d + i);
+                a[2 * r] += qv * x0;
+                a[2 * r + 1] += qv * x1;
             }
         }
+        float sums[8];
+        vf_sum8(a, sums);
         for (size_t r = 0; r < 4; r++) {
-            s[r * ATT_CPU_KEY_TILE + j] = v8_sum(a[r][0]);
-            s[r * ATT_CPU_KEY_TILE + j + 1] = v8_sum(a[r][1]);
+            s[r * ATT_CPU_KEY_TILE + j] = sums[2 * r];
+            s[r * ATT_CPU_KEY_TILE + j + 1] = sums[2 * r + 1];
         }
     }
     if (j < nk) {
-        v8f a[4] = {{0}};
-        for (size_t i = 0; i < d; i += 8) {
-            v8f x0 = kv_load8(t, k, j * d + i);
+        vf a[4] = {{0}};
+        for (size_t i = 0; i < d; i += VL) {
+            vf x0 = kv_load(t, k, j * d + i);
             for (size_t r = 0; r < 4; r++)
-                a[r] += v8_load(q + r * d + i) * x0;
+                a[r] += vf_load(q + r * d + i) * x0;
         }
         for (size_t r = 0; r < 4; r++)
-            s[r * ATT_CPU_KEY_TILE + j] = v8_sum(a[r]);
+            s[r * ATT_CPU_KEY_TILE + j] = vf_sum(a[r]);
     }
 }
 
@@ -135,60 +172,59 @@ static ALWAYS_INLINE void scores4(att_dtype_t t, const float *restrict q, const 
 static ALWAYS_INLINE void scores1(att_dtype_t t, const float *restrict q, const void *k, size_t nk,
                                   size_t d, float *restrict s) {
     for (size_t j = 0; j < nk; j++) {
-        v8f a[2] = {{0}};
+        vf a[2] = {{0}};
         size_t i = 0;
-        for (; i + 16 <= d; i += 16) {
-            a[0] += v8_load(q + i) * kv_load8(t, k, j * d + i);
-            a[1] += v8_load(q + i + 8) * kv_load8(t, k, j * d + i + 8);
+        for (; i + 2 * VL <= d; i += 2 * VL) {
+            a[0] += vf_load(q + i) * kv_load(t, k, j * d + i);
+            a[1] += vf_load(q + i + VL) * kv_load(t, k, j * d + i + VL);
         }
         if (i < d)
-            a[0] += v8_load(q + i) * kv_load8(t, k, j * d + i);
-        s[j] = v8_sum(a[0] + a[1]);
+            a[0] += vf_load(q + i) * kv_load(t, k, j * d + i);
+        s[j] = vf_sum(a[0] + a[1]);
     }
 }
 
-/* Four rows: o[r] = alpha[r] * o[r] + sum over keys j of p[r][j] * v[j]. 16 lanes x 4 rows: eight
- * independent accumulators, each value vector loaded and converted once for four rows. d is a
- * multiple of 8 (the last step covers 8 lanes). */
+/* Four rows: o[r] = alpha[r] * o[r] + sum over keys j of p[r][j] * v[j]. Two vectors x 4 rows:
+ * eight independent accumulators, each value vector loaded and converted once for four rows. */
 static ALWAYS_INLINE void pv4(att_dtype_t t, const float *restrict p, const void *v,
                               float *restrict o, const float alpha[4], size_t nk, size_t d) {
     size_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-        v8f a[4][2] = {{{0}}};
+    for (; i + 2 * VL <= d; i += 2 * VL) {
+        vf a[8] = {{0}}; /* a[2r + c]: row r, lanes i + c * VL */
         for (size_t j = 0; j < nk; j++) {
-            v8f x0 = kv_load8(t, v, j * d + i), x1 = kv_load8(t, v, j * d + i + 8);
+            vf x0 = kv_load(t, v, j * d + i), x1 = kv_load(t, v, j * d + i + VL);
             for (size_t r = 0; r < 4; r++) {
                 float pr = p[r * ATT_CPU_KEY_TILE + j];
-                a[r][0] += pr * x0;
-                a[r][1] += pr * x1;
+                a[2 * r] += pr * x0;
+                a[2 * r + 1] += pr * x1;
             }
         }
         for (size_t r = 0; r < 4; r++) {
-            float *or = o + r * d + i;
-            v8_store(or, v8_load(or) * alpha[r] + a[r][0]);
-            v8_store(or + 8, v8_load(or + 8) * alpha[r] + a[r][1]);
+            float *orow = o + r * d + i;
+            vf_store(orow, vf_load(orow) * alpha[r] + a[2 * r]);
+            vf_store(orow + VL, vf_load(orow + VL) * alpha[r] + a[2 * r + 1]);
         }
     }
     if (i < d) {
-        v8f a[4] = {{0}};
+        vf a[4] = {{0}};
         for (size_t j = 0; j < nk; j++) {
-            v8f x0 = kv_load8(t, v, j * d + i);
+            vf x0 = kv_load(t, v, j * d + i);
             for (size_t r = 0; r < 4; r++)
                 a[r] += p[r * ATT_CPU_KEY_TILE + j] * x0;
         }
         for (size_t r = 0; r < 4; r++)
-            v8_store(o + r * d + i, v8_load(o + r * d + i) * alpha[r] + a[r]);
+            vf_store(o + r * d + i, vf_load(o + r * d + i) * alpha[r] + a[r]);
     }
 }
 
 /* One row: o = alpha * o + sum over keys j of p[j] * v[j]. */
 static ALWAYS_INLINE void pv1(att_dtype_t t, const float *restrict p, const void *v,
                               float *restrict o, float alpha, size_t nk, size_t d) {
-    for (size_t i = 0; i < d; i += 8) {
-        v8f a = {0};
+    for (size_t i = 0; i < d; i += VL) {
+        vf a = {0};
         for (size_t j = 0; j < nk; j++)
-            a += p[j] * kv_load8(t, v, j * d + i);
-        v8_store(o + i, v8_load(o + i) * alpha + a);
+            a += p[j] * kv_load(t, v, j * d + i);
+        vf_store(o + i, vf_load(o + i) * alpha + a);
     }
 }
 

@@ -69,7 +69,7 @@ typedef struct opts {
     int do_prefill;
     int json;
     int quick;
-    int portable;
+    att_cpu_isa_t isa;
     double max_mem_gib; /* 0 = half of physical memory */
     u32_list_t seqs;    /* decode sequence counts */
     u32_list_t ctxs;    /* decode contexts, tokens */
@@ -635,7 +635,7 @@ static void usage(FILE *f) {
                "  --iters N              timed calls per case; the median is reported (5)\n"
                "  --warmup N             untimed calls before them (1)\n"
                "  --bw-mib N             bandwidth probe buffer in MiB (1024)\n"
-               "  --portable             use the portable kernels, not the x86-64-v3 ones\n"
+               "  --isa NAME             kernel build: best, portable, x86-64-v3, x86-64-v4 (best)\n"
                "  --quick                short smoke run: 8 seqs x 1024, prefill 512, 2 iters,\n"
                "                         256 MiB probe (lists and counts given explicitly win)\n"
                "  --json                 print the results as one JSON document\n"
@@ -733,8 +733,18 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
             o->json = 1;
         } else if (strcmp(a, "--quick") == 0) {
             o->quick = 1;
-        } else if (strcmp(a, "--portable") == 0) {
-            o->portable = 1;
+        } else if ((m = opt_value(argc, argv, &i, "--isa", &v)) != 0) {
+            if (m < 0)
+                return -1;
+            att_cpu_isa_t k = ATT_CPU_ISA_BEST;
+            while (k <= ATT_CPU_ISA_X86V4 && strcmp(v, att_cpu_isa_name(k)) != 0)
+                k++;
+            if (k > ATT_CPU_ISA_X86V4) {
+                fprintf(stderr, "attnd bench: --isa: expected best, portable, x86-64-v3 or "
+                                "x86-64-v4, got '%s'\n", v);
+                return -1;
+            }
+            o->isa = k;
         } else if ((m = opt_value(argc, argv, &i, "--dtype", &v)) != 0) {
             if (m < 0)
                 return -1;
@@ -869,10 +879,11 @@ int bench_cpu_main(int argc, char **argv) {
     att_model_destroy(&model);
 
     att_backend_t *be = NULL;
-    att_cpu_cfg_t cpu_cfg = {.num_threads = o.threads, .force_portable = o.portable ? 1u : 0u};
+    att_cpu_cfg_t cpu_cfg = {.num_threads = o.threads, .isa = o.isa};
     e = att_cpu_create(&cpu_cfg, &be);
     if (e != AT_OK) {
-        fail("att_cpu_create", e, NULL);
+        at_diag_t d = {"this CPU cannot run the kernels --isa asks for"};
+        fail("att_cpu_create", e, e == AT_ERR_UNSUPPORTED ? &d : NULL);
         return 1;
     }
     const char *isa = att_cpu_isa(be);

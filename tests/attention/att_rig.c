@@ -125,10 +125,18 @@ void att_rig_init(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity
     r->block_size = cfg->block_size != 0 ? cfg->block_size : 16u;
     tu_rng_seed(&r->rng, seed);
     att_rig_tolerance(cfg->dtype, &r->tol_abs, &r->tol_rel);
-    for (uint32_t i = 0; i < num_bes; i++) {
+    for (uint32_t b = 0; b < num_bes; b++) {
+        if (!att_cpu_isa_supported(bes[b].isa)) {
+            static int said; /* once per program: the CPU does not change */
+            if (!said++)
+                printf("note: this CPU cannot run the %s kernels; their cases are skipped\n",
+                       att_cpu_isa_name(bes[b].isa));
+            continue;
+        }
+        uint32_t i = r->num_ctx;
         at_diag_t diag = {{0}};
-        r->be_cfg[i] = bes[i];
-        at_err_t e = att_cpu_create(&bes[i], &r->be[i]);
+        r->be_cfg[i] = bes[b];
+        at_err_t e = att_cpu_create(&bes[b], &r->be[i]);
         TU_CHECK(e == AT_OK, "att_cpu_create: %s", at_err_name(e));
         e = att_ctx_create(r->be[i], &r->cfg, kv_capacity_tokens, &diag, &r->ctx[i]);
         TU_CHECK(e == AT_OK, "att_ctx_create: %s (%s)", at_err_name(e), diag.msg);

@@ -17,7 +17,7 @@
 #include "tests/attention/att_oracle.h"
 #include "tests/test_util.h"
 
-#define ATT_RIG_MAX_CTX 4u
+#define ATT_RIG_MAX_CTX 5u
 #define ATT_RIG_MAX_LAYERS 8u
 #define ATT_RIG_MAX_HEADS 64u
 #define ATT_RIG_MAX_SEQS 64u

@@ -20,11 +20,13 @@
 
 static uint64_t g_seed;
 
+/* Every kernel build is covered; the rig skips, with a line, builds this CPU cannot run. */
 static const att_cpu_cfg_t BACKENDS[] = {
     {.num_threads = 2},
-    {.num_threads = 1, .force_portable = 1},
-    {.num_threads = 2, .tile_rows = 8},
-    {.num_threads = 2, .tile_rows = 5, .force_portable = 1},
+    {.num_threads = 1, .isa = ATT_CPU_ISA_PORTABLE},
+    {.num_threads = 2, .tile_rows = 8, .isa = ATT_CPU_ISA_X86V3},
+    {.num_threads = 2, .tile_rows = 5, .isa = ATT_CPU_ISA_PORTABLE},
+    {.num_threads = 2, .tile_rows = 8, .isa = ATT_CPU_ISA_X86V4},
 };
 #define NUM_BACKENDS ((uint32_t)(sizeof BACKENDS / sizeof BACKENDS[0]))
 
@@ -459,15 +461,34 @@ static void test_att_ctx_seq_len_and_read_kv_report_errors(void **state) {
 static void test_att_cpu_reports_its_isa_path(void **state) {
     (void)state;
     att_backend_t *portable = NULL, *native = NULL, *all = NULL;
-    att_cpu_cfg_t c = {.num_threads = 1, .force_portable = 1};
+    att_cpu_cfg_t c = {.num_threads = 1, .isa = ATT_CPU_ISA_PORTABLE};
     assert_int_equal(att_cpu_create(&c, &portable), AT_OK);
     assert_string_equal(att_cpu_isa(portable), "portable");
     assert_string_equal(portable->ops->name, "cpu");
     c = (att_cpu_cfg_t){.num_threads = 2};
     assert_int_equal(att_cpu_create(&c, &native), AT_OK);
     const char *isa = att_cpu_isa(native);
-    assert_true(strcmp(isa, "portable") == 0 || strcmp(isa, "x86-64-v3") == 0);
+    assert_true(strcmp(isa, "portable") == 0 || strcmp(isa, "x86-64-v3") == 0 ||
+                strcmp(isa, "x86-64-v4") == 0);
     print_message("default CPU kernel set: %s\n", isa);
+    /* every build the CPU supports can be pinned; one it lacks is refused, not faked */
+    for (att_cpu_isa_t i = ATT_CPU_ISA_PORTABLE; i <= ATT_CPU_ISA_X86V4; i++) {
+        att_backend_t *pinned = NULL;
+        att_cpu_cfg_t pc = {.num_threads = 1, .isa = i};
+        at_err_t e = att_cpu_create(&pc, &pinned);
+        if (att_cpu_isa_supported(i)) {
+            assert_int_equal(e, AT_OK);
+            assert_string_equal(att_cpu_isa(pinned), att_cpu_isa_name(i));
+        } else {
+            assert_int_equal(e, AT_ERR_UNSUPPORTED);
+            assert_null(pinned);
+        }
+        att_backend_destroy(&pinned);
+    }
+    att_cpu_cfg_t bad = {.num_threads = 1, .isa = (att_cpu_isa_t)99};
+    att_backend_t *none = NULL;
+    assert_int_equal(att_cpu_create(&bad, &none), AT_ERR_UNSUPPORTED);
+    assert_null(none);
     c = (att_cpu_cfg_t){0}; /* one thread per CPU */
     assert_int_equal(att_cpu_create(&c, &all), AT_OK);
     att_backend_destroy(&portable);

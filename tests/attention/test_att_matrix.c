@@ -30,8 +30,8 @@ typedef struct mcase {
 
 static const att_cpu_cfg_t BACKENDS[] = {
     {.num_threads = 2},
-    {.num_threads = 2, .tile_rows = 8},
-    {.num_threads = 1, .tile_rows = 16, .force_portable = 1},
+    {.num_threads = 2, .tile_rows = 8, .isa = ATT_CPU_ISA_X86V3},
+    {.num_threads = 1, .tile_rows = 16, .isa = ATT_CPU_ISA_PORTABLE},
 };
 
 static void run_case(void **state) {
