@@ -282,6 +282,15 @@ static inline size_t tile_offset(const att_batch_chunk_t *ch, uint32_t j, uint32
     return (size_t)ch->blocks[j / bs] * block_stride + head_off + (size_t)(j % bs) * row_bytes;
 }
 
+/* Token (row of q and out) and query head of an item's row r; rows are laid out as in
+ * attend_tiles. */
+static inline void row_origin(const att_cpu_item_t *it, const att_batch_chunk_t *ch, uint32_t g,
+                              uint32_t r, uint32_t *tok, uint32_t *head) {
+    uint32_t per_head = it->q_count * g;
+    *tok = ch->token_offset + it->q_begin + (r % per_head) / g;
+    *head = (it->kv_head + r / per_head) * g + r % g;
+}
+
 /* Queries of the item as f32, pre-scaled, with fresh softmax state. */
 static void load_queries(const att_cpu_job_t *job, const att_cpu_item_t *it,
                          att_cpu_scratch_t *sc) {
@@ -290,8 +299,8 @@ static void load_queries(const att_cpu_job_t *job, const att_cpu_item_t *it,
     const uint32_t d = m->head_dim, g = m->group, per_head = it->q_count * g;
     const size_t es = att_dtype_bytes(m->dtype);
     for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
-        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
-        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
+        uint32_t tok, head;
+        row_origin(it, ch, g, r, &tok, &head);
         const uint8_t *src =
             (const uint8_t *)job->b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
         float *q = sc->q + (size_t)r * d;
@@ -312,8 +321,8 @@ static void store_outputs(const att_cpu_job_t *job, const att_cpu_item_t *it,
     const uint32_t d = m->head_dim, g = m->group, per_head = it->q_count * g;
     const size_t es = att_dtype_bytes(m->dtype);
     for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
-        uint32_t tok = ch->token_offset + it->q_begin + (r % per_head) / g;
-        uint32_t head = (it->kv_head + r / per_head) * g + r % g;
+        uint32_t tok, head;
+        row_origin(it, ch, g, r, &tok, &head);
         float mr = sc->m[r], lr = sc->l[r], scale_o;
         if (m->sinks != NULL) {
             /* rebase on the larger of the sink and the running max before adding exp(sink) */

@@ -387,6 +387,25 @@ static void result_counts(result_t *r, const att_model_cfg_t *cfg) {
     r->flop = 4.0 * cfg->head_dim * cfg->num_query_heads * (double)r->pairs;
 }
 
+/* A layer-0 call of n_chunks chunks and tokens tokens in all over the given tensors. */
+static att_call_t attend_call(const att_model_cfg_t *cfg, const att_chunk_t *chunks,
+                              uint32_t n_chunks, uint32_t tokens, const void *q, const void *k,
+                              const void *v, void *out) {
+    return (att_call_t){
+        .layer = 0,
+        .chunks = chunks,
+        .num_chunks = n_chunks,
+        .q = q,
+        .q_bytes = (size_t)tokens * q_row_bytes(cfg),
+        .k = k,
+        .k_bytes = (size_t)tokens * kv_row_bytes(cfg),
+        .v = v,
+        .v_bytes = (size_t)tokens * kv_row_bytes(cfg),
+        .out = out,
+        .out_bytes = (size_t)tokens * q_row_bytes(cfg),
+    };
+}
+
 /* Decode: seqs sequences of ctx_tokens cached tokens, each call appends token ctx_tokens to every
  * sequence. Skips (r->skipped) when the memory needed exceeds budget_bytes. */
 static int run_decode(att_backend_t *be, const att_model_cfg_t *cfg, const opts_t *o,
@@ -425,19 +444,7 @@ static int run_decode(att_backend_t *be, const att_model_cfg_t *cfg, const opts_
     for (uint32_t i = 0; i < seqs; i++)
         chunks[i] =
             (att_chunk_t){.seq_id = (uint64_t)i + 1, .start_pos = ctx_tokens, .num_tokens = 1};
-    att_call_t call = {
-        .layer = 0,
-        .chunks = chunks,
-        .num_chunks = seqs,
-        .q = q,
-        .q_bytes = (size_t)seqs * q_row_bytes(cfg),
-        .k = k,
-        .k_bytes = (size_t)seqs * kv_row_bytes(cfg),
-        .v = v,
-        .v_bytes = (size_t)seqs * kv_row_bytes(cfg),
-        .out = out,
-        .out_bytes = (size_t)seqs * q_row_bytes(cfg),
-    };
+    att_call_t call = attend_call(cfg, chunks, seqs, seqs, q, k, v, out);
     if (time_calls(ctx, &call, o, r) != 0)
         goto out_destroy;
     rc = 0;
@@ -483,19 +490,7 @@ static int run_prefill(att_backend_t *be, const att_model_cfg_t *cfg, const opts
         goto out_free;
     }
     att_chunk_t chunk = {.seq_id = 1, .start_pos = 0, .num_tokens = n};
-    att_call_t call = {
-        .layer = 0,
-        .chunks = &chunk,
-        .num_chunks = 1,
-        .q = q,
-        .q_bytes = (size_t)n * q_row_bytes(cfg),
-        .k = k,
-        .k_bytes = (size_t)n * kv_row_bytes(cfg),
-        .v = v,
-        .v_bytes = (size_t)n * kv_row_bytes(cfg),
-        .out = out,
-        .out_bytes = (size_t)n * q_row_bytes(cfg),
-    };
+    att_call_t call = attend_call(cfg, &chunk, 1, n, q, k, v, out);
     if (time_calls(ctx, &call, o, r) != 0)
         goto out_destroy;
     rc = 0;
