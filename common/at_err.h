@@ -35,7 +35,22 @@
     X(CALL_OUT_BYTES, INVALID_ARGUMENT, "out has the wrong byte length")                         \
     X(KV_PAST_END, OUT_OF_RANGE, "start_pos is past the cached length")                          \
     X(KV_FULL, RESOURCE_EXHAUSTED, "no free kv blocks")                                          \
-    X(KV_NO_SEQ, NOT_FOUND, "sequence not in the kv cache")
+    X(KV_NO_SEQ, NOT_FOUND, "sequence not in the kv cache")                                     \
+    X(WIRE_MALFORMED, INVALID_ARGUMENT, "request is not a valid protobuf message")              \
+    X(MSG_TOO_LARGE, RESOURCE_EXHAUSTED, "message is over the size limit")                     \
+    X(SESSION_NAME, INVALID_ARGUMENT, "session name must be 1-128 of [A-Za-z0-9._:/-]")          \
+    X(SESSION_NOT_FOUND, NOT_FOUND, "no such session")                                          \
+    X(SESSION_EXISTS, ALREADY_EXISTS, "session exists with a different config")                 \
+    X(DEVICE_UNKNOWN, INVALID_ARGUMENT, "no such device")                                       \
+    X(SHM_FULL, UNAVAILABLE, "shared tensor memory is full, retry")                             \
+    X(OVERLOADED, UNAVAILABLE, "device queue is full, retry")                                   \
+    X(SHUTTING_DOWN, UNAVAILABLE, "server is shutting down")                                    \
+    X(WORKER_LOST, UNAVAILABLE, "the device worker stopped, retry")                             \
+    X(DEADLINE, DEADLINE_EXCEEDED, "deadline passed before the work ran")                       \
+    X(CANCELLED, CANCELLED, "the call was cancelled")                                           \
+    X(HEALTH_SERVICE, NOT_FOUND, "unknown service name")                                        \
+    X(CONFIG, INVALID_ARGUMENT, "bad server configuration")                                     \
+    X(IO, INTERNAL, "system call failed")
 
 typedef enum at_err {
 #define AT_ERR_ENUM_(name, status, msg) AT_ERR_##name,

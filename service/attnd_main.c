@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "bench/bench.h"
+#include "service/svc_serve.h"
 
 #ifndef ATTND_VERSION
 #define ATTND_VERSION "unknown"
@@ -21,6 +22,7 @@ static int cmd_help(int argc, char **argv);
 
 /* Adding a subcommand is one line here. */
 static const cmd_t cmds[] = {
+    {"serve", svc_serve_main, "serve attnd.v1.Attention over gRPC (attnd serve --help)"},
     {"bench", bench_cpu_main, "time the CPU attention backend (attnd bench --help)"},
     {"help", cmd_help, "print this help, or a command's: attnd help COMMAND"},
 };

@@ -1,0 +1,319 @@
+/* `attnd serve`: options, an optional JSON config file, devices, the server, and a clean drain on
+ * SIGTERM or SIGINT.
+ *
+ * Thread model: the main thread parses, starts everything, then waits in sigwait; SIGTERM and
+ * SIGINT are blocked in every thread (the mask is set before any thread starts), so they are
+ * delivered only there. */
+#include "service/svc_serve.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "common/at_log.h"
+#include "service/svc_pool.h"
+#include "service/svc_server.h"
+
+typedef struct serve_opts {
+    char listen[256];
+    uint32_t cpu_threads;  /* 0 = one per online CPU */
+    uint32_t cq_threads;
+    uint64_t max_message_mib;
+    uint64_t arena_mib;
+    uint32_t max_queue;
+    uint32_t grace_ms;
+    char log_level[16];
+    char ready_file[512];
+    bool allow_remote;
+} serve_opts_t;
+
+/* One row per option: the long option is "--" + name with '_' -> '-'; the JSON key is name. */
+typedef enum kind { K_STR, K_U32, K_U64, K_BOOL } kind_t;
+typedef struct opt {
+    const char *name;
+    kind_t kind;
+    size_t off;
+    size_t size;      /* K_STR: buffer size */
+    uint64_t lo, hi;  /* numeric range */
+    const char *help;
+} opt_t;
+
+#define O_(f) offsetof(serve_opts_t, f)
+static const opt_t opts[] = {
+    {"listen", K_STR, O_(listen), 256, 0, 0, "HOST:PORT to listen on (127.0.0.1:50051)"},
+    {"allow_remote", K_BOOL, O_(allow_remote), 0, 0, 1,
+     "allow a non-loopback --listen address (no authentication yet: see README)"},
+    {"cpu_threads", K_U32, O_(cpu_threads), 0, 0, 1024, "CPU backend threads (0 = all CPUs)"},
+    {"cq_threads", K_U32, O_(cq_threads), 0, 1, 64, "gRPC completion-queue threads (2)"},
+    {"max_message_mib", K_U64, O_(max_message_mib), 0, 1, 2047,
+     "largest request or response, MiB (256)"},
+    {"arena_mib", K_U64, O_(arena_mib), 0, 16, 1u << 20,
+     "shared memory for tensors in flight per device, MiB (2048)"},
+    {"max_queue", K_U32, O_(max_queue), 0, 1, 1u << 20,
+     "queued calls per device before UNAVAILABLE (1024)"},
+    {"grace_ms", K_U32, O_(grace_ms), 0, 0, 3600000,
+     "on SIGTERM/SIGINT, time for in-flight calls before they are cancelled (10000)"},
+    {"log_level", K_STR, O_(log_level), 16, 0, 0, "debug, info, warn or error (info)"},
+    {"ready_file", K_STR, O_(ready_file), 512, 0, 0,
+     "write HOST:PORT here once serving (for scripts and tests)"},
+};
+#undef O_
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: attnd serve [--config FILE] [options]\n\n"
+               "Serves attnd.v1.Attention and grpc.health.v1.Health over gRPC on the CPU "
+               "backend.\nOptions (also JSON keys of --config, which the command line "
+               "overrides):\n");
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "--%s", opts[i].name);
+        for (char *p = name; *p; p++)
+            *p = *p == '_' ? '-' : *p;
+        fprintf(f, "  %-20s %s\n", name, opts[i].help);
+    }
+    fprintf(f, "  %-20s %s\n", "--config FILE", "JSON object with any of the keys above");
+}
+
+static int set_value(serve_opts_t *o, const opt_t *op, const char *text, const char *origin) {
+    char *field = (char *)o + op->off;
+    if (op->kind == K_STR) {
+        if (strlen(text) >= op->size) {
+            fprintf(stderr, "attnd serve: %s %s: longer than %zu bytes\n", origin, op->name,
+                    op->size - 1);
+            return -1;
+        }
+        strcpy(field, text);
+        return 0;
+    }
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || v < op->lo || v > op->hi) {
+        fprintf(stderr, "attnd serve: %s %s: expected a whole number from %llu to %llu, got '%s'\n",
+                origin, op->name, (unsigned long long)op->lo, (unsigned long long)op->hi, text);
+        return -1;
+    }
+    if (op->kind == K_U32)
+        *(uint32_t *)(void *)field = (uint32_t)v;
+    else if (op->kind == K_U64)
+        *(uint64_t *)(void *)field = v;
+    else
+        *(bool *)(void *)field = v != 0;
+    return 0;
+}
+
+static const opt_t *find_opt(const char *name) {
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
+        if (strcmp(opts[i].name, name) == 0)
+            return &opts[i];
+    return NULL;
+}
+
+static int load_config(serve_opts_t *o, const char *path) {
+    json_error_t err;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &err);
+    if (root == NULL) {
+        fprintf(stderr, "attnd serve: --config %s: line %d: %s\n", path, err.line, err.text);
+        return -1;
+    }
+    int rc = 0;
+    if (!json_is_object(root)) {
+        fprintf(stderr, "attnd serve: --config %s: expected a JSON object\n", path);
+        rc = -1;
+    }
+    const char *key;
+    json_t *val;
+    json_object_foreach(root, key, val) {
+        if (rc != 0)
+            break;
+        const opt_t *op = find_opt(key);
+        char text[64];
+        if (op == NULL) {
+            fprintf(stderr, "attnd serve: --config %s: unknown key '%s'\n", path, key);
+            rc = -1;
+        } else if (op->kind == K_STR && json_is_string(val)) {
+            rc = set_value(o, op, json_string_value(val), "config");
+        } else if (op->kind == K_BOOL && json_is_boolean(val)) {
+            rc = set_value(o, op, json_is_true(val) ? "1" : "0", "config");
+        } else if ((op->kind == K_U32 || op->kind == K_U64) && json_is_integer(val)) {
+            snprintf(text, sizeof text, "%lld", (long long)json_integer_value(val));
+            rc = set_value(o, op, text, "config");
+        } else {
+            fprintf(stderr, "attnd serve: --config %s: key '%s' has the wrong type\n", path, key);
+            rc = -1;
+        }
+    }
+    json_decref(root);
+    return rc;
+}
+
+/* Returns 0, or 2 for bad usage (message printed), or 1 for --help. */
+static int parse_args(serve_opts_t *o, int argc, char **argv) {
+    /* the config file first, so that the command line overrides it */
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--config") == 0 || strncmp(argv[i], "--config=", 9) == 0) {
+            const char *path = argv[i][8] == '=' ? argv[i] + 9 : (i + 1 < argc ? argv[++i] : NULL);
+            if (path == NULL) {
+                fprintf(stderr, "attnd serve: --config needs a file\n");
+                return 2;
+            }
+            if (load_config(o, path) != 0)
+                return 2;
+        }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 1;
+        }
+        if (strcmp(a, "--config") == 0) {
+            i++;
+            continue;
+        }
+        if (strncmp(a, "--config=", 9) == 0)
+            continue;
+        if (strncmp(a, "--", 2) != 0) {
+            fprintf(stderr, "attnd serve: unexpected argument '%s' (see --help)\n", a);
+            return 2;
+        }
+        char name[64];
+        const char *eq = strchr(a, '=');
+        size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+        if (n >= sizeof name) {
+            fprintf(stderr, "attnd serve: unknown option '%s'\n", a);
+            return 2;
+        }
+        memcpy(name, a + 2, n);
+        name[n] = '\0';
+        for (char *p = name; *p; p++)
+            *p = *p == '-' ? '_' : *p;
+        const opt_t *op = find_opt(name);
+        if (op == NULL) {
+            fprintf(stderr, "attnd serve: unknown option '%s' (see --help)\n", a);
+            return 2;
+        }
+        const char *val = eq ? eq + 1 : NULL;
+        if (val == NULL && op->kind == K_BOOL)
+            val = "1";
+        else if (val == NULL && i + 1 < argc)
+            val = argv[++i];
+        if (val == NULL) {
+            fprintf(stderr, "attnd serve: %s needs a value\n", a);
+            return 2;
+        }
+        if (set_value(o, op, val, "option") != 0)
+            return 2;
+    }
+    return 0;
+}
+
+static bool is_loopback(const char *listen) {
+    return strncmp(listen, "127.", 4) == 0 || strncmp(listen, "localhost:", 10) == 0 ||
+           strncmp(listen, "[::1]:", 6) == 0 || strncmp(listen, "unix:", 5) == 0;
+}
+
+static int write_ready_file(const char *path, int port) {
+    char tmp[600];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return -1;
+    fprintf(f, "127.0.0.1:%d\n", port);
+    if (fclose(f) != 0)
+        return -1;
+    return rename(tmp, path); /* readers see the whole line or nothing */
+}
+
+int svc_serve_main(int argc, char **argv) {
+    serve_opts_t o = {
+        .listen = "127.0.0.1:50051",
+        .cq_threads = 2,
+        .max_message_mib = 256,
+        .arena_mib = 2048,
+        .max_queue = 1024,
+        .grace_ms = 10000,
+        .log_level = "info",
+    };
+    int rc = parse_args(&o, argc, argv);
+    if (rc != 0)
+        return rc == 1 ? 0 : rc;
+    int level = at_log_parse_level(o.log_level);
+    if (level < 0) {
+        fprintf(stderr, "attnd serve: log_level: expected debug, info, warn or error, got '%s'\n",
+                o.log_level);
+        return 2;
+    }
+    at_log_set_level((at_log_level_t)level);
+    if (!is_loopback(o.listen) && !o.allow_remote) {
+        fprintf(stderr, "attnd serve: refusing to listen on %s: attnd has no authentication yet; "
+                        "use a loopback address or --allow-remote\n", o.listen);
+        return 2;
+    }
+
+    /* Block the stop signals before any thread exists, so every thread inherits the mask. */
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    rc = 1;
+    void *zctx = zmq_ctx_new();
+    svc_pool_t *cpu = NULL;
+    svc_server_t *srv = NULL;
+    at_diag_t d = {{0}};
+    if (zctx == NULL) {
+        at_log(AT_LOG_ERROR, "serve", "zmq_ctx_new failed");
+        return 1;
+    }
+    svc_pool_cfg_t pc = {
+        .device = "cpu",
+        .index = 0,
+        .cpu_threads = o.cpu_threads,
+        .arena_bytes = o.arena_mib << 20,
+        .max_queue = o.max_queue,
+    };
+    at_err_t e = svc_pool_create(&pc, zctx, &d, &cpu);
+    if (e != AT_OK) {
+        at_log(AT_LOG_ERROR, "serve", "device cpu: %s: %s", at_err_str(e), d.msg);
+        goto out_ctx;
+    }
+    svc_pool_t *pools[1] = {cpu};
+    svc_server_cfg_t sc = {
+        .listen = o.listen,
+        .cq_threads = o.cq_threads,
+        .max_message_bytes = o.max_message_mib << 20,
+        .pools = pools,
+        .num_pools = 1,
+    };
+    e = svc_server_create(&sc, &d, &srv);
+    if (e != AT_OK) {
+        at_log(AT_LOG_ERROR, "serve", "%s: %s", at_err_str(e), d.msg);
+        goto out_pool;
+    }
+    at_log(AT_LOG_INFO, "serve", "listening on %s (port %d); devices: cpu", o.listen,
+           svc_server_port(srv));
+    if (o.ready_file[0] != '\0' && write_ready_file(o.ready_file, svc_server_port(srv)) != 0)
+        at_log(AT_LOG_WARN, "serve", "cannot write --ready-file %s", o.ready_file);
+
+    int sig = 0;
+    while (sigwait(&stop, &sig) != 0) {
+    }
+    at_log(AT_LOG_INFO, "serve", "%s: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    svc_server_drain(srv, o.grace_ms);
+    rc = 0;
+out_pool:
+    svc_pool_destroy(&cpu); /* runs or cancels what is still queued, answering those calls */
+    svc_server_destroy(&srv);
+out_ctx:
+    zmq_ctx_term(zctx);
+    if (rc == 0)
+        at_log(AT_LOG_INFO, "serve", "stopped");
+    return rc;
+}

@@ -1,0 +1,1015 @@
+/* attnd's gRPC server (see svc_server.h).
+ *
+ * Thread model: cq_threads completion-queue threads, one per queue; each keeps a few
+ * request_registered_call outstanding per method on its queue and runs the quick handlers itself.
+ * Work for a device goes to its pool as a job; the job's reply arrives on the pool's dispatcher
+ * thread, which finishes the call. A call's batches are started under its `mu`, since the queue
+ * thread and a dispatcher may both start one. Calls are refcounted: one reference per outstanding
+ * batch and one for the handler until it has replied.
+ *
+ * A unary call: NEW (request and deadline arrive) -> RECV_CLOSE_ON_SERVER started at once, so a
+ * client that goes away marks the call cancelled (its job, if still queued, is dropped) -> the
+ * handler replies once: SEND_INITIAL_METADATA, SEND_MESSAGE on success, SEND_STATUS_FROM_SERVER.
+ *
+ * Copies of tensor bytes (CPU path): q, k and v are copied once, from gRPC's received slices
+ * into the device's shared-memory arena (svc_wire); out is written by the worker into the arena
+ * and sent from there without a copy (a slice over the arena region, freed when gRPC is done). */
+#include "service/svc_server.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "attention/att_op.h"
+#include "attnd/v1/attention.pb-c.h"
+#include "common/at_log.h"
+#include "grpc/health/v1/health.pb-c.h"
+#include "service/svc_status.h"
+#include "service/svc_wire.h"
+#include "tenancy/ten_session.h"
+
+#define CALLS_PER_METHOD 4 /* request_registered_call outstanding per method and queue */
+#define MAX_SEGS 64        /* payload slices gathered before falling back to one flat copy */
+
+typedef enum method {
+    M_CREATE,
+    M_GET,
+    M_LIST,
+    M_CLOSE,
+    M_ATTEND,
+    M_RELEASE,
+    M_HEALTH_CHECK,
+    M_COUNT,
+    M_UNKNOWN = M_COUNT, /* anything not registered: answered UNIMPLEMENTED */
+} method_t;
+
+static const char *const method_paths[M_COUNT] = {
+    "/attnd.v1.Attention/CreateSession", "/attnd.v1.Attention/GetSession",
+    "/attnd.v1.Attention/ListSessions",  "/attnd.v1.Attention/CloseSession",
+    "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/Release",
+    "/grpc.health.v1.Health/Check",
+};
+
+typedef enum tag_kind { T_NEW, T_CLOSE, T_SENT } tag_kind_t;
+
+typedef struct call call_t;
+typedef struct tag {
+    call_t *c;
+    tag_kind_t kind;
+} tag_t;
+
+typedef struct region {
+    svc_arena_t *arena; /* borrowed: the pool's */
+    uint64_t off;
+} region_t;
+
+struct call {
+    struct svc_server *srv;
+    method_t method;
+    uint32_t cq_index;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_byte_buffer *payload;
+    grpc_call_details details; /* M_UNKNOWN only */
+    tag_t t_new, t_close, t_sent;
+    int cancelled;             /* written by RECV_CLOSE_ON_SERVER */
+    atomic_int refs;
+    pthread_mutex_t mu;        /* serializes grpc_call_start_batch on this call */
+    bool replied;              /* guarded by mu */
+    grpc_slice status_details;
+    grpc_byte_buffer *response;
+    /* the job of a call that needs its device */
+    svc_job_t job;
+    ten_session_t *session;    /* a reference, or NULL */
+    svc_pool_t *pool;          /* borrowed */
+    svc_attend_req_t attend;   /* M_ATTEND: parsed request (owns the chunks) */
+    uint64_t q_off, k_off, v_off, out_off;
+    int regions;               /* how many of q, k, v, out are allocated (in that order) */
+    void *items;               /* owned: frame 2 of the job */
+};
+
+struct svc_server {
+    grpc_server *server;
+    grpc_completion_queue **cqs;
+    pthread_t *threads;
+    uint32_t num_cqs;
+    void *methods[M_COUNT];
+    int port;
+    atomic_bool draining;
+    svc_pool_t **pools;        /* owned array of borrowed pools */
+    uint32_t num_pools;
+    ten_registry_t *registry;  /* owned */
+    tag_t shutdown_tag;
+    pthread_mutex_t shut_mu;
+    pthread_cond_t shut_cv;
+    bool shut_done;            /* guarded by shut_mu */
+};
+
+/* ---- helpers ------------------------------------------------------------------------------- */
+
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The call's deadline on CLOCK_MONOTONIC (what the worker compares with); 0 when it has none. */
+static int64_t deadline_mono_ns(const call_t *c) {
+    gpr_timespec dl = gpr_convert_clock_type(c->deadline, GPR_CLOCK_MONOTONIC);
+    if (gpr_time_cmp(dl, gpr_inf_future(GPR_CLOCK_MONOTONIC)) >= 0)
+        return 0;
+    gpr_timespec left = gpr_time_sub(dl, gpr_now(GPR_CLOCK_MONOTONIC));
+    return mono_ns() + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
+}
+
+static void call_unref(call_t *c) {
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    if (c->regions > 3)
+        svc_arena_free(svc_pool_arena(c->pool), c->out_off);
+    if (c->regions > 2)
+        svc_arena_free(svc_pool_arena(c->pool), c->v_off);
+    if (c->regions > 1)
+        svc_arena_free(svc_pool_arena(c->pool), c->k_off);
+    if (c->regions > 0)
+        svc_arena_free(svc_pool_arena(c->pool), c->q_off);
+    ten_session_unref(&c->session);
+    svc_attend_req_fini(&c->attend);
+    free(c->items);
+    if (c->payload != NULL)
+        grpc_byte_buffer_destroy(c->payload);
+    if (c->response != NULL)
+        grpc_byte_buffer_destroy(c->response);
+    grpc_slice_unref(c->status_details);
+    grpc_metadata_array_destroy(&c->md);
+    if (c->method == M_UNKNOWN)
+        grpc_call_details_destroy(&c->details);
+    if (c->call != NULL)
+        grpc_call_unref(c->call);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* Sends the call's one answer: status e (with diag's detail), and resp (owned) when e is OK.
+ * Any thread; the handler's reference is dropped. */
+static void reply(call_t *c, at_err_t e, const at_diag_t *diag, grpc_byte_buffer *resp) {
+    char msg[512];
+    if (e == AT_OK)
+        snprintf(msg, sizeof msg, "OK");
+    else if (diag != NULL && diag->msg[0] != '\0')
+        snprintf(msg, sizeof msg, "%s: %s", at_err_str(e), diag->msg);
+    else
+        snprintf(msg, sizeof msg, "%s", at_err_str(e));
+    if (e != AT_OK && resp != NULL) {
+        grpc_byte_buffer_destroy(resp);
+        resp = NULL;
+    }
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+    n++;
+    if (resp != NULL) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = resp;
+        n++;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->replied = true;
+    c->response = resp;
+    c->status_details = grpc_slice_from_copied_string(msg);
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = svc_status_of(e);
+    ops[n].data.send_status_from_server.status_details = &c->status_details;
+    n++;
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    grpc_call_error ce = grpc_call_start_batch(c->call, ops, n, &c->t_sent, NULL);
+    pthread_mutex_unlock(&c->mu);
+    if (ce != GRPC_CALL_OK) {
+        at_log(AT_LOG_ERROR, "server", "start_batch (reply) failed: %d", (int)ce);
+        call_unref(c); /* the batch's reference: it will never complete */
+    }
+    if (e != AT_OK)
+        at_log(AT_LOG_DEBUG, "server", "%s -> %s: %s",
+               c->method < M_COUNT ? method_paths[c->method] : "unknown", at_err_name(e), msg);
+    call_unref(c);
+}
+
+/* The payload as one flat buffer (the caller frees it), for the small messages protobuf-c
+ * unpacks. NULL when there is none. */
+static uint8_t *payload_flat(call_t *c, size_t *len) {
+    *len = 0;
+    if (c->payload == NULL)
+        return NULL;
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, c->payload))
+        return NULL;
+    grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    *len = GRPC_SLICE_LENGTH(all);
+    uint8_t *p = malloc(*len ? *len : 1);
+    if (p != NULL)
+        memcpy(p, GRPC_SLICE_START_PTR(all), *len);
+    grpc_slice_unref(all);
+    return p;
+}
+
+static ProtobufCMessage *unpack(call_t *c, const ProtobufCMessageDescriptor *desc) {
+    size_t len;
+    uint8_t *buf = payload_flat(c, &len);
+    ProtobufCMessage *m = protobuf_c_message_unpack(desc, NULL, len, buf != NULL ? buf : (uint8_t *)"");
+    free(buf);
+    return m;
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
+    size_t len = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(len);
+    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+static svc_pool_t *pool_for(struct svc_server *s, const char *device, at_diag_t *d,
+                            at_err_t *e) {
+    if (device == NULL || device[0] == '\0')
+        return s->pools[0];
+    for (uint32_t i = 0; i < s->num_pools; i++)
+        if (strcmp(svc_pool_device(s->pools[i]), device) == 0)
+            return s->pools[i];
+    *e = at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device: no device '%s' on this server", device);
+    return NULL;
+}
+
+/* SessionInfo of s; strings and arrays point into s (valid while the caller holds s). */
+static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
+                         Attnd__V1__ModelConfig *mc) {
+    const att_model_t *m = ten_session_model(s);
+    ten_session_figures_t fig;
+    ten_session_get_figures(s, &fig);
+    attnd__v1__model_config__init(mc);
+    mc->name = (char *)ten_session_model_name(s);
+    mc->num_layers = m->num_layers;
+    mc->num_query_heads = m->num_query_heads;
+    mc->num_kv_heads = m->num_kv_heads;
+    mc->head_dim = m->head_dim;
+    mc->dtype = (Attnd__V1__DType)m->dtype;
+    mc->block_size = m->block_size;
+    mc->scale = m->scale;
+    mc->sliding_window = ten_session_sliding_window(s);
+    if (ten_session_layer_windows_given(s)) {
+        mc->n_layer_sliding_window = m->num_layers;
+        mc->layer_sliding_window = m->window;
+    }
+    mc->logits_soft_cap = m->soft_cap;
+    if (m->alibi != NULL) {
+        mc->n_alibi_slopes = m->num_query_heads;
+        mc->alibi_slopes = m->alibi;
+    }
+    if (m->sinks != NULL) {
+        mc->n_sinks = m->num_query_heads;
+        mc->sinks = m->sinks;
+    }
+    attnd__v1__session_info__init(info);
+    info->session = (char *)ten_session_name(s);
+    info->model = mc;
+    info->device = (char *)ten_session_device(s);
+    info->kv_capacity_tokens = fig.kv_capacity_tokens;
+    info->kv_used_tokens = fig.kv_used_tokens;
+    info->num_sequences = fig.num_sequences;
+}
+
+static grpc_byte_buffer *pack_session_info(ten_session_t *s) {
+    Attnd__V1__SessionInfo info;
+    Attnd__V1__ModelConfig mc;
+    session_info(s, &info, &mc);
+    return pack(&info.base);
+}
+
+static void figures_from(const svc_rep_t *rep, ten_session_figures_t *fig) {
+    fig->kv_capacity_tokens = rep->kv_capacity_tokens;
+    fig->kv_used_tokens = rep->kv_used_tokens;
+    fig->num_sequences = rep->num_sequences;
+}
+
+static void diag_from(const svc_rep_t *rep, at_diag_t *d) {
+    snprintf(d->msg, sizeof d->msg, "%s", rep->diag);
+}
+
+/* Queues c's job on its pool; on refusal answers the call. */
+static void submit(call_t *c) {
+    c->job.arg = c;
+    atomic_init(&c->job.cancelled, 0);
+    at_err_t e = svc_pool_submit(c->pool, &c->job);
+    if (e != AT_OK) {
+        if (c->method == M_CREATE)
+            ten_registry_end_create(c->srv->registry, c->session, false, NULL);
+        reply(c, e, NULL, NULL);
+    }
+}
+
+/* ---- CreateSession ------------------------------------------------------------------------- */
+
+static void create_done(svc_job_t *job, const svc_rep_t *rep) {
+    call_t *c = job->arg;
+    ten_session_figures_t fig;
+    figures_from(rep, &fig);
+    ten_registry_end_create(c->srv->registry, c->session, rep->err == AT_OK, &fig);
+    at_diag_t d;
+    diag_from(rep, &d);
+    if (rep->err == AT_OK)
+        at_log(AT_LOG_INFO, "server", "session %s created on %s (%llu tokens of KV)",
+               ten_session_name(c->session), ten_session_device(c->session),
+               (unsigned long long)fig.kv_capacity_tokens);
+    reply(c, rep->err, &d, rep->err == AT_OK ? pack_session_info(c->session) : NULL);
+}
+
+static void handle_create(call_t *c) {
+    at_diag_t d = {{0}};
+    at_err_t e = AT_OK;
+    Attnd__V1__CreateSessionRequest *rq =
+        (Attnd__V1__CreateSessionRequest *)unpack(c, &attnd__v1__create_session_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    const Attnd__V1__ModelConfig *mc = rq->model;
+    att_model_t *model = NULL;
+    svc_pool_t *pool = NULL;
+    if (!ten_session_name_valid(rq->session, strlen(rq->session)))
+        e = at_diag_set(&d, AT_ERR_SESSION_NAME, "session: got '%.64s'", rq->session);
+    else if (mc == NULL)
+        e = at_diag_set(&d, AT_ERR_MODEL_LAYERS, "model: missing");
+    else if (rq->kv_capacity_tokens == 0)
+        e = at_diag_set(&d, AT_ERR_KV_CAPACITY, "kv_capacity_tokens: expected >= 1, got 0");
+    else if ((pool = pool_for(c->srv, rq->device, &d, &e)) != NULL) {
+        att_model_cfg_t cfg = {
+            .num_layers = mc->num_layers,
+            .num_query_heads = mc->num_query_heads,
+            .num_kv_heads = mc->num_kv_heads,
+            .head_dim = mc->head_dim,
+            .dtype = (att_dtype_t)mc->dtype,
+            .block_size = mc->block_size,
+            .scale = mc->scale,
+            .sliding_window = mc->sliding_window,
+            .layer_sliding_window = mc->layer_sliding_window,
+            .n_layer_sliding_window = (uint32_t)mc->n_layer_sliding_window,
+            .logits_soft_cap = mc->logits_soft_cap,
+            .alibi_slopes = mc->alibi_slopes,
+            .n_alibi_slopes = (uint32_t)mc->n_alibi_slopes,
+            .sinks = mc->sinks,
+            .n_sinks = (uint32_t)mc->n_sinks,
+        };
+        e = att_model_create(&cfg, &d, &model);
+    }
+    if (e != AT_OK) {
+        attnd__v1__create_session_request__free_unpacked(rq, NULL);
+        reply(c, e, &d, NULL);
+        return;
+    }
+    /* the worker receives the resolved model, so both ends agree on every default */
+    const att_model_t *m = model;
+    size_t wbytes = (size_t)m->num_layers * sizeof(uint32_t);
+    size_t abytes = m->alibi ? (size_t)m->num_query_heads * sizeof(float) : 0;
+    size_t sbytes = m->sinks ? (size_t)m->num_query_heads * sizeof(float) : 0;
+    c->items = malloc(wbytes + abytes + sbytes);
+    if (c->items == NULL) {
+        att_model_destroy(&model);
+        attnd__v1__create_session_request__free_unpacked(rq, NULL);
+        reply(c, AT_ERR_NOMEM, NULL, NULL);
+        return;
+    }
+    memcpy(c->items, m->window, wbytes);
+    if (abytes)
+        memcpy((uint8_t *)c->items + wbytes, m->alibi, abytes);
+    if (sbytes)
+        memcpy((uint8_t *)c->items + wbytes + abytes, m->sinks, sbytes);
+    c->job.req = (svc_req_t){
+        .op = SVC_OP_CREATE,
+        .kv_capacity_tokens = rq->kv_capacity_tokens,
+        .num_layers = m->num_layers,
+        .num_query_heads = m->num_query_heads,
+        .num_kv_heads = m->num_kv_heads,
+        .head_dim = m->head_dim,
+        .dtype = (uint32_t)m->dtype,
+        .block_size = m->block_size,
+        .scale = m->scale,
+        .soft_cap = m->soft_cap,
+        .n_windows = m->num_layers,
+        .n_alibi = m->alibi ? m->num_query_heads : 0,
+        .n_sinks = m->sinks ? m->num_query_heads : 0,
+    };
+    c->job.items = c->items;
+    c->job.items_len = wbytes + abytes + sbytes;
+    c->job.done = create_done;
+    ten_session_spec_t spec = {
+        .name = rq->session,
+        .model_name = mc->name,
+        .layer_windows_given = mc->n_layer_sliding_window != 0,
+        .sliding_window = mc->sliding_window,
+        .kv_capacity_tokens = rq->kv_capacity_tokens,
+        .device = svc_pool_device(pool),
+        .device_handle = pool,
+    };
+    bool existing = false;
+    e = ten_registry_begin_create(c->srv->registry, &spec, &model, &c->session, &existing);
+    if (e == AT_ERR_SESSION_EXISTS)
+        at_diag_set(&d, e, "session '%s' exists with another config", spec.name);
+    else if (e == AT_ERR_OVERLOADED)
+        at_diag_set(&d, e, "session is being created by another call; retry");
+    attnd__v1__create_session_request__free_unpacked(rq, NULL); /* spec points into it */
+    if (e != AT_OK) {
+        reply(c, e, &d, NULL);
+        return;
+    }
+    if (existing) {
+        reply(c, AT_OK, NULL, pack_session_info(c->session));
+        return;
+    }
+    c->pool = pool;
+    c->job.req.session_id = ten_session_id(c->session);
+    submit(c);
+}
+
+/* ---- GetSession, ListSessions -------------------------------------------------------------- */
+
+static void handle_get(call_t *c) {
+    Attnd__V1__GetSessionRequest *rq =
+        (Attnd__V1__GetSessionRequest *)unpack(c, &attnd__v1__get_session_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    at_err_t e = ten_registry_get(c->srv->registry, rq->session, &c->session);
+    attnd__v1__get_session_request__free_unpacked(rq, NULL);
+    reply(c, e, NULL, e == AT_OK ? pack_session_info(c->session) : NULL);
+}
+
+static void handle_list(call_t *c) {
+    Attnd__V1__ListSessionsRequest *rq =
+        (Attnd__V1__ListSessionsRequest *)unpack(c, &attnd__v1__list_sessions_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    attnd__v1__list_sessions_request__free_unpacked(rq, NULL);
+    ten_session_t **all = NULL;
+    size_t n = 0;
+    at_err_t e = ten_registry_list(c->srv->registry, &all, &n);
+    if (e != AT_OK) {
+        reply(c, e, NULL, NULL);
+        return;
+    }
+    Attnd__V1__SessionInfo *infos = calloc(n ? n : 1, sizeof *infos);
+    Attnd__V1__ModelConfig *mcs = calloc(n ? n : 1, sizeof *mcs);
+    Attnd__V1__SessionInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    grpc_byte_buffer *bb = NULL;
+    if (infos != NULL && mcs != NULL && ptrs != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            session_info(all[i], &infos[i], &mcs[i]);
+            ptrs[i] = &infos[i];
+        }
+        Attnd__V1__ListSessionsResponse resp = ATTND__V1__LIST_SESSIONS_RESPONSE__INIT;
+        resp.n_sessions = n;
+        resp.sessions = ptrs;
+        bb = pack(&resp.base);
+    }
+    for (size_t i = 0; i < n; i++)
+        ten_session_unref(&all[i]);
+    free(all);
+    free(infos);
+    free(mcs);
+    free(ptrs);
+    reply(c, bb != NULL ? AT_OK : AT_ERR_NOMEM, NULL, bb);
+}
+
+/* ---- CloseSession, Release ----------------------------------------------------------------- */
+
+static void close_done(svc_job_t *job, const svc_rep_t *rep) {
+    call_t *c = job->arg;
+    at_diag_t d;
+    diag_from(rep, &d);
+    Attnd__V1__CloseSessionResponse resp = ATTND__V1__CLOSE_SESSION_RESPONSE__INIT;
+    if (rep->err == AT_OK)
+        at_log(AT_LOG_INFO, "server", "session %s closed", ten_session_name(c->session));
+    reply(c, rep->err, &d, rep->err == AT_OK ? pack(&resp.base) : NULL);
+}
+
+static void handle_close(call_t *c) {
+    Attnd__V1__CloseSessionRequest *rq =
+        (Attnd__V1__CloseSessionRequest *)unpack(c, &attnd__v1__close_session_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    at_err_t e = ten_registry_remove(c->srv->registry, rq->session, &c->session);
+    attnd__v1__close_session_request__free_unpacked(rq, NULL);
+    if (e != AT_OK) {
+        reply(c, e, NULL, NULL);
+        return;
+    }
+    c->pool = ten_session_device_handle(c->session);
+    c->job.req = (svc_req_t){.op = SVC_OP_CLOSE, .session_id = ten_session_id(c->session)};
+    c->job.done = close_done;
+    submit(c);
+}
+
+static void release_done(svc_job_t *job, const svc_rep_t *rep) {
+    call_t *c = job->arg;
+    at_diag_t d;
+    diag_from(rep, &d);
+    Attnd__V1__ReleaseResponse resp = ATTND__V1__RELEASE_RESPONSE__INIT;
+    if (rep->err == AT_OK) {
+        ten_session_figures_t fig;
+        figures_from(rep, &fig);
+        ten_session_set_figures(c->session, &fig);
+        resp.released = rep->released;
+    }
+    reply(c, rep->err, &d, rep->err == AT_OK ? pack(&resp.base) : NULL);
+}
+
+static void handle_release(call_t *c) {
+    Attnd__V1__ReleaseRequest *rq =
+        (Attnd__V1__ReleaseRequest *)unpack(c, &attnd__v1__release_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    at_err_t e = ten_registry_get(c->srv->registry, rq->session, &c->session);
+    size_t n = rq->n_seq_ids;
+    if (e == AT_OK && n > UINT32_MAX)
+        e = AT_ERR_WIRE_MALFORMED;
+    if (e == AT_OK && (c->items = malloc(n ? n * sizeof(uint64_t) : 1)) == NULL)
+        e = AT_ERR_NOMEM;
+    if (e != AT_OK) {
+        attnd__v1__release_request__free_unpacked(rq, NULL);
+        reply(c, e, NULL, NULL);
+        return;
+    }
+    if (n)
+        memcpy(c->items, rq->seq_ids, n * sizeof(uint64_t));
+    attnd__v1__release_request__free_unpacked(rq, NULL);
+    c->pool = ten_session_device_handle(c->session);
+    c->job.req = (svc_req_t){
+        .op = SVC_OP_RELEASE, .session_id = ten_session_id(c->session), .num_items = (uint32_t)n};
+    c->job.items = n ? c->items : NULL;
+    c->job.items_len = n * sizeof(uint64_t);
+    c->job.done = release_done;
+    submit(c);
+}
+
+/* ---- Attend -------------------------------------------------------------------------------- */
+
+typedef struct out_slice {
+    svc_arena_t *arena;
+    uint64_t off;
+} out_slice_t;
+
+static void out_slice_free(void *p) {
+    out_slice_t *o = p;
+    svc_arena_free(o->arena, o->off);
+    free(o);
+}
+
+static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
+    call_t *c = job->arg;
+    at_diag_t d;
+    diag_from(rep, &d);
+    if (rep->err == AT_OK || rep->err == AT_ERR_KV_FULL || rep->err == AT_ERR_KV_PAST_END) {
+        ten_session_figures_t fig;
+        figures_from(rep, &fig);
+        ten_session_set_figures(c->session, &fig);
+    }
+    grpc_byte_buffer *bb = NULL;
+    if (rep->err == AT_OK) {
+        /* AttendResponse{out}: a small header slice, then the out region itself (no copy). */
+        svc_arena_t *arena = svc_pool_arena(c->pool);
+        uint64_t len = c->job.req.out_len;
+        uint8_t hdr[16];
+        size_t hn = svc_wire_len_header(1, len, hdr);
+        out_slice_t *os = malloc(sizeof *os);
+        if (os != NULL) {
+            *os = (out_slice_t){arena, c->out_off};
+            grpc_slice parts[2] = {
+                grpc_slice_from_copied_buffer((const char *)hdr, hn),
+                grpc_slice_new_with_user_data(svc_arena_base(arena) + c->out_off, len,
+                                              out_slice_free, os),
+            };
+            c->regions = 3; /* the out region now belongs to the slice */
+            bb = grpc_raw_byte_buffer_create(parts, 2);
+            grpc_slice_unref(parts[0]);
+            grpc_slice_unref(parts[1]);
+        }
+    }
+    reply(c, rep->err == AT_OK && bb == NULL ? AT_ERR_NOMEM : (at_err_t)rep->err, &d, bb);
+}
+
+/* Gathers the payload's slices as segments (borrowed from the payload's buffer, which lives as
+ * long as the call). Returns how many, or 0 when there are more than MAX_SEGS. */
+static uint32_t payload_segs(call_t *c, svc_seg_t *segs) {
+    if (c->payload == NULL || c->payload->type != GRPC_BB_RAW ||
+        c->payload->data.raw.compression != GRPC_COMPRESS_NONE)
+        return 0;
+    grpc_slice_buffer *sb = &c->payload->data.raw.slice_buffer;
+    if (sb->count > MAX_SEGS)
+        return 0;
+    for (size_t i = 0; i < sb->count; i++)
+        segs[i] = (svc_seg_t){GRPC_SLICE_START_PTR(sb->slices[i]), GRPC_SLICE_LENGTH(sb->slices[i])};
+    return (uint32_t)sb->count;
+}
+
+static void handle_attend(call_t *c) {
+    at_diag_t d = {{0}};
+    svc_seg_t segs[MAX_SEGS];
+    uint32_t nseg = payload_segs(c, segs);
+    uint8_t *flat = NULL;
+    if (nseg == 0) { /* compressed, or very fragmented: one flat copy first */
+        size_t len;
+        flat = payload_flat(c, &len);
+        segs[0] = (svc_seg_t){flat != NULL ? flat : (const uint8_t *)"", flat != NULL ? len : 0};
+        nseg = 1;
+    }
+    at_err_t e = svc_wire_parse_attend(segs, nseg, &c->attend, &d);
+    if (e == AT_OK)
+        e = ten_registry_get(c->srv->registry, c->attend.session, &c->session);
+    static const uint8_t marker = 0;
+    const att_model_t *m = e == AT_OK ? ten_session_model(c->session) : NULL;
+    uint64_t out_len = 0;
+    if (e == AT_OK) {
+        att_call_t call = {
+            .layer = c->attend.layer,
+            .chunks = c->attend.chunks,
+            .num_chunks = c->attend.num_chunks,
+            .q = c->attend.q.len ? &marker : NULL,
+            .q_bytes = c->attend.q.len,
+            .k = c->attend.k.len ? &marker : NULL,
+            .k_bytes = c->attend.k.len,
+            .v = c->attend.v.len ? &marker : NULL,
+            .v_bytes = c->attend.v.len,
+            .out = (void *)&marker,
+            .out_bytes = c->attend.q.len, /* out has q's shape */
+        };
+        uint32_t tokens = 0;
+        e = att_call_validate(m, &call, 1, &d, &tokens);
+        out_len = (uint64_t)tokens * att_model_row_bytes(m, m->num_query_heads);
+    }
+    if (e == AT_OK) {
+        c->pool = ten_session_device_handle(c->session);
+        svc_arena_t *arena = svc_pool_arena(c->pool);
+        uint64_t *offs[4] = {&c->q_off, &c->k_off, &c->v_off, &c->out_off};
+        uint64_t lens[4] = {c->attend.q.len, c->attend.k.len, c->attend.v.len, out_len};
+        for (int i = 0; i < 4 && e == AT_OK; i++)
+            if ((e = svc_arena_alloc(arena, lens[i], offs[i])) == AT_OK)
+                c->regions = i + 1;
+        if (e == AT_OK) {
+            /* the one copy of the request's tensors: from gRPC's slices into shared memory */
+            uint8_t *base = svc_arena_base(arena);
+            svc_wire_copy(segs, nseg, c->attend.q, base + c->q_off);
+            svc_wire_copy(segs, nseg, c->attend.k, base + c->k_off);
+            svc_wire_copy(segs, nseg, c->attend.v, base + c->v_off);
+            c->job.req = (svc_req_t){
+                .op = SVC_OP_ATTEND,
+                .session_id = ten_session_id(c->session),
+                .deadline_ns = deadline_mono_ns(c),
+                .layer = c->attend.layer,
+                .num_items = c->attend.num_chunks,
+                .q_off = c->q_off, .k_off = c->k_off, .v_off = c->v_off, .out_off = c->out_off,
+                .q_len = lens[0], .k_len = lens[1], .v_len = lens[2], .out_len = lens[3],
+            };
+            c->job.items = c->attend.chunks;
+            c->job.items_len = (size_t)c->attend.num_chunks * sizeof(att_chunk_t);
+            c->job.done = attend_done;
+        }
+    }
+    free(flat);
+    if (e != AT_OK) {
+        reply(c, e, &d, NULL);
+        return;
+    }
+    submit(c);
+}
+
+/* ---- Health -------------------------------------------------------------------------------- */
+
+static void handle_health_check(call_t *c) {
+    Grpc__Health__V1__HealthCheckRequest *rq = (Grpc__Health__V1__HealthCheckRequest *)unpack(
+        c, &grpc__health__v1__health_check_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    bool known = rq->service[0] == '\0' || strcmp(rq->service, "attnd.v1.Attention") == 0;
+    grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
+    if (!known) {
+        /* the health protocol answers an unknown service name with NOT_FOUND */
+        reply(c, AT_ERR_HEALTH_SERVICE, NULL, NULL);
+        return;
+    }
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = atomic_load(&c->srv->draining)
+                      ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    reply(c, AT_OK, NULL, pack(&resp.base));
+}
+
+/* ---- the completion-queue loop -------------------------------------------------------------- */
+
+static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
+    if (atomic_load(&s->draining))
+        return;
+    call_t *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        at_log(AT_LOG_ERROR, "server", "out of memory arming a call");
+        return;
+    }
+    c->srv = s;
+    c->method = method;
+    c->cq_index = cq_index;
+    c->t_new = (tag_t){c, T_NEW};
+    c->t_close = (tag_t){c, T_CLOSE};
+    c->t_sent = (tag_t){c, T_SENT};
+    c->status_details = grpc_empty_slice();
+    atomic_init(&c->refs, 1); /* the NEW tag's */
+    pthread_mutex_init(&c->mu, NULL);
+    grpc_metadata_array_init(&c->md);
+    svc_attend_req_init(&c->attend);
+    grpc_completion_queue *cq = s->cqs[cq_index];
+    grpc_call_error ce;
+    if (method == M_UNKNOWN) {
+        grpc_call_details_init(&c->details);
+        ce = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, cq, cq, &c->t_new);
+    } else {
+        ce = grpc_server_request_registered_call(s->server, s->methods[method], &c->call,
+                                                 &c->deadline, &c->md,
+                                                 &c->payload, cq, cq, &c->t_new);
+    }
+    if (ce != GRPC_CALL_OK) {
+        at_log(AT_LOG_ERROR, "server", "request_call failed: %d", (int)ce);
+        call_unref(c);
+    }
+}
+
+static void on_new(call_t *c) {
+    struct svc_server *s = c->srv;
+    arm(s, c->method, c->cq_index);
+    /* learn about cancellation while the call waits for its device */
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    atomic_fetch_add_explicit(&c->refs, 2, memory_order_relaxed); /* the batch's, the handler's */
+    pthread_mutex_lock(&c->mu);
+    grpc_call_error ce = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
+    pthread_mutex_unlock(&c->mu);
+    call_unref(c); /* the NEW tag's */
+    if (ce != GRPC_CALL_OK) {
+        call_unref(c);
+        call_unref(c);
+        return;
+    }
+    switch (c->method) {
+    case M_CREATE: handle_create(c); break;
+    case M_GET: handle_get(c); break;
+    case M_LIST: handle_list(c); break;
+    case M_CLOSE: handle_close(c); break;
+    case M_ATTEND: handle_attend(c); break;
+    case M_RELEASE: handle_release(c); break;
+    case M_HEALTH_CHECK: handle_health_check(c); break;
+    default: {
+        at_diag_t d;
+        at_diag_set(&d, AT_ERR_UNSUPPORTED, "no method %.*s",
+                    (int)GRPC_SLICE_LENGTH(c->details.method),
+                    (const char *)GRPC_SLICE_START_PTR(c->details.method));
+        reply(c, AT_ERR_UNSUPPORTED, &d, NULL);
+        break;
+    }
+    }
+}
+
+typedef struct cq_arg {
+    struct svc_server *s;
+    uint32_t i;
+} cq_arg_t;
+
+static void *cq_main(void *arg) {
+    cq_arg_t a = *(cq_arg_t *)arg;
+    free(arg);
+    struct svc_server *s = a.s;
+    uint32_t i = a.i;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->cqs[i], gpr_inf_future(GPR_CLOCK_REALTIME),
+                                                   NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        tag_t *t = ev.tag;
+        if (t == &s->shutdown_tag) {
+            pthread_mutex_lock(&s->shut_mu);
+            s->shut_done = true;
+            pthread_cond_broadcast(&s->shut_cv);
+            pthread_mutex_unlock(&s->shut_mu);
+            continue;
+        }
+        call_t *c = t->c;
+        switch (t->kind) {
+        case T_NEW:
+            if (!ev.success) /* the server is shutting down */
+                call_unref(c);
+            else
+                on_new(c);
+            break;
+        case T_CLOSE:
+            if (c->cancelled)
+                atomic_store_explicit(&c->job.cancelled, 1, memory_order_release);
+            call_unref(c);
+            break;
+        case T_SENT: call_unref(c); break;
+        }
+    }
+    return NULL;
+}
+
+at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_server_t **out) {
+    if (cfg->num_pools == 0)
+        return at_diag_set(diag, AT_ERR_CONFIG, "no devices");
+    struct svc_server *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return AT_ERR_NOMEM;
+    s->pools = malloc(cfg->num_pools * sizeof *s->pools);
+    if (s->pools == NULL) {
+        free(s);
+        return AT_ERR_NOMEM;
+    }
+    memcpy(s->pools, cfg->pools, cfg->num_pools * sizeof *s->pools);
+    s->num_pools = cfg->num_pools;
+    s->num_cqs = cfg->cq_threads != 0 ? cfg->cq_threads : 2;
+    atomic_init(&s->draining, false);
+    pthread_mutex_init(&s->shut_mu, NULL);
+    pthread_cond_init(&s->shut_cv, NULL);
+    s->shutdown_tag = (tag_t){NULL, T_SENT};
+    at_err_t e = ten_registry_create(&s->registry);
+    if (e != AT_OK) {
+        free(s->pools);
+        free(s);
+        return e;
+    }
+    grpc_init();
+    int max_msg = cfg->max_message_bytes != 0 && cfg->max_message_bytes < INT32_MAX
+                      ? (int)cfg->max_message_bytes
+                      : 256 << 20;
+    int max_streams = cfg->max_streams != 0 ? (int)cfg->max_streams : 1024;
+    grpc_arg args[4] = {
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = max_msg},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = max_msg},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_CONCURRENT_STREAMS, .value.integer = max_streams},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_METADATA_SIZE, .value.integer = 16 << 10},
+    };
+    grpc_channel_args ch = {.num_args = 4, .args = args};
+    s->server = grpc_server_create(&ch, NULL);
+    for (int m = 0; m < M_COUNT; m++) {
+        grpc_server_register_method_payload_handling ph = GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
+        s->methods[m] = grpc_server_register_method(s->server, method_paths[m], NULL, ph, 0);
+    }
+    s->cqs = calloc(s->num_cqs, sizeof *s->cqs);
+    s->threads = calloc(s->num_cqs, sizeof *s->threads);
+    if (s->cqs == NULL || s->threads == NULL) {
+        e = AT_ERR_NOMEM;
+        goto out_free;
+    }
+    for (uint32_t i = 0; i < s->num_cqs; i++) {
+        s->cqs[i] = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(s->server, s->cqs[i], NULL);
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    s->port = grpc_server_add_http2_port(s->server, cfg->listen, creds);
+    grpc_server_credentials_release(creds);
+    if (s->port == 0) {
+        e = at_diag_set(diag, AT_ERR_CONFIG, "cannot listen on %s (bad address, or in use)",
+                        cfg->listen);
+        goto out_free;
+    }
+    /* Threads first: if one cannot start, nothing has been promised to a client yet. */
+    uint32_t started = 0;
+    for (; started < s->num_cqs; started++) {
+        cq_arg_t *a = malloc(sizeof *a);
+        if (a != NULL)
+            *a = (cq_arg_t){s, started};
+        if (a == NULL || pthread_create(&s->threads[started], NULL, cq_main, a) != 0) {
+            free(a);
+            e = at_diag_set(diag, AT_ERR_IO, "cannot start completion-queue thread %u", started);
+            break;
+        }
+    }
+    if (started < s->num_cqs) {
+        for (uint32_t i = 0; i < s->num_cqs; i++)
+            grpc_completion_queue_shutdown(s->cqs[i]);
+        for (uint32_t i = 0; i < started; i++)
+            pthread_join(s->threads[i], NULL);
+        for (uint32_t i = started; i < s->num_cqs; i++)
+            while (grpc_completion_queue_next(s->cqs[i], gpr_inf_future(GPR_CLOCK_REALTIME), NULL)
+                       .type != GRPC_QUEUE_SHUTDOWN) {
+            }
+        grpc_server_destroy(s->server);
+        for (uint32_t i = 0; i < s->num_cqs; i++)
+            grpc_completion_queue_destroy(s->cqs[i]);
+        goto out_mem;
+    }
+    grpc_server_start(s->server);
+    for (uint32_t i = 0; i < s->num_cqs; i++)
+        for (int m = 0; m <= M_UNKNOWN; m++)
+            for (int k = 0; k < (m == M_UNKNOWN ? 1 : CALLS_PER_METHOD); k++)
+                arm(s, (method_t)m, i);
+    *out = s;
+    return AT_OK;
+out_free:
+    if (s->cqs != NULL)
+        for (uint32_t i = 0; i < s->num_cqs; i++)
+            if (s->cqs[i] != NULL) {
+                grpc_completion_queue_shutdown(s->cqs[i]);
+                while (grpc_completion_queue_next(s->cqs[i], gpr_inf_future(GPR_CLOCK_REALTIME),
+                                                  NULL).type != GRPC_QUEUE_SHUTDOWN) {
+                }
+            }
+    grpc_server_destroy(s->server);
+    for (uint32_t i = 0; s->cqs != NULL && i < s->num_cqs; i++)
+        if (s->cqs[i] != NULL)
+            grpc_completion_queue_destroy(s->cqs[i]);
+out_mem:
+    free(s->pools);
+    free(s->cqs);
+    free(s->threads);
+    ten_registry_destroy(&s->registry);
+    pthread_mutex_destroy(&s->shut_mu);
+    pthread_cond_destroy(&s->shut_cv);
+    free(s);
+    grpc_shutdown();
+    return e;
+}
+
+int svc_server_port(const svc_server_t *s) { return s->port; }
+
+static bool wait_shutdown(struct svc_server *s, uint32_t ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->shut_mu);
+    while (!s->shut_done)
+        if (pthread_cond_timedwait(&s->shut_cv, &s->shut_mu, &until) != 0)
+            break;
+    bool done = s->shut_done;
+    pthread_mutex_unlock(&s->shut_mu);
+    return done;
+}
+
+void svc_server_drain(svc_server_t *s, uint32_t grace_ms) {
+    if (atomic_exchange(&s->draining, true))
+        return;
+    at_log(AT_LOG_INFO, "server", "draining: no new calls; %u ms for in-flight ones", grace_ms);
+    grpc_server_shutdown_and_notify(s->server, s->cqs[0], &s->shutdown_tag);
+    if (!wait_shutdown(s, grace_ms)) {
+        at_log(AT_LOG_WARN, "server", "grace period over: cancelling the calls left");
+        grpc_server_cancel_all_calls(s->server);
+    }
+}
+
+void svc_server_destroy(svc_server_t **sp) {
+    if (sp == NULL || *sp == NULL)
+        return;
+    struct svc_server *s = *sp;
+    svc_server_drain(s, 0);
+    while (!wait_shutdown(s, 1000))
+        at_log(AT_LOG_INFO, "server", "waiting for calls to end");
+    for (uint32_t i = 0; i < s->num_cqs; i++)
+        grpc_completion_queue_shutdown(s->cqs[i]);
+    for (uint32_t i = 0; i < s->num_cqs; i++)
+        pthread_join(s->threads[i], NULL);
+    grpc_server_destroy(s->server);
+    for (uint32_t i = 0; i < s->num_cqs; i++)
+        grpc_completion_queue_destroy(s->cqs[i]);
+    free(s->cqs);
+    free(s->threads);
+    ten_registry_destroy(&s->registry);
+    pthread_mutex_destroy(&s->shut_mu);
+    pthread_cond_destroy(&s->shut_cv);
+    free(s->pools);
+    free(s);
+    grpc_shutdown();
+    *sp = NULL;
+}
