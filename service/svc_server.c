@@ -46,6 +46,7 @@ typedef enum method {
     M_LIST,
     M_CLOSE,
     M_ATTEND,
+    M_STREAM,
     M_RELEASE,
     M_HEALTH_CHECK,
     M_COUNT,
@@ -55,11 +56,12 @@ typedef enum method {
 static const char *const method_paths[M_COUNT] = {
     "/attnd.v1.Attention/CreateSession", "/attnd.v1.Attention/GetSession",
     "/attnd.v1.Attention/ListSessions",  "/attnd.v1.Attention/CloseSession",
-    "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/Release",
+    "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/AttendStream",
+    "/attnd.v1.Attention/Release",
     "/grpc.health.v1.Health/Check",
 };
 
-typedef enum tag_kind { T_NEW, T_CLOSE, T_SENT } tag_kind_t;
+typedef enum tag_kind { T_NEW, T_CLOSE, T_SENT, T_RECV, T_SEND, T_META } tag_kind_t;
 
 typedef struct call call_t;
 typedef struct tag {
@@ -92,11 +94,36 @@ struct call {
     svc_job_t job;
     ten_session_t *session;    /* a reference, or NULL */
     svc_pool_t *pool;          /* borrowed */
-    svc_attend_req_t attend;   /* M_ATTEND: parsed request (owns the chunks) */
+    void *items;               /* owned: frame 2 of the job */
+    struct areq *ar;           /* M_ATTEND: the request */
+    /* M_STREAM, all guarded by mu */
+    tag_t t_recv, t_send, t_meta;
+    grpc_byte_buffer *recv_bb; /* RECV_MESSAGE's target */
+    struct areq *fifo_head;    /* requests in arrival order; responses leave from the head */
+    struct areq *fifo_tail;
+    bool half_closed;          /* the client sent its last request */
+    bool send_busy;            /* a SEND_MESSAGE is in flight */
+    bool finished;             /* the final status has been started */
+};
+
+/* One Attend request: of a unary call, or one message of a stream. */
+typedef struct areq {
+    call_t *c;                 /* the call it belongs to (holds a reference while queued) */
+    grpc_byte_buffer *payload; /* owned: the request's bytes */
+    svc_attend_req_t attend;   /* parsed (owns the chunk array the job sends) */
+    ten_session_t *session;    /* a reference, or NULL */
+    svc_pool_t *pool;          /* borrowed */
     uint64_t q_off, k_off, v_off, out_off;
     int regions;               /* how many of q, k, v, out are allocated (in that order) */
-    void *items;               /* owned: frame 2 of the job */
-};
+    svc_job_t job;
+    bool done;                 /* stream: the result below is final */
+    at_err_t err;
+    at_diag_t diag;
+    grpc_byte_buffer *resp;    /* owned: AttendResponse when err is OK */
+    struct areq *next;         /* stream FIFO */
+} areq_t;
+
+static void areq_free(areq_t *a);
 
 struct svc_server {
     grpc_server *server;
@@ -135,16 +162,15 @@ static int64_t deadline_mono_ns(const call_t *c) {
 static void call_unref(call_t *c) {
     if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
         return;
-    if (c->regions > 3)
-        svc_arena_free(svc_pool_arena(c->pool), c->out_off);
-    if (c->regions > 2)
-        svc_arena_free(svc_pool_arena(c->pool), c->v_off);
-    if (c->regions > 1)
-        svc_arena_free(svc_pool_arena(c->pool), c->k_off);
-    if (c->regions > 0)
-        svc_arena_free(svc_pool_arena(c->pool), c->q_off);
+    areq_free(c->ar);
+    while (c->fifo_head != NULL) {
+        areq_t *a = c->fifo_head;
+        c->fifo_head = a->next;
+        areq_free(a);
+    }
+    if (c->recv_bb != NULL)
+        grpc_byte_buffer_destroy(c->recv_bb);
     ten_session_unref(&c->session);
-    svc_attend_req_fini(&c->attend);
     free(c->items);
     if (c->payload != NULL)
         grpc_byte_buffer_destroy(c->payload);
@@ -569,7 +595,7 @@ static void handle_release(call_t *c) {
     submit(c);
 }
 
-/* ---- Attend -------------------------------------------------------------------------------- */
+/* ---- Attend ------------------------------------------------------------------------------ */
 
 typedef struct out_slice {
     svc_arena_t *arena;
@@ -582,46 +608,41 @@ static void out_slice_free(void *p) {
     free(o);
 }
 
-static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
-    call_t *c = job->arg;
-    at_diag_t d;
-    diag_from(rep, &d);
-    if (rep->err == AT_OK || rep->err == AT_ERR_KV_FULL || rep->err == AT_ERR_KV_PAST_END) {
-        ten_session_figures_t fig;
-        figures_from(rep, &fig);
-        ten_session_set_figures(c->session, &fig);
-    }
-    grpc_byte_buffer *bb = NULL;
-    if (rep->err == AT_OK) {
-        /* AttendResponse{out}: a small header slice, then the out region itself (no copy). */
-        svc_arena_t *arena = svc_pool_arena(c->pool);
-        uint64_t len = c->job.req.out_len;
-        uint8_t hdr[16];
-        size_t hn = svc_wire_len_header(1, len, hdr);
-        out_slice_t *os = malloc(sizeof *os);
-        if (os != NULL) {
-            *os = (out_slice_t){arena, c->out_off};
-            grpc_slice parts[2] = {
-                grpc_slice_from_copied_buffer((const char *)hdr, hn),
-                grpc_slice_new_with_user_data(svc_arena_base(arena) + c->out_off, len,
-                                              out_slice_free, os),
-            };
-            c->regions = 3; /* the out region now belongs to the slice */
-            bb = grpc_raw_byte_buffer_create(parts, 2);
-            grpc_slice_unref(parts[0]);
-            grpc_slice_unref(parts[1]);
-        }
-    }
-    reply(c, rep->err == AT_OK && bb == NULL ? AT_ERR_NOMEM : (at_err_t)rep->err, &d, bb);
+static areq_t *areq_new(call_t *c, grpc_byte_buffer **payload) {
+    areq_t *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return NULL;
+    a->c = c;
+    a->payload = *payload;
+    *payload = NULL;
+    svc_attend_req_init(&a->attend);
+    a->job.arg = a;
+    atomic_init(&a->job.cancelled, 0);
+    return a;
 }
 
-/* Gathers the payload's slices as segments (borrowed from the payload's buffer, which lives as
- * long as the call). Returns how many, or 0 when there are more than MAX_SEGS. */
-static uint32_t payload_segs(call_t *c, svc_seg_t *segs) {
-    if (c->payload == NULL || c->payload->type != GRPC_BB_RAW ||
-        c->payload->data.raw.compression != GRPC_COMPRESS_NONE)
+static void areq_free(areq_t *a) {
+    if (a == NULL)
+        return;
+    svc_arena_t *arena = a->pool != NULL ? svc_pool_arena(a->pool) : NULL;
+    uint64_t offs[4] = {a->q_off, a->k_off, a->v_off, a->out_off};
+    for (int i = 0; i < a->regions; i++)
+        svc_arena_free(arena, offs[i]);
+    ten_session_unref(&a->session);
+    svc_attend_req_fini(&a->attend);
+    if (a->payload != NULL)
+        grpc_byte_buffer_destroy(a->payload);
+    if (a->resp != NULL)
+        grpc_byte_buffer_destroy(a->resp);
+    free(a);
+}
+
+/* Gathers the payload's slices as segments (borrowed from the payload, which outlives their use).
+ * Returns how many, or 0 when compressed or there are more than MAX_SEGS. */
+static uint32_t payload_segs(grpc_byte_buffer *bb, svc_seg_t *segs) {
+    if (bb == NULL || bb->type != GRPC_BB_RAW || bb->data.raw.compression != GRPC_COMPRESS_NONE)
         return 0;
-    grpc_slice_buffer *sb = &c->payload->data.raw.slice_buffer;
+    grpc_slice_buffer *sb = &bb->data.raw.slice_buffer;
     if (sb->count > MAX_SEGS)
         return 0;
     for (size_t i = 0; i < sb->count; i++)
@@ -629,75 +650,299 @@ static uint32_t payload_segs(call_t *c, svc_seg_t *segs) {
     return (uint32_t)sb->count;
 }
 
-static void handle_attend(call_t *c) {
-    at_diag_t d = {{0}};
+/* Parses, checks, and stages the request in its device's arena (the one copy of q, k and v),
+ * leaving a job ready to submit. On error nothing is queued; a->diag says why. */
+static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline_ns) {
+    at_diag_t *d = &a->diag;
     svc_seg_t segs[MAX_SEGS];
-    uint32_t nseg = payload_segs(c, segs);
-    uint8_t *flat = NULL;
-    if (nseg == 0) { /* compressed, or very fragmented: one flat copy first */
-        size_t len;
-        flat = payload_flat(c, &len);
-        segs[0] = (svc_seg_t){flat != NULL ? flat : (const uint8_t *)"", flat != NULL ? len : 0};
+    uint32_t nseg = payload_segs(a->payload, segs);
+    grpc_slice flat = grpc_empty_slice();
+    if (nseg == 0 && a->payload != NULL) { /* compressed, or very fragmented: flatten first */
+        grpc_byte_buffer_reader rd;
+        if (grpc_byte_buffer_reader_init(&rd, a->payload)) {
+            flat = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+        }
+    }
+    if (nseg == 0) {
+        segs[0] = (svc_seg_t){GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat)};
         nseg = 1;
     }
-    at_err_t e = svc_wire_parse_attend(segs, nseg, &c->attend, &d);
+    at_err_t e = svc_wire_parse_attend(segs, nseg, &a->attend, d);
     if (e == AT_OK)
-        e = ten_registry_get(c->srv->registry, c->attend.session, &c->session);
+        e = ten_registry_get(srv->registry, a->attend.session, &a->session);
     static const uint8_t marker = 0;
-    const att_model_t *m = e == AT_OK ? ten_session_model(c->session) : NULL;
     uint64_t out_len = 0;
     if (e == AT_OK) {
+        const att_model_t *m = ten_session_model(a->session);
         att_call_t call = {
-            .layer = c->attend.layer,
-            .chunks = c->attend.chunks,
-            .num_chunks = c->attend.num_chunks,
-            .q = c->attend.q.len ? &marker : NULL,
-            .q_bytes = c->attend.q.len,
-            .k = c->attend.k.len ? &marker : NULL,
-            .k_bytes = c->attend.k.len,
-            .v = c->attend.v.len ? &marker : NULL,
-            .v_bytes = c->attend.v.len,
+            .layer = a->attend.layer,
+            .chunks = a->attend.chunks,
+            .num_chunks = a->attend.num_chunks,
+            .q = a->attend.q.len ? &marker : NULL,
+            .q_bytes = a->attend.q.len,
+            .k = a->attend.k.len ? &marker : NULL,
+            .k_bytes = a->attend.k.len,
+            .v = a->attend.v.len ? &marker : NULL,
+            .v_bytes = a->attend.v.len,
             .out = (void *)&marker,
-            .out_bytes = c->attend.q.len, /* out has q's shape */
+            .out_bytes = a->attend.q.len, /* out has q's shape */
         };
         uint32_t tokens = 0;
-        e = att_call_validate(m, &call, 1, &d, &tokens);
+        e = att_call_validate(m, &call, 1, d, &tokens);
         out_len = (uint64_t)tokens * att_model_row_bytes(m, m->num_query_heads);
     }
     if (e == AT_OK) {
-        c->pool = ten_session_device_handle(c->session);
-        svc_arena_t *arena = svc_pool_arena(c->pool);
-        uint64_t *offs[4] = {&c->q_off, &c->k_off, &c->v_off, &c->out_off};
-        uint64_t lens[4] = {c->attend.q.len, c->attend.k.len, c->attend.v.len, out_len};
+        a->pool = ten_session_device_handle(a->session);
+        svc_arena_t *arena = svc_pool_arena(a->pool);
+        uint64_t *offs[4] = {&a->q_off, &a->k_off, &a->v_off, &a->out_off};
+        uint64_t lens[4] = {a->attend.q.len, a->attend.k.len, a->attend.v.len, out_len};
         for (int i = 0; i < 4 && e == AT_OK; i++)
             if ((e = svc_arena_alloc(arena, lens[i], offs[i])) == AT_OK)
-                c->regions = i + 1;
+                a->regions = i + 1;
         if (e == AT_OK) {
-            /* the one copy of the request's tensors: from gRPC's slices into shared memory */
             uint8_t *base = svc_arena_base(arena);
-            svc_wire_copy(segs, nseg, c->attend.q, base + c->q_off);
-            svc_wire_copy(segs, nseg, c->attend.k, base + c->k_off);
-            svc_wire_copy(segs, nseg, c->attend.v, base + c->v_off);
-            c->job.req = (svc_req_t){
+            svc_wire_copy(segs, nseg, a->attend.q, base + a->q_off);
+            svc_wire_copy(segs, nseg, a->attend.k, base + a->k_off);
+            svc_wire_copy(segs, nseg, a->attend.v, base + a->v_off);
+            a->job.req = (svc_req_t){
                 .op = SVC_OP_ATTEND,
-                .session_id = ten_session_id(c->session),
-                .deadline_ns = deadline_mono_ns(c),
-                .layer = c->attend.layer,
-                .num_items = c->attend.num_chunks,
-                .q_off = c->q_off, .k_off = c->k_off, .v_off = c->v_off, .out_off = c->out_off,
+                .session_id = ten_session_id(a->session),
+                .deadline_ns = deadline_ns,
+                .layer = a->attend.layer,
+                .num_items = a->attend.num_chunks,
+                .q_off = a->q_off, .k_off = a->k_off, .v_off = a->v_off, .out_off = a->out_off,
                 .q_len = lens[0], .k_len = lens[1], .v_len = lens[2], .out_len = lens[3],
             };
-            c->job.items = c->attend.chunks;
-            c->job.items_len = (size_t)c->attend.num_chunks * sizeof(att_chunk_t);
-            c->job.done = attend_done;
+            a->job.items = a->attend.chunks;
+            a->job.items_len = (size_t)a->attend.num_chunks * sizeof(att_chunk_t);
         }
     }
-    free(flat);
-    if (e != AT_OK) {
-        reply(c, e, &d, NULL);
+    grpc_slice_unref(flat);
+    /* the request's bytes are in the arena now (or not needed): let gRPC's buffers go */
+    if (a->payload != NULL) {
+        grpc_byte_buffer_destroy(a->payload);
+        a->payload = NULL;
+    }
+    return e;
+}
+
+/* Records the worker's answer in a: figures, error, and on success the response, sent straight
+ * from the out region (a small header slice, then the region; the region is freed when gRPC
+ * releases the slice). */
+static void areq_result(areq_t *a, const svc_rep_t *rep) {
+    diag_from(rep, &a->diag);
+    a->err = rep->err;
+    if (rep->err == AT_OK || rep->err == AT_ERR_KV_FULL || rep->err == AT_ERR_KV_PAST_END) {
+        ten_session_figures_t fig;
+        figures_from(rep, &fig);
+        ten_session_set_figures(a->session, &fig);
+    }
+    if (rep->err != AT_OK)
+        return;
+    svc_arena_t *arena = svc_pool_arena(a->pool);
+    uint64_t len = a->job.req.out_len;
+    uint8_t hdr[16];
+    size_t hn = svc_wire_len_header(1, len, hdr);
+    out_slice_t *os = malloc(sizeof *os);
+    if (os == NULL) {
+        a->err = AT_ERR_NOMEM;
         return;
     }
-    submit(c);
+    *os = (out_slice_t){arena, a->out_off};
+    grpc_slice parts[2] = {
+        grpc_slice_from_copied_buffer((const char *)hdr, hn),
+        grpc_slice_new_with_user_data(svc_arena_base(arena) + a->out_off, len, out_slice_free, os),
+    };
+    a->regions = 3; /* the out region belongs to the slice now */
+    a->resp = grpc_raw_byte_buffer_create(parts, 2);
+    grpc_slice_unref(parts[0]);
+    grpc_slice_unref(parts[1]);
+}
+
+static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
+    areq_t *a = job->arg;
+    call_t *c = a->c;
+    areq_result(a, rep);
+    grpc_byte_buffer *resp = a->resp;
+    a->resp = NULL;
+    reply(c, a->err, &a->diag, resp);
+}
+
+static void handle_attend(call_t *c) {
+    areq_t *a = areq_new(c, &c->payload);
+    if (a == NULL) {
+        reply(c, AT_ERR_NOMEM, NULL, NULL);
+        return;
+    }
+    c->ar = a;
+    at_err_t e = areq_prepare(c->srv, a, deadline_mono_ns(c));
+    if (e != AT_OK) {
+        reply(c, e, &a->diag, NULL);
+        return;
+    }
+    a->job.done = attend_done;
+    e = svc_pool_submit(a->pool, &a->job);
+    if (e != AT_OK)
+        reply(c, e, NULL, NULL);
+}
+
+/* ---- AttendStream --------------------------------------------------------------------------- */
+/* One response per request, in request order; requests are read ahead and run as they come (one
+ * session's in arrival order). A request that fails ends the stream with its status after every
+ * earlier response has been sent; later requests are cancelled (not run, or their results not
+ * sent). Everything below runs under the call's mu. */
+
+static void stream_status(call_t *c, at_err_t e, const at_diag_t *diag) {
+    char msg[512];
+    if (e == AT_OK)
+        snprintf(msg, sizeof msg, "OK");
+    else
+        snprintf(msg, sizeof msg, "%s%s%s", at_err_str(e), diag && diag->msg[0] ? ": " : "",
+                 diag && diag->msg[0] ? diag->msg : "");
+    c->finished = true;
+    grpc_slice_unref(c->status_details);
+    c->status_details = grpc_slice_from_copied_string(msg);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    op.data.send_status_from_server.status = svc_status_of(e);
+    op.data.send_status_from_server.status_details = &c->status_details;
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_sent, NULL) != GRPC_CALL_OK)
+        atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+    for (areq_t *a = c->fifo_head; a != NULL; a = a->next) /* nothing after this is sent */
+        atomic_store_explicit(&a->job.cancelled, 1, memory_order_release);
+}
+
+static void stream_recv(call_t *c) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_bb;
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK) {
+        atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+        c->half_closed = true;
+    }
+}
+
+/* Sends what is ready at the head of the queue, or the final status. */
+static void stream_flush(call_t *c) {
+    if (c->finished || c->send_busy)
+        return;
+    areq_t *a = c->fifo_head;
+    if (a != NULL && a->done) {
+        if (a->err != AT_OK) {
+            stream_status(c, a->err, &a->diag);
+            return;
+        }
+        grpc_op op;
+        memset(&op, 0, sizeof op);
+        op.op = GRPC_OP_SEND_MESSAGE;
+        op.data.send_message.send_message = a->resp;
+        c->send_busy = true;
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+        if (grpc_call_start_batch(c->call, &op, 1, &c->t_send, NULL) != GRPC_CALL_OK) {
+            atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+            c->send_busy = false;
+            stream_status(c, AT_ERR_INTERNAL, NULL);
+        }
+        return;
+    }
+    if (a == NULL && c->half_closed)
+        stream_status(c, AT_OK, NULL);
+}
+
+static void stream_push(call_t *c, areq_t *a) {
+    a->next = NULL;
+    if (c->fifo_tail != NULL)
+        c->fifo_tail->next = a;
+    else
+        c->fifo_head = a;
+    c->fifo_tail = a;
+}
+
+static void stream_job_done(svc_job_t *job, const svc_rep_t *rep) {
+    areq_t *a = job->arg;
+    call_t *c = a->c;
+    areq_result(a, rep);
+    pthread_mutex_lock(&c->mu);
+    a->done = true;
+    stream_flush(c);
+    pthread_mutex_unlock(&c->mu);
+    call_unref(c); /* the queued request's */
+}
+
+static void on_stream_recv(call_t *c, bool ok) {
+    pthread_mutex_lock(&c->mu);
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    if (!ok || bb == NULL || c->finished) {
+        if (bb != NULL)
+            grpc_byte_buffer_destroy(bb);
+        c->half_closed = true;
+        stream_flush(c);
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    areq_t *a = areq_new(c, &bb);
+    at_err_t e = a == NULL ? AT_ERR_NOMEM : areq_prepare(c->srv, a, deadline_mono_ns(c));
+    if (a == NULL) {
+        grpc_byte_buffer_destroy(bb);
+        stream_status(c, e, NULL);
+    } else if (e != AT_OK) {
+        /* its error is this request's answer, in order: no more reading */
+        a->done = true;
+        a->err = e;
+        stream_push(c, a);
+        c->half_closed = true;
+        stream_flush(c);
+    } else {
+        a->job.done = stream_job_done;
+        stream_push(c, a);
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed); /* the queued request's */
+        e = svc_pool_submit(a->pool, &a->job);
+        if (e != AT_OK) {
+            atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+            a->done = true;
+            a->err = e;
+            c->half_closed = true;
+            stream_flush(c);
+        } else {
+            stream_recv(c);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void on_stream_sent(call_t *c, bool ok) {
+    pthread_mutex_lock(&c->mu);
+    areq_t *a = c->fifo_head;
+    c->fifo_head = a->next;
+    if (c->fifo_head == NULL)
+        c->fifo_tail = NULL;
+    c->send_busy = false;
+    if (!ok && !c->finished) /* the client is gone */
+        stream_status(c, AT_ERR_CANCELLED, NULL);
+    stream_flush(c);
+    pthread_mutex_unlock(&c->mu);
+    areq_free(a);
+}
+
+static void handle_stream(call_t *c) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    pthread_mutex_lock(&c->mu);
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_meta, NULL) != GRPC_CALL_OK)
+        atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+    else
+        c->send_busy = true; /* one send op at a time: messages wait for the metadata */
+    stream_recv(c);
+    pthread_mutex_unlock(&c->mu);
+    call_unref(c); /* the handler's; the batches hold the call from here */
 }
 
 /* ---- Health -------------------------------------------------------------------------------- */
@@ -743,16 +988,20 @@ static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
     atomic_init(&c->refs, 1); /* the NEW tag's */
     pthread_mutex_init(&c->mu, NULL);
     grpc_metadata_array_init(&c->md);
-    svc_attend_req_init(&c->attend);
+    c->t_recv = (tag_t){c, T_RECV};
+    c->t_send = (tag_t){c, T_SEND};
+    c->t_meta = (tag_t){c, T_META};
     grpc_completion_queue *cq = s->cqs[cq_index];
     grpc_call_error ce;
     if (method == M_UNKNOWN) {
         grpc_call_details_init(&c->details);
         ce = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, cq, cq, &c->t_new);
     } else {
+        /* a streaming method reads its messages itself: it must not ask for a payload */
         ce = grpc_server_request_registered_call(s->server, s->methods[method], &c->call,
                                                  &c->deadline, &c->md,
-                                                 &c->payload, cq, cq, &c->t_new);
+                                                 method == M_STREAM ? NULL : &c->payload, cq, cq,
+                                                 &c->t_new);
     }
     if (ce != GRPC_CALL_OK) {
         at_log(AT_LOG_ERROR, "server", "request_call failed: %d", (int)ce);
@@ -784,6 +1033,7 @@ static void on_new(call_t *c) {
     case M_LIST: handle_list(c); break;
     case M_CLOSE: handle_close(c); break;
     case M_ATTEND: handle_attend(c); break;
+    case M_STREAM: handle_stream(c); break;
     case M_RELEASE: handle_release(c); break;
     case M_HEALTH_CHECK: handle_health_check(c); break;
     default: {
@@ -831,11 +1081,33 @@ static void *cq_main(void *arg) {
                 on_new(c);
             break;
         case T_CLOSE:
-            if (c->cancelled)
+            if (c->cancelled) {
+                pthread_mutex_lock(&c->mu);
                 atomic_store_explicit(&c->job.cancelled, 1, memory_order_release);
+                if (c->ar != NULL)
+                    atomic_store_explicit(&c->ar->job.cancelled, 1, memory_order_release);
+                for (areq_t *q = c->fifo_head; q != NULL; q = q->next)
+                    atomic_store_explicit(&q->job.cancelled, 1, memory_order_release);
+                pthread_mutex_unlock(&c->mu);
+            }
             call_unref(c);
             break;
         case T_SENT: call_unref(c); break;
+        case T_RECV:
+            on_stream_recv(c, ev.success);
+            call_unref(c);
+            break;
+        case T_META:
+            pthread_mutex_lock(&c->mu);
+            c->send_busy = false;
+            stream_flush(c);
+            pthread_mutex_unlock(&c->mu);
+            call_unref(c);
+            break;
+        case T_SEND:
+            on_stream_sent(c, ev.success);
+            call_unref(c);
+            break;
         }
     }
     return NULL;
@@ -879,7 +1151,8 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
     grpc_channel_args ch = {.num_args = 4, .args = args};
     s->server = grpc_server_create(&ch, NULL);
     for (int m = 0; m < M_COUNT; m++) {
-        grpc_server_register_method_payload_handling ph = GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
+        grpc_server_register_method_payload_handling ph =
+            m == M_STREAM ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
         s->methods[m] = grpc_server_register_method(s->server, method_paths[m], NULL, ph, 0);
     }
     s->cqs = calloc(s->num_cqs, sizeof *s->cqs);
