@@ -10,4 +10,8 @@
  * Thread: main thread only (it starts and joins its own threads). */
 int bench_cpu_main(int argc, char **argv);
 
+/* `attnd bench-serve`: Attend over loopback against the cpu and null devices (bench_svc.c).
+ * Returns the exit status. Thread: the main thread. */
+int bench_svc_main(int argc, char **argv);
+
 #endif

@@ -24,6 +24,7 @@ static int cmd_help(int argc, char **argv);
 static const cmd_t cmds[] = {
     {"serve", svc_serve_main, "serve attnd.v1.Attention over gRPC (attnd serve --help)"},
     {"bench", bench_cpu_main, "time the CPU attention backend (attnd bench --help)"},
+    {"bench-serve", bench_svc_main, "time Attend over loopback, and the service's overhead"},
     {"help", cmd_help, "print this help, or a command's: attnd help COMMAND"},
 };
 
@@ -32,7 +33,7 @@ static void usage(FILE *f) {
                "       attnd --help | --version\n"
                "\ncommands:\n");
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
-        fprintf(f, "  %-8s %s\n", cmds[i].name, cmds[i].summary);
+        fprintf(f, "  %-12s %s\n", cmds[i].name, cmds[i].summary);
 }
 
 static const cmd_t *cmd_find(const char *name) {

@@ -23,6 +23,7 @@ typedef enum svc_op {
     SVC_OP_ATTEND = 4,
     SVC_OP_RELEASE = 5,
     SVC_OP_STOP = 6,    /* the worker answers, then exits */
+    SVC_OP_APPEND = 7,  /* as ATTEND, k and v only */
 } svc_op_t;
 
 typedef struct svc_req {

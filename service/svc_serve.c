@@ -30,6 +30,7 @@ typedef struct serve_opts {
     char log_level[16];
     char ready_file[512];
     bool allow_remote;
+    bool null_device;
 } serve_opts_t;
 
 /* One row per option: the long option is "--" + name with '_' -> '-'; the JSON key is name. */
@@ -59,6 +60,8 @@ static const opt_t opts[] = {
     {"grace_ms", K_U32, O_(grace_ms), 0, 0, 3600000,
      "on SIGTERM/SIGINT, time for in-flight calls before they are cancelled (10000)"},
     {"log_level", K_STR, O_(log_level), 16, 0, 0, "debug, info, warn or error (info)"},
+    {"null_device", K_BOOL, O_(null_device), 0, 0, 1,
+     "also serve device \"null\": every step of a call but the attention work (benchmarks)"},
     {"ready_file", K_STR, O_(ready_file), 512, 0, 0,
      "write HOST:PORT here once serving (for scripts and tests)"},
 };
@@ -265,7 +268,7 @@ int svc_serve_main(int argc, char **argv) {
 
     rc = 1;
     void *zctx = zmq_ctx_new();
-    svc_pool_t *cpu = NULL;
+    svc_pool_t *cpu = NULL, *null_pool = NULL;
     svc_server_t *srv = NULL;
     at_diag_t d = {{0}};
     if (zctx == NULL) {
@@ -284,21 +287,30 @@ int svc_serve_main(int argc, char **argv) {
         at_log(AT_LOG_ERROR, "serve", "device cpu: %s: %s", at_err_str(e), d.msg);
         goto out_ctx;
     }
-    svc_pool_t *pools[1] = {cpu};
+    if (o.null_device) {
+        svc_pool_cfg_t nc = pc;
+        nc.device = "null";
+        nc.index = 1;
+        if ((e = svc_pool_create(&nc, zctx, &d, &null_pool)) != AT_OK) {
+            at_log(AT_LOG_ERROR, "serve", "device null: %s: %s", at_err_str(e), d.msg);
+            goto out_pool;
+        }
+    }
+    svc_pool_t *pools[2] = {cpu, null_pool};
     svc_server_cfg_t sc = {
         .listen = o.listen,
         .cq_threads = o.cq_threads,
         .max_message_bytes = o.max_message_mib << 20,
         .pools = pools,
-        .num_pools = 1,
+        .num_pools = null_pool != NULL ? 2 : 1,
     };
     e = svc_server_create(&sc, &d, &srv);
     if (e != AT_OK) {
         at_log(AT_LOG_ERROR, "serve", "%s: %s", at_err_str(e), d.msg);
         goto out_pool;
     }
-    at_log(AT_LOG_INFO, "serve", "listening on %s (port %d); devices: cpu", o.listen,
-           svc_server_port(srv));
+    at_log(AT_LOG_INFO, "serve", "listening on %s (port %d); devices: cpu%s", o.listen,
+           svc_server_port(srv), null_pool != NULL ? ", null" : "");
     if (o.ready_file[0] != '\0' && write_ready_file(o.ready_file, svc_server_port(srv)) != 0)
         at_log(AT_LOG_WARN, "serve", "cannot write --ready-file %s", o.ready_file);
 
@@ -309,6 +321,7 @@ int svc_serve_main(int argc, char **argv) {
     svc_server_drain(srv, o.grace_ms);
     rc = 0;
 out_pool:
+    svc_pool_destroy(&null_pool);
     svc_pool_destroy(&cpu); /* runs or cancels what is still queued, answering those calls */
     svc_server_destroy(&srv);
 out_ctx:

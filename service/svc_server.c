@@ -48,6 +48,7 @@ typedef enum method {
     M_ATTEND,
     M_STREAM,
     M_RELEASE,
+    M_APPEND,
     M_HEALTH_CHECK,
     M_COUNT,
     M_UNKNOWN = M_COUNT, /* anything not registered: answered UNIMPLEMENTED */
@@ -57,7 +58,7 @@ static const char *const method_paths[M_COUNT] = {
     "/attnd.v1.Attention/CreateSession", "/attnd.v1.Attention/GetSession",
     "/attnd.v1.Attention/ListSessions",  "/attnd.v1.Attention/CloseSession",
     "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/AttendStream",
-    "/attnd.v1.Attention/Release",
+    "/attnd.v1.Attention/Release",       "/attnd.v1.Attention/Append",
     "/grpc.health.v1.Health/Check",
 };
 
@@ -652,7 +653,8 @@ static uint32_t payload_segs(grpc_byte_buffer *bb, svc_seg_t *segs) {
 
 /* Parses, checks, and stages the request in its device's arena (the one copy of q, k and v),
  * leaving a job ready to submit. On error nothing is queued; a->diag says why. */
-static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline_ns) {
+static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline_ns,
+                             bool append) {
     at_diag_t *d = &a->diag;
     svc_seg_t segs[MAX_SEGS];
     uint32_t nseg = payload_segs(a->payload, segs);
@@ -689,8 +691,10 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
             .out_bytes = a->attend.q.len, /* out has q's shape */
         };
         uint32_t tokens = 0;
-        e = att_call_validate(m, &call, 1, d, &tokens);
-        out_len = (uint64_t)tokens * att_model_row_bytes(m, m->num_query_heads);
+        e = att_call_validate(m, &call, append ? 0 : 1, d, &tokens);
+        out_len = append ? 0 : (uint64_t)tokens * att_model_row_bytes(m, m->num_query_heads);
+        if (append)
+            a->attend.q.len = 0; /* ignored: not staged */
     }
     if (e == AT_OK) {
         a->pool = ten_session_device_handle(a->session);
@@ -706,7 +710,7 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
             svc_wire_copy(segs, nseg, a->attend.k, base + a->k_off);
             svc_wire_copy(segs, nseg, a->attend.v, base + a->v_off);
             a->job.req = (svc_req_t){
-                .op = SVC_OP_ATTEND,
+                .op = append ? SVC_OP_APPEND : SVC_OP_ATTEND,
                 .session_id = ten_session_id(a->session),
                 .deadline_ns = deadline_ns,
                 .layer = a->attend.layer,
@@ -769,6 +773,18 @@ static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
     reply(c, a->err, &a->diag, resp);
 }
 
+static void append_done(svc_job_t *job, const svc_rep_t *rep) {
+    areq_t *a = job->arg;
+    areq_result(a, rep);
+    if (a->resp != NULL) { /* an append answers with an empty message, not with out */
+        grpc_byte_buffer_destroy(a->resp);
+        a->resp = NULL;
+    }
+    Attnd__V1__AppendResponse resp = ATTND__V1__APPEND_RESPONSE__INIT;
+    reply(a->c, a->err, &a->diag, a->err == AT_OK ? pack(&resp.base) : NULL);
+}
+
+/* Attend and Append. */
 static void handle_attend(call_t *c) {
     areq_t *a = areq_new(c, &c->payload);
     if (a == NULL) {
@@ -776,12 +792,12 @@ static void handle_attend(call_t *c) {
         return;
     }
     c->ar = a;
-    at_err_t e = areq_prepare(c->srv, a, deadline_mono_ns(c));
+    at_err_t e = areq_prepare(c->srv, a, deadline_mono_ns(c), c->method == M_APPEND);
     if (e != AT_OK) {
         reply(c, e, &a->diag, NULL);
         return;
     }
-    a->job.done = attend_done;
+    a->job.done = c->method == M_APPEND ? append_done : attend_done;
     e = svc_pool_submit(a->pool, &a->job);
     if (e != AT_OK)
         reply(c, e, NULL, NULL);
@@ -887,7 +903,7 @@ static void on_stream_recv(call_t *c, bool ok) {
         return;
     }
     areq_t *a = areq_new(c, &bb);
-    at_err_t e = a == NULL ? AT_ERR_NOMEM : areq_prepare(c->srv, a, deadline_mono_ns(c));
+    at_err_t e = a == NULL ? AT_ERR_NOMEM : areq_prepare(c->srv, a, deadline_mono_ns(c), false);
     if (a == NULL) {
         grpc_byte_buffer_destroy(bb);
         stream_status(c, e, NULL);
@@ -1032,7 +1048,8 @@ static void on_new(call_t *c) {
     case M_GET: handle_get(c); break;
     case M_LIST: handle_list(c); break;
     case M_CLOSE: handle_close(c); break;
-    case M_ATTEND: handle_attend(c); break;
+    case M_ATTEND:
+    case M_APPEND: handle_attend(c); break;
     case M_STREAM: handle_stream(c); break;
     case M_RELEASE: handle_release(c); break;
     case M_HEALTH_CHECK: handle_health_check(c); break;

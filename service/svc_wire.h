@@ -11,7 +11,9 @@
  * fields in any order; a non-repeated field given twice: the last one wins; repeated chunks are
  * appended in order; unknown fields of wire types 0, 1, 2 and 5 are skipped; a known field with
  * the wrong wire type, a group (wire type 3, 4), wire types 6 and 7, field number 0, a tag over
- * 32 bits, a varint over 10 bytes and anything truncated are AT_ERR_WIRE_MALFORMED.
+ * 32 bits, a tag or length prefix over 5 bytes (the limit protobuf-c and Google's C++ protobuf
+ * read them with), a value varint over 10 bytes and anything truncated are
+ * AT_ERR_WIRE_MALFORMED.
  *
  * Thread: any; no shared state. */
 #ifndef AT_SERVICE_SVC_WIRE_H

@@ -5,6 +5,7 @@
  * an attention call. A job is checked against its deadline just before it runs. */
 #include "service/svc_worker.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -18,11 +19,13 @@
 
 typedef struct wsession {
     uint64_t id;
-    att_ctx_t *ctx; /* owned */
+    att_ctx_t *ctx;          /* owned; NULL on the null device */
+    uint64_t capacity_tokens; /* the null device's: whole blocks */
 } wsession_t;
 
 typedef struct worker {
     void *sock;
+    bool null_device;   /* everything but the attention work, to measure the service's overhead */
     att_backend_t *be;  /* owned */
     svc_arena_t *arena; /* owned (attached) */
     wsession_t *sessions;
@@ -97,11 +100,23 @@ static at_err_t do_create(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_d
         w->sessions = s;
         w->cap_sessions = cap;
     }
+    if (w->null_device) {
+        att_model_t *m = NULL;
+        at_err_t e = att_model_create(&cfg, d, &m);
+        if (e != AT_OK)
+            return e;
+        uint64_t blocks = rq->kv_capacity_tokens / m->block_size +
+                          (rq->kv_capacity_tokens % m->block_size != 0);
+        rep->kv_capacity_tokens = blocks * m->block_size;
+        att_model_destroy(&m);
+        w->sessions[w->num_sessions++] = (wsession_t){rq->session_id, NULL, rep->kv_capacity_tokens};
+        return AT_OK;
+    }
     att_ctx_t *ctx = NULL;
     at_err_t e = att_ctx_create(w->be, &cfg, rq->kv_capacity_tokens, d, &ctx);
     if (e != AT_OK)
         return e;
-    w->sessions[w->num_sessions++] = (wsession_t){rq->session_id, ctx};
+    w->sessions[w->num_sessions++] = (wsession_t){rq->session_id, ctx, 0};
     fill_info(ctx, rep);
     return AT_OK;
 }
@@ -110,7 +125,7 @@ static at_err_t do_close(worker_t *w, const svc_req_t *rq) {
     wsession_t *s = find_session(w, rq->session_id);
     if (s == NULL)
         return AT_ERR_SESSION_NOT_FOUND;
-    att_ctx_destroy(&s->ctx);
+    att_ctx_destroy(&s->ctx); /* NULL on the null device */
     *s = w->sessions[--w->num_sessions];
     return AT_OK;
 }
@@ -119,6 +134,10 @@ static at_err_t do_attend(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_d
     wsession_t *s = find_session(w, rq->session_id);
     if (s == NULL)
         return AT_ERR_SESSION_NOT_FOUND;
+    if (s->ctx == NULL) { /* the null device: the call got here; that is all it measures */
+        rep->kv_capacity_tokens = s->capacity_tokens;
+        return AT_OK;
+    }
     if (w->items_len != (size_t)rq->num_items * sizeof(att_chunk_t))
         return at_diag_set(d, AT_ERR_INTERNAL, "attend: chunk frame of %zu bytes", w->items_len);
     att_call_t call = {
@@ -136,7 +155,8 @@ static at_err_t do_attend(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_d
     };
     if (call.q == NULL || call.k == NULL || call.v == NULL || call.out == NULL)
         return at_diag_set(d, AT_ERR_INTERNAL, "attend: a tensor region lies outside the arena");
-    at_err_t e = att_ctx_attend(s->ctx, &call, d);
+    at_err_t e = rq->op == SVC_OP_APPEND ? att_ctx_append(s->ctx, &call, d)
+                                         : att_ctx_attend(s->ctx, &call, d);
     fill_info(s->ctx, rep);
     return e;
 }
@@ -147,6 +167,8 @@ static at_err_t do_release(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_
         return AT_ERR_SESSION_NOT_FOUND;
     if (w->items_len != (size_t)rq->num_items * sizeof(uint64_t))
         return at_diag_set(d, AT_ERR_INTERNAL, "release: id frame of %zu bytes", w->items_len);
+    if (s->ctx == NULL)
+        return AT_OK;
     att_ctx_release(s->ctx, w->items, rq->num_items, &rep->released);
     fill_info(s->ctx, rep);
     return AT_OK;
@@ -221,7 +243,10 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     /* Everything that can fail at start-up is reported in READY, so the pool never waits on a
      * worker that is not coming. */
     att_cpu_cfg_t cc = {.num_threads = cfg->cpu_threads};
-    if (strcmp(cfg->device, "cpu") != 0)
+    w.null_device = strcmp(cfg->device, "null") == 0;
+    if (w.null_device)
+        e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
+    else if (strcmp(cfg->device, "cpu") != 0)
         e = at_diag_set(&d, AT_ERR_DEVICE_UNKNOWN, "device %s has no backend in this build",
                         cfg->device);
     else if ((e = att_cpu_create(&cc, &w.be)) != AT_OK)
@@ -234,7 +259,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         worker_fini(&w);
         return e != AT_OK ? e : AT_ERR_IO;
     }
-    at_log(AT_LOG_INFO, "worker", "%s: ready (%s kernels)", cfg->device, att_cpu_isa(w.be));
+    at_log(AT_LOG_INFO, "worker", "%s: ready (%s)", cfg->device,
+           w.null_device ? "no attention work: measures the service alone" : att_cpu_isa(w.be));
     for (;;) {
         svc_req_t rq;
         svc_rep_t rep = {.magic = SVC_MSG_MAGIC};
@@ -243,13 +269,15 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         if (e == AT_ERR_IO)
             break; /* the socket is gone: the server is stopping */
         rep.job_id = rq.job_id;
-        if (e == AT_OK && rq.deadline_ns != 0 && rq.op == SVC_OP_ATTEND && now_ns() > rq.deadline_ns)
+        bool tensor_op = rq.op == SVC_OP_ATTEND || rq.op == SVC_OP_APPEND;
+        if (e == AT_OK && rq.deadline_ns != 0 && tensor_op && now_ns() > rq.deadline_ns)
             e = AT_ERR_DEADLINE;
         else if (e == AT_OK) {
             switch (rq.op) {
             case SVC_OP_CREATE: e = do_create(&w, &rq, &rep, &d); break;
             case SVC_OP_CLOSE: e = do_close(&w, &rq); break;
-            case SVC_OP_ATTEND: e = do_attend(&w, &rq, &rep, &d); break;
+            case SVC_OP_ATTEND:
+            case SVC_OP_APPEND: e = do_attend(&w, &rq, &rep, &d); break;
             case SVC_OP_RELEASE: e = do_release(&w, &rq, &rep, &d); break;
             case SVC_OP_STOP: e = AT_OK; break;
             default: e = at_diag_set(&d, AT_ERR_INTERNAL, "unknown op %u", rq.op); break;
