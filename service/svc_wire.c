@@ -69,8 +69,9 @@ static at_err_t bad(at_diag_t *d, const where_t *w, uint64_t off, const char *fm
     vsnprintf(detail, sizeof detail, fmt, ap);
     va_end(ap);
     if (w->in_chunk)
-        return at_diag_set(d, AT_ERR_WIRE_MALFORMED, "AttendRequest.chunks[%u] at byte %" PRIu64
-                           ": %s", w->chunk, off, detail);
+        return at_diag_set(d, AT_ERR_WIRE_MALFORMED,
+                           "AttendRequest.chunks[%u] at byte %" PRIu64 ": %s", w->chunk, off,
+                           detail);
     return at_diag_set(d, AT_ERR_WIRE_MALFORMED, "AttendRequest at byte %" PRIu64 ": %s", off,
                        detail);
 }
@@ -177,8 +178,8 @@ static at_err_t check_wt(const where_t *w, uint64_t at, uint32_t num, uint32_t w
                          at_diag_t *d) {
     if (wt == want)
         return AT_OK;
-    return bad(d, w, at, "field %u (%s) has wire type %u, expected %u", num, field_name(w, num),
-               wt, want);
+    return bad(d, w, at, "field %u (%s) has wire type %u, expected %u", num, field_name(w, num), wt,
+               want);
 }
 
 /* Reads a length prefix that must fit before end; *loc is where the content lies. Leaves the
@@ -191,29 +192,29 @@ static at_err_t read_len(cur_t *c, uint64_t end, const where_t *w, uint32_t num,
     if (e != AT_OK)
         return e;
     if (len > end - c->off)
-        return bad(d, w, at, "field %u: length %" PRIu64 " runs past the end (%" PRIu64
-                   " bytes left)", num, len, end - c->off);
+        return bad(d, w, at,
+                   "field %u: length %" PRIu64 " runs past the end (%" PRIu64 " bytes left)", num,
+                   len, end - c->off);
     loc->off = c->off;
     loc->len = len;
     return AT_OK;
 }
 
-static at_err_t read_bytes(cur_t *c, uint64_t end, const where_t *w, uint32_t num,
-                           svc_loc_t *loc, at_diag_t *d) {
+static at_err_t read_bytes(cur_t *c, uint64_t end, const where_t *w, uint32_t num, svc_loc_t *loc,
+                           at_diag_t *d) {
     at_err_t e = read_len(c, end, w, num, loc, d);
     if (e != AT_OK)
         return e;
-    int ok = skip(c, end, loc->len);
-    AT_ASSERT(ok); /* read_len checked that it fits */
-    (void)ok;
+    if (!skip(c, end, loc->len)) /* unreachable: read_len checked that it fits */
+        return bad(d, w, loc->off, "field %u: content runs past the end", num);
     return AT_OK;
 }
 
 static at_err_t skip_unknown(cur_t *c, uint64_t end, const where_t *w, uint32_t num, uint32_t wt,
                              at_diag_t *d) {
     uint64_t at = c->off;
-    uint64_t v;
-    svc_loc_t loc;
+    uint64_t v = 0;
+    svc_loc_t loc = {0, 0};
     switch (wt) {
     case WT_VARINT: return value_or_bad(c, end, w, "unknown field", &v, d);
     case WT_LEN: return read_bytes(c, end, w, num, &loc, d);
@@ -236,7 +237,7 @@ static at_err_t parse_chunk(cur_t *c, uint64_t end, uint32_t idx, kvc_span_t *s,
     while (c->off < end) {
         uint64_t at = c->off;
         uint32_t num, wt;
-        uint64_t v;
+        uint64_t v = 0;
         at_err_t e = read_tag(c, end, &w, &num, &wt, d);
         if (e != AT_OK)
             return e;
@@ -271,8 +272,8 @@ static at_err_t push_chunk(svc_attend_req_t *r, kvc_span_t **out, at_diag_t *d) 
         if (cap > r->cap_chunks)
             p = realloc(r->chunks, (size_t)cap * sizeof *p);
         if (p == NULL)
-            return at_diag_set(d, AT_ERR_NOMEM, "AttendRequest.chunks: cannot grow to %" PRIu64
-                               " entries", cap);
+            return at_diag_set(d, AT_ERR_NOMEM,
+                               "AttendRequest.chunks: cannot grow to %" PRIu64 " entries", cap);
         r->chunks = p;
         r->cap_chunks = (uint32_t)cap;
     }
@@ -315,15 +316,22 @@ void svc_attend_req_fini(svc_attend_req_t *r) {
 static at_err_t take_session(const svc_seg_t *segs, uint32_t nseg, svc_loc_t loc,
                              svc_attend_req_t *r, at_diag_t *d) {
     if (loc.len > SVC_SESSION_NAME_MAX)
-        return at_diag_set(d, AT_ERR_SESSION_NAME, "session at byte %" PRIu64 ": %" PRIu64
-                           " bytes, expected at most %u", loc.off, loc.len, SVC_SESSION_NAME_MAX);
+        return at_diag_set(d, AT_ERR_SESSION_NAME,
+                           "session at byte %" PRIu64 ": %" PRIu64 " bytes, expected at most %u",
+                           loc.off, loc.len, SVC_SESSION_NAME_MAX);
     svc_wire_copy(segs, nseg, loc, r->session);
     r->session[loc.len] = '\0';
     const char *nul = memchr(r->session, '\0', (size_t)loc.len);
     if (nul != NULL)
-        return at_diag_set(d, AT_ERR_SESSION_NAME, "session at byte %" PRIu64
-                           ": NUL byte at index %td", loc.off, nul - r->session);
+        return at_diag_set(d, AT_ERR_SESSION_NAME,
+                           "session at byte %" PRIu64 ": NUL byte at index %td", loc.off,
+                           nul - r->session);
     return AT_OK;
+}
+
+/* q, k or v for field 4, 5 or 6. */
+static svc_loc_t *bytes_field(svc_attend_req_t *r, uint32_t num) {
+    return num == 4 ? &r->q : num == 5 ? &r->k : &r->v;
 }
 
 at_err_t svc_wire_parse_attend(const svc_seg_t *segs, uint32_t nseg, svc_attend_req_t *r,
@@ -339,7 +347,7 @@ at_err_t svc_wire_parse_attend(const svc_seg_t *segs, uint32_t nseg, svc_attend_
     while (c.off < total) {
         uint64_t at = c.off;
         uint32_t num, wt;
-        uint64_t v;
+        uint64_t v = 0;
         e = read_tag(&c, total, &w, &num, &wt, diag);
         if (e != AT_OK)
             goto out_reset;
@@ -366,8 +374,7 @@ at_err_t svc_wire_parse_attend(const svc_seg_t *segs, uint32_t nseg, svc_attend_
         case 6:
             e = check_wt(&w, at, num, wt, WT_LEN, diag);
             if (e == AT_OK)
-                e = read_bytes(&c, total, &w, num, num == 4 ? &r->q : num == 5 ? &r->k : &r->v,
-                               diag);
+                e = read_bytes(&c, total, &w, num, bytes_field(r, num), diag);
             break;
         default: e = skip_unknown(&c, total, &w, num, wt, diag); break;
         }

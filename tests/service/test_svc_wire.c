@@ -112,6 +112,8 @@ static int cmp_size(const void *a, const void *b) {
  * ~40 random cuts with 1-byte segments and empty segments sprinkled in. */
 static void split(tu_rng_t *g, const uint8_t *data, size_t len, segs_t *s) {
     s->n = 0;
+    if (data == NULL) /* an empty buffer never allocated: no arithmetic on NULL */
+        data = (const uint8_t *)"";
     int nul = tu_rng_chance(g, 1, 2);
     if (len <= 4096 && tu_rng_chance(g, 1, 4)) {
         size_t pos = 0;
@@ -148,11 +150,11 @@ static void split(tu_rng_t *g, const uint8_t *data, size_t len, segs_t *s) {
 }
 
 static const char *hex(const uint8_t *p, size_t n) {
-    static char out[3 * 480 + 8];
+    static char out[3 * 96 + 8];
     size_t o = 0;
-    for (size_t i = 0; i < n && i < 480; i++)
+    for (size_t i = 0; i < n && i < 96; i++)
         o += (size_t)snprintf(out + o, sizeof out - o, "%02x ", p[i]);
-    if (n > 480)
+    if (n > 96)
         snprintf(out + o, sizeof out - o, "...");
     return out;
 }
@@ -184,8 +186,8 @@ static void check_req(const svc_attend_req_t *r, const expect_t *x, const segs_t
                       const uint8_t *flat) {
     TU_CHECK(strlen(r->session) == x->session_len &&
                  memcmp(r->session, x->session, x->session_len) == 0,
-             "session '%s', want %zu bytes '%.*s'", r->session, x->session_len,
-             (int)x->session_len, (const char *)x->session);
+             "session '%s', want %zu bytes '%.*s'", r->session, x->session_len, (int)x->session_len,
+             (const char *)x->session);
     TU_CHECK(r->layer == x->layer, "layer %u, want %u", r->layer, x->layer);
     TU_CHECK(r->num_chunks == x->num_chunks, "num_chunks %u, want %u", r->num_chunks,
              x->num_chunks);
@@ -210,8 +212,7 @@ static void check_empty(const svc_attend_req_t *r) {
 }
 
 /* protobuf-c's unpack of the flat bytes agrees with r. Returns 0 when protobuf-c rejects them. */
-static int pbc_agrees(const uint8_t *flat, size_t len, const svc_attend_req_t *r,
-                      const segs_t *s) {
+static int pbc_agrees(const uint8_t *flat, size_t len, const svc_attend_req_t *r, const segs_t *s) {
     Attnd__V1__AttendRequest *m = attnd__v1__attend_request__unpack(NULL, len, flat);
     if (m == NULL)
         return 0;
@@ -386,8 +387,9 @@ static size_t rand_tensor_bytes(tu_rng_t *g, int big) {
     case 0: return 0;
     case 1: return tu_rng_range(g, 1, 200);
     case 2: return tu_rng_range(g, 200, 70000);
-    default: return tu_rng_chance(g, 1, 4) ? tu_rng_range(g, 1u << 20, 5u << 20)
-                                           : tu_rng_range(g, 1, 4096);
+    default:
+        return tu_rng_chance(g, 1, 4) ? tu_rng_range(g, 1u << 20, 5u << 20)
+                                      : tu_rng_range(g, 1, 4096);
     }
 }
 
@@ -423,8 +425,8 @@ static void round_trip_once(tu_rng_t *g, uint32_t iter, svc_attend_req_t *r) {
     segs_t s = {0};
     split(g, flat, len, &s);
     tu_where_set("seed %" PRIu64 ", round trip %u: %zu bytes in %u segments, %zu chunks, q/k/v "
-                 "%zu/%zu/%zu bytes", g_seed, iter, len, s.n, m.n_chunks, m.q.len, m.k.len,
-                 m.v.len);
+                 "%zu/%zu/%zu bytes",
+                 g_seed, iter, len, s.n, m.n_chunks, m.q.len, m.k.len, m.v.len);
 
     at_diag_t diag = {{0}};
     at_err_t e = svc_wire_parse_attend(s.v, s.n, r, &diag);
@@ -445,8 +447,7 @@ static void round_trip_once(tu_rng_t *g, uint32_t iter, svc_attend_req_t *r) {
             continue;
         uint8_t *out = tu_xmalloc(t[j]->len);
         svc_wire_copy(s.v, s.n, *loc[j], out);
-        TU_CHECK(memcmp(out, t[j]->data, t[j]->len) == 0, "field %d: copied bytes differ",
-                 4 + j);
+        TU_CHECK(memcmp(out, t[j]->data, t[j]->len) == 0, "field %d: copied bytes differ", 4 + j);
         free(out);
     }
     segs_free(&s);
@@ -717,30 +718,54 @@ static void test_svc_wire_rejects_malformed_input(void **state) {
         {"wire type 7", {0x3f, 0x00}, 2, AT_ERR_WIRE_MALFORMED, "invalid wire type 7"},
         {"field number 0", {0x02, 0x00}, 2, AT_ERR_WIRE_MALFORMED, "field number 0"},
         {"field number 0, varint", {0x00, 0x00}, 2, AT_ERR_WIRE_MALFORMED, "field number 0"},
-        {"field number 0, padded tag", {0x80, 0x00, 0x00}, 3, AT_ERR_WIRE_MALFORMED,
+        {"field number 0, padded tag",
+         {0x80, 0x00, 0x00},
+         3,
+         AT_ERR_WIRE_MALFORMED,
          "field number 0"},
-        {"tag over 32 bits", {0x80, 0x80, 0x80, 0x80, 0x10, 0x00}, 6, AT_ERR_WIRE_MALFORMED,
+        {"tag over 32 bits",
+         {0x80, 0x80, 0x80, 0x80, 0x10, 0x00},
+         6,
+         AT_ERR_WIRE_MALFORMED,
          "tag 0x100000000 is over 32 bits"},
-        {"6-byte tag", {0x88, 0x80, 0x80, 0x80, 0x80, 0x00, 0x01}, 7, AT_ERR_WIRE_MALFORMED,
+        {"6-byte tag",
+         {0x88, 0x80, 0x80, 0x80, 0x80, 0x00, 0x01},
+         7,
+         AT_ERR_WIRE_MALFORMED,
          "tag: varint longer than 5 bytes"},
         {"11-byte varint",
          {0x10, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01},
          12,
          AT_ERR_WIRE_MALFORMED,
          "byte 1: layer: varint longer than 10 bytes"},
-        {"11-byte tag", {0x90, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00}, 11,
-         AT_ERR_WIRE_MALFORMED, "tag: varint longer than 5 bytes"},
+        {"11-byte tag",
+         {0x90, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00},
+         11,
+         AT_ERR_WIRE_MALFORMED,
+         "tag: varint longer than 5 bytes"},
         {"truncated tag", {0x90}, 1, AT_ERR_WIRE_MALFORMED, "tag: varint runs past the end"},
         {"truncated varint", {0x10, 0x80}, 2, AT_ERR_WIRE_MALFORMED, "layer: varint runs past"},
         {"tag without value", {0x10}, 1, AT_ERR_WIRE_MALFORMED, NULL},
-        {"length past the end", {0x22, 0x05, 'a', 'b'}, 4, AT_ERR_WIRE_MALFORMED,
+        {"length past the end",
+         {0x22, 0x05, 'a', 'b'},
+         4,
+         AT_ERR_WIRE_MALFORMED,
          "byte 1: field 4: length 5 runs past the end (2 bytes left)"},
-        {"huge length", {0x22, 0xff, 0xff, 0xff, 0xff, 0x0f, 'a'}, 7, AT_ERR_WIRE_MALFORMED,
+        {"huge length",
+         {0x22, 0xff, 0xff, 0xff, 0xff, 0x0f, 'a'},
+         7,
+         AT_ERR_WIRE_MALFORMED,
          "length 4294967295 runs past"},
-        {"6-byte length", {0x22, 0x81, 0x80, 0x80, 0x80, 0x80, 0x00, 'a'}, 8,
-         AT_ERR_WIRE_MALFORMED, "byte 1: length: varint longer than 5 bytes"},
+        {"6-byte length",
+         {0x22, 0x81, 0x80, 0x80, 0x80, 0x80, 0x00, 'a'},
+         8,
+         AT_ERR_WIRE_MALFORMED,
+         "byte 1: length: varint longer than 5 bytes"},
         {"truncated length", {0x0a}, 1, AT_ERR_WIRE_MALFORMED, "length: varint runs past"},
-        {"truncated fixed64", {0x41, 1, 2, 3, 4, 5, 6, 7}, 8, AT_ERR_WIRE_MALFORMED,
+        {"truncated fixed64",
+         {0x41, 1, 2, 3, 4, 5, 6, 7},
+         8,
+         AT_ERR_WIRE_MALFORMED,
          "8-byte value"},
         {"truncated fixed32", {0x45, 1, 2, 3}, 4, AT_ERR_WIRE_MALFORMED, "4-byte value"},
         /* a chunk of 4 bytes holding an unknown field of 5: the bytes exist in the payload (the
@@ -750,21 +775,35 @@ static void test_svc_wire_rejects_malformed_input(void **state) {
          13,
          AT_ERR_WIRE_MALFORMED,
          "chunks[0] at byte 3: field 4: length 5 runs past the end (2 bytes left)"},
-        {"sub-message varint cut by its end", {0x1a, 0x02, 0x08, 0x80, 0x01}, 5,
-         AT_ERR_WIRE_MALFORMED, "chunks[0] at byte 3: seq_id: varint runs past"},
-        {"sub-message past the payload", {0x1a, 0x03, 0x08, 0x01}, 4, AT_ERR_WIRE_MALFORMED,
+        {"sub-message varint cut by its end",
+         {0x1a, 0x02, 0x08, 0x80, 0x01},
+         5,
+         AT_ERR_WIRE_MALFORMED,
+         "chunks[0] at byte 3: seq_id: varint runs past"},
+        {"sub-message past the payload",
+         {0x1a, 0x03, 0x08, 0x01},
+         4,
+         AT_ERR_WIRE_MALFORMED,
          "byte 1: field 3: length 3"},
         {"group in a chunk", {0x1a, 0x01, 0x0b}, 3, AT_ERR_WIRE_MALFORMED, "chunks[0] at byte 2"},
-        {"second chunk bad", {0x1a, 0x00, 0x1a, 0x01, 0x07}, 5, AT_ERR_WIRE_MALFORMED,
-         "chunks[1]"},
-        {"layer as bytes", {0x12, 0x00}, 2, AT_ERR_WIRE_MALFORMED,
+        {"second chunk bad", {0x1a, 0x00, 0x1a, 0x01, 0x07}, 5, AT_ERR_WIRE_MALFORMED, "chunks[1]"},
+        {"layer as bytes",
+         {0x12, 0x00},
+         2,
+         AT_ERR_WIRE_MALFORMED,
          "field 2 (layer) has wire type 2, expected 0"},
         {"q as varint", {0x20, 0x01}, 2, AT_ERR_WIRE_MALFORMED, "field 4 (q) has wire type 0"},
         {"session as fixed32", {0x0d, 0, 0, 0, 0}, 5, AT_ERR_WIRE_MALFORMED, "(session)"},
         {"chunks as varint", {0x18, 0x01}, 2, AT_ERR_WIRE_MALFORMED, "(chunks)"},
-        {"seq_id as fixed64", {0x1a, 0x09, 0x09, 1, 2, 3, 4, 5, 6, 7, 8}, 11,
-         AT_ERR_WIRE_MALFORMED, "(seq_id) has wire type 1"},
-        {"session with a NUL", {0x0a, 0x03, 'a', 0x00, 'b'}, 5, AT_ERR_SESSION_NAME,
+        {"seq_id as fixed64",
+         {0x1a, 0x09, 0x09, 1, 2, 3, 4, 5, 6, 7, 8},
+         11,
+         AT_ERR_WIRE_MALFORMED,
+         "(seq_id) has wire type 1"},
+        {"session with a NUL",
+         {0x0a, 0x03, 'a', 0x00, 'b'},
+         5,
+         AT_ERR_SESSION_NAME,
          "NUL byte at index 1"},
     };
     svc_attend_req_t r;
@@ -798,8 +837,7 @@ static void test_svc_wire_rejects_malformed_input(void **state) {
         buf_t b = {0};
         b_len_field(&b, 1, name, len);
         at_diag_t diag;
-        parse_both_ways(&b, &r, len <= SVC_SESSION_NAME_MAX ? AT_OK : AT_ERR_SESSION_NAME,
-                        &diag);
+        parse_both_ways(&b, &r, len <= SVC_SESSION_NAME_MAX ? AT_OK : AT_ERR_SESSION_NAME, &diag);
         if (len <= SVC_SESSION_NAME_MAX)
             assert_int_equal(strlen(r.session), len);
         b_free(&b);
@@ -890,15 +928,15 @@ static void mutate(tu_rng_t *g, buf_t *b) {
         break;
     case 1:
         if (b->n != 0)
-            b->p[pos] = tu_rng_chance(g, 1, 2) ? interesting[tu_rng_below(g, 16)]
-                                               : (uint8_t)tu_rng_next(g);
+            b->p[pos] =
+                tu_rng_chance(g, 1, 2) ? interesting[tu_rng_below(g, 16)] : (uint8_t)tu_rng_next(g);
         break;
     case 2: { /* insert 1..4 bytes */
         uint8_t ins[4];
         size_t n = tu_rng_range(g, 1, 4);
         for (size_t i = 0; i < n; i++)
-            ins[i] = tu_rng_chance(g, 1, 2) ? interesting[tu_rng_below(g, 16)]
-                                            : (uint8_t)tu_rng_next(g);
+            ins[i] =
+                tu_rng_chance(g, 1, 2) ? interesting[tu_rng_below(g, 16)] : (uint8_t)tu_rng_next(g);
         size_t at = b->n == 0 ? 0 : (size_t)(tu_rng_next(g) % (b->n + 1));
         size_t tail = b->n - at;
         b_bytes(b, ins, n); /* grows; then shift the tail */
@@ -910,13 +948,12 @@ static void mutate(tu_rng_t *g, buf_t *b) {
         size_t n = tu_rng_range(g, 1, 4);
         if (pos + n > b->n)
             n = b->n - pos;
-        memmove(b->p + pos, b->p + pos + n, b->n - pos - n);
+        if (n != 0)
+            memmove(b->p + pos, b->p + pos + n, b->n - pos - n);
         b->n -= n;
         break;
     }
-    case 4: /* truncate */
-        b->n = pos;
-        break;
+    case 4: /* truncate */ b->n = pos; break;
     case 5: /* a large varint over a few bytes */
         for (size_t i = pos, n = tu_rng_range(g, 1, 11); i < b->n && n > 0; i++, n--)
             b->p[i] = 0xff;
@@ -944,7 +981,7 @@ static void test_svc_wire_random_mutations_never_crash(void **state) {
     expect_t x;
     size_t bounds[64];
     uint32_t chunks_at[64], nb;
-    uint32_t n_ok = 0, n_malformed = 0, n_name = 0, n_disagree = 0;
+    uint32_t n_ok = 0, n_malformed = 0, n_name = 0, n_lax = 0;
     for (uint32_t iter = 0; iter < 20000; iter++) {
         gen_msg(&g, &b, &x, bounds, chunks_at, &nb, 12);
         for (uint32_t m = 0, nm = tu_rng_range(&g, 1, 4); m < nm; m++)
@@ -975,16 +1012,22 @@ static void test_svc_wire_random_mutations_never_crash(void **state) {
             attnd__v1__attend_request__free_unpacked(m, NULL);
         }
         if (pbc_ok != (e != AT_ERR_WIRE_MALFORMED)) {
-            /* protobuf-c differs in corners (5-byte limit on tags and lengths, lengths
-             * truncated to 32 bits): counted and shown, not failed */
-            if (n_disagree++ < 5)
-                print_message("protobuf-c disagrees (ours %s: %s): %s\n", at_err_name(e),
-                              diag.msg, hex(b.p, b.n));
+            /* protobuf-c is laxer on two field-number errors that Google's protobuf rejects
+             * too: it checks only a tag's first byte for field number 0 (so a padded "80 00"
+             * gets through) and drops the bits past 32 of a 5-byte tag. Nothing else may
+             * differ. */
+            TU_CHECK(e == AT_ERR_WIRE_MALFORMED && pbc_ok &&
+                         (strstr(diag.msg, "field number 0") != NULL ||
+                          strstr(diag.msg, "is over 32 bits") != NULL),
+                     "protobuf-c %s, we say %s (%s): %s", pbc_ok ? "accepts" : "rejects",
+                     at_err_name(e), diag.msg, hex(b.p, b.n));
+            n_lax++;
         }
         segs_free(&s);
     }
-    print_message("mutations: %u OK, %u WIRE_MALFORMED, %u SESSION_NAME; protobuf-c disagreed "
-                  "on %u\n", n_ok, n_malformed, n_name, n_disagree);
+    print_message("mutations: %u OK, %u WIRE_MALFORMED, %u SESSION_NAME; protobuf-c accepted %u "
+                  "of ours malformed (field number 0 or over 32 bits)\n",
+                  n_ok, n_malformed, n_name, n_lax);
     TU_CHECK(n_ok > 1000 && n_malformed > 1000, "the mutations missed an outcome");
     b_free(&b);
     svc_attend_req_fini(&r);
@@ -1015,8 +1058,8 @@ static void rec_append(ProtobufCBuffer *pb, size_t len, const uint8_t *data) {
 
 static void test_svc_wire_len_header_matches_protobuf_c(void **state) {
     (void)state;
-    static const uint64_t lens[] = {0,     1,          127,        128,        16383, 16384,
-                                    2097152, 268435456, 4294967295, 4294967296};
+    static const uint64_t lens[] = {0,     1,       127,       128,        16383,
+                                    16384, 2097152, 268435456, 4294967295, 4294967296};
     static uint8_t dummy[1];
     for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
         uint64_t len = lens[i];
@@ -1039,8 +1082,8 @@ static void test_svc_wire_len_header_matches_protobuf_c(void **state) {
             TU_CHECK(n == sizeof want && memcmp(hdr, want, n) == 0, "header %s", hex(hdr, n));
         } else {
             TU_CHECK(rec.payload_n == len && packed == n + len, "packed %zu", packed);
-            TU_CHECK(rec.head_n == n && memcmp(rec.head, hdr, n) == 0,
-                     "header %s, protobuf-c's %s", hex(hdr, n), hex(rec.head, rec.head_n));
+            TU_CHECK(rec.head_n == n && memcmp(rec.head, hdr, n) == 0, "header %s, protobuf-c's %s",
+                     hex(hdr, n), hex(rec.head, rec.head_n));
         }
         /* header + payload decodes to the payload, by protobuf-c and as a q field by us */
         if (len <= 2097152) {
@@ -1072,8 +1115,8 @@ static void test_svc_wire_len_header_matches_protobuf_c(void **state) {
     /* the largest field number takes a 5-byte tag */
     uint8_t hdr[16];
     size_t n = svc_wire_len_header((1u << 29) - 1, UINT64_MAX, hdr);
-    static const uint8_t want[] = {0xfa, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff, 0xff, 0xff,
-                                   0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    static const uint8_t want[] = {0xfa, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff, 0xff,
+                                   0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
     TU_CHECK(n == sizeof want && memcmp(hdr, want, n) == 0, "header %s", hex(hdr, n));
     tu_where_set("seed %" PRIu64, g_seed);
 }
