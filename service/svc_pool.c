@@ -20,6 +20,10 @@
 #include "common/at_log.h"
 #include "service/svc_worker.h"
 
+/* Jobs handed to the worker at once: one running and one staged hides the round trip; the rest
+ * wait here, where a cancelled job is still dropped rather than run. */
+#define MAX_INFLIGHT 2
+
 struct svc_pool {
     char device[32];
     char endpoint[96];
@@ -38,6 +42,9 @@ struct svc_pool {
     bool stopping;            /* guarded by mu */
     svc_job_t *inflight_head; /* dispatcher only: sent, reply pending, in send order */
     svc_job_t *inflight_tail;
+    uint32_t inflight;        /* dispatcher only */
+    svc_job_t *held_head;     /* dispatcher only: taken from the queue, not yet sent */
+    svc_job_t *held_tail;
     uint64_t next_job_id;     /* dispatcher only */
     at_err_t worker_err;      /* the worker thread's result */
 };
@@ -68,6 +75,7 @@ static int send_job(svc_pool_t *p, svc_job_t *job) {
     else
         p->inflight_head = job;
     p->inflight_tail = job;
+    p->inflight++;
     return 0;
 }
 
@@ -86,6 +94,7 @@ static void fail_inflight(svc_pool_t *p, const char *why) {
         finish(job, AT_ERR_WORKER_LOST, why);
     }
     p->inflight_tail = NULL;
+    p->inflight = 0;
 }
 
 static void *dispatcher_main(void *arg) {
@@ -117,6 +126,7 @@ static void *dispatcher_main(void *arg) {
                 p->inflight_head = job->next;
                 if (p->inflight_head == NULL)
                     p->inflight_tail = NULL;
+                p->inflight--;
                 job->done(job, &rep);
             }
         }
@@ -124,15 +134,25 @@ static void *dispatcher_main(void *arg) {
         svc_job_t *list = take_queue(p);
         bool stopping = p->stopping;
         pthread_mutex_unlock(&p->mu);
-        while (list != NULL) {
-            svc_job_t *job = list;
-            list = job->next;
+        if (list != NULL) { /* keep arrival order: append to what is held back */
+            if (p->held_tail != NULL)
+                p->held_tail->next = list;
+            else
+                p->held_head = list;
+            for (p->held_tail = list; p->held_tail->next != NULL; p->held_tail = p->held_tail->next) {
+            }
+        }
+        while (p->held_head != NULL && p->inflight < MAX_INFLIGHT) {
+            svc_job_t *job = p->held_head;
+            p->held_head = job->next;
+            if (p->held_head == NULL)
+                p->held_tail = NULL;
             if (atomic_load_explicit(&job->cancelled, memory_order_acquire))
                 finish(job, AT_ERR_CANCELLED, "cancelled before it ran");
             else if (!worker_ok || send_job(p, job) != 0)
                 finish(job, AT_ERR_WORKER_LOST, "the device worker is not answering");
         }
-        if (stopping && p->inflight_head == NULL)
+        if (stopping && p->inflight_head == NULL && p->held_head == NULL)
             break;
     }
     /* Stop the worker: it answers STOP after every earlier job. */

@@ -252,6 +252,13 @@ int svc_serve_main(int argc, char **argv) {
         return 2;
     }
     at_log_set_level((at_log_level_t)level);
+    if (o.arena_mib < 2 * o.max_message_mib) {
+        /* a call's out is as large as its q: one largest request needs about twice its size */
+        fprintf(stderr, "attnd serve: arena_mib %llu is less than twice max_message_mib %llu: the "
+                        "largest call would never fit\n",
+                (unsigned long long)o.arena_mib, (unsigned long long)o.max_message_mib);
+        return 2;
+    }
     if (!is_loopback(o.listen) && !o.allow_remote) {
         fprintf(stderr, "attnd serve: refusing to listen on %s: attnd has no authentication yet; "
                         "use a loopback address or --allow-remote\n", o.listen);

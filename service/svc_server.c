@@ -701,6 +701,14 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
         svc_arena_t *arena = svc_pool_arena(a->pool);
         uint64_t *offs[4] = {&a->q_off, &a->k_off, &a->v_off, &a->out_off};
         uint64_t lens[4] = {a->attend.q.len, a->attend.k.len, a->attend.v.len, out_len};
+        uint64_t need = 0;
+        for (int i = 0; i < 4; i++)
+            need += lens[i] + 64; /* the arena's alignment per region, at most */
+        if (need > svc_arena_size(arena))
+            e = at_diag_set(d, AT_ERR_MSG_TOO_LARGE,
+                            "the call's tensors need %llu bytes of shared memory, the device has "
+                            "%llu (--arena-mib)",
+                            (unsigned long long)need, (unsigned long long)svc_arena_size(arena));
         for (int i = 0; i < 4 && e == AT_OK; i++)
             if ((e = svc_arena_alloc(arena, lens[i], offs[i])) == AT_OK)
                 a->regions = i + 1;
