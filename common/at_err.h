@@ -50,7 +50,14 @@
     X(CANCELLED, CANCELLED, "the call was cancelled")                                           \
     X(HEALTH_SERVICE, NOT_FOUND, "unknown service name")                                        \
     X(CONFIG, INVALID_ARGUMENT, "bad server configuration")                                     \
-    X(IO, INTERNAL, "system call failed")
+    X(IO, INTERNAL, "system call failed")                                                       \
+    X(AUTH_MISSING, UNAUTHENTICATED, "no bearer token in the authorization metadata")          \
+    X(AUTH_BAD, UNAUTHENTICATED, "the bearer token is not valid")                              \
+    X(TENANTS_FILE, INVALID_ARGUMENT, "the tenants file is not valid")                         \
+    X(QUOTA_SESSIONS, RESOURCE_EXHAUSTED, "tenant quota exceeded: sessions")                   \
+    X(QUOTA_KV_BYTES, RESOURCE_EXHAUSTED, "tenant quota exceeded: kv_bytes")                   \
+    X(QUOTA_INFLIGHT, RESOURCE_EXHAUSTED, "tenant quota exceeded: inflight_calls")             \
+    X(SESSION_LOST, FAILED_PRECONDITION, "session lost, create it again")
 
 typedef enum at_err {
 #define AT_ERR_ENUM_(name, status, msg) AT_ERR_##name,
