@@ -24,23 +24,26 @@
 typedef struct att_backend att_backend_t;
 typedef struct att_kv att_kv_t;
 
+/* One chunk of a batch. Its rows live wherever the caller put them: a batch may merge several
+ * calls whose tensors are separate buffers, so every chunk names its own rows. */
 typedef struct att_batch_chunk {
-    uint32_t token_offset; /* first row of this chunk in q, k, v and out */
-    uint32_t start_pos;    /* new keys go to start_pos..start_pos+num_tokens-1 */
+    uint32_t token_offset;  /* rows of the chunks before this one, in batch order */
+    uint32_t start_pos;     /* new keys go to start_pos..start_pos+num_tokens-1 */
     uint32_t num_tokens;
     uint32_t num_blocks;
     const uint32_t *blocks; /* borrowed for the run; [num_blocks] block numbers of the sequence */
+    const void *q;          /* borrowed; [num_tokens, Hq, D]; NULL when the batch only appends */
+    const void *k;          /* borrowed; [num_tokens, Hkv, D] */
+    const void *v;          /* borrowed; [num_tokens, Hkv, D] */
+    void *out;              /* borrowed; [num_tokens, Hq, D]; NULL when the batch only appends */
 } att_batch_chunk_t;
 
 typedef struct att_batch {
     uint32_t layer;
     uint32_t num_chunks;
     uint32_t total_tokens;
+    int attend;                      /* 0: write k and v only (q and out are NULL) */
     const att_batch_chunk_t *chunks; /* borrowed for the run; [num_chunks] */
-    const void *q;                   /* borrowed; [total_tokens, Hq, D], NULL = append only */
-    const void *k;                   /* borrowed; [total_tokens, Hkv, D] */
-    const void *v;                   /* borrowed; [total_tokens, Hkv, D] */
-    void *out;                       /* borrowed; [total_tokens, Hq, D], NULL = append only */
 } att_batch_t;
 
 typedef struct att_backend_ops {
@@ -50,8 +53,8 @@ typedef struct att_backend_ops {
     at_err_t (*kv_create)(att_backend_t *be, const att_model_t *m, uint32_t num_blocks,
                           att_kv_t **out);
     void (*kv_destroy)(att_backend_t *be, att_kv_t **kv);
-    /* Writes the batch's k and v into its blocks, then (q != NULL) computes out. Returns when out
-     * is complete. */
+    /* Writes the batch's k and v into its blocks, then (attend != 0) computes out. Returns when
+     * out is complete. */
     at_err_t (*run)(att_backend_t *be, att_kv_t *kv, const att_batch_t *b);
     /* Copies n cached rows from position pos of one sequence (its block table) at layer into
      * k_out and v_out, each [n, Hkv, D] in the model's dtype. */

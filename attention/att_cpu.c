@@ -224,13 +224,13 @@ static void write_kv(att_kv_t *kv, const att_batch_t *b) {
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         for (uint32_t t = 0; t < ch->num_tokens; t++) {
-            size_t src = ((size_t)ch->token_offset + t) * m->num_kv_heads * row;
+            size_t src = (size_t)t * m->num_kv_heads * row;
             for (uint32_t h = 0; h < m->num_kv_heads; h++) {
                 uint32_t pos = ch->start_pos + t;
                 memcpy(kv_row(kv, b->layer, 0, ch->blocks, pos, h),
-                       (const uint8_t *)b->k + src + h * row, row);
+                       (const uint8_t *)ch->k + src + h * row, row);
                 memcpy(kv_row(kv, b->layer, 1, ch->blocks, pos, h),
-                       (const uint8_t *)b->v + src + h * row, row);
+                       (const uint8_t *)ch->v + src + h * row, row);
             }
         }
     }
@@ -243,7 +243,7 @@ static at_err_t cpu_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     pthread_mutex_lock(&be->run_mu);
     size_t n = 0, rows = 0;
     uint32_t window = m->window[b->layer];
-    if (b->q != NULL) {
+    if (b->attend) {
         if ((e = plan_items(be, m, b, window, &n, &rows)) != AT_OK)
             goto out_unlock;
         for (uint32_t t = 0; t < be->num_threads; t++)
@@ -251,7 +251,7 @@ static at_err_t cpu_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
                 goto out_unlock;
     }
     write_kv(kv, b);
-    if (b->q != NULL) {
+    if (b->attend) {
         att_cpu_job_t job = {
             .m = m,
             .b = b,

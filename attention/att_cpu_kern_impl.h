@@ -282,12 +282,12 @@ static inline size_t tile_offset(const att_batch_chunk_t *ch, uint32_t j, uint32
     return (size_t)ch->blocks[j / bs] * block_stride + head_off + (size_t)(j % bs) * row_bytes;
 }
 
-/* Token (row of q and out) and query head of an item's row r; rows are laid out as in
- * attend_tiles. */
-static inline void row_origin(const att_cpu_item_t *it, const att_batch_chunk_t *ch, uint32_t g,
-                              uint32_t r, uint32_t *tok, uint32_t *head) {
+/* Token (row of the chunk's q and out) and query head of an item's row r; rows are laid out as
+ * in attend_tiles. */
+static inline void row_origin(const att_cpu_item_t *it, uint32_t g, uint32_t r, uint32_t *tok,
+                              uint32_t *head) {
     uint32_t per_head = it->q_count * g;
-    *tok = ch->token_offset + it->q_begin + (r % per_head) / g;
+    *tok = it->q_begin + (r % per_head) / g;
     *head = (it->kv_head + r / per_head) * g + r % g;
 }
 
@@ -300,9 +300,9 @@ static void load_queries(const att_cpu_job_t *job, const att_cpu_item_t *it,
     const size_t es = att_dtype_bytes(m->dtype);
     for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
         uint32_t tok, head;
-        row_origin(it, ch, g, r, &tok, &head);
+        row_origin(it, g, r, &tok, &head);
         const uint8_t *src =
-            (const uint8_t *)job->b->q + ((size_t)tok * m->num_query_heads + head) * d * es;
+            (const uint8_t *)ch->q + ((size_t)tok * m->num_query_heads + head) * d * es;
         float *q = sc->q + (size_t)r * d;
         for (size_t i = 0; i < d; i++)
             q[i] = att_load(m->dtype, src, i) * m->scale;
@@ -322,7 +322,7 @@ static void store_outputs(const att_cpu_job_t *job, const att_cpu_item_t *it,
     const size_t es = att_dtype_bytes(m->dtype);
     for (uint32_t r = 0; r < per_head * it->num_heads; r++) {
         uint32_t tok, head;
-        row_origin(it, ch, g, r, &tok, &head);
+        row_origin(it, g, r, &tok, &head);
         float mr = sc->m[r], lr = sc->l[r], scale_o;
         if (m->sinks != NULL) {
             /* rebase on the larger of the sink and the running max before adding exp(sink) */
@@ -333,7 +333,7 @@ static void store_outputs(const att_cpu_job_t *job, const att_cpu_item_t *it,
             scale_o = 1.0f / lr;
         }
         const float *o = sc->o + (size_t)r * d;
-        uint8_t *dst = (uint8_t *)job->b->out + ((size_t)tok * m->num_query_heads + head) * d * es;
+        uint8_t *dst = (uint8_t *)ch->out + ((size_t)tok * m->num_query_heads + head) * d * es;
         for (size_t i = 0; i < d; i++)
             att_store(m->dtype, dst, i, o[i] * scale_o);
     }

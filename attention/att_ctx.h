@@ -20,6 +20,7 @@ typedef struct att_ctx_info {
     uint64_t kv_capacity_tokens; /* whole blocks: num_blocks * block_size */
     uint64_t kv_used_tokens;     /* blocks in use * block_size */
     uint32_t num_sequences;
+    uint64_t backend_runs;       /* backend runs that succeeded; merged calls share one */
 } att_ctx_info_t;
 
 /* Validates cfg (AT_ERR_MODEL_*), rounds kv_capacity_tokens up to whole blocks (AT_ERR_KV_CAPACITY
@@ -42,6 +43,15 @@ at_err_t att_ctx_attend(att_ctx_t *ctx, const att_call_t *call, at_diag_t *diag)
 /* Like att_ctx_attend, but only writes k and v (q and out are ignored): importing a prefix's KV,
  * or filling a cache for a benchmark. */
 at_err_t att_ctx_append(att_ctx_t *ctx, const att_call_t *call, at_diag_t *diag);
+
+/* Runs n calls (attend = 1: as att_ctx_attend; 0: as att_ctx_append), each answered in errs[i]
+ * and diags[i] exactly as if the calls had run one at a time in order, but as one backend run
+ * when they can share it: every valid call on the same layer, no seq_id in two calls, and room
+ * for all. Otherwise the valid calls run one at a time. A backend failure of a shared run fails
+ * each of its calls with the cache as before. Used by dynamic batching: calls of one session
+ * that queued up together. calls, errs and diags are [n]; diags may not be NULL. */
+void att_ctx_run_many(att_ctx_t *ctx, const att_call_t *calls, uint32_t n, int attend,
+                      at_err_t *errs, at_diag_t *diags);
 
 /* Frees the named sequences in every layer; unknown ids are skipped. *released may be NULL. */
 void att_ctx_release(att_ctx_t *ctx, const uint64_t *seq_ids, uint32_t n, uint32_t *released);

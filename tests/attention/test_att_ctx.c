@@ -559,6 +559,221 @@ static void test_att_ctx_two_sessions_share_one_backend(void **state) {
     att_backend_destroy(&be);
 }
 
+
+/* ---- several calls in one run (dynamic batching) ---- */
+
+#define MANY_MAX 6u
+
+/* Two contexts of one model: `merged` runs calls through att_ctx_run_many, `alone` runs the same
+ * calls one at a time; everything the two answer must be identical, byte for byte. */
+typedef struct many_rig {
+    att_backend_t *be;
+    att_rig_spec_t spec;
+    att_ctx_t *merged;
+    att_ctx_t *alone;
+    tu_rng_t rng;
+} many_rig_t;
+
+static void many_init(many_rig_t *r, att_dtype_t dt, uint64_t capacity, uint64_t seed) {
+    memset(r, 0, sizeof *r);
+    att_cpu_cfg_t bc = {.num_threads = 2, .tile_rows = 8};
+    assert_int_equal(att_cpu_create(&bc, &r->be), AT_OK);
+    att_rig_spec_init(&r->spec, dt, 2, 8, 2, 32, 8);
+    tu_rng_seed(&r->rng, seed);
+    att_rig_spec_features(&r->spec, ATT_RIG_F_LAYER_WINDOW | ATT_RIG_F_SINKS, &r->rng);
+    assert_int_equal(att_ctx_create(r->be, &r->spec.cfg, capacity, NULL, &r->merged), AT_OK);
+    assert_int_equal(att_ctx_create(r->be, &r->spec.cfg, capacity, NULL, &r->alone), AT_OK);
+}
+
+static void many_fini(many_rig_t *r) {
+    att_ctx_destroy(&r->merged);
+    att_ctx_destroy(&r->alone);
+    att_backend_destroy(&r->be);
+}
+
+typedef struct many_call {
+    att_chunk_t chunks[3];
+    att_call_t call;
+    uint8_t *q, *k, *v, *out_merged, *out_alone;
+} many_call_t;
+
+/* Random tensors for chunks ch[0..n) at layer, exact byte lengths. */
+static void many_call_make(many_rig_t *r, many_call_t *mc, uint32_t layer, const att_chunk_t *ch,
+                           uint32_t n) {
+    const att_model_cfg_t *m = &r->spec.cfg;
+    memcpy(mc->chunks, ch, n * sizeof *ch);
+    uint32_t t = att_rig_tokens(ch, n);
+    size_t es = att_dtype_bytes(m->dtype);
+    size_t qb = (size_t)t * m->num_query_heads * m->head_dim * es;
+    size_t kb = (size_t)t * m->num_kv_heads * m->head_dim * es;
+    mc->q = tu_xmalloc(qb);
+    mc->k = tu_xmalloc(kb);
+    mc->v = tu_xmalloc(kb);
+    mc->out_merged = tu_xcalloc(qb, 1);
+    mc->out_alone = tu_xcalloc(qb, 1);
+    for (size_t i = 0; i < qb / es; i++)
+        att_store(m->dtype, mc->q, i, tu_rng_float(&r->rng, -2, 2));
+    for (size_t i = 0; i < kb / es; i++) {
+        att_store(m->dtype, mc->k, i, tu_rng_float(&r->rng, -2, 2));
+        att_store(m->dtype, mc->v, i, tu_rng_float(&r->rng, -1, 1));
+    }
+    mc->call = (att_call_t){layer, mc->chunks, n, mc->q, qb, mc->k, kb, mc->v, kb, NULL, qb};
+}
+
+static void many_call_free(many_call_t *mc) {
+    free(mc->q);
+    free(mc->k);
+    free(mc->v);
+    free(mc->out_merged);
+    free(mc->out_alone);
+}
+
+static uint64_t runs_of(const att_ctx_t *ctx) {
+    att_ctx_info_t info;
+    att_ctx_get_info(ctx, &info);
+    return info.backend_runs;
+}
+
+/* Runs mc[0..n) merged on one context and alone on the other; checks each call's error equals
+ * want[i] on both, outputs and caches are identical, and the merged side took want_runs runs. */
+static void many_run_check(many_rig_t *r, many_call_t *mc, uint32_t n, int attend,
+                           const at_err_t *want, uint64_t want_runs, const char *what) {
+    att_call_t calls[MANY_MAX];
+    at_err_t errs[MANY_MAX];
+    at_diag_t diags[MANY_MAX];
+    memset(diags, 0, sizeof diags);
+    for (uint32_t i = 0; i < n; i++) {
+        calls[i] = mc[i].call;
+        calls[i].out = attend ? mc[i].out_merged : NULL;
+    }
+    uint64_t before = runs_of(r->merged);
+    att_ctx_run_many(r->merged, calls, n, attend, errs, diags);
+    TU_CHECK(runs_of(r->merged) - before == want_runs, "%s: %" PRIu64 " backend runs, want %" PRIu64,
+             what, runs_of(r->merged) - before, want_runs);
+    for (uint32_t i = 0; i < n; i++) {
+        att_call_t c = mc[i].call;
+        c.out = attend ? mc[i].out_alone : NULL;
+        at_err_t e = attend ? att_ctx_attend(r->alone, &c, NULL) : att_ctx_append(r->alone, &c, NULL);
+        TU_CHECK(errs[i] == want[i] && e == want[i], "%s: call %u: merged %s, alone %s, want %s (%s)",
+                 what, i, at_err_name(errs[i]), at_err_name(e), at_err_name(want[i]), diags[i].msg);
+        TU_CHECK(errs[i] == AT_OK || diags[i].msg[0] != '\0', "%s: call %u: no diag", what, i);
+        if (errs[i] == AT_OK && attend)
+            TU_CHECK(memcmp(mc[i].out_merged, mc[i].out_alone, c.out_bytes) == 0,
+                     "%s: call %u: merged output differs from the call run alone", what, i);
+    }
+    /* Both caches hold the same: every sequence of the calls at both layers, byte for byte. */
+    const att_model_cfg_t *m = &r->spec.cfg;
+    size_t row = (size_t)m->num_kv_heads * m->head_dim * att_dtype_bytes(m->dtype);
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t c = 0; c < mc[i].call.num_chunks; c++)
+            for (uint32_t layer = 0; layer < m->num_layers; layer++) {
+                uint64_t id = mc[i].chunks[c].seq_id;
+                uint32_t la = 0, lb = 0;
+                at_err_t ea = att_ctx_seq_len(r->merged, id, layer, &la);
+                at_err_t eb = att_ctx_seq_len(r->alone, id, layer, &lb);
+                TU_CHECK(ea == eb && la == lb, "%s: seq %" PRIu64 " layer %u: length %u vs %u", what,
+                         id, layer, la, lb);
+                if (ea != AT_OK || la == 0)
+                    continue;
+                uint8_t *ka = tu_xmalloc(la * row), *va = tu_xmalloc(la * row);
+                uint8_t *kb = tu_xmalloc(la * row), *vb = tu_xmalloc(la * row);
+                assert_int_equal(att_ctx_read_kv(r->merged, id, layer, 0, la, ka, va), AT_OK);
+                assert_int_equal(att_ctx_read_kv(r->alone, id, layer, 0, la, kb, vb), AT_OK);
+                TU_CHECK(memcmp(ka, kb, la * row) == 0 && memcmp(va, vb, la * row) == 0,
+                         "%s: seq %" PRIu64 " layer %u: cached k/v differ", what, id, layer);
+                free(ka);
+                free(va);
+                free(kb);
+                free(vb);
+            }
+    att_ctx_info_t ia, ib;
+    att_ctx_get_info(r->merged, &ia);
+    att_ctx_get_info(r->alone, &ib);
+    TU_CHECK(ia.kv_used_tokens == ib.kv_used_tokens && ia.num_sequences == ib.num_sequences,
+             "%s: used %" PRIu64 "/%" PRIu64 " tokens, %u/%u sequences", what, ia.kv_used_tokens,
+             ib.kv_used_tokens, ia.num_sequences, ib.num_sequences);
+}
+
+static void many_free_all(many_call_t *mc, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++)
+        many_call_free(&mc[i]);
+}
+
+/* Calls over distinct sequences share one run and answer exactly as if run alone; a call that
+ * fails validation is answered alone and does not keep the others from sharing. */
+static void test_att_ctx_run_many_merges_distinct_sequences(void **state) {
+    (void)state;
+    for (uint32_t d = 0; d < sizeof DTYPES / sizeof DTYPES[0]; d++) {
+        tu_where_set("run_many merge dtype %u: ATTND_TEST_SEED=%" PRIu64, d, g_seed);
+        many_rig_t r;
+        many_init(&r, DTYPES[d], 4096, tu_sub_seed(g_seed, 700 + d));
+        /* prefill: 4 calls, 2 sequences each, different lengths, appended in one shared run */
+        many_call_t pre[4];
+        at_err_t ok[MANY_MAX] = {AT_OK, AT_OK, AT_OK, AT_OK, AT_OK, AT_OK};
+        for (uint32_t i = 0; i < 4; i++) {
+            att_chunk_t ch[2] = {{10 * i, 0, 9 + 5 * i}, {10 * i + 1, 0, 3 + i}};
+            many_call_make(&r, &pre[i], 0, ch, 2);
+        }
+        many_run_check(&r, pre, 4, 0, ok, 1, "append, 4 calls");
+        /* attend at layer 0: decode tokens and a chunk over earlier context, mixed */
+        many_call_t step[4];
+        for (uint32_t i = 0; i < 4; i++) {
+            att_chunk_t ch[2] = {{10 * i, 9 + 5 * i, 1}, {10 * i + 1, 3 + i, 4}};
+            many_call_make(&r, &step[i], 0, ch, 2);
+        }
+        many_run_check(&r, step, 4, 1, ok, 1, "attend, 4 calls");
+        /* a malformed call among good ones: its own code, the rest still share a run */
+        many_call_t bad[3];
+        for (uint32_t i = 0; i < 3; i++) {
+            att_chunk_t ch[1] = {{10 * i, 10 + 5 * i, 1}};
+            many_call_make(&r, &bad[i], 0, ch, 1);
+        }
+        bad[1].call.q_bytes -= 2;
+        at_err_t want_bad[3] = {AT_OK, AT_ERR_CALL_Q_BYTES, AT_OK};
+        many_run_check(&r, bad, 3, 1, want_bad, 1, "one malformed call");
+        many_free_all(pre, 4);
+        many_free_all(step, 4);
+        many_free_all(bad, 3);
+        many_fini(&r);
+    }
+}
+
+/* What cannot share a run runs call by call, in order, each with its own answer: a position past
+ * the cached length, a sequence in two calls (the second continues the first), two layers, and
+ * capacity for only the first call. */
+static void test_att_ctx_run_many_falls_back_to_one_at_a_time(void **state) {
+    (void)state;
+    tu_where_set("run_many fallback: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    many_rig_t r;
+    many_init(&r, ATT_DTYPE_BF16, 64, tu_sub_seed(g_seed, 710)); /* 8 blocks of 8 tokens */
+    at_err_t ok[MANY_MAX] = {AT_OK, AT_OK, AT_OK, AT_OK, AT_OK, AT_OK};
+    many_call_t a[3];
+    many_call_make(&r, &a[0], 0, (att_chunk_t[]){{1, 0, 5}}, 1);
+    many_call_make(&r, &a[1], 0, (att_chunk_t[]){{2, 3, 2}}, 1); /* seq 2 is empty: past end */
+    many_call_make(&r, &a[2], 0, (att_chunk_t[]){{3, 0, 4}}, 1);
+    at_err_t want_a[3] = {AT_OK, AT_ERR_KV_PAST_END, AT_OK};
+    many_run_check(&r, a, 3, 1, want_a, 2, "position past the end");
+    many_call_t b[2];
+    many_call_make(&r, &b[0], 0, (att_chunk_t[]){{1, 5, 3}}, 1);
+    many_call_make(&r, &b[1], 0, (att_chunk_t[]){{1, 8, 2}, {3, 4, 1}}, 2);
+    many_run_check(&r, b, 2, 1, ok, 2, "a sequence in two calls");
+    many_call_t c[2];
+    many_call_make(&r, &c[0], 0, (att_chunk_t[]){{3, 5, 1}}, 1);
+    many_call_make(&r, &c[1], 1, (att_chunk_t[]){{1, 0, 6}}, 1);
+    many_run_check(&r, c, 2, 1, ok, 2, "two layers");
+    /* used: seq 1 (10 tokens, 2 blocks), seq 3 (6, 1 block); 5 blocks free */
+    many_call_t d[2];
+    many_call_make(&r, &d[0], 0, (att_chunk_t[]){{4, 0, 24}}, 1);  /* 3 blocks */
+    many_call_make(&r, &d[1], 0, (att_chunk_t[]){{5, 0, 24}}, 1);  /* 3 more: too many */
+    at_err_t want_d[2] = {AT_OK, AT_ERR_KV_FULL};
+    many_run_check(&r, d, 2, 1, want_d, 1, "room for the first call only");
+    many_free_all(a, 3);
+    many_free_all(b, 2);
+    many_free_all(c, 2);
+    many_free_all(d, 2);
+    many_fini(&r);
+}
+
 #define FEATURE_ENTRIES(fname)                                                                   \
     cmocka_unit_test(test_att_ctx_##fname##_matches_oracle_f32),                                 \
         cmocka_unit_test(test_att_ctx_##fname##_matches_oracle_f16),                             \
@@ -582,6 +797,8 @@ int main(void) {
         cmocka_unit_test(test_att_ctx_rejects_malformed_calls_and_changes_nothing),
         cmocka_unit_test(test_att_ctx_two_sessions_share_one_backend),
         cmocka_unit_test(test_att_ctx_seq_len_and_read_kv_report_errors),
+        cmocka_unit_test(test_att_ctx_run_many_merges_distinct_sequences),
+        cmocka_unit_test(test_att_ctx_run_many_falls_back_to_one_at_a_time),
     };
     return cmocka_run_group_tests_name("att_ctx", tests, NULL, NULL);
 }
