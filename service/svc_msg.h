@@ -4,7 +4,12 @@
  * A request is one or two frames: an svc_req_t, then for some operations a frame of items
  * (ATTEND: kvc_span_t chunks; RELEASE: uint64_t seq_ids; CREATE: the model's arrays, see below).
  * A reply is one frame, an svc_rep_t. The worker answers requests one at a time, in the order it
- * received them. Tensors are never in messages: they are regions of the pool's shared-memory
+ * received them.
+ *
+ * Dynamic batching: ATTEND (or APPEND) requests of one session and layer over distinct sequences
+ * may travel as a batch: batch_size consecutive requests, batch_index 0..batch_size-1. The worker
+ * receives the whole batch, runs it as one backend call where it can (att_ctx_run_many), and
+ * answers each request with its own reply, in order. Tensors are never in messages: they are regions of the pool's shared-memory
  * arena, named by offset and length. Both ends run on one host with one byte order; the magic
  * field catches a mismatched build. */
 #ifndef AT_SERVICE_SVC_MSG_H
@@ -15,6 +20,7 @@
 #include "attention/att_model.h"
 
 #define SVC_MSG_MAGIC 0x61747431u /* "att1" */
+#define SVC_BATCH_MAX 64u         /* requests in one batch, at most */
 
 typedef enum svc_op {
     SVC_OP_READY = 1,   /* worker -> server, once, after it connected (reply frame only) */
@@ -34,6 +40,8 @@ typedef struct svc_req {
     int64_t deadline_ns;     /* CLOCK_MONOTONIC; 0 = none. Work past it is answered, not run */
     uint32_t layer;          /* ATTEND */
     uint32_t num_items;      /* items in frame 2 */
+    uint32_t batch_size;     /* requests in this one's batch; 0 or 1 = alone */
+    uint32_t batch_index;    /* its place in the batch */
     uint64_t q_off, k_off, v_off, out_off; /* ATTEND: arena regions */
     uint64_t q_len, k_len, v_len, out_len;
     /* CREATE: the model's scalars; frame 2 holds layer_sliding_window (uint32 x n_windows), then
@@ -53,6 +61,8 @@ typedef struct svc_rep {
     uint64_t kv_used_tokens;
     uint32_t num_sequences;
     uint32_t released;       /* RELEASE */
+    uint64_t calls;          /* ATTEND and APPEND requests of the session that succeeded */
+    uint64_t backend_runs;   /* backend runs they took: fewer when batches were merged */
     char diag[224];          /* detail for err, NUL-terminated */
 } svc_rep_t;
 

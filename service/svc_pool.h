@@ -2,9 +2,16 @@
  * process for GPUs), and a dispatcher thread that forwards queued jobs to the worker over ZeroMQ
  * and hands each reply back to the job's owner.
  *
- * Jobs reach the worker in submission order and the worker runs them in that order, so the calls
- * of one session run in arrival order. Thread: svc_pool_submit from any thread; done callbacks run
- * on the dispatcher thread and must not block. */
+ * The calls of one session run in arrival order. Jobs of different sessions may overtake each
+ * other: dynamic batching takes ATTEND (or APPEND) jobs of one session and layer over distinct
+ * sequences out of the queue, up to a token budget, and hands them to the worker as one batch,
+ * which it runs as one backend call. A job is never moved ahead of an earlier job of its own
+ * session that it could not join. With a maximum queueing delay set, a batch that is still under
+ * its budget may wait that long after its first job arrived for more jobs to join (the jobs
+ * queued behind it wait with it); without one,
+ * only jobs already waiting (because the worker was busy) are merged, so batching adds no delay.
+ * Thread: svc_pool_submit from any thread; done callbacks run on the dispatcher thread and must
+ * not block. */
 #ifndef AT_SERVICE_SVC_POOL_H
 #define AT_SERVICE_SVC_POOL_H
 
@@ -31,6 +38,8 @@ struct svc_job {
     void *arg;               /* the owner's */
     atomic_int cancelled;    /* set by the owner (any thread); a job not yet sent is dropped */
     svc_job_t *next;         /* the pool's */
+    int64_t queued_ns;       /* the pool's: CLOCK_MONOTONIC at submit */
+    uint64_t tokens;         /* the pool's: tokens of an ATTEND or APPEND job's chunks */
 };
 
 typedef struct svc_pool_cfg {
@@ -39,6 +48,8 @@ typedef struct svc_pool_cfg {
     uint32_t cpu_threads;    /* 0 = one per online CPU */
     uint64_t arena_bytes;    /* shared memory for tensors in flight */
     uint32_t max_queue;      /* jobs waiting for the worker before submit says OVERLOADED */
+    uint32_t batch_tokens;   /* dynamic batching: most tokens in one batch; 0 = no batching */
+    uint32_t batch_delay_us; /* most time a batch under its budget waits for more jobs; 0 = none */
 } svc_pool_cfg_t;
 
 /* Creates the arena, starts the worker and the dispatcher, and returns once the worker said it is
@@ -46,7 +57,14 @@ typedef struct svc_pool_cfg {
 at_err_t svc_pool_create(const svc_pool_cfg_t *cfg, void *zctx, at_diag_t *diag,
                          svc_pool_t **out);
 
-/* Runs every job already submitted, stops the worker and frees everything. NULL allowed. */
+/* Stops taking jobs, runs every job already submitted (or answers it CANCELLED, as its owner
+ * marked it), then stops the worker and the dispatcher. The arena stays: calls that were answered
+ * may still hold regions of it until the server lets them go. Idempotent; NULL allowed. Thread:
+ * the owner's. */
+void svc_pool_stop(svc_pool_t *p);
+
+/* svc_pool_stop, then frees everything, the arena included: every region must be free by then
+ * (the server that used the pool is destroyed). NULL allowed; sets *p to NULL. */
 void svc_pool_destroy(svc_pool_t **p);
 
 /* Queues job (ownership passes to the pool until job->done). Errors, job untouched and done not

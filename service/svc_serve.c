@@ -26,6 +26,8 @@ typedef struct serve_opts {
     uint64_t max_message_mib;
     uint64_t arena_mib;
     uint32_t max_queue;
+    uint32_t batch_tokens;
+    uint32_t batch_delay_us;
     uint32_t grace_ms;
     char log_level[16];
     char ready_file[512];
@@ -57,6 +59,12 @@ static const opt_t opts[] = {
      "shared memory for tensors in flight per device, MiB (2048)"},
     {"max_queue", K_U32, O_(max_queue), 0, 1, 1u << 20,
      "queued calls per device before UNAVAILABLE (1024)"},
+    {"batch_tokens", K_U32, O_(batch_tokens), 0, 0, 1u << 24,
+     "dynamic batching: most tokens in one merged run of a session's queued calls; 0 = off "
+     "(4096)"},
+    {"batch_delay_us", K_U32, O_(batch_delay_us), 0, 0, 1000000,
+     "dynamic batching: most time a call may wait for others to join it, us (0: only calls "
+     "already queued behind a busy device are merged)"},
     {"grace_ms", K_U32, O_(grace_ms), 0, 0, 3600000,
      "on SIGTERM/SIGINT, time for in-flight calls before they are cancelled (10000)"},
     {"log_level", K_STR, O_(log_level), 16, 0, 0, "debug, info, warn or error (info)"},
@@ -239,6 +247,7 @@ int svc_serve_main(int argc, char **argv) {
         .max_message_mib = 256,
         .arena_mib = 2048,
         .max_queue = 1024,
+        .batch_tokens = 4096,
         .grace_ms = 10000,
         .log_level = "info",
     };
@@ -288,6 +297,8 @@ int svc_serve_main(int argc, char **argv) {
         .cpu_threads = o.cpu_threads,
         .arena_bytes = o.arena_mib << 20,
         .max_queue = o.max_queue,
+        .batch_tokens = o.batch_tokens,
+        .batch_delay_us = o.batch_delay_us,
     };
     at_err_t e = svc_pool_create(&pc, zctx, &d, &cpu);
     if (e != AT_OK) {
@@ -328,9 +339,13 @@ int svc_serve_main(int argc, char **argv) {
     svc_server_drain(srv, o.grace_ms);
     rc = 0;
 out_pool:
-    svc_pool_destroy(&null_pool);
-    svc_pool_destroy(&cpu); /* runs or cancels what is still queued, answering those calls */
+    /* Queued jobs run or are cancelled, answering their calls; the calls end; only then may the
+     * arenas their responses point into go. */
+    svc_pool_stop(null_pool);
+    svc_pool_stop(cpu);
     svc_server_destroy(&srv);
+    svc_pool_destroy(&null_pool);
+    svc_pool_destroy(&cpu);
 out_ctx:
     zmq_ctx_term(zctx);
     if (rc == 0)

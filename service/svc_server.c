@@ -31,6 +31,7 @@
 
 #include "attention/att_op.h"
 #include "attnd/v1/attention.pb-c.h"
+#include "common/at_base.h"
 #include "common/at_log.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "service/svc_status.h"
@@ -50,6 +51,7 @@ typedef enum method {
     M_RELEASE,
     M_APPEND,
     M_HEALTH_CHECK,
+    M_HEALTH_WATCH,
     M_COUNT,
     M_UNKNOWN = M_COUNT, /* anything not registered: answered UNIMPLEMENTED */
 } method_t;
@@ -59,7 +61,7 @@ static const char *const method_paths[M_COUNT] = {
     "/attnd.v1.Attention/ListSessions",  "/attnd.v1.Attention/CloseSession",
     "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/AttendStream",
     "/attnd.v1.Attention/Release",       "/attnd.v1.Attention/Append",
-    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Check",      "/grpc.health.v1.Health/Watch",
 };
 
 typedef enum tag_kind { T_NEW, T_CLOSE, T_SENT, T_RECV, T_SEND, T_META } tag_kind_t;
@@ -105,6 +107,10 @@ struct call {
     bool half_closed;          /* the client sent its last request */
     bool send_busy;            /* a SEND_MESSAGE is in flight */
     bool finished;             /* the final status has been started */
+    /* M_HEALTH_WATCH: guarded by mu */
+    bool watch_known;          /* the service name asked about is ours */
+    int watch_sent;            /* the serving status last sent */
+    call_t *watch_next;        /* the server's watcher list; guarded by the server's watch_mu */
 };
 
 /* One Attend request: of a unary call, or one message of a stream. */
@@ -138,6 +144,8 @@ struct svc_server {
     uint32_t num_pools;
     ten_registry_t *registry;  /* owned */
     tag_t shutdown_tag;
+    pthread_mutex_t watch_mu;  /* never held with a call's mu */
+    call_t *watchers;          /* guarded by watch_mu: Health Watch calls (each a reference) */
     pthread_mutex_t shut_mu;
     pthread_cond_t shut_cv;
     bool shut_done;            /* guarded by shut_mu */
@@ -145,6 +153,13 @@ struct svc_server {
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
+
+/* grpc_call_start_batch with the happens-before edge to the completion thread that TSan cannot
+ * see through gRPC (see AT_TSAN_RELEASE). */
+static grpc_call_error start_batch(call_t *c, const grpc_op *ops, size_t n, tag_t *tag) {
+    AT_TSAN_RELEASE(tag);
+    return grpc_call_start_batch(c->call, ops, n, tag, NULL);
+}
 static int64_t mono_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -220,7 +235,7 @@ static void reply(call_t *c, at_err_t e, const at_diag_t *diag, grpc_byte_buffer
     ops[n].data.send_status_from_server.status_details = &c->status_details;
     n++;
     atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-    grpc_call_error ce = grpc_call_start_batch(c->call, ops, n, &c->t_sent, NULL);
+    grpc_call_error ce = start_batch(c, ops, n, &c->t_sent);
     pthread_mutex_unlock(&c->mu);
     if (ce != GRPC_CALL_OK) {
         at_log(AT_LOG_ERROR, "server", "start_batch (reply) failed: %d", (int)ce);
@@ -315,6 +330,8 @@ static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
     info->kv_capacity_tokens = fig.kv_capacity_tokens;
     info->kv_used_tokens = fig.kv_used_tokens;
     info->num_sequences = fig.num_sequences;
+    info->attend_calls = fig.calls;
+    info->backend_runs = fig.backend_runs;
 }
 
 static grpc_byte_buffer *pack_session_info(ten_session_t *s) {
@@ -328,6 +345,8 @@ static void figures_from(const svc_rep_t *rep, ten_session_figures_t *fig) {
     fig->kv_capacity_tokens = rep->kv_capacity_tokens;
     fig->kv_used_tokens = rep->kv_used_tokens;
     fig->num_sequences = rep->num_sequences;
+    fig->calls = rep->calls;
+    fig->backend_runs = rep->backend_runs;
 }
 
 static void diag_from(const svc_rep_t *rep, at_diag_t *d) {
@@ -833,7 +852,7 @@ static void stream_status(call_t *c, at_err_t e, const at_diag_t *diag) {
     op.data.send_status_from_server.status = svc_status_of(e);
     op.data.send_status_from_server.status_details = &c->status_details;
     atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-    if (grpc_call_start_batch(c->call, &op, 1, &c->t_sent, NULL) != GRPC_CALL_OK)
+    if (start_batch(c, &op, 1, &c->t_sent) != GRPC_CALL_OK)
         atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
     for (areq_t *a = c->fifo_head; a != NULL; a = a->next) /* nothing after this is sent */
         atomic_store_explicit(&a->job.cancelled, 1, memory_order_release);
@@ -845,7 +864,7 @@ static void stream_recv(call_t *c) {
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->recv_bb;
     atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-    if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK) {
+    if (start_batch(c, &op, 1, &c->t_recv) != GRPC_CALL_OK) {
         atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
         c->half_closed = true;
     }
@@ -867,7 +886,7 @@ static void stream_flush(call_t *c) {
         op.data.send_message.send_message = a->resp;
         c->send_busy = true;
         atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-        if (grpc_call_start_batch(c->call, &op, 1, &c->t_send, NULL) != GRPC_CALL_OK) {
+        if (start_batch(c, &op, 1, &c->t_send) != GRPC_CALL_OK) {
             atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
             c->send_busy = false;
             stream_status(c, AT_ERR_INTERNAL, NULL);
@@ -960,7 +979,7 @@ static void handle_stream(call_t *c) {
     op.op = GRPC_OP_SEND_INITIAL_METADATA;
     pthread_mutex_lock(&c->mu);
     atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
-    if (grpc_call_start_batch(c->call, &op, 1, &c->t_meta, NULL) != GRPC_CALL_OK)
+    if (start_batch(c, &op, 1, &c->t_meta) != GRPC_CALL_OK)
         atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
     else
         c->send_busy = true; /* one send op at a time: messages wait for the metadata */
@@ -992,6 +1011,121 @@ static void handle_health_check(call_t *c) {
     reply(c, AT_OK, NULL, pack(&resp.base));
 }
 
+/* Health Watch: the current status at once, then a message on each change. attnd's status
+ * changes once, to NOT_SERVING when it drains; the stream then ends with UNAVAILABLE so watchers
+ * do not hold the shutdown. An unknown service name is answered SERVICE_UNKNOWN on the stream,
+ * not with an error, as the health protocol says. Calls in the watcher list are finished by
+ * svc_server_drain; a watcher that leaves is taken out on its T_CLOSE. */
+
+static int watch_status(const call_t *c) {
+    if (!c->watch_known)
+        return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+    return atomic_load(&c->srv->draining)
+               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+}
+
+/* Sends the status when it changed, or ends the stream once the server drains; under c->mu. */
+static void watch_flush(call_t *c) {
+    if (c->finished || c->send_busy)
+        return;
+    int want = watch_status(c);
+    if (want == c->watch_sent) {
+        if (atomic_load(&c->srv->draining))
+            stream_status(c, AT_ERR_SHUTTING_DOWN, NULL);
+        return;
+    }
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = want;
+    if (c->response != NULL)
+        grpc_byte_buffer_destroy(c->response);
+    c->response = pack(&resp.base);
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    if (c->watch_sent < 0)
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = c->response;
+    c->send_busy = true;
+    c->watch_sent = want;
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    if (c->response == NULL || start_batch(c, ops, n, &c->t_send) !=
+                                   GRPC_CALL_OK) {
+        atomic_fetch_sub_explicit(&c->refs, 1, memory_order_relaxed);
+        c->send_busy = false;
+        stream_status(c, AT_ERR_INTERNAL, NULL);
+    }
+}
+
+static void on_watch_sent(call_t *c, bool ok) {
+    pthread_mutex_lock(&c->mu);
+    c->send_busy = false;
+    if (!ok && !c->finished) /* the client is gone */
+        stream_status(c, AT_ERR_CANCELLED, NULL);
+    watch_flush(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Takes c out of the watcher list, dropping the list's reference; nothing when it is not there. */
+static void watch_remove(call_t *c) {
+    struct svc_server *s = c->srv;
+    bool found = false;
+    pthread_mutex_lock(&s->watch_mu);
+    for (call_t **link = &s->watchers; *link != NULL; link = &(*link)->watch_next)
+        if (*link == c) {
+            *link = c->watch_next;
+            found = true;
+            break;
+        }
+    pthread_mutex_unlock(&s->watch_mu);
+    if (found)
+        call_unref(c);
+}
+
+static void handle_health_watch(call_t *c) {
+    struct svc_server *s = c->srv;
+    Grpc__Health__V1__HealthCheckRequest *rq = (Grpc__Health__V1__HealthCheckRequest *)unpack(
+        c, &grpc__health__v1__health_check_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    bool known = rq->service[0] == '\0' || strcmp(rq->service, "attnd.v1.Attention") == 0;
+    grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
+    /* Listed before the first send, unless draining began: drain then never sees this call, and
+     * watch_flush ends it after its one NOT_SERVING message. */
+    pthread_mutex_lock(&s->watch_mu);
+    if (!atomic_load(&s->draining)) {
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed); /* the list's */
+        c->watch_next = s->watchers;
+        s->watchers = c;
+    }
+    pthread_mutex_unlock(&s->watch_mu);
+    pthread_mutex_lock(&c->mu);
+    c->watch_known = known;
+    c->watch_sent = -1;
+    watch_flush(c);
+    pthread_mutex_unlock(&c->mu);
+    call_unref(c); /* the handler's; the batches and the list hold the call from here */
+}
+
+/* Tells every watcher that the server is going; under no lock. */
+static void watch_drain(struct svc_server *s) {
+    pthread_mutex_lock(&s->watch_mu);
+    call_t *list = s->watchers;
+    s->watchers = NULL;
+    pthread_mutex_unlock(&s->watch_mu);
+    while (list != NULL) {
+        call_t *c = list;
+        list = c->watch_next;
+        pthread_mutex_lock(&c->mu);
+        watch_flush(c);
+        pthread_mutex_unlock(&c->mu);
+        call_unref(c); /* the list's */
+    }
+}
+
 /* ---- the completion-queue loop -------------------------------------------------------------- */
 
 static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
@@ -1017,6 +1151,7 @@ static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
     c->t_meta = (tag_t){c, T_META};
     grpc_completion_queue *cq = s->cqs[cq_index];
     grpc_call_error ce;
+    AT_TSAN_RELEASE(&c->t_new);
     if (method == M_UNKNOWN) {
         grpc_call_details_init(&c->details);
         ce = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, cq, cq, &c->t_new);
@@ -1043,7 +1178,7 @@ static void on_new(call_t *c) {
     op.data.recv_close_on_server.cancelled = &c->cancelled;
     atomic_fetch_add_explicit(&c->refs, 2, memory_order_relaxed); /* the batch's, the handler's */
     pthread_mutex_lock(&c->mu);
-    grpc_call_error ce = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
+    grpc_call_error ce = start_batch(c, &op, 1, &c->t_close);
     pthread_mutex_unlock(&c->mu);
     call_unref(c); /* the NEW tag's */
     if (ce != GRPC_CALL_OK) {
@@ -1061,6 +1196,7 @@ static void on_new(call_t *c) {
     case M_STREAM: handle_stream(c); break;
     case M_RELEASE: handle_release(c); break;
     case M_HEALTH_CHECK: handle_health_check(c); break;
+    case M_HEALTH_WATCH: handle_health_watch(c); break;
     default: {
         at_diag_t d;
         at_diag_set(&d, AT_ERR_UNSUPPORTED, "no method %.*s",
@@ -1090,6 +1226,7 @@ static void *cq_main(void *arg) {
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
         tag_t *t = ev.tag;
+        AT_TSAN_ACQUIRE(t);
         if (t == &s->shutdown_tag) {
             pthread_mutex_lock(&s->shut_mu);
             s->shut_done = true;
@@ -1106,6 +1243,12 @@ static void *cq_main(void *arg) {
                 on_new(c);
             break;
         case T_CLOSE:
+            if (c->method == M_HEALTH_WATCH) {
+                pthread_mutex_lock(&c->mu);
+                c->finished = true; /* the call is over: nothing more to send */
+                pthread_mutex_unlock(&c->mu);
+                watch_remove(c);
+            }
             if (c->cancelled) {
                 pthread_mutex_lock(&c->mu);
                 atomic_store_explicit(&c->job.cancelled, 1, memory_order_release);
@@ -1130,7 +1273,10 @@ static void *cq_main(void *arg) {
             call_unref(c);
             break;
         case T_SEND:
-            on_stream_sent(c, ev.success);
+            if (c->method == M_HEALTH_WATCH)
+                on_watch_sent(c, ev.success);
+            else
+                on_stream_sent(c, ev.success);
             call_unref(c);
             break;
         }
@@ -1153,6 +1299,7 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
     s->num_pools = cfg->num_pools;
     s->num_cqs = cfg->cq_threads != 0 ? cfg->cq_threads : 2;
     atomic_init(&s->draining, false);
+    pthread_mutex_init(&s->watch_mu, NULL);
     pthread_mutex_init(&s->shut_mu, NULL);
     pthread_cond_init(&s->shut_cv, NULL);
     s->shutdown_tag = (tag_t){NULL, T_SENT};
@@ -1249,6 +1396,7 @@ out_mem:
     free(s->cqs);
     free(s->threads);
     ten_registry_destroy(&s->registry);
+    pthread_mutex_destroy(&s->watch_mu);
     pthread_mutex_destroy(&s->shut_mu);
     pthread_cond_destroy(&s->shut_cv);
     free(s);
@@ -1280,6 +1428,7 @@ void svc_server_drain(svc_server_t *s, uint32_t grace_ms) {
     if (atomic_exchange(&s->draining, true))
         return;
     at_log(AT_LOG_INFO, "server", "draining: no new calls; %u ms for in-flight ones", grace_ms);
+    watch_drain(s);
     grpc_server_shutdown_and_notify(s->server, s->cqs[0], &s->shutdown_tag);
     if (!wait_shutdown(s, grace_ms)) {
         at_log(AT_LOG_WARN, "server", "grace period over: cancelling the calls left");
@@ -1304,6 +1453,7 @@ void svc_server_destroy(svc_server_t **sp) {
     free(s->cqs);
     free(s->threads);
     ten_registry_destroy(&s->registry);
+    pthread_mutex_destroy(&s->watch_mu);
     pthread_mutex_destroy(&s->shut_mu);
     pthread_cond_destroy(&s->shut_cv);
     free(s->pools);

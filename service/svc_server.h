@@ -2,9 +2,10 @@
  * (Check), over the devices' pools.
  *
  * Lifecycle: svc_server_create (binds and serves), svc_server_drain (stops taking calls and lets
- * in-flight ones finish within a grace period, then cancels the rest), the pools are destroyed by
- * their owner (their queued jobs finish or are cancelled, answering their calls), then
- * svc_server_destroy. Thread: create/drain/destroy from one thread; the server runs its own
+ * in-flight ones finish within a grace period, then cancels the rest), svc_pool_stop on every
+ * pool (their queued jobs finish or are cancelled, answering their calls), svc_server_destroy
+ * (waits for every call to end), then svc_pool_destroy (responses point into the pools' arenas
+ * until their calls end). Thread: create/drain/destroy from one thread; the server runs its own
  * completion-queue threads. */
 #ifndef AT_SERVICE_SVC_SERVER_H
 #define AT_SERVICE_SVC_SERVER_H

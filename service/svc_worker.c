@@ -21,7 +21,16 @@ typedef struct wsession {
     uint64_t id;
     att_ctx_t *ctx;          /* owned; NULL on the null device */
     uint64_t capacity_tokens; /* the null device's: whole blocks */
+    uint64_t calls;          /* ATTEND and APPEND requests that succeeded */
+    uint64_t null_runs;      /* the null device's stand-in for backend runs */
 } wsession_t;
+
+/* One received request and its items frame. */
+typedef struct slot {
+    svc_req_t rq;
+    void *items;             /* owned; frame 2, or NULL */
+    size_t items_len;
+} slot_t;
 
 typedef struct worker {
     void *sock;
@@ -31,8 +40,7 @@ typedef struct worker {
     wsession_t *sessions;
     uint32_t num_sessions;
     uint32_t cap_sessions;
-    void *items;        /* frame 2 of the current request, owned */
-    size_t items_len;
+    slot_t slots[SVC_BATCH_MAX]; /* the current request, or batch of requests */
 } worker_t;
 
 static int64_t now_ns(void) {
@@ -48,12 +56,19 @@ static wsession_t *find_session(worker_t *w, uint64_t id) {
     return NULL;
 }
 
-static void fill_info(const att_ctx_t *ctx, svc_rep_t *rep) {
+static void fill_info(const wsession_t *s, svc_rep_t *rep) {
+    rep->calls = s->calls;
+    if (s->ctx == NULL) {
+        rep->kv_capacity_tokens = s->capacity_tokens;
+        rep->backend_runs = s->null_runs;
+        return;
+    }
     att_ctx_info_t info;
-    att_ctx_get_info(ctx, &info);
+    att_ctx_get_info(s->ctx, &info);
     rep->kv_capacity_tokens = info.kv_capacity_tokens;
     rep->kv_used_tokens = info.kv_used_tokens;
     rep->num_sequences = info.num_sequences;
+    rep->backend_runs = info.backend_runs;
 }
 
 /* The region [off, off + len) of the arena, or NULL when it does not lie inside it. */
@@ -64,16 +79,17 @@ static void *region(worker_t *w, uint64_t off, uint64_t len) {
     return svc_arena_base(w->arena) + off;
 }
 
-static at_err_t do_create(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_diag_t *d) {
+static at_err_t do_create(worker_t *w, const slot_t *sl, svc_rep_t *rep, at_diag_t *d) {
+    const svc_req_t *rq = &sl->rq;
     if (find_session(w, rq->session_id) != NULL)
         return at_diag_set(d, AT_ERR_INTERNAL, "session %llu exists on this worker",
                            (unsigned long long)rq->session_id);
     size_t want = (size_t)rq->n_windows * sizeof(uint32_t) +
                   ((size_t)rq->n_alibi + rq->n_sinks) * sizeof(float);
-    if (w->items_len != want)
+    if (sl->items_len != want)
         return at_diag_set(d, AT_ERR_INTERNAL, "create: %zu bytes of arrays, expected %zu",
-                           w->items_len, want);
-    const uint8_t *p = w->items;
+                           sl->items_len, want);
+    const uint8_t *p = sl->items;
     att_model_cfg_t cfg = {
         .num_layers = rq->num_layers,
         .num_query_heads = rq->num_query_heads,
@@ -109,15 +125,16 @@ static at_err_t do_create(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_d
                           (rq->kv_capacity_tokens % m->block_size != 0);
         rep->kv_capacity_tokens = blocks * m->block_size;
         att_model_destroy(&m);
-        w->sessions[w->num_sessions++] = (wsession_t){rq->session_id, NULL, rep->kv_capacity_tokens};
+        w->sessions[w->num_sessions++] =
+            (wsession_t){.id = rq->session_id, .capacity_tokens = rep->kv_capacity_tokens};
         return AT_OK;
     }
     att_ctx_t *ctx = NULL;
     at_err_t e = att_ctx_create(w->be, &cfg, rq->kv_capacity_tokens, d, &ctx);
     if (e != AT_OK)
         return e;
-    w->sessions[w->num_sessions++] = (wsession_t){rq->session_id, ctx, 0};
-    fill_info(ctx, rep);
+    w->sessions[w->num_sessions++] = (wsession_t){.id = rq->session_id, .ctx = ctx};
+    fill_info(&w->sessions[w->num_sessions - 1], rep);
     return AT_OK;
 }
 
@@ -130,19 +147,14 @@ static at_err_t do_close(worker_t *w, const svc_req_t *rq) {
     return AT_OK;
 }
 
-static at_err_t do_attend(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_diag_t *d) {
-    wsession_t *s = find_session(w, rq->session_id);
-    if (s == NULL)
-        return AT_ERR_SESSION_NOT_FOUND;
-    if (s->ctx == NULL) { /* the null device: the call got here; that is all it measures */
-        rep->kv_capacity_tokens = s->capacity_tokens;
-        return AT_OK;
-    }
-    if (w->items_len != (size_t)rq->num_items * sizeof(att_chunk_t))
-        return at_diag_set(d, AT_ERR_INTERNAL, "attend: chunk frame of %zu bytes", w->items_len);
-    att_call_t call = {
+/* The call a request describes, its tensors in the arena. */
+static at_err_t make_call(worker_t *w, const slot_t *sl, att_call_t *call, at_diag_t *d) {
+    const svc_req_t *rq = &sl->rq;
+    if (sl->items_len != (size_t)rq->num_items * sizeof(att_chunk_t))
+        return at_diag_set(d, AT_ERR_INTERNAL, "attend: chunk frame of %zu bytes", sl->items_len);
+    *call = (att_call_t){
         .layer = rq->layer,
-        .chunks = w->items,
+        .chunks = sl->items,
         .num_chunks = rq->num_items,
         .q = region(w, rq->q_off, rq->q_len),
         .q_bytes = rq->q_len,
@@ -153,24 +165,74 @@ static at_err_t do_attend(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_d
         .out = region(w, rq->out_off, rq->out_len),
         .out_bytes = rq->out_len,
     };
-    if (call.q == NULL || call.k == NULL || call.v == NULL || call.out == NULL)
+    if (call->q == NULL || call->k == NULL || call->v == NULL || call->out == NULL)
         return at_diag_set(d, AT_ERR_INTERNAL, "attend: a tensor region lies outside the arena");
-    at_err_t e = rq->op == SVC_OP_APPEND ? att_ctx_append(s->ctx, &call, d)
-                                         : att_ctx_attend(s->ctx, &call, d);
-    fill_info(s->ctx, rep);
-    return e;
+    return AT_OK;
 }
 
-static at_err_t do_release(worker_t *w, const svc_req_t *rq, svc_rep_t *rep, at_diag_t *d) {
+/* Whether request i of a batch led by `first` may run on session s (NULL: not on this worker). */
+static at_err_t admit(const wsession_t *s, const svc_req_t *first, const svc_req_t *rq,
+                      int64_t now, at_diag_t *d) {
+    if (s == NULL || rq->session_id != first->session_id)
+        return AT_ERR_SESSION_NOT_FOUND;
+    if (rq->op != first->op || rq->layer != first->layer)
+        return at_diag_set(d, AT_ERR_INTERNAL, "a batch mixes operations or layers");
+    if (rq->deadline_ns != 0 && now > rq->deadline_ns)
+        return AT_ERR_DEADLINE;
+    return AT_OK;
+}
+
+/* Runs the n ATTEND (or APPEND) requests in w->slots, which the pool batched: one session, one op.
+ * Each gets its own answer in reps[i] and diags[i]; those that can share a backend run do.
+ * Requests whose arrival failed (arrived[i]) are answered with that error and not run. */
+static void do_attend(worker_t *w, uint32_t n, const at_err_t *arrived, svc_rep_t *reps,
+                      at_diag_t *diags) {
+    const svc_req_t *first = &w->slots[0].rq;
+    wsession_t *s = find_session(w, first->session_id);
+    att_call_t calls[SVC_BATCH_MAX];
+    at_err_t errs[SVC_BATCH_MAX];
+    at_diag_t cd[SVC_BATCH_MAX];
+    uint32_t idx[SVC_BATCH_MAX], m = 0; /* calls[j] is request idx[j] */
+    int64_t now = now_ns();
+    for (uint32_t i = 0; i < n; i++) {
+        at_err_t e = arrived[i];
+        if (e == AT_OK)
+            e = admit(s, first, &w->slots[i].rq, now, &diags[i]);
+        /* the null device stops here: the call got this far, which is all it measures */
+        if (e == AT_OK && s->ctx != NULL && (e = make_call(w, &w->slots[i], &calls[m],
+                                                           &diags[i])) == AT_OK)
+            idx[m++] = i;
+        else if (e == AT_OK)
+            s->calls++;
+        reps[i].err = e;
+    }
+    if (s == NULL)
+        return;
+    if (s->ctx == NULL) {
+        s->null_runs++;
+    } else if (m > 0) {
+        memset(cd, 0, m * sizeof cd[0]);
+        att_ctx_run_many(s->ctx, calls, m, first->op == SVC_OP_ATTEND, errs, cd);
+        for (uint32_t j = 0; j < m; j++) {
+            reps[idx[j]].err = errs[j];
+            diags[idx[j]] = cd[j];
+            s->calls += errs[j] == AT_OK;
+        }
+    }
+    for (uint32_t i = 0; i < n; i++)
+        fill_info(s, &reps[i]);
+}
+
+static at_err_t do_release(worker_t *w, const slot_t *sl, svc_rep_t *rep, at_diag_t *d) {
+    const svc_req_t *rq = &sl->rq;
     wsession_t *s = find_session(w, rq->session_id);
     if (s == NULL)
         return AT_ERR_SESSION_NOT_FOUND;
-    if (w->items_len != (size_t)rq->num_items * sizeof(uint64_t))
-        return at_diag_set(d, AT_ERR_INTERNAL, "release: id frame of %zu bytes", w->items_len);
-    if (s->ctx == NULL)
-        return AT_OK;
-    att_ctx_release(s->ctx, w->items, rq->num_items, &rep->released);
-    fill_info(s->ctx, rep);
+    if (sl->items_len != (size_t)rq->num_items * sizeof(uint64_t))
+        return at_diag_set(d, AT_ERR_INTERNAL, "release: id frame of %zu bytes", sl->items_len);
+    if (s->ctx != NULL)
+        att_ctx_release(s->ctx, sl->items, rq->num_items, &rep->released);
+    fill_info(s, rep);
     return AT_OK;
 }
 
@@ -178,8 +240,9 @@ static int send_rep(worker_t *w, const svc_rep_t *rep) {
     return zmq_send(w->sock, rep, sizeof *rep, 0) == (int)sizeof *rep ? 0 : -1;
 }
 
-/* Receives one request: the header, then the optional items frame into w->items. */
-static at_err_t recv_req(worker_t *w, svc_req_t *rq) {
+/* Receives one request into sl: the header, then the optional items frame. AT_ERR_IO when the
+ * socket is gone. */
+static at_err_t recv_req(worker_t *w, slot_t *sl) {
     zmq_msg_t m;
     zmq_msg_init(&m);
     if (zmq_msg_recv(&m, w->sock, 0) < 0) {
@@ -187,39 +250,65 @@ static at_err_t recv_req(worker_t *w, svc_req_t *rq) {
         return AT_ERR_IO;
     }
     at_err_t e = AT_OK;
-    if (zmq_msg_size(&m) != sizeof *rq)
+    if (zmq_msg_size(&m) != sizeof sl->rq)
         e = AT_ERR_INTERNAL;
     else
-        memcpy(rq, zmq_msg_data(&m), sizeof *rq);
+        memcpy(&sl->rq, zmq_msg_data(&m), sizeof sl->rq);
     int more = zmq_msg_more(&m);
     zmq_msg_close(&m);
-    free(w->items);
-    w->items = NULL;
-    w->items_len = 0;
+    free(sl->items);
+    sl->items = NULL;
+    sl->items_len = 0;
     if (more) {
         zmq_msg_init(&m);
         if (zmq_msg_recv(&m, w->sock, 0) < 0) {
             zmq_msg_close(&m);
             return AT_ERR_IO;
         }
-        w->items_len = zmq_msg_size(&m);
-        w->items = malloc(w->items_len ? w->items_len : 1);
-        if (w->items == NULL)
+        sl->items_len = zmq_msg_size(&m);
+        sl->items = malloc(sl->items_len ? sl->items_len : 1);
+        if (sl->items == NULL)
             e = AT_ERR_NOMEM;
         else
-            memcpy(w->items, zmq_msg_data(&m), w->items_len);
+            memcpy(sl->items, zmq_msg_data(&m), sl->items_len);
         zmq_msg_close(&m);
     }
-    if (e == AT_OK && rq->magic != SVC_MSG_MAGIC)
+    if (e == AT_OK && sl->rq.magic != SVC_MSG_MAGIC)
         e = AT_ERR_INTERNAL;
     return e;
+}
+
+/* Receives the rest of a batch begun by slot 0; *n counts the requests received. A request that
+ * does not belong (the pool's bug) is answered INTERNAL through errs. */
+static at_err_t recv_batch(worker_t *w, uint32_t *n, at_err_t *errs) {
+    const svc_req_t *first = &w->slots[0].rq;
+    uint32_t size = first->batch_size;
+    *n = 1;
+    if (size <= 1)
+        return AT_OK;
+    if (size > SVC_BATCH_MAX || first->batch_index != 0) {
+        errs[0] = AT_ERR_INTERNAL;
+        return AT_OK;
+    }
+    for (uint32_t i = 1; i < size; i++) {
+        at_err_t e = recv_req(w, &w->slots[i]);
+        if (e == AT_ERR_IO)
+            return e;
+        const svc_req_t *rq = &w->slots[i].rq;
+        if (e == AT_OK && (rq->batch_size != size || rq->batch_index != i))
+            e = AT_ERR_INTERNAL;
+        errs[i] = e;
+        (*n)++;
+    }
+    return AT_OK;
 }
 
 static void worker_fini(worker_t *w) {
     for (uint32_t i = 0; i < w->num_sessions; i++)
         att_ctx_destroy(&w->sessions[i].ctx);
     free(w->sessions);
-    free(w->items);
+    for (uint32_t i = 0; i < SVC_BATCH_MAX; i++)
+        free(w->slots[i].items);
     att_backend_destroy(&w->be);
     svc_arena_destroy(&w->arena);
     if (w->sock != NULL)
@@ -262,31 +351,42 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     at_log(AT_LOG_INFO, "worker", "%s: ready (%s)", cfg->device,
            w.null_device ? "no attention work: measures the service alone" : att_cpu_isa(w.be));
     for (;;) {
-        svc_req_t rq;
-        svc_rep_t rep = {.magic = SVC_MSG_MAGIC};
-        d.msg[0] = '\0';
-        e = recv_req(&w, &rq);
-        if (e == AT_ERR_IO)
+        svc_rep_t reps[SVC_BATCH_MAX];
+        at_diag_t diags[SVC_BATCH_MAX];
+        at_err_t errs[SVC_BATCH_MAX] = {AT_OK};
+        uint32_t n = 1;
+        errs[0] = recv_req(&w, &w.slots[0]);
+        if (errs[0] == AT_ERR_IO)
             break; /* the socket is gone: the server is stopping */
-        rep.job_id = rq.job_id;
-        bool tensor_op = rq.op == SVC_OP_ATTEND || rq.op == SVC_OP_APPEND;
-        if (e == AT_OK && rq.deadline_ns != 0 && tensor_op && now_ns() > rq.deadline_ns)
-            e = AT_ERR_DEADLINE;
-        else if (e == AT_OK) {
-            switch (rq.op) {
-            case SVC_OP_CREATE: e = do_create(&w, &rq, &rep, &d); break;
-            case SVC_OP_CLOSE: e = do_close(&w, &rq); break;
-            case SVC_OP_ATTEND:
-            case SVC_OP_APPEND: e = do_attend(&w, &rq, &rep, &d); break;
-            case SVC_OP_RELEASE: e = do_release(&w, &rq, &rep, &d); break;
-            case SVC_OP_STOP: e = AT_OK; break;
-            default: e = at_diag_set(&d, AT_ERR_INTERNAL, "unknown op %u", rq.op); break;
-            }
+        const svc_req_t *rq = &w.slots[0].rq;
+        bool tensor_op = rq->op == SVC_OP_ATTEND || rq->op == SVC_OP_APPEND;
+        if (errs[0] == AT_OK && tensor_op && recv_batch(&w, &n, errs) != AT_OK)
+            break;
+        for (uint32_t i = 0; i < n; i++) {
+            reps[i] = (svc_rep_t){.magic = SVC_MSG_MAGIC, .job_id = w.slots[i].rq.job_id};
+            diags[i].msg[0] = '\0';
         }
-        rep.err = e;
-        memcpy(rep.diag, d.msg, sizeof rep.diag);
-        rep.diag[sizeof rep.diag - 1] = '\0';
-        if (send_rep(&w, &rep) != 0 || rq.op == SVC_OP_STOP)
+        if (errs[0] != AT_OK) {
+            reps[0].err = errs[0];
+        } else if (tensor_op) {
+            do_attend(&w, n, errs, reps, diags);
+        } else {
+            switch (rq->op) {
+            case SVC_OP_CREATE: e = do_create(&w, &w.slots[0], &reps[0], &diags[0]); break;
+            case SVC_OP_CLOSE: e = do_close(&w, rq); break;
+            case SVC_OP_RELEASE: e = do_release(&w, &w.slots[0], &reps[0], &diags[0]); break;
+            case SVC_OP_STOP: e = AT_OK; break;
+            default: e = at_diag_set(&diags[0], AT_ERR_INTERNAL, "unknown op %u", rq->op); break;
+            }
+            reps[0].err = e;
+        }
+        bool stop = rq->op == SVC_OP_STOP, sent = true;
+        for (uint32_t i = 0; i < n && sent; i++) {
+            memcpy(reps[i].diag, diags[i].msg, sizeof reps[i].diag);
+            reps[i].diag[sizeof reps[i].diag - 1] = '\0';
+            sent = send_rep(&w, &reps[i]) == 0;
+        }
+        if (!sent || stop)
             break;
     }
     at_log(AT_LOG_INFO, "worker", "%s: stopped with %u sessions open", cfg->device,

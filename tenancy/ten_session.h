@@ -24,6 +24,8 @@ typedef struct ten_session_figures {
     uint64_t kv_capacity_tokens;
     uint64_t kv_used_tokens;
     uint32_t num_sequences;
+    uint64_t calls;        /* Attend and Append calls that succeeded */
+    uint64_t backend_runs; /* device runs they took (dynamic batching merges calls) */
 } ten_session_figures_t;
 
 /* What a session was created with, besides its resolved model. */

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine, then builds and runs the whole test suite twice: an optimized
-# build, and an AddressSanitizer + UndefinedBehaviorSanitizer build. Warnings are errors in both.
+# build, and an AddressSanitizer + UndefinedBehaviorSanitizer build; then the tests of the
+# threaded parts (server, device pools and workers, tenancy) in a ThreadSanitizer build.
+# Warnings are errors in all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
@@ -19,4 +21,15 @@ run_suite() { # name build-dir cmake-args...
 run_suite "release" build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite "asan+ubsan" build-asan -DCMAKE_BUILD_TYPE=Debug -DAT_ASAN=ON -DAT_UBSAN=ON
+
+# TSan: the server end to end (C client and the Python interop suite against a TSan attnd). gRPC
+# and ZeroMQ are not built with TSan; tests/tsan.supp says what that costs.
+echo "== tsan: configure and build (build-tsan)"
+cmake -S . -B build-tsan -DAT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAT_TSAN=ON >/dev/null
+tsan_tests=(test_svc_e2e)
+cmake --build build-tsan -j"$jobs" --target attnd at_py_stubs "${tsan_tests[@]}"
+echo "== tsan: ctest"
+regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop)\$"
+(cd build-tsan && TSAN_OPTIONS="suppressions=$PWD/../tests/tsan.supp:halt_on_error=1" \
+  ctest --output-on-failure --timeout 1500 -R "$regex")
 echo "== all suites passed"

@@ -229,6 +229,27 @@ class T1Sessions(Base):
                               timeout=tl.RPC_TIMEOUT_S)
                 self.assert_code(e, grpc.StatusCode.NOT_FOUND)
 
+    def test_health_watch(self):
+        """Watch sends the current status at once and keeps the stream open; an unknown service
+        is SERVICE_UNKNOWN on the stream (not an error), as the health protocol says."""
+        h = tl.health_stub(CHANNEL)
+        for svc, want in (("", health_pb.HealthCheckResponse.SERVING),
+                          ("attnd.v1.Attention", health_pb.HealthCheckResponse.SERVING),
+                          ("attnd.v1.Nope", health_pb.HealthCheckResponse.SERVICE_UNKNOWN)):
+            with self.subTest(service=svc):
+                stream = h.Watch(health_pb.HealthCheckRequest(service=svc),
+                                 timeout=tl.RPC_TIMEOUT_S)
+                first = next(stream)
+                self.assertEqual(first.status, want)
+                time.sleep(0.1)
+                self.assertTrue(stream.is_active(), "the watch ended after its first message")
+                stream.cancel()
+                e = rpc_error(next, stream)
+                self.assert_code(e, grpc.StatusCode.CANCELLED)
+        # the server carries on after its watchers left
+        r = h.Check(health_pb.HealthCheckRequest(service=""), timeout=tl.RPC_TIMEOUT_S)
+        self.assertEqual(r.status, health_pb.HealthCheckResponse.SERVING)
+
     def test_unknown_method(self):
         for path in ("/attnd.v1.Attention/Nope", "/attnd.v2.Attention/Attend",
                      "/grpc.health.v1.Health/Watch2"):
@@ -360,7 +381,10 @@ class T2Attend(Base):
                 fig1 = s.get()
                 _, second = s.attend(None, call=call)
                 self.assertEqual(first, second, "a retried call returned different bytes")
-                self.assertEqual(fig1, s.get())
+                fig2 = s.get()
+                self.assertEqual(fig2.attend_calls, fig1.attend_calls + 1)
+                fig2.attend_calls, fig2.backend_runs = fig1.attend_calls, fig1.backend_runs
+                self.assertEqual(fig1, fig2)  # the cache's state is the same
                 self.assert_figures(s)
                 # roll back into the middle of a block and write something else
                 s.attend([(7, 13, 2)], rng=rng)
@@ -1033,6 +1057,93 @@ CONCURRENT_MODELS = [
 ]
 
 
+class T9Batching(Base):
+    def batched_round(self, srv, clients, rounds, bad_client=None):
+        """`clients` threads, each on its own channel and sequences of one shared session, start
+        each round together (a barrier) so their calls queue up at once: a prefill round, then
+        decode rounds alternating layers. Every output is checked against the reference.
+        bad_client's call in round 1 starts past its sequence's end: it alone is OUT_OF_RANGE.
+        Returns the session's info and the number of calls that succeeded."""
+        m = tl.Model(num_layers=2, hq=8, hkv=2, d=64, dtype="bf16", block_size=8)
+        name = uname("batch")
+        stub0 = tl.pb_grpc.AttentionStub(srv.channel())
+        tl.Session(stub0, name, m, capacity=16384).create()
+        seeds = rng_for(self).integers(0, 1 << 31, size=clients)
+        views = [tl.Session(tl.pb_grpc.AttentionStub(srv.channel()), name, m)
+                 for _ in range(clients)]
+        barrier = threading.Barrier(clients)
+        ok = [0] * clients
+
+        def client(ci):
+            rng = np.random.default_rng(int(seeds[ci]))
+            v = views[ci]
+            seq = 1000 + ci
+            for r in range(rounds):
+                layer = 0 if r == 0 else r % 2
+                if r == 0:
+                    chunks = [(seq, 0, 20 + ci)]
+                else:
+                    chunks = [(seq, v.ref.seq_len(seq, layer), 1)]
+                barrier.wait(timeout=60)
+                if r == 1 and ci == bad_client:
+                    call = tl.Call(m, [(seq, v.ref.seq_len(seq, layer) + 5, 1)], rng)
+                    err = rpc_error(v.raw_attend, call, layer=layer)
+                    self.assert_code(err, grpc.StatusCode.OUT_OF_RANGE)
+                    continue
+                v.attend(chunks, layer=layer, rng=rng)
+                ok[ci] += 1
+
+        errors = tl.run_threads([lambda ci=ci: client(ci) for ci in range(clients)],
+                                timeout=max(300.0, tl.RPC_TIMEOUT_S * 2))
+        self.assertEqual(errors, [], "\n".join(errors))
+        info = stub0.GetSession(pb.GetSessionRequest(session=name), timeout=tl.RPC_TIMEOUT_S)
+        self.assertEqual(info.kv_used_tokens, sum(v.ref.kv_used_tokens() for v in views))
+        self.assertEqual(info.num_sequences, sum(v.ref.num_sequences() for v in views))
+        return info, sum(ok)
+
+    def test_queued_calls_merge_and_each_gets_its_answer(self):
+        """With a queueing delay long enough for a round of concurrent calls to meet, calls of
+        one session and layer over distinct sequences run merged: fewer device runs than calls
+        (GetSession's backend_runs vs attend_calls), every output still exact, and a bad call
+        in a merged round fails alone."""
+        srv = tl.AttndServer(cpu_threads=1, extra_args=["--batch-delay-us", "500000"]).start()
+        try:
+            info, calls = self.batched_round(srv, clients=6, rounds=5, bad_client=2)
+            print("    %d calls in %d device runs" % (info.attend_calls, info.backend_runs))
+            self.assertEqual(info.attend_calls, calls)
+            self.assertLess(info.backend_runs, info.attend_calls)
+            self.assertGreaterEqual(info.backend_runs, 5)  # rounds never merge: a barrier apart
+            self.assertEqual(srv.stop(), 0, srv.log_text())
+        finally:
+            srv.cleanup()
+
+    def test_token_budget_bounds_a_batch(self):
+        """--batch-tokens 60 with prefill calls of 20-25 tokens: at most two calls share a run in
+        the prefill round; decode calls (1 token) merge more."""
+        srv = tl.AttndServer(cpu_threads=1, extra_args=["--batch-delay-us", "500000",
+                                                        "--batch-tokens", "60"]).start()
+        try:
+            info, calls = self.batched_round(srv, clients=6, rounds=1)
+            print("    %d calls in %d device runs" % (info.attend_calls, info.backend_runs))
+            self.assertEqual(info.attend_calls, 6)
+            self.assertGreaterEqual(info.backend_runs, 3)
+            self.assertLess(info.backend_runs, 6)
+            self.assertEqual(srv.stop(), 0, srv.log_text())
+        finally:
+            srv.cleanup()
+
+    def test_batching_off(self):
+        """--batch-tokens 0: every call is a run of its own."""
+        srv = tl.AttndServer(cpu_threads=1, extra_args=["--batch-tokens", "0"]).start()
+        try:
+            info, calls = self.batched_round(srv, clients=4, rounds=3)
+            self.assertEqual(info.attend_calls, calls)
+            self.assertEqual(info.backend_runs, calls)
+            self.assertEqual(srv.stop(), 0, srv.log_text())
+        finally:
+            srv.cleanup()
+
+
 class T4Concurrency(Base):
     CLIENTS = 8
     CALLS = 20
@@ -1096,6 +1207,28 @@ class T4Concurrency(Base):
 
 
 class T5Shutdown(Base):
+    def test_sigterm_tells_health_watchers(self):
+        """On SIGTERM a watcher gets NOT_SERVING, then its stream ends with UNAVAILABLE, and it
+        does not hold the shutdown for the grace period (60 s here)."""
+        srv = tl.AttndServer(extra_args=["--grace-ms", "60000"]).start()
+        try:
+            h = tl.health_stub(srv.channel())
+            streams = [h.Watch(health_pb.HealthCheckRequest(service=svc),
+                               timeout=tl.RPC_TIMEOUT_S) for svc in ("", "attnd.v1.Attention")]
+            for st in streams:
+                self.assertEqual(next(st).status, health_pb.HealthCheckResponse.SERVING)
+            srv.signal_term()
+            for st in streams:
+                self.assertEqual(next(st).status, health_pb.HealthCheckResponse.NOT_SERVING)
+                e = rpc_error(next, st)
+                self.assert_code(e, grpc.StatusCode.UNAVAILABLE)
+            rc = srv.wait(tl.STOP_TIMEOUT_S)
+            self.assertEqual(rc, 0, "attnd serve exited %s:\n%s" % (rc, srv.log_text()))
+            self.assertNotIn("grace period over", srv.log_text(),
+                             "the watchers held the shutdown until the grace period ran out")
+        finally:
+            srv.cleanup()
+
     def test_sigterm_with_calls_in_flight(self):
         srv = tl.AttndServer(extra_args=["--grace-ms", "60000"]).start()
         try:
