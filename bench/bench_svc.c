@@ -11,11 +11,7 @@
 #include "bench/bench.h"
 
 #include <errno.h>
-#include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
-#include <grpc/grpc_security.h>
-#include <grpc/support/time.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -27,6 +23,7 @@
 #include <unistd.h>
 
 #include "attnd/v1/attention.pb-c.h"
+#include "bench/bench_client.h"
 
 typedef struct bopts {
     char target[128];
@@ -46,47 +43,16 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* One unary call on channel ch with its own pluck queue; returns the status, details into msg. */
+/* One unary call on channel ch with the pluck queue cq (600 s deadline); returns the status,
+ * details into msg. A call that cannot be started reads as UNKNOWN. */
 static grpc_status_code call_unary(grpc_channel *ch, grpc_completion_queue *cq, const char *method,
                                    const packed_t *req, char *msg, size_t msg_len) {
-    gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
-                                   gpr_time_from_seconds(600, GPR_TIMESPAN));
-    grpc_call *call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-                                               grpc_slice_from_static_string(method), NULL, dl,
-                                               NULL);
-    grpc_slice body = grpc_slice_from_static_buffer(req->p, req->n);
-    grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&body, 1);
-    grpc_metadata_array im, tm;
-    grpc_metadata_array_init(&im);
-    grpc_metadata_array_init(&tm);
-    grpc_byte_buffer *recv = NULL;
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice details = grpc_empty_slice();
-    grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &im;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &tm;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK)
-        grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    snprintf(msg, msg_len, "%.*s", (int)GRPC_SLICE_LENGTH(details),
-             (const char *)GRPC_SLICE_START_PTR(details));
-    if (recv != NULL)
-        grpc_byte_buffer_destroy(recv);
-    grpc_slice_unref(details);
-    grpc_metadata_array_destroy(&im);
-    grpc_metadata_array_destroy(&tm);
-    grpc_byte_buffer_destroy(send);
-    grpc_call_unref(call);
+    bench_call_cfg_t cfg = {.method = method, .timeout_ms = 600000};
+    bench_reply_t r;
+    bench_call_unary(ch, cq, &cfg, req->p, req->n, &r);
+    snprintf(msg, msg_len, "%s", r.details);
+    grpc_status_code status = r.status;
+    bench_reply_fini(&r);
     return status;
 }
 
@@ -198,7 +164,7 @@ typedef struct caller {
 
 static void *caller_main(void *arg) {
     caller_t *c = arg;
-    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    grpc_completion_queue *cq = bench_cq_create();
     for (uint32_t i = 0; i < c->calls; i++) {
         double t0 = now_s();
         grpc_status_code st = call_unary(c->ch, cq, "/attnd.v1.Attention/Attend", c->req, c->msg,
@@ -209,11 +175,7 @@ static void *caller_main(void *arg) {
             break;
         }
     }
-    grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
-    }
-    grpc_completion_queue_destroy(cq);
+    bench_cq_destroy(&cq);
     return NULL;
 }
 
@@ -372,15 +334,8 @@ int bench_svc_main(int argc, char **argv) {
         return 1;
     }
     grpc_init();
-    grpc_arg args[2] = {
-        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = 256 << 20},
-        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = 256 << 20},
-    };
-    grpc_channel_args ca = {.num_args = 2, .args = args};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    grpc_channel *ch = grpc_channel_create(o.target, creds, &ca);
-    grpc_channel_credentials_release(creds);
-    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    grpc_channel *ch = bench_channel_create(o.target);
+    grpc_completion_queue *cq = bench_cq_create();
     stats_t st[2] = {{0}};
     const char *devices[2] = {"cpu", "null"};
     rc = 1;
@@ -427,11 +382,7 @@ int bench_svc_main(int argc, char **argv) {
     rc = 0;
 out:
     grpc_channel_destroy(ch);
-    grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
-    }
-    grpc_completion_queue_destroy(cq);
+    bench_cq_destroy(&cq);
     grpc_shutdown();
     if (server > 0) {
         kill(server, SIGTERM);

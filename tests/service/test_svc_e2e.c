@@ -2,11 +2,7 @@
  * shared-memory arena, gRPC C core) on 127.0.0.1 with a free port, called through a real channel.
  * Outputs are compared byte for byte with an att_ctx on a CPU backend in this process (the same
  * kernels and work split give the same bits). */
-#include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
-#include <grpc/grpc_security.h>
-#include <grpc/support/time.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -21,6 +17,7 @@
 #include "attention/att_cpu.h"
 #include "attention/att_ctx.h"
 #include "attnd/v1/attention.pb-c.h"
+#include "bench/bench_client.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
@@ -49,21 +46,15 @@ static int setup(void **state) {
     assert_int_equal(svc_server_create(&sc, &d, &g.srv), AT_OK);
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", svc_server_port(g.srv));
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    g.ch = grpc_channel_create(target, creds, NULL);
-    grpc_channel_credentials_release(creds);
-    g.cq = grpc_completion_queue_create_for_pluck(NULL);
+    g.ch = bench_channel_create(target);
+    g.cq = bench_cq_create();
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
     grpc_channel_destroy(g.ch);
-    grpc_completion_queue_shutdown(g.cq);
-    while (grpc_completion_queue_pluck(g.cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
-    }
-    grpc_completion_queue_destroy(g.cq);
+    bench_cq_destroy(&g.cq);
     svc_server_drain(g.srv, 1000);
     svc_pool_destroy(&g.pool);
     svc_server_destroy(&g.srv);
@@ -71,81 +62,23 @@ static int teardown(void **state) {
     return 0;
 }
 
-typedef struct result {
-    grpc_status_code status;
-    char details[512];
-    uint8_t *body; /* malloc'd response bytes (NULL when none) */
-    size_t len;
-} result_t;
-
-/* One unary call: request bytes in, status and response bytes out. deadline_ms 0 = 30 s. */
+/* One unary call: request bytes in, status and response bytes out (r: bench_reply_fini).
+ * deadline_ms 0 = 30 s. */
 static void call_unary(const char *method, const void *req, size_t req_len, int deadline_ms,
-                       result_t *r) {
-    memset(r, 0, sizeof *r);
-    gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
-                                   gpr_time_from_millis(deadline_ms ? deadline_ms : 30000,
-                                                        GPR_TIMESPAN));
-    grpc_slice m = grpc_slice_from_static_string(method);
-    grpc_call *call = grpc_channel_create_call(g.ch, NULL, GRPC_PROPAGATE_DEFAULTS, g.cq, m, NULL,
-                                               dl, NULL);
-    grpc_slice body = grpc_slice_from_copied_buffer(req, req_len);
-    grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&body, 1);
-    grpc_slice_unref(body);
-    grpc_metadata_array init_md, trail_md;
-    grpc_metadata_array_init(&init_md);
-    grpc_metadata_array_init(&trail_md);
-    grpc_byte_buffer *recv = NULL;
-    grpc_slice details = grpc_empty_slice();
-    grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
-    ops[5].data.recv_status_on_client.status = &r->status;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    assert_int_equal(grpc_call_start_batch(call, ops, 6, (void *)1, NULL), GRPC_CALL_OK);
-    grpc_event ev = grpc_completion_queue_pluck(g.cq, (void *)1,
-                                                gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    assert_int_equal(ev.type, GRPC_OP_COMPLETE);
-    snprintf(r->details, sizeof r->details, "%.*s", (int)GRPC_SLICE_LENGTH(details),
-             (const char *)GRPC_SLICE_START_PTR(details));
-    if (recv != NULL) {
-        grpc_byte_buffer_reader rd;
-        grpc_byte_buffer_reader_init(&rd, recv);
-        grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-        r->len = GRPC_SLICE_LENGTH(all);
-        r->body = malloc(r->len + 1);
-        memcpy(r->body, GRPC_SLICE_START_PTR(all), r->len);
-        grpc_slice_unref(all);
-        grpc_byte_buffer_reader_destroy(&rd);
-        grpc_byte_buffer_destroy(recv);
-    }
-    grpc_slice_unref(details);
-    grpc_metadata_array_destroy(&init_md);
-    grpc_metadata_array_destroy(&trail_md);
-    grpc_byte_buffer_destroy(send);
-    grpc_call_unref(call);
+                       bench_reply_t *r) {
+    bench_call_cfg_t cfg = {.method = method, .timeout_ms = deadline_ms ? deadline_ms : 30000,
+                            .keep_body = true};
+    if (bench_call_unary(g.ch, g.cq, &cfg, req, req_len, r) != 0)
+        fail_msg("%s: %s", method, r->details);
 }
 
 static void call_msg(const char *method, const ProtobufCMessage *msg, int deadline_ms,
-                     result_t *r) {
+                     bench_reply_t *r) {
     size_t n = protobuf_c_message_get_packed_size(msg);
     uint8_t *buf = malloc(n + 1);
     protobuf_c_message_pack(msg, buf);
     call_unary(method, buf, n, deadline_ms, r);
     free(buf);
-}
-
-static void result_free(result_t *r) {
-    free(r->body);
-    r->body = NULL;
 }
 
 /* A small GQA model: 4 query heads, 2 KV heads, head_dim 16, f32, 2 layers. */
@@ -166,12 +99,12 @@ static void create_session(const char *name, uint64_t capacity, grpc_status_code
     rq.session = (char *)name;
     rq.model = &mc;
     rq.kv_capacity_tokens = capacity;
-    result_t r;
+    bench_reply_t r;
     call_msg("/attnd.v1.Attention/CreateSession", &rq.base, 0, &r);
     if (r.status != want)
         fail_msg("CreateSession %s: status %d (%s), want %d", name, r.status, r.details, want);
     if (want == GRPC_STATUS_OK) {
-        Attnd__V1__SessionInfo *info = attnd__v1__session_info__unpack(NULL, r.len, r.body);
+        Attnd__V1__SessionInfo *info = attnd__v1__session_info__unpack(NULL, r.body_bytes, r.body);
         assert_non_null(info);
         assert_string_equal(info->session, name);
         assert_string_equal(info->device, "cpu");
@@ -179,12 +112,12 @@ static void create_session(const char *name, uint64_t capacity, grpc_status_code
         assert_int_equal(info->kv_capacity_tokens % 16, 0); /* whole blocks */
         attnd__v1__session_info__free_unpacked(info, NULL);
     }
-    result_free(&r);
+    bench_reply_fini(&r);
 }
 
 static void attend(const char *session, uint32_t layer, const att_chunk_t *chunks, uint32_t n,
                    const float *q, const float *k, const float *v, uint32_t tokens,
-                   result_t *r) {
+                   bench_reply_t *r) {
     Attnd__V1__SequenceChunk sc[16], *scp[16];
     assert_true(n <= 16);
     for (uint32_t i = 0; i < n; i++) {
@@ -238,11 +171,11 @@ static void test_svc_e2e_attend_matches_local_backend(void **state) {
             fill(q, (size_t)tokens * 64, &rng);
             fill(k, (size_t)tokens * 32, &rng);
             fill(v, (size_t)tokens * 32, &rng);
-            result_t r;
+            bench_reply_t r;
             attend("e2e.match", layer, steps[s], 2, q, k, v, tokens, &r);
             if (r.status != GRPC_STATUS_OK)
                 fail_msg("step %zu layer %u: %d %s", s, layer, r.status, r.details);
-            Attnd__V1__AttendResponse *resp = attnd__v1__attend_response__unpack(NULL, r.len,
+            Attnd__V1__AttendResponse *resp = attnd__v1__attend_response__unpack(NULL, r.body_bytes,
                                                                                  r.body);
             assert_non_null(resp);
             assert_int_equal(resp->out.len, (size_t)tokens * 64 * 4);
@@ -254,7 +187,7 @@ static void test_svc_e2e_attend_matches_local_backend(void **state) {
             assert_int_equal(att_ctx_attend(ctx, &call, NULL), AT_OK);
             assert_memory_equal(resp->out.data, out, resp->out.len);
             attnd__v1__attend_response__free_unpacked(resp, NULL);
-            result_free(&r);
+            bench_reply_fini(&r);
             free(q);
             free(k);
             free(v);
@@ -265,7 +198,7 @@ static void test_svc_e2e_attend_matches_local_backend(void **state) {
     att_backend_destroy(&be);
 }
 
-static void expect(const result_t *r, grpc_status_code want, const char *needle) {
+static void expect(const bench_reply_t *r, grpc_status_code want, const char *needle) {
     if (r->status != want || (needle != NULL && strstr(r->details, needle) == NULL))
         fail_msg("status %d (%s), want %d with '%s'", r->status, r->details, want,
                  needle ? needle : "");
@@ -274,13 +207,13 @@ static void expect(const result_t *r, grpc_status_code want, const char *needle)
 static uint64_t used_tokens(const char *session) {
     Attnd__V1__GetSessionRequest rq = ATTND__V1__GET_SESSION_REQUEST__INIT;
     rq.session = (char *)session;
-    result_t r;
+    bench_reply_t r;
     call_msg("/attnd.v1.Attention/GetSession", &rq.base, 0, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
-    Attnd__V1__SessionInfo *info = attnd__v1__session_info__unpack(NULL, r.len, r.body);
+    Attnd__V1__SessionInfo *info = attnd__v1__session_info__unpack(NULL, r.body_bytes, r.body);
     uint64_t used = info->kv_used_tokens;
     attnd__v1__session_info__free_unpacked(info, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     return used;
 }
 
@@ -295,51 +228,51 @@ static void test_svc_e2e_errors_map_to_statuses(void **state) {
     cr.session = "e2e.err";
     cr.model = &other;
     cr.kv_capacity_tokens = 64;
-    result_t r;
+    bench_reply_t r;
     call_msg("/attnd.v1.Attention/CreateSession", &cr.base, 0, &r);
     expect(&r, GRPC_STATUS_ALREADY_EXISTS, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     cr.session = "bad name!";
     call_msg("/attnd.v1.Attention/CreateSession", &cr.base, 0, &r);
     expect(&r, GRPC_STATUS_INVALID_ARGUMENT, "session");
-    result_free(&r);
+    bench_reply_fini(&r);
     other.head_dim = 12;
     cr.session = "e2e.bad-model";
     call_msg("/attnd.v1.Attention/CreateSession", &cr.base, 0, &r);
     expect(&r, GRPC_STATUS_INVALID_ARGUMENT, "head_dim");
-    result_free(&r);
+    bench_reply_fini(&r);
 
     float q[4 * 64] = {0}, k[4 * 32] = {0}, v[4 * 32] = {0};
     att_chunk_t ok[1] = {{7, 0, 4}};
     attend("e2e.err", 0, ok, 1, q, k, v, 4, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     uint64_t used = used_tokens("e2e.err");
     assert_int_equal(used, 16);
 
     attend("e2e.nope", 0, ok, 1, q, k, v, 4, &r);
     expect(&r, GRPC_STATUS_NOT_FOUND, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     attend("e2e.err", 0, ok, 1, q, k, v, 3, &r); /* q, k, v sized for 3 tokens, chunk says 4 */
     expect(&r, GRPC_STATUS_INVALID_ARGUMENT, "q:");
-    result_free(&r);
+    bench_reply_fini(&r);
     attend("e2e.err", 5, ok, 1, q, k, v, 4, &r);
     expect(&r, GRPC_STATUS_INVALID_ARGUMENT, "layer");
-    result_free(&r);
+    bench_reply_fini(&r);
     att_chunk_t past[1] = {{7, 9, 4}};
     attend("e2e.err", 0, past, 1, q, k, v, 4, &r);
     expect(&r, GRPC_STATUS_OUT_OF_RANGE, "start_pos");
-    result_free(&r);
+    bench_reply_fini(&r);
     att_chunk_t big[1] = {{8, 0, 4}}, bigger[1] = {{9, 0, 4}};
     for (int i = 0; i < 3; i++) { /* 64 tokens = 4 blocks; three sequences take 3 */
         att_chunk_t c1[1] = {{(uint64_t)(100 + i), 0, 4}};
         attend("e2e.err", 0, c1, 1, q, k, v, 4, &r);
         expect(&r, GRPC_STATUS_OK, NULL);
-        result_free(&r);
+        bench_reply_fini(&r);
     }
     attend("e2e.err", 0, big, 1, q, k, v, 4, &r);
     expect(&r, GRPC_STATUS_RESOURCE_EXHAUSTED, "kv capacity");
-    result_free(&r);
+    bench_reply_fini(&r);
     assert_int_equal(used_tokens("e2e.err"), 64);
     (void)bigger;
 
@@ -348,12 +281,12 @@ static void test_svc_e2e_errors_map_to_statuses(void **state) {
     gr.session = "e2e.err";
     call_msg("/attnd.v1.Attention/GetSession", &gr.base, 1, &r);
     assert_true(r.status == GRPC_STATUS_DEADLINE_EXCEEDED || r.status == GRPC_STATUS_OK);
-    result_free(&r);
+    bench_reply_fini(&r);
 
     /* an unknown method is answered, not left hanging */
     call_unary("/attnd.v1.Attention/Nope", "", 0, 5000, &r);
     expect(&r, GRPC_STATUS_UNIMPLEMENTED, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
 
     /* release frees blocks; close forgets the name */
     Attnd__V1__ReleaseRequest rr = ATTND__V1__RELEASE_REQUEST__INIT;
@@ -363,36 +296,36 @@ static void test_svc_e2e_errors_map_to_statuses(void **state) {
     rr.seq_ids = ids;
     call_msg("/attnd.v1.Attention/Release", &rr.base, 0, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
-    Attnd__V1__ReleaseResponse *rel = attnd__v1__release_response__unpack(NULL, r.len, r.body);
+    Attnd__V1__ReleaseResponse *rel = attnd__v1__release_response__unpack(NULL, r.body_bytes, r.body);
     assert_int_equal(rel->released, 2);
     attnd__v1__release_response__free_unpacked(rel, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     assert_int_equal(used_tokens("e2e.err"), 32);
     Attnd__V1__CloseSessionRequest cl = ATTND__V1__CLOSE_SESSION_REQUEST__INIT;
     cl.session = "e2e.err";
     call_msg("/attnd.v1.Attention/CloseSession", &cl.base, 0, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     call_msg("/attnd.v1.Attention/CloseSession", &cl.base, 0, &r);
     expect(&r, GRPC_STATUS_NOT_FOUND, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
 }
 
 static void test_svc_e2e_health_and_list(void **state) {
     (void)state;
     Grpc__Health__V1__HealthCheckRequest hr = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
-    result_t r;
+    bench_reply_t r;
     call_msg("/grpc.health.v1.Health/Check", &hr.base, 0, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
     Grpc__Health__V1__HealthCheckResponse *h =
-        grpc__health__v1__health_check_response__unpack(NULL, r.len, r.body);
+        grpc__health__v1__health_check_response__unpack(NULL, r.body_bytes, r.body);
     assert_int_equal(h->status, GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
     grpc__health__v1__health_check_response__free_unpacked(h, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
     hr.service = "no.such.Service";
     call_msg("/grpc.health.v1.Health/Check", &hr.base, 0, &r);
     expect(&r, GRPC_STATUS_NOT_FOUND, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
 
     create_session("e2e.list-b", 32, GRPC_STATUS_OK);
     create_session("e2e.list-a", 32, GRPC_STATUS_OK);
@@ -400,7 +333,7 @@ static void test_svc_e2e_health_and_list(void **state) {
     call_msg("/attnd.v1.Attention/ListSessions", &lr.base, 0, &r);
     expect(&r, GRPC_STATUS_OK, NULL);
     Attnd__V1__ListSessionsResponse *l =
-        attnd__v1__list_sessions_response__unpack(NULL, r.len, r.body);
+        attnd__v1__list_sessions_response__unpack(NULL, r.body_bytes, r.body);
     int a = -1, b = -1;
     for (size_t i = 0; i < l->n_sessions; i++) {
         if (strcmp(l->sessions[i]->session, "e2e.list-a") == 0)
@@ -410,7 +343,7 @@ static void test_svc_e2e_health_and_list(void **state) {
     }
     assert_true(a >= 0 && b > a); /* both there, sorted by name */
     attnd__v1__list_sessions_response__free_unpacked(l, NULL);
-    result_free(&r);
+    bench_reply_fini(&r);
 }
 
 int main(void) {
