@@ -16,6 +16,7 @@
 #ifndef AT_ATTENTION_ATT_BACKEND_H
 #define AT_ATTENTION_ATT_BACKEND_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "attention/att_model.h"
@@ -46,12 +47,25 @@ typedef struct att_batch {
     const att_batch_chunk_t *chunks; /* borrowed for the run; [num_chunks] */
 } att_batch_t;
 
+/* A session's launch and compile figures (backends without a launch cache report zeros). */
+typedef struct att_kv_stats {
+    uint64_t lc_hits;         /* launch-cache lookups that found a prepared launch */
+    uint64_t lc_misses;
+    uint64_t compiles;        /* kernels compiled for this session (0 when all came from cache) */
+    uint64_t launches;
+    uint64_t launch_host_ns;  /* host time spent launching, summed */
+    uint64_t last_host_ns;    /* the last run: host time from entry to its last launch enqueued */
+    uint64_t last_device_ns;  /* the last run's device time (kernels only), when timing is on */
+} att_kv_stats_t;
+
 typedef struct att_backend_ops {
     const char *name; /* "cpu", "cuda", "hip" */
-    /* KV storage of num_blocks blocks for model m (borrowed: m outlives the storage).
-     * AT_ERR_NOMEM when the device cannot hold it. */
+    /* KV storage of num_blocks blocks for model m (borrowed: m outlives the storage), and
+     * whatever else the session needs on the device (a GPU: its compiled kernels).
+     * AT_ERR_NOMEM when the device cannot hold it, AT_ERR_UNSUPPORTED when the backend has no
+     * kernel for m, AT_ERR_DEVICE; diag (may be NULL) says why. */
     at_err_t (*kv_create)(att_backend_t *be, const att_model_t *m, uint32_t num_blocks,
-                          att_kv_t **out);
+                          att_kv_t **out, at_diag_t *diag);
     void (*kv_destroy)(att_backend_t *be, att_kv_t **kv);
     /* Writes the batch's k and v into its blocks, then (attend != 0) computes out. Returns when
      * out is complete. */
@@ -61,6 +75,12 @@ typedef struct att_backend_ops {
     at_err_t (*read_kv)(att_backend_t *be, att_kv_t *kv, uint32_t layer, const uint32_t *blocks,
                         uint32_t pos, uint32_t n, void *k_out, void *v_out);
     void (*destroy)(att_backend_t *be);
+    /* Optional (NULL: nothing to report). */
+    void (*kv_stats)(att_backend_t *be, const att_kv_t *kv, att_kv_stats_t *out);
+    /* Optional (NULL: not needed). Makes [p, p + bytes) of host memory, which outlives the
+     * backend, directly usable for device copies (a GPU pins it for DMA once): the service's
+     * shared-memory arena, so tensors need no staging copy. AT_ERR_DEVICE when it cannot. */
+    at_err_t (*register_host)(att_backend_t *be, void *p, size_t bytes);
 } att_backend_ops_t;
 
 /* Every backend struct starts with this. */

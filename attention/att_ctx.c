@@ -7,6 +7,7 @@
 #include "attention/att_ctx.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "cache/kvc.h"
 
@@ -48,9 +49,13 @@ at_err_t att_ctx_create(att_backend_t *be, const att_model_cfg_t *cfg, uint64_t 
     kvc_cfg_t kc = {model->num_layers, model->block_size, ctx->num_blocks};
     if ((e = kvc_create(&kc, &ctx->kvc)) != AT_OK)
         goto out_ctx;
-    if ((e = be->ops->kv_create(be, model, ctx->num_blocks, &ctx->kv)) != AT_OK) {
-        at_diag_set(diag, e, "kv storage of %u blocks could not be allocated on %s",
-                    ctx->num_blocks, be->ops->name);
+    at_diag_t bd = {{0}};
+    if ((e = be->ops->kv_create(be, model, ctx->num_blocks, &ctx->kv, &bd)) != AT_OK) {
+        if (bd.msg[0] != '\0')
+            at_diag_set(diag, e, "%s: %s", be->ops->name, bd.msg);
+        else
+            at_diag_set(diag, e, "kv storage of %u blocks could not be allocated on %s",
+                        ctx->num_blocks, be->ops->name);
         goto out_ctx;
     }
     *out = ctx;
@@ -238,6 +243,9 @@ void att_ctx_get_info(const att_ctx_t *ctx, att_ctx_info_t *out) {
     out->kv_used_tokens = (uint64_t)st.used_blocks * ctx->model->block_size;
     out->num_sequences = st.num_sequences;
     out->backend_runs = ctx->runs;
+    memset(&out->kv_stats, 0, sizeof out->kv_stats);
+    if (ctx->be->ops->kv_stats != NULL)
+        ctx->be->ops->kv_stats(ctx->be, ctx->kv, &out->kv_stats);
 }
 
 at_err_t att_ctx_seq_len(const att_ctx_t *ctx, uint64_t seq_id, uint32_t layer, uint32_t *len) {

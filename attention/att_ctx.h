@@ -21,6 +21,7 @@ typedef struct att_ctx_info {
     uint64_t kv_used_tokens;     /* blocks in use * block_size */
     uint32_t num_sequences;
     uint64_t backend_runs;       /* backend runs that succeeded; merged calls share one */
+    att_kv_stats_t kv_stats;     /* launch cache and compile figures (zeros on the CPU) */
 } att_ctx_info_t;
 
 /* Validates cfg (AT_ERR_MODEL_*), rounds kv_capacity_tokens up to whole blocks (AT_ERR_KV_CAPACITY

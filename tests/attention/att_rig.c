@@ -103,8 +103,15 @@ void att_rig_note_id(att_rig_t *r, uint64_t id) {
 
 void att_rig_init(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity_tokens,
                   const att_cpu_cfg_t *bes, uint32_t num_bes, uint64_t seed) {
+    att_rig_init_with(r, cfg, kv_capacity_tokens, bes, num_bes, NULL, 0, seed);
+}
+
+void att_rig_init_with(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity_tokens,
+                       const att_cpu_cfg_t *bes, uint32_t num_bes, att_backend_t *const *extra,
+                       uint32_t num_extra, uint64_t seed) {
     memset(r, 0, sizeof *r);
-    TU_CHECK(num_bes >= 1 && num_bes <= ATT_RIG_MAX_CTX, "rig: %u backends", num_bes);
+    TU_CHECK(num_bes + num_extra >= 1 && num_bes + num_extra <= ATT_RIG_MAX_CTX,
+             "rig: %u backends", num_bes + num_extra);
     TU_CHECK(cfg->num_layers <= ATT_RIG_MAX_LAYERS && cfg->num_query_heads <= ATT_RIG_MAX_HEADS,
              "rig: model too large for the rig");
     r->cfg = *cfg;
@@ -144,6 +151,16 @@ void att_rig_init(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity
         const att_model_t *m = att_ctx_model(r->ctx[i]);
         TU_CHECK(m != NULL && m->block_size == r->block_size, "att_ctx_model block size");
     }
+    for (uint32_t b = 0; b < num_extra; b++) {
+        uint32_t i = r->num_ctx;
+        at_diag_t diag = {{0}};
+        r->be[i] = extra[b];
+        r->be_borrowed[i] = 1;
+        at_err_t e = att_ctx_create(r->be[i], &r->cfg, kv_capacity_tokens, &diag, &r->ctx[i]);
+        TU_CHECK(e == AT_OK, "att_ctx_create on %s: %s (%s)", extra[b]->ops->name,
+                 at_err_name(e), diag.msg);
+        r->num_ctx++;
+    }
     r->oracle = att_oracle_create(&r->cfg);
     TU_CHECK(r->oracle != NULL, "att_oracle_create");
 }
@@ -152,7 +169,9 @@ void att_rig_fini(att_rig_t *r) {
     for (uint32_t i = 0; i < r->num_ctx; i++) {
         att_ctx_destroy(&r->ctx[i]);
         TU_CHECK(r->ctx[i] == NULL, "att_ctx_destroy must clear the pointer");
-        att_backend_destroy(&r->be[i]);
+        if (!r->be_borrowed[i])
+            att_backend_destroy(&r->be[i]);
+        r->be[i] = NULL;
     }
     att_oracle_destroy(&r->oracle);
     r->num_ctx = 0;
@@ -210,6 +229,10 @@ att_call_t att_rig_call(const att_rig_t *r, uint32_t layer, const att_chunk_t *c
 }
 
 static const char *ctx_label(const att_rig_t *r, uint32_t i, char *buf, size_t n) {
+    if (r->be_borrowed[i]) {
+        snprintf(buf, n, "ctx %u (%s backend)", i, r->be[i]->ops->name);
+        return buf;
+    }
     snprintf(buf, n, "ctx %u (%s, %u threads, tile_rows %u)", i, att_cpu_isa(r->be[i]),
              r->be_cfg[i].num_threads, r->be_cfg[i].tile_rows);
     return buf;

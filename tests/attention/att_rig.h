@@ -52,6 +52,7 @@ typedef struct att_rig {
     uint32_t num_ctx;
     att_cpu_cfg_t be_cfg[ATT_RIG_MAX_CTX];
     att_backend_t *be[ATT_RIG_MAX_CTX];
+    int be_borrowed[ATT_RIG_MAX_CTX]; /* 1: given to att_rig_init_with, not destroyed by the rig */
     att_ctx_t *ctx[ATT_RIG_MAX_CTX];
     att_oracle_t *oracle;
     tu_rng_t rng;
@@ -96,6 +97,11 @@ void att_rig_tolerance(att_dtype_t t, double *abs_tol, double *rel_tol);
  * oracle, seeds the input generator. Asserts that every creation succeeds. */
 void att_rig_init(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity_tokens,
                   const att_cpu_cfg_t *bes, uint32_t num_bes, uint64_t seed);
+/* The same, plus one context on each of extra[0..num_extra) (borrowed: another backend, a GPU;
+ * they must outlive the rig), after the CPU ones. */
+void att_rig_init_with(att_rig_t *r, const att_model_cfg_t *cfg, uint64_t kv_capacity_tokens,
+                       const att_cpu_cfg_t *bes, uint32_t num_bes, att_backend_t *const *extra,
+                       uint32_t num_extra, uint64_t seed);
 /* Destroys everything; asserts nothing leaked in the contexts' bookkeeping is left dangling. */
 void att_rig_fini(att_rig_t *r);
 

@@ -1,0 +1,432 @@
+/* NVRTC compilation and the content-keyed image cache (see att_jit.h).
+ * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
+ * Two threads asking for the same new key may both compile; the first image inserted wins and
+ * both return it. Images are never freed before att_jit_destroy, so borrowed pointers stay valid. */
+#include "attention/att_jit.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "attention/att_cudrv.h"
+#include "common/at_base.h"
+#include "common/at_log.h"
+
+/* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
+extern const unsigned char att_kernel_unified_cu[];
+extern const unsigned char att_kernel_kparams_h[];
+#define KERNEL_SRC ((const char *)att_kernel_unified_cu)
+#define KERNEL_HDR ((const char *)att_kernel_kparams_h)
+
+#define KEY_BYTES 32
+#define FILE_MAGIC "ATTNDK01"
+#define HEADER_BYTES (8 + 8 + KEY_BYTES)
+
+typedef struct entry {
+    uint8_t key[KEY_BYTES];
+    void *image; /* owned */
+    size_t bytes;
+} entry_t;
+
+struct att_jit {
+    const att_nvrtc_t *nv;
+    char dir[512];                 /* "" = memory only */
+    pthread_mutex_t mu;
+    entry_t *entries AT_GUARDED_BY(mu);
+    size_t num_entries AT_GUARDED_BY(mu);
+    size_t cap_entries AT_GUARDED_BY(mu);
+    att_jit_stats_t stats AT_GUARDED_BY(mu);
+};
+
+att_tile_t att_jit_tile(const att_model_t *m, att_tile_kind_t kind) {
+    if (kind == ATT_TILE_NARROW)
+        return (att_tile_t){.warps_m = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
+    /* 64 rows; above head_dim 128 a 64-key stage pair would pass sm_80's 163 KiB of shared
+     * memory per block */
+    return (att_tile_t){.warps_m = 4, .warps_n = 1, .tile_k = m->head_dim > 128 ? 32 : 64,
+                        .stages = 2};
+}
+
+static void opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) {
+    AT_ASSERT(o->n < ATT_JIT_MAX_OPTS);
+    snprintf(o->text[o->n], sizeof o->text[0], fmt, v);
+    o->ptr[o->n] = o->text[o->n];
+    o->n++;
+}
+
+void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
+    int window = 0;
+    for (uint32_t l = 0; l < m->num_layers; l++)
+        window |= m->window[l] != 0;
+    o->n = 0;
+    opt_add(o, "-std=c++17", 0);
+    opt_add(o, "-lineinfo", 0);
+    opt_add(o, "-DATT_HEAD_DIM=%u", m->head_dim);
+    opt_add(o, "-DATT_DTYPE=%u", (unsigned)m->dtype);
+    opt_add(o, "-DATT_BLOCK_SIZE=%u", m->block_size);
+    opt_add(o, "-DATT_GROUP=%u", m->group);
+    opt_add(o, "-DATT_NUM_KV_HEADS=%u", m->num_kv_heads);
+    opt_add(o, "-DATT_HAS_WINDOW=%u", (unsigned)window);
+    opt_add(o, "-DATT_SOFT_CAP=%u", m->soft_cap > 0.0f);
+    opt_add(o, "-DATT_HAS_ALIBI=%u", m->alibi != NULL);
+    opt_add(o, "-DATT_HAS_SINKS=%u", m->sinks != NULL);
+    opt_add(o, "-DATT_WARPS_M=%u", t->warps_m);
+    opt_add(o, "-DATT_WARPS_N=%u", t->warps_n);
+    opt_add(o, "-DATT_TILE_K=%u", t->tile_k);
+    opt_add(o, "-DATT_STAGES=%u", t->stages);
+}
+
+void att_jit_default_dir(char *buf, size_t n) {
+    const char *env = getenv("ATTND_KERNEL_CACHE_DIR");
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (env != NULL && env[0] != '\0')
+        snprintf(buf, n, "%s", env);
+    else if (xdg != NULL && xdg[0] == '/')
+        snprintf(buf, n, "%s/attnd/kernels", xdg);
+    else if (home != NULL && home[0] != '\0')
+        snprintf(buf, n, "%s/.cache/attnd/kernels", home);
+    else if (n > 0)
+        buf[0] = '\0';
+}
+
+void att_jit_nvrtc_version(char *buf, size_t n) {
+    const att_nvrtc_t *nv;
+    if (att_cudrv_nvrtc(&nv, NULL) == AT_OK)
+        snprintf(buf, n, "%d.%d", nv->major, nv->minor);
+    else if (n > 0)
+        buf[0] = '\0';
+}
+
+/* mkdir -p */
+static int make_dirs(const char *path) {
+    char tmp[512];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof tmp)
+        return -1;
+    memcpy(tmp, path, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (tmp[i] == '/' || tmp[i] == '\0') {
+            char c = tmp[i];
+            tmp[i] = '\0';
+            if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+                return -1;
+            tmp[i] = c;
+        }
+    }
+    return 0;
+}
+
+at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out) {
+    const att_nvrtc_t *nv;
+    at_err_t e = att_cudrv_nvrtc(&nv, diag);
+    if (e != AT_OK)
+        return e;
+    if (cache_dir != NULL && strlen(cache_dir) >= 480)
+        return at_diag_set(diag, AT_ERR_CONFIG, "kernel cache dir: path too long");
+    if (cache_dir != NULL && cache_dir[0] != '\0' && make_dirs(cache_dir) != 0)
+        return at_diag_set(diag, AT_ERR_IO, "kernel cache dir %s: %s", cache_dir,
+                           strerror(errno));
+    att_jit_t *j = calloc(1, sizeof *j);
+    if (j == NULL)
+        return AT_ERR_NOMEM;
+    j->nv = nv;
+    if (cache_dir != NULL)
+        snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
+    pthread_mutex_init(&j->mu, NULL);
+    *out = j;
+    return AT_OK;
+}
+
+void att_jit_destroy(att_jit_t **jp) {
+    if (jp == NULL || *jp == NULL)
+        return;
+    att_jit_t *j = *jp;
+    for (size_t i = 0; i < j->num_entries; i++)
+        free(j->entries[i].image);
+    free(j->entries);
+    pthread_mutex_destroy(&j->mu);
+    free(j);
+    *jp = NULL;
+}
+
+void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out) {
+    pthread_mutex_lock(&j->mu);
+    *out = j->stats;
+    pthread_mutex_unlock(&j->mu);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* SHA-256 over a list of NUL-terminated strings, each with its terminator, so that option
+ * boundaries are part of the key ("-DA=1" "0" differs from "-DA=10"). */
+static int sha256_strings(const char *const *s, size_t n, uint8_t out[KEY_BYTES]) {
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    unsigned len = 0;
+    int ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = EVP_DigestUpdate(ctx, s[i], strlen(s[i]) + 1) == 1;
+    ok = ok && EVP_DigestFinal_ex(ctx, out, &len) == 1 && len == KEY_BYTES;
+    EVP_MD_CTX_free(ctx);
+    return ok ? 0 : -1;
+}
+
+static int sha256_bytes(const void *p, size_t n, uint8_t out[KEY_BYTES]) {
+    unsigned len = 0;
+    return EVP_Digest(p, n, out, &len, EVP_sha256(), NULL) == 1 && len == KEY_BYTES ? 0 : -1;
+}
+
+static const entry_t *find(const att_jit_t *j, const uint8_t key[KEY_BYTES]) AT_REQUIRES(j->mu) {
+    for (size_t i = 0; i < j->num_entries; i++)
+        if (memcmp(j->entries[i].key, key, KEY_BYTES) == 0)
+            return &j->entries[i];
+    return NULL;
+}
+
+/* Inserts (taking image) unless the key is there already (then image is freed). Returns the
+ * entry, or NULL on allocation failure (image freed). */
+static const entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image,
+                             size_t bytes) AT_REQUIRES(j->mu) {
+    const entry_t *have = find(j, key);
+    if (have != NULL) {
+        free(image);
+        return have;
+    }
+    if (j->num_entries == j->cap_entries) {
+        size_t cap = j->cap_entries ? 2 * j->cap_entries : 16;
+        entry_t *p = realloc(j->entries, cap * sizeof *p);
+        if (p == NULL) {
+            free(image);
+            return NULL;
+        }
+        j->entries = p;
+        j->cap_entries = cap;
+    }
+    entry_t *e = &j->entries[j->num_entries++];
+    memcpy(e->key, key, KEY_BYTES);
+    e->image = image;
+    e->bytes = bytes;
+    return e;
+}
+
+static void key_hex(const uint8_t key[KEY_BYTES], char hex[2 * KEY_BYTES + 1]) {
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < KEY_BYTES; i++) {
+        hex[2 * i] = digits[key[i] >> 4];
+        hex[2 * i + 1] = digits[key[i] & 15];
+    }
+    hex[2 * KEY_BYTES] = '\0';
+}
+
+/* The image in the key's file, or NULL when it is missing (*damaged = 0) or fails any check
+ * (*damaged = 1): magic, length, checksum of the payload. */
+static void *disk_read(const char *path, size_t *bytes, int *damaged) {
+    *damaged = 0;
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    *damaged = 1;
+    uint8_t hdr[HEADER_BYTES], sum[KEY_BYTES];
+    void *img = NULL;
+    uint64_t n = 0;
+    if (fread(hdr, 1, sizeof hdr, f) != sizeof hdr || memcmp(hdr, FILE_MAGIC, 8) != 0)
+        goto out_close;
+    memcpy(&n, hdr + 8, 8);
+    if (n == 0 || n > (256u << 20))
+        goto out_close;
+    img = malloc(n);
+    if (img == NULL || fread(img, 1, n, f) != n || fgetc(f) != EOF ||
+        sha256_bytes(img, n, sum) != 0 || memcmp(sum, hdr + 16, KEY_BYTES) != 0) {
+        free(img);
+        img = NULL;
+        goto out_close;
+    }
+    *damaged = 0;
+    *bytes = n;
+out_close:
+    fclose(f);
+    return img;
+}
+
+static int write_all(int fd, const void *p, size_t n) {
+    const uint8_t *b = p;
+    while (n > 0) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Temporary file in the same directory, fsync, rename over the key's name, fsync of the
+ * directory: a reader sees either no file or a whole one. Failures are logged, not returned: the
+ * image is still good in memory. */
+static void disk_write(const char *dir, const char *path, const void *img, size_t n) {
+    char tmp[600];
+    snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path);
+    int fd = mkstemp(tmp);
+    if (fd < 0) {
+        at_log(AT_LOG_WARN, "jit", "cannot write %s: %s", tmp, strerror(errno));
+        return;
+    }
+    uint8_t hdr[HEADER_BYTES];
+    uint64_t n64 = n;
+    memcpy(hdr, FILE_MAGIC, 8);
+    memcpy(hdr + 8, &n64, 8);
+    int ok = sha256_bytes(img, n, hdr + 16) == 0 && write_all(fd, hdr, sizeof hdr) == 0 &&
+             write_all(fd, img, n) == 0 && fsync(fd) == 0;
+    ok = close(fd) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        at_log(AT_LOG_WARN, "jit", "cannot write %s: %s", path, strerror(errno));
+        unlink(tmp);
+        return;
+    }
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+}
+
+/* NVRTC: the embedded source with its one header, for arch. */
+static at_err_t compile(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                        void **image, size_t *bytes, at_diag_t *diag) {
+    const att_nvrtc_t *nv = j->nv;
+    const char *all[ATT_JIT_MAX_OPTS + 1];
+    char arch_opt[48];
+    if (n_opts > ATT_JIT_MAX_OPTS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
+    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
+    all[0] = arch_opt;
+    memcpy(all + 1, opts, n_opts * sizeof *opts);
+    const char *headers[] = {KERNEL_HDR};
+    const char *names[] = {"attention/att_kparams.h"};
+    nvrtcProgram prog;
+    nvrtcResult r = nv->nvrtcCreateProgram(&prog, KERNEL_SRC, "att_unified.cu", 1,
+                                           headers, names);
+    if (r != NVRTC_SUCCESS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "nvrtcCreateProgram: %s",
+                           nv->nvrtcGetErrorString(r));
+    at_err_t e = AT_OK;
+    r = nv->nvrtcCompileProgram(prog, (int)n_opts + 1, all);
+    if (r != NVRTC_SUCCESS) {
+        size_t log_n = 0;
+        char *log = NULL;
+        if (nv->nvrtcGetProgramLogSize(prog, &log_n) == NVRTC_SUCCESS && log_n > 0 &&
+            (log = malloc(log_n)) != NULL &&
+            nv->nvrtcGetProgramLog(prog, log) == NVRTC_SUCCESS) {
+            at_log(AT_LOG_ERROR, "jit", "NVRTC (%s) failed:\n%s", arch, log);
+            const char *err = strstr(log, "error");
+            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s",
+                            arch, err != NULL ? err : log);
+        } else {
+            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %s", arch,
+                            nv->nvrtcGetErrorString(r));
+        }
+        free(log);
+        goto out_destroy;
+    }
+    size_t n = 0;
+    if (nv->nvrtcGetCUBINSize(prog, &n) != NVRTC_SUCCESS || n == 0) {
+        e = at_diag_set(diag, AT_ERR_INTERNAL, "NVRTC made no cubin for %s", arch);
+        goto out_destroy;
+    }
+    void *img = malloc(n);
+    if (img == NULL) {
+        e = AT_ERR_NOMEM;
+        goto out_destroy;
+    }
+    if (nv->nvrtcGetCUBIN(prog, img) != NVRTC_SUCCESS) {
+        free(img);
+        e = at_diag_set(diag, AT_ERR_INTERNAL, "nvrtcGetCUBIN failed");
+        goto out_destroy;
+    }
+    *image = img;
+    *bytes = n;
+out_destroy:
+    nv->nvrtcDestroyProgram(&prog);
+    return e;
+}
+
+at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
+    char version[32];
+    snprintf(version, sizeof version, "nvrtc %d.%d", j->nv->major, j->nv->minor);
+    const char *parts[ATT_JIT_MAX_OPTS + 4];
+    if (n_opts > ATT_JIT_MAX_OPTS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
+    parts[0] = KERNEL_SRC;
+    parts[1] = KERNEL_HDR;
+    parts[2] = arch;
+    parts[3] = version;
+    memcpy(parts + 4, opts, n_opts * sizeof *opts);
+    uint8_t key[KEY_BYTES];
+    if (sha256_strings(parts, n_opts + 4, key) != 0)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "SHA-256 failed");
+    if (compiled != NULL)
+        *compiled = 0;
+
+    pthread_mutex_lock(&j->mu);
+    const entry_t *hit = find(j, key);
+    if (hit != NULL)
+        j->stats.memory_hits++;
+    pthread_mutex_unlock(&j->mu);
+    if (hit != NULL) {
+        *image = hit->image;
+        *bytes = hit->bytes;
+        return AT_OK;
+    }
+
+    char path[600] = "", hex[2 * KEY_BYTES + 1];
+    void *img = NULL;
+    size_t n = 0;
+    int damaged = 0, from_disk = 0;
+    if (j->dir[0] != '\0') {
+        key_hex(key, hex);
+        snprintf(path, sizeof path, "%s/%s.cubin", j->dir, hex);
+        img = disk_read(path, &n, &damaged);
+        from_disk = img != NULL;
+        if (damaged)
+            at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
+    }
+    uint64_t t0 = now_ns(), dt = 0;
+    if (img == NULL) {
+        at_err_t e = compile(j, arch, opts, n_opts, &img, &n, diag);
+        dt = now_ns() - t0;
+        if (e != AT_OK)
+            return e;
+        if (path[0] != '\0')
+            disk_write(j->dir, path, img, n);
+        if (compiled != NULL)
+            *compiled = 1;
+    }
+    pthread_mutex_lock(&j->mu);
+    const entry_t *ent = insert(j, key, img, n);
+    if (from_disk)
+        j->stats.disk_hits++;
+    else {
+        j->stats.compiles++;
+        j->stats.compile_ns += dt;
+    }
+    j->stats.disk_rejects += (uint64_t)damaged;
+    pthread_mutex_unlock(&j->mu);
+    if (ent == NULL)
+        return AT_ERR_NOMEM;
+    *image = ent->image;
+    *bytes = ent->bytes;
+    return AT_OK;
+}

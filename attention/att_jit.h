@@ -1,0 +1,85 @@
+/* Run-time compilation of the attention kernels with NVRTC, and the compiled-image cache.
+ *
+ * A model's constants (head_dim, dtype, block size, GQA group, KV heads, feature flags) and a
+ * tile configuration become -D defines of the one kernel source (attention/kernels/att_unified.cu,
+ * embedded in the binary at build time), compiled for one exact architecture ("sm_90").
+ * Images are cached under a content key: SHA-256 of the source, the header, every option, the
+ * architecture and the NVRTC version. A key names exactly one image, so the cache is safe to
+ * share between models and sessions (unlike a launch cache keyed by less; see cache/lc.h).
+ * Cached in memory for the process, and on disk (one file per key, written atomically:
+ * temporary file, fsync, rename, fsync of the directory); a file that is truncated or whose
+ * checksum is wrong is recompiled and replaced, never loaded.
+ *
+ * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once). */
+#ifndef AT_ATTENTION_ATT_JIT_H
+#define AT_ATTENTION_ATT_JIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "attention/att_model.h"
+#include "common/at_err.h"
+
+typedef struct att_jit att_jit_t;
+
+/* A tile configuration of att_k_attend (see the kernel's top comment). */
+typedef struct att_tile {
+    uint32_t warps_m; /* warps over the tile's rows: 16 rows each */
+    uint32_t warps_n; /* warps over each stage's keys */
+    uint32_t tile_k;  /* keys per pipeline stage */
+    uint32_t stages;  /* cp.async ring depth */
+} att_tile_t;
+
+typedef enum att_tile_kind {
+    ATT_TILE_WIDE = 0,   /* 64 rows: prefill and long chunks */
+    ATT_TILE_NARROW = 1, /* 16 rows, keys split over 4 warps: decode */
+    ATT_TILE_KINDS = 2,
+} att_tile_kind_t;
+
+typedef struct att_jit_stats {
+    uint64_t compiles;     /* NVRTC runs */
+    uint64_t memory_hits;
+    uint64_t disk_hits;
+    uint64_t disk_rejects; /* files found damaged and recompiled */
+    uint64_t compile_ns;   /* wall time inside NVRTC */
+} att_jit_stats_t;
+
+/* The heuristic tile of a kind for model m (tuning will choose among more later). */
+att_tile_t att_jit_tile(const att_model_t *m, att_tile_kind_t kind);
+
+/* Room for the defines of one variant. */
+#define ATT_JIT_MAX_OPTS 16
+typedef struct att_jit_opts {
+    char text[ATT_JIT_MAX_OPTS][40];
+    const char *ptr[ATT_JIT_MAX_OPTS];
+    uint32_t n;
+} att_jit_opts_t;
+
+/* The options (defines, language level) of model m with tile t. The window flag is set when any
+ * layer has a window (the window itself is a per-call value). */
+void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o);
+
+/* cache_dir NULL or "" keeps images in memory only; otherwise the directory is created (with
+ * parents) if missing: AT_ERR_IO with diag when that fails. AT_ERR_UNSUPPORTED when NVRTC cannot be
+ * loaded. On success *out is the caller's (att_jit_destroy). */
+at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out);
+void att_jit_destroy(att_jit_t **j);
+
+/* The image for arch ("sm_90") and options: from memory, disk, or NVRTC. *image is borrowed until
+ * att_jit_destroy. A compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with the
+ * first error line in diag and the whole log at ERROR level. *compiled (may be NULL) says whether
+ * NVRTC ran. */
+at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag);
+
+void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
+
+/* The default cache directory: $ATTND_KERNEL_CACHE_DIR (set by `attnd serve --kernel-cache-dir`
+ * for its workers), else $XDG_CACHE_HOME/attnd/kernels, else $HOME/.cache/attnd/kernels; "" when
+ * none is set. Writes at most n bytes. */
+void att_jit_default_dir(char *buf, size_t n);
+
+/* "13.0": the NVRTC version, or "" when it cannot be loaded. */
+void att_jit_nvrtc_version(char *buf, size_t n);
+
+#endif

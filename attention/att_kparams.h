@@ -1,0 +1,114 @@
+/* The parameter block of the unified attention kernels (attention/kernels/att_unified.cu), and
+ * the per-call device arrays it names.
+ *
+ * Plain C that the host's C11 compiler, nvcc and NVRTC all accept: fixed-width fields only, device
+ * addresses as uint64_t, explicit padding, sizes checked below, so the host can fill the struct
+ * and pass it to cuLaunchKernel by value with the same layout the device code reads.
+ *
+ * One launch covers a whole batch: chunks (decode tokens, prefill chunks, chunks over earlier
+ * context) become work items, each a tile of ATT_TILE_ROWS query rows of one chunk against one
+ * KV head (blockIdx.x = item * Hkv + kv_head). A tile's rows are token x query head within the
+ * KV head's group: row r of a chunk is token r / group, query head kv_head * group + r % group,
+ * so the query heads that share a KV head share each K/V tile read. An item may be limited to a
+ * key range (split-KV): it then writes a partial result (unnormalized output, running max in
+ * log2 units, denominator) to slot `part`, and att_k_merge combines the slots of a row tile.
+ *
+ * Who fills what: the host (a plan from tun_, later) builds chunks, the flat block table, items
+ * and merges, uploads them, patches the pointers here and launches. The kernels only read these
+ * arrays; they write out, the parts and the new K/V rows of the cache. */
+#ifndef AT_ATTENTION_ATT_KPARAMS_H
+#define AT_ATTENTION_ATT_KPARAMS_H
+
+#if defined(__CUDACC_RTC__)
+/* NVRTC has no C library headers without the toolkit's include path; these match LP64. */
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
+
+#if defined(__cplusplus)
+#define ATT_KSTATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define ATT_KSTATIC_ASSERT(c, m) _Static_assert(c, m)
+#endif
+
+/* att_kitem_t.part when the item covers every key of its rows and writes out itself. */
+#define ATT_KPART_NONE 0xffffffffu
+/* att_kitem_t.flags: this item also copies its rows' new k and v into the cache. The host sets it
+ * on exactly one split of each row tile, so that every new (token, KV head) row is written once. */
+#define ATT_KITEM_WRITE_KV 1u
+
+/* One chunk of the batch: a span of one sequence. */
+typedef struct att_kchunk {
+    uint32_t token_offset; /* first row of q, k, v and out that belongs to this chunk */
+    uint32_t start_pos;    /* position of the chunk's first token; keys below it are cached */
+    uint32_t num_tokens;
+    uint32_t table_offset; /* index of the sequence's first block number in block_table_d */
+} att_kchunk_t;
+
+/* One tile of work, run for every KV head. Keys of the item are those of its rows' causal
+ * windows that lie in [key_begin, key_end). */
+typedef struct att_kitem {
+    uint32_t chunk;     /* index into chunks_d */
+    uint32_t row_begin; /* first row, in units of token * group + head in group, within the chunk */
+    uint32_t key_begin; /* 0 when not split; a multiple of the tile's key count otherwise */
+    uint32_t key_end;   /* 0xffffffff when not split */
+    uint32_t part;      /* partial slot, or ATT_KPART_NONE */
+    uint32_t flags;     /* ATT_KITEM_* */
+    uint32_t reserved[2];
+} att_kitem_t;
+
+/* One row tile that was split: parts [part_begin, part_begin + num_parts) are merged into out.
+ * Run for every KV head (blockIdx.x = merge * Hkv + kv_head). */
+typedef struct att_kmerge {
+    uint32_t chunk;
+    uint32_t row_begin;
+    uint32_t part_begin;
+    uint32_t num_parts;
+} att_kmerge_t;
+
+/* Passed by value to every entry point of att_unified.cu. Element types are the model's dtype
+ * unless said otherwise; D = head_dim, BS = block_size. */
+typedef struct att_kparams {
+    uint64_t q_d;           /* [T, Hq, D] queries, tokens in chunk order; 0 for att_k_kv_write */
+    uint64_t k_d;           /* [T, Hkv, D] the batch's new keys */
+    uint64_t v_d;           /* [T, Hkv, D] the batch's new values */
+    uint64_t out_d;         /* [T, Hq, D] */
+    uint64_t k_cache_d;     /* [num_blocks, Hkv, BS, D] keys of the call's layer */
+    uint64_t v_cache_d;     /* [num_blocks, Hkv, BS, D] values of the call's layer */
+    uint64_t chunks_d;      /* [num_chunks] att_kchunk_t */
+    uint64_t block_table_d; /* [sum of the chunks' table lengths] uint32_t block numbers */
+    uint64_t items_d;       /* [num_items] att_kitem_t, longest first */
+    uint64_t merges_d;      /* [num_merges] att_kmerge_t; 0 when nothing is split */
+    uint64_t part_o_d;      /* [num_parts, Hkv, ATT_TILE_ROWS, D] f32 unnormalized outputs */
+    uint64_t part_ml_d;     /* [num_parts, Hkv, ATT_TILE_ROWS, 2] f32 (max in log2 units, sum) */
+    uint64_t alibi_d;       /* [Hq] f32 slopes; 0 unless ATT_HAS_ALIBI */
+    uint64_t sinks_d;       /* [Hq] f32 sink logits; 0 unless ATT_HAS_SINKS */
+    float scale;            /* applied to q . k */
+    float soft_cap;         /* cap of cap * tanh(s / cap); read only with ATT_SOFT_CAP */
+    uint32_t window;        /* the layer's sliding window in tokens; 0 = none */
+    uint32_t num_chunks;
+    uint32_t num_items;
+    uint32_t num_merges;
+    uint32_t num_blocks;    /* blocks in each cache pool */
+    uint32_t reserved;
+} att_kparams_t;
+
+ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 16, "att_kchunk_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kitem_t) == 32, "att_kitem_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kmerge_t) == 16, "att_kmerge_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 144, "att_kparams_t layout");
+
+/* The module exports its tile configuration as `att_k_info` (a __constant__ uint32_t array),
+ * read by the host with cuModuleGetGlobal, so the host plans with exactly the numbers the
+ * kernel was built with. Indices: */
+#define ATT_KINFO_TILE_ROWS 0   /* query rows per item */
+#define ATT_KINFO_TILE_KEYS 1   /* keys per pipeline stage; split boundaries are multiples */
+#define ATT_KINFO_THREADS 2     /* threads per block of att_k_attend */
+#define ATT_KINFO_SMEM_BYTES 3  /* dynamic shared memory of att_k_attend */
+#define ATT_KINFO_MERGE_THREADS 4
+#define ATT_KINFO_KVW_THREADS 5 /* threads per block of att_k_kv_write */
+#define ATT_KINFO_COUNT 8
+
+#endif

@@ -1,0 +1,869 @@
+/* The unified attention kernels: one launch computes a whole batch (decode tokens, prefill chunks,
+ * chunks over earlier context) over the paged KV cache, and writes the batch's new K/V rows into
+ * the cache on the way. Device code only; compiled at run time by NVRTC with the model's constants
+ * and the tile configuration as defines (below), for the device's exact architecture. The
+ * parameter block and the per-call arrays are in attention/att_kparams.h.
+ *
+ * Entry points (all take one att_kparams_t by value):
+ *   att_k_attend    grid num_items * Hkv, block ATT_KINFO_THREADS, dynamic smem
+ *                   ATT_KINFO_SMEM_BYTES. One work item (a tile of query rows of one chunk, maybe
+ *                   limited to a key range) against one KV head. Writes out, or a partial result
+ *                   when the item is a split. Items flagged ATT_KITEM_WRITE_KV also copy their
+ *                   tokens' new k/v rows into the cache (fused: no extra launch in a step).
+ *   att_k_merge     grid num_merges * Hkv, block ATT_KINFO_MERGE_THREADS. Combines the partial
+ *                   results of split items (flash-decoding) into out, adding sinks.
+ *   att_k_kv_write  grid num_chunks * Hkv, block ATT_KINFO_KVW_THREADS. Only writes k/v into the
+ *                   cache: for append-only batches, which have no queries.
+ *
+ * Semantics are att_cpu_kern_impl.h's: query i attends to keys j with lo(i) <= j <= i, where
+ * lo(i) = i + 1 - window when a window is set and i + 1 > window, else 0; s = scale * q.k, then
+ * cap * tanh(s / cap), then + slope * (j - i); the softmax denominator gains exp(sink).
+ * Arithmetic in f32; scores are carried in log2 units (multiplied by log2 e) so the exponentials
+ * are single ex2 instructions.
+ *
+ * f16/bf16: tensor cores (mma.sync m16n8k16, f32 accumulators) fed by ldmatrix from shared
+ * memory, K/V tiles brought in by cp.async through an ATT_STAGES-deep ring, online softmax in
+ * registers, probabilities rounded to the dtype for P.V (as the CPU tests allow), outputs rounded
+ * to nearest even. f32: a plain FMA path, one warp per query row (correct, not fast).
+ *
+ * Tile shape: ATT_WARPS_M warps split the tile's rows (16 each, the MMA's M), ATT_WARPS_N warps
+ * split each stage's ATT_TILE_K keys, each with its own online softmax state, combined at the
+ * end. Prefill uses WARPS_M = 4, WARPS_N = 1 (64 rows, each K/V tile read once from L2 for 64
+ * rows); decode uses WARPS_M = 1, WARPS_N = 4: a decode tile has group rows (4 for Llama-3
+ * 8B), padded to the MMA's 16, and the four warps share the key stream instead of idling. The
+ * padding wastes tensor-core work only: decode reads ~512 bytes of K/V per key and head, far more
+ * than the 16x8x16 MMAs per key cost, so it stays bound by memory. */
+#include "attention/att_kparams.h"
+
+#ifndef ATT_HEAD_DIM
+#error "ATT_HEAD_DIM (elements per head) must be defined"
+#endif
+#ifndef ATT_DTYPE
+#error "ATT_DTYPE (1 f32, 2 f16, 3 bf16: att_dtype_t) must be defined"
+#endif
+#ifndef ATT_BLOCK_SIZE
+#error "ATT_BLOCK_SIZE (tokens per KV block) must be defined"
+#endif
+#ifndef ATT_GROUP
+#error "ATT_GROUP (query heads per KV head) must be defined"
+#endif
+#ifndef ATT_NUM_KV_HEADS
+#error "ATT_NUM_KV_HEADS must be defined"
+#endif
+#ifndef ATT_HAS_WINDOW
+#define ATT_HAS_WINDOW 0
+#endif
+#ifndef ATT_SOFT_CAP
+#define ATT_SOFT_CAP 0
+#endif
+#ifndef ATT_HAS_ALIBI
+#define ATT_HAS_ALIBI 0
+#endif
+#ifndef ATT_HAS_SINKS
+#define ATT_HAS_SINKS 0
+#endif
+#ifndef ATT_WARPS_M
+#define ATT_WARPS_M 4
+#endif
+#ifndef ATT_WARPS_N
+#define ATT_WARPS_N 1
+#endif
+#ifndef ATT_TILE_K
+#define ATT_TILE_K 64
+#endif
+#ifndef ATT_STAGES
+#define ATT_STAGES 2
+#endif
+
+#define ATT_DT_F32 1
+#define ATT_DT_F16 2
+#define ATT_DT_BF16 3
+
+#if ATT_DTYPE == ATT_DT_F32
+typedef float elem_t;
+#elif ATT_DTYPE == ATT_DT_F16 || ATT_DTYPE == ATT_DT_BF16
+typedef unsigned short elem_t;
+#else
+#error "ATT_DTYPE must be 1 (f32), 2 (f16) or 3 (bf16)"
+#endif
+
+constexpr uint32_t kD = ATT_HEAD_DIM;
+constexpr uint32_t kG = ATT_GROUP;
+constexpr uint32_t kHkv = ATT_NUM_KV_HEADS;
+constexpr uint32_t kHq = kG * kHkv;
+constexpr uint32_t kBS = ATT_BLOCK_SIZE;
+constexpr uint32_t kWarpsM = ATT_WARPS_M;
+constexpr uint32_t kWarpsN = ATT_WARPS_N;
+constexpr uint32_t kWarps = kWarpsM * kWarpsN;
+constexpr uint32_t kThreads = 32 * kWarps;
+constexpr uint32_t kRows = 16 * kWarpsM; /* query rows per item */
+constexpr uint32_t kTileK = ATT_TILE_K;  /* keys per pipeline stage */
+constexpr uint32_t kES = sizeof(elem_t);
+constexpr uint32_t kVec = 16 / kES;   /* elements per 16-byte access */
+constexpr uint32_t kCPR = kD / kVec;  /* 16-byte chunks per head row */
+constexpr uint32_t kMergeThreads = 128;
+constexpr uint32_t kKvwThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+/* -inf (NVRTC has no constexpr way to spell it) */
+#define kNegInf __int_as_float(0xff800000u)
+
+static_assert(kD % 8 == 0 && kD <= 256, "head_dim must be a multiple of 8, at most 256");
+static_assert(kBS >= 1, "block size");
+static_assert(kWarps >= 1 && kWarps <= 16, "1 to 16 warps");
+static_assert(kTileK % kWarpsN == 0, "ATT_TILE_K must split evenly over ATT_WARPS_N");
+
+#if ATT_DTYPE != ATT_DT_F32
+constexpr uint32_t kStages = ATT_STAGES;
+constexpr uint32_t kKW = kTileK / kWarpsN; /* keys per warp per stage */
+/* The MMA steps take 16 elements of head_dim at a time. A head_dim that is a multiple of 8 but not
+ * of 16 (24, 40, 72, ...) is padded to kDP in shared memory: the 8 pad columns of every Q, K and V
+ * row are zeroed once and never written by a copy, so they add 0 to every dot product, and the
+ * output columns they produce are never stored. */
+constexpr uint32_t kDP = (kD + 15) / 16 * 16;
+static_assert(kKW % 16 == 0, "each warp's key slice must be whole k16 steps");
+static_assert(kStages >= 2 && kStages <= 4, "2 to 4 pipeline stages");
+/* Shared-memory rows are padded by 16 bytes: 8 consecutive rows then start in 8 different
+ * 16-byte bank groups for every head_dim that is a multiple of 16 elements, so ldmatrix (8 rows
+ * at one column) and cp.async (consecutive chunks) are free of bank conflicts without a swizzle
+ * (which would not fit head_dim 80). */
+constexpr uint32_t kSRow = kDP + 8;
+constexpr uint32_t kQBytes = kRows * kSRow * 2;
+constexpr uint32_t kStageHalf = kTileK * kSRow * 2; /* one stage's K (or V) */
+constexpr uint32_t kMainBytes = kQBytes + kStages * 2 * kStageHalf;
+/* After the key loop: each key-split warp's unnormalized rows (f32, padded) and (max, sum). */
+constexpr uint32_t kORow = kDP + 4;
+constexpr uint32_t kEpiBytes = kWarpsN * kRows * (kORow + 2) * 4;
+constexpr uint32_t kSmemBytes = kMainBytes > kEpiBytes ? kMainBytes : kEpiBytes;
+/* Q stays in registers up to head_dim 128 (32 registers); above, ldmatrix reads it each tile. */
+constexpr bool kQRegs = kDP <= 128;
+constexpr uint32_t kNT = kKW / 8;          /* n8 score tiles per warp */
+constexpr uint32_t kDT = kDP / 8;          /* n8 output tiles */
+constexpr uint32_t kKVChunks = kTileK * kCPR;
+constexpr uint32_t kCPT = (kKVChunks + kThreads - 1) / kThreads; /* chunks per thread per tile */
+#else
+constexpr uint32_t kSmemBytes = 0;
+#endif
+
+/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
+extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
+    kRows, kTileK, kThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
+
+/* ---- small device helpers (inline PTX: NVRTC gets no toolkit headers) ---- */
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t umin(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+/* First key of position pos's window (the CPU's rule; window 0 = none). */
+__device__ __forceinline__ uint32_t window_lo(uint32_t pos, uint32_t window) {
+#if ATT_HAS_WINDOW
+    return (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+#else
+    (void)pos;
+    (void)window;
+    return 0;
+#endif
+}
+
+/* A raw dot product q.k as a logit in log2 units, with soft cap and ALiBi. slope2 is the head's
+ * ALiBi slope times log2 e. */
+__device__ __forceinline__ float logit2(float dot, const att_kparams_t &p, float scale2, int j,
+                                        int pos, float slope2) {
+#if ATT_SOFT_CAP
+    /* cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1): exact at both ends (exp
+     * overflowing to inf gives cap, underflowing to 0 gives -cap). */
+    float s = dot * p.scale;
+    float e = ex2(s * (2.0f * kLog2e / p.soft_cap));
+    float x = (p.soft_cap - 2.0f * p.soft_cap * rcp(e + 1.0f)) * kLog2e;
+    (void)scale2;
+#else
+    float x = dot * scale2;
+#endif
+#if ATT_HAS_ALIBI
+    x += slope2 * (float)(j - pos);
+#else
+    (void)j;
+    (void)pos;
+    (void)slope2;
+#endif
+    return x;
+}
+
+__device__ __forceinline__ float head_slope2(const att_kparams_t &p, uint32_t qh) {
+#if ATT_HAS_ALIBI
+    return ((const float *)p.alibi_d)[qh] * kLog2e;
+#else
+    (void)p;
+    (void)qh;
+    return 0.0f;
+#endif
+}
+
+/* Factor that turns a row's unnormalized output into the result: 1 / sum, or with a sink
+ * rebased on the larger of the sink and the running max (store_outputs in the CPU kernel). m2 is
+ * the row max in log2 units. */
+__device__ __forceinline__ float out_scale(const att_kparams_t &p, uint32_t qh, float m2, float l) {
+#if ATT_HAS_SINKS
+    float s2 = ((const float *)p.sinks_d)[qh] * kLog2e;
+    float top = fmaxf(m2, s2);
+    float keep = ex2(m2 - top);
+    return keep / (l * keep + ex2(s2 - top));
+#else
+    (void)p;
+    (void)qh;
+    (void)m2;
+    return 1.0f / l;
+#endif
+}
+
+/* kVec f32 values to one 16-byte vector of the dtype, rounded to nearest even. */
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+#if ATT_DTYPE == ATT_DT_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#elif ATT_DTYPE == ATT_DT_F16
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    r = 0;
+    (void)lo;
+    (void)hi;
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void store_vec(elem_t *dst, const float *v) {
+#if ATT_DTYPE == ATT_DT_F32
+    *(float4 *)dst = make_float4(v[0], v[1], v[2], v[3]);
+#else
+    uint4 u;
+    u.x = pack2(v[0], v[1]);
+    u.y = pack2(v[2], v[3]);
+    u.z = pack2(v[4], v[5]);
+    u.w = pack2(v[6], v[7]);
+    *(uint4 *)dst = u;
+#endif
+}
+
+/* Copies the new k and v rows of tokens [t_begin, t_end) of a chunk, KV head h, into the cache.
+ * 16-byte accesses spread over the block's threads. */
+__device__ __forceinline__ void copy_new_kv(const att_kparams_t &p, const att_kchunk_t &ch,
+                                            uint32_t h, uint32_t t_begin, uint32_t t_end,
+                                            uint32_t tid, uint32_t nthreads) {
+    const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
+    elem_t *kc = (elem_t *)p.k_cache_d, *vc = (elem_t *)p.v_cache_d;
+    const uint32_t *table = (const uint32_t *)p.block_table_d + ch.table_offset;
+    const uint32_t n = (t_end > t_begin ? t_end - t_begin : 0) * kCPR;
+    for (uint32_t i = tid; i < n; i += nthreads) {
+        const uint32_t t = t_begin + i / kCPR, c = i % kCPR;
+        const uint32_t pos = ch.start_pos + t;
+        const uint64_t blk = table[pos / kBS];
+        const uint64_t src = ((uint64_t)(ch.token_offset + t) * kHkv + h) * kD + c * kVec;
+        const uint64_t dst = ((blk * kHkv + h) * kBS + pos % kBS) * kD + c * kVec;
+        *(uint4 *)(kc + dst) = *(const uint4 *)(kn + src);
+        *(uint4 *)(vc + dst) = *(const uint4 *)(vn + src);
+    }
+}
+
+/* What every attend variant derives from its item: the chunk, the tile's rows and keys. */
+struct tile_t {
+    att_kitem_t it;
+    att_kchunk_t ch;
+    uint32_t h;         /* KV head */
+    uint32_t row_end;   /* one past the tile's last valid row (chunk row units) */
+    uint32_t kb, ke;    /* keys [kb, ke) any row of the tile may need, within the item's range */
+};
+
+__device__ __forceinline__ tile_t tile_of(const att_kparams_t &p) {
+    tile_t t;
+    const uint32_t item = blockIdx.x / kHkv;
+    t.h = blockIdx.x % kHkv;
+    t.it = ((const att_kitem_t *)p.items_d)[item];
+    t.ch = ((const att_kchunk_t *)p.chunks_d)[t.it.chunk];
+    t.row_end = umin(t.it.row_begin + kRows, t.ch.num_tokens * kG);
+    const uint32_t pos_first = t.ch.start_pos + t.it.row_begin / kG;
+    const uint32_t pos_last = t.ch.start_pos + (t.row_end - 1) / kG;
+    t.kb = umax(window_lo(pos_first, p.window), t.it.key_begin);
+    t.ke = umin(pos_last + 1, t.it.key_end);
+    return t;
+}
+
+/* The tokens whose first row (head 0 of the group) lies in the tile: each new row is written
+ * by exactly one tile per KV head. */
+__device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_t &t) {
+    if (!(t.it.flags & ATT_KITEM_WRITE_KV))
+        return;
+    const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
+    copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
+}
+
+#if ATT_DTYPE != ATT_DT_F32
+/* ---- tensor-core path (f16, bf16) ---- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16 bytes global -> shared, bypassing L1 (K/V are streamed once per block). src_bytes 0 writes
+ * zeros and reads nothing: out-of-range rows become finite zeros, so 0 * V never makes a NaN. */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, uint32_t src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* c += a (16x16, row) * b (16x8, col), f32 accumulators. */
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if ATT_DTYPE == ATT_DT_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ int warp_min(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int warp_max(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Where a tile's K/V rows come from: the cache through the block table for positions before
+ * the chunk, the batch's own k/v for its new tokens (so the fused KV write never races a read). */
+struct kv_src_t {
+    const elem_t *kc, *vc, *kn, *vn;
+    const uint32_t *table; /* the chunk's block numbers */
+    uint32_t start_pos, tok_off, ke, h;
+};
+
+/* Block numbers for this thread's rows of the tile at key j0, fetched one iteration before the
+ * cp.async that needs them so the table read's latency hides behind a tile of math. */
+__device__ __forceinline__ void kv_ids(const kv_src_t &s, uint32_t j0, uint32_t tid,
+                                       uint32_t (&ids)[kCPT]) {
+#pragma unroll
+    for (uint32_t i = 0; i < kCPT; i++) {
+        const uint32_t c = tid + i * kThreads, j = j0 + c / kCPR;
+        ids[i] = (c < kKVChunks && j < s.ke && j < s.start_pos) ? s.table[j / kBS] : 0u;
+    }
+}
+
+__device__ __forceinline__ void kv_issue(const kv_src_t &s, uint32_t j0, uint32_t tid,
+                                         const uint32_t (&ids)[kCPT], uint32_t ks, uint32_t vs) {
+#pragma unroll
+    for (uint32_t i = 0; i < kCPT; i++) {
+        const uint32_t c = tid + i * kThreads;
+        if (kCPT * kThreads != kKVChunks && c >= kKVChunks)
+            break;
+        const uint32_t r = c / kCPR, cc = c % kCPR, j = j0 + r;
+        const elem_t *kp = s.kn, *vp = s.vn;
+        uint64_t off = 0;
+        uint32_t bytes = 0;
+        if (j < s.ke) {
+            bytes = 16;
+            if (j >= s.start_pos) {
+                off = ((uint64_t)(s.tok_off + j - s.start_pos) * kHkv + s.h) * kD;
+            } else {
+                kp = s.kc;
+                vp = s.vc;
+                off = (((uint64_t)ids[i] * kHkv + s.h) * kBS + j % kBS) * kD;
+            }
+        }
+        off += cc * kVec;
+        const uint32_t so = (r * kSRow + cc * kVec) * 2;
+        cp_async16(ks + so, kp + off, bytes);
+        cp_async16(vs + so, vp + off, bytes);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const tile_t t = tile_of(p);
+    const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const uint32_t wm = warp % kWarpsM, wn = warp / kWarpsM;
+    const uint32_t g = lane >> 2, t4 = lane & 3;
+
+    const uint32_t q_s = smem_addr(smem);
+    const uint32_t kv_s = q_s + kQBytes;
+
+    if (kDP != kD) { /* zero the pad columns of every Q, K and V row (Q and K/V rows share kSRow) */
+        for (uint32_t r = tid; r < kRows + kStages * 2 * kTileK; r += kThreads)
+            *(uint4 *)(smem + (r * kSRow + kD) * 2) = make_uint4(0, 0, 0, 0);
+    }
+
+    /* Q tile: row r is token (row_begin + r) / G, query head h * G + (row_begin + r) % G; rows
+     * past the chunk are zero. One cp.async group of its own, ahead of the K/V stages. */
+    {
+        const elem_t *q = (const elem_t *)p.q_d;
+        for (uint32_t c = tid; c < kRows * kCPR; c += kThreads) {
+            const uint32_t r = c / kCPR, cc = c % kCPR, R = t.it.row_begin + r;
+            uint64_t off = 0;
+            uint32_t bytes = 0;
+            if (R < t.row_end) {
+                off = ((uint64_t)(t.ch.token_offset + R / kG) * kHq + t.h * kG + R % kG) * kD +
+                      cc * kVec;
+                bytes = 16;
+            }
+            cp_async16(q_s + (r * kSRow + cc * kVec) * 2, q + off, bytes);
+        }
+        cp_async_commit();
+    }
+
+    const kv_src_t src = {(const elem_t *)p.k_cache_d,
+                          (const elem_t *)p.v_cache_d,
+                          (const elem_t *)p.k_d,
+                          (const elem_t *)p.v_d,
+                          (const uint32_t *)p.block_table_d + t.ch.table_offset,
+                          t.ch.start_pos,
+                          t.ch.token_offset,
+                          t.ke,
+                          t.h};
+    const uint32_t kt_begin = t.kb / kTileK;
+    const uint32_t kt_end = t.kb < t.ke ? (t.ke + kTileK - 1) / kTileK : kt_begin;
+
+    uint32_t ids[kCPT];
+#pragma unroll
+    for (uint32_t s = 0; s + 1 < kStages; s++) {
+        if (kt_begin + s < kt_end) {
+            kv_ids(src, (kt_begin + s) * kTileK, tid, ids);
+            kv_issue(src, (kt_begin + s) * kTileK, tid, ids, kv_s + s * 2 * kStageHalf,
+                     kv_s + s * 2 * kStageHalf + kStageHalf);
+        }
+        cp_async_commit();
+    }
+    if (kt_begin + kStages - 1 < kt_end)
+        kv_ids(src, (kt_begin + kStages - 1) * kTileK, tid, ids);
+
+    /* The fused KV write overlaps the copies in flight; nothing in this launch reads the cache
+     * rows it writes (new positions come from p.k_d / p.v_d). */
+    write_own_kv(p, t);
+
+    /* This thread's two rows (g and g + 8 of its warp's 16): key bounds [jlo, jhi], and the
+     * ALiBi slope. Rows past the chunk get an empty range. */
+    int jlo[2], jhi[2], pos[2];
+    float slope2[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const uint32_t R = t.it.row_begin + wm * 16 + g + 8 * i;
+        if (R < t.row_end) {
+            const uint32_t ps = t.ch.start_pos + R / kG;
+            pos[i] = (int)ps;
+            jlo[i] = (int)umax(window_lo(ps, p.window), t.kb);
+            jhi[i] = min((int)ps, (int)t.ke - 1);
+            slope2[i] = head_slope2(p, t.h * kG + R % kG);
+        } else {
+            pos[i] = 0;
+            jlo[i] = 0x7fffffff;
+            jhi[i] = -1;
+            slope2[i] = 0.0f;
+        }
+    }
+    /* Warp-uniform bounds: a key slice outside every row's range is skipped; one inside every
+     * row's range needs no mask. */
+    const int w_lo_min = warp_min(min(jlo[0], jlo[1])), w_lo_max = warp_max(max(jlo[0], jlo[1]));
+    const int w_hi_min = warp_min(min(jhi[0], jhi[1])), w_hi_max = warp_max(max(jhi[0], jhi[1]));
+
+    const float scale2 = p.scale * kLog2e;
+    float o[kDT][4];
+#pragma unroll
+    for (uint32_t d = 0; d < kDT; d++)
+        o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
+
+    /* ldmatrix lane addresses (bytes within a tile), see the PTX fragment layouts:
+     * A (Q, x4): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
+     * B for S (K rows = keys, x4): (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7),
+     *   (keys 8-15, d 8-15): b0/b1 of two n8 tiles.
+     * B for O (V rows = keys, x4.trans): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7,
+     *   d 8-15), (keys 8-15, d 8-15): b0/b1 of two n8 tiles of d. */
+    const uint32_t a_off = ((wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kSRow +
+                            (lane >> 4) * 8) * 2;
+    const uint32_t k_off = ((wn * kKW + (lane & 7) + (lane >> 4) * 8) * kSRow +
+                            ((lane >> 3) & 1) * 8) * 2;
+    const uint32_t v_off = ((wn * kKW + (lane & 7) + ((lane >> 3) & 1) * 8) * kSRow +
+                            (lane >> 4) * 8) * 2;
+
+    cp_async_wait<kStages - 1>(); /* the Q group */
+    __syncthreads();
+    uint32_t qf[kQRegs ? kDP / 16 : 1][4];
+    if (kQRegs) {
+#pragma unroll
+        for (uint32_t kk = 0; kk < (kQRegs ? kDP / 16 : 1); kk++)
+            ldsm_x4(qf[kk], q_s + a_off + kk * 32);
+    }
+
+    for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads(); /* tile kt landed for all; every warp is done with tile kt - 1's slot */
+        const uint32_t nt = kt + kStages - 1;
+        if (nt < kt_end) {
+            const uint32_t slot = (nt - kt_begin) % kStages;
+            kv_issue(src, nt * kTileK, tid, ids, kv_s + slot * 2 * kStageHalf,
+                     kv_s + slot * 2 * kStageHalf + kStageHalf);
+        }
+        cp_async_commit();
+        if (nt + 1 < kt_end)
+            kv_ids(src, (nt + 1) * kTileK, tid, ids);
+
+        const uint32_t slot = (kt - kt_begin) % kStages;
+        const uint32_t ks = kv_s + slot * 2 * kStageHalf, vs = ks + kStageHalf;
+        const int js = (int)(kt * kTileK + wn * kKW), je = js + (int)kKW - 1;
+        if (js > w_hi_max || je < w_lo_min)
+            continue; /* warp-uniform: no row of this warp needs these keys */
+        const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
+
+        /* S = Q K^T for the warp's 16 rows x kKW keys */
+        float s[kNT][4];
+#pragma unroll
+        for (uint32_t n = 0; n < kNT; n++)
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (uint32_t kk = 0; kk < kDP / 16; kk++) {
+            uint32_t a[4];
+            if (kQRegs) {
+                a[0] = qf[kQRegs ? kk : 0][0];
+                a[1] = qf[kQRegs ? kk : 0][1];
+                a[2] = qf[kQRegs ? kk : 0][2];
+                a[3] = qf[kQRegs ? kk : 0][3];
+            } else {
+                ldsm_x4(a, q_s + a_off + kk * 32);
+            }
+#pragma unroll
+            for (uint32_t np = 0; np < kNT / 2; np++) {
+                uint32_t b[4];
+                ldsm_x4(b, ks + k_off + np * 16 * kSRow * 2 + kk * 32);
+                mma16816(s[2 * np], a, b[0], b[1]);
+                mma16816(s[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+
+        /* logits in log2 units, masked; then the online softmax of rows g and g + 8 */
+#pragma unroll
+        for (uint32_t n = 0; n < kNT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = js + (int)(n * 8 + 2 * t4) + (e & 1), ri = e >> 1;
+                float x = logit2(s[n][e], p, scale2, j, pos[ri], slope2[ri]);
+                if (need_mask && (j < jlo[ri] || j > jhi[ri]))
+                    x = kNegInf;
+                s[n][e] = x;
+            }
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            float mx = kNegInf;
+#pragma unroll
+            for (uint32_t n = 0; n < kNT; n++)
+                mx = fmaxf(mx, fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[ri], mx);
+            /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
+            const float base = m_new == kNegInf ? 0.0f : m_new;
+            const float alpha = ex2(m_run[ri] - base);
+            m_run[ri] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (uint32_t n = 0; n < kNT; n++) {
+                s[n][2 * ri] = ex2(s[n][2 * ri] - base);
+                s[n][2 * ri + 1] = ex2(s[n][2 * ri + 1] - base);
+                sum += s[n][2 * ri] + s[n][2 * ri + 1];
+            }
+            l_run[ri] = l_run[ri] * alpha + sum; /* this thread's columns; quad-summed at the end */
+#pragma unroll
+            for (uint32_t d = 0; d < kDT; d++) {
+                o[d][2 * ri] *= alpha;
+                o[d][2 * ri + 1] *= alpha;
+            }
+        }
+
+        /* O += P V: the S accumulators of two n8 tiles are exactly an A fragment of 16 keys */
+#pragma unroll
+        for (uint32_t kk = 0; kk < kKW / 16; kk++) {
+            uint32_t a[4];
+            a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (uint32_t dp = 0; dp < kDP / 16; dp++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, vs + v_off + kk * 16 * kSRow * 2 + dp * 32);
+                mma16816(o[2 * dp], a, b[0], b[1]);
+                mma16816(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+    }
+
+    /* Epilogue: every warp parks its rows (unnormalized, f32) and (max, sum) in shared memory,
+     * then all threads combine the key-split warps and store 16 bytes at a time. */
+    cp_async_wait<0>();
+    __syncthreads();
+    float *slab = (float *)smem;                         /* [kWarpsN][kRows][kORow] */
+    float *mls = slab + kWarpsN * kRows * kORow;          /* [kWarpsN][kRows][2] */
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        float l = l_run[ri];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const uint32_t r = wm * 16 + g + 8 * ri;
+        float *row = slab + (wn * kRows + r) * kORow + 2 * t4;
+#pragma unroll
+        for (uint32_t d = 0; d < kDT; d++)
+            *(float2 *)(row + d * 8) = make_float2(o[d][2 * ri], o[d][2 * ri + 1]);
+        if (t4 == 0) {
+            mls[(wn * kRows + r) * 2] = m_run[ri];
+            mls[(wn * kRows + r) * 2 + 1] = l;
+        }
+    }
+    __syncthreads();
+
+    for (uint32_t c = tid; c < kRows * kCPR; c += kThreads) {
+        const uint32_t r = c / kCPR, cc = c % kCPR, R = t.it.row_begin + r;
+        if (R >= t.row_end)
+            continue;
+        float M = kNegInf;
+#pragma unroll
+        for (uint32_t w = 0; w < kWarpsN; w++)
+            M = fmaxf(M, mls[(w * kRows + r) * 2]);
+        float L = 0.0f, v[kVec];
+#pragma unroll
+        for (uint32_t e = 0; e < kVec; e++)
+            v[e] = 0.0f;
+#pragma unroll
+        for (uint32_t w = 0; w < kWarpsN; w++) {
+            const float mw = mls[(w * kRows + r) * 2];
+            const float f = mw == kNegInf ? 0.0f : ex2(mw - M);
+            L += f * mls[(w * kRows + r) * 2 + 1];
+            const float *src_row = slab + (w * kRows + r) * kORow + cc * kVec;
+#pragma unroll
+            for (uint32_t e = 0; e < kVec; e += 4) {
+                const float4 x = *(const float4 *)(src_row + e);
+                v[e] += f * x.x;
+                v[e + 1] += f * x.y;
+                v[e + 2] += f * x.z;
+                v[e + 3] += f * x.w;
+            }
+        }
+        if (t.it.part != ATT_KPART_NONE) {
+            const uint64_t prow = ((uint64_t)t.it.part * kHkv + t.h) * kRows + r;
+            float *po = (float *)p.part_o_d + prow * kD + cc * kVec;
+#pragma unroll
+            for (uint32_t e = 0; e < kVec; e += 4)
+                *(float4 *)(po + e) = make_float4(v[e], v[e + 1], v[e + 2], v[e + 3]);
+            if (cc == 0)
+                *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(M, L);
+        } else {
+            const uint32_t qh = t.h * kG + R % kG;
+            const float sc = out_scale(p, qh, M, L);
+#pragma unroll
+            for (uint32_t e = 0; e < kVec; e++)
+                v[e] *= sc;
+            elem_t *dst = (elem_t *)p.out_d +
+                          ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD + cc * kVec;
+            store_vec(dst, v);
+        }
+    }
+}
+
+#else /* ATT_DTYPE == ATT_DT_F32 */
+/* ---- f32: plain FMAs, one warp per query row, lane l holding dims l, l + 32, ... ---- */
+
+constexpr uint32_t kDL = (kD + 31) / 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Key j's K (or V) row for KV head h: the cache before the chunk, the batch's own rows after. */
+__device__ __forceinline__ uint64_t kv_row_off(const att_kchunk_t &ch, const uint32_t *table,
+                                               uint32_t h, uint32_t j, bool *is_new) {
+    *is_new = j >= ch.start_pos;
+    if (*is_new)
+        return ((uint64_t)(ch.token_offset + j - ch.start_pos) * kHkv + h) * kD;
+    return (((uint64_t)table[j / kBS] * kHkv + h) * kBS + j % kBS) * kD;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
+    const tile_t t = tile_of(p);
+    write_own_kv(p, t);
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float *qg = (const float *)p.q_d;
+    const float *kc = (const float *)p.k_cache_d, *vc = (const float *)p.v_cache_d;
+    const float *kn = (const float *)p.k_d, *vn = (const float *)p.v_d;
+    const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
+    const float scale2 = p.scale * kLog2e;
+
+    for (uint32_t r = warp; r < kRows; r += kWarps) {
+        const uint32_t R = t.it.row_begin + r;
+        if (R >= t.row_end)
+            break;
+        const uint32_t ps = t.ch.start_pos + R / kG, qh = t.h * kG + R % kG;
+        const uint32_t j_lo = umax(window_lo(ps, p.window), t.kb), j_end = umin(ps + 1, t.ke);
+        const float slope2 = head_slope2(p, qh);
+        const float *qrow = qg + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
+        float q[kDL], o[kDL];
+#pragma unroll
+        for (uint32_t i = 0; i < kDL; i++) {
+            const uint32_t d = lane + 32 * i;
+            q[i] = d < kD ? qrow[d] : 0.0f;
+            o[i] = 0.0f;
+        }
+        float m = kNegInf, l = 0.0f;
+        /* four keys at a time: their loads and dot products are independent */
+        for (uint32_t j0 = j_lo; j0 < j_end; j0 += 4) {
+            float x[4], vv[4][kDL];
+#pragma unroll
+            for (uint32_t u = 0; u < 4; u++) {
+                const uint32_t j = j0 + u;
+                x[u] = kNegInf;
+                if (j < j_end) {
+                    bool is_new;
+                    const uint64_t off = kv_row_off(t.ch, table, t.h, j, &is_new);
+                    const float *kr = (is_new ? kn : kc) + off, *vr = (is_new ? vn : vc) + off;
+                    float dot = 0.0f;
+#pragma unroll
+                    for (uint32_t i = 0; i < kDL; i++) {
+                        const uint32_t d = lane + 32 * i;
+                        dot += d < kD ? q[i] * kr[d] : 0.0f;
+                        vv[u][i] = d < kD ? vr[d] : 0.0f;
+                    }
+                    x[u] = logit2(warp_sum(dot), p, scale2, (int)j, (int)ps, slope2);
+                } else {
+#pragma unroll
+                    for (uint32_t i = 0; i < kDL; i++)
+                        vv[u][i] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (uint32_t u = 0; u < 4; u++) {
+                if (x[u] == kNegInf)
+                    continue;
+                const float m_new = fmaxf(m, x[u]);
+                const float alpha = ex2(m - m_new), pe = ex2(x[u] - m_new);
+                l = l * alpha + pe;
+#pragma unroll
+                for (uint32_t i = 0; i < kDL; i++)
+                    o[i] = o[i] * alpha + pe * vv[u][i];
+                m = m_new;
+            }
+        }
+        if (t.it.part != ATT_KPART_NONE) {
+            const uint64_t prow = ((uint64_t)t.it.part * kHkv + t.h) * kRows + r;
+            float *po = (float *)p.part_o_d + prow * kD;
+#pragma unroll
+            for (uint32_t i = 0; i < kDL; i++)
+                if (lane + 32 * i < kD)
+                    po[lane + 32 * i] = o[i];
+            if (lane == 0)
+                *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m, l);
+        } else {
+            const float sc = out_scale(p, qh, m, l);
+            float *dst = (float *)p.out_d + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
+#pragma unroll
+            for (uint32_t i = 0; i < kDL; i++)
+                if (lane + 32 * i < kD)
+                    dst[lane + 32 * i] = o[i] * sc;
+        }
+    }
+}
+#endif
+
+/* ---- split-KV merge (flash-decoding's second pass) and append-only KV write ---- */
+
+extern "C" __global__ void __launch_bounds__(kMergeThreads) att_k_merge(const att_kparams_t p) {
+    const uint32_t h = blockIdx.x % kHkv;
+    const att_kmerge_t mg = ((const att_kmerge_t *)p.merges_d)[blockIdx.x / kHkv];
+    const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[mg.chunk];
+    const uint32_t row_end = umin(mg.row_begin + kRows, ch.num_tokens * kG);
+    const float *po = (const float *)p.part_o_d, *pml = (const float *)p.part_ml_d;
+    for (uint32_t c = threadIdx.x; c < kRows * kCPR; c += kMergeThreads) {
+        const uint32_t r = c / kCPR, cc = c % kCPR, R = mg.row_begin + r;
+        if (R >= row_end)
+            continue;
+        float M = kNegInf;
+        for (uint32_t i = 0; i < mg.num_parts; i++) {
+            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
+            M = fmaxf(M, pml[prow * 2]);
+        }
+        float L = 0.0f, v[kVec];
+#pragma unroll
+        for (uint32_t e = 0; e < kVec; e++)
+            v[e] = 0.0f;
+        for (uint32_t i = 0; i < mg.num_parts; i++) {
+            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
+            const float mw = pml[prow * 2];
+            if (mw == kNegInf)
+                continue; /* a split with no key for this row (window) */
+            const float f = ex2(mw - M);
+            L += f * pml[prow * 2 + 1];
+            const float *src = po + prow * kD + cc * kVec;
+#pragma unroll
+            for (uint32_t e = 0; e < kVec; e += 4) {
+                const float4 x = *(const float4 *)(src + e);
+                v[e] += f * x.x;
+                v[e + 1] += f * x.y;
+                v[e + 2] += f * x.z;
+                v[e + 3] += f * x.w;
+            }
+        }
+        const uint32_t qh = h * kG + R % kG;
+        const float sc = out_scale(p, qh, M, L);
+#pragma unroll
+        for (uint32_t e = 0; e < kVec; e++)
+            v[e] *= sc;
+        store_vec((elem_t *)p.out_d + ((uint64_t)(ch.token_offset + R / kG) * kHq + qh) * kD +
+                      cc * kVec,
+                  v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kKvwThreads) att_k_kv_write(const att_kparams_t p) {
+    const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[blockIdx.x / kHkv];
+    copy_new_kv(p, ch, blockIdx.x % kHkv, 0, ch.num_tokens, threadIdx.x, kKvwThreads);
+}

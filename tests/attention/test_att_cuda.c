@@ -1,0 +1,377 @@
+/* The CUDA backend against the double-precision oracle, next to the CPU backend on the same
+ * inputs: every dtype x GQA group x head_dim family of the attention-core tests with random
+ * features, mixed batches (decode, prefill, chunks over earlier context in one call),
+ * rollback/retry, split-KV (few long sequences: flash-decoding and split prefill tiles), append
+ * only, merged calls with separate buffers, registered host memory, three models of different
+ * head dims, dtypes and groups interleaved on one GPU (each session's launch cache), and the
+ * compile cache (memory, disk, a damaged file).
+ * Without a GPU or driver every test skips with one line saying why. Label: gpu. */
+#include "tests/test_util.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attention/att_cuda.h"
+#include "tests/attention/att_rig.h"
+
+static uint64_t g_seed;
+static att_backend_t *g_cuda;
+static at_diag_t g_why;
+static void *g_registered;
+
+static const att_cpu_cfg_t CPU_BE[] = {{.num_threads = 0}};
+
+#define NEED_GPU()                                                                               \
+    do {                                                                                         \
+        if (g_cuda == NULL) {                                                                    \
+            printf("SKIP: no CUDA device (%s)\n", g_why.msg);                                    \
+            skip();                                                                              \
+        }                                                                                        \
+    } while (0)
+
+static void rig_on_gpu(att_rig_t *rig, const att_rig_spec_t *spec, uint64_t cap, int with_cpu,
+                       uint64_t seed) {
+    att_rig_init_with(rig, &spec->cfg, cap, CPU_BE, with_cpu ? 1 : 0, &g_cuda, 1, seed);
+}
+
+/* ---- the coverage matrix ---- */
+
+typedef struct mcase {
+    att_dtype_t dtype;
+    uint32_t hq, hkv, d, block, index;
+    char name[64];
+} mcase_t;
+
+static void run_matrix_case(void **state) {
+    NEED_GPU();
+    const mcase_t *mc = *state;
+    const uint64_t seed = tu_sub_seed(g_seed, 20000u + mc->index);
+    tu_rng_t r;
+    tu_rng_seed(&r, seed);
+    const uint32_t layers = tu_rng_range(&r, 1, 2);
+    unsigned feats = 0;
+    for (unsigned bit = ATT_RIG_F_WINDOW; bit <= ATT_RIG_F_SCALE; bit <<= 1)
+        if (tu_rng_chance(&r, 1, 2))
+            feats |= bit;
+    att_rig_spec_t spec;
+    att_rig_spec_init(&spec, mc->dtype, layers, mc->hq, mc->hkv, mc->d, mc->block);
+    att_rig_spec_features(&spec, feats, &r);
+    char desc[256];
+    tu_where_set("%s: ATTND_TEST_SEED=%" PRIu64 " case %u (seed %" PRIu64 "), %s", mc->name,
+                 g_seed, mc->index, seed, att_rig_spec_str(&spec, desc, sizeof desc));
+    print_message("case %u: %s\n", mc->index, desc);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &spec, 4096, 1, tu_rng_next(&r));
+    const uint64_t A = 1 + tu_rng_below(&r, 1000), B = A + 1, C = A + 2;
+    const uint32_t pa = tu_rng_range(&r, 40, 200), pb = tu_rng_range(&r, 8, 40);
+    const att_chunk_t s1[] = {{A, 0, pa}, {B, 0, pb}};
+    att_rig_attend_layers(&rig, s1, 2);
+    const uint32_t pc = tu_rng_range(&r, 10, 60), cb = tu_rng_range(&r, 10, 50);
+    const att_chunk_t s2[] = {{A, pa, 1}, {C, 0, pc}, {B, pb, cb}};
+    att_rig_attend_layers(&rig, s2, 3);
+    const att_chunk_t s3[] = {{C, pc, 1}, {B, pb + cb, 1}, {A, pa + 1, 1}};
+    att_rig_attend_layers(&rig, s3, 3);
+    const uint32_t back = tu_rng_range(&r, 1, 5); /* a retry that rolls B back */
+    const att_chunk_t s4[] = {{B, pb + cb + 1 - back, back + 1}, {A, pa + 2, 1}};
+    att_rig_attend_layers(&rig, s4, 2);
+    att_rig_fini(&rig);
+}
+
+/* ---- split-KV: few sequences with long contexts ---- */
+
+static void split_case(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uint32_t block,
+                       unsigned feats, uint32_t index) {
+    const uint64_t seed = tu_sub_seed(g_seed, 30000u + index);
+    tu_rng_t r;
+    tu_rng_seed(&r, seed);
+    att_rig_spec_t spec;
+    att_rig_spec_init(&spec, dt, 1, hq, hkv, d, block);
+    att_rig_spec_features(&spec, feats, &r);
+    if (feats & ATT_RIG_F_WINDOW)
+        spec.cfg.sliding_window = 700; /* long enough that windowed tiles still split */
+    char desc[256];
+    tu_where_set("split: ATTND_TEST_SEED=%" PRIu64 " (seed %" PRIu64 "), %s", g_seed, seed,
+                 att_rig_spec_str(&spec, desc, sizeof desc));
+    print_message("split: %s\n", desc);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &spec, 8192, 0, tu_rng_next(&r));
+    /* prefill long prompts: wide tiles over long key ranges, too few to fill the GPU */
+    const att_chunk_t p1[] = {{1, 0, 1500}, {2, 0, 900}};
+    att_rig_attend(&rig, 0, p1, 2);
+    /* a chunk over 1500 tokens of context plus two decode tokens */
+    const att_chunk_t p2[] = {{1, 1500, 300}, {2, 900, 1}, {3, 0, 1}};
+    att_rig_attend(&rig, 0, p2, 3);
+    for (uint32_t s = 0; s < 3; s++) { /* decode: narrow tiles, split many ways */
+        const att_chunk_t p3[] = {{1, 1800 + s, 1}, {2, 901 + s, 1}};
+        att_rig_attend(&rig, 0, p3, 2);
+    }
+    const att_chunk_t p4[] = {{1, 1790, 4}}; /* rollback over a split range */
+    att_rig_attend(&rig, 0, p4, 1);
+    att_rig_fini(&rig);
+}
+
+static void test_att_cuda_split_kv(void **state) {
+    (void)state;
+    NEED_GPU();
+    split_case(ATT_DTYPE_BF16, 8, 2, 128, 16, 0, 0);
+    split_case(ATT_DTYPE_F16, 16, 2, 64, 32, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
+    split_case(ATT_DTYPE_BF16, 4, 4, 80, 16, ATT_RIG_F_ALIBI | ATT_RIG_F_SOFT_CAP, 2);
+    split_case(ATT_DTYPE_F32, 6, 1, 64, 64, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 3);
+    split_case(ATT_DTYPE_F16, 8, 1, 256, 16, ATT_RIG_F_ALL, 4);
+}
+
+/* ---- three models interleaved on one GPU ---- */
+
+static void test_att_cuda_models_interleaved(void **state) {
+    (void)state;
+    NEED_GPU();
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 40000u));
+    tu_where_set("interleaved: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    att_rig_spec_t sa, sb, sc;
+    att_rig_spec_init(&sa, ATT_DTYPE_BF16, 2, 32, 8, 128, 16); /* Llama-3-8B-like, group 4 */
+    att_rig_spec_init(&sb, ATT_DTYPE_F16, 2, 16, 2, 64, 32);   /* group 8 */
+    att_rig_spec_init(&sc, ATT_DTYPE_F32, 1, 6, 1, 80, 16);    /* MQA */
+    att_rig_spec_features(&sb, ATT_RIG_F_SOFT_CAP, &r);
+    att_rig_t ra, rb, rc;
+    rig_on_gpu(&ra, &sa, 2048, 0, tu_rng_next(&r));
+    rig_on_gpu(&rb, &sb, 2048, 0, tu_rng_next(&r));
+    rig_on_gpu(&rc, &sc, 2048, 0, tu_rng_next(&r));
+    const att_chunk_t pre[] = {{7, 0, 37}, {8, 0, 5}};
+    for (uint32_t l = 0; l < 2; l++) {
+        att_rig_attend(&ra, l, pre, 2);
+        att_rig_attend(&rb, l, pre, 2);
+        if (l == 0)
+            att_rig_attend(&rc, 0, pre, 2);
+    }
+    for (uint32_t s = 0; s < 6; s++) {
+        const att_chunk_t dec[] = {{7, 37 + s, 1}, {8, 5 + s, 1}};
+        att_rig_attend(&rc, 0, dec, 2);
+        for (uint32_t l = 0; l < 2; l++) {
+            att_rig_attend(&rb, l, dec, 2);
+            att_rig_attend(&ra, l, dec, 2);
+        }
+    }
+    att_ctx_info_t ia, ib, ic;
+    att_ctx_get_info(ra.ctx[0], &ia);
+    att_ctx_get_info(rb.ctx[0], &ib);
+    att_ctx_get_info(rc.ctx[0], &ic);
+    /* each session prepared its own launches once per key, then hit */
+    TU_CHECK(ia.kv_stats.lc_misses <= 4 && ia.kv_stats.lc_hits >= 10,
+             "model A: %" PRIu64 " misses, %" PRIu64 " hits", ia.kv_stats.lc_misses,
+             ia.kv_stats.lc_hits);
+    TU_CHECK(ib.kv_stats.lc_misses <= 4 && ib.kv_stats.lc_hits >= 10,
+             "model B: %" PRIu64 " misses, %" PRIu64 " hits", ib.kv_stats.lc_misses,
+             ib.kv_stats.lc_hits);
+    TU_CHECK(ic.kv_stats.lc_misses <= 4 && ic.kv_stats.lc_hits >= 4,
+             "model C: %" PRIu64 " misses, %" PRIu64 " hits", ic.kv_stats.lc_misses,
+             ic.kv_stats.lc_hits);
+    print_message("launch caches: A %" PRIu64 "/%" PRIu64 ", B %" PRIu64 "/%" PRIu64
+                  ", C %" PRIu64 "/%" PRIu64 " hits/misses\n",
+                  ia.kv_stats.lc_hits, ia.kv_stats.lc_misses, ib.kv_stats.lc_hits,
+                  ib.kv_stats.lc_misses, ic.kv_stats.lc_hits, ic.kv_stats.lc_misses);
+    att_rig_fini(&ra);
+    att_rig_fini(&rb);
+    att_rig_fini(&rc);
+}
+
+/* ---- append-only, then attention over what was appended ---- */
+
+static void test_att_cuda_append_then_attend(void **state) {
+    (void)state;
+    NEED_GPU();
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 50000u));
+    tu_where_set("append: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_F16, 2, 8, 2, 128, 8);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &s, 2048, 1, tu_rng_next(&r));
+    const att_chunk_t a[] = {{11, 0, 70}, {12, 0, 3}};
+    att_rig_append(&rig, 0, a, 2);
+    att_rig_append(&rig, 1, a, 2);
+    const att_chunk_t b[] = {{11, 70, 1}, {12, 3, 20}};
+    att_rig_attend_layers(&rig, b, 2);
+    const att_chunk_t c[] = {{11, 30, 5}}; /* append over a rolled-back tail */
+    att_rig_append(&rig, 0, c, 1);
+    att_rig_fini(&rig);
+}
+
+/* ---- merged calls (separate buffers per chunk) and registered host memory ---- */
+
+static void test_att_cuda_merged_calls_and_registered_memory(void **state) {
+    (void)state;
+    NEED_GPU();
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 60000u));
+    tu_where_set("merged: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, 8, 2, 64, 16);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &s, 4096, 0, tu_rng_next(&r));
+    const size_t q_row = 8 * 64 * 2, kv_row = 2 * 64 * 2;
+    /* one registered region holds the second call's tensors; the others are plain heap */
+    const size_t region = 1u << 20;
+    uint8_t *reg = NULL;
+    TU_CHECK(posix_memalign((void **)&reg, 4096, region) == 0, "posix_memalign");
+    TU_CHECK(g_cuda->ops->register_host(g_cuda, reg, region) == AT_OK, "register_host");
+    const att_chunk_t ch[3][1] = {{{21, 0, 33}}, {{22, 0, 1}}, {{23, 0, 17}}};
+    void *q[3], *k[3], *v[3], *out[3];
+    double *ref[3];
+    att_call_t calls[3];
+    for (int i = 0; i < 3; i++) {
+        const uint32_t t = ch[i][0].num_tokens;
+        q[i] = att_rig_random_q(&rig, t);
+        k[i] = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE);
+        v[i] = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+        out[i] = tu_xmalloc(t * q_row);
+        if (i == 1) { /* move call 1 into the registered region, out too */
+            uint8_t *p = reg;
+            memcpy(p, q[i], t * q_row);
+            memcpy(p + 4096, k[i], t * kv_row);
+            memcpy(p + 8192, v[i], t * kv_row);
+            free(q[i]);
+            free(k[i]);
+            free(v[i]);
+            free(out[i]);
+            q[i] = p;
+            k[i] = p + 4096;
+            v[i] = p + 8192;
+            out[i] = p + 12288;
+        }
+        memset(out[i], 0xff, t * q_row);
+        ref[i] = tu_xcalloc((size_t)t * 8 * 64, sizeof(double));
+        att_rig_note_id(&rig, ch[i][0].seq_id);
+        TU_CHECK(att_oracle_run(rig.oracle, 0, ch[i], 1, q[i], k[i], v[i], ref[i]) == AT_OK,
+                 "oracle");
+        calls[i] = att_rig_call(&rig, 0, ch[i], 1, q[i], k[i], v[i], out[i]);
+    }
+    at_err_t errs[3];
+    at_diag_t diags[3];
+    att_ctx_run_many(rig.ctx[0], calls, 3, 1, errs, diags);
+    for (int i = 0; i < 3; i++) {
+        TU_CHECK(errs[i] == AT_OK, "call %d: %s (%s)", i, at_err_name(errs[i]), diags[i].msg);
+        att_rig_compare(&rig, 0, 0, ch[i], 1, out[i], ref[i]);
+        free(ref[i]);
+        if (i != 1) {
+            free(q[i]);
+            free(k[i]);
+            free(v[i]);
+            free(out[i]);
+        }
+    }
+    att_ctx_info_t info;
+    att_ctx_get_info(rig.ctx[0], &info);
+    TU_CHECK(info.backend_runs == 1, "the three calls ran as %" PRIu64 " runs", info.backend_runs);
+    att_rig_check_cache(&rig);
+    att_rig_fini(&rig);
+    g_registered = reg; /* registered for the backend's lifetime: freed after it */
+}
+
+/* ---- the compile cache: memory, disk, and a damaged file ---- */
+
+static uint64_t session_compiles(att_backend_t *be, const att_model_cfg_t *cfg) {
+    att_ctx_t *ctx = NULL;
+    at_diag_t d = {{0}};
+    at_err_t e = att_ctx_create(be, cfg, 64, &d, &ctx);
+    TU_CHECK(e == AT_OK, "att_ctx_create: %s (%s)", at_err_name(e), d.msg);
+    att_ctx_info_t info;
+    att_ctx_get_info(ctx, &info);
+    att_ctx_destroy(&ctx);
+    return info.kv_stats.compiles;
+}
+
+static void test_att_cuda_compile_cache(void **state) {
+    (void)state;
+    NEED_GPU();
+    char dir[] = "/tmp/attnd-kc-XXXXXX";
+    TU_CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    att_model_cfg_t cfg = {.num_layers = 1, .num_query_heads = 12, .num_kv_heads = 3,
+                           .head_dim = 40, .dtype = ATT_DTYPE_F16, .block_size = 32};
+    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = dir};
+    att_backend_t *be = NULL;
+    at_diag_t d = {{0}};
+    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(session_compiles(be, &cfg) == 2, "a new model compiles its two kernels");
+    TU_CHECK(session_compiles(be, &cfg) == 0, "the same model again compiles nothing");
+    att_backend_destroy(&be);
+    /* a restart finds the images on disk */
+    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(session_compiles(be, &cfg) == 0, "after a restart the disk cache serves both");
+    att_jit_stats_t st;
+    att_cuda_jit_stats(be, &st);
+    TU_CHECK(st.disk_hits == 2 && st.compiles == 0, "disk hits %" PRIu64, st.disk_hits);
+    att_backend_destroy(&be);
+    /* damage one file: it is recompiled, not loaded */
+    char cmd[256];
+    snprintf(cmd, sizeof cmd,
+             "f=$(ls %s/*.cubin | head -1); head -c 1000 \"$f\" > \"$f.x\" && mv \"$f.x\" \"$f\"",
+             dir);
+    TU_CHECK(system(cmd) == 0, "truncating a cache file");
+    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(session_compiles(be, &cfg) == 1, "the damaged image is compiled again");
+    att_cuda_jit_stats(be, &st);
+    TU_CHECK(st.disk_rejects == 1 && st.disk_hits == 1, "rejects %" PRIu64, st.disk_rejects);
+    att_backend_destroy(&be);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    TU_CHECK(system(cmd) == 0, "rm");
+}
+
+static int setup(void **state) {
+    (void)state;
+    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = ""};
+    if (att_cuda_create(&cc, &g_why, &g_cuda) == AT_OK)
+        printf("GPU: %s\n", att_cuda_describe(g_cuda));
+    else
+        printf("SKIP: every GPU test: %s\n", g_why.msg);
+    return 0;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    att_backend_destroy(&g_cuda);
+    free(g_registered);
+    return 0;
+}
+
+int main(void) {
+    g_seed = tu_base_seed("test_att_cuda");
+    static const att_dtype_t dtypes[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
+    static const struct {
+        const char *name;
+        uint32_t hq, hkv;
+    } groups[] = {{"g1", 4, 4}, {"g4", 8, 2}, {"g8", 16, 2}, {"mqa", 6, 1}};
+    static const uint32_t dims[] = {64, 128, 256, 80, 24};
+    static const uint32_t blocks[] = {16, 64, 8, 256};
+    enum { N = 3 * 4 * 5, EXTRA = 5 };
+    static mcase_t cases[N];
+    static struct CMUnitTest tests[N + EXTRA];
+    uint32_t n = 0;
+    for (size_t a = 0; a < 3; a++)
+        for (size_t g = 0; g < 4; g++)
+            for (size_t d = 0; d < 5; d++, n++) {
+                mcase_t *c = &cases[n];
+                c->dtype = dtypes[a];
+                c->hq = groups[g].hq;
+                c->hkv = groups[g].hkv;
+                c->d = dims[d];
+                c->block = blocks[n % 4];
+                c->index = n;
+                snprintf(c->name, sizeof c->name, "test_att_cuda_%s_%s_d%u_b%u",
+                         att_dtype_name(c->dtype), groups[g].name, c->d, c->block);
+                tests[n] = (struct CMUnitTest){c->name, run_matrix_case, NULL, NULL, c};
+            }
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_split_kv);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_models_interleaved);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_append_then_attend);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_compile_cache);
+    /* ATTND_TEST_FILTER=pattern (cmocka's * and ?) runs a subset: the sanitizer runs use it */
+    const char *filter = getenv("ATTND_TEST_FILTER");
+    if (filter != NULL && filter[0] != '\0')
+        cmocka_set_test_filter(filter);
+    return _cmocka_run_group_tests("att_cuda", tests, n, setup, teardown);
+}

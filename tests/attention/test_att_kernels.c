@@ -1,0 +1,159 @@
+/* Every model variant family of the attention kernels compiles with NVRTC, for sm_80 and sm_90,
+ * in both tile kinds: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
+ * every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
+ * conversions differ between f16 and bf16, and f32 ignores the group), every block size
+ * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
+ * NVRTC needs no GPU, so this runs in CI; without libnvrtc it skips with a line saying so.
+ * The compiles run on every CPU (att_jit is thread-safe); failures are collected and reported
+ * from the test thread. Label: unit. */
+#include "tests/test_util.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attention/att_jit.h"
+#include "attention/att_model.h"
+
+#define MAX_JOBS 512
+
+typedef struct job {
+    att_model_t *m;
+    att_tile_kind_t kind;
+    const char *arch;
+    at_err_t err;
+    at_diag_t diag;
+    char desc[96];
+} job_t;
+
+static job_t g_jobs[MAX_JOBS];
+static uint32_t g_num_jobs;
+static atomic_uint g_next;
+static att_jit_t *g_jit;
+
+static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uint32_t block,
+                      unsigned feats) {
+    static const float slopes[64] = {0.5f};
+    static const float sinks[64] = {1.0f};
+    uint32_t windows[2] = {0, 32};
+    att_model_cfg_t c = {
+        .num_layers = 2,
+        .num_query_heads = hq,
+        .num_kv_heads = hkv,
+        .head_dim = d,
+        .dtype = dt,
+        .block_size = block,
+    };
+    if (feats & 1) {
+        c.layer_sliding_window = windows;
+        c.n_layer_sliding_window = 2;
+    }
+    if (feats & 2)
+        c.logits_soft_cap = 30.0f;
+    if (feats & 4) {
+        c.alibi_slopes = slopes;
+        c.n_alibi_slopes = hq;
+    }
+    if (feats & 8) {
+        c.sinks = sinks;
+        c.n_sinks = hq;
+    }
+    static const char *const archs[] = {"sm_80", "sm_90"};
+    for (int k = 0; k < ATT_TILE_KINDS; k++)
+        for (int a = 0; a < 2; a++) {
+            assert_true(g_num_jobs < MAX_JOBS);
+            job_t *j = &g_jobs[g_num_jobs++];
+            at_diag_t diag = {{0}};
+            at_err_t e = att_model_create(&c, &diag, &j->m);
+            assert_int_equal(e, AT_OK);
+            j->kind = (att_tile_kind_t)k;
+            j->arch = archs[a];
+            snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u feats %x %s %s",
+                     att_dtype_name(dt), hq, hkv, d, block, feats,
+                     k == ATT_TILE_WIDE ? "wide" : "narrow", archs[a]);
+        }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    for (;;) {
+        uint32_t i = atomic_fetch_add_explicit(&g_next, 1, memory_order_relaxed);
+        if (i >= g_num_jobs)
+            return NULL;
+        job_t *j = &g_jobs[i];
+        att_tile_t t = att_jit_tile(j->m, j->kind);
+        att_jit_opts_t o;
+        att_jit_model_opts(j->m, &t, &o);
+        const void *img;
+        size_t n;
+        j->err = att_jit_image(g_jit, j->arch, o.ptr, o.n, &img, &n, NULL, &j->diag);
+        if (j->err == AT_OK && n < 1024)
+            j->err = AT_ERR_INTERNAL; /* an image that small cannot hold three kernels */
+    }
+}
+
+static void test_att_kernels_compile_every_variant(void **state) {
+    (void)state;
+    at_diag_t diag = {{0}};
+    at_err_t e = att_jit_create(NULL, &diag, &g_jit);
+    if (e == AT_ERR_UNSUPPORTED) {
+        printf("SKIP: no NVRTC on this machine (%s)\n", diag.msg);
+        skip();
+    }
+    assert_int_equal(e, AT_OK);
+    static const att_dtype_t dts[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
+    static const uint32_t dims[] = {24, 64, 80, 128, 256};
+    static const uint32_t groups[][2] = {{4, 4}, {8, 2}, {16, 2}, {6, 1}};
+    for (int a = 0; a < 3; a++)
+        for (int d = 0; d < 5; d++)
+            for (int g = 0; g < 4; g++) {
+                /* f32 does not depend on the group; f16 differs from bf16 only in two
+                 * instructions, so one group covers it */
+                if (dts[a] != ATT_DTYPE_BF16 && g != 1)
+                    continue;
+                add_model(dts[a], groups[g][0], groups[g][1], dims[d], 16, 0);
+            }
+    for (uint32_t b = 8; b <= 256; b *= 2)
+        if (b != 16)
+            add_model(ATT_DTYPE_BF16, 32, 8, 128, b, 0);
+    for (unsigned f = 1; f <= 8; f <<= 1) {
+        add_model(ATT_DTYPE_F16, 8, 2, 128, 16, f);
+        add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, f);
+    }
+    add_model(ATT_DTYPE_F16, 8, 2, 128, 16, 15);
+    add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, 15);
+    add_model(ATT_DTYPE_F32, 8, 2, 80, 16, 15);
+
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    uint32_t nthreads = ncpu > 1 ? (uint32_t)(ncpu > 8 ? 8 : ncpu) : 1;
+    pthread_t tids[8];
+    for (uint32_t t = 0; t < nthreads; t++)
+        assert_int_equal(pthread_create(&tids[t], NULL, worker, NULL), 0);
+    for (uint32_t t = 0; t < nthreads; t++)
+        pthread_join(tids[t], NULL);
+
+    uint32_t bad = 0;
+    for (uint32_t i = 0; i < g_num_jobs; i++) {
+        if (g_jobs[i].err != AT_OK) {
+            printf("FAIL %s: %s %s\n", g_jobs[i].desc, at_err_name(g_jobs[i].err),
+                   g_jobs[i].diag.msg);
+            bad++;
+        }
+        att_model_destroy(&g_jobs[i].m);
+    }
+    att_jit_stats_t st;
+    att_jit_get_stats(g_jit, &st);
+    printf("%u variants compiled (%llu NVRTC runs, %.1f s of compile time)\n", g_num_jobs,
+           (unsigned long long)st.compiles, (double)st.compile_ns / 1e9);
+    att_jit_destroy(&g_jit);
+    assert_int_equal(bad, 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_att_kernels_compile_every_variant),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds attnd and the GPU test programs (build-cuda/, Release) and bundles them with the shared
+# libraries they need for a machine that has an NVIDIA driver but none of our Debian packages
+# (the lent GPU machine): dist/gpu/{bin,lib} and dist/gpu/run, a wrapper that sets
+# LD_LIBRARY_PATH. glibc and libstdc++ are left to the target (it must be at least as new as this
+# machine's). libcuda is never bundled: it comes with the driver. libnvrtc is bundled
+# xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use.
+# Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=build-cuda
+out=dist/gpu
+cuda_lib=${AT_CUDA_ROOT:-/usr/local/cuda}/lib64
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DAT_WITH_CUDA=ON -DAT_WERROR=ON >/dev/null
+cmake --build "$build" -j"$(nproc)" --target attnd test_att_cuda test_lc test_svc_e2e
+rm -rf "$out/bin" "$out/lib.new"
+mkdir -p "$out/bin" "$out/lib.new"
+bins=("$build/service/attnd" "$build/tests/test_att_cuda" "$build/tests/test_lc"
+      "$build/tests/test_svc_e2e")
+cp "${bins[@]}" "$out/bin/"
+skip='^(libc|libm|libpthread|libdl|librt|libresolv|libstdc\+\+|libgcc_s|ld-linux-x86-64)\.so'
+for b in "${bins[@]}"; do
+  ldd "$b" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+  name=$(basename "$lib")
+  [[ "$name" =~ $skip ]] || cp -L "$lib" "$out/lib.new/$name"
+done
+cp -L "$cuda_lib/libnvrtc-builtins.so.13.0" "$out/lib.new/"
+# xz of libnvrtc takes minutes: reuse it while the library is unchanged
+src="$cuda_lib/libnvrtc.so.13"
+stamp="$(stat -L -c '%s %Y' "$src")"
+if [ ! -f "$out/libnvrtc.so.13.xz" ] || [ "$(cat "$out/libnvrtc.stamp" 2>/dev/null)" != "$stamp" ]; then
+  xz -6 -T0 -c "$src" > "$out/libnvrtc.so.13.xz.tmp"
+  mv "$out/libnvrtc.so.13.xz.tmp" "$out/libnvrtc.so.13.xz"
+  echo "$stamp" > "$out/libnvrtc.stamp"
+fi
+rm -rf "$out/lib"
+mv "$out/lib.new" "$out/lib"
+cat > "$out/run" <<'WRAP'
+#!/usr/bin/env bash
+# dist/gpu/run PROGRAM [args]: runs a bundled program with the bundled libraries.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+nv=/tmp/attnd-nvrtc
+if [ ! -f "$nv/libnvrtc.so.13" ]; then
+  mkdir -p "$nv"
+  xz -dc "$here/libnvrtc.so.13.xz" > "$nv/libnvrtc.so.13.tmp" 2>/dev/null ||
+    python3 -c "import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())" \
+      "$here/libnvrtc.so.13.xz" > "$nv/libnvrtc.so.13.tmp"
+  mv "$nv/libnvrtc.so.13.tmp" "$nv/libnvrtc.so.13"
+fi
+export LD_LIBRARY_PATH="$here/lib:$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+prog="$1"
+shift
+exec "$here/bin/$prog" "$@"
+WRAP
+chmod +x "$out/run"
+du -sh "$out"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
+# (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
+# default tests,sanitize): tests (the GPU suite and the launch-cache unit test), sanitize
+# (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
+# plus the torch yardsticks), e2e (attnd serve on cuda:0 and the C client).
+# Logs go to $OUT (the device tool's folder), a summary to stdout.
+set -uo pipefail
+phases="${1:-tests,sanitize}"
+out="${OUT:-/tmp/attnd-gpu-out}"
+mkdir -p "$out"
+here="$(pwd)"
+R="$here/dist/gpu/run"
+has() { [[ ",$phases," == *",$1,"* ]]; }
+status=0
+note() { echo "== $*"; }
+
+note "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+"$R" test_lc > "$out/test_lc.log" 2>&1 && note "test_lc passed (the bundle loads)" ||
+  { note "test_lc FAILED"; tail -20 "$out/test_lc.log"; status=1; }
+LD_LIBRARY_PATH="$here/dist/gpu/lib" ldd dist/gpu/bin/attnd | grep "not found" && status=1
+
+if has tests; then
+  note "test_att_cuda"
+  timeout 480 "$R" test_att_cuda > "$out/test_att_cuda.log" 2>&1
+  rc=$?
+  grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_cuda.log" | head -40
+  [ $rc -eq 0 ] || { note "test_att_cuda rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda.log" | head -60; status=1; }
+fi
+
+if has sanitize; then
+  export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
+  for tool in memcheck racecheck; do
+    note "compute-sanitizer $tool"
+    ATTND_TEST_FILTER='*split_kv*' timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      dist/gpu/bin/test_att_cuda > "$out/sanitizer_$tool.log" 2>&1
+    rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer_$tool.log" | head
+    [ $rc -eq 0 ] || { note "$tool rc=$rc"; head -40 "$out/sanitizer_$tool.log"; status=1; }
+  done
+  unset LD_LIBRARY_PATH
+fi
+
+if has bench; then
+  note "attnd bench-gpu"
+  timeout 300 "$R" attnd bench-gpu --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log" | tail -40
+  note "torch yardsticks"
+  PYTHONUNBUFFERED=1 timeout 200 python3 tools/gpu_torch_bench.py 2>&1 | tee "$out/torch.log" | tail -20
+fi
+
+if has e2e; then
+  note "attnd serve on cuda:0 + C client"
+  ATTND_E2E_DEVICE=cuda:0 ATTND_BIN="$here/dist/gpu/bin/attnd" timeout 200 "$R" test_svc_e2e \
+    > "$out/e2e.log" 2>&1
+  rc=$?
+  grep -E "PASSED|FAILED|SKIP" "$out/e2e.log" | head -20
+  [ $rc -eq 0 ] || { note "e2e rc=$rc"; tail -40 "$out/e2e.log"; status=1; }
+fi
+note "done (status $status)"
+exit $status
