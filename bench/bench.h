@@ -14,4 +14,8 @@ int bench_cpu_main(int argc, char **argv);
  * Returns the exit status. Thread: the main thread. */
 int bench_svc_main(int argc, char **argv);
 
+/* `attnd bench-gpu` (builds with the CUDA backend only): attention on cuda:0 against the
+ * bandwidth and launch ceilings measured in the same run. */
+int bench_gpu_main(int argc, char **argv);
+
 #endif

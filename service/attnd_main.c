@@ -25,6 +25,9 @@ static const cmd_t cmds[] = {
     {"serve", svc_serve_main, "serve attnd.v1.Attention over gRPC (attnd serve --help)"},
     {"bench", bench_cpu_main, "time the CPU attention backend (attnd bench --help)"},
     {"bench-serve", bench_svc_main, "time Attend over loopback, and the service's overhead"},
+#ifdef AT_HAVE_CUDA
+    {"bench-gpu", bench_gpu_main, "time the CUDA backend on cuda:0 against measured ceilings"},
+#endif
     {"help", cmd_help, "print this help, or a command's: attnd help COMMAND"},
 };
 

@@ -87,7 +87,7 @@ static bool tag_valid(const char *tag) {
         return false;
     for (size_t i = 0; i < n; i++) {
         char c = tag[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-'))
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == ':'))
             return false;
     }
     return true;
@@ -150,7 +150,7 @@ static void arena_free(svc_arena_t *a) {
 at_err_t svc_arena_create(const char *tag, uint64_t bytes, at_diag_t *diag, svc_arena_t **out) {
     AT_ASSERT(out != NULL);
     if (!tag_valid(tag))
-        return at_diag_set(diag, AT_ERR_CONFIG, "arena tag '%s' is not 1-%u of [a-z0-9-]",
+        return at_diag_set(diag, AT_ERR_CONFIG, "arena tag '%s' is not 1-%u of [a-z0-9:-]",
                            tag != NULL ? tag : "(null)", TAG_MAX_CHARS);
     uint64_t size = page_round(bytes);
     if (size == 0)

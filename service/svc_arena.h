@@ -17,8 +17,8 @@
 
 typedef struct svc_arena svc_arena_t;
 
-/* Creates a new shared-memory object named "/attnd-<pid>-<tag>-<counter>" (tag: short [a-z0-9-],
- * 1 to 32 characters, e.g. "cpu0") of `bytes` (rounded up to the page size), maps it, and makes
+/* Creates a new shared-memory object named "/attnd-<pid>-<tag>-<counter>" (tag: [a-z0-9:-],
+ * 1 to 32 characters, e.g. "cpu0" or "cuda:01") of `bytes` (rounded up to the page size), maps it, and makes
  * it allocatable. The object is unlinked by svc_arena_destroy of the creator. Errors:
  * AT_ERR_CONFIG (bytes 0 or tag invalid), AT_ERR_IO (shm_open/ftruncate/mmap failed; errno text
  * into diag), AT_ERR_NOMEM. diag may be NULL. On success *out is the caller's

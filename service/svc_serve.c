@@ -15,6 +15,9 @@
 #include <string.h>
 #include <zmq.h>
 
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cuda.h"
+#endif
 #include "common/at_log.h"
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
@@ -33,6 +36,8 @@ typedef struct serve_opts {
     char ready_file[512];
     bool allow_remote;
     bool null_device;
+    char devices[256];          /* "cpu,cuda:0,..." or "all" */
+    char kernel_cache_dir[480]; /* "" = the default */
 } serve_opts_t;
 
 /* One row per option: the long option is "--" + name with '_' -> '-'; the JSON key is name. */
@@ -72,6 +77,11 @@ static const opt_t opts[] = {
      "also serve device \"null\": every step of a call but the attention work (benchmarks)"},
     {"ready_file", K_STR, O_(ready_file), 512, 0, 0,
      "write HOST:PORT here once serving (for scripts and tests)"},
+    {"devices", K_STR, O_(devices), 256, 0, 0,
+     "devices to serve: \"all\" (cpu and every CUDA GPU found), or a list such as "
+     "\"cpu,cuda:0\" (all)"},
+    {"kernel_cache_dir", K_STR, O_(kernel_cache_dir), 480, 0, 0,
+     "compiled GPU kernels are kept here across restarts ($XDG_CACHE_HOME/attnd/kernels)"},
 };
 #undef O_
 
@@ -240,6 +250,51 @@ static int write_ready_file(const char *path, int port) {
     return rename(tmp, path); /* readers see the whole line or nothing */
 }
 
+#define MAX_POOLS 16
+
+/* The pools to create, from --devices: "all" is cpu plus every CUDA device the driver sees;
+ * otherwise a comma-separated list of "cpu" and "cuda:N". */
+static at_err_t device_list(const char *spec, char names[][32], uint32_t *n) {
+    *n = 0;
+    if (strcmp(spec, "all") == 0) {
+        snprintf(names[(*n)++], 32, "cpu");
+#ifdef AT_HAVE_CUDA
+        at_diag_t d = {{0}};
+        int gpus = att_cuda_device_count(&d);
+        if (gpus == 0)
+            at_log(AT_LOG_INFO, "serve", "no CUDA devices: %s",
+                   d.msg[0] != '\0' ? d.msg : "the driver sees none");
+        for (int i = 0; i < gpus && *n < MAX_POOLS - 1; i++)
+            snprintf(names[(*n)++], 32, "cuda:%d", i);
+#endif
+        return AT_OK;
+    }
+    const char *p = spec;
+    while (*p != '\0') {
+        size_t len = strcspn(p, ",");
+        if (len == 0 || len >= 32 || *n == MAX_POOLS - 1) {
+            at_log(AT_LOG_ERROR, "serve", "--devices: bad list '%s'", spec);
+            return AT_ERR_CONFIG;
+        }
+        memcpy(names[*n], p, len);
+        names[*n][len] = '\0';
+        for (uint32_t i = 0; i < *n; i++)
+            if (strcmp(names[i], names[*n]) == 0) {
+                at_log(AT_LOG_ERROR, "serve", "--devices: %s twice", names[i]);
+                return AT_ERR_CONFIG;
+            }
+        (*n)++;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    if (*n == 0) {
+        at_log(AT_LOG_ERROR, "serve", "--devices: empty list");
+        return AT_ERR_CONFIG;
+    }
+    return AT_OK;
+}
+
 int svc_serve_main(int argc, char **argv) {
     serve_opts_t o = {
         .listen = "127.0.0.1:50051",
@@ -250,6 +305,7 @@ int svc_serve_main(int argc, char **argv) {
         .batch_tokens = 4096,
         .grace_ms = 10000,
         .log_level = "info",
+        .devices = "all",
     };
     int rc = parse_args(&o, argc, argv);
     if (rc != 0)
@@ -284,51 +340,59 @@ int svc_serve_main(int argc, char **argv) {
 
     rc = 1;
     void *zctx = zmq_ctx_new();
-    svc_pool_t *cpu = NULL, *null_pool = NULL;
+    svc_pool_t *pools[MAX_POOLS] = {NULL};
+    uint32_t num_pools = 0;
     svc_server_t *srv = NULL;
+    at_err_t e = AT_OK;
     at_diag_t d = {{0}};
     if (zctx == NULL) {
         at_log(AT_LOG_ERROR, "serve", "zmq_ctx_new failed");
         return 1;
     }
-    svc_pool_cfg_t pc = {
-        .device = "cpu",
-        .index = 0,
-        .cpu_threads = o.cpu_threads,
-        .arena_bytes = o.arena_mib << 20,
-        .max_queue = o.max_queue,
-        .batch_tokens = o.batch_tokens,
-        .batch_delay_us = o.batch_delay_us,
-    };
-    at_err_t e = svc_pool_create(&pc, zctx, &d, &cpu);
-    if (e != AT_OK) {
-        at_log(AT_LOG_ERROR, "serve", "device cpu: %s: %s", at_err_str(e), d.msg);
+    /* The workers (threads here, processes later) find the kernel cache through the
+     * environment, which a worker process inherits. */
+    if (o.kernel_cache_dir[0] != '\0')
+        setenv("ATTND_KERNEL_CACHE_DIR", o.kernel_cache_dir, 1);
+    char names[MAX_POOLS][32];
+    uint32_t num_names = 0;
+    if ((e = device_list(o.devices, names, &num_names)) != AT_OK)
         goto out_ctx;
-    }
-    if (o.null_device) {
-        svc_pool_cfg_t nc = pc;
-        nc.device = "null";
-        nc.index = 1;
-        if ((e = svc_pool_create(&nc, zctx, &d, &null_pool)) != AT_OK) {
-            at_log(AT_LOG_ERROR, "serve", "device null: %s: %s", at_err_str(e), d.msg);
+    if (o.null_device && num_names < MAX_POOLS)
+        snprintf(names[num_names++], sizeof names[0], "null");
+    for (uint32_t i = 0; i < num_names; i++) {
+        svc_pool_cfg_t pc = {
+            .device = names[i],
+            .index = i,
+            .cpu_threads = o.cpu_threads,
+            .arena_bytes = o.arena_mib << 20,
+            .max_queue = o.max_queue,
+            .batch_tokens = o.batch_tokens,
+            .batch_delay_us = o.batch_delay_us,
+        };
+        if ((e = svc_pool_create(&pc, zctx, &d, &pools[num_pools])) != AT_OK) {
+            at_log(AT_LOG_ERROR, "serve", "device %s: %s: %s", names[i], at_err_str(e), d.msg);
             goto out_pool;
         }
+        num_pools++;
     }
-    svc_pool_t *pools[2] = {cpu, null_pool};
     svc_server_cfg_t sc = {
         .listen = o.listen,
         .cq_threads = o.cq_threads,
         .max_message_bytes = o.max_message_mib << 20,
         .pools = pools,
-        .num_pools = null_pool != NULL ? 2 : 1,
+        .num_pools = num_pools,
     };
     e = svc_server_create(&sc, &d, &srv);
     if (e != AT_OK) {
         at_log(AT_LOG_ERROR, "serve", "%s: %s", at_err_str(e), d.msg);
         goto out_pool;
     }
-    at_log(AT_LOG_INFO, "serve", "listening on %s (port %d); devices: cpu%s", o.listen,
-           svc_server_port(srv), null_pool != NULL ? ", null" : "");
+    char listing[MAX_POOLS * 34] = "";
+    for (uint32_t i = 0; i < num_pools; i++)
+        snprintf(listing + strlen(listing), sizeof listing - strlen(listing), "%s%s",
+                 i ? ", " : "", svc_pool_device(pools[i]));
+    at_log(AT_LOG_INFO, "serve", "listening on %s (port %d); devices: %s", o.listen,
+           svc_server_port(srv), listing);
     if (o.ready_file[0] != '\0' && write_ready_file(o.ready_file, svc_server_port(srv)) != 0)
         at_log(AT_LOG_WARN, "serve", "cannot write --ready-file %s", o.ready_file);
 
@@ -341,11 +405,11 @@ int svc_serve_main(int argc, char **argv) {
 out_pool:
     /* Queued jobs run or are cancelled, answering their calls; the calls end; only then may the
      * arenas their responses point into go. */
-    svc_pool_stop(null_pool);
-    svc_pool_stop(cpu);
+    for (uint32_t i = num_pools; i-- > 0;)
+        svc_pool_stop(pools[i]);
     svc_server_destroy(&srv);
-    svc_pool_destroy(&null_pool);
-    svc_pool_destroy(&cpu);
+    for (uint32_t i = num_pools; i-- > 0;)
+        svc_pool_destroy(&pools[i]);
 out_ctx:
     zmq_ctx_term(zctx);
     if (rc == 0)

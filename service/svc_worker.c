@@ -12,6 +12,9 @@
 #include <zmq.h>
 
 #include "attention/att_cpu.h"
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cuda.h"
+#endif
 #include "attention/att_ctx.h"
 #include "common/at_log.h"
 #include "service/svc_arena.h"
@@ -315,6 +318,38 @@ static void worker_fini(worker_t *w) {
         zmq_close(w->sock);
 }
 
+/* A GPU device "cuda:N": its backend, the arena, and the arena registered with the driver so
+ * tensors move between it and the GPU by DMA with no staging copy. */
+static at_err_t cuda_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
+#ifdef AT_HAVE_CUDA
+    char *end = NULL;
+    long ordinal = strtol(cfg->device + 5, &end, 10);
+    if (end == cfg->device + 5 || *end != '\0' || ordinal < 0 || ordinal > 1024)
+        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected cuda:N", cfg->device);
+    att_cuda_cfg_t cc = {.device = (int)ordinal, .kernel_cache_dir = NULL};
+    at_err_t e = att_cuda_create(&cc, d, &w->be);
+    if (e != AT_OK)
+        return e;
+    if ((e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, d, &w->arena)) != AT_OK)
+        return e;
+    e = w->be->ops->register_host(w->be, svc_arena_base(w->arena), svc_arena_size(w->arena));
+    if (e != AT_OK)
+        return at_diag_set(d, e, "%s: cannot register the tensor arena for DMA", cfg->device);
+    return AT_OK;
+#else
+    (void)w;
+    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without CUDA", cfg->device);
+#endif
+}
+
+static const char *backend_desc(const att_backend_t *be) {
+#ifdef AT_HAVE_CUDA
+    if (strcmp(be->ops->name, "cuda") == 0)
+        return att_cuda_describe(be);
+#endif
+    return be->ops->name;
+}
+
 at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     worker_t w = {0};
     at_diag_t d = {{0}};
@@ -335,6 +370,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     w.null_device = strcmp(cfg->device, "null") == 0;
     if (w.null_device)
         e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
+    else if (strncmp(cfg->device, "cuda:", 5) == 0)
+        e = cuda_backend(cfg, &w, &d);
     else if (strcmp(cfg->device, "cpu") != 0)
         e = at_diag_set(&d, AT_ERR_DEVICE_UNKNOWN, "device %s has no backend in this build",
                         cfg->device);
@@ -349,7 +386,9 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         return e != AT_OK ? e : AT_ERR_IO;
     }
     at_log(AT_LOG_INFO, "worker", "%s: ready (%s)", cfg->device,
-           w.null_device ? "no attention work: measures the service alone" : att_cpu_isa(w.be));
+           w.null_device                       ? "no attention work: measures the service alone"
+           : strcmp(w.be->ops->name, "cpu") == 0 ? att_cpu_isa(w.be)
+                                                 : backend_desc(w.be));
     for (;;) {
         svc_rep_t reps[SVC_BATCH_MAX];
         at_diag_t diags[SVC_BATCH_MAX];

@@ -43,19 +43,35 @@ if has sanitize; then
 fi
 
 if has bench; then
-  note "attnd bench-gpu"
-  timeout 300 "$R" attnd bench-gpu --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log" | tail -40
   note "torch yardsticks"
-  PYTHONUNBUFFERED=1 timeout 200 python3 tools/gpu_torch_bench.py 2>&1 | tee "$out/torch.log" | tail -20
+  PYTHONUNBUFFERED=1 timeout 200 python3 tools/gpu_torch_bench.py > "$out/torch.log" 2>&1
+  cat "$out/torch.log"
+  mm="$(awk '/^matmul_tflops/{print $2}' "$out/torch.log")"
+  note "attnd bench-gpu"
+  timeout 300 "$R" attnd bench-gpu --json "$out/bench_gpu.json" ${mm:+--matmul-tflops $mm} \
+    > "$out/bench_gpu.log" 2>&1 || status=1
+  cat "$out/bench_gpu.log" | tail -30
 fi
 
 if has e2e; then
-  note "attnd serve on cuda:0 + C client"
-  ATTND_E2E_DEVICE=cuda:0 ATTND_BIN="$here/dist/gpu/bin/attnd" timeout 200 "$R" test_svc_e2e \
-    > "$out/e2e.log" 2>&1
+  note "e2e: in-process server with cpu and cuda:0, C client"
+  timeout 200 "$R" test_svc_e2e_gpu > "$out/e2e.log" 2>&1
   rc=$?
-  grep -E "PASSED|FAILED|SKIP" "$out/e2e.log" | head -20
-  [ $rc -eq 0 ] || { note "e2e rc=$rc"; tail -40 "$out/e2e.log"; status=1; }
+  grep -E "PASSED|FAILED|SKIP|matched" "$out/e2e.log" | head -10
+  [ $rc -eq 0 ] || { note "e2e rc=$rc"; tail -30 "$out/e2e.log"; status=1; }
+  note "e2e: attnd serve --devices cpu,cuda:0, C client"
+  rm -f /tmp/attnd.ready
+  "$R" attnd serve --devices cpu,cuda:0 --listen 127.0.0.1:0 --ready-file /tmp/attnd.ready \
+    --kernel-cache-dir /tmp/attnd-kc > "$out/serve.log" 2>&1 &
+  spid=$!
+  for _ in $(seq 100); do [ -f /tmp/attnd.ready ] && break; sleep 0.2; done
+  ATTND_E2E_TARGET="$(cat /tmp/attnd.ready 2>/dev/null)" timeout 200 "$R" test_svc_e2e_gpu \
+    > "$out/e2e_serve.log" 2>&1
+  rc=$?
+  kill -TERM "$spid"; wait "$spid"
+  grep -E "PASSED|FAILED|SKIP|matched|server:" "$out/e2e_serve.log" | head -10
+  grep -E "devices:|ready|error" "$out/serve.log" | head -10
+  [ $rc -eq 0 ] || { note "e2e serve rc=$rc"; tail -30 "$out/e2e_serve.log"; status=1; }
 fi
 note "done (status $status)"
 exit $status

@@ -130,6 +130,8 @@ static void test_svc_arena_create_rejects_a_bad_tag_or_size(void **state) {
     svc_arena_destroy(&a);
     a = make_arena("56789", 4096);
     svc_arena_destroy(&a);
+    a = make_arena("cuda:01", 4096); /* a device name and pool index */
+    svc_arena_destroy(&a);
 }
 
 static void test_svc_arena_attach_rejects_a_missing_or_bad_name(void **state) {

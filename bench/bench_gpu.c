@@ -1,0 +1,437 @@
+/* `attnd bench-gpu`: the CUDA backend's attention against ceilings measured in the same run.
+ *
+ * Ceilings (own kernels, compiled here with NVRTC): read-only streaming bandwidth (16-byte loads,
+ * a 4 GiB buffer, several times the L2) and device-to-device copy bandwidth (bytes read plus
+ * bytes written), best of 5; the host time of a bare cuLaunchKernel of an empty kernel. The bf16
+ * matrix rate comes from torch (tools/gpu_torch_bench.py) and is passed in with --matmul-tflops.
+ * Cases, through att_ctx on the CUDA backend (device time of a call's kernels from events, median
+ * of the repeats; every call rolls its sequences back to the same positions, so the shape stays):
+ * decode of 256 sequences at 1K and 8K context for the Llama-3.1-8B shape (Hq 32, Hkv 8, D 128,
+ * block 16, bf16) and an 8-head D-64 model; prefill 8 x 2048 causal for both; a mixed batch of
+ * 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens of context.
+ * Thread: single-threaded. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "attention/att_ctx.h"
+#include "attention/att_cuda.h"
+#include "attention/att_cudrv.h"
+#include "bench/bench.h"
+
+static const char k_ceiling_src[] =
+    "extern \"C\" __global__ void empty(void) {}\n"
+    "extern \"C\" __global__ void read_only(const uint4 *p, unsigned long long n, uint4 *sink) {\n"
+    "  uint4 acc = make_uint4(0, 0, 0, 0);\n"
+    "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
+    "       i < n; i += (unsigned long long)gridDim.x * blockDim.x) {\n"
+    "    uint4 v = __ldcs(p + i); acc.x ^= v.x; acc.y ^= v.y; acc.z ^= v.z; acc.w ^= v.w; }\n"
+    "  if ((acc.x & acc.y & acc.z & acc.w) == 0x12345678u) sink[threadIdx.x] = acc;\n"
+    "}\n"
+    "extern \"C\" __global__ void copy(const uint4 *s, uint4 *d, unsigned long long n) {\n"
+    "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
+    "       i < n; i += (unsigned long long)gridDim.x * blockDim.x) d[i] = __ldcs(s + i);\n"
+    "}\n";
+
+typedef struct gpu {
+    const att_cudrv_t *drv;
+    CUcontext ctx;
+    CUdevice dev;
+    CUmodule mod;
+    CUfunction f_empty, f_read, f_copy;
+    int sms;
+} gpu_t;
+
+static int check(const gpu_t *g, CUresult r, const char *what) {
+    if (r == CUDA_SUCCESS)
+        return 0;
+    fprintf(stderr, "bench-gpu: %s: %s\n", what, att_cudrv_err_name(g->drv, r));
+    return -1;
+}
+
+#define CK(call) check(g, g->drv->call, #call)
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int gpu_init(gpu_t *g, const char *arch) {
+    const att_nvrtc_t *nv;
+    at_diag_t d = {{0}};
+    if (att_cudrv_cuda(&g->drv, &d) != AT_OK || att_cudrv_nvrtc(&nv, &d) != AT_OK) {
+        fprintf(stderr, "bench-gpu: %s\n", d.msg);
+        return -1;
+    }
+    if (CK(cuDeviceGet(&g->dev, 0)) || CK(cuDevicePrimaryCtxRetain(&g->ctx, g->dev)) ||
+        CK(cuCtxSetCurrent(g->ctx)) ||
+        CK(cuDeviceGetAttribute(&g->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, g->dev)))
+        return -1;
+    nvrtcProgram prog;
+    char opt[48];
+    snprintf(opt, sizeof opt, "--gpu-architecture=%s", arch);
+    const char *opts[] = {opt};
+    if (nv->nvrtcCreateProgram(&prog, k_ceiling_src, "ceil.cu", 0, NULL, NULL) != NVRTC_SUCCESS ||
+        nv->nvrtcCompileProgram(prog, 1, opts) != NVRTC_SUCCESS) {
+        fprintf(stderr, "bench-gpu: the ceiling kernels do not compile\n");
+        return -1;
+    }
+    size_t n = 0;
+    nv->nvrtcGetCUBINSize(prog, &n);
+    void *img = malloc(n);
+    nv->nvrtcGetCUBIN(prog, img);
+    nv->nvrtcDestroyProgram(&prog);
+    int rc = CK(cuModuleLoadData(&g->mod, img));
+    free(img);
+    if (rc || CK(cuModuleGetFunction(&g->f_empty, g->mod, "empty")) ||
+        CK(cuModuleGetFunction(&g->f_read, g->mod, "read_only")) ||
+        CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")))
+        return -1;
+    return 0;
+}
+
+typedef struct ceilings {
+    double read_gbs;
+    double copy_gbs;
+    double empty_launch_ns;
+} ceilings_t;
+
+static int measure_ceilings(gpu_t *g, ceilings_t *c) {
+    const size_t bytes = (size_t)4 << 30;
+    CUdeviceptr a = 0, b = 0, sink = 0;
+    CUevent e0, e1;
+    if (CK(cuCtxSetCurrent(g->ctx)) || CK(cuMemAlloc(&a, bytes)) || CK(cuMemAlloc(&b, bytes)) ||
+        CK(cuMemAlloc(&sink, 1 << 16)) || CK(cuMemsetD8(a, 0x5a, bytes)) ||
+        CK(cuEventCreate(&e0, CU_EVENT_DEFAULT)) || CK(cuEventCreate(&e1, CU_EVENT_DEFAULT)))
+        return -1;
+    unsigned long long n = bytes / 16;
+    void *rargs[] = {&a, &n, &sink};
+    void *cargs[] = {&a, &b, &n};
+    const unsigned grid = (unsigned)g->sms * 8;
+    c->read_gbs = c->copy_gbs = 0.0;
+    for (int rep = 0; rep < 6; rep++) {
+        float ms = 0.0f;
+        if (CK(cuEventRecord(e0, NULL)) ||
+            CK(cuLaunchKernel(g->f_read, grid, 1, 1, 512, 1, 1, 0, NULL, rargs, NULL)) ||
+            CK(cuEventRecord(e1, NULL)) || CK(cuEventSynchronize(e1)) ||
+            CK(cuEventElapsedTime(&ms, e0, e1)))
+            return -1;
+        if (rep > 0 && bytes / (ms * 1e6) > c->read_gbs)
+            c->read_gbs = bytes / (ms * 1e6);
+        if (CK(cuEventRecord(e0, NULL)) ||
+            CK(cuLaunchKernel(g->f_copy, grid, 1, 1, 512, 1, 1, 0, NULL, cargs, NULL)) ||
+            CK(cuEventRecord(e1, NULL)) || CK(cuEventSynchronize(e1)) ||
+            CK(cuEventElapsedTime(&ms, e0, e1)))
+            return -1;
+        if (rep > 0 && 2.0 * bytes / (ms * 1e6) > c->copy_gbs)
+            c->copy_gbs = 2.0 * bytes / (ms * 1e6);
+    }
+    /* host time of a bare launch: 20000 launches of an empty kernel, synchronized once */
+    for (int i = 0; i < 100; i++)
+        if (CK(cuLaunchKernel(g->f_empty, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)))
+            return -1;
+    if (CK(cuCtxSynchronize()))
+        return -1;
+    const int launches = 20000;
+    uint64_t t0 = now_ns();
+    for (int i = 0; i < launches; i++)
+        if (CK(cuLaunchKernel(g->f_empty, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)))
+            return -1;
+    c->empty_launch_ns = (double)(now_ns() - t0) / launches;
+    if (CK(cuCtxSynchronize()))
+        return -1;
+    CK(cuMemFree(a));
+    CK(cuMemFree(b));
+    CK(cuMemFree(sink));
+    CK(cuEventDestroy(e0));
+    CK(cuEventDestroy(e1));
+    return 0;
+}
+
+/* ---- attention cases ---- */
+
+typedef struct shape {
+    const char *name;
+    uint32_t hq, hkv, d;
+} shape_t;
+
+typedef struct result {
+    char name[64];
+    double device_ms;   /* median device time of a call's kernels */
+    double call_ms;     /* median wall time of the whole call (uploads, kernels, download) */
+    double kv_gb;       /* KV bytes the kernels must read */
+    double tflop;       /* attention FLOPs (QK and PV, 2 per multiply-add), TFLOP */
+    double host_us;     /* host time of the call's launches on a launch-cache hit */
+    double enqueue_us;  /* host time from entry to the last launch (staging included) */
+    uint64_t launches;  /* per call */
+} result_t;
+
+static uint8_t *g_pattern; /* random bytes, reused for every tensor */
+#define PATTERN_BYTES (64u << 20)
+
+static void pattern_init(void) {
+    g_pattern = malloc(PATTERN_BYTES);
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t i = 0; i < PATTERN_BYTES; i += 2) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        /* bf16 with exponents near 1: |value| in [2^-3, 2) with a random sign and mantissa */
+        uint16_t v = (uint16_t)(((x >> 16) & 0x807f) | ((0x7c + (x % 4)) << 7));
+        memcpy(g_pattern + i, &v, 2);
+    }
+}
+
+/* A tensor of n bytes: pattern bytes (n <= PATTERN_BYTES per use, wrapping at an offset). */
+static void *tensor(size_t n, size_t salt) {
+    uint8_t *p = malloc(n);
+    for (size_t o = 0; o < n;) {
+        size_t start = ((salt * 7919 + o) % (PATTERN_BYTES / 2)) & ~(size_t)1; /* whole elements */
+        size_t len = n - o < PATTERN_BYTES / 2 ? n - o : PATTERN_BYTES / 2;
+        memcpy(p + o, g_pattern + start, len);
+        o += len;
+    }
+    return p;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Fills seqs sequences with ctx tokens each (append-only calls, a few at a time). */
+static int fill_kv(att_ctx_t *ctx, const att_model_t *m, uint32_t seqs, uint32_t first_seq,
+                   uint32_t ctx_tokens) {
+    const size_t row = att_model_row_bytes(m, m->num_kv_heads);
+    uint32_t per_call = (uint32_t)((256u << 20) / ((size_t)ctx_tokens * row));
+    per_call = per_call < 1 ? 1 : per_call > seqs ? seqs : per_call;
+    att_chunk_t *ch = calloc(per_call, sizeof *ch);
+    void *k = tensor((size_t)per_call * ctx_tokens * row, 1);
+    void *v = tensor((size_t)per_call * ctx_tokens * row, 2);
+    int rc = 0;
+    for (uint32_t s = 0; s < seqs && rc == 0; s += per_call) {
+        uint32_t n = seqs - s < per_call ? seqs - s : per_call;
+        for (uint32_t i = 0; i < n; i++)
+            ch[i] = (att_chunk_t){first_seq + s + i, 0, ctx_tokens};
+        att_call_t c = {.layer = 0, .chunks = ch, .num_chunks = n, .k = k,
+                        .k_bytes = (size_t)n * ctx_tokens * row, .v = v,
+                        .v_bytes = (size_t)n * ctx_tokens * row};
+        at_diag_t d = {{0}};
+        at_err_t e = att_ctx_append(ctx, &c, &d);
+        if (e != AT_OK) {
+            fprintf(stderr, "bench-gpu: fill: %s %s\n", at_err_name(e), d.msg);
+            rc = -1;
+        }
+    }
+    free(ch);
+    free(k);
+    free(v);
+    return rc;
+}
+
+/* Repeats one call (the same chunks: each rewrites its positions) and takes medians. */
+static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch, uint32_t n,
+                     int reps, result_t *r) {
+    uint32_t t = 0;
+    for (uint32_t i = 0; i < n; i++)
+        t += ch[i].num_tokens;
+    const size_t qb = (size_t)t * att_model_row_bytes(m, m->num_query_heads);
+    const size_t kb = (size_t)t * att_model_row_bytes(m, m->num_kv_heads);
+    void *q = tensor(qb, 3), *k = tensor(kb, 4), *v = tensor(kb, 5), *out = malloc(qb);
+    att_call_t c = {.layer = 0, .chunks = ch, .num_chunks = n, .q = q, .q_bytes = qb, .k = k,
+                    .k_bytes = kb, .v = v, .v_bytes = kb, .out = out, .out_bytes = qb};
+    double *dev = calloc((size_t)reps, sizeof *dev), *wall = calloc((size_t)reps, sizeof *wall);
+    att_ctx_info_t i0, i1;
+    int rc = 0;
+    for (int rep = -3; rep < reps && rc == 0; rep++) {
+        if (rep == 0)
+            att_ctx_get_info(ctx, &i0);
+        at_diag_t d = {{0}};
+        uint64_t t0 = now_ns();
+        at_err_t e = att_ctx_attend(ctx, &c, &d);
+        uint64_t t1 = now_ns();
+        if (e != AT_OK) {
+            fprintf(stderr, "bench-gpu: %s: %s %s\n", r->name, at_err_name(e), d.msg);
+            rc = -1;
+            break;
+        }
+        if (rep >= 0) {
+            att_ctx_info_t ii;
+            att_ctx_get_info(ctx, &ii);
+            dev[rep] = ii.kv_stats.last_device_ns / 1e6;
+            wall[rep] = (t1 - t0) / 1e6;
+        }
+    }
+    if (rc == 0) {
+        att_ctx_get_info(ctx, &i1);
+        qsort(dev, (size_t)reps, sizeof *dev, cmp_double);
+        qsort(wall, (size_t)reps, sizeof *wall, cmp_double);
+        r->device_ms = dev[reps / 2];
+        r->call_ms = wall[reps / 2];
+        r->launches = (i1.kv_stats.launches - i0.kv_stats.launches) / (uint64_t)reps;
+        r->host_us =
+            (double)(i1.kv_stats.launch_host_ns - i0.kv_stats.launch_host_ns) / reps / 1e3;
+        r->enqueue_us = i1.kv_stats.last_host_ns / 1e3;
+    }
+    free(dev);
+    free(wall);
+    free(q);
+    free(k);
+    free(v);
+    free(out);
+    return rc;
+}
+
+static int session(att_backend_t *be, const shape_t *s, uint64_t capacity, att_ctx_t **ctx) {
+    att_model_cfg_t cfg = {.num_layers = 1, .num_query_heads = s->hq, .num_kv_heads = s->hkv,
+                           .head_dim = s->d, .dtype = ATT_DTYPE_BF16, .block_size = 16};
+    at_diag_t d = {{0}};
+    at_err_t e = att_ctx_create(be, &cfg, capacity, &d, ctx);
+    if (e != AT_OK)
+        fprintf(stderr, "bench-gpu: session %s: %s %s\n", s->name, at_err_name(e), d.msg);
+    return e == AT_OK ? 0 : -1;
+}
+
+static double kv_row_bytes(const shape_t *s) { return 2.0 * s->hkv * s->d * 2; /* k + v */ }
+
+static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t ctx_tokens, result_t *r) {
+    const uint32_t seqs = 256;
+    att_ctx_t *ctx = NULL;
+    if (session(be, s, (uint64_t)seqs * (ctx_tokens + 16), &ctx) != 0)
+        return -1;
+    att_chunk_t *ch = calloc(seqs, sizeof *ch);
+    int rc = fill_kv(ctx, att_ctx_model(ctx), seqs, 0, ctx_tokens);
+    for (uint32_t i = 0; i < seqs; i++)
+        ch[i] = (att_chunk_t){i, ctx_tokens, 1};
+    snprintf(r->name, sizeof r->name, "decode %s 256 x %uK", s->name, ctx_tokens / 1024);
+    r->kv_gb = (double)seqs * (ctx_tokens + 1) * kv_row_bytes(s) / 1e9;
+    r->tflop = (double)seqs * s->hq * (ctx_tokens + 1) * s->d * 4 / 1e12;
+    if (rc == 0)
+        rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, 20, r);
+    free(ch);
+    att_ctx_destroy(&ctx);
+    return rc;
+}
+
+static int bench_prefill(att_backend_t *be, const shape_t *s, result_t *r) {
+    const uint32_t seqs = 8, len = 2048;
+    att_ctx_t *ctx = NULL;
+    if (session(be, s, (uint64_t)seqs * len, &ctx) != 0)
+        return -1;
+    att_chunk_t ch[8];
+    for (uint32_t i = 0; i < seqs; i++)
+        ch[i] = (att_chunk_t){i, 0, len};
+    snprintf(r->name, sizeof r->name, "prefill %s 8 x 2048", s->name);
+    r->kv_gb = (double)seqs * len * kv_row_bytes(s) / 1e9;
+    r->tflop = (double)seqs * s->hq * ((double)len * (len + 1) / 2) * s->d * 4 / 1e12;
+    int rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, 10, r);
+    att_ctx_destroy(&ctx);
+    return rc;
+}
+
+static int bench_mixed(att_backend_t *be, const shape_t *s, result_t *r) {
+    att_ctx_t *ctx = NULL;
+    if (session(be, s, 64 * (2048 + 16) + 2048, &ctx) != 0)
+        return -1;
+    int rc = fill_kv(ctx, att_ctx_model(ctx), 63, 0, 2048);
+    if (rc == 0)
+        rc = fill_kv(ctx, att_ctx_model(ctx), 1, 63, 1536);
+    att_chunk_t ch[64];
+    for (uint32_t i = 0; i < 63; i++)
+        ch[i] = (att_chunk_t){i, 2048, 1};
+    ch[63] = (att_chunk_t){63, 1536, 512};
+    snprintf(r->name, sizeof r->name, "mixed %s 63 x 2K + 512 over 1536", s->name);
+    r->kv_gb = (63.0 * 2049 + 2048) * kv_row_bytes(s) / 1e9;
+    r->tflop = (63.0 * s->hq * 2049 * s->d * 4 +
+                512.0 * s->hq * (1536 + 256.5) * s->d * 4) / 1e12;
+    if (rc == 0)
+        rc = time_call(ctx, att_ctx_model(ctx), ch, 64, 20, r);
+    att_ctx_destroy(&ctx);
+    return rc;
+}
+
+int bench_gpu_main(int argc, char **argv) {
+    const char *json_path = NULL;
+    double matmul_tflops = 0.0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+            json_path = argv[++i];
+        else if (strcmp(argv[i], "--matmul-tflops") == 0 && i + 1 < argc)
+            matmul_tflops = atof(argv[++i]);
+        else {
+            fprintf(stderr, "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X]\n"
+                            "  X: the bf16 matrix rate measured on this GPU "
+                            "(tools/gpu_torch_bench.py prints it)\n");
+            return strcmp(argv[i], "--help") == 0 ? 0 : 2;
+        }
+    }
+    att_backend_t *be = NULL;
+    at_diag_t d = {{0}};
+    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = true};
+    if (att_cuda_create(&cc, &d, &be) != AT_OK) {
+        fprintf(stderr, "bench-gpu: %s\n", d.msg);
+        return 1;
+    }
+    gpu_t g = {0};
+    ceilings_t c = {0};
+    if (gpu_init(&g, att_cuda_arch(be)) != 0 || measure_ceilings(&g, &c) != 0) {
+        att_backend_destroy(&be);
+        return 1;
+    }
+    printf("GPU: %s\n", att_cuda_describe(be));
+    printf("ceilings: read-only %.0f GB/s, device copy %.0f GB/s (read + write), "
+           "bare cuLaunchKernel %.2f us of host time, bf16 matmul %.0f TFLOP/s (torch)\n",
+           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops);
+    pattern_init();
+    static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
+    result_t res[8];
+    memset(res, 0, sizeof res);
+    int n = 0, rc = 0;
+    for (int s = 0; s < 2 && rc == 0; s++) {
+        rc |= bench_decode(be, &shapes[s], 1024, &res[n++]);
+        rc |= bench_decode(be, &shapes[s], 8192, &res[n++]);
+        rc |= bench_prefill(be, &shapes[s], &res[n++]);
+    }
+    if (rc == 0)
+        rc |= bench_mixed(be, &shapes[0], &res[n++]);
+    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %5s\n", "case", "device ms", "call ms",
+           "KV GB/s", "of read", "TFLOP/s", "host us", "enq us", "launch");
+    FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
+    if (js != NULL)
+        fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
+                    "\"empty_launch_us\": %.3f, \"matmul_tflops\": %.1f, \"cases\": [",
+                att_cuda_describe(be), c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3,
+                matmul_tflops);
+    for (int i = 0; i < n; i++) {
+        const result_t *r = &res[i];
+        const double gbs = r->kv_gb / (r->device_ms / 1e3);
+        const double tfs = r->tflop / (r->device_ms / 1e3);
+        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.1f %5" PRIu64 "\n", r->name,
+               r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
+               r->enqueue_us, r->launches);
+        if (strncmp(r->name, "mixed", 5) == 0) {
+            const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
+                                         matmul_tflops > 0 ? r->tflop / matmul_tflops * 1e3 : 0);
+            printf("  mixed: floor %.3f ms (KV at read-only bandwidth%s), %.2fx the floor\n",
+                   floor_ms, matmul_tflops > 0 ? " or FLOPs at the matmul rate" : "",
+                   r->device_ms / floor_ms);
+        }
+        if (js != NULL)
+            fprintf(js, "%s{\"case\": \"%s\", \"device_ms\": %.4f, \"call_ms\": %.4f, "
+                        "\"kv_gb\": %.4f, \"tflop\": %.4f, \"host_us\": %.3f, "
+                        "\"enqueue_us\": %.3f, \"launches\": %" PRIu64 "}",
+                    i ? ", " : "", r->name, r->device_ms, r->call_ms, r->kv_gb, r->tflop,
+                    r->host_us, r->enqueue_us, r->launches);
+    }
+    if (js != NULL) {
+        fprintf(js, "]}\n");
+        fclose(js);
+    }
+    free(g_pattern);
+    att_backend_destroy(&be);
+    return rc == 0 ? 0 : 1;
+}
