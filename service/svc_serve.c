@@ -22,6 +22,7 @@
 typedef struct serve_opts {
     char listen[256];
     uint32_t cpu_threads;  /* 0 = one per online CPU */
+    uint32_t workers_per_device;
     uint32_t cq_threads;
     uint64_t max_message_mib;
     uint64_t arena_mib;
@@ -52,6 +53,8 @@ static const opt_t opts[] = {
     {"allow_remote", K_BOOL, O_(allow_remote), 0, 0, 1,
      "allow a non-loopback --listen address (no authentication yet: see README)"},
     {"cpu_threads", K_U32, O_(cpu_threads), 0, 0, 1024, "CPU backend threads (0 = all CPUs)"},
+    {"workers_per_device", K_U32, O_(workers_per_device), 0, 1, 64,
+     "workers per device, each with cpu_threads / N threads; a session stays on one (1)"},
     {"cq_threads", K_U32, O_(cq_threads), 0, 1, 64, "gRPC completion-queue threads (2)"},
     {"max_message_mib", K_U64, O_(max_message_mib), 0, 1, 2047,
      "largest request or response, MiB (256)"},
@@ -244,6 +247,7 @@ int svc_serve_main(int argc, char **argv) {
     serve_opts_t o = {
         .listen = "127.0.0.1:50051",
         .cq_threads = 2,
+        .workers_per_device = 1,
         .max_message_mib = 256,
         .arena_mib = 2048,
         .max_queue = 1024,
@@ -295,6 +299,7 @@ int svc_serve_main(int argc, char **argv) {
         .device = "cpu",
         .index = 0,
         .cpu_threads = o.cpu_threads,
+        .workers = o.workers_per_device,
         .arena_bytes = o.arena_mib << 20,
         .max_queue = o.max_queue,
         .batch_tokens = o.batch_tokens,

@@ -359,8 +359,10 @@ static void submit(call_t *c) {
     atomic_init(&c->job.cancelled, 0);
     at_err_t e = svc_pool_submit(c->pool, &c->job);
     if (e != AT_OK) {
-        if (c->method == M_CREATE)
+        if (c->method == M_CREATE) {
             ten_registry_end_create(c->srv->registry, c->session, false, NULL);
+            svc_pool_unpin(c->pool, c->job.worker);
+        }
         reply(c, e, NULL, NULL);
     }
 }
@@ -372,11 +374,13 @@ static void create_done(svc_job_t *job, const svc_rep_t *rep) {
     ten_session_figures_t fig;
     figures_from(rep, &fig);
     ten_registry_end_create(c->srv->registry, c->session, rep->err == AT_OK, &fig);
+    if (rep->err != AT_OK)
+        svc_pool_unpin(c->pool, job->worker);
     at_diag_t d;
     diag_from(rep, &d);
     if (rep->err == AT_OK)
-        at_log(AT_LOG_INFO, "server", "session %s created on %s (%llu tokens of KV)",
-               ten_session_name(c->session), ten_session_device(c->session),
+        at_log(AT_LOG_INFO, "server", "session %s created on %s worker %u (%llu tokens of KV)",
+               ten_session_name(c->session), ten_session_device(c->session), job->worker,
                (unsigned long long)fig.kv_capacity_tokens);
     reply(c, rep->err, &d, rep->err == AT_OK ? pack_session_info(c->session) : NULL);
 }
@@ -467,9 +471,12 @@ static void handle_create(call_t *c) {
         .kv_capacity_tokens = rq->kv_capacity_tokens,
         .device = svc_pool_device(pool),
         .device_handle = pool,
+        .worker = svc_pool_pin(pool),
     };
     bool existing = false;
     e = ten_registry_begin_create(c->srv->registry, &spec, &model, &c->session, &existing);
+    if (e != AT_OK || existing)
+        svc_pool_unpin(pool, spec.worker);
     if (e == AT_ERR_SESSION_EXISTS)
         at_diag_set(&d, e, "session '%s' exists with another config", spec.name);
     else if (e == AT_ERR_OVERLOADED)
@@ -485,6 +492,7 @@ static void handle_create(call_t *c) {
     }
     c->pool = pool;
     c->job.req.session_id = ten_session_id(c->session);
+    c->job.worker = spec.worker;
     submit(c);
 }
 
@@ -549,6 +557,8 @@ static void close_done(svc_job_t *job, const svc_rep_t *rep) {
     Attnd__V1__CloseSessionResponse resp = ATTND__V1__CLOSE_SESSION_RESPONSE__INIT;
     if (rep->err == AT_OK)
         at_log(AT_LOG_INFO, "server", "session %s closed", ten_session_name(c->session));
+    /* the name is gone either way: the session no longer counts on its worker */
+    svc_pool_unpin(c->pool, job->worker);
     reply(c, rep->err, &d, rep->err == AT_OK ? pack(&resp.base) : NULL);
 }
 
@@ -567,6 +577,7 @@ static void handle_close(call_t *c) {
     }
     c->pool = ten_session_device_handle(c->session);
     c->job.req = (svc_req_t){.op = SVC_OP_CLOSE, .session_id = ten_session_id(c->session)};
+    c->job.worker = ten_session_worker(c->session);
     c->job.done = close_done;
     submit(c);
 }
@@ -611,6 +622,7 @@ static void handle_release(call_t *c) {
         .op = SVC_OP_RELEASE, .session_id = ten_session_id(c->session), .num_items = (uint32_t)n};
     c->job.items = n ? c->items : NULL;
     c->job.items_len = n * sizeof(uint64_t);
+    c->job.worker = ten_session_worker(c->session);
     c->job.done = release_done;
     submit(c);
 }
@@ -747,6 +759,7 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
             };
             a->job.items = a->attend.chunks;
             a->job.items_len = (size_t)a->attend.num_chunks * sizeof(att_chunk_t);
+            a->job.worker = ten_session_worker(a->session);
         }
     }
     grpc_slice_unref(flat);

@@ -22,6 +22,7 @@ struct ten_session {
     uint64_t requested_capacity;
     char device[32];
     void *device_handle;       /* not owned */
+    uint32_t worker;
     uint64_t id;
     state_t state;             /* guarded by the registry's mu */
     pthread_mutex_t mu;
@@ -152,6 +153,7 @@ at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *
     s->requested_capacity = spec->kv_capacity_tokens;
     strncpy(s->device, spec->device, sizeof s->device - 1);
     s->device_handle = spec->device_handle;
+    s->worker = spec->worker;
     s->id = ++r->next_id;
     s->state = ST_CREATING;
     pthread_mutex_init(&s->mu, NULL);
@@ -253,6 +255,7 @@ bool ten_session_layer_windows_given(const ten_session_t *s) { return s->layer_w
 uint32_t ten_session_sliding_window(const ten_session_t *s) { return s->sliding_window; }
 const char *ten_session_device(const ten_session_t *s) { return s->device; }
 void *ten_session_device_handle(const ten_session_t *s) { return s->device_handle; }
+uint32_t ten_session_worker(const ten_session_t *s) { return s->worker; }
 uint64_t ten_session_id(const ten_session_t *s) { return s->id; }
 
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out) {

@@ -37,6 +37,7 @@ typedef struct ten_session_spec {
     uint64_t kv_capacity_tokens; /* as requested (before rounding) */
     const char *device;        /* borrowed for the call; resolved device name */
     void *device_handle;       /* the service's handle for that device (not owned) */
+    uint32_t worker;           /* the device's worker the session is pinned to */
 } ten_session_spec_t;
 
 /* True when name is 1..128 bytes of [A-Za-z0-9._:/-]. */
@@ -83,6 +84,7 @@ bool ten_session_layer_windows_given(const ten_session_t *s);
 uint32_t ten_session_sliding_window(const ten_session_t *s);
 const char *ten_session_device(const ten_session_t *s);
 void *ten_session_device_handle(const ten_session_t *s);
+uint32_t ten_session_worker(const ten_session_t *s);
 /* The number the device's worker knows the session by; unique for the process's lifetime. */
 uint64_t ten_session_id(const ten_session_t *s);
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out);
