@@ -56,6 +56,7 @@ struct ten_tenant {
     _Atomic uint64_t inflight;       /* calls admitted, not yet released */
     _Atomic uint64_t calls;          /* counters, relaxed */
     _Atomic uint64_t tokens;
+    _Atomic uint64_t work;
     _Atomic uint64_t by_status[TEN_STATUS_COUNT];
     _Atomic uint64_t queue_ns;
     _Atomic uint64_t device_ns;
@@ -242,13 +243,14 @@ void ten_tenant_release_call(ten_tenant_t *t) {
                                                     memory_order_relaxed, memory_order_relaxed));
 }
 
-void ten_tenant_record_call(ten_tenant_t *t, uint32_t status, uint64_t tokens, uint64_t queue_ns,
-                            uint64_t device_ns) {
+void ten_tenant_record_call(ten_tenant_t *t, uint32_t status, uint64_t tokens, uint64_t work,
+                            uint64_t queue_ns, uint64_t device_ns) {
     AT_ASSERT(t->magic == TENANT_MAGIC);
     if (status >= TEN_STATUS_COUNT)
         status = STATUS_UNKNOWN;
     atomic_fetch_add_explicit(&t->calls, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->tokens, tokens, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->work, work, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->by_status[status], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->queue_ns, queue_ns, memory_order_relaxed);
     atomic_fetch_add_explicit(&t->device_ns, device_ns, memory_order_relaxed);
@@ -259,6 +261,7 @@ void ten_tenant_get_stats(ten_tenant_t *t, ten_tenant_stats_t *out) {
     memset(out, 0, sizeof *out);
     out->calls = atomic_load_explicit(&t->calls, memory_order_relaxed);
     out->tokens = atomic_load_explicit(&t->tokens, memory_order_relaxed);
+    out->work = atomic_load_explicit(&t->work, memory_order_relaxed);
     for (size_t i = 0; i < TEN_STATUS_COUNT; i++)
         out->by_status[i] = atomic_load_explicit(&t->by_status[i], memory_order_relaxed);
     out->queue_ns = atomic_load_explicit(&t->queue_ns, memory_order_relaxed);

@@ -67,6 +67,8 @@ typedef struct ten_quotas {
 typedef struct ten_tenant_stats {
     uint64_t calls;                       /* calls recorded, whatever their status */
     uint64_t tokens;                      /* attention tokens processed */
+    uint64_t work;                        /* their cost: sum of num_tokens x (start_pos +
+                                           * num_tokens) over the calls' chunks */
     uint64_t by_status[TEN_STATUS_COUNT]; /* calls that ended with each gRPC status; [0] is OK,
                                            * so errors = calls - by_status[0] */
     uint64_t queue_ns;                    /* total time calls waited in device queues */
@@ -162,10 +164,10 @@ at_err_t ten_tenant_reserve_call(ten_tenant_t *t, at_diag_t *diag);
 void ten_tenant_release_call(ten_tenant_t *t);
 
 /* Adds one finished call to the counters: status is its gRPC status number (0..16; anything
- * else is counted as 2, UNKNOWN), tokens the attention tokens it processed, queue_ns and device_ns
- * its time waiting for and running on a device. */
-void ten_tenant_record_call(ten_tenant_t *t, uint32_t status, uint64_t tokens, uint64_t queue_ns,
-                            uint64_t device_ns);
+ * else is counted as 2, UNKNOWN), tokens the attention tokens it processed and work their cost
+ * (tokens x context), queue_ns and device_ns its time waiting for and running on a device. */
+void ten_tenant_record_call(ten_tenant_t *t, uint32_t status, uint64_t tokens, uint64_t work,
+                            uint64_t queue_ns, uint64_t device_ns);
 /* The counters and current use (see ten_tenant_stats_t for what "snapshot" means here). */
 void ten_tenant_get_stats(ten_tenant_t *t, ten_tenant_stats_t *out);
 

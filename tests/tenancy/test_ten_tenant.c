@@ -595,15 +595,16 @@ static void test_ten_tenant_record_call_counts_by_status(void **state) {
     (void)state;
     ten_tenants_t *reg = load_acme_beta();
     ten_tenant_t *beta = ten_tenants_find(reg, "beta");
-    ten_tenant_record_call(beta, 0, 100, 5, 50);
-    ten_tenant_record_call(beta, 0, 200, 6, 60);
-    ten_tenant_record_call(beta, 8, 0, 7, 0);   /* RESOURCE_EXHAUSTED */
-    ten_tenant_record_call(beta, 16, 0, 0, 0);  /* UNAUTHENTICATED */
-    ten_tenant_record_call(beta, 99, 1, 0, 0);  /* out of range: UNKNOWN */
+    ten_tenant_record_call(beta, 0, 100, 1000, 5, 50);
+    ten_tenant_record_call(beta, 0, 200, 3000, 6, 60);
+    ten_tenant_record_call(beta, 8, 0, 0, 7, 0);   /* RESOURCE_EXHAUSTED */
+    ten_tenant_record_call(beta, 16, 0, 0, 0, 0);  /* UNAUTHENTICATED */
+    ten_tenant_record_call(beta, 99, 1, 7, 0, 0);  /* out of range: UNKNOWN */
     ten_tenant_stats_t st;
     ten_tenant_get_stats(beta, &st);
     assert_int_equal(st.calls, 5);
     assert_int_equal(st.tokens, 301);
+    assert_int_equal(st.work, 4007);
     assert_int_equal(st.queue_ns, 18);
     assert_int_equal(st.device_ns, 110);
     uint64_t want[TEN_STATUS_COUNT] = {0};
@@ -781,7 +782,7 @@ static void test_ten_tenants_reload_removes_adds_and_keeps_tenants(void **state)
     assert_null(ten_tenants_find(reg, "beta"));
     /* ...but the call in flight still holds a valid tenant. */
     assert_string_equal(ten_tenant_name(beta), "beta");
-    ten_tenant_record_call(beta, 0, 1, 1, 1);
+    ten_tenant_record_call(beta, 0, 1, 1, 1, 1);
     ten_tenant_release_call(beta);
     ten_tenant_unref(&beta);
     /* acme stays (same object), with only the tokens listed now. */
@@ -815,8 +816,8 @@ static void test_ten_tenants_reload_keeps_counters_and_applies_new_limits(void *
     assert_int_equal(ten_tenant_reserve_session(acme, 300, NULL), AT_OK);
     assert_int_equal(ten_tenant_reserve_session(acme, 300, NULL), AT_OK);
     assert_int_equal(ten_tenant_reserve_call(acme, NULL), AT_OK);
-    ten_tenant_record_call(acme, 0, 42, 10, 20);
-    ten_tenant_record_call(acme, 14, 0, 1, 0);
+    ten_tenant_record_call(acme, 0, 42, 42, 10, 20);
+    ten_tenant_record_call(acme, 14, 0, 0, 1, 0);
     ten_tenant_stats_t before;
     ten_tenant_get_stats(acme, &before);
 
@@ -939,7 +940,7 @@ static void *reload_worker(void *arg) {
         if (e == AT_OK) {
             w->keep_ok++;
             note_max(w->max_held, atomic_fetch_add(w->held, 1) + 1);
-            ten_tenant_record_call(t, 0, 3, 1, 2);
+            ten_tenant_record_call(t, 0, 3, 9, 1, 2);
             atomic_fetch_sub(w->held, 1);
             ten_tenant_release_call(t);
         } else if (e == AT_ERR_QUOTA_INFLIGHT)
