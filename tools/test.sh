@@ -27,7 +27,7 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 # and ZeroMQ are not built with TSan; tests/tsan.supp says what that costs.
 echo "== tsan: configure and build (build-tsan)"
 cmake -S . -B build-tsan -DAT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAT_TSAN=ON >/dev/null
-tsan_tests=(test_svc_e2e test_ten_tenant)
+tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant)
 cmake --build build-tsan -j"$jobs" --target attnd at_py_stubs "${tsan_tests[@]}"
 echo "== tsan: ctest"
 regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants)\$"
