@@ -141,6 +141,47 @@ def stats(stub, token):
                          timeout=tl.RPC_TIMEOUT_S).tenants[0]
 
 
+class TToken(unittest.TestCase):
+    """`attnd token` makes a token and the digest line that opens it; --config takes the tenants
+    file and the worker count as JSON keys; without a tenants file a non-loopback address is
+    refused; a missing tenants file stops the server from starting."""
+
+    def test_token_config_and_listen_policy(self):
+        out = tl.subprocess.run([tl.ATTND_BIN, "token"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout.splitlines()
+        self.assertEqual(len(out), 2, out)
+        token, line = out
+        self.assertTrue(token.startswith("atk_") and len(token) == 47, token)
+        self.assertEqual(line, '"%s"' % digest(token))
+        again = tl.subprocess.run([tl.ATTND_BIN, "token"], capture_output=True, text=True,
+                                  timeout=60, check=True).stdout.splitlines()[0]
+        self.assertNotEqual(again, token)
+        d = tl.tempfile.mkdtemp(prefix="attnd-token-")
+        path = os.path.join(d, "tenants.json")
+        with open(path, "w") as f:
+            f.write('{"version": 1, "tenants": [{"name": "t", "tokens_sha256": [%s]}]}' % line)
+        config = os.path.join(d, "config.json")
+        with open(config, "w") as f:
+            json.dump({"tenants": path, "workers_per_device": 2}, f)
+        srv = tl.AttndServer(extra_args=["--config", config], log_level="info").start()
+        try:
+            stub = tl.pb_grpc.AttentionStub(srv.channel())
+            self.assertEqual(stats(stub, token).tenant, "t")
+            with self.assertRaises(grpc.RpcError) as cm:
+                stats(stub, again)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+            self.assertEqual(srv.stop(), 0, srv.log_text())
+            self.assertEqual(srv.log_text().count("worker: cpu: ready"), 2)
+        finally:
+            srv.cleanup()
+        open_srv = tl.AttndServer(extra_args=["--listen", "192.0.2.1:0"])
+        self.assertEqual(open_srv.start_expecting_failure(), 2)
+        open_srv.cleanup()
+        bad = tl.AttndServer(extra_args=["--tenants", os.path.join(d, "missing.json")])
+        self.assertEqual(bad.start_expecting_failure(), 2)
+        bad.cleanup()
+
+
 class TReload(unittest.TestCase):
     """SIGHUP reloads the tenants file while calls run: none is dropped, a new token works at
     once, a removed one fails, the tenants that stay keep their sessions and counters, and a bad
