@@ -12,12 +12,12 @@
  * handler replies once: SEND_INITIAL_METADATA, SEND_MESSAGE on success, SEND_STATUS_FROM_SERVER.
  *
  * Tenants: with a tenants file, an auth metadata processor (on gRPC's threads, before the call
- * reaches a queue thread and before its body is read) answers a call with a bad `authorization:
- * Bearer` token UNAUTHENTICATED. Calls without a token pass it (health probes carry none). The
- * processor cannot hand the tenant to the call: the auth context it may write to is the
- * connection's, shared by every call on it. So the queue thread authenticates the call's own
- * metadata again (a hash and a compare) before it parses the body; every method but grpc.health
- * answers a missing token AUTH_MISSING. A call holds a reference to its tenant and one of the
+ * reaches a queue thread and before its body is read) answers a call to any method but
+ * grpc.health UNAUTHENTICATED when its `authorization: Bearer` token is missing or opens no
+ * tenant; health calls always pass (probes carry no token). The processor cannot hand the tenant
+ * to the call: the auth context it may write to is the connection's, shared by every call on it.
+ * So the queue thread authenticates the call's own metadata again (a hash and a compare) before
+ * it parses the body, answering the same way (a reload may have removed the token meanwhile). A call holds a reference to its tenant and one of the
  * tenant's in-flight slots until it ends; the tenant's counters get it when it is answered (a
  * stream counts as one call, with the tokens and times of all its requests).
  *
@@ -51,6 +51,8 @@
 
 #define CALLS_PER_METHOD 4 /* request_registered_call outstanding per method and queue */
 #define MAX_SEGS 64        /* payload slices gathered before falling back to one flat copy */
+#define HEALTH_PREFIX "/grpc.health.v1.Health/"
+#define AUTH_MISSING_HINT "send 'authorization: Bearer <token>'"
 
 typedef enum method {
     M_CREATE,
@@ -1279,23 +1281,34 @@ static const grpc_metadata *find_authorization(const grpc_metadata *md, size_t n
     return NULL;
 }
 
+/* True when md[0..n) holds a :path of the health service. */
+static bool is_health_call(const grpc_metadata *md, size_t n) {
+    const size_t plen = sizeof HEALTH_PREFIX - 1;
+    for (size_t i = 0; i < n; i++)
+        if (slice_is(md[i].key, ":path"))
+            return GRPC_SLICE_LENGTH(md[i].value) > plen &&
+                   memcmp(GRPC_SLICE_START_PTR(md[i].value), HEALTH_PREFIX, plen) == 0;
+    return false;
+}
+
 /* gRPC's auth metadata processor: runs on a gRPC thread for every call, before the call is
- * handed to a queue thread and before its body is read, and answers a call whose token opens no
- * tenant UNAUTHENTICATED. Everything else passes; admit_call decides (see the top). */
+ * handed to a queue thread and before its body is read (see the top). */
 static void auth_process(void *state, grpc_auth_context *ctx, const grpc_metadata *md,
                          size_t num_md, grpc_process_auth_metadata_done_cb cb, void *user_data) {
     struct svc_server *s = state;
     (void)ctx;
-    const grpc_metadata *authz = find_authorization(md, num_md);
-    if (authz == NULL) {
+    if (is_health_call(md, num_md)) {
         cb(user_data, NULL, 0, NULL, 0, GRPC_STATUS_OK, NULL);
         return;
     }
+    const grpc_metadata *authz = find_authorization(md, num_md);
     ten_tenant_t *t = NULL;
     at_diag_t d = {{0}};
-    at_err_t e = ten_tenants_authenticate(s->tenants,
-                                          (const char *)GRPC_SLICE_START_PTR(authz->value),
-                                          GRPC_SLICE_LENGTH(authz->value), &t, &d);
+    at_err_t e = ten_tenants_authenticate(
+        s->tenants, authz ? (const char *)GRPC_SLICE_START_PTR(authz->value) : NULL,
+        authz ? GRPC_SLICE_LENGTH(authz->value) : 0, &t, &d);
+    if (e == AT_ERR_AUTH_MISSING)
+        at_diag_set(&d, e, AUTH_MISSING_HINT);
     if (e != AT_OK) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s%s%s", at_err_str(e), d.msg[0] ? ": " : "", d.msg);
@@ -1359,7 +1372,7 @@ static bool admit_call(call_t *c) {
         c->srv->tenants, authz ? (const char *)GRPC_SLICE_START_PTR(authz->value) : NULL,
         authz ? GRPC_SLICE_LENGTH(authz->value) : 0, &c->tenant, &d);
     if (e == AT_ERR_AUTH_MISSING)
-        at_diag_set(&d, e, "send 'authorization: Bearer <token>'");
+        at_diag_set(&d, e, AUTH_MISSING_HINT);
     if (e == AT_OK && (e = ten_tenant_reserve_call(c->tenant, &d)) == AT_OK)
         c->holds_slot = true;
     if (e != AT_OK) {

@@ -416,6 +416,9 @@ static void test_svc_tenants_every_rpc_checks_the_token(void **state) {
     call_as(NULL, M_HEALTH, &hr.base, &r);
     expect(&r, OK, NULL, "health without a token");
     bench_reply_fini(&r);
+    call_as(TOK_WRONG, M_HEALTH, &hr.base, &r); /* probes are never refused */
+    expect(&r, OK, NULL, "health with a wrong token");
+    bench_reply_fini(&r);
     close_ok(TOK_A, "auth-s");
 }
 
