@@ -74,7 +74,8 @@ struct svc_pool {
     bool stopping;            /* guarded by mu */
     bool joined;              /* the owner's thread: svc_pool_stop joined the threads */
     uint64_t next_job_id;     /* dispatcher only */
-    uint32_t gone;            /* dispatcher only: jobs sent or dropped since `waiting` was updated */
+    uint32_t gone;            /* dispatcher only: jobs sent or dropped since `waiting` last
+                               * went down */
 };
 
 static void *worker_main(void *arg) {

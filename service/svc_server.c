@@ -17,9 +17,10 @@
  * tenant; health calls always pass (probes carry no token). The processor cannot hand the tenant
  * to the call: the auth context it may write to is the connection's, shared by every call on it.
  * So the queue thread authenticates the call's own metadata again (a hash and a compare) before
- * it parses the body, answering the same way (a reload may have removed the token meanwhile). A call holds a reference to its tenant and one of the
- * tenant's in-flight slots until it ends; the tenant's counters get it when it is answered (a
- * stream counts as one call, with the tokens and times of all its requests).
+ * it parses the body, answering the same way (a reload may have removed the token meanwhile).
+ * A call holds a reference to its tenant, and one of the tenant's in-flight slots until it is
+ * answered; the tenant's counters get it then (a stream counts as one call, with the tokens and
+ * times of all its requests).
  *
  * Copies of tensor bytes (CPU path): q, k and v are copied once, from gRPC's received slices
  * into the device's shared-memory arena (svc_wire); out is written by the worker into the arena
@@ -553,8 +554,6 @@ static void handle_create(call_t *c) {
         at_diag_set(&d, e, "session '%s' exists with another config", spec.name);
     else if (e == AT_ERR_OVERLOADED)
         at_diag_set(&d, e, "session is being created by another call; retry");
-    else if (e == AT_ERR_SESSION_NAME)
-        at_diag_set(&d, e, "session: got '%.64s'", spec.name);
     attnd__v1__create_session_request__free_unpacked(rq, NULL); /* spec points into it */
     if (e != AT_OK) {
         reply(c, e, &d, NULL);

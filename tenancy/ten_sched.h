@@ -54,8 +54,9 @@ void ten_sched_destroy(ten_sched_t **s);
 /* Queues item at the end of flow flow_id, with the flow's weight now weight. The item (its
  * storage stays the caller's) must stay valid until it is popped; item->next is the scheduler's.
  * item->cost is read at each pop, so the caller may raise it between calls while the item waits
- * (a batch that grows: it is charged what it costs when it leaves). AT_ERR_NOMEM only when flow_id has nothing queued and no
- * memory for its flow can be found: nothing is queued then and item is untouched. */
+ * (a batch that grows: it is charged what it costs when it leaves). AT_ERR_NOMEM only when
+ * flow_id has nothing queued and no memory for its flow can be found: nothing is queued then and
+ * item is untouched. */
 at_err_t ten_sched_push(ten_sched_t *s, uint64_t flow_id, uint32_t weight, ten_sched_item_t *item);
 
 /* The next item by the rules above, removed from the scheduler and handed back to the caller;

@@ -2,8 +2,8 @@
  * figures. Every session belongs to one tenant, and names are per tenant: two tenants may both
  * have "s1", and a lookup never sees another tenant's sessions (it answers exactly as for a name
  * that does not exist). A session holds its share of its tenant's quotas (one session, its KV
- * bytes) from creation until it is closed. A session's KV cache and kernels live with its device's worker; this is the server's
- * record of it.
+ * bytes) from creation until it is closed. A session's KV cache and kernels live with its
+ * device's worker; this is the server's record of it.
  *
  * Sessions are refcounted: the registry holds one reference while the name is registered, and
  * every call holds one while it uses the session. Thread: any; one mutex guards the registry's

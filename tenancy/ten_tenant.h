@@ -136,7 +136,8 @@ at_err_t ten_tenants_list(ten_tenants_t *reg, ten_tenant_t ***out, size_t *n);
 /* ---- one tenant ---- */
 
 void ten_tenant_ref(ten_tenant_t *t);
-/* Drops a reference; the last one frees the tenant. NULL and *t == NULL allowed; sets *t to NULL. */
+/* Drops a reference; the last one frees the tenant. NULL and *t == NULL allowed; sets *t to
+ * NULL. */
 void ten_tenant_unref(ten_tenant_t **t);
 
 /* Borrowed; valid while the caller holds a reference. Never changes. */

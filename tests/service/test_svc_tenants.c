@@ -38,7 +38,8 @@
 #define TOK_Q "atk_quota-token"
 #define TOK_Z "atk_closed-token"
 #define TOK_WRONG "atk_nobody"
-/* KV bytes of a session of small_model() with 64 tokens: 2 layers x (k, v) x 64 x 2 heads x 16 x 4 */
+/* KV bytes of a session of small_model() with 64 tokens: 2 layers x (k, v) x 64 tokens x 2 heads
+ * x 16 x 4 bytes */
 #define KV_BYTES_64 32768u
 
 #define M_CREATE "/attnd.v1.Attention/CreateSession"
