@@ -23,6 +23,7 @@ static int cmd_help(int argc, char **argv);
 /* Adding a subcommand is one line here. */
 static const cmd_t cmds[] = {
     {"serve", svc_serve_main, "serve attnd.v1.Attention over gRPC (attnd serve --help)"},
+    {"token", svc_token_main, "print a new bearer token and its digest for the tenants file"},
     {"bench", bench_cpu_main, "time the CPU attention backend (attnd bench --help)"},
     {"bench-serve", bench_svc_main, "time Attend over loopback, and the service's overhead"},
 #ifdef AT_HAVE_CUDA

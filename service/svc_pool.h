@@ -1,17 +1,30 @@
-/* A device's pool, server side: the device's shared-memory arena, its worker (a thread here; a
- * process for GPUs), and a dispatcher thread that forwards queued jobs to the worker over ZeroMQ
- * and hands each reply back to the job's owner.
+/* A device's pool, server side: the device's shared-memory arena, its workers (threads here; a
+ * process per GPU later), and a dispatcher thread that forwards queued jobs to the workers over
+ * ZeroMQ and hands each reply back to the job's owner.
  *
- * The calls of one session run in arrival order. Jobs of different sessions may overtake each
- * other: dynamic batching takes ATTEND (or APPEND) jobs of one session and layer over distinct
- * sequences out of the queue, up to a token budget, and hands them to the worker as one batch,
- * which it runs as one backend call. A job is never moved ahead of an earlier job of its own
- * session that it could not join. With a maximum queueing delay set, a batch that is still under
- * its budget may wait that long after its first job arrived for more jobs to join (the jobs
- * queued behind it wait with it); without one,
- * only jobs already waiting (because the worker was busy) are merged, so batching adds no delay.
- * Thread: svc_pool_submit from any thread; done callbacks run on the dispatcher thread and must
- * not block. */
+ * Workers: `workers` per device, each with its own socket and backend (the CPU's threads are
+ * split evenly between them). A session is pinned to one worker when it is created
+ * (svc_pool_pin: the worker with the fewest sessions), and every job of the session goes there,
+ * so one session's calls run in arrival order.
+ *
+ * Fair share: each worker has its own weighted deficit round robin (tenancy/ten_sched) over the
+ * jobs waiting for it. A job's flow is its tenant, its weight the tenant's weight, and its cost
+ * an estimate of its attention work: the sum over its chunks of num_tokens x (start_pos +
+ * num_tokens) (1 for a job without chunks). While tenants have jobs waiting, each gets the
+ * worker's served cost in proportion to its weight; within one tenant, jobs leave in arrival
+ * order.
+ *
+ * Dynamic batching: an ATTEND (or APPEND) job joins the latest batch of its session that is still
+ * waiting when the op and layer match, its sequences are new to the batch and the token budget
+ * allows; otherwise it starts a new batch (and the older one takes nobody else, so no job
+ * overtakes one of its own session). A batch is sent as one unit (the worker runs it as one
+ * backend call). With a maximum queueing delay set, a batch under its budget that comes up may
+ * wait that long after its first job arrived for more jobs (the jobs behind it on that worker
+ * wait with it); without one, only jobs already waiting (because the worker was busy) are
+ * merged, so batching adds no delay.
+ *
+ * Thread: svc_pool_submit, svc_pool_pin and svc_pool_unpin from any thread; done callbacks run
+ * on the dispatcher thread and must not block. */
 #ifndef AT_SERVICE_SVC_POOL_H
 #define AT_SERVICE_SVC_POOL_H
 
@@ -21,6 +34,9 @@
 #include "common/at_err.h"
 #include "service/svc_arena.h"
 #include "service/svc_msg.h"
+#include "tenancy/ten_sched.h"
+
+#define SVC_WORKERS_MAX 64u /* workers per device */
 
 typedef struct svc_pool svc_pool_t;
 typedef struct svc_job svc_job_t;
@@ -37,15 +53,31 @@ struct svc_job {
     svc_job_done_fn done;
     void *arg;               /* the owner's */
     atomic_int cancelled;    /* set by the owner (any thread); a job not yet sent is dropped */
-    svc_job_t *next;         /* the pool's */
-    int64_t queued_ns;       /* the pool's: CLOCK_MONOTONIC at submit */
-    uint64_t tokens;         /* the pool's: tokens of an ATTEND or APPEND job's chunks */
+    uint32_t worker;         /* the owner's: the session's worker (svc_pool_pin) */
+    uint64_t flow;           /* the owner's: fair-share flow, the tenant's ten_tenant_id */
+    uint32_t weight;         /* the owner's: the tenant's weight */
+    /* set by the pool before done is called */
+    uint64_t cost;           /* the cost estimate it was scheduled with (see the top) */
+    int64_t queue_ns;        /* time from submit to the worker (0 when never sent) */
+    int64_t device_ns;       /* time the worker spent on it (a batch's run counts for its first
+                              * job; the others get what is left after the previous reply) */
+    /* the pool's */
+    svc_job_t *next;         /* submit queue; then the job's batch, in order */
+    int64_t queued_ns;       /* CLOCK_MONOTONIC at submit */
+    int64_t sent_ns;
+    uint64_t tokens;         /* tokens of an ATTEND or APPEND job's chunks */
+    ten_sched_item_t item;   /* a batch's first job: the batch in its worker's scheduler */
+    svc_job_t *batch_tail;   /* a batch's first job: its last job */
+    uint32_t batch_n;        /* a batch's first job: jobs in it */
+    uint64_t batch_tokens;   /* a batch's first job: their tokens */
+    svc_job_t *open_next;    /* a batch that may still grow: its worker's list */
 };
 
 typedef struct svc_pool_cfg {
     const char *device;      /* borrowed; "cpu" */
     uint32_t index;          /* distinguishes endpoints and arena names */
-    uint32_t cpu_threads;    /* 0 = one per online CPU */
+    uint32_t cpu_threads;    /* all workers together; 0 = one per online CPU */
+    uint32_t workers;        /* workers of the device, 1..SVC_WORKERS_MAX; 0 = 1 */
     uint64_t arena_bytes;    /* shared memory for tensors in flight */
     uint32_t max_queue;      /* jobs waiting for the worker before submit says OVERLOADED */
     uint32_t batch_tokens;   /* dynamic batching: most tokens in one batch; 0 = no batching */
@@ -67,9 +99,16 @@ void svc_pool_stop(svc_pool_t *p);
  * (the server that used the pool is destroyed). NULL allowed; sets *p to NULL. */
 void svc_pool_destroy(svc_pool_t **p);
 
-/* Queues job (ownership passes to the pool until job->done). Errors, job untouched and done not
- * called: AT_ERR_OVERLOADED (queue full), AT_ERR_SHUTTING_DOWN. */
+/* Queues job (ownership passes to the pool until job->done); job->worker must come from
+ * svc_pool_pin. Errors, job untouched and done not called: AT_ERR_OVERLOADED (max_queue jobs
+ * submitted and not yet sent to a worker), AT_ERR_SHUTTING_DOWN. */
 at_err_t svc_pool_submit(svc_pool_t *p, svc_job_t *job);
+
+/* The worker with the fewest pinned sessions, for a new session: it now counts one more. */
+uint32_t svc_pool_pin(svc_pool_t *p);
+/* Undoes one svc_pool_pin of worker (the session was closed, or never created). */
+void svc_pool_unpin(svc_pool_t *p, uint32_t worker);
+uint32_t svc_pool_workers(const svc_pool_t *p);
 
 /* The arena tensors of this device's jobs go in; borrowed for the pool's lifetime. */
 svc_arena_t *svc_pool_arena(svc_pool_t *p);

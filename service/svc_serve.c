@@ -1,9 +1,9 @@
-/* `attnd serve`: options, an optional JSON config file, devices, the server, and a clean drain on
- * SIGTERM or SIGINT.
+/* `attnd serve`: options, an optional JSON config file, the tenants file, devices, the server, a
+ * reload of the tenants file on SIGHUP and a clean drain on SIGTERM or SIGINT. `attnd token`.
  *
- * Thread model: the main thread parses, starts everything, then waits in sigwait; SIGTERM and
- * SIGINT are blocked in every thread (the mask is set before any thread starts), so they are
- * delivered only there. */
+ * Thread model: the main thread parses, starts everything, then waits in sigwait; SIGTERM,
+ * SIGINT and SIGHUP are blocked in every thread (the mask is set before any thread starts), so
+ * they are delivered only there. A reload runs on the main thread while calls go on. */
 #include "service/svc_serve.h"
 
 #include <errno.h>
@@ -21,10 +21,12 @@
 #include "common/at_log.h"
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
+#include "tenancy/ten_tenant.h"
 
 typedef struct serve_opts {
     char listen[256];
     uint32_t cpu_threads;  /* 0 = one per online CPU */
+    uint32_t workers_per_device;
     uint32_t cq_threads;
     uint64_t max_message_mib;
     uint64_t arena_mib;
@@ -34,6 +36,7 @@ typedef struct serve_opts {
     uint32_t grace_ms;
     char log_level[16];
     char ready_file[512];
+    char tenants[512];
     bool allow_remote;
     bool null_device;
     char devices[256];          /* "cpu,cuda:0,..." or "all" */
@@ -55,8 +58,12 @@ typedef struct opt {
 static const opt_t opts[] = {
     {"listen", K_STR, O_(listen), 256, 0, 0, "HOST:PORT to listen on (127.0.0.1:50051)"},
     {"allow_remote", K_BOOL, O_(allow_remote), 0, 0, 1,
-     "allow a non-loopback --listen address (no authentication yet: see README)"},
+     "without --tenants, allow a non-loopback --listen address anyway (no authentication)"},
+    {"tenants", K_STR, O_(tenants), 512, 0, 0,
+     "tenants file (JSON: tokens, quotas, weights; reloaded on SIGHUP); none: one open tenant"},
     {"cpu_threads", K_U32, O_(cpu_threads), 0, 0, 1024, "CPU backend threads (0 = all CPUs)"},
+    {"workers_per_device", K_U32, O_(workers_per_device), 0, 1, 64,
+     "workers per device, each with cpu_threads / N threads; a session stays on one (1)"},
     {"cq_threads", K_U32, O_(cq_threads), 0, 1, 64, "gRPC completion-queue threads (2)"},
     {"max_message_mib", K_U64, O_(max_message_mib), 0, 1, 2047,
      "largest request or response, MiB (256)"},
@@ -295,10 +302,46 @@ static at_err_t device_list(const char *spec, char names[][32], uint32_t *n) {
     return AT_OK;
 }
 
+/* SIGHUP: the tenants file again. A bad file changes nothing (the old table stays). */
+static void reload_tenants(ten_tenants_t *tenants, const char *path) {
+    if (path[0] == '\0') {
+        at_log(AT_LOG_WARN, "serve", "SIGHUP: no --tenants file to reload");
+        return;
+    }
+    at_diag_t d = {{0}};
+    at_err_t e = ten_tenants_reload(tenants, path, &d);
+    if (e != AT_OK)
+        at_log(AT_LOG_ERROR, "serve", "SIGHUP: tenants file not reloaded, the old one stays: "
+               "%s: %s", at_err_str(e), d.msg);
+    else
+        at_log(AT_LOG_INFO, "serve", "SIGHUP: tenants file %s reloaded", path);
+}
+
+int svc_token_main(int argc, char **argv) {
+    if (argc > 1) {
+        FILE *f = strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ? stdout : stderr;
+        fprintf(f, "usage: attnd token\n\nPrints a new bearer token (line 1: give it to the "
+                   "client, keep it secret)\nand its SHA-256 digest (line 2: paste it into the "
+                   "tenant's tokens_sha256\nin the tenants file, then send attnd SIGHUP).\n");
+        return f == stdout ? 0 : 2;
+    }
+    ten_token_t tok;
+    at_diag_t d = {{0}};
+    at_err_t e = ten_token_generate(&tok, &d);
+    if (e != AT_OK) {
+        fprintf(stderr, "attnd token: %s: %s\n", at_err_str(e), d.msg);
+        return 1;
+    }
+    printf("%s\n\"%s\"\n", tok.token, tok.sha256_hex);
+    memset(&tok, 0, sizeof tok);
+    return 0;
+}
+
 int svc_serve_main(int argc, char **argv) {
     serve_opts_t o = {
         .listen = "127.0.0.1:50051",
         .cq_threads = 2,
+        .workers_per_device = 1,
         .max_message_mib = 256,
         .arena_mib = 2048,
         .max_queue = 1024,
@@ -324,17 +367,30 @@ int svc_serve_main(int argc, char **argv) {
                 (unsigned long long)o.arena_mib, (unsigned long long)o.max_message_mib);
         return 2;
     }
-    if (!is_loopback(o.listen) && !o.allow_remote) {
-        fprintf(stderr, "attnd serve: refusing to listen on %s: attnd has no authentication yet; "
-                        "use a loopback address or --allow-remote\n", o.listen);
+    if (!is_loopback(o.listen) && !o.allow_remote && o.tenants[0] == '\0') {
+        fprintf(stderr, "attnd serve: refusing to listen on %s: without --tenants nobody is "
+                        "authenticated; give a tenants file, use a loopback address, or "
+                        "--allow-remote\n", o.listen);
         return 2;
     }
+    ten_tenants_t *tenants = NULL;
+    at_diag_t td = {{0}};
+    at_err_t te = o.tenants[0] != '\0' ? ten_tenants_load(o.tenants, &tenants, &td)
+                                       : ten_tenants_create_open(&tenants);
+    if (te != AT_OK) {
+        fprintf(stderr, "attnd serve: --tenants: %s: %s\n", at_err_str(te), td.msg);
+        return 2;
+    }
+    if (!is_loopback(o.listen) && o.tenants[0] != '\0')
+        at_log(AT_LOG_WARN, "serve", "%s is not loopback and attnd speaks plain HTTP/2: bearer "
+               "tokens cross the network in clear; put a TLS proxy in front", o.listen);
 
     /* Block the stop signals before any thread exists, so every thread inherits the mask. */
     sigset_t stop;
     sigemptyset(&stop);
     sigaddset(&stop, SIGTERM);
     sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -347,6 +403,7 @@ int svc_serve_main(int argc, char **argv) {
     at_diag_t d = {{0}};
     if (zctx == NULL) {
         at_log(AT_LOG_ERROR, "serve", "zmq_ctx_new failed");
+        ten_tenants_destroy(&tenants);
         return 1;
     }
     /* The workers (threads here, processes later) find the kernel cache through the
@@ -364,6 +421,7 @@ int svc_serve_main(int argc, char **argv) {
             .device = names[i],
             .index = i,
             .cpu_threads = o.cpu_threads,
+            .workers = o.workers_per_device,
             .arena_bytes = o.arena_mib << 20,
             .max_queue = o.max_queue,
             .batch_tokens = o.batch_tokens,
@@ -381,6 +439,7 @@ int svc_serve_main(int argc, char **argv) {
         .max_message_bytes = o.max_message_mib << 20,
         .pools = pools,
         .num_pools = num_pools,
+        .tenants = tenants,
     };
     e = svc_server_create(&sc, &d, &srv);
     if (e != AT_OK) {
@@ -397,7 +456,12 @@ int svc_serve_main(int argc, char **argv) {
         at_log(AT_LOG_WARN, "serve", "cannot write --ready-file %s", o.ready_file);
 
     int sig = 0;
-    while (sigwait(&stop, &sig) != 0) {
+    for (;;) {
+        if (sigwait(&stop, &sig) != 0)
+            continue;
+        if (sig != SIGHUP)
+            break;
+        reload_tenants(tenants, o.tenants);
     }
     at_log(AT_LOG_INFO, "serve", "%s: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     svc_server_drain(srv, o.grace_ms);
@@ -412,6 +476,7 @@ out_pool:
         svc_pool_destroy(&pools[i]);
 out_ctx:
     zmq_ctx_term(zctx);
+    ten_tenants_destroy(&tenants);
     if (rc == 0)
         at_log(AT_LOG_INFO, "serve", "stopped");
     return rc;

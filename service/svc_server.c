@@ -11,6 +11,17 @@
  * client that goes away marks the call cancelled (its job, if still queued, is dropped) -> the
  * handler replies once: SEND_INITIAL_METADATA, SEND_MESSAGE on success, SEND_STATUS_FROM_SERVER.
  *
+ * Tenants: with a tenants file, an auth metadata processor (on gRPC's threads, before the call
+ * reaches a queue thread and before its body is read) answers a call to any method but
+ * grpc.health UNAUTHENTICATED when its `authorization: Bearer` token is missing or opens no
+ * tenant; health calls always pass (probes carry no token). The processor cannot hand the tenant
+ * to the call: the auth context it may write to is the connection's, shared by every call on it.
+ * So the queue thread authenticates the call's own metadata again (a hash and a compare) before
+ * it parses the body, answering the same way (a reload may have removed the token meanwhile).
+ * A call holds a reference to its tenant, and one of the tenant's in-flight slots until it is
+ * answered; the tenant's counters get it then (a stream counts as one call, with the tokens and
+ * times of all its requests).
+ *
  * Copies of tensor bytes (CPU path): q, k and v are copied once, from gRPC's received slices
  * into the device's shared-memory arena (svc_wire); out is written by the worker into the arena
  * and sent from there without a copy (a slice over the arena region, freed when gRPC is done). */
@@ -37,9 +48,12 @@
 #include "service/svc_status.h"
 #include "service/svc_wire.h"
 #include "tenancy/ten_session.h"
+#include "tenancy/ten_tenant.h"
 
 #define CALLS_PER_METHOD 4 /* request_registered_call outstanding per method and queue */
 #define MAX_SEGS 64        /* payload slices gathered before falling back to one flat copy */
+#define HEALTH_PREFIX "/grpc.health.v1.Health/"
+#define AUTH_MISSING_HINT "send 'authorization: Bearer <token>'"
 
 typedef enum method {
     M_CREATE,
@@ -50,6 +64,7 @@ typedef enum method {
     M_STREAM,
     M_RELEASE,
     M_APPEND,
+    M_STATS,
     M_HEALTH_CHECK,
     M_HEALTH_WATCH,
     M_COUNT,
@@ -61,6 +76,7 @@ static const char *const method_paths[M_COUNT] = {
     "/attnd.v1.Attention/ListSessions",  "/attnd.v1.Attention/CloseSession",
     "/attnd.v1.Attention/Attend",        "/attnd.v1.Attention/AttendStream",
     "/attnd.v1.Attention/Release",       "/attnd.v1.Attention/Append",
+    "/attnd.v1.Attention/GetStats",
     "/grpc.health.v1.Health/Check",      "/grpc.health.v1.Health/Watch",
 };
 
@@ -107,6 +123,11 @@ struct call {
     bool half_closed;          /* the client sent its last request */
     bool send_busy;            /* a SEND_MESSAGE is in flight */
     bool finished;             /* the final status has been started */
+    /* the caller */
+    ten_tenant_t *tenant;      /* a reference once authenticated, or NULL (health, unknown) */
+    bool holds_slot;           /* one of the tenant's inflight_calls is this call's */
+    uint64_t tokens, work;     /* for the tenant's counters: what succeeded (guarded by mu) */
+    int64_t queue_ns, device_ns;
     /* M_HEALTH_WATCH: guarded by mu */
     bool watch_known;          /* the service name asked about is ours */
     int watch_sent;            /* the serving status last sent */
@@ -141,6 +162,8 @@ struct svc_server {
     int port;
     atomic_bool draining;
     svc_pool_t **pools;        /* owned array of borrowed pools */
+    ten_tenants_t *tenants;    /* borrowed, or own_tenants */
+    ten_tenants_t *own_tenants; /* owned: the open table when the config gave none */
     uint32_t num_pools;
     ten_registry_t *registry;  /* owned */
     tag_t shutdown_tag;
@@ -187,6 +210,9 @@ static void call_unref(call_t *c) {
     if (c->recv_bb != NULL)
         grpc_byte_buffer_destroy(c->recv_bb);
     ten_session_unref(&c->session);
+    if (c->holds_slot)
+        ten_tenant_release_call(c->tenant);
+    ten_tenant_unref(&c->tenant);
     free(c->items);
     if (c->payload != NULL)
         grpc_byte_buffer_destroy(c->payload);
@@ -200,6 +226,31 @@ static void call_unref(call_t *c) {
         grpc_call_unref(c->call);
     pthread_mutex_destroy(&c->mu);
     free(c);
+}
+
+/* Counts the call's answer in its tenant's counters and gives its in-flight slot back (before
+ * the status leaves, so a client that heard it may call again at once); under c->mu. */
+static void record(call_t *c, at_err_t e) {
+    if (c->tenant == NULL)
+        return;
+    ten_tenant_record_call(c->tenant, (uint32_t)svc_status_of(e), c->tokens, c->work,
+                           (uint64_t)c->queue_ns, (uint64_t)c->device_ns);
+    if (c->holds_slot) {
+        ten_tenant_release_call(c->tenant);
+        c->holds_slot = false;
+    }
+}
+
+/* Adds a finished job's times (and, when it succeeded, its tokens and work) to the call's. */
+static void account(call_t *c, const svc_job_t *job, at_err_t e) {
+    pthread_mutex_lock(&c->mu);
+    c->queue_ns += job->queue_ns;
+    c->device_ns += job->device_ns;
+    if (e == AT_OK && (job->req.op == SVC_OP_ATTEND || job->req.op == SVC_OP_APPEND)) {
+        c->tokens += job->tokens;
+        c->work += job->cost;
+    }
+    pthread_mutex_unlock(&c->mu);
 }
 
 /* Sends the call's one answer: status e (with diag's detail), and resp (owned) when e is OK.
@@ -227,6 +278,7 @@ static void reply(call_t *c, at_err_t e, const at_diag_t *diag, grpc_byte_buffer
         n++;
     }
     pthread_mutex_lock(&c->mu);
+    record(c, e);
     c->replied = true;
     c->response = resp;
     c->status_details = grpc_slice_from_copied_string(msg);
@@ -354,29 +406,52 @@ static void diag_from(const svc_rep_t *rep, at_diag_t *d) {
 }
 
 /* Queues c's job on its pool; on refusal answers the call. */
+static void set_flow(svc_job_t *job, ten_tenant_t *t) {
+    job->flow = ten_tenant_id(t);
+    job->weight = ten_tenant_weight(t);
+}
+
 static void submit(call_t *c) {
     c->job.arg = c;
+    set_flow(&c->job, c->tenant);
     atomic_init(&c->job.cancelled, 0);
     at_err_t e = svc_pool_submit(c->pool, &c->job);
     if (e != AT_OK) {
-        if (c->method == M_CREATE)
+        if (c->method == M_CREATE) {
             ten_registry_end_create(c->srv->registry, c->session, false, NULL);
+            svc_pool_unpin(c->pool, c->job.worker);
+        }
         reply(c, e, NULL, NULL);
     }
 }
 
 /* ---- CreateSession ------------------------------------------------------------------------- */
 
+static uint64_t sat_mul(uint64_t a, uint64_t b) {
+    return b != 0 && a > UINT64_MAX / b ? UINT64_MAX : a * b;
+}
+
+/* The KV-cache bytes a session of model m with this capacity holds on its device: whole blocks,
+ * k and v, every layer. */
+static uint64_t kv_bytes_of(const att_model_t *m, uint64_t capacity_tokens) {
+    uint64_t blocks = capacity_tokens / m->block_size + (capacity_tokens % m->block_size != 0);
+    uint64_t row = att_model_row_bytes(m, m->num_kv_heads);
+    return sat_mul(sat_mul(sat_mul(blocks, m->block_size), row), 2ull * m->num_layers);
+}
+
 static void create_done(svc_job_t *job, const svc_rep_t *rep) {
     call_t *c = job->arg;
+    account(c, job, rep->err);
     ten_session_figures_t fig;
     figures_from(rep, &fig);
     ten_registry_end_create(c->srv->registry, c->session, rep->err == AT_OK, &fig);
+    if (rep->err != AT_OK)
+        svc_pool_unpin(c->pool, job->worker);
     at_diag_t d;
     diag_from(rep, &d);
     if (rep->err == AT_OK)
-        at_log(AT_LOG_INFO, "server", "session %s created on %s (%llu tokens of KV)",
-               ten_session_name(c->session), ten_session_device(c->session),
+        at_log(AT_LOG_INFO, "server", "session %s created on %s worker %u (%llu tokens of KV)",
+               ten_session_name(c->session), ten_session_device(c->session), job->worker,
                (unsigned long long)fig.kv_capacity_tokens);
     reply(c, rep->err, &d, rep->err == AT_OK ? pack_session_info(c->session) : NULL);
 }
@@ -467,9 +542,14 @@ static void handle_create(call_t *c) {
         .kv_capacity_tokens = rq->kv_capacity_tokens,
         .device = svc_pool_device(pool),
         .device_handle = pool,
+        .worker = svc_pool_pin(pool),
+        .tenant = c->tenant,
+        .kv_bytes = kv_bytes_of(m, rq->kv_capacity_tokens),
     };
     bool existing = false;
-    e = ten_registry_begin_create(c->srv->registry, &spec, &model, &c->session, &existing);
+    e = ten_registry_begin_create(c->srv->registry, &spec, &model, &c->session, &existing, &d);
+    if (e != AT_OK || existing)
+        svc_pool_unpin(pool, spec.worker);
     if (e == AT_ERR_SESSION_EXISTS)
         at_diag_set(&d, e, "session '%s' exists with another config", spec.name);
     else if (e == AT_ERR_OVERLOADED)
@@ -485,6 +565,7 @@ static void handle_create(call_t *c) {
     }
     c->pool = pool;
     c->job.req.session_id = ten_session_id(c->session);
+    c->job.worker = spec.worker;
     submit(c);
 }
 
@@ -497,7 +578,7 @@ static void handle_get(call_t *c) {
         reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
         return;
     }
-    at_err_t e = ten_registry_get(c->srv->registry, rq->session, &c->session);
+    at_err_t e = ten_registry_get(c->srv->registry, c->tenant, rq->session, &c->session);
     attnd__v1__get_session_request__free_unpacked(rq, NULL);
     reply(c, e, NULL, e == AT_OK ? pack_session_info(c->session) : NULL);
 }
@@ -512,7 +593,7 @@ static void handle_list(call_t *c) {
     attnd__v1__list_sessions_request__free_unpacked(rq, NULL);
     ten_session_t **all = NULL;
     size_t n = 0;
-    at_err_t e = ten_registry_list(c->srv->registry, &all, &n);
+    at_err_t e = ten_registry_list(c->srv->registry, c->tenant, &all, &n);
     if (e != AT_OK) {
         reply(c, e, NULL, NULL);
         return;
@@ -544,11 +625,16 @@ static void handle_list(call_t *c) {
 
 static void close_done(svc_job_t *job, const svc_rep_t *rep) {
     call_t *c = job->arg;
+    account(c, job, rep->err);
+    /* the name is gone either way: its quota is free before the caller hears back */
+    ten_session_release_quota(c->session);
     at_diag_t d;
     diag_from(rep, &d);
     Attnd__V1__CloseSessionResponse resp = ATTND__V1__CLOSE_SESSION_RESPONSE__INIT;
     if (rep->err == AT_OK)
         at_log(AT_LOG_INFO, "server", "session %s closed", ten_session_name(c->session));
+    /* the name is gone either way: the session no longer counts on its worker */
+    svc_pool_unpin(c->pool, job->worker);
     reply(c, rep->err, &d, rep->err == AT_OK ? pack(&resp.base) : NULL);
 }
 
@@ -559,7 +645,7 @@ static void handle_close(call_t *c) {
         reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
         return;
     }
-    at_err_t e = ten_registry_remove(c->srv->registry, rq->session, &c->session);
+    at_err_t e = ten_registry_remove(c->srv->registry, c->tenant, rq->session, &c->session);
     attnd__v1__close_session_request__free_unpacked(rq, NULL);
     if (e != AT_OK) {
         reply(c, e, NULL, NULL);
@@ -567,12 +653,14 @@ static void handle_close(call_t *c) {
     }
     c->pool = ten_session_device_handle(c->session);
     c->job.req = (svc_req_t){.op = SVC_OP_CLOSE, .session_id = ten_session_id(c->session)};
+    c->job.worker = ten_session_worker(c->session);
     c->job.done = close_done;
     submit(c);
 }
 
 static void release_done(svc_job_t *job, const svc_rep_t *rep) {
     call_t *c = job->arg;
+    account(c, job, rep->err);
     at_diag_t d;
     diag_from(rep, &d);
     Attnd__V1__ReleaseResponse resp = ATTND__V1__RELEASE_RESPONSE__INIT;
@@ -592,7 +680,7 @@ static void handle_release(call_t *c) {
         reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
         return;
     }
-    at_err_t e = ten_registry_get(c->srv->registry, rq->session, &c->session);
+    at_err_t e = ten_registry_get(c->srv->registry, c->tenant, rq->session, &c->session);
     size_t n = rq->n_seq_ids;
     if (e == AT_OK && n > UINT32_MAX)
         e = AT_ERR_WIRE_MALFORMED;
@@ -611,6 +699,7 @@ static void handle_release(call_t *c) {
         .op = SVC_OP_RELEASE, .session_id = ten_session_id(c->session), .num_items = (uint32_t)n};
     c->job.items = n ? c->items : NULL;
     c->job.items_len = n * sizeof(uint64_t);
+    c->job.worker = ten_session_worker(c->session);
     c->job.done = release_done;
     submit(c);
 }
@@ -691,7 +780,7 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
     }
     at_err_t e = svc_wire_parse_attend(segs, nseg, &a->attend, d);
     if (e == AT_OK)
-        e = ten_registry_get(srv->registry, a->attend.session, &a->session);
+        e = ten_registry_get(srv->registry, a->c->tenant, a->attend.session, &a->session);
     static const uint8_t marker = 0;
     uint64_t out_len = 0;
     if (e == AT_OK) {
@@ -747,6 +836,8 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
             };
             a->job.items = a->attend.chunks;
             a->job.items_len = (size_t)a->attend.num_chunks * sizeof(att_chunk_t);
+            a->job.worker = ten_session_worker(a->session);
+            set_flow(&a->job, a->c->tenant);
         }
     }
     grpc_slice_unref(flat);
@@ -794,6 +885,7 @@ static void areq_result(areq_t *a, const svc_rep_t *rep) {
 static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
     areq_t *a = job->arg;
     call_t *c = a->c;
+    account(c, job, rep->err);
     areq_result(a, rep);
     grpc_byte_buffer *resp = a->resp;
     a->resp = NULL;
@@ -802,6 +894,7 @@ static void attend_done(svc_job_t *job, const svc_rep_t *rep) {
 
 static void append_done(svc_job_t *job, const svc_rep_t *rep) {
     areq_t *a = job->arg;
+    account(a->c, job, rep->err);
     areq_result(a, rep);
     if (a->resp != NULL) { /* an append answers with an empty message, not with out */
         grpc_byte_buffer_destroy(a->resp);
@@ -844,6 +937,7 @@ static void stream_status(call_t *c, at_err_t e, const at_diag_t *diag) {
         snprintf(msg, sizeof msg, "%s%s%s", at_err_str(e), diag && diag->msg[0] ? ": " : "",
                  diag && diag->msg[0] ? diag->msg : "");
     c->finished = true;
+    record(c, e);
     grpc_slice_unref(c->status_details);
     c->status_details = grpc_slice_from_copied_string(msg);
     grpc_op op;
@@ -909,6 +1003,7 @@ static void stream_push(call_t *c, areq_t *a) {
 static void stream_job_done(svc_job_t *job, const svc_rep_t *rep) {
     areq_t *a = job->arg;
     call_t *c = a->c;
+    account(c, job, rep->err);
     areq_result(a, rep);
     pthread_mutex_lock(&c->mu);
     a->done = true;
@@ -986,6 +1081,50 @@ static void handle_stream(call_t *c) {
     stream_recv(c);
     pthread_mutex_unlock(&c->mu);
     call_unref(c); /* the handler's; the batches hold the call from here */
+}
+
+/* ---- GetStats ------------------------------------------------------------------------------ */
+
+static void handle_stats(call_t *c) {
+    Attnd__V1__GetStatsRequest *rq =
+        (Attnd__V1__GetStatsRequest *)unpack(c, &attnd__v1__get_stats_request__descriptor);
+    if (rq == NULL) {
+        reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
+        return;
+    }
+    attnd__v1__get_stats_request__free_unpacked(rq, NULL);
+    ten_tenant_stats_t st;
+    ten_tenant_get_stats(c->tenant, &st);
+    Attnd__V1__StatusCount counts[TEN_STATUS_COUNT];
+    Attnd__V1__StatusCount *count_ptrs[TEN_STATUS_COUNT];
+    size_t n = 0;
+    for (uint32_t code = 0; code < TEN_STATUS_COUNT; code++) {
+        if (st.by_status[code] == 0)
+            continue;
+        attnd__v1__status_count__init(&counts[n]);
+        counts[n].status = (char *)svc_status_name((grpc_status_code)code);
+        counts[n].calls = st.by_status[code];
+        count_ptrs[n] = &counts[n];
+        n++;
+    }
+    Attnd__V1__TenantStats ts = ATTND__V1__TENANT_STATS__INIT;
+    ts.tenant = (char *)ten_tenant_name(c->tenant);
+    ts.weight = ten_tenant_weight(c->tenant);
+    ts.calls = st.calls;
+    ts.n_by_status = n;
+    ts.by_status = count_ptrs;
+    ts.tokens = st.tokens;
+    ts.work = st.work;
+    ts.queue_ns = st.queue_ns;
+    ts.device_ns = st.device_ns;
+    ts.sessions = st.sessions;
+    ts.kv_bytes = st.kv_bytes;
+    ts.inflight_calls = st.inflight_calls;
+    Attnd__V1__TenantStats *one[1] = {&ts};
+    Attnd__V1__GetStatsResponse resp = ATTND__V1__GET_STATS_RESPONSE__INIT;
+    resp.n_tenants = 1;
+    resp.tenants = one;
+    reply(c, AT_OK, NULL, pack(&resp.base));
 }
 
 /* ---- Health -------------------------------------------------------------------------------- */
@@ -1126,6 +1265,60 @@ static void watch_drain(struct svc_server *s) {
     }
 }
 
+/* ---- authentication ------------------------------------------------------------------------ */
+
+static bool slice_is(grpc_slice sl, const char *text) {
+    size_t n = strlen(text);
+    return GRPC_SLICE_LENGTH(sl) == n && memcmp(GRPC_SLICE_START_PTR(sl), text, n) == 0;
+}
+
+/* The `authorization` entry of md[0..n), or NULL. */
+static const grpc_metadata *find_authorization(const grpc_metadata *md, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (slice_is(md[i].key, "authorization"))
+            return &md[i];
+    return NULL;
+}
+
+/* True when md[0..n) holds a :path of the health service. */
+static bool is_health_call(const grpc_metadata *md, size_t n) {
+    const size_t plen = sizeof HEALTH_PREFIX - 1;
+    for (size_t i = 0; i < n; i++)
+        if (slice_is(md[i].key, ":path"))
+            return GRPC_SLICE_LENGTH(md[i].value) > plen &&
+                   memcmp(GRPC_SLICE_START_PTR(md[i].value), HEALTH_PREFIX, plen) == 0;
+    return false;
+}
+
+/* gRPC's auth metadata processor: runs on a gRPC thread for every call, before the call is
+ * handed to a queue thread and before its body is read (see the top). */
+static void auth_process(void *state, grpc_auth_context *ctx, const grpc_metadata *md,
+                         size_t num_md, grpc_process_auth_metadata_done_cb cb, void *user_data) {
+    struct svc_server *s = state;
+    (void)ctx;
+    if (is_health_call(md, num_md)) {
+        cb(user_data, NULL, 0, NULL, 0, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    const grpc_metadata *authz = find_authorization(md, num_md);
+    ten_tenant_t *t = NULL;
+    at_diag_t d = {{0}};
+    at_err_t e = ten_tenants_authenticate(
+        s->tenants, authz ? (const char *)GRPC_SLICE_START_PTR(authz->value) : NULL,
+        authz ? GRPC_SLICE_LENGTH(authz->value) : 0, &t, &d);
+    if (e == AT_ERR_AUTH_MISSING)
+        at_diag_set(&d, e, AUTH_MISSING_HINT);
+    if (e != AT_OK) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s%s%s", at_err_str(e), d.msg[0] ? ": " : "", d.msg);
+        at_log(AT_LOG_DEBUG, "server", "call refused: %s", msg);
+        cb(user_data, NULL, 0, NULL, 0, svc_status_of(e), msg);
+        return;
+    }
+    ten_tenant_unref(&t);
+    cb(user_data, NULL, 0, NULL, 0, GRPC_STATUS_OK, NULL);
+}
+
 /* ---- the completion-queue loop -------------------------------------------------------------- */
 
 static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
@@ -1168,6 +1361,26 @@ static void arm(struct svc_server *s, method_t method, uint32_t cq_index) {
     }
 }
 
+/* The call's tenant (from its own metadata; the open tenant without a tenants file) and one of
+ * its in-flight slots, before the body is parsed. On failure the call is answered and false
+ * returned. */
+static bool admit_call(call_t *c) {
+    at_diag_t d = {{0}};
+    const grpc_metadata *authz = find_authorization(c->md.metadata, c->md.count);
+    at_err_t e = ten_tenants_authenticate(
+        c->srv->tenants, authz ? (const char *)GRPC_SLICE_START_PTR(authz->value) : NULL,
+        authz ? GRPC_SLICE_LENGTH(authz->value) : 0, &c->tenant, &d);
+    if (e == AT_ERR_AUTH_MISSING)
+        at_diag_set(&d, e, AUTH_MISSING_HINT);
+    if (e == AT_OK && (e = ten_tenant_reserve_call(c->tenant, &d)) == AT_OK)
+        c->holds_slot = true;
+    if (e != AT_OK) {
+        reply(c, e, &d, NULL);
+        return false;
+    }
+    return true;
+}
+
 static void on_new(call_t *c) {
     struct svc_server *s = c->srv;
     arm(s, c->method, c->cq_index);
@@ -1186,6 +1399,10 @@ static void on_new(call_t *c) {
         call_unref(c);
         return;
     }
+    bool open_method = c->method == M_HEALTH_CHECK || c->method == M_HEALTH_WATCH ||
+                       c->method == M_UNKNOWN;
+    if (!open_method && !admit_call(c))
+        return;
     switch (c->method) {
     case M_CREATE: handle_create(c); break;
     case M_GET: handle_get(c); break;
@@ -1195,6 +1412,7 @@ static void on_new(call_t *c) {
     case M_APPEND: handle_attend(c); break;
     case M_STREAM: handle_stream(c); break;
     case M_RELEASE: handle_release(c); break;
+    case M_STATS: handle_stats(c); break;
     case M_HEALTH_CHECK: handle_health_check(c); break;
     case M_HEALTH_WATCH: handle_health_watch(c); break;
     default: {
@@ -1296,6 +1514,7 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
         return AT_ERR_NOMEM;
     }
     memcpy(s->pools, cfg->pools, cfg->num_pools * sizeof *s->pools);
+    s->tenants = cfg->tenants;
     s->num_pools = cfg->num_pools;
     s->num_cqs = cfg->cq_threads != 0 ? cfg->cq_threads : 2;
     atomic_init(&s->draining, false);
@@ -1304,7 +1523,10 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
     pthread_cond_init(&s->shut_cv, NULL);
     s->shutdown_tag = (tag_t){NULL, T_SENT};
     at_err_t e = ten_registry_create(&s->registry);
+    if (e == AT_OK && s->tenants == NULL && (e = ten_tenants_create_open(&s->own_tenants)) == AT_OK)
+        s->tenants = s->own_tenants;
     if (e != AT_OK) {
+        ten_registry_destroy(&s->registry);
         free(s->pools);
         free(s);
         return e;
@@ -1338,6 +1560,10 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
         grpc_server_register_completion_queue(s->server, s->cqs[i], NULL);
     }
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    if (!ten_tenants_is_open(s->tenants)) {
+        grpc_auth_metadata_processor proc = {.process = auth_process, .destroy = NULL, .state = s};
+        grpc_server_credentials_set_auth_metadata_processor(creds, proc);
+    }
     s->port = grpc_server_add_http2_port(s->server, cfg->listen, creds);
     grpc_server_credentials_release(creds);
     if (s->port == 0) {
@@ -1396,6 +1622,7 @@ out_mem:
     free(s->cqs);
     free(s->threads);
     ten_registry_destroy(&s->registry);
+    ten_tenants_destroy(&s->own_tenants);
     pthread_mutex_destroy(&s->watch_mu);
     pthread_mutex_destroy(&s->shut_mu);
     pthread_cond_destroy(&s->shut_cv);
@@ -1453,6 +1680,7 @@ void svc_server_destroy(svc_server_t **sp) {
     free(s->cqs);
     free(s->threads);
     ten_registry_destroy(&s->registry);
+    ten_tenants_destroy(&s->own_tenants);
     pthread_mutex_destroy(&s->watch_mu);
     pthread_mutex_destroy(&s->shut_mu);
     pthread_cond_destroy(&s->shut_cv);

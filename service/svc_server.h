@@ -14,6 +14,7 @@
 
 #include "common/at_err.h"
 #include "service/svc_pool.h"
+#include "tenancy/ten_tenant.h"
 
 typedef struct svc_server svc_server_t;
 
@@ -25,6 +26,9 @@ typedef struct svc_server_cfg {
     svc_pool_t *const *pools;    /* [num_pools], one per device, pools[0] the default; the array is
                                   * copied, the pools are borrowed and must outlive the server */
     uint32_t num_pools;
+    ten_tenants_t *tenants;      /* borrowed, must outlive the server: who may call; NULL or an
+                                  * open table (ten_tenants_create_open) admits everyone as one
+                                  * tenant */
 } svc_server_cfg_t;
 
 /* Starts serving. AT_ERR_CONFIG (bad address, port taken: diag says), AT_ERR_NOMEM. */

@@ -12,3 +12,16 @@ grpc_status_code svc_status_of(at_err_t e) {
         return GRPC_STATUS_INTERNAL;
     return codes[e];
 }
+
+const char *svc_status_name(grpc_status_code code) {
+    static const char *const names[] = {
+        "OK",           "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED", "NOT_FOUND",    "ALREADY_EXISTS",    "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",   "OUT_OF_RANGE",
+        "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",       "DATA_LOSS",
+        "UNAUTHENTICATED",
+    };
+    if ((unsigned)code >= sizeof names / sizeof names[0])
+        return "UNKNOWN";
+    return names[code];
+}

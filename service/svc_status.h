@@ -10,4 +10,8 @@
  * the table. Pure; any thread. */
 grpc_status_code svc_status_of(at_err_t e);
 
+/* The status's name as gRPC spells it ("OK", "NOT_FOUND", ...); "UNKNOWN" outside 0..16. Static
+ * storage; any thread. */
+const char *svc_status_name(grpc_status_code code);
+
 #endif

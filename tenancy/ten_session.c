@@ -5,6 +5,8 @@
  * session's mu; neither is held across a call into another module. */
 #include "tenancy/ten_session.h"
 
+#include "tenancy/ten_tenant.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -22,6 +24,10 @@ struct ten_session {
     uint64_t requested_capacity;
     char device[32];
     void *device_handle;       /* not owned */
+    uint32_t worker;
+    ten_tenant_t *tenant;      /* a reference: the owner */
+    uint64_t kv_bytes;         /* reserved from the tenant's kv_bytes quota */
+    atomic_bool quota_held;    /* the tenant's session quota is still reserved */
     uint64_t id;
     state_t state;             /* guarded by the registry's mu */
     pthread_mutex_t mu;
@@ -70,9 +76,10 @@ void ten_registry_destroy(ten_registry_t **rp) {
     *rp = NULL;
 }
 
-static ten_session_t *find(ten_registry_t *r, const char *name, size_t *index) {
+static ten_session_t *find(ten_registry_t *r, const ten_tenant_t *tenant, const char *name,
+                           size_t *index) {
     for (size_t i = 0; i < r->n; i++)
-        if (strcmp(r->items[i]->name, name) == 0) {
+        if (r->items[i]->tenant == tenant && strcmp(r->items[i]->name, name) == 0) {
             if (index != NULL)
                 *index = i;
             return r->items[i];
@@ -80,7 +87,15 @@ static ten_session_t *find(ten_registry_t *r, const char *name, size_t *index) {
     return NULL;
 }
 
+void ten_session_release_quota(ten_session_t *s) {
+    /* acq_rel: exactly one caller gives the reservation back */
+    if (atomic_exchange_explicit(&s->quota_held, false, memory_order_acq_rel))
+        ten_tenant_release_session(s->tenant, s->kv_bytes);
+}
+
 static void session_free(ten_session_t *s) {
+    ten_session_release_quota(s);
+    ten_tenant_unref(&s->tenant);
     att_model_destroy(&s->model);
     free(s->model_name);
     pthread_mutex_destroy(&s->mu);
@@ -97,7 +112,8 @@ static bool same_spec(const ten_session_t *s, const ten_session_spec_t *spec,
 }
 
 at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *spec,
-                                   att_model_t **model, ten_session_t **out, bool *existing) {
+                                   att_model_t **model, ten_session_t **out, bool *existing,
+                                   at_diag_t *diag) {
     at_err_t e = AT_OK;
     if (!ten_session_name_valid(spec->name, strlen(spec->name))) {
         att_model_destroy(model);
@@ -112,7 +128,7 @@ at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *
         return AT_ERR_NOMEM;
     }
     pthread_mutex_lock(&r->mu);
-    ten_session_t *old = find(r, spec->name, NULL);
+    ten_session_t *old = find(r, spec->tenant, spec->name, NULL);
     if (old != NULL) {
         if (!same_spec(old, spec, *model))
             e = AT_ERR_SESSION_EXISTS;
@@ -132,15 +148,23 @@ at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *
     if (r->n == r->cap) {
         size_t cap = r->cap ? 2 * r->cap : 16;
         ten_session_t **items = realloc(r->items, cap * sizeof *items);
-        if (items == NULL) {
-            pthread_mutex_unlock(&r->mu);
-            free(s);
-            free(model_name);
-            att_model_destroy(model);
-            return AT_ERR_NOMEM;
+        if (items == NULL)
+            e = AT_ERR_NOMEM;
+        else {
+            r->items = items;
+            r->cap = cap;
         }
-        r->items = items;
-        r->cap = cap;
+    }
+    /* The quota is taken under the registry's lock, after the name proved new: two creates of
+     * one name reserve once, and a refused create leaves nothing behind. */
+    if (e == AT_OK)
+        e = ten_tenant_reserve_session(spec->tenant, spec->kv_bytes, diag);
+    if (e != AT_OK) {
+        pthread_mutex_unlock(&r->mu);
+        free(s);
+        free(model_name);
+        att_model_destroy(model);
+        return e;
     }
     atomic_init(&s->refs, 2); /* the registry's and the caller's */
     strcpy(s->name, spec->name);
@@ -152,6 +176,11 @@ at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *
     s->requested_capacity = spec->kv_capacity_tokens;
     strncpy(s->device, spec->device, sizeof s->device - 1);
     s->device_handle = spec->device_handle;
+    s->worker = spec->worker;
+    s->tenant = spec->tenant;
+    ten_tenant_ref(s->tenant);
+    s->kv_bytes = spec->kv_bytes;
+    atomic_init(&s->quota_held, true);
     s->id = ++r->next_id;
     s->state = ST_CREATING;
     pthread_mutex_init(&s->mu, NULL);
@@ -168,7 +197,7 @@ void ten_registry_end_create(ten_registry_t *r, ten_session_t *s, bool ok,
         ten_session_set_figures(s, fig);
     pthread_mutex_lock(&r->mu);
     size_t i = 0;
-    ten_session_t *found = find(r, s->name, &i);
+    ten_session_t *found = find(r, s->tenant, s->name, &i);
     ten_session_t *drop = NULL;
     if (found == s) {
         if (ok)
@@ -179,12 +208,15 @@ void ten_registry_end_create(ten_registry_t *r, ten_session_t *s, bool ok,
         }
     }
     pthread_mutex_unlock(&r->mu);
+    if (!ok)
+        ten_session_release_quota(s);
     ten_session_unref(&drop);
 }
 
-at_err_t ten_registry_get(ten_registry_t *r, const char *name, ten_session_t **out) {
+at_err_t ten_registry_get(ten_registry_t *r, const ten_tenant_t *tenant, const char *name,
+                          ten_session_t **out) {
     pthread_mutex_lock(&r->mu);
-    ten_session_t *s = find(r, name, NULL);
+    ten_session_t *s = find(r, tenant, name, NULL);
     if (s != NULL && s->state == ST_READY)
         ten_session_ref(s);
     else
@@ -196,10 +228,11 @@ at_err_t ten_registry_get(ten_registry_t *r, const char *name, ten_session_t **o
     return AT_OK;
 }
 
-at_err_t ten_registry_remove(ten_registry_t *r, const char *name, ten_session_t **out) {
+at_err_t ten_registry_remove(ten_registry_t *r, const ten_tenant_t *tenant, const char *name,
+                             ten_session_t **out) {
     pthread_mutex_lock(&r->mu);
     size_t i = 0;
-    ten_session_t *s = find(r, name, &i);
+    ten_session_t *s = find(r, tenant, name, &i);
     if (s != NULL && s->state == ST_READY)
         r->items[i] = r->items[--r->n];
     else
@@ -215,13 +248,14 @@ static int cmp_name(const void *a, const void *b) {
     return strcmp((*(ten_session_t *const *)a)->name, (*(ten_session_t *const *)b)->name);
 }
 
-at_err_t ten_registry_list(ten_registry_t *r, ten_session_t ***out, size_t *n) {
+at_err_t ten_registry_list(ten_registry_t *r, const ten_tenant_t *tenant, ten_session_t ***out,
+                           size_t *n) {
     pthread_mutex_lock(&r->mu);
     ten_session_t **arr = malloc((r->n ? r->n : 1) * sizeof *arr);
     size_t k = 0;
     if (arr != NULL)
         for (size_t i = 0; i < r->n; i++)
-            if (r->items[i]->state == ST_READY) {
+            if (r->items[i]->state == ST_READY && r->items[i]->tenant == tenant) {
                 ten_session_ref(r->items[i]);
                 arr[k++] = r->items[i];
             }
@@ -253,6 +287,8 @@ bool ten_session_layer_windows_given(const ten_session_t *s) { return s->layer_w
 uint32_t ten_session_sliding_window(const ten_session_t *s) { return s->sliding_window; }
 const char *ten_session_device(const ten_session_t *s) { return s->device; }
 void *ten_session_device_handle(const ten_session_t *s) { return s->device_handle; }
+uint32_t ten_session_worker(const ten_session_t *s) { return s->worker; }
+ten_tenant_t *ten_session_tenant(const ten_session_t *s) { return s->tenant; }
 uint64_t ten_session_id(const ten_session_t *s) { return s->id; }
 
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out) {

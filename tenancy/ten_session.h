@@ -1,6 +1,9 @@
 /* Model sessions of the server: names, resolved models, where each lives, and its latest KV
- * figures. A session's KV cache and kernels live with its device's worker; this is the server's
- * record of it.
+ * figures. Every session belongs to one tenant, and names are per tenant: two tenants may both
+ * have "s1", and a lookup never sees another tenant's sessions (it answers exactly as for a name
+ * that does not exist). A session holds its share of its tenant's quotas (one session, its KV
+ * bytes) from creation until it is closed. A session's KV cache and kernels live with its
+ * device's worker; this is the server's record of it.
  *
  * Sessions are refcounted: the registry holds one reference while the name is registered, and
  * every call holds one while it uses the session. Thread: any; one mutex guards the registry's
@@ -14,6 +17,7 @@
 
 #include "attention/att_model.h"
 #include "common/at_err.h"
+#include "tenancy/ten_tenant.h"
 
 #define TEN_SESSION_NAME_MAX 128u
 
@@ -37,6 +41,9 @@ typedef struct ten_session_spec {
     uint64_t kv_capacity_tokens; /* as requested (before rounding) */
     const char *device;        /* borrowed for the call; resolved device name */
     void *device_handle;       /* the service's handle for that device (not owned) */
+    uint32_t worker;           /* the device's worker the session is pinned to */
+    ten_tenant_t *tenant;      /* borrowed; the session takes its own reference */
+    uint64_t kv_bytes;         /* KV-cache bytes it reserves from the tenant's quota */
 } ten_session_spec_t;
 
 /* True when name is 1..128 bytes of [A-Za-z0-9._:/-]. */
@@ -52,25 +59,38 @@ void ten_registry_destroy(ten_registry_t **r);
  *   (a create retried is answered with the session);
  * - registered with anything different: AT_ERR_SESSION_EXISTS;
  * - registered and still being created: AT_ERR_OVERLOADED (retry).
+ * (All of this within spec->tenant's names.) A new session first reserves one session and
+ * spec->kv_bytes of its tenant's quotas: AT_ERR_QUOTA_SESSIONS or AT_ERR_QUOTA_KV_BYTES (diag
+ * names the quota) and nothing is registered when they are used up.
  * AT_ERR_SESSION_NAME for an invalid name, AT_ERR_NOMEM. *model is freed on every error. */
 at_err_t ten_registry_begin_create(ten_registry_t *r, const ten_session_spec_t *spec,
-                                   att_model_t **model, ten_session_t **out, bool *existing);
+                                   att_model_t **model, ten_session_t **out, bool *existing,
+                                   at_diag_t *diag);
 
-/* Ends a creation begun above: ok = the device created it (ready, with fig), or not (the name is
- * freed). Consumes nothing; the caller still holds its reference. */
+/* Ends a creation begun above: ok = the device created it (ready, with fig), or not (the name and
+ * the quota are freed). Consumes nothing; the caller still holds its reference. */
 void ten_registry_end_create(ten_registry_t *r, ten_session_t *s, bool ok,
                              const ten_session_figures_t *fig);
 
-/* A ready session by name (a reference): AT_ERR_SESSION_NOT_FOUND otherwise. */
-at_err_t ten_registry_get(ten_registry_t *r, const char *name, ten_session_t **out);
+/* A ready session of tenant by name (a reference): AT_ERR_SESSION_NOT_FOUND otherwise, the same
+ * whether another tenant has a session of that name, nobody has, or the name is malformed. */
+at_err_t ten_registry_get(ten_registry_t *r, const ten_tenant_t *tenant, const char *name,
+                          ten_session_t **out);
 
-/* Unregisters a ready session (the name is free again) and hands over the registry's reference:
- * AT_ERR_SESSION_NOT_FOUND otherwise. */
-at_err_t ten_registry_remove(ten_registry_t *r, const char *name, ten_session_t **out);
+/* Unregisters a ready session of tenant (the name is free again) and hands over the registry's
+ * reference; errors as ten_registry_get. Its quota stays reserved until
+ * ten_session_release_quota or its last unref. */
+at_err_t ten_registry_remove(ten_registry_t *r, const ten_tenant_t *tenant, const char *name,
+                             ten_session_t **out);
 
-/* References to every ready session, sorted by name; *out is malloc'd (free it after unref-ing
- * each). AT_ERR_NOMEM. */
-at_err_t ten_registry_list(ten_registry_t *r, ten_session_t ***out, size_t *n);
+/* References to every ready session of tenant, sorted by name; *out is malloc'd (free it after
+ * unref-ing each). AT_ERR_NOMEM. */
+at_err_t ten_registry_list(ten_registry_t *r, const ten_tenant_t *tenant, ten_session_t ***out,
+                           size_t *n);
+
+/* Gives the session's quota (one session, its KV bytes) back to its tenant, once: a closed
+ * session stops counting at once, while calls may still hold the object. */
+void ten_session_release_quota(ten_session_t *s);
 
 void ten_session_ref(ten_session_t *s);
 /* Drops a reference; the last one frees the session. NULL allowed; sets *s to NULL. */
@@ -83,6 +103,9 @@ bool ten_session_layer_windows_given(const ten_session_t *s);
 uint32_t ten_session_sliding_window(const ten_session_t *s);
 const char *ten_session_device(const ten_session_t *s);
 void *ten_session_device_handle(const ten_session_t *s);
+uint32_t ten_session_worker(const ten_session_t *s);
+/* Borrowed; valid while the caller holds the session. */
+ten_tenant_t *ten_session_tenant(const ten_session_t *s);
 /* The number the device's worker knows the session by; unique for the process's lifetime. */
 uint64_t ten_session_id(const ten_session_t *s);
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out);

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(build-essential cmake pkg-config libcmocka-dev python3
   libgrpc-dev grpc-proto protobuf-compiler protobuf-c-compiler libprotobuf-c-dev libzmq3-dev
-  libjansson-dev protobuf-compiler-grpc python3-grpcio python3-protobuf python3-numpy libssl-dev)
+  libjansson-dev libssl-dev protobuf-compiler-grpc python3-grpcio python3-protobuf python3-numpy)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -52,10 +52,25 @@ static void test_svc_status_unknown_is_internal(void **state) {
     assert_int_equal(svc_status_of((at_err_t)1000000), GRPC_STATUS_INTERNAL);
 }
 
+static void test_svc_status_name_spells_each_code_as_grpc_does(void **state) {
+    (void)state;
+    assert_string_equal(svc_status_name(GRPC_STATUS_OK), "OK");
+    assert_string_equal(svc_status_name(GRPC_STATUS_NOT_FOUND), "NOT_FOUND");
+    assert_string_equal(svc_status_name(GRPC_STATUS_RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
+    assert_string_equal(svc_status_name(GRPC_STATUS_UNAVAILABLE), "UNAVAILABLE");
+    assert_string_equal(svc_status_name(GRPC_STATUS_UNAUTHENTICATED), "UNAUTHENTICATED");
+    assert_string_equal(svc_status_name((grpc_status_code)17), "UNKNOWN");
+    /* every name of the error table's status column is spelled the same here */
+    for (int e = 0; e < AT_ERR_COUNT_; e++)
+        assert_string_equal(svc_status_name(svc_status_of((at_err_t)e)),
+                            at_err_status_name((at_err_t)e));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_svc_status_maps_every_error),
         cmocka_unit_test(test_svc_status_unknown_is_internal),
+        cmocka_unit_test(test_svc_status_name_spells_each_code_as_grpc_does),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
