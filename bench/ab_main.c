@@ -58,6 +58,11 @@ static int load_models(bench_t *b) {
         if (ab_model_load(o->models[i], dir, &b->models[i]) != 0)
             return -1;
         b->n_models++;
+        if (o->layers > b->models[i].cfg.num_layers) {
+            fprintf(stderr, "attnd-bench: --layers %u: preset %s has %u layers\n", o->layers,
+                    b->models[i].name, b->models[i].cfg.num_layers);
+            return -1;
+        }
     }
     return 0;
 }
@@ -110,7 +115,7 @@ static int setup_device(bench_t *b, uint32_t d) {
             /* callers j = i, i + sessions, ... use this session; at least one slot anyway */
             s->slots = tn->callers > i ? (tn->callers - i + tn->sessions - 1) / tn->sessions : 1;
             uint64_t cap = ab_work_capacity_tokens(s->model, &b->shape, s->slots, decode, prefill);
-            if (ab_setup_create(b->ch, s, cap) != 0)
+            if (ab_setup_create(b->ch, s, o->layers, cap) != 0)
                 return -1;
         }
     }

@@ -72,7 +72,9 @@ static const opt_t opts[] = {
      "tokens cached per sequence before each call, filled with Append first (1024)"},
     {"batch", K_U32, O_(batch), 0, 1, 65536, "N", "decode sequences per call (16)"},
     {"chunk", K_U32, O_(chunk), 0, 1, 1u << 20, "N", "prefill tokens per call (256)"},
-    {"layers", K_U32, O_(layers), 0, 1, 4096, "N", "calls cycle through layers 0..N-1 (1)"},
+    {"layers", K_U32, O_(layers), 0, 1, 4096, "N",
+     "sessions have the first N layers of their preset (the server keeps KV for every layer "
+     "of a session), and calls cycle through them (1)"},
     {"", K_SECTION, 0, 0, 0, 0, NULL, "Load"},
     {"callers", K_U32, O_(callers), 0, 1, 4096, "N",
      "concurrent callers per tenant (threads, one call in flight each, each with sequences of its "

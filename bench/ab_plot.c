@@ -52,24 +52,45 @@ static int write_data(const ab_report_t *r, FILE *f) {
     return ferror(f) ? -1 : 0;
 }
 
-/* Counts of successful calls in log-spaced bins from 1 us; lines "ms count". */
+enum { N_BINS = 8 * BINS_PER_DECADE }; /* 1 us .. 100 s */
+
+/* The bin of a successful record's latency, or -1 for a failed call. */
+static int bin_of(const ab_rec_t *rec) {
+    if (rec->status != 0)
+        return -1;
+    double us = rec->lat_s * 1e6;
+    int b = us <= 1 ? 0 : (int)(log10(us) * BINS_PER_DECADE);
+    return b >= N_BINS ? N_BINS - 1 : b;
+}
+
+/* Counts of successful calls in log-spaced bins from 1 us; lines "ms count", over the bins
+ * that any series uses, and one empty bin either side so that the steps close. */
 static int write_hist(const ab_report_t *r, FILE *f) {
-    enum { N_BINS = 8 * BINS_PER_DECADE }; /* 1 us .. 100 s */
+    int lo = N_BINS, hi = -1;
+    for (uint32_t i = 0; i < r->n_phases; i++)
+        for (uint32_t d = 0; d < r->phases[i].n_runs; d++)
+            for (size_t k = 0; k < r->phases[i].runs[d].n_recs; k++) {
+                int b = bin_of(&r->phases[i].runs[d].recs[k]);
+                if (b >= 0) {
+                    lo = b < lo ? b : lo;
+                    hi = b > hi ? b : hi;
+                }
+            }
+    lo = lo > 0 ? lo - 1 : 0;
+    hi = hi + 1 < N_BINS ? hi + 1 : N_BINS - 1;
     for (uint32_t i = 0; i < r->n_phases; i++)
         for (uint32_t d = 0; d < r->phases[i].n_runs; d++) {
             const ab_run_t *run = &r->phases[i].runs[d];
             uint64_t counts[N_BINS] = {0};
             for (size_t k = 0; k < run->n_recs; k++) {
-                if (run->recs[k].status != 0)
-                    continue;
-                double us = run->recs[k].lat_s * 1e6;
-                int b = us <= 1 ? 0 : (int)(log10(us) * BINS_PER_DECADE);
-                counts[b >= N_BINS ? N_BINS - 1 : b]++;
+                int b = bin_of(&run->recs[k]);
+                if (b >= 0)
+                    counts[b]++;
             }
             char title[64];
             series_title(&r->phases[i], d, title, sizeof title);
             fprintf(f, "# %s: bin start ms, successful calls\n", title);
-            for (int b = 0; b < N_BINS; b++)
+            for (int b = lo; b <= hi; b++)
                 fprintf(f, "%.6g %llu\n", pow(10, (double)b / BINS_PER_DECADE) * 1e-3,
                         (unsigned long long)counts[b]);
             fprintf(f, "\n\n");
@@ -90,7 +111,11 @@ static void put_quoted(FILE *f, const char *s) {
 
 static int write_script(const ab_report_t *r, const char *prefix, FILE *f) {
     char path[1200];
-    fprintf(f, "set terminal pngcairo size 1200,700 noenhanced\nset grid\nset key outside\n");
+    /* pngcairo draws better; png (libgd) is the fallback of a gnuplot built without cairo */
+    fprintf(f, "if (strstrt(GPVAL_TERMINALS, 'pngcairo') > 0) {\n"
+               "  set terminal pngcairo size 1200,700 noenhanced\n"
+               "} else {\n  set terminal png size 1200,700 noenhanced\n}\n"
+               "set grid\nset key outside\n");
     for (int chart = 0; chart < 2; chart++) {
         snprintf(path, sizeof path, "%s-%s.png", prefix, chart == 0 ? "latency" : "histogram");
         fprintf(f, "set output ");

@@ -144,7 +144,8 @@ static void print_phase_title(const ab_report_t *r, const ab_phase_t *ph, FILE *
         fprintf(f, " + ");
     if (ph->workload != AB_DECODE)
         fprintf(f, "a %u-token prefill chunk", o->chunk);
-    fprintf(f, " after %u cached tokens, layers 0..%u\n", o->ctx, o->layers - 1);
+    fprintf(f, " after %u cached tokens, %u layer%s a session\n", o->ctx, o->layers,
+            o->layers == 1 ? "" : "s");
 }
 
 /* share: the tenant's share of the run's completed work; shown when not negative. */

@@ -64,10 +64,14 @@ int ab_setup_check_server(grpc_channel *ch, const char *target, const char *toke
     return rc;
 }
 
-int ab_setup_create(grpc_channel *ch, ab_session_t *s, uint64_t capacity_tokens) {
+int ab_setup_create(grpc_channel *ch, ab_session_t *s, uint32_t layers, uint64_t capacity_tokens) {
+    Attnd__V1__ModelConfig cfg = s->model->cfg; /* its arrays stay the preset's */
+    cfg.num_layers = layers;
+    if (cfg.n_layer_sliding_window > layers)
+        cfg.n_layer_sliding_window = layers;
     Attnd__V1__CreateSessionRequest rq = ATTND__V1__CREATE_SESSION_REQUEST__INIT;
     rq.session = s->name;
-    rq.model = (Attnd__V1__ModelConfig *)&s->model->cfg;
+    rq.model = &cfg;
     rq.kv_capacity_tokens = capacity_tokens;
     rq.device = (char *)s->device;
     bench_reply_t r;

@@ -25,8 +25,10 @@ typedef struct ab_session {
  * that target cannot be reached or does not serve. Thread: main. */
 int ab_setup_check_server(grpc_channel *ch, const char *target, const char *token);
 
-/* Creates s on the server with room for capacity_tokens. Returns 0, or -1 after a message. */
-int ab_setup_create(grpc_channel *ch, ab_session_t *s, uint64_t capacity_tokens);
+/* Creates s on the server with room for capacity_tokens, with the first layers layers of its
+ * model (at most the preset's): the server keeps KV for every layer of a session, and the bench
+ * calls only layers 0..layers-1. Returns 0, or -1 after a message. */
+int ab_setup_create(grpc_channel *ch, ab_session_t *s, uint32_t layers, uint64_t capacity_tokens);
 
 /* Fills the caches of ss[0..n) to shape->ctx tokens on layers 0..layers-1 with Append: each
  * slot's decode sequences when decode, its prefill sequence when prefill. Progress on stderr once

@@ -299,6 +299,7 @@ static void test_bad_options_exit_2_naming_the_option(void **state) {
     expect_bad_usage("--duration", "--duration", "1", "--calls", "3", NULL);
     expect_bad_usage("--calls", "--calls", "2", "--callers", "3", NULL);
     expect_bad_usage("--compare-null", "--compare-null", "--device", "null", NULL);
+    expect_bad_usage("--layers", "--layers", "33", NULL); /* llama-3.1-8b has 32 */
     expect_bad_usage("--target", "--target", "127.0.0.1:1", "--attnd", "/bin/true", NULL);
 }
 
