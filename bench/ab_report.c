@@ -279,10 +279,10 @@ static json_t *run_json(const ab_report_t *r, const ab_phase_t *ph, uint32_t d, 
         json_t *js = NULL;
         if (ab_stats_compute(run, (int)t, ph->tokens_per_call, ph->cost_per_call, &s) != 0 ||
             (js = stats_json(&s)) == NULL ||
+            json_object_set_new(tenants, r->opts->tenants[t].name, js) != 0 ||
             json_object_set_new(js, "work_share", json_real(share_of(s.work, total->work))) ||
-            json_object_set_new(js, "weight_share", json_real(weight_share(r->opts, t))) ||
-            json_object_set_new(tenants, r->opts->tenants[t].name, js) != 0) {
-            json_decref(tenants);
+            json_object_set_new(js, "weight_share", json_real(weight_share(r->opts, t)))) {
+            json_decref(tenants); /* and js with it, once it is in */
             return NULL;
         }
     }
