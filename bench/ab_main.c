@@ -41,6 +41,7 @@ typedef struct bench {
     ab_phase_t phases[AB_MAX_PHASES];
     uint32_t n_phases;     /* phases with results */
     char target[256];
+    double load_before;    /* ab_report_t's */
     pid_t server;          /* spawned; 0 = none */
     grpc_channel *ch;      /* owned */
 } bench_t;
@@ -211,7 +212,8 @@ static int run_phases(bench_t *b) {
 static int report(const bench_t *b) {
     ab_report_t r = {.opts = &b->opts, .models = b->models, .n_models = b->n_models,
                      .target = b->target, .spawned = b->server > 0, .phases = b->phases,
-                     .n_phases = b->n_phases};
+                     .n_phases = b->n_phases, .load_before = b->load_before,
+                     .cpus = sysconf(_SC_NPROCESSORS_ONLN)};
     int rc = ab_report_print(&r, stdout);
     if (b->opts.json_path[0] != '\0' && ab_report_write_json(&r, b->opts.json_path) != 0)
         rc = -1;
@@ -231,9 +233,22 @@ static bool any_call_failed(const bench_t *b) {
     return false;
 }
 
+/* The host's 1-minute load average, or -1. */
+static double load_average(void) {
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
 /* Everything after the options and models: server, sessions, phases, report. */
 static int run(bench_t *b) {
     const ab_opts_t *o = &b->opts;
+    b->load_before = load_average();
     if (o->target[0] != '\0') {
         snprintf(b->target, sizeof b->target, "%s", o->target);
     } else {

@@ -120,6 +120,10 @@ static void print_header(const ab_report_t *r, FILE *f) {
         fprintf(f, "%.6g s", o->duration_s);
     fprintf(f, " per phase and device, %u warmup call%s per caller\n", o->warmup,
             o->warmup == 1 ? "" : "s");
+    if (r->load_before >= 0)
+        fprintf(f, "host    %ld CPUs, load average %.2f before the run%s\n", r->cpus,
+                r->load_before,
+                r->load_before > 0.5 * (double)r->cpus ? " (busy: figures are skewed)" : "");
     for (uint32_t i = 0; i < r->n_models; i++) {
         char line[512];
         model_summary(&r->models[i], line, sizeof line);
@@ -372,8 +376,10 @@ static json_t *report_json(const ab_report_t *r) {
     time_t now = time(NULL);
     struct tm tm;
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&now, &tm));
-    return json_pack("{s:s, s:s, s:s, s:b, s:o, s:o, s:o, s:o}", "tool", "attnd-bench", "date",
-                     date, "target", r->target, "spawned_server", r->spawned, "config",
+    return json_pack("{s:s, s:s, s:s, s:b, s:{s:I, s:o}, s:o, s:o, s:o, s:o}", "tool",
+                     "attnd-bench", "date", date, "target", r->target, "spawned_server",
+                     r->spawned, "host", "cpus", (json_int_t)r->cpus, "load_before",
+                     r->load_before >= 0 ? json_real(r->load_before) : json_null(), "config",
                      config_json(o), "models", models, "tenants", tenants, "phases", phases);
 }
 

@@ -50,6 +50,9 @@ typedef struct ab_report {
     uint32_t n_models;
     const char *target;
     bool spawned;             /* attnd-bench started the server */
+    double load_before;       /* this host's 1-minute load average before the run started (a
+                               * busy host skews every figure); < 0 = unknown */
+    long cpus;                /* online CPUs of this host */
     const ab_phase_t *phases;
     uint32_t n_phases;        /* phases that ran (fewer when interrupted) */
 } ab_report_t;

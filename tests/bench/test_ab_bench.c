@@ -154,6 +154,8 @@ static void test_decode_calls_made_exactly(void **state) {
     assert_int_equal(r.status, 0);
     assert_non_null(r.json);
     assert_string_equal(json_string_value(at(r.json, "tool", NULL)), "attnd-bench");
+    assert_true(integer(at(r.json, "host", "cpus", NULL)) > 0);
+    assert_true(number(at(r.json, "host", "load_before", NULL)) >= 0);
     assert_int_equal(json_array_size(at(r.json, "phases", NULL)), 1);
     json_t *ph = at(r.json, "phases", IDX, 0, NULL);
     assert_string_equal(json_string_value(at(ph, "workload", NULL)), "decode");
