@@ -63,7 +63,7 @@ static const opt_t opts[] = {
     {"device", K_STR, O_(device), 64, 0, 0, "NAME", "the device of the sessions (cpu)"},
     {"compare-null", K_FLAG, O_(compare_null), 0, 0, 0, NULL,
      "run each phase on --device and then on device \"null\" (the service without the "
-     "attention work) and report null/device latency, p50 and p99"},
+     "attention work) and report null/device latency: p50, p99 and mean"},
     {"", K_SECTION, 0, 0, 0, 0, NULL, "Workload"},
     {"workload", K_LIST, 0, 0, 0, 0, "LIST",
      "phases, in order, comma-separated: decode (--batch sequences x 1 token), prefill (one "
