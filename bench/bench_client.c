@@ -168,6 +168,7 @@ struct bench_stream {
     grpc_call *call;               /* owned */
     grpc_completion_queue *cq;     /* borrowed for the stream's life */
     bool keep_body;
+    int64_t exchange_timeout_ms;   /* 0 = none */
     grpc_metadata md;              /* the authorization header, when n_md is 1 */
     size_t n_md;
     bool started;                  /* initial metadata has gone out */
@@ -190,6 +191,7 @@ int bench_stream_open(grpc_channel *ch, grpc_completion_queue *cq, const bench_c
     }
     s->cq = cq;
     s->keep_body = cfg->keep_body;
+    s->exchange_timeout_ms = cfg->exchange_timeout_ms;
     s->call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
                                        grpc_slice_from_static_string(cfg->method), NULL,
                                        deadline_after(cfg->timeout_ms), NULL);
@@ -275,10 +277,21 @@ int bench_stream_exchange(bench_stream_t *s, const void *req, size_t req_bytes, 
     } else {
         s->started = true;
         grpc_event ev = grpc_completion_queue_pluck(s->cq, &s->io_tag,
-                                                    gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        if (ev.success && recv != NULL) {
+                                                    deadline_after(s->exchange_timeout_ms), NULL);
+        bool timed_out = ev.type == GRPC_QUEUE_TIMEOUT;
+        if (timed_out) { /* cancelling completes the batch, as a failure */
+            grpc_call_cancel(s->call, NULL);
+            ev = grpc_completion_queue_pluck(s->cq, &s->io_tag,
+                                             gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        }
+        if (ev.success && recv != NULL && !timed_out) {
             r->status = GRPC_STATUS_OK;
             rc = take_body(recv, s->keep_body, r);
+        } else if (timed_out) {
+            wait_status(s);
+            r->status = GRPC_STATUS_DEADLINE_EXCEEDED;
+            snprintf(r->details, sizeof r->details, "client: no response within %lld ms",
+                     (long long)s->exchange_timeout_ms);
         } else { /* no response: the stream is over, and its status says why */
             wait_status(s);
             reply_from_status(s, r);

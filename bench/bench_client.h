@@ -32,6 +32,9 @@ typedef struct bench_call_cfg {
     const char *token;   /* NULL or "": no authorization metadata; else "authorization: Bearer
                           * <token>" is sent with the call */
     int64_t timeout_ms;  /* deadline from the start of the call; 0 = none */
+    int64_t exchange_timeout_ms; /* streams: the longest wait for one response; 0 = none. When
+                                  * it passes the stream is cancelled and the exchange reads
+                                  * DEADLINE_EXCEEDED */
     bool keep_body;      /* copy the response payload into body (else only its length) */
 } bench_call_cfg_t;
 

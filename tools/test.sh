@@ -22,12 +22,13 @@ run_suite "release" build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   run_suite "asan+ubsan" build-asan -DCMAKE_BUILD_TYPE=Debug -DAT_ASAN=ON -DAT_UBSAN=ON
 
-# TSan: the server end to end (C clients and the Python suites against a TSan attnd: the worker
-# pool, tenants, quotas, reloads, fair share) and the tenancy unit tests that run threads. gRPC
-# and ZeroMQ are not built with TSan; tests/tsan.supp says what that costs.
+# TSan: the server end to end (C clients, attnd-bench's caller threads and the Python suites
+# against a TSan attnd: the worker pool, tenants, quotas, reloads, fair share) and the tenancy
+# unit tests that run threads. gRPC and ZeroMQ are not built with TSan; tests/tsan.supp says what
+# that costs.
 echo "== tsan: configure and build (build-tsan)"
 cmake -S . -B build-tsan -DAT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAT_TSAN=ON >/dev/null
-tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant)
+tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant test_ab_bench)
 cmake --build build-tsan -j"$jobs" --target attnd at_py_stubs "${tsan_tests[@]}"
 echo "== tsan: ctest"
 regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants)\$"

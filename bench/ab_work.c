@@ -1,0 +1,148 @@
+/* Requests of attnd-bench's workloads (see ab_work.h).
+ *
+ * Thread model: no shared state; the main thread builds every request before the callers start,
+ * and the callers only read them. */
+#include "bench/ab_work.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void ab_buf_fini(ab_buf_t *b) {
+    free(b->p);
+    b->p = NULL;
+    b->n = 0;
+}
+
+uint32_t ab_work_tokens(ab_workload_t w, const ab_shape_t *s) {
+    switch (w) {
+    case AB_DECODE: return s->batch;
+    case AB_PREFILL: return s->chunk;
+    case AB_MIXED: return s->batch + s->chunk;
+    }
+    return 0;
+}
+
+double ab_work_cost(ab_workload_t w, const ab_shape_t *s) {
+    double decode = (double)s->batch * ((double)s->ctx + 1);
+    double prefill = (double)s->chunk * s->ctx + (double)s->chunk * ((double)s->chunk + 1) / 2;
+    switch (w) {
+    case AB_DECODE: return decode;
+    case AB_PREFILL: return prefill;
+    case AB_MIXED: return decode + prefill;
+    }
+    return 0;
+}
+
+uint64_t ab_work_slot_first(const ab_shape_t *s, uint32_t slot) {
+    return (uint64_t)slot * ((uint64_t)s->batch + 1);
+}
+
+size_t ab_work_out_bytes(const ab_model_t *m, ab_workload_t w, const ab_shape_t *s) {
+    return (size_t)ab_work_tokens(w, s) * m->cfg.num_query_heads * m->cfg.head_dim *
+           ab_model_elem_bytes(m);
+}
+
+uint64_t ab_work_capacity_tokens(const ab_model_t *m, const ab_shape_t *s, uint32_t slots,
+                                 bool decode, bool prefill) {
+    uint64_t bs = m->cfg.block_size != 0 ? m->cfg.block_size : 16;
+    uint64_t per_decode = ((uint64_t)s->ctx + 1 + bs - 1) / bs + 1;
+    uint64_t per_prefill = ((uint64_t)s->ctx + s->chunk + bs - 1) / bs + 1;
+    uint64_t blocks = (decode ? per_decode * s->batch : 0) + (prefill ? per_prefill : 0);
+    return blocks * bs * slots;
+}
+
+/* Random values in [-1, 1) as the dtype's bits: a sign, an exponent for [0.25, 1), a random
+ * mantissa. */
+static void fill_random(uint8_t *p, size_t n_elems, size_t elem_bytes, int dtype, uint32_t seed) {
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n_elems; i++) {
+        x = x * 1664525u + 1013904223u;
+        uint32_t sign = x >> 31, e = (x >> 30) & 1u;
+        if (elem_bytes == 4) {
+            uint32_t f = (sign << 31) | ((125u + e) << 23) | (x & 0x7fffffu);
+            memcpy(p + i * 4, &f, 4);
+        } else {
+            uint16_t h = dtype == ATTND__V1__DTYPE__F16
+                             ? (uint16_t)((sign << 15) | ((13u + e) << 10) | ((x >> 8) & 0x3ffu))
+                             : (uint16_t)((sign << 15) | ((125u + e) << 7) | ((x >> 16) & 0x7fu));
+            memcpy(p + i * 2, &h, 2);
+        }
+    }
+}
+
+/* Packs an AttendRequest of the given chunks with random tensors; q only when with_q. */
+static int pack_chunks(const ab_model_t *m, const char *session, uint32_t layer,
+                       Attnd__V1__SequenceChunk *chunks, size_t n_chunks, bool with_q,
+                       uint32_t seed, ab_buf_t *out) {
+    size_t tokens = 0;
+    for (size_t i = 0; i < n_chunks; i++)
+        tokens += chunks[i].num_tokens;
+    size_t eb = ab_model_elem_bytes(m);
+    size_t q_elems = with_q ? tokens * m->cfg.num_query_heads * m->cfg.head_dim : 0;
+    size_t kv_elems = tokens * m->cfg.num_kv_heads * m->cfg.head_dim;
+    uint8_t *q = malloc(q_elems * eb + 1), *k = malloc(kv_elems * eb + 1);
+    uint8_t *v = malloc(kv_elems * eb + 1);
+    Attnd__V1__SequenceChunk **ptrs = calloc(n_chunks, sizeof *ptrs);
+    int rc = -1;
+    if (q == NULL || k == NULL || v == NULL || ptrs == NULL)
+        goto out;
+    fill_random(q, q_elems, eb, m->cfg.dtype, seed * 3 + 1);
+    fill_random(k, kv_elems, eb, m->cfg.dtype, seed * 3 + 2);
+    fill_random(v, kv_elems, eb, m->cfg.dtype, seed * 3 + 3);
+    for (size_t i = 0; i < n_chunks; i++)
+        ptrs[i] = &chunks[i];
+    Attnd__V1__AttendRequest rq = ATTND__V1__ATTEND_REQUEST__INIT;
+    rq.session = (char *)session;
+    rq.layer = layer;
+    rq.n_chunks = n_chunks;
+    rq.chunks = ptrs;
+    rq.q = (ProtobufCBinaryData){q_elems * eb, q};
+    rq.k = (ProtobufCBinaryData){kv_elems * eb, k};
+    rq.v = (ProtobufCBinaryData){kv_elems * eb, v};
+    out->n = protobuf_c_message_get_packed_size(&rq.base);
+    out->p = malloc(out->n + 1);
+    if (out->p == NULL)
+        goto out;
+    protobuf_c_message_pack(&rq.base, out->p);
+    rc = 0;
+out:
+    free(q);
+    free(k);
+    free(v);
+    free(ptrs);
+    return rc;
+}
+
+int ab_work_request(const ab_model_t *m, ab_workload_t w, const ab_shape_t *s, const char *session,
+                    uint32_t slot, uint32_t layer, ab_buf_t *out) {
+    size_t n = w == AB_PREFILL ? 1 : s->batch + (w == AB_MIXED ? 1 : 0);
+    Attnd__V1__SequenceChunk *chunks = calloc(n, sizeof *chunks);
+    if (chunks == NULL)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        attnd__v1__sequence_chunk__init(&chunks[i]);
+        bool prefill = w == AB_PREFILL || (w == AB_MIXED && i == n - 1);
+        chunks[i].seq_id = ab_work_slot_first(s, slot) + (prefill ? s->batch : i);
+        chunks[i].start_pos = s->ctx;
+        chunks[i].num_tokens = prefill ? s->chunk : 1;
+    }
+    int rc = pack_chunks(m, session, layer, chunks, n, true, layer + 1, out);
+    free(chunks);
+    return rc;
+}
+
+int ab_work_append(const ab_model_t *m, const char *session, uint32_t layer, uint64_t first,
+                   uint32_t count, uint32_t pos, uint32_t n, ab_buf_t *out) {
+    Attnd__V1__SequenceChunk *chunks = calloc(count, sizeof *chunks);
+    if (chunks == NULL)
+        return -1;
+    for (uint32_t i = 0; i < count; i++) {
+        attnd__v1__sequence_chunk__init(&chunks[i]);
+        chunks[i].seq_id = first + i;
+        chunks[i].start_pos = pos;
+        chunks[i].num_tokens = n;
+    }
+    int rc = pack_chunks(m, session, layer, chunks, count, false, pos + 7, out);
+    free(chunks);
+    return rc;
+}
