@@ -26,12 +26,6 @@
 #include "common/at_log.h"
 
 #define MAX_REGIONS 16u
-/* A tile's key range is split only into parts of at least this many keys: below it the merge
- * costs more than the parallelism gains. */
-#define MIN_SPLIT_KEYS 256u
-#define MAX_SPLITS 32u
-/* Splitting aims at this many blocks per SM, so that every SM has work and the tail is short. */
-#define BLOCKS_PER_SM 2u
 
 enum { K_ATTEND = 1, K_MERGE = 2, K_KV_WRITE = 3 };
 
@@ -51,6 +45,8 @@ typedef struct cuda_backend {
     char arch[16];
     char desc[192];
     bool timing;
+    bool has_plan;
+    att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
     atomic_int lost;
     pthread_mutex_t reg_mu;
@@ -73,7 +69,13 @@ struct att_kv {
     size_t layer_half_bytes;
     CUdeviceptr pool_d;    /* [num_layers][k|v][num_blocks][Hkv][BS][D] */
     CUdeviceptr consts_d;  /* [Hq] f32 ALiBi slopes, then [Hq] f32 sinks */
+    att_cuda_plan_t plan;  /* tiles and split thresholds, fixed at creation */
     CUstream stream;
+    /* A mixed batch's wide tiles run on `side`, forked from and joined back into `stream`, so
+     * they overlap the narrow (decode) tiles instead of following them. */
+    CUstream side;
+    CUevent ev_fork, ev_join;
+    CUstream cur;          /* the stream launch_cb launches on */
     CUevent ev_begin, ev_end;
     CUmodule mod[ATT_TILE_KINDS];
     CUfunction f_attend[ATT_TILE_KINDS], f_merge[ATT_TILE_KINDS], f_kv_write;
@@ -147,7 +149,7 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
     cuda_backend_t *be = kv->be;
     void *args[] = {params};
     return CU(cuLaunchKernel((CUfunction)l->fn, grid_x, 1, 1, l->block_x, 1, 1, l->smem_bytes,
-                             kv->stream, args, NULL));
+                             kv->cur, args, NULL));
 }
 
 /* The prepared launch of (kernel, kind, split): from the session's launch cache, or built once
@@ -192,7 +194,48 @@ static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t 
     return lc_insert(kv->lc, &n, out);
 }
 
-/* ---- planning: chunks -> tiles -> items (split when too few) and merges ---- */
+/* ---- planning: the session's configuration, then each call's chunks -> tiles -> items ---- */
+
+void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
+    memset(out, 0, sizeof *out);
+    /* Decode: the group's rows padded to one m16 tile; four warps share the key stream. */
+    out->tile[ATT_TILE_NARROW] =
+        (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
+    /* Prefill: 128 rows as 4 warps x 2 m16 tiles (each K/V fragment read from shared memory
+     * feeds two MMAs per warp; each K/V tile from L2 serves 128 rows), 3 stages. Above 64
+     * dims, 32 keys per stage keep two tiles' scores and outputs in registers (64 keys spill
+     * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
+     * shared memory fits. */
+    const uint32_t dp = (m->head_dim + 15) / 16 * 16;
+    att_tile_t w = {.warps_m = 4, .warp_mt = dp <= 128 ? 2 : 1, .warps_n = 1,
+                    .tile_k = dp <= 64 ? 64 : 32, .stages = 3};
+    if (att_jit_tile_smem(m, &w) > smem_optin)
+        w.stages = 2;
+    if (att_jit_tile_smem(m, &w) > smem_optin)
+        w.warp_mt = 1;
+    out->tile[ATT_TILE_WIDE] = w;
+    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
+     * keep every SM busy with a short tail. */
+    out->min_split_keys = 256;
+    out->max_splits = 32;
+    out->blocks_per_sm = 2;
+}
+
+/* The session's plan: the default, with the backend's overrides. */
+static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cuda_plan_t *out) {
+    att_cuda_plan_default(m, be->smem_optin, out);
+    if (!be->has_plan)
+        return;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        if (be->plan.tile[k].warps_m != 0)
+            out->tile[k] = be->plan.tile[k];
+    if (be->plan.min_split_keys != 0)
+        out->min_split_keys = be->plan.min_split_keys;
+    if (be->plan.max_splits != 0)
+        out->max_splits = be->plan.max_splits;
+    if (be->plan.blocks_per_sm != 0)
+        out->blocks_per_sm = be->plan.blocks_per_sm;
+}
 
 static uint32_t window_lo(uint32_t pos, uint32_t window) {
     return (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
@@ -210,7 +253,7 @@ static int cmp_item_keys_desc(const void *a, const void *b) {
     return (x->reserved[0] < y->reserved[0]) - (x->reserved[0] > y->reserved[0]);
 }
 
-/* Items of kind k are written as a run (narrow first), longest first within a kind. */
+/* Items of kind k are written as a run (wide first: kind order), longest first within a kind. */
 static at_err_t plan_batch(att_kv_t *kv, const att_batch_t *b, plan_t *pl) {
     const att_model_t *m = kv->m;
     const uint32_t g = m->group, window = m->window[b->layer];
@@ -248,15 +291,16 @@ static at_err_t plan_batch(att_kv_t *kv, const att_batch_t *b, plan_t *pl) {
     }
     /* Split when the tiles cannot fill the GPU and some are long (flash-decoding). */
     const uint64_t blocks = (uint64_t)nt * m->num_kv_heads;
-    const uint64_t target = (uint64_t)kv->be->num_sms * BLOCKS_PER_SM;
+    const uint32_t min_keys = kv->plan.min_split_keys;
+    const uint64_t target = (uint64_t)kv->be->num_sms * kv->plan.blocks_per_sm;
     uint32_t want = 1;
-    if (blocks < target && longest >= 2 * MIN_SPLIT_KEYS) {
+    if (blocks < target && longest >= 2 * (uint64_t)min_keys) {
         uint64_t w = (target + blocks - 1) / blocks;
-        want = w > MAX_SPLITS ? MAX_SPLITS : (uint32_t)w;
+        want = w > kv->plan.max_splits ? kv->plan.max_splits : (uint32_t)w;
     }
     size_t ni = 0, nm = 0;
     for (size_t i = 0; i < nt; i++) {
-        uint32_t keys = kv->tiles[i].ke - kv->tiles[i].kb, parts = keys / MIN_SPLIT_KEYS;
+        uint32_t keys = kv->tiles[i].ke - kv->tiles[i].kb, parts = keys / min_keys;
         parts = parts < want ? parts : want;
         ni += parts >= 2 ? parts : 1;
         nm += parts >= 2;
@@ -272,7 +316,7 @@ static at_err_t plan_batch(att_kv_t *kv, const att_batch_t *b, plan_t *pl) {
             if (t->kind != kind)
                 continue;
             const uint32_t keys = t->ke - t->kb;
-            uint32_t parts = keys / MIN_SPLIT_KEYS;
+            uint32_t parts = keys / min_keys;
             parts = parts < want ? parts : want;
             if (parts < 2) {
                 kv->items[ni++] = (att_kitem_t){.chunk = t->chunk,
@@ -525,15 +569,29 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     p.block_table_d = kv->io_d + o_table;
     p.window = m->window[b->layer];
     p.num_chunks = b->num_chunks;
+    kv->cur = kv->stream;
     if (b->attend) {
+        /* Both kinds: the wide tiles (long, bound by arithmetic) go on the side stream first so
+         * their blocks start at once, the narrow ones (decode, bound by memory) fill the rest of
+         * the GPU; the side stream is joined back before out is read. */
+        const bool fork = pl.num_items[ATT_TILE_NARROW] != 0 && pl.num_items[ATT_TILE_WIDE] != 0;
+        if (fork && ((e = CU(cuEventRecord(kv->ev_fork, kv->stream))) != AT_OK ||
+                     (e = CU(cuStreamWaitEvent(kv->side, kv->ev_fork, 0))) != AT_OK))
+            return e;
+        /* items and merges are laid out wide first (plan_batch's kind order) */
         uint64_t items_d = kv->io_d + o_items, merges_d = kv->io_d + o_merges;
         for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+            kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
             if ((e = launch_kind(kv, &p, &pl, k, items_d, merges_d, kv->io_d + o_po[k],
                                  kv->io_d + o_pml[k])) != AT_OK)
                 return e;
             items_d += pl.num_items[k] * sizeof(att_kitem_t);
             merges_d += pl.num_merges[k] * sizeof(att_kmerge_t);
         }
+        kv->cur = kv->stream;
+        if (fork && ((e = CU(cuEventRecord(kv->ev_join, kv->side))) != AT_OK ||
+                     (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
+            return e;
     } else {
         const lc_launch_t *l;
         if ((e = prepared(kv, K_KV_WRITE, ATT_TILE_WIDE, 0, &l)) != AT_OK)
@@ -592,12 +650,11 @@ static void *fetch_run(void *arg) {
 }
 
 static void fetch_init(fetch_t *f, const cuda_backend_t *be, const att_model_t *m,
-                       uint32_t kind) {
+                       const att_tile_t *tile) {
     memset(f, 0, sizeof *f);
     f->jit = be->jit;
     f->arch = be->arch;
-    const att_tile_t tile = att_jit_tile(m, (att_tile_kind_t)kind);
-    att_jit_model_opts(m, &tile, &f->opts);
+    att_jit_model_opts(m, tile, &f->opts);
 }
 
 static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const fetch_t *f, at_diag_t *diag) {
@@ -654,6 +711,12 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)CU(cuStreamSynchronize(kv->stream));
             (void)CU(cuStreamDestroy(kv->stream));
         }
+        if (kv->side != NULL)
+            (void)CU(cuStreamDestroy(kv->side));
+        if (kv->ev_fork != NULL)
+            (void)CU(cuEventDestroy(kv->ev_fork));
+        if (kv->ev_join != NULL)
+            (void)CU(cuEventDestroy(kv->ev_join));
         if (kv->ev_begin != NULL)
             (void)CU(cuEventDestroy(kv->ev_begin));
         if (kv->ev_end != NULL)
@@ -694,9 +757,10 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         (size_t)num_blocks * m->num_kv_heads * m->block_size * m->head_dim * att_dtype_bytes(m->dtype);
     if ((e = lc_create(launch_cb, kv, &kv->lc)) != AT_OK)
         goto out_kv;
+    session_plan(be, m, &kv->plan);
     fetch_t f[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        fetch_init(&f[k], be, m, k);
+        fetch_init(&f[k], be, m, &kv->plan.tile[k]);
     pthread_t tid;
     const bool threaded = pthread_create(&tid, NULL, fetch_run, &f[ATT_TILE_NARROW]) == 0;
     fetch_run(&f[ATT_TILE_WIDE]);
@@ -717,6 +781,9 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
     if ((e = cu_check(be, r, "cuMemAlloc(pool)", __FILE__, __LINE__)) != AT_OK ||
         (e = CU(cuMemsetD8(kv->pool_d, 0, pool))) != AT_OK ||
         (e = CU(cuStreamCreate(&kv->stream, CU_STREAM_NON_BLOCKING))) != AT_OK ||
+        (e = CU(cuStreamCreate(&kv->side, CU_STREAM_NON_BLOCKING))) != AT_OK ||
+        (e = CU(cuEventCreate(&kv->ev_fork, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
+        (e = CU(cuEventCreate(&kv->ev_join, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_begin, CU_EVENT_DEFAULT))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_end, CU_EVENT_DEFAULT))) != AT_OK)
         goto out_kv;
@@ -859,6 +926,10 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
     be->drv = drv;
     be->ordinal = cfg->device;
     be->timing = cfg->timing;
+    if (cfg->plan != NULL) {
+        be->has_plan = true;
+        be->plan = *cfg->plan;
+    }
     pthread_mutex_init(&be->reg_mu, NULL);
     int major = 0, minor = 0, sms = 0, optin = 0;
     char name[128] = "";

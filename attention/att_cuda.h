@@ -22,11 +22,29 @@
 #include "attention/att_jit.h"
 #include "common/at_err.h"
 
+/* How a session's work is cut: the tile configuration of each kind's module (compile-time knobs,
+ * att_jit.h) and the split-KV (flash-decoding) thresholds of the per-call plan. This is the whole
+ * configuration space a tuner searches. */
+typedef struct att_cuda_plan {
+    att_tile_t tile[ATT_TILE_KINDS];
+    uint32_t min_split_keys; /* a tile's keys are split only into parts of at least this many */
+    uint32_t max_splits;     /* parts per tile, at most */
+    uint32_t blocks_per_sm;  /* split while a call has fewer blocks than this per SM */
+} att_cuda_plan_t;
+
 typedef struct att_cuda_cfg {
     int device;                   /* ordinal: "cuda:N" */
     const char *kernel_cache_dir; /* NULL: att_jit_default_dir(); "": memory only */
     bool timing;                  /* measure each run's device time (benches; costs two events) */
+    /* NULL: att_cuda_plan_default per model. Else every session takes from it each tile whose
+     * warps_m is not 0 and each split threshold that is not 0 (benches, tuning); copied. */
+    const att_cuda_plan_t *plan;
 } att_cuda_cfg_t;
+
+/* The plan for model m on a device that allows smem_optin bytes of shared memory per block: the
+ * one place tiles and split thresholds are chosen (see the figures in docs/BENCHMARKS.md). Pure;
+ * any thread. */
+void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out);
 
 /* AT_ERR_UNSUPPORTED with diag when there is no driver, no such device or no NVRTC;
  * AT_ERR_DEVICE when the device cannot be set up. On success *out is the caller's

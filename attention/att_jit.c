@@ -45,13 +45,13 @@ struct att_jit {
     att_jit_stats_t stats AT_GUARDED_BY(mu);
 };
 
-att_tile_t att_jit_tile(const att_model_t *m, att_tile_kind_t kind) {
-    if (kind == ATT_TILE_NARROW)
-        return (att_tile_t){.warps_m = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
-    /* 64 rows; above head_dim 128 a 64-key stage pair would pass sm_80's 163 KiB of shared
-     * memory per block */
-    return (att_tile_t){.warps_m = 4, .warps_n = 1, .tile_k = m->head_dim > 128 ? 32 : 64,
-                        .stages = 2};
+uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t) {
+    if (m->dtype == ATT_DTYPE_F32)
+        return 0;
+    const uint32_t dp = (m->head_dim + 15) / 16 * 16, rows = 16 * t->warp_mt * t->warps_m;
+    const uint32_t main = (rows + 2 * t->stages * t->tile_k) * (dp + 8) * 2;
+    const uint32_t epi = t->warps_n * rows * (dp + 4 + 2) * 4;
+    return main > epi ? main : epi;
 }
 
 static void opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) {
@@ -78,6 +78,7 @@ void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_
     opt_add(o, "-DATT_HAS_ALIBI=%u", m->alibi != NULL);
     opt_add(o, "-DATT_HAS_SINKS=%u", m->sinks != NULL);
     opt_add(o, "-DATT_WARPS_M=%u", t->warps_m);
+    opt_add(o, "-DATT_WARP_MT=%u", t->warp_mt);
     opt_add(o, "-DATT_WARPS_N=%u", t->warps_n);
     opt_add(o, "-DATT_TILE_K=%u", t->tile_k);
     opt_add(o, "-DATT_STAGES=%u", t->stages);

@@ -23,15 +23,22 @@
 typedef struct att_jit att_jit_t;
 
 /* A tile configuration of att_k_attend (see the kernel's top comment). */
+/* A tile configuration of att_k_attend (see the kernel's top comment): the compile-time knobs
+ * ATT_WARPS_M, ATT_WARP_MT, ATT_WARPS_N, ATT_TILE_K, ATT_STAGES. Rows per tile are
+ * 16 * warp_mt * warps_m; threads 32 * warps_m * warps_n. Valid: warps_m * warps_n in 1..16,
+ * warp_mt 1 or 2, tile_k a multiple of 16 * warps_n, stages 2..4, and the shared memory
+ * ((rows + 2 * stages * tile_k) * (head_dim rounded up to 16, + 8) * 2 bytes) within the
+ * device's per-block limit. f32 models use only rows and threads. */
 typedef struct att_tile {
-    uint32_t warps_m; /* warps over the tile's rows: 16 rows each */
+    uint32_t warps_m; /* warps over the tile's rows */
+    uint32_t warp_mt; /* m16 row tiles per warp: 1 or 2 */
     uint32_t warps_n; /* warps over each stage's keys */
     uint32_t tile_k;  /* keys per pipeline stage */
     uint32_t stages;  /* cp.async ring depth */
 } att_tile_t;
 
 typedef enum att_tile_kind {
-    ATT_TILE_WIDE = 0,   /* 64 rows: prefill and long chunks */
+    ATT_TILE_WIDE = 0,   /* many rows: prefill and long chunks */
     ATT_TILE_NARROW = 1, /* 16 rows, keys split over 4 warps: decode */
     ATT_TILE_KINDS = 2,
 } att_tile_kind_t;
@@ -44,11 +51,12 @@ typedef struct att_jit_stats {
     uint64_t compile_ns;   /* wall time inside NVRTC */
 } att_jit_stats_t;
 
-/* The heuristic tile of a kind for model m (tuning will choose among more later). */
-att_tile_t att_jit_tile(const att_model_t *m, att_tile_kind_t kind);
+/* Dynamic shared memory of att_k_attend with tile t for model m, in bytes (the kernel's own
+ * figure, att_k_info, is the one used to launch; this one lets a plan check a tile fits). */
+uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t);
 
 /* Room for the defines of one variant. */
-#define ATT_JIT_MAX_OPTS 16
+#define ATT_JIT_MAX_OPTS 20
 typedef struct att_jit_opts {
     char text[ATT_JIT_MAX_OPTS][40];
     const char *ptr[ATT_JIT_MAX_OPTS];

@@ -26,10 +26,13 @@
  * registers, probabilities rounded to the dtype for P.V (as the CPU tests allow), outputs rounded
  * to nearest even. f32: a plain FMA path, one warp per query row (correct, not fast).
  *
- * Tile shape: ATT_WARPS_M warps split the tile's rows (16 each, the MMA's M), ATT_WARPS_N warps
- * split each stage's ATT_TILE_K keys, each with its own online softmax state, combined at the
- * end. Prefill uses WARPS_M = 4, WARPS_N = 1 (64 rows, each K/V tile read once from L2 for 64
- * rows); decode uses WARPS_M = 1, WARPS_N = 4: a decode tile has group rows (4 for Llama-3
+ * Tile shape (the knobs; att_jit.h's att_tile_t, chosen by att_cuda.c's plan): ATT_WARPS_M warps
+ * split the tile's rows, ATT_WARP_MT m16 tiles (16 rows, the MMA's M) each, so a tile has
+ * 16 * ATT_WARP_MT * ATT_WARPS_M rows; ATT_WARPS_N warps split each stage's ATT_TILE_K keys,
+ * each with its own online softmax state, combined at the end; ATT_STAGES is the cp.async ring's
+ * depth. Prefill uses WARPS_N = 1 and many rows (each K/V tile read once from L2 for all of
+ * them; with WARP_MT 2 each K/V fragment read from shared memory feeds two m16 tiles); decode
+ * uses WARPS_M = 1, WARPS_N = 4: a decode tile has group rows (4 for Llama-3
  * 8B), padded to the MMA's 16, and the four warps share the key stream instead of idling. The
  * padding wastes tensor-core work only: decode reads ~512 bytes of K/V per key and head, far more
  * than the 16x8x16 MMAs per key cost, so it stays bound by memory. */
@@ -74,6 +77,9 @@
 #ifndef ATT_STAGES
 #define ATT_STAGES 2
 #endif
+#ifndef ATT_WARP_MT
+#define ATT_WARP_MT 1
+#endif
 
 #define ATT_DT_F32 1
 #define ATT_DT_F16 2
@@ -94,9 +100,11 @@ constexpr uint32_t kHq = kG * kHkv;
 constexpr uint32_t kBS = ATT_BLOCK_SIZE;
 constexpr uint32_t kWarpsM = ATT_WARPS_M;
 constexpr uint32_t kWarpsN = ATT_WARPS_N;
+constexpr uint32_t kMT = ATT_WARP_MT; /* m16 row tiles per warp */
 constexpr uint32_t kWarps = kWarpsM * kWarpsN;
 constexpr uint32_t kThreads = 32 * kWarps;
-constexpr uint32_t kRows = 16 * kWarpsM; /* query rows per item */
+constexpr uint32_t kWRows = 16 * kMT;        /* query rows per warp */
+constexpr uint32_t kRows = kWRows * kWarpsM; /* query rows per item */
 constexpr uint32_t kTileK = ATT_TILE_K;  /* keys per pipeline stage */
 constexpr uint32_t kES = sizeof(elem_t);
 constexpr uint32_t kVec = 16 / kES;   /* elements per 16-byte access */
@@ -110,6 +118,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kD % 8 == 0 && kD <= 256, "head_dim must be a multiple of 8, at most 256");
 static_assert(kBS >= 1, "block size");
 static_assert(kWarps >= 1 && kWarps <= 16, "1 to 16 warps");
+static_assert(kMT == 1 || kMT == 2, "ATT_WARP_MT is 1 or 2 m16 tiles per warp");
 static_assert(kTileK % kWarpsN == 0, "ATT_TILE_K must split evenly over ATT_WARPS_N");
 
 #if ATT_DTYPE != ATT_DT_F32
@@ -134,8 +143,9 @@ constexpr uint32_t kMainBytes = kQBytes + kStages * 2 * kStageHalf;
 constexpr uint32_t kORow = kDP + 4;
 constexpr uint32_t kEpiBytes = kWarpsN * kRows * (kORow + 2) * 4;
 constexpr uint32_t kSmemBytes = kMainBytes > kEpiBytes ? kMainBytes : kEpiBytes;
-/* Q stays in registers up to head_dim 128 (32 registers); above, ldmatrix reads it each tile. */
-constexpr bool kQRegs = kDP <= 128;
+/* Q stays in registers while a warp's rows take at most 32 registers (head_dim 128 at one m16
+ * tile); above, ldmatrix reads it each tile. */
+constexpr bool kQRegs = kDP * kMT <= 128;
 constexpr uint32_t kNT = kKW / 8;          /* n8 score tiles per warp */
 constexpr uint32_t kDT = kDP / 8;          /* n8 output tiles */
 constexpr uint32_t kKVChunks = kTileK * kCPR;
@@ -481,46 +491,63 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
      * rows it writes (new positions come from p.k_d / p.v_d). */
     write_own_kv(p, t);
 
-    /* This thread's two rows (g and g + 8 of its warp's 16): key bounds [jlo, jhi], and the
-     * ALiBi slope. Rows past the chunk get an empty range. */
-    int jlo[2], jhi[2], pos[2];
-    float slope2[2];
+    /* This thread's rows: g and g + 8 of each of its warp's kMT m16 tiles. Key bounds [jlo, jhi]
+     * and the ALiBi slope; rows past the chunk get an empty range. */
+    int jlo[kMT][2], jhi[kMT][2], pos[kMT][2];
+    float slope2[kMT][2];
+    int lo_min = 0x7fffffff, lo_max = -1, hi_min = 0x7fffffff, hi_max = -1;
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const uint32_t R = t.it.row_begin + wm * 16 + g + 8 * i;
-        if (R < t.row_end) {
-            const uint32_t ps = t.ch.start_pos + R / kG;
-            pos[i] = (int)ps;
-            jlo[i] = (int)umax(window_lo(ps, p.window), t.kb);
-            jhi[i] = min((int)ps, (int)t.ke - 1);
-            slope2[i] = head_slope2(p, t.h * kG + R % kG);
-        } else {
-            pos[i] = 0;
-            jlo[i] = 0x7fffffff;
-            jhi[i] = -1;
-            slope2[i] = 0.0f;
+    for (uint32_t mi = 0; mi < kMT; mi++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const uint32_t R = t.it.row_begin + wm * kWRows + mi * 16 + g + 8 * i;
+            if (R < t.row_end) {
+                const uint32_t ps = t.ch.start_pos + R / kG;
+                pos[mi][i] = (int)ps;
+                jlo[mi][i] = (int)umax(window_lo(ps, p.window), t.kb);
+                jhi[mi][i] = min((int)ps, (int)t.ke - 1);
+                slope2[mi][i] = head_slope2(p, t.h * kG + R % kG);
+            } else {
+                pos[mi][i] = 0;
+                jlo[mi][i] = 0x7fffffff;
+                jhi[mi][i] = -1;
+                slope2[mi][i] = 0.0f;
+            }
+            lo_min = min(lo_min, jlo[mi][i]);
+            lo_max = max(lo_max, jlo[mi][i]);
+            hi_min = min(hi_min, jhi[mi][i]);
+            hi_max = max(hi_max, jhi[mi][i]);
         }
-    }
     /* Warp-uniform bounds: a key slice outside every row's range is skipped; one inside every
      * row's range needs no mask. */
-    const int w_lo_min = warp_min(min(jlo[0], jlo[1])), w_lo_max = warp_max(max(jlo[0], jlo[1]));
-    const int w_hi_min = warp_min(min(jhi[0], jhi[1])), w_hi_max = warp_max(max(jhi[0], jhi[1]));
+    const int w_lo_min = warp_min(lo_min), w_lo_max = warp_max(lo_max);
+    const int w_hi_min = warp_min(hi_min), w_hi_max = warp_max(hi_max);
 
     const float scale2 = p.scale * kLog2e;
-    float o[kDT][4];
+    float o[kMT][kDT][4];
 #pragma unroll
-    for (uint32_t d = 0; d < kDT; d++)
-        o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-    float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
+    for (uint32_t mi = 0; mi < kMT; mi++)
+#pragma unroll
+        for (uint32_t d = 0; d < kDT; d++)
+            o[mi][d][0] = o[mi][d][1] = o[mi][d][2] = o[mi][d][3] = 0.0f;
+    float m_run[kMT][2], l_run[kMT][2];
+#pragma unroll
+    for (uint32_t mi = 0; mi < kMT; mi++) {
+        m_run[mi][0] = m_run[mi][1] = kNegInf;
+        l_run[mi][0] = l_run[mi][1] = 0.0f;
+    }
 
     /* ldmatrix lane addresses (bytes within a tile), see the PTX fragment layouts:
      * A (Q, x4): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
      * B for S (K rows = keys, x4): (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7),
      *   (keys 8-15, d 8-15): b0/b1 of two n8 tiles.
      * B for O (V rows = keys, x4.trans): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7,
-     *   d 8-15), (keys 8-15, d 8-15): b0/b1 of two n8 tiles of d. */
-    const uint32_t a_off = ((wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kSRow +
+     *   d 8-15), (keys 8-15, d 8-15): b0/b1 of two n8 tiles of d.
+     * A warp's m16 tile mi starts 16 rows after tile mi - 1. Each B fragment read from shared
+     * memory feeds 2 * kMT MMAs: two m16 tiles per warp halve the ldmatrix traffic per FLOP. */
+    const uint32_t a_off = ((wm * kWRows + (lane & 7) + ((lane >> 3) & 1) * 8) * kSRow +
                             (lane >> 4) * 8) * 2;
+    constexpr uint32_t kMStep = 16 * kSRow * 2;
     const uint32_t k_off = ((wn * kKW + (lane & 7) + (lane >> 4) * 8) * kSRow +
                             ((lane >> 3) & 1) * 8) * 2;
     const uint32_t v_off = ((wn * kKW + (lane & 7) + ((lane >> 3) & 1) * 8) * kSRow +
@@ -528,11 +555,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
 
     cp_async_wait<kStages - 1>(); /* the Q group */
     __syncthreads();
-    uint32_t qf[kQRegs ? kDP / 16 : 1][4];
+    constexpr uint32_t kQK = kQRegs ? kDP / 16 : 1;
+    uint32_t qf[kQRegs ? kMT : 1][kQK][4];
     if (kQRegs) {
 #pragma unroll
-        for (uint32_t kk = 0; kk < (kQRegs ? kDP / 16 : 1); kk++)
-            ldsm_x4(qf[kk], q_s + a_off + kk * 32);
+        for (uint32_t mi = 0; mi < (kQRegs ? kMT : 1); mi++)
+#pragma unroll
+            for (uint32_t kk = 0; kk < kQK; kk++)
+                ldsm_x4(qf[mi][kk], q_s + a_off + mi * kMStep + kk * 32);
     }
 
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
@@ -555,84 +585,102 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
             continue; /* warp-uniform: no row of this warp needs these keys */
         const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
 
-        /* S = Q K^T for the warp's 16 rows x kKW keys */
-        float s[kNT][4];
+        /* S = Q K^T for the warp's kWRows rows x kKW keys */
+        float s[kMT][kNT][4];
 #pragma unroll
-        for (uint32_t n = 0; n < kNT; n++)
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (uint32_t mi = 0; mi < kMT; mi++)
+#pragma unroll
+            for (uint32_t n = 0; n < kNT; n++)
+                s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.0f;
 #pragma unroll
         for (uint32_t kk = 0; kk < kDP / 16; kk++) {
-            uint32_t a[4];
-            if (kQRegs) {
-                a[0] = qf[kQRegs ? kk : 0][0];
-                a[1] = qf[kQRegs ? kk : 0][1];
-                a[2] = qf[kQRegs ? kk : 0][2];
-                a[3] = qf[kQRegs ? kk : 0][3];
-            } else {
-                ldsm_x4(a, q_s + a_off + kk * 32);
+            uint32_t a[kMT][4];
+#pragma unroll
+            for (uint32_t mi = 0; mi < kMT; mi++) {
+                if (kQRegs) {
+#pragma unroll
+                    for (int x = 0; x < 4; x++)
+                        a[mi][x] = qf[kQRegs ? mi : 0][kQRegs ? kk : 0][x];
+                } else {
+                    ldsm_x4(a[mi], q_s + a_off + mi * kMStep + kk * 32);
+                }
             }
 #pragma unroll
             for (uint32_t np = 0; np < kNT / 2; np++) {
                 uint32_t b[4];
                 ldsm_x4(b, ks + k_off + np * 16 * kSRow * 2 + kk * 32);
-                mma16816(s[2 * np], a, b[0], b[1]);
-                mma16816(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+                for (uint32_t mi = 0; mi < kMT; mi++) {
+                    mma16816(s[mi][2 * np], a[mi], b[0], b[1]);
+                    mma16816(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+                }
             }
         }
 
         /* logits in log2 units, masked; then the online softmax of rows g and g + 8 */
 #pragma unroll
-        for (uint32_t n = 0; n < kNT; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = js + (int)(n * 8 + 2 * t4) + (e & 1), ri = e >> 1;
-                float x = logit2(s[n][e], p, scale2, j, pos[ri], slope2[ri]);
-                if (need_mask && (j < jlo[ri] || j > jhi[ri]))
-                    x = kNegInf;
-                s[n][e] = x;
-            }
-#pragma unroll
-        for (int ri = 0; ri < 2; ri++) {
-            float mx = kNegInf;
+        for (uint32_t mi = 0; mi < kMT; mi++)
 #pragma unroll
             for (uint32_t n = 0; n < kNT; n++)
-                mx = fmaxf(mx, fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[ri], mx);
-            /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
-            const float base = m_new == kNegInf ? 0.0f : m_new;
-            const float alpha = ex2(m_run[ri] - base);
-            m_run[ri] = m_new;
-            float sum = 0.0f;
 #pragma unroll
-            for (uint32_t n = 0; n < kNT; n++) {
-                s[n][2 * ri] = ex2(s[n][2 * ri] - base);
-                s[n][2 * ri + 1] = ex2(s[n][2 * ri + 1] - base);
-                sum += s[n][2 * ri] + s[n][2 * ri + 1];
-            }
-            l_run[ri] = l_run[ri] * alpha + sum; /* this thread's columns; quad-summed at the end */
+                for (int e = 0; e < 4; e++) {
+                    const int j = js + (int)(n * 8 + 2 * t4) + (e & 1), ri = e >> 1;
+                    float x = logit2(s[mi][n][e], p, scale2, j, pos[mi][ri], slope2[mi][ri]);
+                    if (need_mask && (j < jlo[mi][ri] || j > jhi[mi][ri]))
+                        x = kNegInf;
+                    s[mi][n][e] = x;
+                }
 #pragma unroll
-            for (uint32_t d = 0; d < kDT; d++) {
-                o[d][2 * ri] *= alpha;
-                o[d][2 * ri + 1] *= alpha;
+        for (uint32_t mi = 0; mi < kMT; mi++)
+#pragma unroll
+            for (int ri = 0; ri < 2; ri++) {
+                float mx = kNegInf;
+#pragma unroll
+                for (uint32_t n = 0; n < kNT; n++)
+                    mx = fmaxf(mx, fmaxf(s[mi][n][2 * ri], s[mi][n][2 * ri + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[mi][ri], mx);
+                /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
+                const float base = m_new == kNegInf ? 0.0f : m_new;
+                const float alpha = ex2(m_run[mi][ri] - base);
+                m_run[mi][ri] = m_new;
+                float sum = 0.0f;
+#pragma unroll
+                for (uint32_t n = 0; n < kNT; n++) {
+                    s[mi][n][2 * ri] = ex2(s[mi][n][2 * ri] - base);
+                    s[mi][n][2 * ri + 1] = ex2(s[mi][n][2 * ri + 1] - base);
+                    sum += s[mi][n][2 * ri] + s[mi][n][2 * ri + 1];
+                }
+                /* this thread's columns; quad-summed at the end */
+                l_run[mi][ri] = l_run[mi][ri] * alpha + sum;
+#pragma unroll
+                for (uint32_t d = 0; d < kDT; d++) {
+                    o[mi][d][2 * ri] *= alpha;
+                    o[mi][d][2 * ri + 1] *= alpha;
+                }
             }
-        }
 
         /* O += P V: the S accumulators of two n8 tiles are exactly an A fragment of 16 keys */
 #pragma unroll
         for (uint32_t kk = 0; kk < kKW / 16; kk++) {
-            uint32_t a[4];
-            a[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            uint32_t a[kMT][4];
+#pragma unroll
+            for (uint32_t mi = 0; mi < kMT; mi++) {
+                a[mi][0] = pack2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                a[mi][1] = pack2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                a[mi][2] = pack2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                a[mi][3] = pack2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (uint32_t dp = 0; dp < kDP / 16; dp++) {
                 uint32_t b[4];
                 ldsm_x4_t(b, vs + v_off + kk * 16 * kSRow * 2 + dp * 32);
-                mma16816(o[2 * dp], a, b[0], b[1]);
-                mma16816(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+                for (uint32_t mi = 0; mi < kMT; mi++) {
+                    mma16816(o[mi][2 * dp], a[mi], b[0], b[1]);
+                    mma16816(o[mi][2 * dp + 1], a[mi], b[2], b[3]);
+                }
             }
         }
     }
@@ -644,20 +692,22 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
     float *slab = (float *)smem;                         /* [kWarpsN][kRows][kORow] */
     float *mls = slab + kWarpsN * kRows * kORow;          /* [kWarpsN][kRows][2] */
 #pragma unroll
-    for (int ri = 0; ri < 2; ri++) {
-        float l = l_run[ri];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const uint32_t r = wm * 16 + g + 8 * ri;
-        float *row = slab + (wn * kRows + r) * kORow + 2 * t4;
+    for (uint32_t mi = 0; mi < kMT; mi++)
 #pragma unroll
-        for (uint32_t d = 0; d < kDT; d++)
-            *(float2 *)(row + d * 8) = make_float2(o[d][2 * ri], o[d][2 * ri + 1]);
-        if (t4 == 0) {
-            mls[(wn * kRows + r) * 2] = m_run[ri];
-            mls[(wn * kRows + r) * 2 + 1] = l;
+        for (int ri = 0; ri < 2; ri++) {
+            float l = l_run[mi][ri];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const uint32_t r = wm * kWRows + mi * 16 + g + 8 * ri;
+            float *row = slab + (wn * kRows + r) * kORow + 2 * t4;
+#pragma unroll
+            for (uint32_t d = 0; d < kDT; d++)
+                *(float2 *)(row + d * 8) = make_float2(o[mi][d][2 * ri], o[mi][d][2 * ri + 1]);
+            if (t4 == 0) {
+                mls[(wn * kRows + r) * 2] = m_run[mi][ri];
+                mls[(wn * kRows + r) * 2 + 1] = l;
+            }
         }
-    }
     __syncthreads();
 
     for (uint32_t c = tid; c < kRows * kCPR; c += kThreads) {

@@ -1,5 +1,7 @@
 /* Every model variant family of the attention kernels compiles with NVRTC, for sm_80 and sm_90,
- * in both tile kinds: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
+ * in both tile kinds of the default plan (att_cuda_plan_default, for sm_80's 163 KiB of shared
+ * memory per block), and every tile of the candidate set below (what the bench sweeps and a
+ * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
  * every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
  * conversions differ between f16 and bf16, and f32 ignores the group), every block size
  * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
@@ -14,6 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "attention/att_cuda.h"
 #include "attention/att_jit.h"
 #include "attention/att_model.h"
 
@@ -21,11 +24,11 @@
 
 typedef struct job {
     att_model_t *m;
-    att_tile_kind_t kind;
+    att_tile_t tile;
     const char *arch;
     at_err_t err;
     at_diag_t diag;
-    char desc[96];
+    char desc[128];
 } job_t;
 
 static job_t g_jobs[MAX_JOBS];
@@ -33,8 +36,14 @@ static uint32_t g_num_jobs;
 static atomic_uint g_next;
 static att_jit_t *g_jit;
 
+/* Tiles besides the default plan's (warps_m, warp_mt, warps_n, tile_k, stages). */
+static const att_tile_t k_candidates[] = {
+    {4, 1, 1, 64, 2}, {4, 1, 1, 64, 3}, {8, 1, 1, 64, 2}, {4, 2, 1, 64, 3},
+    {4, 2, 1, 32, 3}, {8, 2, 1, 32, 2}, {1, 1, 4, 64, 3}, {1, 1, 4, 64, 4},
+};
+
 static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uint32_t block,
-                      unsigned feats) {
+                      unsigned feats, bool with_candidates) {
     static const float slopes[64] = {0.5f};
     static const float sinks[64] = {1.0f};
     uint32_t windows[2] = {0, 32};
@@ -61,18 +70,34 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
         c.n_sinks = hq;
     }
     static const char *const archs[] = {"sm_80", "sm_90"};
-    for (int k = 0; k < ATT_TILE_KINDS; k++)
+    att_tile_t tiles[ATT_TILE_KINDS + 8];
+    uint32_t nt = 0;
+    {
+        att_model_t *m;
+        at_diag_t diag = {{0}};
+        assert_int_equal(att_model_create(&c, &diag, &m), AT_OK);
+        att_cuda_plan_t pl;
+        att_cuda_plan_default(m, 163u * 1024u, &pl);
+        for (int k = 0; k < ATT_TILE_KINDS; k++)
+            tiles[nt++] = pl.tile[k];
+        att_model_destroy(&m);
+    }
+    if (with_candidates)
+        for (uint32_t i = 0; i < sizeof k_candidates / sizeof k_candidates[0]; i++)
+            tiles[nt++] = k_candidates[i];
+    for (uint32_t k = 0; k < nt; k++)
         for (int a = 0; a < 2; a++) {
             assert_true(g_num_jobs < MAX_JOBS);
             job_t *j = &g_jobs[g_num_jobs++];
             at_diag_t diag = {{0}};
             at_err_t e = att_model_create(&c, &diag, &j->m);
             assert_int_equal(e, AT_OK);
-            j->kind = (att_tile_kind_t)k;
+            j->tile = tiles[k];
             j->arch = archs[a];
-            snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u feats %x %s %s",
-                     att_dtype_name(dt), hq, hkv, d, block, feats,
-                     k == ATT_TILE_WIDE ? "wide" : "narrow", archs[a]);
+            snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u feats %x tile %ux%ux%ux%ux%u %s",
+                     att_dtype_name(dt), hq, hkv, d, block, feats, tiles[k].warps_m,
+                     tiles[k].warp_mt, tiles[k].warps_n, tiles[k].tile_k, tiles[k].stages,
+                     archs[a]);
         }
 }
 
@@ -83,9 +108,8 @@ static void *worker(void *arg) {
         if (i >= g_num_jobs)
             return NULL;
         job_t *j = &g_jobs[i];
-        att_tile_t t = att_jit_tile(j->m, j->kind);
         att_jit_opts_t o;
-        att_jit_model_opts(j->m, &t, &o);
+        att_jit_model_opts(j->m, &j->tile, &o);
         const void *img;
         size_t n;
         j->err = att_jit_image(g_jit, j->arch, o.ptr, o.n, &img, &n, NULL, &j->diag);
@@ -113,18 +137,19 @@ static void test_att_kernels_compile_every_variant(void **state) {
                  * instructions, so one group covers it */
                 if (dts[a] != ATT_DTYPE_BF16 && g != 1)
                     continue;
-                add_model(dts[a], groups[g][0], groups[g][1], dims[d], 16, 0);
+                add_model(dts[a], groups[g][0], groups[g][1], dims[d], 16, 0,
+                          dts[a] == ATT_DTYPE_BF16 && g == 1 && dims[d] == 128);
             }
     for (uint32_t b = 8; b <= 256; b *= 2)
         if (b != 16)
-            add_model(ATT_DTYPE_BF16, 32, 8, 128, b, 0);
+            add_model(ATT_DTYPE_BF16, 32, 8, 128, b, 0, false);
     for (unsigned f = 1; f <= 8; f <<= 1) {
-        add_model(ATT_DTYPE_F16, 8, 2, 128, 16, f);
-        add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, f);
+        add_model(ATT_DTYPE_F16, 8, 2, 128, 16, f, false);
+        add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, f, false);
     }
-    add_model(ATT_DTYPE_F16, 8, 2, 128, 16, 15);
-    add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, 15);
-    add_model(ATT_DTYPE_F32, 8, 2, 80, 16, 15);
+    add_model(ATT_DTYPE_F16, 8, 2, 128, 16, 15, false);
+    add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, 15, false);
+    add_model(ATT_DTYPE_F32, 8, 2, 80, 16, 15, false);
 
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     uint32_t nthreads = ncpu > 1 ? (uint32_t)(ncpu > 8 ? 8 : ncpu) : 1;
