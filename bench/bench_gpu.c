@@ -354,24 +354,64 @@ static int bench_mixed(att_backend_t *be, const shape_t *s, result_t *r) {
     return rc;
 }
 
+/* "wide=4,2,1,32,3": a tile override (warps_m, warp_mt, warps_n, tile_k, stages) of one kind. */
+static int parse_tile(const char *s, att_cuda_plan_t *pl) {
+    att_tile_t t;
+    uint32_t kind;
+    if (strncmp(s, "wide=", 5) == 0)
+        kind = ATT_TILE_WIDE;
+    else if (strncmp(s, "narrow=", 7) == 0)
+        kind = ATT_TILE_NARROW;
+    else
+        return -1;
+    if (sscanf(strchr(s, '=') + 1, "%u,%u,%u,%u,%u", &t.warps_m, &t.warp_mt, &t.warps_n,
+               &t.tile_k, &t.stages) != 5 || t.warps_m == 0)
+        return -1;
+    pl->tile[kind] = t;
+    return 0;
+}
+
+static bool has_case(const char *cases, const char *name) {
+    if (cases == NULL)
+        return true;
+    const size_t n = strlen(name);
+    for (const char *p = strstr(cases, name); p != NULL; p = strstr(p + 1, name))
+        if ((p == cases || p[-1] == ',') && (p[n] == '\0' || p[n] == ','))
+            return true;
+    return false;
+}
+
 int bench_gpu_main(int argc, char **argv) {
-    const char *json_path = NULL;
+    const char *json_path = NULL, *cases = NULL;
     double matmul_tflops = 0.0;
+    att_cuda_plan_t plan;
+    memset(&plan, 0, sizeof plan);
+    bool has_plan = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             json_path = argv[++i];
         else if (strcmp(argv[i], "--matmul-tflops") == 0 && i + 1 < argc)
             matmul_tflops = atof(argv[++i]);
+        else if (strcmp(argv[i], "--cases") == 0 && i + 1 < argc)
+            cases = argv[++i];
+        else if (strcmp(argv[i], "--tile") == 0 && i + 1 < argc && parse_tile(argv[++i], &plan) == 0)
+            has_plan = true;
         else {
-            fprintf(stderr, "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X]\n"
-                            "  X: the bf16 matrix rate measured on this GPU "
-                            "(tools/gpu_torch_bench.py prints it)\n");
+            fprintf(stderr,
+                    "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
+                    "                       [--tile KIND=WM,MT,WN,TK,ST]...\n"
+                    "  X: the bf16 matrix rate measured on this GPU "
+                    "(tools/gpu_torch_bench.py prints it)\n"
+                    "  LIST: some of decode,prefill,mixed (default all)\n"
+                    "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
+                    "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }
     att_backend_t *be = NULL;
     at_diag_t d = {{0}};
-    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = true};
+    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = true,
+                         .plan = has_plan ? &plan : NULL};
     if (att_cuda_create(&cc, &d, &be) != AT_OK) {
         fprintf(stderr, "bench-gpu: %s\n", d.msg);
         return 1;
@@ -392,11 +432,14 @@ int bench_gpu_main(int argc, char **argv) {
     memset(res, 0, sizeof res);
     int n = 0, rc = 0;
     for (int s = 0; s < 2 && rc == 0; s++) {
-        rc |= bench_decode(be, &shapes[s], 1024, &res[n++]);
-        rc |= bench_decode(be, &shapes[s], 8192, &res[n++]);
-        rc |= bench_prefill(be, &shapes[s], &res[n++]);
+        if (has_case(cases, "decode")) {
+            rc |= bench_decode(be, &shapes[s], 1024, &res[n++]);
+            rc |= bench_decode(be, &shapes[s], 8192, &res[n++]);
+        }
+        if (has_case(cases, "prefill"))
+            rc |= bench_prefill(be, &shapes[s], &res[n++]);
     }
-    if (rc == 0)
+    if (rc == 0 && has_case(cases, "mixed"))
         rc |= bench_mixed(be, &shapes[0], &res[n++]);
     printf("%-40s %9s %9s %10s %9s %9s %8s %8s %5s\n", "case", "device ms", "call ms",
            "KV GB/s", "of read", "TFLOP/s", "host us", "enq us", "launch");

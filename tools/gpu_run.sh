@@ -53,6 +53,26 @@ if has bench; then
   cat "$out/bench_gpu.log" | tail -30
 fi
 
+if has sweep; then
+  # Tiles side by side (attnd bench-gpu --tile KIND=warps_m,warp_mt,warps_n,tile_k,stages);
+  # the first row of each group is the default plan.
+  note "tile sweep: prefill (wide tiles)"
+  for t in "" wide=4,1,1,64,2 wide=4,1,1,64,3 wide=8,1,1,64,2 wide=4,2,1,32,2 wide=8,2,1,32,2 \
+           wide=4,2,1,64,3; do
+    timeout 120 "$R" attnd bench-gpu --cases prefill ${t:+--tile $t} > "$out/sweep.log.tmp" 2>&1
+    grep -E "^prefill" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
+    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+  done
+  note "tile sweep: decode and mixed (narrow tiles)"
+  for t in "" narrow=1,1,4,64,3 narrow=1,1,4,64,4; do
+    timeout 120 "$R" attnd bench-gpu --cases decode,mixed ${t:+--tile $t} ${mm:+--matmul-tflops $mm} \
+      > "$out/sweep.log.tmp" 2>&1
+    grep -E "^decode|^mixed|floor" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
+    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+  done
+  rm -f "$out/sweep.log.tmp"
+fi
+
 if has e2e; then
   note "e2e: in-process server with cpu and cuda:0, C client"
   timeout 200 "$R" test_svc_e2e_gpu > "$out/e2e.log" 2>&1
