@@ -30,7 +30,16 @@ typedef struct att_cuda_plan {
     uint32_t min_split_keys; /* a tile's keys are split only into parts of at least this many */
     uint32_t max_splits;     /* parts per tile, at most */
     uint32_t blocks_per_sm;  /* split while a call has fewer blocks than this per SM */
+    /* A batch with both kinds (decode tokens next to a prefill chunk): its wide tiles are split
+     * into parts of about this many keys, so the chunk's work comes in blocks about as short
+     * as the decode ones; ATT_CUDA_NEVER: not split for that reason. */
+    uint32_t mixed_split_keys;
+    uint32_t mixed_order;    /* ATT_CUDA_NARROW_FIRST or ATT_CUDA_WIDE_FIRST */
 } att_cuda_plan_t;
+
+#define ATT_CUDA_NEVER 0xffffffffu
+#define ATT_CUDA_NARROW_FIRST 1u
+#define ATT_CUDA_WIDE_FIRST 2u
 
 typedef struct att_cuda_cfg {
     int device;                   /* ordinal: "cuda:N" */

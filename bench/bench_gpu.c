@@ -12,6 +12,7 @@
  * Thread: single-threaded. */
 #include <inttypes.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -371,6 +372,36 @@ static int parse_tile(const char *s, att_cuda_plan_t *pl) {
     return 0;
 }
 
+/* "mixed_split_keys=512", "mixed_order=wide": one split threshold or the mixed launch order. */
+static int parse_plan(const char *s, att_cuda_plan_t *pl) {
+    static const struct {
+        const char *name;
+        size_t off;
+    } keys[] = {{"min_split_keys", offsetof(att_cuda_plan_t, min_split_keys)},
+                {"max_splits", offsetof(att_cuda_plan_t, max_splits)},
+                {"blocks_per_sm", offsetof(att_cuda_plan_t, blocks_per_sm)},
+                {"mixed_split_keys", offsetof(att_cuda_plan_t, mixed_split_keys)}};
+    const char *eq = strchr(s, '=');
+    if (eq == NULL)
+        return -1;
+    if (strncmp(s, "mixed_order=", 12) == 0) {
+        pl->mixed_order = strcmp(eq + 1, "wide") == 0     ? ATT_CUDA_WIDE_FIRST
+                          : strcmp(eq + 1, "narrow") == 0 ? ATT_CUDA_NARROW_FIRST
+                                                          : 0;
+        return pl->mixed_order != 0 ? 0 : -1;
+    }
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if ((size_t)(eq - s) == strlen(keys[i].name) && strncmp(s, keys[i].name, eq - s) == 0) {
+            uint32_t v = strcmp(eq + 1, "never") == 0 ? ATT_CUDA_NEVER
+                                                      : (uint32_t)strtoul(eq + 1, NULL, 10);
+            if (v == 0)
+                return -1;
+            memcpy((uint8_t *)pl + keys[i].off, &v, sizeof v);
+            return 0;
+        }
+    return -1;
+}
+
 static bool has_case(const char *cases, const char *name) {
     if (cases == NULL)
         return true;
@@ -396,15 +427,19 @@ int bench_gpu_main(int argc, char **argv) {
             cases = argv[++i];
         else if (strcmp(argv[i], "--tile") == 0 && i + 1 < argc && parse_tile(argv[++i], &plan) == 0)
             has_plan = true;
+        else if (strcmp(argv[i], "--plan") == 0 && i + 1 < argc && parse_plan(argv[++i], &plan) == 0)
+            has_plan = true;
         else {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
-                    "                       [--tile KIND=WM,MT,WN,TK,ST]...\n"
+                    "                       [--tile KIND=WM,MT,WN,TK,ST]... [--plan KEY=V]...\n"
                     "  X: the bf16 matrix rate measured on this GPU "
                     "(tools/gpu_torch_bench.py prints it)\n"
                     "  LIST: some of decode,prefill,mixed (default all)\n"
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
-                    "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n");
+                    "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
+                    "  KEY: min_split_keys, max_splits, blocks_per_sm, mixed_split_keys (a\n"
+                    "  number or never), mixed_order (narrow or wide)\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }

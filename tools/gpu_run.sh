@@ -3,7 +3,8 @@
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
 # default tests,sanitize): tests (the GPU suite and the launch-cache unit test), sanitize
 # (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
-# plus the torch yardsticks), e2e (attnd serve on cuda:0 and the C client).
+# plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
+# (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -68,6 +69,20 @@ if has sweep; then
     timeout 120 "$R" attnd bench-gpu --cases decode,mixed ${t:+--tile $t} ${mm:+--matmul-tflops $mm} \
       > "$out/sweep.log.tmp" 2>&1
     grep -E "^decode|^mixed|floor" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
+    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+  done
+  rm -f "$out/sweep.log.tmp"
+fi
+
+if has mixsweep; then
+  note "plan sweep: mixed batch"
+  for t in "" "--plan mixed_split_keys=never" "--plan mixed_order=wide" \
+           "--plan mixed_split_keys=256" "--plan mixed_split_keys=1024" \
+           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=256"; do
+    # shellcheck disable=SC2086
+    timeout 120 "$R" attnd bench-gpu --cases mixed $t ${mm:+--matmul-tflops $mm} \
+      > "$out/sweep.log.tmp" 2>&1
+    grep -E "^mixed|floor" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
     cat "$out/sweep.log.tmp" >> "$out/sweep.log"
   done
   rm -f "$out/sweep.log.tmp"
