@@ -118,26 +118,34 @@ static uint64_t fill_calls(const fill_plan_t *p, const ab_shape_t *shape, uint32
     return groups * steps * layers;
 }
 
-/* One Append of tokens [pos, pos + len) of sequences [first, first + count) on layer; its
- * request bytes are added to *bytes. Returns 0, or -1 after a message (which ends the
- * progress line pg first). */
-static int append_once(grpc_channel *ch, grpc_completion_queue *cq, const ab_session_t *s,
-                       uint32_t layer, uint64_t first, uint32_t count, uint32_t pos, uint32_t len,
-                       double *bytes, ab_progress_t *pg) {
-    ab_buf_t req = {0};
-    if (ab_work_append(s->model, s->name, layer, first, count, pos, len, &req) != 0) {
-        ab_progress_end(pg);
+/* Where a fill stands, for its progress line, and the buffers its Appends reuse. */
+typedef struct fill_state {
+    grpc_channel *ch;
+    grpc_completion_queue *cq;
+    uint64_t total, done; /* Append calls */
+    double bytes, t0_s;
+    ab_progress_t pg;
+    ab_buf_t payload;     /* ab_work_fill_payload of the slot being filled */
+    ab_buf_t req;         /* the Append being sent */
+} fill_state_t;
+
+/* One Append of tokens [pos, pos + len) of sequences [first, first + count) on layer. Returns
+ * 0, or -1 after a message (which ends the progress line first). */
+static int append_once(fill_state_t *st, const ab_session_t *s, uint32_t layer, uint64_t first,
+                       uint32_t count, uint32_t pos, uint32_t len) {
+    if (ab_work_append(s->model, s->name, layer, first, count, pos, len, &st->payload,
+                       &st->req) != 0) {
+        ab_progress_end(&st->pg);
         fprintf(stderr, "attnd-bench: out of memory for an Append\n");
         return -1;
     }
     bench_call_cfg_t cfg = {.method = "/attnd.v1.Attention/Append", .token = s->token,
                             .timeout_ms = 120000};
     bench_reply_t r;
-    int rc = bench_call_unary(ch, cq, &cfg, req.p, req.n, &r);
-    *bytes += (double)req.n;
-    ab_buf_fini(&req);
+    int rc = bench_call_unary(st->ch, st->cq, &cfg, st->req.p, st->req.n, &r);
+    st->bytes += (double)st->req.n;
     if (rc != 0 || r.status != GRPC_STATUS_OK) {
-        ab_progress_end(pg);
+        ab_progress_end(&st->pg);
         fprintf(stderr, "attnd-bench: Append to %s (layer %u, sequences %llu..%llu, tokens "
                         "%u..%u): %s: %s\n", s->name, layer, (unsigned long long)first,
                 (unsigned long long)(first + count - 1), pos, pos + len - 1,
@@ -148,18 +156,14 @@ static int append_once(grpc_channel *ch, grpc_completion_queue *cq, const ab_ses
     return rc;
 }
 
-/* Where a fill stands, for its progress line. */
-typedef struct fill_state {
-    grpc_channel *ch;
-    grpc_completion_queue *cq;
-    uint64_t total, done; /* Append calls */
-    double bytes, t0_s;
-    ab_progress_t pg;
-} fill_state_t;
-
 /* Fills one slot of session s on every layer. Returns 0, or -1 after a message. */
 static int fill_slot(fill_state_t *st, const ab_session_t *s, const fill_plan_t *p,
                      const ab_shape_t *shape, uint32_t layers) {
+    if (ab_work_fill_payload(s->model, (size_t)p->step * p->group, &st->payload) != 0) {
+        ab_progress_end(&st->pg);
+        fprintf(stderr, "attnd-bench: out of memory for the Append payload\n");
+        return -1;
+    }
     for (uint32_t layer = 0; layer < layers; layer++)
         for (uint32_t g = 0; g < p->count; g += p->group)
             for (uint32_t pos = 0; pos < shape->ctx; pos += p->step) {
@@ -170,8 +174,7 @@ static int fill_slot(fill_state_t *st, const ab_session_t *s, const fill_plan_t 
                     fprintf(stderr, "attnd-bench: interrupted while filling caches\n");
                     return -1;
                 }
-                if (append_once(st->ch, st->cq, s, layer, p->first + g, count, pos, len,
-                                &st->bytes, &st->pg) != 0)
+                if (append_once(st, s, layer, p->first + g, count, pos, len) != 0)
                     return -1;
                 if (++st->done < st->total && ab_progress_due(&st->pg))
                     ab_progress_show(&st->pg, "fill %s: Append %llu/%llu, %.0f MB in %.1f s",
@@ -207,6 +210,8 @@ int ab_setup_fill(grpc_channel *ch, const ab_session_t *ss, uint32_t n, const ab
                          st.bytes / 1e6, ab_now_s() - st.t0_s, n, shape->ctx);
     ab_progress_end(&st.pg);
     bench_cq_destroy(&st.cq);
+    ab_buf_fini(&st.payload);
+    ab_buf_fini(&st.req);
     return rc;
 }
 

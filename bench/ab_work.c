@@ -4,13 +4,27 @@
  * and the callers only read them. */
 #include "bench/ab_work.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
 void ab_buf_fini(ab_buf_t *b) {
     free(b->p);
-    b->p = NULL;
-    b->n = 0;
+    memset(b, 0, sizeof *b);
+}
+
+/* Packs rq into *out, reusing its storage when it is large enough. */
+static int pack_into(const Attnd__V1__AttendRequest *rq, ab_buf_t *out) {
+    size_t n = protobuf_c_message_get_packed_size(&rq->base);
+    if (out->cap < n + 1) {
+        uint8_t *p = realloc(out->p, n + 1);
+        if (p == NULL)
+            return -1;
+        out->p = p;
+        out->cap = n + 1;
+    }
+    out->n = protobuf_c_message_pack(&rq->base, out->p);
+    return 0;
 }
 
 uint32_t ab_work_tokens(ab_workload_t w, const ab_shape_t *s) {
@@ -70,25 +84,14 @@ static void fill_random(uint8_t *p, size_t n_elems, size_t elem_bytes, int dtype
     }
 }
 
-/* Packs an AttendRequest of the given chunks with random tensors; q only when with_q. */
-static int pack_chunks(const ab_model_t *m, const char *session, uint32_t layer,
-                       Attnd__V1__SequenceChunk *chunks, size_t n_chunks, bool with_q,
-                       uint32_t seed, ab_buf_t *out) {
-    size_t tokens = 0;
-    for (size_t i = 0; i < n_chunks; i++)
-        tokens += chunks[i].num_tokens;
-    size_t eb = ab_model_elem_bytes(m);
-    size_t q_elems = with_q ? tokens * m->cfg.num_query_heads * m->cfg.head_dim : 0;
-    size_t kv_elems = tokens * m->cfg.num_kv_heads * m->cfg.head_dim;
-    uint8_t *q = malloc(q_elems * eb + 1), *k = malloc(kv_elems * eb + 1);
-    uint8_t *v = malloc(kv_elems * eb + 1);
+/* Packs into *out an AttendRequest of session's chunks (borrowed) on layer with q, k and v
+ * (borrowed; q may be empty). Returns 0, or -1 (out of memory). */
+static int pack_request(const char *session, uint32_t layer, Attnd__V1__SequenceChunk *chunks,
+                        size_t n_chunks, ProtobufCBinaryData q, ProtobufCBinaryData k,
+                        ProtobufCBinaryData v, ab_buf_t *out) {
     Attnd__V1__SequenceChunk **ptrs = calloc(n_chunks, sizeof *ptrs);
-    int rc = -1;
-    if (q == NULL || k == NULL || v == NULL || ptrs == NULL)
-        goto out;
-    fill_random(q, q_elems, eb, m->cfg.dtype, seed * 3 + 1);
-    fill_random(k, kv_elems, eb, m->cfg.dtype, seed * 3 + 2);
-    fill_random(v, kv_elems, eb, m->cfg.dtype, seed * 3 + 3);
+    if (ptrs == NULL)
+        return -1;
     for (size_t i = 0; i < n_chunks; i++)
         ptrs[i] = &chunks[i];
     Attnd__V1__AttendRequest rq = ATTND__V1__ATTEND_REQUEST__INIT;
@@ -96,19 +99,10 @@ static int pack_chunks(const ab_model_t *m, const char *session, uint32_t layer,
     rq.layer = layer;
     rq.n_chunks = n_chunks;
     rq.chunks = ptrs;
-    rq.q = (ProtobufCBinaryData){q_elems * eb, q};
-    rq.k = (ProtobufCBinaryData){kv_elems * eb, k};
-    rq.v = (ProtobufCBinaryData){kv_elems * eb, v};
-    out->n = protobuf_c_message_get_packed_size(&rq.base);
-    out->p = malloc(out->n + 1);
-    if (out->p == NULL)
-        goto out;
-    protobuf_c_message_pack(&rq.base, out->p);
-    rc = 0;
-out:
-    free(q);
-    free(k);
-    free(v);
+    rq.q = q;
+    rq.k = k;
+    rq.v = v;
+    int rc = pack_into(&rq, out);
     free(ptrs);
     return rc;
 }
@@ -116,23 +110,53 @@ out:
 int ab_work_request(const ab_model_t *m, ab_workload_t w, const ab_shape_t *s, const char *session,
                     uint32_t slot, uint32_t layer, ab_buf_t *out) {
     size_t n = w == AB_PREFILL ? 1 : s->batch + (w == AB_MIXED ? 1 : 0);
+    size_t tokens = ab_work_tokens(w, s), eb = ab_model_elem_bytes(m);
+    size_t q_elems = tokens * m->cfg.num_query_heads * m->cfg.head_dim;
+    size_t kv_elems = tokens * m->cfg.num_kv_heads * m->cfg.head_dim;
     Attnd__V1__SequenceChunk *chunks = calloc(n, sizeof *chunks);
-    if (chunks == NULL)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        attnd__v1__sequence_chunk__init(&chunks[i]);
-        bool prefill = w == AB_PREFILL || (w == AB_MIXED && i == n - 1);
-        chunks[i].seq_id = ab_work_slot_first(s, slot) + (prefill ? s->batch : i);
-        chunks[i].start_pos = s->ctx;
-        chunks[i].num_tokens = prefill ? s->chunk : 1;
+    uint8_t *q = malloc(q_elems * eb + 1), *k = malloc(kv_elems * eb + 1);
+    uint8_t *v = malloc(kv_elems * eb + 1);
+    int rc = -1;
+    if (chunks != NULL && q != NULL && k != NULL && v != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            attnd__v1__sequence_chunk__init(&chunks[i]);
+            bool prefill = w == AB_PREFILL || (w == AB_MIXED && i == n - 1);
+            chunks[i].seq_id = ab_work_slot_first(s, slot) + (prefill ? s->batch : i);
+            chunks[i].start_pos = s->ctx;
+            chunks[i].num_tokens = prefill ? s->chunk : 1;
+        }
+        /* seeded by layer: every session gets the same payload */
+        fill_random(q, q_elems, eb, m->cfg.dtype, layer * 3 + 1);
+        fill_random(k, kv_elems, eb, m->cfg.dtype, layer * 3 + 2);
+        fill_random(v, kv_elems, eb, m->cfg.dtype, layer * 3 + 3);
+        rc = pack_request(session, layer, chunks, n, (ProtobufCBinaryData){q_elems * eb, q},
+                          (ProtobufCBinaryData){kv_elems * eb, k},
+                          (ProtobufCBinaryData){kv_elems * eb, v}, out);
     }
-    int rc = pack_chunks(m, session, layer, chunks, n, true, layer + 1, out);
     free(chunks);
+    free(q);
+    free(k);
+    free(v);
     return rc;
 }
 
+int ab_work_fill_payload(const ab_model_t *m, size_t max_tokens, ab_buf_t *out) {
+    size_t elems = max_tokens * m->cfg.num_kv_heads * m->cfg.head_dim;
+    ab_buf_fini(out);
+    out->p = malloc(elems * ab_model_elem_bytes(m) + 1);
+    if (out->p == NULL)
+        return -1;
+    out->n = out->cap = elems * ab_model_elem_bytes(m);
+    fill_random(out->p, elems, ab_model_elem_bytes(m), m->cfg.dtype, 7);
+    return 0;
+}
+
 int ab_work_append(const ab_model_t *m, const char *session, uint32_t layer, uint64_t first,
-                   uint32_t count, uint32_t pos, uint32_t n, ab_buf_t *out) {
+                   uint32_t count, uint32_t pos, uint32_t n, const ab_buf_t *payload,
+                   ab_buf_t *out) {
+    size_t kv_bytes = (size_t)count * n * m->cfg.num_kv_heads * m->cfg.head_dim *
+                      ab_model_elem_bytes(m);
+    assert(kv_bytes <= payload->n);
     Attnd__V1__SequenceChunk *chunks = calloc(count, sizeof *chunks);
     if (chunks == NULL)
         return -1;
@@ -142,7 +166,9 @@ int ab_work_append(const ab_model_t *m, const char *session, uint32_t layer, uin
         chunks[i].start_pos = pos;
         chunks[i].num_tokens = n;
     }
-    int rc = pack_chunks(m, session, layer, chunks, count, false, pos + 7, out);
+    ProtobufCBinaryData kv = {kv_bytes, payload->p};
+    int rc = pack_request(session, layer, chunks, count, (ProtobufCBinaryData){0, NULL}, kv, kv,
+                          out);
     free(chunks);
     return rc;
 }

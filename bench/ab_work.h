@@ -20,7 +20,8 @@
 /* Bytes owned by whoever holds the struct: ab_buf_fini. */
 typedef struct ab_buf {
     uint8_t *p;
-    size_t n;
+    size_t n;   /* bytes in use */
+    size_t cap; /* bytes allocated at p (ab_work_append reuses them) */
 } ab_buf_t;
 
 void ab_buf_fini(ab_buf_t *b);
@@ -56,9 +57,17 @@ uint64_t ab_work_capacity_tokens(const ab_model_t *m, const ab_shape_t *s, uint3
 int ab_work_request(const ab_model_t *m, ab_workload_t w, const ab_shape_t *s, const char *session,
                     uint32_t slot, uint32_t layer, ab_buf_t *out);
 
-/* Packs an Append of tokens [pos, pos + n) for the sequences [first, first + count) of session
- * on layer (no q). Returns 0 and *out, or -1 (out of memory). */
+/* Random values for the k and v of Appends of up to max_tokens tokens of model m: made once and
+ * sent by every Append of a fill (their values do not matter to a benchmark; making 16 MB of
+ * them for each Append made the fill client-bound). Returns 0 and *out, or -1 (out of memory). */
+int ab_work_fill_payload(const ab_model_t *m, size_t max_tokens, ab_buf_t *out);
+
+/* Packs into *out (its storage reused, grown when needed) an Append of tokens [pos, pos + n)
+ * for the sequences [first, first + count) of session on layer, no q, with k and v both taken
+ * from payload (ab_work_fill_payload for at least count * n tokens). Returns 0, or -1 (out of
+ * memory). */
 int ab_work_append(const ab_model_t *m, const char *session, uint32_t layer, uint64_t first,
-                   uint32_t count, uint32_t pos, uint32_t n, ab_buf_t *out);
+                   uint32_t count, uint32_t pos, uint32_t n, const ab_buf_t *payload,
+                   ab_buf_t *out);
 
 #endif
