@@ -8,8 +8,10 @@
  *
  * A run, on the session's stream: one upload of the metadata (chunks, block table, items,
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
- * attention launches (narrow tiles, wide tiles, each with its merge when split), one download of
- * out; then the stream is synchronized and out copied into place. */
+ * attention launches (each tile kind with its merge when split; with both kinds, the wide ones on
+ * the session's side stream, forked and joined by events), one download of out; then the stream
+ * is synchronized and out copied into place. Tiles and thresholds come from the session's plan
+ * (att_cuda_plan_default, fixed at creation). */
 #include "attention/att_cuda.h"
 
 #include <pthread.h>

@@ -54,38 +54,40 @@ if has bench; then
   cat "$out/bench_gpu.log" | tail -30
 fi
 
+# One bench-gpu run of a sweep: its rows matching $1, labelled $2, on stdout; its log appended
+# to sweep.log. The remaining arguments go to bench-gpu.
+sweep_run() {
+  local pat=$1 label=$2
+  shift 2
+  timeout 120 "$R" attnd bench-gpu "$@" > "$out/sweep.log.tmp" 2>&1
+  grep -E "$pat" "$out/sweep.log.tmp" | sed "s/^/$label /"
+  cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+  rm -f "$out/sweep.log.tmp"
+}
+
 if has sweep; then
   # Tiles side by side (attnd bench-gpu --tile KIND=warps_m,warp_mt,warps_n,tile_k,stages);
   # the first row of each group is the default plan.
   note "tile sweep: prefill (wide tiles)"
   for t in "" wide=4,1,1,64,2 wide=4,1,1,64,3 wide=8,1,1,64,2 wide=4,2,1,32,2 wide=8,2,1,32,2 \
            wide=4,2,1,64,3; do
-    timeout 120 "$R" attnd bench-gpu --cases prefill ${t:+--tile $t} > "$out/sweep.log.tmp" 2>&1
-    grep -E "^prefill" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
-    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+    sweep_run "^prefill" "${t:-default}" --cases prefill ${t:+--tile $t}
   done
   note "tile sweep: decode and mixed (narrow tiles)"
   for t in "" narrow=1,1,4,64,3 narrow=1,1,4,64,4; do
-    timeout 120 "$R" attnd bench-gpu --cases decode,mixed ${t:+--tile $t} ${mm:+--matmul-tflops $mm} \
-      > "$out/sweep.log.tmp" 2>&1
-    grep -E "^decode|^mixed|floor" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
-    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+    sweep_run "^decode|^mixed|floor" "${t:-default}" --cases decode,mixed ${t:+--tile $t} \
+      ${mm:+--matmul-tflops $mm}
   done
-  rm -f "$out/sweep.log.tmp"
 fi
 
 if has mixsweep; then
   note "plan sweep: mixed batch"
-  for t in "" "--plan mixed_split_keys=never" "--plan mixed_order=wide" \
+  for t in "" "--plan mixed_split_keys=never" "--plan mixed_order=narrow" \
            "--plan mixed_split_keys=256" "--plan mixed_split_keys=1024" \
-           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=256"; do
+           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=never"; do
     # shellcheck disable=SC2086
-    timeout 120 "$R" attnd bench-gpu --cases mixed $t ${mm:+--matmul-tflops $mm} \
-      > "$out/sweep.log.tmp" 2>&1
-    grep -E "^mixed|floor" "$out/sweep.log.tmp" | sed "s/^/${t:-default} /"
-    cat "$out/sweep.log.tmp" >> "$out/sweep.log"
+    sweep_run "^mixed|floor" "${t:-default}" --cases mixed $t ${mm:+--matmul-tflops $mm}
   done
-  rm -f "$out/sweep.log.tmp"
 fi
 
 if has e2e; then
