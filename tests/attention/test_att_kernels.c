@@ -7,11 +7,17 @@
  * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
  * NVRTC needs no GPU, so this runs in CI; without libnvrtc it skips with a line saying so.
  * The compiles run on every CPU (att_jit is thread-safe); failures are collected and reported
- * from the test thread. Label: unit. */
+ * from the test thread. Label: slow (a few minutes on 2 cores).
+ *
+ * ATTND_KERNEL_VARIANTS=few compiles only the default plan of the Llama shape in each dtype for
+ * sm_90: the sanitizer builds set it, since NVRTC itself is not instrumented and the full set
+ * there would only repeat the release build's compiles at a fraction of the speed. */
 #include "tests/test_util.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -35,6 +41,7 @@ static job_t g_jobs[MAX_JOBS];
 static uint32_t g_num_jobs;
 static atomic_uint g_next;
 static att_jit_t *g_jit;
+static bool g_few; /* ATTND_KERNEL_VARIANTS=few: sm_90 only */
 
 /* Tiles besides the default plan's (warps_m, warp_mt, warps_n, tile_k, stages). */
 static const att_tile_t k_candidates[] = {
@@ -86,7 +93,7 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
         for (uint32_t i = 0; i < sizeof k_candidates / sizeof k_candidates[0]; i++)
             tiles[nt++] = k_candidates[i];
     for (uint32_t k = 0; k < nt; k++)
-        for (int a = 0; a < 2; a++) {
+        for (int a = g_few ? 1 : 0; a < 2; a++) {
             assert_true(g_num_jobs < MAX_JOBS);
             job_t *j = &g_jobs[g_num_jobs++];
             at_diag_t diag = {{0}};
@@ -118,39 +125,8 @@ static void *worker(void *arg) {
     }
 }
 
-static void test_att_kernels_compile_every_variant(void **state) {
-    (void)state;
-    at_diag_t diag = {{0}};
-    at_err_t e = att_jit_create(NULL, &diag, &g_jit);
-    if (e == AT_ERR_UNSUPPORTED) {
-        printf("SKIP: no NVRTC on this machine (%s)\n", diag.msg);
-        skip();
-    }
-    assert_int_equal(e, AT_OK);
-    static const att_dtype_t dts[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
-    static const uint32_t dims[] = {24, 64, 80, 128, 256};
-    static const uint32_t groups[][2] = {{4, 4}, {8, 2}, {16, 2}, {6, 1}};
-    for (int a = 0; a < 3; a++)
-        for (int d = 0; d < 5; d++)
-            for (int g = 0; g < 4; g++) {
-                /* f32 does not depend on the group; f16 differs from bf16 only in two
-                 * instructions, so one group covers it */
-                if (dts[a] != ATT_DTYPE_BF16 && g != 1)
-                    continue;
-                add_model(dts[a], groups[g][0], groups[g][1], dims[d], 16, 0,
-                          dts[a] == ATT_DTYPE_BF16 && g == 1 && dims[d] == 128);
-            }
-    for (uint32_t b = 8; b <= 256; b *= 2)
-        if (b != 16)
-            add_model(ATT_DTYPE_BF16, 32, 8, 128, b, 0, false);
-    for (unsigned f = 1; f <= 8; f <<= 1) {
-        add_model(ATT_DTYPE_F16, 8, 2, 128, 16, f, false);
-        add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, f, false);
-    }
-    add_model(ATT_DTYPE_F16, 8, 2, 128, 16, 15, false);
-    add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, 15, false);
-    add_model(ATT_DTYPE_F32, 8, 2, 80, 16, 15, false);
-
+/* Compiles every job on up to 8 threads, reports each failure, frees the models and the jit. */
+static void run_jobs(void) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     uint32_t nthreads = ncpu > 1 ? (uint32_t)(ncpu > 8 ? 8 : ncpu) : 1;
     pthread_t tids[8];
@@ -174,6 +150,50 @@ static void test_att_kernels_compile_every_variant(void **state) {
            (unsigned long long)st.compiles, (double)st.compile_ns / 1e9);
     att_jit_destroy(&g_jit);
     assert_int_equal(bad, 0);
+}
+
+static void test_att_kernels_compile_every_variant(void **state) {
+    (void)state;
+    at_diag_t diag = {{0}};
+    at_err_t e = att_jit_create(NULL, &diag, &g_jit);
+    if (e == AT_ERR_UNSUPPORTED) {
+        printf("SKIP: no NVRTC on this machine (%s)\n", diag.msg);
+        skip();
+    }
+    assert_int_equal(e, AT_OK);
+    static const att_dtype_t dts[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
+    const char *few = getenv("ATTND_KERNEL_VARIANTS");
+    if (few != NULL && strcmp(few, "few") == 0) {
+        g_few = true;
+        for (int a = 0; a < 3; a++)
+            add_model(dts[a], 32, 8, 128, 16, 0, false);
+        run_jobs();
+        return;
+    }
+    static const uint32_t dims[] = {24, 64, 80, 128, 256};
+    static const uint32_t groups[][2] = {{4, 4}, {8, 2}, {16, 2}, {6, 1}};
+    for (int a = 0; a < 3; a++)
+        for (int d = 0; d < 5; d++)
+            for (int g = 0; g < 4; g++) {
+                /* f32 does not depend on the group; f16 differs from bf16 only in two
+                 * instructions, so one group covers it */
+                if (dts[a] != ATT_DTYPE_BF16 && g != 1)
+                    continue;
+                add_model(dts[a], groups[g][0], groups[g][1], dims[d], 16, 0,
+                          dts[a] == ATT_DTYPE_BF16 && g == 1 && dims[d] == 128);
+            }
+    for (uint32_t b = 8; b <= 256; b *= 2)
+        if (b != 16)
+            add_model(ATT_DTYPE_BF16, 32, 8, 128, b, 0, false);
+    for (unsigned f = 1; f <= 8; f <<= 1) {
+        add_model(ATT_DTYPE_F16, 8, 2, 128, 16, f, false);
+        add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, f, false);
+    }
+    add_model(ATT_DTYPE_F16, 8, 2, 128, 16, 15, false);
+    add_model(ATT_DTYPE_BF16, 16, 2, 64, 32, 15, false);
+    add_model(ATT_DTYPE_F32, 8, 2, 80, 16, 15, false);
+
+    run_jobs();
 }
 
 int main(void) {
