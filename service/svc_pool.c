@@ -378,20 +378,28 @@ static void describe_exit(int status, char *buf, size_t n) {
         snprintf(buf, n, "exit status %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
 }
 
-/* Binds a fresh ipc:// socket for the lane's next process and spawns `exe worker ...` on it. The
- * test fault switch reaches a worker's first process only. */
-static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
-    svc_pool_t *p = l->p;
+/* A new PAIR socket of the lane (replacing its old one), bound at l->endpoint. */
+static at_err_t bind_socket(lane_t *l, at_diag_t *diag) {
     if (l->sock != NULL)
         zmq_close(l->sock);
-    snprintf(l->endpoint, sizeof l->endpoint, "ipc://%s/w%u.%u", p->dir, l->index,
-             l->generation);
     int linger = 0;
-    l->sock = zmq_socket(p->zctx, ZMQ_PAIR);
+    l->sock = zmq_socket(l->p->zctx, ZMQ_PAIR);
     if (l->sock == NULL || zmq_setsockopt(l->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
         zmq_bind(l->sock, l->endpoint) != 0)
         return at_diag_set(diag, AT_ERR_IO, "pool %s: %s", l->endpoint,
                            zmq_strerror(zmq_errno()));
+    return AT_OK;
+}
+
+/* Binds a fresh ipc:// socket for the lane's next process and spawns `exe worker ...` on it. The
+ * test fault switch reaches a worker's first process only. */
+static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
+    svc_pool_t *p = l->p;
+    snprintf(l->endpoint, sizeof l->endpoint, "ipc://%s/w%u.%u", p->dir, l->index,
+             l->generation);
+    at_err_t e = bind_socket(l, diag);
+    if (e != AT_OK)
+        return e;
     char threads[16], bytes[24], parent[24];
     snprintf(threads, sizeof threads, "%u", l->wcfg.cpu_threads);
     snprintf(bytes, sizeof bytes, "%llu", (unsigned long long)l->wcfg.arena_bytes);
@@ -825,12 +833,8 @@ static at_err_t lane_start(svc_pool_t *p, const svc_pool_cfg_t *cfg, uint32_t i,
         return process_start(l, diag);
     snprintf(l->endpoint, sizeof l->endpoint, "inproc://attnd-%s-%u-%u", cfg->device, cfg->index,
              i);
-    int linger = 0;
-    l->sock = zmq_socket(p->zctx, ZMQ_PAIR);
-    if (l->sock == NULL || zmq_setsockopt(l->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
-        zmq_bind(l->sock, l->endpoint) != 0)
-        return at_diag_set(diag, AT_ERR_IO, "pool %s: %s", l->endpoint,
-                           zmq_strerror(zmq_errno()));
+    if ((e = bind_socket(l, diag)) != AT_OK)
+        return e;
     if (pthread_create(&l->thread, NULL, worker_main, l) != 0)
         return at_diag_set(diag, AT_ERR_IO, "pool %s: cannot start worker %u", p->device, i);
     /* The worker's first message says whether it could start. */
