@@ -52,8 +52,9 @@ typedef struct svc_pool svc_pool_t;
 typedef struct svc_job svc_job_t;
 
 /* Called once per job on the dispatcher thread, with the worker's reply (or one the pool made:
- * CANCELLED for a job cancelled before it was sent, SHUTTING_DOWN, WORKER_LOST). The job belongs
- * to the callee again from here on. */
+ * CANCELLED for a job cancelled before it was sent, SHUTTING_DOWN, WORKER_LOST for a job sent
+ * to or meant for a worker that died, SESSION_LOST for a job of a session created on a worker
+ * that died since). The job belongs to the callee again from here on. */
 typedef void (*svc_job_done_fn)(svc_job_t *job, const svc_rep_t *rep);
 
 struct svc_job {

@@ -192,6 +192,8 @@ class TFaultSwitch(Base):
 
             wt = threading.Thread(target=watcher, daemon=True)
             wt.start()
+            # listed as a watcher before its first message: every change from here on is sent
+            wait_for("the first Watch message", lambda: len(seen) > 0)
             m = tl.Model(num_layers=2, hq=4, hkv=1, d=64, dtype="bf16", block_size=16)
             sess = tl.Session(stub, "s", m).create()
             null = stub.CreateSession(pb.CreateSessionRequest(
