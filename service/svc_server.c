@@ -1741,6 +1741,9 @@ void svc_server_drain(svc_server_t *s, uint32_t grace_ms) {
     if (atomic_exchange(&s->draining, true))
         return;
     at_log(AT_LOG_INFO, "server", "draining: no new calls; %u ms for in-flight ones", grace_ms);
+    /* no pool calls back once this returns: pools may be destroyed from here on */
+    for (uint32_t i = 0; i < s->num_pools; i++)
+        svc_pool_set_listener(s->pools[i], NULL, NULL);
     watch_drain(s);
     grpc_server_shutdown_and_notify(s->server, s->cqs[0], &s->shutdown_tag);
     if (!wait_shutdown(s, grace_ms)) {
@@ -1753,8 +1756,6 @@ void svc_server_destroy(svc_server_t **sp) {
     if (sp == NULL || *sp == NULL)
         return;
     struct svc_server *s = *sp;
-    for (uint32_t i = 0; i < s->num_pools; i++) /* no callback runs once this returns */
-        svc_pool_set_listener(s->pools[i], NULL, NULL);
     svc_server_drain(s, 0);
     while (!wait_shutdown(s, 1000))
         at_log(AT_LOG_INFO, "server", "waiting for calls to end");
