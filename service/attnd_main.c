@@ -7,6 +7,7 @@
 
 #include "bench/bench.h"
 #include "service/svc_serve.h"
+#include "service/svc_worker.h"
 
 #ifndef ATTND_VERSION
 #define ATTND_VERSION "unknown"
@@ -30,6 +31,7 @@ static const cmd_t cmds[] = {
     {"bench-gpu", bench_gpu_main, "time the CUDA backend on cuda:0 against measured ceilings"},
 #endif
     {"help", cmd_help, "print this help, or a command's: attnd help COMMAND"},
+    {"worker", svc_worker_main, NULL}, /* hidden: a device's worker process, spawned by serve */
 };
 
 static void usage(FILE *f) {
@@ -37,7 +39,8 @@ static void usage(FILE *f) {
                "       attnd --help | --version\n"
                "\ncommands:\n");
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
-        fprintf(f, "  %-12s %s\n", cmds[i].name, cmds[i].summary);
+        if (cmds[i].summary != NULL)
+            fprintf(f, "  %-12s %s\n", cmds[i].name, cmds[i].summary);
 }
 
 static const cmd_t *cmd_find(const char *name) {

@@ -4,20 +4,34 @@
  * eventfd; the dispatcher thread alone owns the ZeroMQ sockets (one per worker), moves queued jobs
  * into batches in their worker's scheduler, sends them and matches each worker's in-order replies
  * against that worker's `inflight` list. A timerfd wakes it when a batch's queueing delay runs
- * out. Each worker thread owns the other end of its socket. Lock order: only `mu` (the pins are
- * atomics); it is never held across a send, a receive or a done callback. */
+ * out, a worker's restart is due or its start timed out. Each worker thread owns the other end
+ * of its socket. Locks: `mu` (the pins, states and epochs are atomics) is never held across a
+ * send, a receive or a done callback; `lmu` is held only around the state listener.
+ *
+ * Worker processes: the dispatcher watches each one through a pidfd (readable when the process
+ * ends; it then reaps exactly that pid with waitpid, so no SIGCHLD handler and no other child of
+ * the server is touched). This sees every death at once, however it happened (a fault, the OOM
+ * killer, kill -9), where a heartbeat would see only a silence and a socket monitor only a
+ * disconnect. A hung worker is not detected. Without pidfd_open (Linux < 5.3) the dispatcher
+ * polls waitpid(pid, WNOHANG) every 100 ms instead. Each start binds a fresh ipc:// path
+ * (w<worker>.<generation>), so nothing queued for a dead worker can reach its successor. */
 #include "service/svc_pool.h"
 
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/timerfd.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -30,6 +44,15 @@
  * wait in the scheduler, where a cancelled job is still dropped rather than run, where jobs that
  * queue up behind a busy worker can be merged, and where tenants take turns. */
 #define MAX_INFLIGHT 2
+#define RESTART_MAX_NS 30000000000LL /* longest delay before a worker process is started again */
+#define STABLE_NS 30000000000LL      /* a worker up this long starts the count of deaths again */
+#define STOP_WAIT_MS 10000           /* stopping: a worker's answer to STOP, then its exit */
+#define NO_PIDFD_POLL_MS 100
+
+extern char **environ;
+
+typedef enum lane_state { LANE_UP, LANE_STARTING, LANE_DOWN } lane_state_t;
+
 /* Cost units per turn and unit of weight: about one decode step of a few sequences at a few
  * thousand tokens of context; dearer jobs take several turns of credit (see ten_sched.h). */
 #define SCHED_QUANTUM (1u << 16)
@@ -37,11 +60,20 @@
 typedef struct lane {
     svc_pool_t *p;
     uint32_t index;
-    char endpoint[96];
-    void *sock;               /* dispatcher thread only */
+    char endpoint[160];
+    void *sock;               /* dispatcher thread only (the owner's before it starts) */
     svc_worker_cfg_t wcfg;    /* for the worker thread */
     pthread_t thread;
     bool started;             /* the worker thread exists (owner's thread) */
+    bool process;             /* a worker process, not a thread */
+    atomic_int pid;           /* the worker process; 0 when none */
+    int pidfd;                /* dispatcher only: the process's pidfd, or -1 */
+    uint32_t generation;      /* dispatcher only: processes started */
+    atomic_int state;         /* lane_state_t; thread lanes are always UP */
+    _Atomic uint64_t epoch;   /* bumped when a worker process dies */
+    int64_t deadline_ns;      /* dispatcher only: STARTING: start timeout; DOWN: restart time */
+    uint32_t deaths;          /* dispatcher only: deaths in a row, without a stable run */
+    int64_t up_since_ns;
     at_err_t worker_err;      /* the worker thread's result */
     atomic_uint sessions;     /* sessions pinned; relaxed: only a load-balancing hint */
     /* dispatcher only */
@@ -59,6 +91,9 @@ struct svc_pool {
     char device[32];
     void *zctx;               /* borrowed */
     svc_arena_t *arena;       /* owned; shared by the workers */
+    char dir[96];             /* worker processes: the private directory of their sockets */
+    int64_t restart_ns;
+    int64_t start_timeout_ns;
     lane_t lanes[SVC_WORKERS_MAX];
     uint32_t num_lanes;
     pthread_t dispatcher;
@@ -72,6 +107,9 @@ struct svc_pool {
     svc_job_t *queue_tail;    /* guarded by mu */
     uint32_t waiting;         /* guarded by mu: submitted, not yet sent or dropped */
     bool stopping;            /* guarded by mu */
+    pthread_mutex_t lmu;      /* held while the listener runs, so clearing it waits for it */
+    svc_pool_state_fn listener; /* guarded by lmu */
+    void *listener_arg;       /* guarded by lmu */
     bool joined;              /* the owner's thread: svc_pool_stop joined the threads */
     uint64_t next_job_id;     /* dispatcher only */
     uint32_t gone;            /* dispatcher only: jobs sent or dropped since `waiting` last
@@ -119,10 +157,11 @@ static int send_job(lane_t *l, svc_job_t *job) {
     svc_pool_t *p = l->p;
     job->req.magic = SVC_MSG_MAGIC;
     job->req.job_id = ++p->next_job_id;
+    /* never blocks: a live worker drains its socket, and a dead one must not stall the pool */
     int more = job->items != NULL ? ZMQ_SNDMORE : 0;
-    if (zmq_send(l->sock, &job->req, sizeof job->req, more) != (int)sizeof job->req)
+    if (zmq_send(l->sock, &job->req, sizeof job->req, more | ZMQ_DONTWAIT) != (int)sizeof job->req)
         return -1;
-    if (more && zmq_send(l->sock, job->items, job->items_len, 0) != (int)job->items_len)
+    if (more && zmq_send(l->sock, job->items, job->items_len, ZMQ_DONTWAIT) != (int)job->items_len)
         return -1;
     job->sent_ns = now_ns();
     job->queue_ns = job->sent_ns - job->queued_ns;
@@ -136,16 +175,35 @@ static int send_job(lane_t *l, svc_job_t *job) {
     return 0;
 }
 
-/* Sends the batch led by b, dropping its cancelled jobs first. A failed send leaves the worker
- * waiting for the rest of a batch it will never get, so the worker counts as lost. */
+static bool lane_up(const lane_t *l) {
+    return l->worker_ok && atomic_load_explicit(&l->state, memory_order_relaxed) == LANE_UP;
+}
+
+/* Stops a worker process that broke the protocol or cannot be fed; its death does the rest. */
+static void lane_kill(lane_t *l) {
+    l->worker_ok = false;
+    int pid = atomic_load_explicit(&l->pid, memory_order_relaxed);
+    if (pid > 0)
+        kill(pid, SIGKILL);
+}
+
+/* Sends the batch led by b, dropping its cancelled jobs first. Jobs of a session whose worker
+ * died since it was created are answered SESSION_LOST; while the worker is down, the rest are
+ * answered WORKER_LOST. A failed send leaves the worker waiting for the rest of a batch it will
+ * never get, so the worker counts as lost. */
 static void send_batch(lane_t *l, svc_job_t *b) {
     svc_pool_t *p = l->p;
     svc_job_t *batch[SVC_BATCH_MAX];
     uint32_t n = 0;
+    uint64_t epoch = atomic_load_explicit(&l->epoch, memory_order_relaxed);
     for (svc_job_t *j = b, *next; j != NULL; j = next) {
         next = j->next;
-        if (!l->worker_ok)
-            finish(p, j, AT_ERR_WORKER_LOST, "the device worker is not answering");
+        if (j->req.op == SVC_OP_CREATE)
+            j->epoch = epoch;
+        if (j->epoch != epoch)
+            finish(p, j, AT_ERR_SESSION_LOST, "its device worker stopped, and its KV cache with it");
+        else if (!lane_up(l))
+            finish(p, j, AT_ERR_WORKER_LOST, "the device worker is restarting");
         else if (atomic_load_explicit(&j->cancelled, memory_order_acquire))
             finish(p, j, AT_ERR_CANCELLED, "cancelled before it ran");
         else
@@ -155,7 +213,7 @@ static void send_batch(lane_t *l, svc_job_t *b) {
         batch[i]->req.batch_size = n;
         batch[i]->req.batch_index = i;
         if (send_job(l, batch[i]) != 0) {
-            l->worker_ok = false;
+            lane_kill(l);
             for (uint32_t j = i; j < n; j++)
                 finish(p, batch[j], AT_ERR_WORKER_LOST, "the device worker is not answering");
             fail_inflight(l, "the device worker is not answering");
@@ -236,7 +294,7 @@ static void admit(svc_pool_t *p, svc_job_t *j) {
  * the pool is stopping or its session has a later batch (then it can grow no more). */
 static void pump(lane_t *l, bool stopping, int64_t *wake_at) {
     svc_pool_t *p = l->p;
-    while (l->inflight < MAX_INFLIGHT || !l->worker_ok) {
+    while (l->inflight < MAX_INFLIGHT || !lane_up(l)) {
         svc_job_t *b = l->staged;
         if (b == NULL) {
             ten_sched_item_t *it = ten_sched_pop(l->sched);
@@ -247,7 +305,7 @@ static void pump(lane_t *l, bool stopping, int64_t *wake_at) {
         l->staged = NULL;
         bool open = open_find(l, b->req.session_id, false) == b;
         int64_t until = b->queued_ns + p->batch_delay_ns;
-        if (open && p->batch_delay_ns > 0 && !stopping && l->worker_ok &&
+        if (open && p->batch_delay_ns > 0 && !stopping && lane_up(l) &&
             b->batch_tokens < p->batch_tokens && b->batch_n < SVC_BATCH_MAX && now_ns() < until) {
             l->staged = b;
             if (*wake_at == 0 || until < *wake_at)
@@ -266,15 +324,23 @@ static void arm_timer(svc_pool_t *p, int64_t at_ns) {
     (void)timerfd_settime(p->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
 }
 
+static void on_ready(lane_t *l);
+
 static void on_reply(lane_t *l) {
     svc_pool_t *p = l->p;
+    if (atomic_load_explicit(&l->state, memory_order_relaxed) == LANE_STARTING) {
+        on_ready(l);
+        return;
+    }
     svc_rep_t rep;
-    int got = zmq_recv(l->sock, &rep, sizeof rep, 0);
+    int got = zmq_recv(l->sock, &rep, sizeof rep, ZMQ_DONTWAIT);
+    if (got < 0 && zmq_errno() == EAGAIN)
+        return;
     svc_job_t *job = l->inflight_head;
     if (got != (int)sizeof rep || job == NULL || rep.job_id != job->req.job_id) {
         at_log(AT_LOG_ERROR, "pool", "%s worker %u: reply out of order or malformed", p->device,
                l->index);
-        l->worker_ok = false;
+        lane_kill(l);
         fail_inflight(l, "the worker answered out of order");
         return;
     }
@@ -294,28 +360,263 @@ static bool lane_idle(const lane_t *l) {
     return l->inflight_head == NULL && l->staged == NULL && ten_sched_len(l->sched) == 0;
 }
 
+/* ---- worker processes ------------------------------------------------------------------- */
+
+static void notify(svc_pool_t *p) {
+    pthread_mutex_lock(&p->lmu);
+    if (p->listener != NULL)
+        p->listener(p->listener_arg);
+    pthread_mutex_unlock(&p->lmu);
+}
+
+static void describe_exit(int status, char *buf, size_t n) {
+    if (WIFSIGNALED(status))
+        snprintf(buf, n, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else if (WIFEXITED(status) && WEXITSTATUS(status) == SVC_WORKER_EXIT_DEVICE_LOST)
+        snprintf(buf, n, "exit status %d: the device faulted", WEXITSTATUS(status));
+    else
+        snprintf(buf, n, "exit status %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+}
+
+/* A new PAIR socket of the lane (replacing its old one), bound at l->endpoint. */
+static at_err_t bind_socket(lane_t *l, at_diag_t *diag) {
+    if (l->sock != NULL)
+        zmq_close(l->sock);
+    int linger = 0;
+    l->sock = zmq_socket(l->p->zctx, ZMQ_PAIR);
+    if (l->sock == NULL || zmq_setsockopt(l->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+        zmq_bind(l->sock, l->endpoint) != 0)
+        return at_diag_set(diag, AT_ERR_IO, "pool %s: %s", l->endpoint,
+                           zmq_strerror(zmq_errno()));
+    return AT_OK;
+}
+
+/* Binds a fresh ipc:// socket for the lane's next process and spawns `exe worker ...` on it. The
+ * test fault switch reaches a worker's first process only. */
+static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
+    svc_pool_t *p = l->p;
+    snprintf(l->endpoint, sizeof l->endpoint, "ipc://%s/w%u.%u", p->dir, l->index,
+             l->generation);
+    at_err_t e = bind_socket(l, diag);
+    if (e != AT_OK)
+        return e;
+    char threads[16], bytes[24], parent[24];
+    snprintf(threads, sizeof threads, "%u", l->wcfg.cpu_threads);
+    snprintf(bytes, sizeof bytes, "%llu", (unsigned long long)l->wcfg.arena_bytes);
+    snprintf(parent, sizeof parent, "%ld", (long)getpid());
+    char *argv[] = {"attnd", "worker", "--endpoint", l->endpoint, "--device",
+                    (char *)l->wcfg.device, "--cpu-threads", threads, "--arena",
+                    (char *)l->wcfg.arena_name, "--arena-bytes", bytes, "--parent", parent, NULL};
+    size_t nenv = 0;
+    while (environ[nenv] != NULL)
+        nenv++;
+    char **envp = calloc(nenv + 1, sizeof *envp);
+    if (envp == NULL)
+        return AT_ERR_NOMEM;
+    size_t k = 0, flen = strlen(SVC_WORKER_FAULT_ENV);
+    for (size_t i = 0; i < nenv; i++)
+        if (l->generation == 0 || strncmp(environ[i], SVC_WORKER_FAULT_ENV, flen) != 0 ||
+            environ[i][flen] != '=')
+            envp[k++] = environ[i];
+    /* the server blocks its stop signals in every thread; the worker starts with none blocked */
+    posix_spawnattr_t attr;
+    sigset_t none, dfl;
+    sigemptyset(&none);
+    sigemptyset(&dfl);
+    sigaddset(&dfl, SIGPIPE);
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &dfl);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t pid = 0;
+    int rc = posix_spawn(&pid, "/proc/self/exe", NULL, &attr, argv, envp);
+    posix_spawnattr_destroy(&attr);
+    free(envp);
+    if (rc != 0)
+        return at_diag_set(diag, AT_ERR_IO, "%s worker %u: cannot start a process: %s",
+                           p->device, l->index, strerror(rc));
+    l->generation++;
+    atomic_store_explicit(&l->pid, pid, memory_order_relaxed);
+    l->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    l->worker_ok = true;
+    l->deadline_ns = now_ns() + p->start_timeout_ns;
+    atomic_store_explicit(&l->state, LANE_STARTING, memory_order_relaxed);
+    at_log(AT_LOG_INFO, "pool", "%s worker %u: process %d starting on %s", p->device, l->index,
+           (int)pid, l->endpoint);
+    return AT_OK;
+}
+
+/* The worker's death was reaped: every job sent to it is answered, its sessions are lost (the
+ * epoch moves on), and its restart is scheduled. */
+static void on_death(lane_t *l, int status) {
+    svc_pool_t *p = l->p;
+    char how[96], why[192];
+    describe_exit(status, how, sizeof how);
+    int64_t now = now_ns();
+    if (atomic_load_explicit(&l->state, memory_order_relaxed) == LANE_UP &&
+        now - l->up_since_ns >= STABLE_NS)
+        l->deaths = 0;
+    l->deaths++;
+    int64_t delay = p->restart_ns;
+    for (uint32_t i = 1; i < l->deaths && delay < RESTART_MAX_NS; i++)
+        delay *= 2;
+    delay = delay < RESTART_MAX_NS ? delay : RESTART_MAX_NS;
+    at_log(AT_LOG_ERROR, "pool", "%s worker %u (pid %d) died: %s; its sessions are lost; "
+           "%u death%s in a row, restart in %lld ms", p->device, l->index,
+           atomic_load_explicit(&l->pid, memory_order_relaxed), how, l->deaths,
+           l->deaths == 1 ? "" : "s", (long long)(delay / 1000000));
+    snprintf(why, sizeof why, "the %s worker died (%s)", p->device, how);
+    atomic_store_explicit(&l->pid, 0, memory_order_relaxed);
+    if (l->pidfd >= 0)
+        close(l->pidfd);
+    l->pidfd = -1;
+    atomic_fetch_add_explicit(&l->epoch, 1, memory_order_relaxed);
+    atomic_store_explicit(&l->state, LANE_DOWN, memory_order_relaxed);
+    l->deadline_ns = now + delay;
+    l->worker_ok = false;
+    zmq_close(l->sock);
+    l->sock = NULL;
+    fail_inflight(l, why);
+    notify(p);
+}
+
+/* Reaps the lane's process if it ended. */
+static void reap(lane_t *l) {
+    int pid = atomic_load_explicit(&l->pid, memory_order_relaxed), status = 0;
+    if (pid > 0 && waitpid(pid, &status, WNOHANG) == pid)
+        on_death(l, status);
+}
+
+/* The first message of a starting worker process: READY, or why it could not start. */
+static void on_ready(lane_t *l) {
+    svc_pool_t *p = l->p;
+    svc_rep_t rep;
+    int got = zmq_recv(l->sock, &rep, sizeof rep, ZMQ_DONTWAIT);
+    if (got < 0 && zmq_errno() == EAGAIN)
+        return;
+    if (got != (int)sizeof rep || rep.err != AT_OK) {
+        rep.diag[sizeof rep.diag - 1] = '\0';
+        at_log(AT_LOG_ERROR, "pool", "%s worker %u could not start: %s", p->device, l->index,
+               got == (int)sizeof rep ? rep.diag : "a malformed READY");
+        lane_kill(l);
+        return;
+    }
+    l->up_since_ns = now_ns();
+    atomic_store_explicit(&l->state, LANE_UP, memory_order_relaxed);
+    at_log(AT_LOG_INFO, "pool", "%s worker %u (pid %d) is up", p->device, l->index,
+           atomic_load_explicit(&l->pid, memory_order_relaxed));
+    notify(p);
+}
+
+/* Restarts that are due and starts that took too long; *wake_at gets the next deadline. */
+static void lane_timers(lane_t *l, bool stopping, int64_t *wake_at) {
+    int st = atomic_load_explicit(&l->state, memory_order_relaxed);
+    if (!l->process || st == LANE_UP)
+        return;
+    int64_t now = now_ns();
+    if (st == LANE_DOWN && !stopping && now >= l->deadline_ns) {
+        at_diag_t d = {{0}};
+        if (spawn_worker(l, &d) != AT_OK) {
+            at_log(AT_LOG_ERROR, "pool", "%s", d.msg);
+            l->deaths++;
+            l->deadline_ns = now + RESTART_MAX_NS;
+        }
+    } else if (st == LANE_STARTING && now >= l->deadline_ns && l->worker_ok) {
+        at_log(AT_LOG_ERROR, "pool", "%s worker %u: no READY in time; killing it", l->p->device,
+               l->index);
+        lane_kill(l);
+    }
+    st = atomic_load_explicit(&l->state, memory_order_relaxed);
+    bool arm = (st == LANE_DOWN && !stopping) || (st == LANE_STARTING && l->worker_ok);
+    if (arm && (*wake_at == 0 || l->deadline_ns < *wake_at))
+        *wake_at = l->deadline_ns;
+}
+
+/* Waits up to ms for the lane's process to end and reaps it; SIGKILL after that. */
+static void reap_wait(lane_t *l, int ms) {
+    int pid = atomic_load_explicit(&l->pid, memory_order_relaxed), status = 0;
+    if (pid <= 0)
+        return;
+    for (int waited = 0; waited < ms && waitpid(pid, &status, WNOHANG) == 0; waited += 10) {
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
+    if (waitpid(pid, &status, WNOHANG) == 0) {
+        kill(pid, SIGKILL);
+        (void)waitpid(pid, &status, 0);
+    }
+    atomic_store_explicit(&l->pid, 0, memory_order_relaxed);
+    if (l->pidfd >= 0)
+        close(l->pidfd);
+    l->pidfd = -1;
+}
+
+/* Stops an up worker (it answers STOP after every earlier job), then joins its thread or reaps
+ * its process. Never blocks on a worker that died meanwhile. */
+static void lane_stop(lane_t *l, uint64_t job_id) {
+    svc_req_t stop = {.magic = SVC_MSG_MAGIC, .op = SVC_OP_STOP, .job_id = job_id};
+    svc_rep_t rep;
+    int pid = atomic_load_explicit(&l->pid, memory_order_relaxed);
+    if (lane_up(l) && zmq_send(l->sock, &stop, sizeof stop, ZMQ_DONTWAIT) == (int)sizeof stop) {
+        zmq_pollitem_t it = {.socket = l->sock, .events = ZMQ_POLLIN};
+        /* a thread answers for sure; a process may be gone */
+        if (!l->process || zmq_poll(&it, 1, STOP_WAIT_MS) == 1)
+            (void)zmq_recv(l->sock, &rep, sizeof rep, 0);
+    } else if (pid > 0) {
+        kill(pid, SIGKILL); /* starting, or broken: nothing of it is worth waiting for */
+    }
+    if (l->process)
+        reap_wait(l, STOP_WAIT_MS);
+    else if (l->started)
+        pthread_join(l->thread, NULL);
+    l->started = false;
+}
+
+/* ---- the dispatcher --------------------------------------------------------------------- */
+
 static void *dispatcher_main(void *arg) {
     svc_pool_t *p = arg;
-    zmq_pollitem_t items[SVC_WORKERS_MAX + 2];
+    zmq_pollitem_t items[2 * SVC_WORKERS_MAX + 2];
+    lane_t *owner[2 * SVC_WORKERS_MAX];
     uint32_t nl = p->num_lanes;
     for (;;) {
-        for (uint32_t i = 0; i < nl; i++)
-            items[i] = (zmq_pollitem_t){.socket = p->lanes[i].sock, .events = ZMQ_POLLIN};
-        items[nl] = (zmq_pollitem_t){.fd = p->wake_fd, .events = ZMQ_POLLIN};
-        items[nl + 1] = (zmq_pollitem_t){.fd = p->timer_fd, .events = ZMQ_POLLIN};
-        if (zmq_poll(items, (int)nl + 2, -1) < 0) {
+        int n = 0;
+        bool no_pidfd = false;
+        for (uint32_t i = 0; i < nl; i++) {
+            lane_t *l = &p->lanes[i];
+            if (l->sock != NULL) {
+                owner[n] = l;
+                items[n++] = (zmq_pollitem_t){.socket = l->sock, .events = ZMQ_POLLIN};
+            }
+            if (l->pidfd >= 0) {
+                owner[n] = l;
+                items[n++] = (zmq_pollitem_t){.fd = l->pidfd, .events = ZMQ_POLLIN};
+            }
+            no_pidfd = no_pidfd || (l->process && l->pidfd < 0 &&
+                                    atomic_load_explicit(&l->pid, memory_order_relaxed) > 0);
+        }
+        items[n] = (zmq_pollitem_t){.fd = p->wake_fd, .events = ZMQ_POLLIN};
+        items[n + 1] = (zmq_pollitem_t){.fd = p->timer_fd, .events = ZMQ_POLLIN};
+        if (zmq_poll(items, n + 2, no_pidfd ? NO_PIDFD_POLL_MS : -1) < 0) {
             if (zmq_errno() == EINTR)
                 continue;
             break;
         }
-        uint64_t n;
-        if (items[nl].revents & ZMQ_POLLIN)
-            (void)!read(p->wake_fd, &n, sizeof n);
-        if (items[nl + 1].revents & ZMQ_POLLIN)
-            (void)!read(p->timer_fd, &n, sizeof n);
-        for (uint32_t i = 0; i < nl; i++)
-            if (items[i].revents & ZMQ_POLLIN)
-                on_reply(&p->lanes[i]);
+        uint64_t v;
+        if (items[n].revents & ZMQ_POLLIN)
+            (void)!read(p->wake_fd, &v, sizeof v);
+        if (items[n + 1].revents & ZMQ_POLLIN)
+            (void)!read(p->timer_fd, &v, sizeof v);
+        for (int i = 0; i < n; i++) {
+            if (!(items[i].revents & ZMQ_POLLIN))
+                continue;
+            if (items[i].socket == NULL)
+                reap(owner[i]);
+            else if (owner[i]->sock == items[i].socket) /* not closed by a death just now */
+                on_reply(owner[i]);
+        }
+        for (uint32_t i = 0; i < nl && no_pidfd; i++)
+            reap(&p->lanes[i]);
         pthread_mutex_lock(&p->mu);
         svc_job_t *list = p->queue_head;
         p->queue_head = p->queue_tail = NULL;
@@ -328,6 +629,7 @@ static void *dispatcher_main(void *arg) {
         int64_t wake_at = 0;
         bool idle = true;
         for (uint32_t i = 0; i < nl; i++) {
+            lane_timers(&p->lanes[i], stopping, &wake_at);
             pump(&p->lanes[i], stopping, &wake_at);
             idle = idle && lane_idle(&p->lanes[i]);
         }
@@ -341,14 +643,8 @@ static void *dispatcher_main(void *arg) {
         if (stopping && idle)
             break;
     }
-    /* Stop the workers: each answers STOP after every earlier job. */
-    for (uint32_t i = 0; i < nl; i++) {
-        lane_t *l = &p->lanes[i];
-        svc_req_t stop = {.magic = SVC_MSG_MAGIC, .op = SVC_OP_STOP, .job_id = ++p->next_job_id};
-        svc_rep_t rep;
-        if (l->worker_ok && zmq_send(l->sock, &stop, sizeof stop, 0) == (int)sizeof stop)
-            (void)zmq_recv(l->sock, &rep, sizeof rep, 0);
-    }
+    for (uint32_t i = 0; i < nl; i++)
+        lane_stop(&p->lanes[i], ++p->next_job_id);
     return NULL;
 }
 
@@ -397,11 +693,14 @@ at_err_t svc_pool_submit(svc_pool_t *p, svc_job_t *job) {
     return e;
 }
 
+/* A worker that is up comes before one that is not, then fewer sessions first. */
 uint32_t svc_pool_pin(svc_pool_t *p) {
     uint32_t best = 0;
-    unsigned fewest = atomic_load_explicit(&p->lanes[0].sessions, memory_order_relaxed);
-    for (uint32_t i = 1; i < p->num_lanes; i++) {
-        unsigned n = atomic_load_explicit(&p->lanes[i].sessions, memory_order_relaxed);
+    uint64_t fewest = UINT64_MAX;
+    for (uint32_t i = 0; i < p->num_lanes; i++) {
+        bool up = atomic_load_explicit(&p->lanes[i].state, memory_order_relaxed) == LANE_UP;
+        uint64_t n = atomic_load_explicit(&p->lanes[i].sessions, memory_order_relaxed) +
+                     (up ? 0 : 1ull << 32);
         if (n < fewest) {
             fewest = n;
             best = i;
@@ -418,26 +717,50 @@ void svc_pool_unpin(svc_pool_t *p, uint32_t worker) {
 
 uint32_t svc_pool_workers(const svc_pool_t *p) { return p->num_lanes; }
 
-/* Stops the workers that started (each answers STOP) and joins them; before the dispatcher runs. */
+uint64_t svc_pool_epoch(svc_pool_t *p, uint32_t worker) {
+    return worker < p->num_lanes
+               ? atomic_load_explicit(&p->lanes[worker].epoch, memory_order_relaxed)
+               : 0;
+}
+
+bool svc_pool_serving(svc_pool_t *p) {
+    for (uint32_t i = 0; i < p->num_lanes; i++)
+        if (atomic_load_explicit(&p->lanes[i].state, memory_order_relaxed) == LANE_UP)
+            return true;
+    return false;
+}
+
+int svc_pool_worker_pid(svc_pool_t *p, uint32_t worker) {
+    return worker < p->num_lanes
+               ? atomic_load_explicit(&p->lanes[worker].pid, memory_order_relaxed)
+               : 0;
+}
+
+void svc_pool_set_listener(svc_pool_t *p, svc_pool_state_fn fn, void *arg) {
+    pthread_mutex_lock(&p->lmu);
+    p->listener = fn;
+    p->listener_arg = arg;
+    pthread_mutex_unlock(&p->lmu);
+}
+
+/* Stops the workers that started; before the dispatcher runs. */
 static void stop_workers(svc_pool_t *p) {
-    for (uint32_t i = 0; i < p->num_lanes; i++) {
-        lane_t *l = &p->lanes[i];
-        if (!l->started)
-            continue;
-        svc_req_t stop = {.magic = SVC_MSG_MAGIC, .op = SVC_OP_STOP};
-        svc_rep_t rep;
-        if (l->worker_ok && zmq_send(l->sock, &stop, sizeof stop, 0) == (int)sizeof stop)
-            (void)zmq_recv(l->sock, &rep, sizeof rep, 0);
-        pthread_join(l->thread, NULL);
-        l->started = false;
-    }
+    for (uint32_t i = 0; i < p->num_lanes; i++)
+        lane_stop(&p->lanes[i], 0);
 }
 
 static void pool_free(svc_pool_t *p) {
     for (uint32_t i = 0; i < p->num_lanes; i++) {
         if (p->lanes[i].sock != NULL)
             zmq_close(p->lanes[i].sock);
+        if (p->lanes[i].pidfd >= 0)
+            close(p->lanes[i].pidfd);
         ten_sched_destroy(&p->lanes[i].sched);
+    }
+    /* ZeroMQ unlinks each socket's path as it closes it, in its own thread: try a few times */
+    for (int i = 0; i < 50 && p->dir[0] != '\0' && rmdir(p->dir) != 0 && errno == ENOTEMPTY; i++) {
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
     }
     if (p->wake_fd >= 0)
         close(p->wake_fd);
@@ -445,28 +768,60 @@ static void pool_free(svc_pool_t *p) {
         close(p->timer_fd);
     svc_arena_destroy(&p->arena);
     pthread_mutex_destroy(&p->mu);
+    pthread_mutex_destroy(&p->lmu);
     free(p);
 }
 
-/* Binds worker i's socket, starts its thread and waits for its READY. */
+/* Starts worker i's process and waits (on the owner's thread) for its READY or its end. */
+static at_err_t process_start(lane_t *l, at_diag_t *diag) {
+    svc_pool_t *p = l->p;
+    at_err_t e = spawn_worker(l, diag);
+    if (e != AT_OK)
+        return e;
+    for (;;) {
+        int64_t left = (l->deadline_ns - now_ns()) / 1000000;
+        zmq_pollitem_t it[2] = {{.socket = l->sock, .events = ZMQ_POLLIN},
+                                {.fd = l->pidfd, .events = ZMQ_POLLIN}};
+        int n = zmq_poll(it, l->pidfd >= 0 ? 2 : 1, left > 0 ? (long)left : 0);
+        if (n < 0 && zmq_errno() == EINTR)
+            continue;
+        svc_rep_t ready = {.err = AT_ERR_IO};
+        if (n > 0 && (it[0].revents & ZMQ_POLLIN) &&
+            zmq_recv(l->sock, &ready, sizeof ready, 0) == (int)sizeof ready && ready.err == AT_OK) {
+            l->up_since_ns = now_ns();
+            atomic_store_explicit(&l->state, LANE_UP, memory_order_relaxed);
+            return AT_OK;
+        }
+        if (n > 0 && !(it[0].revents & ZMQ_POLLIN)) /* it ended before saying anything */
+            at_diag_set(diag, AT_ERR_IO, "%s worker %u: the process ended at start (see its log)",
+                        p->device, l->index);
+        else if (n > 0)
+            at_diag_set(diag, ready.err != AT_OK ? (at_err_t)ready.err : AT_ERR_IO,
+                        "%s worker %u: %s", p->device, l->index, ready.diag);
+        else
+            at_diag_set(diag, AT_ERR_IO, "%s worker %u: no READY within the start timeout",
+                        p->device, l->index);
+        reap_wait(l, 0);
+        return ready.err != AT_OK ? (at_err_t)ready.err : AT_ERR_IO;
+    }
+}
+
+/* Starts worker i, a process or a thread behind inproc://, and waits for its READY. */
 static at_err_t lane_start(svc_pool_t *p, const svc_pool_cfg_t *cfg, uint32_t i,
-                           uint32_t threads, at_diag_t *diag) {
+                           uint32_t threads, bool process, at_diag_t *diag) {
     lane_t *l = &p->lanes[i];
     l->p = p;
     l->index = i;
     l->worker_ok = true;
+    l->pidfd = -1;
+    l->process = process;
     atomic_init(&l->sessions, 0);
-    snprintf(l->endpoint, sizeof l->endpoint, "inproc://attnd-%s-%u-%u", cfg->device, cfg->index,
-             i);
+    atomic_init(&l->pid, 0);
+    atomic_init(&l->epoch, 0);
+    atomic_init(&l->state, process ? LANE_STARTING : LANE_UP);
     at_err_t e = ten_sched_create(SCHED_QUANTUM, &l->sched);
     if (e != AT_OK)
         return e;
-    int linger = 0;
-    l->sock = zmq_socket(p->zctx, ZMQ_PAIR);
-    if (l->sock == NULL || zmq_setsockopt(l->sock, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
-        zmq_bind(l->sock, l->endpoint) != 0)
-        return at_diag_set(diag, AT_ERR_IO, "pool %s: %s", l->endpoint,
-                           zmq_strerror(zmq_errno()));
     l->wcfg = (svc_worker_cfg_t){
         .endpoint = l->endpoint,
         .device = p->device,
@@ -474,6 +829,12 @@ static at_err_t lane_start(svc_pool_t *p, const svc_pool_cfg_t *cfg, uint32_t i,
         .arena_name = svc_arena_name(p->arena),
         .arena_bytes = svc_arena_size(p->arena),
     };
+    if (process)
+        return process_start(l, diag);
+    snprintf(l->endpoint, sizeof l->endpoint, "inproc://attnd-%s-%u-%u", cfg->device, cfg->index,
+             i);
+    if ((e = bind_socket(l, diag)) != AT_OK)
+        return e;
     if (pthread_create(&l->thread, NULL, worker_main, l) != 0)
         return at_diag_set(diag, AT_ERR_IO, "pool %s: cannot start worker %u", p->device, i);
     /* The worker's first message says whether it could start. */
@@ -485,6 +846,24 @@ static at_err_t lane_start(svc_pool_t *p, const svc_pool_cfg_t *cfg, uint32_t i,
         return e;
     }
     l->started = true;
+    return AT_OK;
+}
+
+/* A directory only this user can enter, for the worker processes' sockets:
+ * $XDG_RUNTIME_DIR/attnd-<pid>-XXXXXX, else /tmp/attnd-<pid>-XXXXXX (mkdtemp: mode 0700). */
+static at_err_t private_dir(svc_pool_t *p, at_diag_t *diag) {
+    const char *base = getenv("XDG_RUNTIME_DIR");
+    struct stat st;
+    if (base == NULL || base[0] != '/' || stat(base, &st) != 0 || !S_ISDIR(st.st_mode) ||
+        strlen(base) > 48)
+        base = "/tmp";
+    snprintf(p->dir, sizeof p->dir, "%s/attnd-%ld-XXXXXX", base, (long)getpid());
+    if (mkdtemp(p->dir) == NULL) {
+        at_err_t e = at_diag_set(diag, AT_ERR_IO, "%s: cannot make a directory for the worker "
+                                 "sockets: %s", p->dir, strerror(errno));
+        p->dir[0] = '\0';
+        return e;
+    }
     return AT_OK;
 }
 
@@ -506,13 +885,21 @@ at_err_t svc_pool_create(const svc_pool_cfg_t *cfg, void *zctx, at_diag_t *diag,
         return AT_ERR_NOMEM;
     p->wake_fd = -1;
     p->timer_fd = -1;
+    for (uint32_t i = 0; i < SVC_WORKERS_MAX; i++)
+        p->lanes[i].pidfd = -1;
     pthread_mutex_init(&p->mu, NULL);
+    pthread_mutex_init(&p->lmu, NULL);
     p->zctx = zctx;
     p->max_queue = cfg->max_queue != 0 ? cfg->max_queue : 1024;
     p->batch_tokens = cfg->batch_tokens;
     p->batch_delay_ns = (int64_t)cfg->batch_delay_us * 1000;
     p->num_lanes = workers;
+    p->restart_ns = (int64_t)(cfg->restart_ms != 0 ? cfg->restart_ms : 100) * 1000000;
+    p->start_timeout_ns =
+        (int64_t)(cfg->start_timeout_ms != 0 ? cfg->start_timeout_ms : 60000) * 1000000;
     snprintf(p->device, sizeof p->device, "%s", cfg->device);
+    bool process = cfg->worker_mode == SVC_WORKER_PROCESS ||
+                   (cfg->worker_mode == SVC_WORKER_AUTO && strncmp(cfg->device, "cuda:", 5) == 0);
     char tag[48];
     snprintf(tag, sizeof tag, "%s%u", cfg->device, cfg->index);
     at_err_t e = svc_arena_create(tag, cfg->arena_bytes, diag, &p->arena);
@@ -524,8 +911,10 @@ at_err_t svc_pool_create(const svc_pool_cfg_t *cfg, void *zctx, at_diag_t *diag,
         e = at_diag_set(diag, AT_ERR_IO, "pool %s: eventfd or timerfd failed", p->device);
         goto out_free;
     }
+    if (process && (e = private_dir(p, diag)) != AT_OK)
+        goto out_free;
     for (uint32_t i = 0; i < workers && e == AT_OK; i++)
-        e = lane_start(p, cfg, i, threads, diag);
+        e = lane_start(p, cfg, i, threads, process, diag);
     if (e != AT_OK)
         goto out_stop;
     if (pthread_create(&p->dispatcher, NULL, dispatcher_main, p) != 0) {
@@ -549,9 +938,7 @@ void svc_pool_stop(svc_pool_t *p) {
     pthread_mutex_unlock(&p->mu);
     uint64_t one = 1;
     (void)!write(p->wake_fd, &one, sizeof one);
-    pthread_join(p->dispatcher, NULL);
-    for (uint32_t i = 0; i < p->num_lanes; i++)
-        pthread_join(p->lanes[i].thread, NULL);
+    pthread_join(p->dispatcher, NULL); /* it stopped the workers */
     p->joined = true;
 }
 

@@ -1,6 +1,15 @@
-/* A device's pool, server side: the device's shared-memory arena, its workers (threads here; a
- * process per GPU later), and a dispatcher thread that forwards queued jobs to the workers over
- * ZeroMQ and hands each reply back to the job's owner.
+/* A device's pool, server side: the device's shared-memory arena, its workers, and a dispatcher
+ * thread that forwards queued jobs to the workers over ZeroMQ and hands each reply back to the
+ * job's owner.
+ *
+ * Worker processes: a worker is a thread of the server (inproc://) or a process of its own
+ * (`attnd worker`, spawned from /proc/self/exe, fed over ipc:// through a socket in a private
+ * 0700 directory, mapping the same arena by name). GPU devices use processes by default, the
+ * CPU threads. A worker process that dies (pidfd) fails its in-flight jobs with
+ * AT_ERR_WORKER_LOST; every session pinned to it is lost (its epoch moved on: jobs of the older
+ * epoch still queued are answered AT_ERR_SESSION_LOST, and so are later ones), and the pool
+ * starts a new process after a delay that doubles with each death in a row (from restart_ms up
+ * to 30 s; a worker that stayed up 30 s starts the count again).
  *
  * Workers: `workers` per device, each with its own socket and backend (the CPU's threads are
  * split evenly between them). A session is pinned to one worker when it is created
@@ -29,6 +38,7 @@
 #define AT_SERVICE_SVC_POOL_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "common/at_err.h"
@@ -42,8 +52,9 @@ typedef struct svc_pool svc_pool_t;
 typedef struct svc_job svc_job_t;
 
 /* Called once per job on the dispatcher thread, with the worker's reply (or one the pool made:
- * CANCELLED for a job cancelled before it was sent, SHUTTING_DOWN, WORKER_LOST). The job belongs
- * to the callee again from here on. */
+ * CANCELLED for a job cancelled before it was sent, SHUTTING_DOWN, WORKER_LOST for a job sent
+ * to or meant for a worker that died, SESSION_LOST for a job of a session created on a worker
+ * that died since). The job belongs to the callee again from here on. */
 typedef void (*svc_job_done_fn)(svc_job_t *job, const svc_rep_t *rep);
 
 struct svc_job {
@@ -54,6 +65,8 @@ struct svc_job {
     void *arg;               /* the owner's */
     atomic_int cancelled;    /* set by the owner (any thread); a job not yet sent is dropped */
     uint32_t worker;         /* the owner's: the session's worker (svc_pool_pin) */
+    uint64_t epoch;          /* the owner's: svc_pool_epoch of the session's worker when the
+                              * session was created (a CREATE job: the pool's, set when sent) */
     uint64_t flow;           /* the owner's: fair-share flow, the tenant's ten_tenant_id */
     uint32_t weight;         /* the owner's: the tenant's weight */
     /* set by the pool before done is called */
@@ -73,6 +86,16 @@ struct svc_job {
     svc_job_t *open_next;    /* a batch that may still grow: its worker's list */
 };
 
+typedef enum svc_worker_mode {
+    SVC_WORKER_AUTO = 0,     /* a process for "cuda:N", a thread otherwise */
+    SVC_WORKER_THREAD,
+    SVC_WORKER_PROCESS,
+} svc_worker_mode_t;
+
+/* Called on the dispatcher thread when a worker of the pool went down or came up (see
+ * svc_pool_serving); must not block. */
+typedef void (*svc_pool_state_fn)(void *arg);
+
 typedef struct svc_pool_cfg {
     const char *device;      /* borrowed; "cpu" */
     uint32_t index;          /* distinguishes endpoints and arena names */
@@ -82,10 +105,16 @@ typedef struct svc_pool_cfg {
     uint32_t max_queue;      /* jobs waiting for the worker before submit says OVERLOADED */
     uint32_t batch_tokens;   /* dynamic batching: most tokens in one batch; 0 = no batching */
     uint32_t batch_delay_us; /* most time a batch under its budget waits for more jobs; 0 = none */
+    svc_worker_mode_t worker_mode;
+    uint32_t restart_ms;       /* worker processes: first restart delay; 0 = 100 */
+    uint32_t start_timeout_ms; /* worker processes: READY within this; 0 = 60000 */
 } svc_pool_cfg_t;
 
-/* Creates the arena, starts the worker and the dispatcher, and returns once the worker said it is
- * ready (or failed: its error and diag). zctx is a ZeroMQ context (borrowed, outlives the pool). */
+/* Creates the arena, starts the workers and the dispatcher, and returns once every worker said it
+ * is ready (or one failed: its error and diag). zctx is a ZeroMQ context (borrowed, outlives the
+ * pool). Worker processes are started from this thread first, and die when it ends
+ * (PR_SET_PDEATHSIG): call it from a thread that outlives the pool. A program that creates pools
+ * with worker processes must run svc_worker_main for `PROGRAM worker ...`. */
 at_err_t svc_pool_create(const svc_pool_cfg_t *cfg, void *zctx, at_diag_t *diag,
                          svc_pool_t **out);
 
@@ -109,6 +138,16 @@ uint32_t svc_pool_pin(svc_pool_t *p);
 /* Undoes one svc_pool_pin of worker (the session was closed, or never created). */
 void svc_pool_unpin(svc_pool_t *p, uint32_t worker);
 uint32_t svc_pool_workers(const svc_pool_t *p);
+
+/* The worker's incarnation: it moves on each time the worker process dies, which loses the
+ * sessions created before. Any thread. */
+uint64_t svc_pool_epoch(svc_pool_t *p, uint32_t worker);
+/* True while at least one worker of the device is up (it can take new sessions). Any thread. */
+bool svc_pool_serving(svc_pool_t *p);
+/* The worker's process id; 0 for a worker thread or while none runs. Any thread. */
+int svc_pool_worker_pid(svc_pool_t *p, uint32_t worker);
+/* Sets the function told of worker state changes (NULL: none). Any thread. */
+void svc_pool_set_listener(svc_pool_t *p, svc_pool_state_fn fn, void *arg);
 
 /* The arena tensors of this device's jobs go in; borrowed for the pool's lifetime. */
 svc_arena_t *svc_pool_arena(svc_pool_t *p);

@@ -41,6 +41,9 @@ typedef struct serve_opts {
     bool null_device;
     char devices[256];          /* "cpu,cuda:0,..." or "all" */
     char kernel_cache_dir[480]; /* "" = the default */
+    char worker_mode[16];       /* auto, thread, process */
+    uint32_t worker_restart_ms;
+    uint32_t worker_start_timeout_ms;
 } serve_opts_t;
 
 /* One row per option: the long option is "--" + name with '_' -> '-'; the JSON key is name. */
@@ -89,6 +92,14 @@ static const opt_t opts[] = {
      "\"cpu,cuda:0\" (all)"},
     {"kernel_cache_dir", K_STR, O_(kernel_cache_dir), 480, 0, 0,
      "compiled GPU kernels are kept here across restarts ($XDG_CACHE_HOME/attnd/kernels)"},
+    {"worker_mode", K_STR, O_(worker_mode), 16, 0, 0,
+     "auto: each GPU's workers are processes (restarted when they die), the CPU's threads; "
+     "thread or process: every device's (auto)"},
+    {"worker_restart_ms", K_U32, O_(worker_restart_ms), 0, 1, 600000,
+     "worker processes: delay before a dead worker is started again, doubled for each death "
+     "in a row up to 30 s (100)"},
+    {"worker_start_timeout_ms", K_U32, O_(worker_start_timeout_ms), 0, 100, 3600000,
+     "worker processes: time for a worker to say it is ready (60000)"},
 };
 #undef O_
 
@@ -349,6 +360,9 @@ int svc_serve_main(int argc, char **argv) {
         .grace_ms = 10000,
         .log_level = "info",
         .devices = "all",
+        .worker_mode = "auto",
+        .worker_restart_ms = 100,
+        .worker_start_timeout_ms = 60000,
     };
     int rc = parse_args(&o, argc, argv);
     if (rc != 0)
@@ -360,6 +374,16 @@ int svc_serve_main(int argc, char **argv) {
         return 2;
     }
     at_log_set_level((at_log_level_t)level);
+    svc_worker_mode_t mode = SVC_WORKER_AUTO;
+    if (strcmp(o.worker_mode, "thread") == 0)
+        mode = SVC_WORKER_THREAD;
+    else if (strcmp(o.worker_mode, "process") == 0)
+        mode = SVC_WORKER_PROCESS;
+    else if (strcmp(o.worker_mode, "auto") != 0) {
+        fprintf(stderr, "attnd serve: worker_mode: expected auto, thread or process, got '%s'\n",
+                o.worker_mode);
+        return 2;
+    }
     if (o.arena_mib < 2 * o.max_message_mib) {
         /* a call's out is as large as its q: one largest request needs about twice its size */
         fprintf(stderr, "attnd serve: arena_mib %llu is less than twice max_message_mib %llu: the "
@@ -406,8 +430,8 @@ int svc_serve_main(int argc, char **argv) {
         ten_tenants_destroy(&tenants);
         return 1;
     }
-    /* The workers (threads here, processes later) find the kernel cache through the
-     * environment, which a worker process inherits. */
+    /* The workers find the kernel cache through the environment, which a worker process
+     * inherits. */
     if (o.kernel_cache_dir[0] != '\0')
         setenv("ATTND_KERNEL_CACHE_DIR", o.kernel_cache_dir, 1);
     char names[MAX_POOLS][32];
@@ -426,6 +450,9 @@ int svc_serve_main(int argc, char **argv) {
             .max_queue = o.max_queue,
             .batch_tokens = o.batch_tokens,
             .batch_delay_us = o.batch_delay_us,
+            .worker_mode = mode,
+            .restart_ms = o.worker_restart_ms,
+            .start_timeout_ms = o.worker_start_timeout_ms,
         };
         if ((e = svc_pool_create(&pc, zctx, &d, &pools[num_pools])) != AT_OK) {
             at_log(AT_LOG_ERROR, "serve", "device %s: %s: %s", names[i], at_err_str(e), d.msg);

@@ -130,6 +130,7 @@ struct call {
     int64_t queue_ns, device_ns;
     /* M_HEALTH_WATCH: guarded by mu */
     bool watch_known;          /* the service name asked about is ours */
+    svc_pool_t *watch_pool;    /* the device watched; NULL: the whole server */
     int watch_sent;            /* the serving status last sent */
     call_t *watch_next;        /* the server's watcher list; guarded by the server's watch_mu */
 };
@@ -347,6 +348,12 @@ static svc_pool_t *pool_for(struct svc_server *s, const char *device, at_diag_t 
 }
 
 /* SessionInfo of s; strings and arrays point into s (valid while the caller holds s). */
+/* True when the worker that held s's KV cache died since s was created (see svc_pool.h). */
+static bool session_lost(const ten_session_t *s) {
+    return svc_pool_epoch(ten_session_device_handle(s), ten_session_worker(s)) !=
+           ten_session_worker_epoch(s);
+}
+
 static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
                          Attnd__V1__ModelConfig *mc) {
     const att_model_t *m = ten_session_model(s);
@@ -384,6 +391,7 @@ static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
     info->num_sequences = fig.num_sequences;
     info->attend_calls = fig.calls;
     info->backend_runs = fig.backend_runs;
+    info->lost = session_lost(s);
 }
 
 static grpc_byte_buffer *pack_session_info(ten_session_t *s) {
@@ -444,6 +452,7 @@ static void create_done(svc_job_t *job, const svc_rep_t *rep) {
     account(c, job, rep->err);
     ten_session_figures_t fig;
     figures_from(rep, &fig);
+    ten_session_set_worker_epoch(c->session, job->epoch); /* before others can see it */
     ten_registry_end_create(c->srv->registry, c->session, rep->err == AT_OK, &fig);
     if (rep->err != AT_OK)
         svc_pool_unpin(c->pool, job->worker);
@@ -559,6 +568,11 @@ static void handle_create(call_t *c) {
         reply(c, e, &d, NULL);
         return;
     }
+    if (existing && session_lost(c->session)) {
+        reply(c, at_diag_set(&d, AT_ERR_SESSION_LOST, "close session '%s', then create it",
+                             ten_session_name(c->session)), &d, NULL);
+        return;
+    }
     if (existing) {
         reply(c, AT_OK, NULL, pack_session_info(c->session));
         return;
@@ -625,17 +639,20 @@ static void handle_list(call_t *c) {
 
 static void close_done(svc_job_t *job, const svc_rep_t *rep) {
     call_t *c = job->arg;
-    account(c, job, rep->err);
+    /* a session whose worker died meanwhile is gone as surely as a closed one */
+    at_err_t e = rep->err == AT_ERR_SESSION_LOST || rep->err == AT_ERR_WORKER_LOST ? AT_OK
+                                                                                    : rep->err;
+    account(c, job, e);
     /* the name is gone either way: its quota is free before the caller hears back */
     ten_session_release_quota(c->session);
     at_diag_t d;
     diag_from(rep, &d);
     Attnd__V1__CloseSessionResponse resp = ATTND__V1__CLOSE_SESSION_RESPONSE__INIT;
-    if (rep->err == AT_OK)
+    if (e == AT_OK)
         at_log(AT_LOG_INFO, "server", "session %s closed", ten_session_name(c->session));
     /* the name is gone either way: the session no longer counts on its worker */
     svc_pool_unpin(c->pool, job->worker);
-    reply(c, rep->err, &d, rep->err == AT_OK ? pack(&resp.base) : NULL);
+    reply(c, e, &d, e == AT_OK ? pack(&resp.base) : NULL);
 }
 
 static void handle_close(call_t *c) {
@@ -654,7 +671,14 @@ static void handle_close(call_t *c) {
     c->pool = ten_session_device_handle(c->session);
     c->job.req = (svc_req_t){.op = SVC_OP_CLOSE, .session_id = ten_session_id(c->session)};
     c->job.worker = ten_session_worker(c->session);
+    c->job.epoch = ten_session_worker_epoch(c->session);
     c->job.done = close_done;
+    if (session_lost(c->session)) { /* nothing left on the device to free */
+        svc_rep_t rep = {.magic = SVC_MSG_MAGIC, .err = AT_ERR_SESSION_LOST};
+        c->job.arg = c;
+        close_done(&c->job, &rep);
+        return;
+    }
     submit(c);
 }
 
@@ -681,6 +705,8 @@ static void handle_release(call_t *c) {
         return;
     }
     at_err_t e = ten_registry_get(c->srv->registry, c->tenant, rq->session, &c->session);
+    if (e == AT_OK && session_lost(c->session))
+        e = AT_ERR_SESSION_LOST;
     size_t n = rq->n_seq_ids;
     if (e == AT_OK && n > UINT32_MAX)
         e = AT_ERR_WIRE_MALFORMED;
@@ -700,6 +726,7 @@ static void handle_release(call_t *c) {
     c->job.items = n ? c->items : NULL;
     c->job.items_len = n * sizeof(uint64_t);
     c->job.worker = ten_session_worker(c->session);
+    c->job.epoch = ten_session_worker_epoch(c->session);
     c->job.done = release_done;
     submit(c);
 }
@@ -781,6 +808,8 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
     at_err_t e = svc_wire_parse_attend(segs, nseg, &a->attend, d);
     if (e == AT_OK)
         e = ten_registry_get(srv->registry, a->c->tenant, a->attend.session, &a->session);
+    if (e == AT_OK && session_lost(a->session))
+        e = at_diag_set(d, AT_ERR_SESSION_LOST, "its device worker stopped");
     static const uint8_t marker = 0;
     uint64_t out_len = 0;
     if (e == AT_OK) {
@@ -837,6 +866,7 @@ static at_err_t areq_prepare(struct svc_server *srv, areq_t *a, int64_t deadline
             a->job.items = a->attend.chunks;
             a->job.items_len = (size_t)a->attend.num_chunks * sizeof(att_chunk_t);
             a->job.worker = ten_session_worker(a->session);
+            a->job.epoch = ten_session_worker_epoch(a->session);
             set_flow(&a->job, a->c->tenant);
         }
     }
@@ -1129,6 +1159,37 @@ static void handle_stats(call_t *c) {
 
 /* ---- Health -------------------------------------------------------------------------------- */
 
+/* Health service names: "" and "attnd.v1.Attention", the server, SERVING while any device has
+ * a worker up; "attnd.device.<device>" (attnd.device.cuda:0), that device, SERVING while one of
+ * its workers is up (NOT_SERVING while its only worker restarts). Everything is NOT_SERVING once
+ * the server drains. */
+#define DEVICE_SERVICE_PREFIX "attnd.device."
+
+/* True when name is one of ours; *pool is the device it names, or NULL for the server. */
+static bool health_service(struct svc_server *s, const char *name, svc_pool_t **pool) {
+    const size_t plen = sizeof DEVICE_SERVICE_PREFIX - 1;
+    *pool = NULL;
+    if (name[0] == '\0' || strcmp(name, "attnd.v1.Attention") == 0)
+        return true;
+    if (strncmp(name, DEVICE_SERVICE_PREFIX, plen) != 0)
+        return false;
+    for (uint32_t i = 0; i < s->num_pools; i++)
+        if (strcmp(svc_pool_device(s->pools[i]), name + plen) == 0) {
+            *pool = s->pools[i];
+            return true;
+        }
+    return false;
+}
+
+static int serving_status(struct svc_server *s, svc_pool_t *pool) {
+    bool up = pool != NULL && svc_pool_serving(pool);
+    for (uint32_t i = 0; pool == NULL && i < s->num_pools && !up; i++)
+        up = svc_pool_serving(s->pools[i]);
+    return up && !atomic_load(&s->draining)
+               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
 static void handle_health_check(call_t *c) {
     Grpc__Health__V1__HealthCheckRequest *rq = (Grpc__Health__V1__HealthCheckRequest *)unpack(
         c, &grpc__health__v1__health_check_request__descriptor);
@@ -1136,7 +1197,8 @@ static void handle_health_check(call_t *c) {
         reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
         return;
     }
-    bool known = rq->service[0] == '\0' || strcmp(rq->service, "attnd.v1.Attention") == 0;
+    svc_pool_t *pool = NULL;
+    bool known = health_service(c->srv, rq->service, &pool);
     grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
     if (!known) {
         /* the health protocol answers an unknown service name with NOT_FOUND */
@@ -1144,24 +1206,20 @@ static void handle_health_check(call_t *c) {
         return;
     }
     Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-    resp.status = atomic_load(&c->srv->draining)
-                      ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
-                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    resp.status = serving_status(c->srv, pool);
     reply(c, AT_OK, NULL, pack(&resp.base));
 }
 
-/* Health Watch: the current status at once, then a message on each change. attnd's status
- * changes once, to NOT_SERVING when it drains; the stream then ends with UNAVAILABLE so watchers
- * do not hold the shutdown. An unknown service name is answered SERVICE_UNKNOWN on the stream,
+/* Health Watch: the current status at once, then a message on each change: a device's worker
+ * going down or coming up (the pools tell watch_devices), and NOT_SERVING when the server
+ * drains; the stream then ends with UNAVAILABLE so watchers do not hold the shutdown. An unknown service name is answered SERVICE_UNKNOWN on the stream,
  * not with an error, as the health protocol says. Calls in the watcher list are finished by
  * svc_server_drain; a watcher that leaves is taken out on its T_CLOSE. */
 
 static int watch_status(const call_t *c) {
     if (!c->watch_known)
         return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
-    return atomic_load(&c->srv->draining)
-               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
-               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    return serving_status(c->srv, c->watch_pool);
 }
 
 /* Sends the status when it changed, or ends the stream once the server drains; under c->mu. */
@@ -1230,7 +1288,8 @@ static void handle_health_watch(call_t *c) {
         reply(c, AT_ERR_WIRE_MALFORMED, NULL, NULL);
         return;
     }
-    bool known = rq->service[0] == '\0' || strcmp(rq->service, "attnd.v1.Attention") == 0;
+    svc_pool_t *pool = NULL;
+    bool known = health_service(s, rq->service, &pool);
     grpc__health__v1__health_check_request__free_unpacked(rq, NULL);
     /* Listed before the first send, unless draining began: drain then never sees this call, and
      * watch_flush ends it after its one NOT_SERVING message. */
@@ -1243,10 +1302,35 @@ static void handle_health_watch(call_t *c) {
     pthread_mutex_unlock(&s->watch_mu);
     pthread_mutex_lock(&c->mu);
     c->watch_known = known;
+    c->watch_pool = pool;
     c->watch_sent = -1;
     watch_flush(c);
     pthread_mutex_unlock(&c->mu);
     call_unref(c); /* the handler's; the batches and the list hold the call from here */
+}
+
+/* A device's worker went down or came up: every watcher sends its status if it changed. On a
+ * pool's dispatcher thread, under the pool's listener lock only. */
+static void watch_devices(void *arg) {
+    struct svc_server *s = arg;
+    pthread_mutex_lock(&s->watch_mu);
+    size_t n = 0;
+    for (call_t *c = s->watchers; c != NULL; c = c->watch_next)
+        n++;
+    call_t **list = malloc((n ? n : 1) * sizeof *list);
+    n = 0;
+    for (call_t *c = s->watchers; c != NULL && list != NULL; c = c->watch_next) {
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+        list[n++] = c;
+    }
+    pthread_mutex_unlock(&s->watch_mu);
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&list[i]->mu);
+        watch_flush(list[i]);
+        pthread_mutex_unlock(&list[i]->mu);
+        call_unref(list[i]);
+    }
+    free(list);
 }
 
 /* Tells every watcher that the server is going; under no lock. */
@@ -1603,6 +1687,8 @@ at_err_t svc_server_create(const svc_server_cfg_t *cfg, at_diag_t *diag, svc_ser
             for (int k = 0; k < (m == M_UNKNOWN ? 1 : CALLS_PER_METHOD); k++)
                 arm(s, (method_t)m, i);
     *out = s;
+    for (uint32_t i = 0; i < s->num_pools; i++)
+        svc_pool_set_listener(s->pools[i], watch_devices, s);
     return AT_OK;
 out_free:
     if (s->cqs != NULL)
@@ -1655,6 +1741,9 @@ void svc_server_drain(svc_server_t *s, uint32_t grace_ms) {
     if (atomic_exchange(&s->draining, true))
         return;
     at_log(AT_LOG_INFO, "server", "draining: no new calls; %u ms for in-flight ones", grace_ms);
+    /* no pool calls back once this returns: pools may be destroyed from here on */
+    for (uint32_t i = 0; i < s->num_pools; i++)
+        svc_pool_set_listener(s->pools[i], NULL, NULL);
     watch_drain(s);
     grpc_server_shutdown_and_notify(s->server, s->cqs[0], &s->shutdown_tag);
     if (!wait_shutdown(s, grace_ms)) {

@@ -2,18 +2,26 @@
  *
  * Thread model: one thread (its own), blocking on its socket; no locks. Sessions are kept in a
  * small array searched linearly: a device holds tens of sessions, and a lookup is nothing next to
- * an attention call. A job is checked against its deadline just before it runs. */
+ * an attention call. A job is checked against its deadline just before it runs. As a process
+ * (svc_worker_main) the same loop runs on the process's main thread. */
 #include "service/svc_worker.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "attention/att_cpu.h"
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#include "attention/att_cudrv.h"
 #endif
 #include "attention/att_ctx.h"
 #include "common/at_log.h"
@@ -44,6 +52,8 @@ typedef struct worker {
     uint32_t num_sessions;
     uint32_t cap_sessions;
     slot_t slots[SVC_BATCH_MAX]; /* the current request, or batch of requests */
+    uint64_t fault_at;  /* the test fault switch: fail on this tensor request (1-based); 0 = off */
+    uint64_t tensor_reqs; /* ATTEND and APPEND requests received */
 } worker_t;
 
 static int64_t now_ns(void) {
@@ -350,6 +360,77 @@ static const char *backend_desc(const att_backend_t *be) {
     return be->ops->name;
 }
 
+/* The request number at which the test fault switch fires for this device, or 0. */
+static uint64_t fault_setting(const svc_worker_cfg_t *cfg) {
+    const char *v = getenv(SVC_WORKER_FAULT_ENV);
+    const char *colon = v != NULL ? strrchr(v, ':') : NULL;
+    if (!cfg->process || colon == NULL || (size_t)(colon - v) != strlen(cfg->device) ||
+        strncmp(v, cfg->device, strlen(cfg->device)) != 0)
+        return 0;
+    char *end = NULL;
+    unsigned long long n = strtoull(colon + 1, &end, 10);
+    if (end == colon + 1 || *end != '\0')
+        return 0;
+    at_log(AT_LOG_WARN, "worker", "%s: test fault switch set: request %llu fails", cfg->device, n);
+    return n;
+}
+
+#ifdef AT_HAVE_CUDA
+/* A kernel that stores through a null pointer: CUDA_ERROR_ILLEGAL_ADDRESS, sticky. */
+static const char fault_ptx[] = ".version 7.0\n.target sm_75\n.address_size 64\n"
+                                ".visible .entry attnd_test_fault()\n{\n"
+                                "  .reg .b64 %rd<2>;\n  .reg .b32 %r<2>;\n"
+                                "  mov.u64 %rd1, 0;\n  mov.u32 %r1, 1;\n"
+                                "  st.global.u32 [%rd1], %r1;\n  ret;\n}\n";
+
+/* Faults the device's primary context, the one the backend runs in, so the request that comes
+ * next meets the fault through the backend's own error path. */
+static void cuda_fault(const char *device) {
+    const att_cudrv_t *drv = NULL;
+    at_diag_t d = {{0}};
+    CUdevice dev;
+    CUcontext ctx;
+    CUmodule mod;
+    CUfunction fn;
+    if (att_cudrv_cuda(&drv, &d) != AT_OK || drv->cuDeviceGet(&dev, atoi(device + 5)) != 0 ||
+        drv->cuDevicePrimaryCtxRetain(&ctx, dev) != 0 || drv->cuCtxSetCurrent(ctx) != 0 ||
+        drv->cuModuleLoadData(&mod, fault_ptx) != 0 ||
+        drv->cuModuleGetFunction(&fn, mod, "attnd_test_fault") != 0 ||
+        drv->cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL) != 0) {
+        at_log(AT_LOG_ERROR, "worker", "%s: test fault: cannot launch the faulting kernel",
+               device);
+        return;
+    }
+    CUresult r = drv->cuCtxSynchronize();
+    at_log(AT_LOG_WARN, "worker", "%s: test fault: kernel ended with %s", device,
+           att_cudrv_err_name(drv, r));
+}
+#endif
+
+/* The test fault switch fires: a CPU worker aborts (no core file), a CUDA one faults its GPU. */
+static void test_fault(const svc_worker_cfg_t *cfg) {
+#ifdef AT_HAVE_CUDA
+    if (strncmp(cfg->device, "cuda:", 5) == 0) {
+        cuda_fault(cfg->device);
+        return;
+    }
+#endif
+    at_log(AT_LOG_WARN, "worker", "%s: test fault: aborting", cfg->device);
+    struct rlimit no_core = {0, 0};
+    (void)setrlimit(RLIMIT_CORE, &no_core);
+    abort();
+}
+
+/* True when the worker's GPU context is unusable after a fault. */
+static bool device_lost(const worker_t *w) {
+#ifdef AT_HAVE_CUDA
+    return w->be != NULL && strcmp(w->be->ops->name, "cuda") == 0 && att_cuda_lost(w->be);
+#else
+    (void)w;
+    return false;
+#endif
+}
+
 at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     worker_t w = {0};
     at_diag_t d = {{0}};
@@ -379,6 +460,7 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         at_diag_set(&d, e, "CPU backend: %s", at_err_str(e));
     else
         e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
+    w.fault_at = fault_setting(cfg);
     ready.err = e;
     memcpy(ready.diag, d.msg, sizeof ready.diag);
     if (send_rep(&w, &ready) != 0 || e != AT_OK) {
@@ -408,7 +490,20 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         if (errs[0] != AT_OK) {
             reps[0].err = errs[0];
         } else if (tensor_op) {
+            w.tensor_reqs += n;
+            if (w.fault_at != 0 && w.tensor_reqs >= w.fault_at) {
+                w.fault_at = 0;
+                test_fault(cfg);
+            }
             do_attend(&w, n, errs, reps, diags);
+            if (cfg->process && device_lost(&w)) {
+                /* nothing this context ran can be trusted: no replies; the server answers
+                 * every call in flight and starts a new worker */
+                at_log(AT_LOG_ERROR, "worker", "%s: the device faulted; the worker exits",
+                       cfg->device);
+                worker_fini(&w);
+                return AT_ERR_DEVICE;
+            }
         } else {
             switch (rq->op) {
             case SVC_OP_CREATE: e = do_create(&w, &w.slots[0], &reps[0], &diags[0]); break;
@@ -432,4 +527,52 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
            w.num_sessions);
     worker_fini(&w);
     return AT_OK;
+}
+
+/* Parses `attnd worker` arguments into cfg (pointing into argv) and the parent's pid. */
+static int worker_args(int argc, char **argv, svc_worker_cfg_t *cfg, long *parent) {
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        char *end = NULL;
+        errno = 0;
+        unsigned long long n = strtoull(v, &end, 10);
+        bool num = errno == 0 && end != v && *end == '\0';
+        if (strcmp(k, "--endpoint") == 0)
+            cfg->endpoint = v;
+        else if (strcmp(k, "--device") == 0)
+            cfg->device = v;
+        else if (strcmp(k, "--arena") == 0)
+            cfg->arena_name = v;
+        else if (strcmp(k, "--cpu-threads") == 0 && num && n <= 1024)
+            cfg->cpu_threads = (uint32_t)n;
+        else if (strcmp(k, "--arena-bytes") == 0 && num)
+            cfg->arena_bytes = n;
+        else if (strcmp(k, "--parent") == 0 && num)
+            *parent = (long)n;
+        else
+            return -1;
+    }
+    return argc % 2 == 1 && cfg->endpoint != NULL && cfg->device != NULL &&
+                   cfg->arena_name != NULL && cfg->arena_bytes != 0 && *parent > 0
+               ? 0
+               : -1;
+}
+
+int svc_worker_main(int argc, char **argv) {
+    svc_worker_cfg_t cfg = {.process = true};
+    long parent = 0;
+    if (worker_args(argc, argv, &cfg, &parent) != 0) {
+        fprintf(stderr, "attnd worker: started by attnd serve only (--endpoint ipc://PATH "
+                        "--device D --cpu-threads N --arena NAME --arena-bytes B --parent PID)\n");
+        return 2;
+    }
+    /* The server's death ends the worker: nobody else would ever stop it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != (pid_t)parent)
+        return 1;
+    void *zctx = zmq_ctx_new();
+    if (zctx == NULL)
+        return 1;
+    at_err_t e = svc_worker_run(&cfg, zctx);
+    zmq_ctx_term(zctx);
+    return e == AT_OK ? 0 : e == AT_ERR_DEVICE ? SVC_WORKER_EXIT_DEVICE_LOST : 1;
 }

@@ -25,6 +25,7 @@ struct ten_session {
     char device[32];
     void *device_handle;       /* not owned */
     uint32_t worker;
+    _Atomic uint64_t worker_epoch; /* the worker's incarnation it was created on */
     ten_tenant_t *tenant;      /* a reference: the owner */
     uint64_t kv_bytes;         /* reserved from the tenant's kv_bytes quota */
     atomic_bool quota_held;    /* the tenant's session quota is still reserved */
@@ -290,6 +291,14 @@ void *ten_session_device_handle(const ten_session_t *s) { return s->device_handl
 uint32_t ten_session_worker(const ten_session_t *s) { return s->worker; }
 ten_tenant_t *ten_session_tenant(const ten_session_t *s) { return s->tenant; }
 uint64_t ten_session_id(const ten_session_t *s) { return s->id; }
+
+uint64_t ten_session_worker_epoch(const ten_session_t *s) {
+    return atomic_load_explicit(&s->worker_epoch, memory_order_relaxed);
+}
+
+void ten_session_set_worker_epoch(ten_session_t *s, uint64_t epoch) {
+    atomic_store_explicit(&s->worker_epoch, epoch, memory_order_relaxed);
+}
 
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out) {
     pthread_mutex_lock(&s->mu);

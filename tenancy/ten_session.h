@@ -108,6 +108,12 @@ uint32_t ten_session_worker(const ten_session_t *s);
 ten_tenant_t *ten_session_tenant(const ten_session_t *s);
 /* The number the device's worker knows the session by; unique for the process's lifetime. */
 uint64_t ten_session_id(const ten_session_t *s);
+/* The incarnation of the session's worker that holds its KV cache (the service's number, set
+ * once the device created it, before ten_registry_end_create). When that worker dies, the
+ * service's number moves on and the session is lost: it answers "session lost, create it again"
+ * until it is closed, which frees its name and quota. Any thread. */
+uint64_t ten_session_worker_epoch(const ten_session_t *s);
+void ten_session_set_worker_epoch(ten_session_t *s, uint64_t epoch);
 void ten_session_get_figures(ten_session_t *s, ten_session_figures_t *out);
 void ten_session_set_figures(ten_session_t *s, const ten_session_figures_t *fig);
 

@@ -33,7 +33,7 @@ cmake -S . -B build-tsan -DAT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAT_T
 tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant test_ab_bench)
 cmake --build build-tsan -j"$jobs" --target attnd at_py_stubs "${tsan_tests[@]}"
 echo "== tsan: ctest"
-regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants)\$"
+regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants|test_workers)\$"
 (cd build-tsan && TSAN_OPTIONS="suppressions=$PWD/../tests/tsan.supp:halt_on_error=1" \
   ctest --output-on-failure --timeout 1500 -R "$regex")
 echo "== all suites passed"

@@ -2,7 +2,13 @@
  * and f32 MQA, different head dims) on cuda:0 and one on cpu, their calls interleaved over
  * gRPC, every output compared with a local CPU att_ctx under the dtype's tolerance.
  * The server is started in this process, or, with ATTND_E2E_TARGET=HOST:PORT, is a running
- * `attnd serve --devices cpu,cuda:0`. Without a GPU it skips with one line. Label: gpu. */
+ * `attnd serve --devices cpu,cuda:0`. Without a GPU it skips with one line. Label: gpu.
+ *
+ * The fault test (in-process server only) gives cuda:0's worker process the test fault switch:
+ * its third Attend launches a kernel that faults the GPU, the worker process dies, the call
+ * fails UNAVAILABLE, the cuda:0 session answers FAILED_PRECONDITION, the cpu session keeps
+ * serving with its KV, cuda:0 comes back and a new session on it computes right. cuda:0's
+ * workers are processes, so this program runs them too (`test_svc_e2e_gpu worker ...`). */
 #include <grpc/grpc.h>
 #include <math.h>
 #include <setjmp.h>
@@ -12,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <zmq.h>
 
 #include <cmocka.h>
@@ -23,6 +30,7 @@
 #include "bench/bench_client.h"
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
+#include "service/svc_worker.h"
 #include "tests/attention/att_rig.h"
 #include "tests/test_util.h"
 
@@ -139,9 +147,10 @@ static void *random_tensor(att_dtype_t dt, size_t n, tu_rng_t *rng, float range)
     return p;
 }
 
-/* One Attend over gRPC and the same call on the local reference; outputs within tolerance. */
-static void step(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t n,
-                 tu_rng_t *rng) {
+/* One Attend over gRPC answered with status `expect`; when OK, the same call on the local
+ * reference and the outputs within tolerance. */
+static void step_expect(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t n,
+                        tu_rng_t *rng, grpc_status_code expect) {
     const att_model_cfg_t *c = &m->cfg;
     uint32_t t = 0;
     for (uint32_t i = 0; i < n; i++)
@@ -169,8 +178,18 @@ static void step(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t
     rq.v = (ProtobufCBinaryData){nk * es, v};
     bench_reply_t r;
     call_msg("/attnd.v1.Attention/Attend", &rq.base, &r);
-    if (r.status != GRPC_STATUS_OK)
-        fail_msg("%s layer %u: %d %s", m->session, layer, r.status, r.details);
+    if (r.status != expect)
+        fail_msg("%s layer %u: %d %s (expected %d)", m->session, layer, r.status, r.details,
+                 expect);
+    if (expect != GRPC_STATUS_OK) {
+        printf("%s: %s (as expected)\n", m->session, r.details);
+        bench_reply_fini(&r);
+        free(q);
+        free(k);
+        free(v);
+        free(out);
+        return;
+    }
     Attnd__V1__AttendResponse *resp = attnd__v1__attend_response__unpack(NULL, r.body_bytes,
                                                                          r.body);
     assert_non_null(resp);
@@ -198,6 +217,11 @@ static void step(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t
     free(k);
     free(v);
     free(out);
+}
+
+static void step(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t n,
+                 tu_rng_t *rng) {
+    step_expect(m, layer, chunks, n, rng, GRPC_STATUS_OK);
 }
 
 static void test_svc_e2e_gpu_models_interleaved(void **state) {
@@ -246,9 +270,100 @@ static void test_svc_e2e_gpu_models_interleaved(void **state) {
     printf("3 sessions (2 on cuda:0, 1 on cpu) matched the CPU backend\n");
 }
 
-int main(void) {
+static void close_session(const char *name) {
+    Attnd__V1__CloseSessionRequest rq = ATTND__V1__CLOSE_SESSION_REQUEST__INIT;
+    rq.session = (char *)name;
+    bench_reply_t r;
+    call_msg("/attnd.v1.Attention/CloseSession", &rq.base, &r);
+    if (r.status != GRPC_STATUS_OK)
+        fail_msg("CloseSession %s: %d %s", name, r.status, r.details);
+    bench_reply_fini(&r);
+}
+
+static void model_fini(model_t *m) {
+    att_ctx_destroy(&m->ctx);
+    att_backend_destroy(&m->be);
+}
+
+static void test_svc_e2e_gpu_fault(void **state) {
+    (void)state;
+    if (!g.ready || g.srv == NULL || g.pools[1] == NULL) {
+        printf("SKIP: no in-process GPU server (%s)\n", g.why.msg);
+        skip();
+    }
+    /* a server of its own, whose cuda:0 worker starts with the switch set */
+    svc_pool_t *pools[2] = {NULL, NULL};
+    svc_server_t *srv = NULL;
+    at_diag_t d = {{0}};
+    svc_pool_cfg_t pc = {.device = "cpu", .index = 2, .cpu_threads = 2,
+                         .arena_bytes = 64u << 20, .max_queue = 64, .restart_ms = 200};
+    assert_int_equal(svc_pool_create(&pc, g.zctx, &d, &pools[0]), AT_OK);
+    setenv(SVC_WORKER_FAULT_ENV, "cuda:0:3", 1);
+    pc.device = "cuda:0";
+    pc.index = 3;
+    at_err_t e = svc_pool_create(&pc, g.zctx, &d, &pools[1]);
+    unsetenv(SVC_WORKER_FAULT_ENV);
+    assert_int_equal(e, AT_OK);
+    assert_true(svc_pool_worker_pid(pools[1], 0) > 0); /* a process by default */
+    svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = pools, .num_pools = 2,
+                           .max_message_bytes = 16u << 20};
+    assert_int_equal(svc_server_create(&sc, &d, &srv), AT_OK);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", svc_server_port(srv));
+    grpc_channel *fixture_ch = g.ch;
+    g.ch = bench_channel_create(target);
+    tu_rng_t rng;
+    tu_rng_seed(&rng, tu_base_seed("test_svc_e2e_gpu_fault"));
+    model_t gpu = {"fault.gpu", "cuda:0",
+                   {.num_layers = 1, .num_query_heads = 32, .num_kv_heads = 8, .head_dim = 128,
+                    .dtype = ATT_DTYPE_BF16},
+                   ATTND__V1__DTYPE__BF16, NULL, NULL};
+    model_t cpu = {"fault.cpu", "cpu",
+                   {.num_layers = 1, .num_query_heads = 8, .num_kv_heads = 2, .head_dim = 64,
+                    .dtype = ATT_DTYPE_F16},
+                   ATTND__V1__DTYPE__F16, NULL, NULL};
+    create(&gpu);
+    create(&cpu);
+    const att_chunk_t pre[] = {{1, 0, 40}};
+    step(&gpu, 0, pre, 1, &rng); /* request 1 */
+    step(&cpu, 0, pre, 1, &rng);
+    const att_chunk_t dec[] = {{1, 40, 1}}, dec2[] = {{1, 41, 1}};
+    step(&gpu, 0, dec, 1, &rng); /* request 2 */
+    step_expect(&gpu, 0, dec2, 1, &rng, GRPC_STATUS_UNAVAILABLE); /* 3: the faulting kernel */
+    step_expect(&gpu, 0, dec2, 1, &rng, GRPC_STATUS_FAILED_PRECONDITION); /* lost */
+    step(&cpu, 0, dec, 1, &rng); /* the cpu session kept its KV */
+    for (int i = 0; i < 600 && !svc_pool_serving(pools[1]); i++) {
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_true(svc_pool_serving(pools[1]));
+    close_session(gpu.session);
+    model_fini(&gpu);
+    model_t again = gpu;
+    again.session = "fault.gpu2";
+    create(&again);
+    step(&again, 0, pre, 1, &rng);
+    step(&again, 0, dec, 1, &rng);
+    step(&cpu, 0, dec2, 1, &rng);
+    printf("cuda:0 worker died on the faulting kernel and came back; cpu kept serving\n");
+    model_fini(&again);
+    model_fini(&cpu);
+    grpc_channel_destroy(g.ch);
+    g.ch = fixture_ch;
+    svc_server_drain(srv, 1000);
+    svc_pool_stop(pools[1]);
+    svc_pool_stop(pools[0]);
+    svc_server_destroy(&srv);
+    svc_pool_destroy(&pools[1]);
+    svc_pool_destroy(&pools[0]);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "worker") == 0)
+        return svc_worker_main(argc - 1, argv + 1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_svc_e2e_gpu_models_interleaved),
+        cmocka_unit_test(test_svc_e2e_gpu_fault),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
