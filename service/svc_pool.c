@@ -179,9 +179,12 @@ static bool lane_up(const lane_t *l) {
     return l->worker_ok && atomic_load_explicit(&l->state, memory_order_relaxed) == LANE_UP;
 }
 
-/* Stops a worker process that broke the protocol or cannot be fed; its death does the rest. */
+/* Stops a worker process that broke the protocol or cannot be fed; its death does the rest.
+ * Its sessions are lost from here on, not only once the death is reaped: a call that comes in
+ * between must read FAILED_PRECONDITION, as it will after the reap (on_death bumps again). */
 static void lane_kill(lane_t *l) {
     l->worker_ok = false;
+    atomic_fetch_add_explicit(&l->epoch, 1, memory_order_relaxed);
     int pid = atomic_load_explicit(&l->pid, memory_order_relaxed);
     if (pid > 0)
         kill(pid, SIGKILL);
