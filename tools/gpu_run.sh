@@ -4,7 +4,8 @@
 # default tests,sanitize): tests (the GPU suite and the launch-cache unit test), sanitize
 # (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
-# (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client).
+# (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
+# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -109,6 +110,13 @@ if has e2e; then
   grep -E "PASSED|FAILED|SKIP|matched|server:" "$out/e2e_serve.log" | head -10
   grep -E "devices:|ready|error" "$out/serve.log" | head -10
   [ $rc -eq 0 ] || { note "e2e serve rc=$rc"; tail -30 "$out/e2e_serve.log"; status=1; }
+fi
+if has serve; then
+  note "attnd-bench: decode on cuda:0 through the server, against the null device"
+  timeout 240 "$R" attnd-bench --device cuda:0 --model llama-3.1-8b --ctx 4096 --batch 64 \
+    --compare-null --duration 8 --json "$out/serve_bench.json" > "$out/serve_bench.log" 2>&1 ||
+    status=1
+  tail -12 "$out/serve_bench.log"
 fi
 note "done (status $status)"
 exit $status
