@@ -508,6 +508,12 @@ static void print_cfg(FILE *out, const json_t *c) {
     }
 }
 
+/* 2^v of a bucket field read back from a file (valid files hold 0..63). */
+static unsigned long long pow2(const json_t *v) {
+    json_int_t e = json_integer_value(v);
+    return e >= 0 && e < 64 ? 1ull << e : 0;
+}
+
 at_err_t tun_store_print(const char *path, FILE *out) {
     char why[256];
     json_t *pl = NULL;
@@ -544,10 +550,8 @@ at_err_t tun_store_print(const char *path, FILE *out) {
         double heur = (double)json_integer_value(json_object_get(r, "heuristic_ns")) / 1e6;
         double worst = (double)json_integer_value(json_object_get(r, "worst_ns")) / 1e6;
         fprintf(out, "  bucket tokens<=%llu seqs<=%llu q<=%llu ctx<=%llu:\n",
-                1ull << json_integer_value(json_object_get(b, "tokens")),
-                1ull << json_integer_value(json_object_get(b, "seqs")),
-                1ull << json_integer_value(json_object_get(b, "max_q")),
-                1ull << json_integer_value(json_object_get(b, "max_ctx")));
+                pow2(json_object_get(b, "tokens")), pow2(json_object_get(b, "seqs")),
+                pow2(json_object_get(b, "max_q")), pow2(json_object_get(b, "max_ctx")));
         fprintf(out, "    best      %9.3f ms  ", best);
         print_cfg(out, json_object_get(r, "best"));
         fprintf(out, "\n    heuristic %9.3f ms  (%.2fx the best)\n", heur,

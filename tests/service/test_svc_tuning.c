@@ -139,7 +139,7 @@ static void test_svc_tuning_calls_run_before_the_next_tuning_step(void **state) 
     rig_start(&r, "on");
     create_session(&r, 1);
     /* a prefill of a new bucket: heuristic now, a tuning job queued (50 configs x 4 runs) */
-    send_attend(&r, 1, 1, 0, 256);
+    send_attend(&r, 1, 1, 0, 64);
     svc_rep_t a = recv_rep(&r);
     assert_int_equal(a.err, AT_OK);
     assert_int_equal(a.tuning_source, TUN_SOURCE_HEURISTIC);
@@ -148,7 +148,7 @@ static void test_svc_tuning_calls_run_before_the_next_tuning_step(void **state) 
     /* the worker now tunes; three calls arrive together and all wait on the socket */
     enum { N = 3 };
     for (uint32_t i = 0; i < N; i++)
-        send_attend(&r, 1, 10 + i, 0, 64);
+        send_attend(&r, 1, 10 + i, 0, 16);
     svc_rep_t b[N];
     for (uint32_t i = 0; i < N; i++) {
         b[i] = recv_rep(&r);
@@ -163,11 +163,11 @@ static void test_svc_tuning_calls_run_before_the_next_tuning_step(void **state) 
     svc_rep_t c;
     do {
         usleep(20000);
-        send_attend(&r, 1, 1, 255, 1); /* a one-token call over seq 1: its reply has the figures */
+        send_attend(&r, 1, 1, 63, 1); /* a one-token call over seq 1: its reply has the figures */
         c = recv_rep(&r);
         assert_int_equal(c.err, AT_OK);
     } while (c.tuning_jobs_pending > 0);
-    send_attend(&r, 1, 2, 0, 256);
+    send_attend(&r, 1, 2, 0, 64);
     svc_rep_t d = recv_rep(&r);
     assert_int_equal(d.err, AT_OK);
     assert_int_equal(d.tuning_source, TUN_SOURCE_TUNED);
