@@ -21,6 +21,7 @@
 
 #include "attention/att_model.h"
 #include "common/at_err.h"
+#include "tuning/tun.h"
 
 typedef struct att_backend att_backend_t;
 typedef struct att_kv att_kv_t;
@@ -81,6 +82,13 @@ typedef struct att_backend_ops {
      * backend, directly usable for device copies (a GPU pins it for DMA once): the service's
      * shared-memory arena, so tensors need no staging copy. AT_ERR_DEVICE when it cannot. */
     at_err_t (*register_host)(att_backend_t *be, void *p, size_t bytes);
+    /* Optional (NULL: the backend has no knobs to tune). The config space of its kernel
+     * (tuning/tun.h); tuning_space and set_tuning are both set or both NULL. */
+    const tun_space_t *tuning_space;
+    /* Runs kv's later calls with cfg, a config of tuning_space (NULL: the backend's heuristic).
+     * AT_ERR_CONFIG, kv unchanged, when cfg does not fit the space or kv's model. Called by the
+     * owner of kv, never during a run of kv. */
+    at_err_t (*set_tuning)(att_backend_t *be, att_kv_t *kv, const tun_cfg_t *cfg);
 } att_backend_ops_t;
 
 /* Every backend struct starts with this. */

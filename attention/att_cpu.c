@@ -20,7 +20,10 @@
 #include "common/at_base.h"
 
 #define DEFAULT_TILE_ROWS 64u
+#define DEFAULT_ITEMS_PER_THREAD 4u
 #define MAX_THREADS 1024u
+#define MAX_TILE_ROWS 4096u
+#define MAX_ITEMS_PER_THREAD 256u
 
 struct att_kv {
     const att_model_t *m; /* borrowed: outlives the storage */
@@ -28,6 +31,10 @@ struct att_kv {
     uint8_t *base;        /* owned mapping of map_bytes */
     size_t map_bytes;
     size_t layer_half_bytes; /* keys (or values) of one layer */
+    /* the session's tuning (set_tuning; the backend's defaults until then) */
+    uint32_t tile_rows;        /* query rows per work item */
+    uint32_t key_tile;         /* keys per inner tile */
+    uint32_t items_per_thread; /* heads are split until a run has this many items per thread */
 };
 
 typedef struct thread_slot {
@@ -159,25 +166,26 @@ static size_t count_items(const att_batch_t *b, uint32_t tokens_per_item, uint32
 }
 
 /* Splits the batch into items; AT_ERR_NOMEM changes nothing. Requires run_mu.
- * Rows per item (tokens x query heads) aim at tile_rows: a decode token's item spans several KV
- * heads, a prefill item one head and tile_rows / group tokens. Heads are split further while
- * there are too few items to keep every thread busy. */
-static at_err_t plan_items(cpu_backend_t *be, const att_model_t *m, const att_batch_t *b,
+ * Rows per item (tokens x query heads) aim at the session's tile_rows: a decode token's item
+ * spans several KV heads, a prefill item one head and tile_rows / group tokens. Heads are split
+ * further while there are fewer than items_per_thread items per thread. */
+static at_err_t plan_items(cpu_backend_t *be, const att_kv_t *kv, const att_batch_t *b,
                            uint32_t window, size_t *n_out, size_t *max_rows) {
-    uint32_t tokens_per_item = be->tile_rows / m->group;
+    const att_model_t *m = kv->m;
+    uint32_t tokens_per_item = kv->tile_rows / m->group;
     if (tokens_per_item == 0)
         tokens_per_item = 1;
     uint32_t longest = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++)
         longest = b->chunks[c].num_tokens > longest ? b->chunks[c].num_tokens : longest;
     uint32_t tokens_used = longest < tokens_per_item ? longest : tokens_per_item;
-    uint32_t heads_per_item = be->tile_rows / (m->group * tokens_used);
+    uint32_t heads_per_item = kv->tile_rows / (m->group * tokens_used);
     heads_per_item = heads_per_item < 1 ? 1
                      : heads_per_item > m->num_kv_heads ? m->num_kv_heads
                                                         : heads_per_item;
     while (heads_per_item > 1 &&
            count_items(b, tokens_per_item, m->num_kv_heads, heads_per_item) <
-               4 * (size_t)be->num_threads)
+               (size_t)kv->items_per_thread * be->num_threads)
         heads_per_item = (heads_per_item + 1) / 2;
     size_t n = count_items(b, tokens_per_item, m->num_kv_heads, heads_per_item);
     if (n > be->cap_items) {
@@ -244,7 +252,7 @@ static at_err_t cpu_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     size_t n = 0, rows = 0;
     uint32_t window = m->window[b->layer];
     if (b->attend) {
-        if ((e = plan_items(be, m, b, window, &n, &rows)) != AT_OK)
+        if ((e = plan_items(be, kv, b, window, &n, &rows)) != AT_OK)
             goto out_unlock;
         for (uint32_t t = 0; t < be->num_threads; t++)
             if ((e = scratch_reserve(&be->slots[t], rows, m->head_dim)) != AT_OK)
@@ -258,6 +266,7 @@ static at_err_t cpu_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
             .k_layer = kv->base + 2 * (size_t)b->layer * kv->layer_half_bytes,
             .v_layer = kv->base + (2 * (size_t)b->layer + 1) * kv->layer_half_bytes,
             .window = window,
+            .key_tile = kv->key_tile,
         };
         dispatch(be, &job, n);
     }
@@ -266,14 +275,39 @@ out_unlock:
     return e;
 }
 
+/* The backend's defaults: what the tuner calls the heuristic (tun_space_cpu). */
+static void default_tuning(const cpu_backend_t *be, att_kv_t *kv) {
+    kv->tile_rows = be->tile_rows;
+    kv->key_tile = ATT_CPU_KEY_TILE;
+    kv->items_per_thread = DEFAULT_ITEMS_PER_THREAD;
+}
+
+static at_err_t cpu_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg_t *cfg) {
+    if (cfg == NULL) {
+        default_tuning((cpu_backend_t *)base, kv);
+        return AT_OK;
+    }
+    const uint32_t rows = cfg->v[TUN_CPU_TILE_ROWS], key_tile = cfg->v[TUN_CPU_KEY_TILE];
+    const uint32_t items = cfg->v[TUN_CPU_ITEMS_PER_THREAD], bs = kv->m->block_size;
+    /* a key tile must stay inside one block: block sizes are powers of two, so it divides them */
+    if (cfg->n != tun_space_cpu.n_params || rows < 1 || rows > MAX_TILE_ROWS || key_tile < 1 ||
+        key_tile > ATT_CPU_KEY_TILE || (key_tile < bs && bs % key_tile != 0) || items < 1 ||
+        items > MAX_ITEMS_PER_THREAD)
+        return AT_ERR_CONFIG;
+    kv->tile_rows = rows;
+    kv->key_tile = key_tile;
+    kv->items_per_thread = items;
+    return AT_OK;
+}
+
 static at_err_t cpu_kv_create(att_backend_t *base, const att_model_t *m, uint32_t num_blocks,
                               att_kv_t **out, at_diag_t *diag) {
-    (void)base;
     (void)diag; /* the one failure, AT_ERR_NOMEM, says it all */
     att_kv_t *kv = calloc(1, sizeof *kv);
     if (kv == NULL)
         return AT_ERR_NOMEM;
     kv->m = m;
+    default_tuning((cpu_backend_t *)base, kv);
     kv->num_blocks = num_blocks;
     kv->layer_half_bytes = (size_t)num_blocks * m->num_kv_heads * m->block_size * m->head_dim *
                            att_dtype_bytes(m->dtype);
@@ -347,6 +381,8 @@ static const att_backend_ops_t cpu_ops = {
     .run = cpu_run,
     .read_kv = cpu_read_kv,
     .destroy = cpu_destroy,
+    .tuning_space = &tun_space_cpu,
+    .set_tuning = cpu_set_tuning,
 };
 
 /* The best kernel build this CPU runs.
@@ -439,3 +475,9 @@ at_err_t att_cpu_create(const att_cpu_cfg_t *cfg, att_backend_t **out) {
 const char *att_cpu_isa(const att_backend_t *base) {
     return att_cpu_isa_name(((const cpu_backend_t *)base)->isa);
 }
+
+uint32_t att_cpu_threads(const att_backend_t *base) {
+    return ((const cpu_backend_t *)base)->num_threads;
+}
+
+const char *att_cpu_kernel_hash(void) { return ATT_CPU_KERNEL_HASH; }

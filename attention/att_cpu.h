@@ -19,7 +19,8 @@ typedef enum att_cpu_isa {
 
 typedef struct att_cpu_cfg {
     uint32_t num_threads; /* 0 = one per online CPU */
-    uint32_t tile_rows;   /* query rows (tokens x grouped heads) per work item; 0 = 64 */
+    uint32_t tile_rows;   /* query rows (tokens x grouped heads) per work item until a session
+                           * is tuned; 0 = 64 */
     att_cpu_isa_t isa;    /* tests and benches pin a build; 0 = the best one */
 } att_cpu_cfg_t;
 
@@ -37,5 +38,16 @@ const char *att_cpu_isa_name(att_cpu_isa_t isa);
 
 /* Which kernel build a CPU backend runs (never "best"). */
 const char *att_cpu_isa(const att_backend_t *be);
+
+/* The threads of a CPU backend's runs, the caller's included. */
+uint32_t att_cpu_threads(const att_backend_t *be);
+
+/* SHA-256 (hex) of the CPU kernel's source files, fixed at build time: part of its tuning key.
+ *
+ * Tuning (ops->set_tuning, per session, config space tun_space_cpu): tile_rows (query rows per
+ * work item, 1..4096; cfg->tile_rows until tuned), key_tile (keys per inner tile, 1..64, a
+ * divisor of the block size or at least it; 64 until tuned) and items_per_thread (heads are
+ * split until a run has that many items per thread, 1..256; 4 until tuned). */
+const char *att_cpu_kernel_hash(void);
 
 #endif

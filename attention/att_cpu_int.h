@@ -7,7 +7,8 @@
 #include "attention/att_backend.h"
 #include "attention/att_model.h"
 
-/* Keys per inner tile: bounded by the block, so a tile's rows are contiguous in memory. */
+/* Keys per inner tile at most (the scratch's row stride); a run's tile is the session's tuned
+ * key tile, bounded by the block, so a tile's rows are contiguous in memory. */
 #define ATT_CPU_KEY_TILE 64u
 
 /* One work item: query tokens [q_begin, q_begin + q_count) of one chunk against KV heads
@@ -29,6 +30,7 @@ typedef struct att_cpu_job {
     const uint8_t *k_layer; /* [num_blocks, Hkv, block_size, D] keys of the batch's layer */
     const uint8_t *v_layer; /* [num_blocks, Hkv, block_size, D] values of the batch's layer */
     uint32_t window;        /* the layer's sliding window; 0 = none */
+    uint32_t key_tile;      /* keys per inner tile, at most ATT_CPU_KEY_TILE (tuning) */
 } att_cpu_job_t;
 
 /* Per-thread scratch, sized by att_cpu for the job's largest item. */

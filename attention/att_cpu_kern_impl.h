@@ -355,7 +355,7 @@ static ALWAYS_INLINE void attend_tiles(att_dtype_t t, const att_cpu_job_t *job,
     const uint32_t first = ch->start_pos + it->q_begin, last = first + it->q_count - 1;
     const uint32_t j_lo =
         (job->window != 0 && first + 1 > job->window) ? first + 1 - job->window : 0;
-    const uint32_t tile = bs < ATT_CPU_KEY_TILE ? bs : ATT_CPU_KEY_TILE;
+    const uint32_t tile = bs < job->key_tile ? bs : job->key_tile;
 
     for (uint32_t j0 = j_lo - j_lo % tile; j0 <= last; j0 += tile) {
         const size_t nk = last + 1 - j0 < tile ? last + 1 - j0 : tile;

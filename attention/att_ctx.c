@@ -236,6 +236,12 @@ void att_ctx_release(att_ctx_t *ctx, const uint64_t *seq_ids, uint32_t n, uint32
     kvc_release(ctx->kvc, seq_ids, n, released);
 }
 
+at_err_t att_ctx_set_tuning(att_ctx_t *ctx, const tun_cfg_t *cfg) {
+    if (ctx->be->ops->set_tuning == NULL)
+        return AT_ERR_UNSUPPORTED;
+    return ctx->be->ops->set_tuning(ctx->be, ctx->kv, cfg);
+}
+
 void att_ctx_get_info(const att_ctx_t *ctx, att_ctx_info_t *out) {
     kvc_stats_t st;
     kvc_get_stats(ctx->kvc, &st);

@@ -59,6 +59,11 @@ void att_ctx_release(att_ctx_t *ctx, const uint64_t *seq_ids, uint32_t n, uint32
 
 void att_ctx_get_info(const att_ctx_t *ctx, att_ctx_info_t *out);
 
+/* Runs the context's later calls with cfg, a config of its backend's tuning space (NULL: the
+ * backend's heuristic). AT_ERR_UNSUPPORTED when the backend has no knobs, AT_ERR_CONFIG when cfg
+ * does not fit the model. */
+at_err_t att_ctx_set_tuning(att_ctx_t *ctx, const tun_cfg_t *cfg);
+
 /* Length of a sequence at layer: AT_ERR_KV_NO_SEQ if it is not cached, AT_ERR_CALL_LAYER. */
 at_err_t att_ctx_seq_len(const att_ctx_t *ctx, uint64_t seq_id, uint32_t layer, uint32_t *len);
 

@@ -14,6 +14,11 @@ int bench_cpu_main(int argc, char **argv);
  * Returns the exit status. Thread: the main thread. */
 int bench_svc_main(int argc, char **argv);
 
+/* `attnd tune`: tunes a model preset's kernel configs for a range of batch shapes ahead of time
+ * and writes the tuning store; `attnd tune --show` prints one (bench_tune.c). Returns the exit
+ * status: 0, 1 when a shape or the store failed, 2 on bad usage. Thread: the main thread. */
+int bench_tune_main(int argc, char **argv);
+
 /* `attnd bench-gpu` (builds with the CUDA backend only): attention on cuda:0 against the
  * bandwidth and launch ceilings measured in the same run. */
 int bench_gpu_main(int argc, char **argv);

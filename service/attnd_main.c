@@ -26,6 +26,7 @@ static const cmd_t cmds[] = {
     {"serve", svc_serve_main, "serve attnd.v1.Attention over gRPC (attnd serve --help)"},
     {"token", svc_token_main, "print a new bearer token and its digest for the tenants file"},
     {"bench", bench_cpu_main, "time the CPU attention backend (attnd bench --help)"},
+    {"tune", bench_tune_main, "tune a model's kernel configs ahead of time (attnd tune --help)"},
     {"bench-serve", bench_svc_main, "time Attend over loopback, and the service's overhead"},
 #ifdef AT_HAVE_CUDA
     {"bench-gpu", bench_gpu_main, "time the CUDA backend on cuda:0 against measured ceilings"},

@@ -63,6 +63,11 @@ typedef struct svc_rep {
     uint32_t released;       /* RELEASE */
     uint64_t calls;          /* ATTEND and APPEND requests of the session that succeeded */
     uint64_t backend_runs;   /* backend runs they took: fewer when batches were merged */
+    /* the session's tuning (att_tuner_info_t): the last batch's config and its source */
+    uint32_t tuning_source;  /* tun_source_t */
+    uint32_t tuning_jobs_pending;
+    uint64_t tuning_runs;
+    char tuning_config[128];
     char diag[224];          /* detail for err, NUL-terminated */
 } svc_rep_t;
 

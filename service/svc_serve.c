@@ -22,6 +22,7 @@
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
 #include "tenancy/ten_tenant.h"
+#include "tuning/tun.h"
 
 typedef struct serve_opts {
     char listen[256];
@@ -44,6 +45,8 @@ typedef struct serve_opts {
     char worker_mode[16];       /* auto, thread, process */
     uint32_t worker_restart_ms;
     uint32_t worker_start_timeout_ms;
+    char tuning_dir[480];       /* "" = no tuning store */
+    char tuning[16];            /* "on", "frozen", "off"; "" = on with a tuning_dir, else off */
 } serve_opts_t;
 
 /* One row per option: the long option is "--" + name with '_' -> '-'; the JSON key is name. */
@@ -100,6 +103,13 @@ static const opt_t opts[] = {
      "in a row up to 30 s (100)"},
     {"worker_start_timeout_ms", K_U32, O_(worker_start_timeout_ms), 0, 100, 3600000,
      "worker processes: time for a worker to say it is ready (60000)"},
+    {"tuning_dir", K_STR, O_(tuning_dir), 480, 0, 0,
+     "tuning store: kernel configs measured per device and model shape, restored when a "
+     "session is created (`attnd tune` writes it ahead of time; none)"},
+    {"tuning", K_STR, O_(tuning), 16, 0, 0,
+     "on: a batch shape without a record runs the heuristic and is tuned on copies when its "
+     "worker is idle; frozen: records and the heuristic only; off: the heuristic only (on with "
+     "--tuning-dir, else off)"},
 };
 #undef O_
 
@@ -384,6 +394,10 @@ int svc_serve_main(int argc, char **argv) {
                 o.worker_mode);
         return 2;
     }
+    if (o.tuning[0] != '\0' && tun_mode_parse(o.tuning) < 0) {
+        fprintf(stderr, "attnd serve: tuning: expected on, frozen or off, got '%s'\n", o.tuning);
+        return 2;
+    }
     if (o.arena_mib < 2 * o.max_message_mib) {
         /* a call's out is as large as its q: one largest request needs about twice its size */
         fprintf(stderr, "attnd serve: arena_mib %llu is less than twice max_message_mib %llu: the "
@@ -434,6 +448,10 @@ int svc_serve_main(int argc, char **argv) {
      * inherits. */
     if (o.kernel_cache_dir[0] != '\0')
         setenv("ATTND_KERNEL_CACHE_DIR", o.kernel_cache_dir, 1);
+    /* the tuning policy travels the same way (svc_worker.c reads it) */
+    setenv("ATTND_TUNING_DIR", o.tuning_dir, 1);
+    setenv("ATTND_TUNING", o.tuning[0] != '\0' ? o.tuning : o.tuning_dir[0] != '\0' ? "on" : "off",
+           1);
     char names[MAX_POOLS][32];
     uint32_t num_names = 0;
     if ((e = device_list(o.devices, names, &num_names)) != AT_OK)

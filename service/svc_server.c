@@ -347,18 +347,19 @@ static svc_pool_t *pool_for(struct svc_server *s, const char *device, at_diag_t 
     return NULL;
 }
 
-/* SessionInfo of s; strings and arrays point into s (valid while the caller holds s). */
 /* True when the worker that held s's KV cache died since s was created (see svc_pool.h). */
 static bool session_lost(const ten_session_t *s) {
     return svc_pool_epoch(ten_session_device_handle(s), ten_session_worker(s)) !=
            ten_session_worker_epoch(s);
 }
 
+/* SessionInfo of s; strings and arrays point into s (valid while the caller holds s) and into
+ * *fig (the caller's storage for the session's figures). */
 static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
-                         Attnd__V1__ModelConfig *mc) {
+                         Attnd__V1__ModelConfig *mc, ten_session_figures_t *fig_out) {
     const att_model_t *m = ten_session_model(s);
-    ten_session_figures_t fig;
-    ten_session_get_figures(s, &fig);
+    ten_session_figures_t *fig = fig_out;
+    ten_session_get_figures(s, fig);
     attnd__v1__model_config__init(mc);
     mc->name = (char *)ten_session_model_name(s);
     mc->num_layers = m->num_layers;
@@ -386,18 +387,23 @@ static void session_info(ten_session_t *s, Attnd__V1__SessionInfo *info,
     info->session = (char *)ten_session_name(s);
     info->model = mc;
     info->device = (char *)ten_session_device(s);
-    info->kv_capacity_tokens = fig.kv_capacity_tokens;
-    info->kv_used_tokens = fig.kv_used_tokens;
-    info->num_sequences = fig.num_sequences;
-    info->attend_calls = fig.calls;
-    info->backend_runs = fig.backend_runs;
+    info->kv_capacity_tokens = fig->kv_capacity_tokens;
+    info->kv_used_tokens = fig->kv_used_tokens;
+    info->num_sequences = fig->num_sequences;
+    info->attend_calls = fig->calls;
+    info->backend_runs = fig->backend_runs;
     info->lost = session_lost(s);
+    info->tuning_config = fig->tuning_config;
+    info->tuning_source = (Attnd__V1__TuningSource)fig->tuning_source;
+    info->tuning_runs = fig->tuning_runs;
+    info->tuning_jobs_pending = fig->tuning_jobs_pending;
 }
 
 static grpc_byte_buffer *pack_session_info(ten_session_t *s) {
     Attnd__V1__SessionInfo info;
     Attnd__V1__ModelConfig mc;
-    session_info(s, &info, &mc);
+    ten_session_figures_t fig;
+    session_info(s, &info, &mc, &fig);
     return pack(&info.base);
 }
 
@@ -407,6 +413,10 @@ static void figures_from(const svc_rep_t *rep, ten_session_figures_t *fig) {
     fig->num_sequences = rep->num_sequences;
     fig->calls = rep->calls;
     fig->backend_runs = rep->backend_runs;
+    fig->tuning_source = rep->tuning_source;
+    fig->tuning_jobs_pending = rep->tuning_jobs_pending;
+    fig->tuning_runs = rep->tuning_runs;
+    snprintf(fig->tuning_config, sizeof fig->tuning_config, "%s", rep->tuning_config);
 }
 
 static void diag_from(const svc_rep_t *rep, at_diag_t *d) {
@@ -615,10 +625,11 @@ static void handle_list(call_t *c) {
     Attnd__V1__SessionInfo *infos = calloc(n ? n : 1, sizeof *infos);
     Attnd__V1__ModelConfig *mcs = calloc(n ? n : 1, sizeof *mcs);
     Attnd__V1__SessionInfo **ptrs = calloc(n ? n : 1, sizeof *ptrs);
+    ten_session_figures_t *figs = calloc(n ? n : 1, sizeof *figs);
     grpc_byte_buffer *bb = NULL;
-    if (infos != NULL && mcs != NULL && ptrs != NULL) {
+    if (infos != NULL && mcs != NULL && ptrs != NULL && figs != NULL) {
         for (size_t i = 0; i < n; i++) {
-            session_info(all[i], &infos[i], &mcs[i]);
+            session_info(all[i], &infos[i], &mcs[i], &figs[i]);
             ptrs[i] = &infos[i];
         }
         Attnd__V1__ListSessionsResponse resp = ATTND__V1__LIST_SESSIONS_RESPONSE__INIT;
@@ -632,6 +643,7 @@ static void handle_list(call_t *c) {
     free(infos);
     free(mcs);
     free(ptrs);
+    free(figs);
     reply(c, bb != NULL ? AT_OK : AT_ERR_NOMEM, NULL, bb);
 }
 

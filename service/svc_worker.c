@@ -3,7 +3,9 @@
  * Thread model: one thread (its own), blocking on its socket; no locks. Sessions are kept in a
  * small array searched linearly: a device holds tens of sessions, and a lookup is nothing next to
  * an attention call. A job is checked against its deadline just before it runs. As a process
- * (svc_worker_main) the same loop runs on the process's main thread. */
+ * (svc_worker_main) the same loop runs on the process's main thread.
+ * Tuning (att_tune.h) runs on this thread too, one step at a time and only while no request is
+ * waiting on the socket, so a call is never queued behind a whole tuning job. */
 #include "service/svc_worker.h"
 
 #include <errno.h>
@@ -24,6 +26,7 @@
 #include "attention/att_cudrv.h"
 #endif
 #include "attention/att_ctx.h"
+#include "attention/att_tune.h"
 #include "common/at_log.h"
 #include "service/svc_arena.h"
 #include "service/svc_msg.h"
@@ -31,6 +34,7 @@
 typedef struct wsession {
     uint64_t id;
     att_ctx_t *ctx;          /* owned; NULL on the null device */
+    att_tuner_t *tuner;      /* owned; NULL on the null device */
     uint64_t capacity_tokens; /* the null device's: whole blocks */
     uint64_t calls;          /* ATTEND and APPEND requests that succeeded */
     uint64_t null_runs;      /* the null device's stand-in for backend runs */
@@ -54,6 +58,8 @@ typedef struct worker {
     slot_t slots[SVC_BATCH_MAX]; /* the current request, or batch of requests */
     uint64_t fault_at;  /* the test fault switch: fail on this tensor request (1-based); 0 = off */
     uint64_t tensor_reqs; /* ATTEND and APPEND requests received */
+    att_tune_cfg_t tune;     /* the sessions' tuning policy; tune.dir points into tuning_dir */
+    char tuning_dir[480];
 } worker_t;
 
 static int64_t now_ns(void) {
@@ -82,6 +88,12 @@ static void fill_info(const wsession_t *s, svc_rep_t *rep) {
     rep->kv_used_tokens = info.kv_used_tokens;
     rep->num_sequences = info.num_sequences;
     rep->backend_runs = info.backend_runs;
+    att_tuner_info_t ti;
+    att_tuner_get_info(s->tuner, &ti);
+    rep->tuning_source = ti.source;
+    rep->tuning_runs = ti.tuning_runs;
+    rep->tuning_jobs_pending = ti.jobs_pending;
+    snprintf(rep->tuning_config, sizeof rep->tuning_config, "%s", ti.config);
 }
 
 /* The region [off, off + len) of the arena, or NULL when it does not lie inside it. */
@@ -143,10 +155,16 @@ static at_err_t do_create(worker_t *w, const slot_t *sl, svc_rep_t *rep, at_diag
         return AT_OK;
     }
     att_ctx_t *ctx = NULL;
+    att_tuner_t *tuner = NULL;
     at_err_t e = att_ctx_create(w->be, &cfg, rq->kv_capacity_tokens, d, &ctx);
+    /* restores the store's records for this model before its first call */
+    if (e == AT_OK && (e = att_tuner_create(w->be, att_ctx_model(ctx), &w->tune, d, &tuner)) !=
+                          AT_OK)
+        att_ctx_destroy(&ctx);
     if (e != AT_OK)
         return e;
-    w->sessions[w->num_sessions++] = (wsession_t){.id = rq->session_id, .ctx = ctx};
+    w->sessions[w->num_sessions++] = (wsession_t){.id = rq->session_id, .ctx = ctx,
+                                                  .tuner = tuner};
     fill_info(&w->sessions[w->num_sessions - 1], rep);
     return AT_OK;
 }
@@ -156,6 +174,7 @@ static at_err_t do_close(worker_t *w, const svc_req_t *rq) {
     if (s == NULL)
         return AT_ERR_SESSION_NOT_FOUND;
     att_ctx_destroy(&s->ctx); /* NULL on the null device */
+    att_tuner_destroy(&s->tuner);
     *s = w->sessions[--w->num_sessions];
     return AT_OK;
 }
@@ -225,6 +244,7 @@ static void do_attend(worker_t *w, uint32_t n, const at_err_t *arrived, svc_rep_
         s->null_runs++;
     } else if (m > 0) {
         memset(cd, 0, m * sizeof cd[0]);
+        att_tuner_pick(s->tuner, s->ctx, calls, m);
         att_ctx_run_many(s->ctx, calls, m, first->op == SVC_OP_ATTEND, errs, cd);
         for (uint32_t j = 0; j < m; j++) {
             reps[idx[j]].err = errs[j];
@@ -317,8 +337,10 @@ static at_err_t recv_batch(worker_t *w, uint32_t *n, at_err_t *errs) {
 }
 
 static void worker_fini(worker_t *w) {
-    for (uint32_t i = 0; i < w->num_sessions; i++)
+    for (uint32_t i = 0; i < w->num_sessions; i++) {
         att_ctx_destroy(&w->sessions[i].ctx);
+        att_tuner_destroy(&w->sessions[i].tuner);
+    }
     free(w->sessions);
     for (uint32_t i = 0; i < SVC_BATCH_MAX; i++)
         free(w->slots[i].items);
@@ -350,6 +372,32 @@ static at_err_t cuda_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t
     (void)w;
     return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without CUDA", cfg->device);
 #endif
+}
+
+/* Tuning runs only while no request waits: one step (a fill or one timed run of one config) of
+ * the first session with a pending job, then the socket is looked at again, so a call that
+ * arrives during tuning waits for at most the step in progress. True when a step ran. */
+static bool tune_while_idle(worker_t *w) {
+    wsession_t *s = NULL;
+    for (uint32_t i = 0; i < w->num_sessions && s == NULL; i++)
+        if (w->sessions[i].tuner != NULL && att_tuner_pending(w->sessions[i].tuner))
+            s = &w->sessions[i];
+    if (s == NULL)
+        return false;
+    zmq_pollitem_t pi = {.socket = w->sock, .events = ZMQ_POLLIN};
+    if (zmq_poll(&pi, 1, 0) != 0)
+        return false; /* a request waits (or the socket failed: recv reports it) */
+    att_tuner_step(s->tuner);
+    return true;
+}
+
+/* The tuning policy the server put in the environment (svc_serve.c). */
+static void tuning_from_env(worker_t *w) {
+    const char *dir = getenv("ATTND_TUNING_DIR"), *mode = getenv("ATTND_TUNING");
+    snprintf(w->tuning_dir, sizeof w->tuning_dir, "%s", dir != NULL ? dir : "");
+    int m = mode != NULL ? tun_mode_parse(mode) : -1;
+    w->tune = (att_tune_cfg_t){.mode = m >= 0 ? (tun_mode_t)m : TUN_MODE_OFF,
+                               .dir = w->tuning_dir};
 }
 
 static const char *backend_desc(const att_backend_t *be) {
@@ -449,6 +497,7 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
      * worker that is not coming. */
     att_cpu_cfg_t cc = {.num_threads = cfg->cpu_threads};
     w.null_device = strcmp(cfg->device, "null") == 0;
+    tuning_from_env(&w);
     if (w.null_device)
         e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
     else if (strncmp(cfg->device, "cuda:", 5) == 0)
@@ -476,6 +525,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         at_diag_t diags[SVC_BATCH_MAX];
         at_err_t errs[SVC_BATCH_MAX] = {AT_OK};
         uint32_t n = 1;
+        if (tune_while_idle(&w))
+            continue;
         errs[0] = recv_req(&w, &w.slots[0]);
         if (errs[0] == AT_ERR_IO)
             break; /* the socket is gone: the server is stopping */

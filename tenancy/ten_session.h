@@ -30,6 +30,10 @@ typedef struct ten_session_figures {
     uint32_t num_sequences;
     uint64_t calls;        /* Attend and Append calls that succeeded */
     uint64_t backend_runs; /* device runs they took (dynamic batching merges calls) */
+    uint32_t tuning_source;       /* tun_source_t of the last batch's kernel config */
+    uint32_t tuning_jobs_pending;
+    uint64_t tuning_runs;         /* tuning steps run for the session */
+    char tuning_config[128];      /* the last batch's kernel config, "" before one */
 } ten_session_figures_t;
 
 /* What a session was created with, besides its resolved model. */
