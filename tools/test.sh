@@ -30,10 +30,10 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 # that costs.
 echo "== tsan: configure and build (build-tsan)"
 cmake -S . -B build-tsan -DAT_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAT_TSAN=ON >/dev/null
-tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant test_ab_bench)
+tsan_tests=(test_svc_e2e test_svc_tenants test_ten_tenant test_ab_bench test_svc_tuning)
 cmake --build build-tsan -j"$jobs" --target attnd at_py_stubs "${tsan_tests[@]}"
 echo "== tsan: ctest"
-regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants|test_workers)\$"
+regex="^($(IFS='|'; echo "${tsan_tests[*]}")|test_interop|test_tenants|test_workers|test_tuning)\$"
 (cd build-tsan && TSAN_OPTIONS="suppressions=$PWD/../tests/tsan.supp:halt_on_error=1" \
   ctest --output-on-failure --timeout 1500 -R "$regex")
 echo "== all suites passed"
