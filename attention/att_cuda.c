@@ -732,8 +732,11 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
         return;
     cuda_backend_t *be = (cuda_backend_t *)base;
     att_kv_t *kv = *kvp;
-    /* Teardown errors are logged by CU and otherwise ignored: there is nothing left to undo. */
-    if (be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS) {
+    /* Teardown errors are logged by CU and otherwise ignored: there is nothing left to undo.
+     * After a sticky fault every call would fail (and log) the same error; the driver frees the
+     * context's resources with the context, so nothing is asked of it then. */
+    if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
+        be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS) {
         if (kv->stream != NULL) {
             (void)CU(cuStreamSynchronize(kv->stream));
             (void)CU(cuStreamDestroy(kv->stream));
@@ -905,7 +908,8 @@ static at_err_t cuda_register_host(att_backend_t *base, void *p, size_t bytes) {
 
 static void cuda_destroy(att_backend_t *base) {
     cuda_backend_t *be = (cuda_backend_t *)base;
-    if (be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
+    if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
+        be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
         for (uint32_t i = 0; i < be->num_regions; i++)
             (void)CU(cuMemHostUnregister((void *)be->regions[i].begin));
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
