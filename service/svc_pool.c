@@ -207,7 +207,9 @@ static void send_batch(lane_t *l, svc_job_t *b) {
             finish(p, j, AT_ERR_SESSION_LOST, "its device worker stopped, and its KV cache with it");
         else if (!lane_up(l))
             finish(p, j, AT_ERR_WORKER_LOST, "the device worker is restarting");
-        else if (atomic_load_explicit(&j->cancelled, memory_order_acquire))
+        else if (j->req.op != SVC_OP_CLOSE &&
+                 atomic_load_explicit(&j->cancelled, memory_order_acquire))
+            /* a close runs even for a caller that left: its name and quota are already free */
             finish(p, j, AT_ERR_CANCELLED, "cancelled before it ran");
         else
             batch[n++] = j;
@@ -677,8 +679,8 @@ at_err_t svc_pool_submit(svc_pool_t *p, svc_job_t *job) {
     at_err_t e = AT_OK;
     if (p->stopping)
         e = AT_ERR_SHUTTING_DOWN;
-    else if (p->waiting >= p->max_queue)
-        e = AT_ERR_OVERLOADED;
+    else if (p->waiting >= p->max_queue && job->req.op != SVC_OP_CLOSE)
+        e = AT_ERR_OVERLOADED; /* a close is never refused: it frees what the queue holds up */
     else {
         job->next = NULL;
         if (p->queue_tail != NULL)
