@@ -570,15 +570,15 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     memcpy(kv->stage_h + o_items, kv->items, pl.total_items * sizeof(att_kitem_t));
     memcpy(kv->stage_h + o_merges, kv->merges, pl.total_merges * sizeof(att_kmerge_t));
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, meta_end, kv->stream))) != AT_OK)
-        return e;
+        goto out_drain;
     bool staged;
     if ((b->attend && (e = move_tensor(kv, b, 0, q_row, o_q, o_q, &staged)) != AT_OK) ||
         (e = move_tensor(kv, b, 1, kv_row, o_k, o_k, &staged)) != AT_OK ||
         (e = move_tensor(kv, b, 2, kv_row, o_v, o_v, &staged)) != AT_OK)
-        return e;
+        goto out_drain;
 
     if (be->timing && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
-        return e;
+        goto out_drain;
     const CUdeviceptr layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
     memset(&p, 0, sizeof p);
@@ -601,7 +601,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         const bool fork = pl.num_items[ATT_TILE_NARROW] != 0 && pl.num_items[ATT_TILE_WIDE] != 0;
         if (fork && ((e = CU(cuEventRecord(kv->ev_fork, kv->stream))) != AT_OK ||
                      (e = CU(cuStreamWaitEvent(kv->side, kv->ev_fork, 0))) != AT_OK))
-            return e;
+            goto out_drain;
         const uint32_t first = kv->plan.mixed_order == ATT_CUDA_WIDE_FIRST ? ATT_TILE_WIDE
                                                                            : ATT_TILE_NARROW;
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
@@ -613,16 +613,16 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
                                  kv->io_d + o_items + before_items * sizeof(att_kitem_t),
                                  kv->io_d + o_merges + before_merges * sizeof(att_kmerge_t),
                                  kv->io_d + o_po[k], kv->io_d + o_pml[k])) != AT_OK)
-                return e;
+                goto out_drain;
         }
         kv->cur = kv->stream;
         if (fork && ((e = CU(cuEventRecord(kv->ev_join, kv->side))) != AT_OK ||
                      (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
-            return e;
+            goto out_drain;
     } else {
         const lc_launch_t *l;
         if ((e = prepared(kv, K_KV_WRITE, ATT_TILE_WIDE, 0, &l)) != AT_OK)
-            return e;
+            goto out_drain;
         att_kparams_t q;
         memcpy(&q, l->params, sizeof q);
         q.k_d = p.k_d;
@@ -633,16 +633,16 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         q.block_table_d = p.block_table_d;
         q.num_chunks = p.num_chunks;
         if ((e = lc_launch(kv->lc, l, b->num_chunks, &q)) != AT_OK)
-            return e;
+            goto out_drain;
     }
     if (be->timing && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
-        return e;
+        goto out_drain;
     kv->last_host_ns = now_ns() - t0;
     bool out_staged = false;
     if (b->attend && (e = move_tensor(kv, b, 3, q_row, o_out, o_out, &out_staged)) != AT_OK)
-        return e;
+        goto out_drain;
     if ((e = CU(cuStreamSynchronize(kv->stream))) != AT_OK)
-        return e;
+        goto out_drain;
     if (out_staged)
         finish_out(kv, b, q_row, o_out);
     if (be->timing) {
@@ -652,6 +652,13 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         kv->last_device_ns = (uint64_t)((double)ms * 1e6);
     }
     return AT_OK;
+out_drain:
+    /* Copies or kernels of this call may be queued ahead of the failed step: wait for them before
+     * the caller reuses the stage, the io buffers or the arena regions they read and write. The
+     * results are not checked: e already says why the call failed. */
+    (void)be->drv->cuStreamSynchronize(kv->side);
+    (void)be->drv->cuStreamSynchronize(kv->stream);
+    return e;
 }
 
 /* ---- sessions ---- */
