@@ -97,6 +97,11 @@ struct ten_tenants {
     pthread_mutex_t reload_mu;
     pthread_rwlock_t mu;
     table_t *tab AT_GUARDED_BY(mu); /* never NULL; also stable while reload_mu is held */
+    /* Every tenant a snapshot has held, one reference each, so that a tenant a reload removes
+     * and a later reload lists again is the same object: its sessions (keyed by the object) and
+     * counters come back with it. Only reloads read or change it (reload_mu). */
+    ten_tenant_t **known;
+    size_t n_known;
 };
 
 static atomic_uint_fast64_t next_tenant_id = 1;
@@ -293,19 +298,18 @@ static void table_free(table_t **tp) {
     *tp = NULL;
 }
 
-static ten_tenant_t *table_find(const table_t *tab, const char *name) {
-    if (tab == NULL)
-        return NULL;
-    for (size_t i = 0; i < tab->n_tenants; i++)
-        if (strcmp(tab->tenants[i]->name, name) == 0)
-            return tab->tenants[i];
+static ten_tenant_t *find_name(ten_tenant_t *const *tenants, size_t n, const char *name) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(tenants[i]->name, name) == 0)
+            return tenants[i];
     return NULL;
 }
 
-/* A snapshot for spec: the tenant objects of old whose names stay (a new reference each), new
- * objects for the others; the digests move from spec. Limits are not applied here (see
+/* A snapshot for spec: the known tenant objects whose names it lists (a new reference each),
+ * new objects for the others; the digests move from spec. Limits are not applied here (see
  * table_apply). AT_ERR_NOMEM (spec untouched). */
-static at_err_t table_build(spec_t *spec, const table_t *old, table_t **out) {
+static at_err_t table_build(spec_t *spec, ten_tenant_t *const *known, size_t n_known,
+                            table_t **out) {
     table_t *tab = calloc(1, sizeof *tab);
     if (tab == NULL)
         return AT_ERR_NOMEM;
@@ -315,7 +319,7 @@ static at_err_t table_build(spec_t *spec, const table_t *old, table_t **out) {
         return AT_ERR_NOMEM;
     }
     for (size_t i = 0; i < spec->n_tenants; i++) {
-        ten_tenant_t *t = table_find(old, spec->tenants[i].name);
+        ten_tenant_t *t = find_name(known, n_known, spec->tenants[i].name);
         if (t != NULL)
             ten_tenant_ref(t);
         else if ((t = tenant_create(spec->tenants[i].name)) == NULL) {
@@ -329,6 +333,21 @@ static at_err_t table_build(spec_t *spec, const table_t *old, table_t **out) {
     spec->digests = NULL;
     spec->n_digests = 0;
     *out = tab;
+    return AT_OK;
+}
+
+/* Adds the tenants of tab that reg does not know yet to reg->known (a reference each).
+ * AT_ERR_NOMEM (nothing added). */
+static at_err_t remember(ten_tenants_t *reg, const table_t *tab) {
+    ten_tenant_t **k = realloc(reg->known, (reg->n_known + tab->n_tenants) * sizeof *k);
+    if (k == NULL)
+        return AT_ERR_NOMEM;
+    reg->known = k;
+    for (size_t i = 0; i < tab->n_tenants; i++)
+        if (find_name(reg->known, reg->n_known, tab->tenants[i]->name) == NULL) {
+            ten_tenant_ref(tab->tenants[i]);
+            reg->known[reg->n_known++] = tab->tenants[i];
+        }
     return AT_OK;
 }
 
@@ -674,6 +693,11 @@ static at_err_t tenants_new(bool open, table_t **tab, ten_tenants_t **out, at_di
         free(reg);
         return at_diag_set(diag, AT_ERR_INTERNAL, "libcrypto offers no SHA256");
     }
+    if (remember(reg, *tab) != AT_OK) {
+        EVP_MD_free(reg->sha256);
+        free(reg);
+        return AT_ERR_NOMEM;
+    }
     reg->open = open;
     pthread_mutex_init(&reg->reload_mu, NULL);
     pthread_rwlock_init(&reg->mu, NULL);
@@ -688,7 +712,7 @@ at_err_t ten_tenants_create_open(ten_tenants_t **out) {
                         .quotas = {TEN_UNLIMITED, TEN_UNLIMITED, TEN_UNLIMITED}};
     spec_t spec = {.tenants = &st, .n_tenants = 1};
     table_t *tab = NULL;
-    at_err_t e = table_build(&spec, NULL, &tab);
+    at_err_t e = table_build(&spec, NULL, 0, &tab);
     if (e != AT_OK)
         return e;
     table_apply(tab, &spec);
@@ -703,7 +727,7 @@ at_err_t ten_tenants_load(const char *path, ten_tenants_t **out, at_diag_t *diag
     if (e != AT_OK)
         return e;
     table_t *tab = NULL;
-    e = table_build(&spec, NULL, &tab);
+    e = table_build(&spec, NULL, 0, &tab);
     if (e == AT_OK) {
         table_apply(tab, &spec);
         e = tenants_new(false, &tab, out, diag);
@@ -718,6 +742,9 @@ void ten_tenants_destroy(ten_tenants_t **regp) {
         return;
     ten_tenants_t *reg = *regp;
     table_free(&reg->tab);
+    for (size_t i = 0; i < reg->n_known; i++)
+        ten_tenant_unref(&reg->known[i]);
+    free(reg->known);
     EVP_MD_free(reg->sha256);
     pthread_rwlock_destroy(&reg->mu);
     pthread_mutex_destroy(&reg->reload_mu);
@@ -742,7 +769,9 @@ at_err_t ten_tenants_reload(ten_tenants_t *reg, const char *path, at_diag_t *dia
     table_t *old = reg->tab;
     pthread_rwlock_unlock(&reg->mu);
     table_t *tab = NULL;
-    e = table_build(&spec, old, &tab);
+    e = table_build(&spec, reg->known, reg->n_known, &tab);
+    if (e == AT_OK && (e = remember(reg, tab)) != AT_OK)
+        table_free(&tab);
     if (e == AT_OK) {
         pthread_rwlock_wrlock(&reg->mu);
         table_apply(tab, &spec);
@@ -833,7 +862,7 @@ at_err_t ten_tenants_authenticate(ten_tenants_t *reg, const char *value, size_t 
 
 ten_tenant_t *ten_tenants_find(ten_tenants_t *reg, const char *name) {
     pthread_rwlock_rdlock(&reg->mu);
-    ten_tenant_t *t = table_find(reg->tab, name);
+    ten_tenant_t *t = find_name(reg->tab->tenants, reg->tab->n_tenants, name);
     if (t != NULL)
         ten_tenant_ref(t);
     pthread_rwlock_unlock(&reg->mu);

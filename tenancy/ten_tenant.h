@@ -30,7 +30,9 @@
  * Tenants are refcounted: the table holds one reference to each of its tenants, every call holds
  * one while it runs. A reload keeps the object (counters, current use, references) of every tenant
  * whose name stays, and gives it the new tokens, weight and quotas; tenants no longer listed can no
- * longer authenticate, but their objects live on for calls in flight until the last unref.
+ * longer authenticate, find or list, but the table keeps their objects: a later reload that lists
+ * the name again brings back the same tenant (its sessions, counters and current use). The table
+ * frees a tenant object only when it is destroyed.
  *
  * Thread: any, for every function below (see ten_tenant.c for the locks). */
 #ifndef AT_TENANCY_TEN_TENANT_H

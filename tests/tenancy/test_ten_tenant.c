@@ -784,6 +784,7 @@ static void test_ten_tenants_reload_removes_adds_and_keeps_tenants(void **state)
     assert_string_equal(ten_tenant_name(beta), "beta");
     ten_tenant_record_call(beta, 0, 1, 1, 1, 1);
     ten_tenant_release_call(beta);
+    const uint64_t beta_id = ten_tenant_id(beta);
     ten_tenant_unref(&beta);
     /* acme stays (same object), with only the tokens listed now. */
     assert_int_equal(auth(reg, TOK_ACME1, &t), AT_OK);
@@ -804,6 +805,18 @@ static void test_ten_tenants_reload_removes_adds_and_keeps_tenants(void **state)
     for (size_t i = 0; i < n; i++)
         ten_tenant_unref(&list[i]);
     free(list);
+    /* A reload that lists beta again brings back the same tenant, counters and all (the server
+     * keys sessions by the tenant object, so its sessions come back too). */
+    acme_beta_text(text, sizeof text);
+    write_file(text, path, sizeof path);
+    e = ten_tenants_reload(reg, path, &d);
+    TU_CHECK(e == AT_OK, "reload: %s %s", at_err_name(e), d.msg);
+    assert_int_equal(auth(reg, TOK_BETA, &t), AT_OK);
+    assert_true(ten_tenant_id(t) == beta_id);
+    ten_tenant_stats_t st;
+    ten_tenant_get_stats(t, &st);
+    assert_int_equal(st.calls, 1);
+    ten_tenant_unref(&t);
     ten_tenant_unref(&acme);
     ten_tenants_destroy(&reg);
 }
