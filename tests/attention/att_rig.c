@@ -40,6 +40,17 @@ static uint32_t random_window(tu_rng_t *r) {
     return choices[tu_rng_below(r, (uint32_t)(sizeof choices / sizeof choices[0]))];
 }
 
+void att_rig_spec_draw(att_rig_spec_t *s, att_dtype_t dtype, uint32_t hq, uint32_t hkv,
+                       uint32_t d, uint32_t block_size, tu_rng_t *r) {
+    const uint32_t layers = tu_rng_range(r, 1, 2);
+    unsigned feats = 0;
+    for (unsigned bit = ATT_RIG_F_WINDOW; bit <= ATT_RIG_F_SCALE; bit <<= 1)
+        if (tu_rng_chance(r, 1, 2))
+            feats |= bit;
+    att_rig_spec_init(s, dtype, layers, hq, hkv, d, block_size);
+    att_rig_spec_features(s, feats, r);
+}
+
 void att_rig_spec_features(att_rig_spec_t *s, unsigned feats, tu_rng_t *r) {
     att_model_cfg_t *c = &s->cfg;
     if (feats & ATT_RIG_F_WINDOW)

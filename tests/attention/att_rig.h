@@ -87,6 +87,10 @@ void att_rig_spec_init(att_rig_spec_t *s, att_dtype_t dtype, uint32_t layers, ui
 /* Turns on the features in feats with random values from r (windows from 1 token up, soft caps
  * that bite, standard or random ALiBi slopes, sinks in [-3, 3]). */
 void att_rig_spec_features(att_rig_spec_t *s, unsigned feats, tu_rng_t *r);
+/* A matrix case's model: 1 or 2 layers and each feature on with probability 1/2, drawn from r
+ * in that order, over the given shapes. */
+void att_rig_spec_draw(att_rig_spec_t *s, att_dtype_t dtype, uint32_t hq, uint32_t hkv,
+                       uint32_t d, uint32_t block_size, tu_rng_t *r);
 /* A short description of s ("f16 L2 Hq8/Hkv2 D64 B16 window=17 cap=3.2 ..."). */
 const char *att_rig_spec_str(const att_rig_spec_t *s, char *buf, size_t n);
 

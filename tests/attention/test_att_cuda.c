@@ -51,14 +51,8 @@ static void run_matrix_case(void **state) {
     const uint64_t seed = tu_sub_seed(g_seed, 20000u + mc->index);
     tu_rng_t r;
     tu_rng_seed(&r, seed);
-    const uint32_t layers = tu_rng_range(&r, 1, 2);
-    unsigned feats = 0;
-    for (unsigned bit = ATT_RIG_F_WINDOW; bit <= ATT_RIG_F_SCALE; bit <<= 1)
-        if (tu_rng_chance(&r, 1, 2))
-            feats |= bit;
     att_rig_spec_t spec;
-    att_rig_spec_init(&spec, mc->dtype, layers, mc->hq, mc->hkv, mc->d, mc->block);
-    att_rig_spec_features(&spec, feats, &r);
+    att_rig_spec_draw(&spec, mc->dtype, mc->hq, mc->hkv, mc->d, mc->block, &r);
     char desc[256];
     tu_where_set("%s: ATTND_TEST_SEED=%" PRIu64 " case %u (seed %" PRIu64 "), %s", mc->name,
                  g_seed, mc->index, seed, att_rig_spec_str(&spec, desc, sizeof desc));
