@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "attention/att_cudrv.h"
+#include "attention/att_gpu_plan.h"
 #include "attention/att_kparams.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
@@ -56,14 +57,6 @@ typedef struct cuda_backend {
     uint32_t num_regions AT_GUARDED_BY(reg_mu);
 } cuda_backend_t;
 
-/* A tile before splitting. */
-typedef struct tile {
-    uint32_t chunk;
-    uint32_t row_begin;
-    uint32_t kind;
-    uint32_t kb, ke; /* keys any row of the tile needs */
-} tile_t;
-
 struct att_kv {
     cuda_backend_t *be;
     const att_model_t *m;  /* borrowed: outlives the storage */
@@ -90,12 +83,7 @@ struct att_kv {
     size_t io_cap;
     uint8_t *stage_h;      /* pinned, [meta | q | k | v | out] */
     size_t stage_cap;
-    tile_t *tiles;
-    size_t cap_tiles;
-    att_kitem_t *items;
-    size_t cap_items;
-    att_kmerge_t *merges;
-    size_t cap_merges;
+    att_gpu_work_t work;
 };
 
 static uint64_t now_ns(void) {
@@ -128,21 +116,6 @@ static at_err_t enter(cuda_backend_t *be) {
 }
 
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
-/* Grows a host array to hold n elements of size sz. */
-static at_err_t grow(void **p, size_t *cap, size_t n, size_t sz) {
-    if (n <= *cap)
-        return AT_OK;
-    size_t c = *cap ? *cap : 64;
-    while (c < n)
-        c *= 2;
-    void *q = realloc(*p, c * sz);
-    if (q == NULL)
-        return AT_ERR_NOMEM;
-    *p = q;
-    *cap = c;
-    return AT_OK;
-}
 
 /* ---- launches ---- */
 
@@ -196,189 +169,13 @@ static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t 
     return lc_insert(kv->lc, &n, out);
 }
 
-/* ---- planning: the session's configuration, then each call's chunks -> tiles -> items ---- */
-
-void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
-    memset(out, 0, sizeof *out);
-    /* Decode: the group's rows padded to one m16 tile; four warps share the key stream. */
-    out->tile[ATT_TILE_NARROW] =
-        (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
-    /* Prefill: 128 rows as 4 warps x 2 m16 tiles (each K/V fragment read from shared memory
-     * feeds two MMAs per warp; each K/V tile from L2 serves 128 rows), 3 stages. Above 64
-     * dims, 32 keys per stage keep two tiles' scores and outputs in registers (64 keys spill
-     * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
-     * shared memory fits. */
-    const uint32_t dp = (m->head_dim + 15) / 16 * 16;
-    att_tile_t w = {.warps_m = 4, .warp_mt = dp <= 128 ? 2 : 1, .warps_n = 1,
-                    .tile_k = dp <= 64 ? 64 : 32, .stages = 3};
-    if (att_jit_tile_smem(m, &w) > smem_optin)
-        w.stages = 2;
-    if (att_jit_tile_smem(m, &w) > smem_optin)
-        w.warp_mt = 1;
-    out->tile[ATT_TILE_WIDE] = w;
-    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
-     * keep every SM busy with a short tail. */
-    out->min_split_keys = 256;
-    out->max_splits = 32;
-    out->blocks_per_sm = 2;
-    /* Mixed batches (H200, 2026-11-30, 63 decode + a 512-token chunk): wide tiles first on the
-     * side stream, split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and
-     * 0.263 unsplit (a spread of about 0.005 between identical runs). */
-    out->mixed_split_keys = 512;
-    out->mixed_order = ATT_CUDA_WIDE_FIRST;
-}
+/* ---- planning (att_gpu_plan.c) ---- */
 
 /* The session's plan: the default, with the backend's overrides. */
 static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cuda_plan_t *out) {
     att_cuda_plan_default(m, be->smem_optin, out);
-    if (!be->has_plan)
-        return;
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        if (be->plan.tile[k].warps_m != 0)
-            out->tile[k] = be->plan.tile[k];
-    if (be->plan.min_split_keys != 0)
-        out->min_split_keys = be->plan.min_split_keys;
-    if (be->plan.max_splits != 0)
-        out->max_splits = be->plan.max_splits;
-    if (be->plan.blocks_per_sm != 0)
-        out->blocks_per_sm = be->plan.blocks_per_sm;
-    if (be->plan.mixed_split_keys != 0)
-        out->mixed_split_keys = be->plan.mixed_split_keys;
-    if (be->plan.mixed_order != 0)
-        out->mixed_order = be->plan.mixed_order;
-}
-
-static uint32_t window_lo(uint32_t pos, uint32_t window) {
-    return (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
-}
-
-typedef struct plan {
-    uint32_t num_items[ATT_TILE_KINDS];
-    uint32_t num_merges[ATT_TILE_KINDS];
-    uint32_t num_parts[ATT_TILE_KINDS];
-    uint32_t total_items, total_merges;
-} plan_t;
-
-/* Parts of a tile's key range: up to `want` of at least min_split_keys each; a wide tile of a
- * mixed batch also into parts of about mixed_split_keys. */
-static uint32_t tile_parts(const att_cuda_plan_t *p, const tile_t *t, uint32_t want, bool mixed) {
-    const uint32_t keys = t->ke - t->kb;
-    uint32_t parts = keys / p->min_split_keys;
-    parts = parts < want ? parts : want;
-    if (mixed && t->kind == ATT_TILE_WIDE && p->mixed_split_keys != ATT_CUDA_NEVER &&
-        keys / p->mixed_split_keys > parts)
-        parts = keys / p->mixed_split_keys;
-    return parts < p->max_splits ? parts : p->max_splits;
-}
-
-static int cmp_item_keys_desc(const void *a, const void *b) {
-    const att_kitem_t *x = a, *y = b;
-    return (x->reserved[0] < y->reserved[0]) - (x->reserved[0] > y->reserved[0]);
-}
-
-/* Items of kind k are written as a run (wide first: kind order), longest first within a kind. */
-static at_err_t plan_batch(att_kv_t *kv, const att_batch_t *b, plan_t *pl) {
-    const att_model_t *m = kv->m;
-    const uint32_t g = m->group, window = m->window[b->layer];
-    uint32_t rows[ATT_TILE_KINDS], tile_k[ATT_TILE_KINDS];
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        rows[k] = kv->info[k][ATT_KINFO_TILE_ROWS];
-        tile_k[k] = kv->info[k][ATT_KINFO_TILE_KEYS];
-    }
-    memset(pl, 0, sizeof *pl);
-    size_t nt = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const uint32_t r = b->chunks[c].num_tokens * g;
-        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
-        nt += (r + rows[kind] - 1) / rows[kind];
-    }
-    at_err_t e = grow((void **)&kv->tiles, &kv->cap_tiles, nt, sizeof *kv->tiles);
-    if (e != AT_OK)
-        return e;
-    nt = 0;
-    uint64_t longest = 0;
-    uint32_t kinds_seen = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        const uint32_t r = ch->num_tokens * g;
-        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
-        for (uint32_t rb = 0; rb < r; rb += rows[kind]) {
-            const uint32_t re = rb + rows[kind] < r ? rb + rows[kind] : r;
-            tile_t *t = &kv->tiles[nt++];
-            t->chunk = c;
-            t->row_begin = rb;
-            t->kind = kind;
-            t->kb = window_lo(ch->start_pos + rb / g, window);
-            t->ke = ch->start_pos + (re - 1) / g + 1;
-            kinds_seen |= 1u << kind;
-            longest = t->ke - t->kb > longest ? t->ke - t->kb : longest;
-        }
-    }
-    /* Split when the tiles cannot fill the GPU and some are long (flash-decoding). */
-    const uint64_t blocks = (uint64_t)nt * m->num_kv_heads;
-    const uint32_t min_keys = kv->plan.min_split_keys;
-    const uint64_t target = (uint64_t)kv->be->num_sms * kv->plan.blocks_per_sm;
-    uint32_t want = 1;
-    if (blocks < target && longest >= 2 * (uint64_t)min_keys) {
-        uint64_t w = (target + blocks - 1) / blocks;
-        want = w > kv->plan.max_splits ? kv->plan.max_splits : (uint32_t)w;
-    }
-    const bool mixed = kinds_seen == (1u << ATT_TILE_WIDE | 1u << ATT_TILE_NARROW);
-    size_t ni = 0, nm = 0;
-    for (size_t i = 0; i < nt; i++) {
-        const uint32_t parts = tile_parts(&kv->plan, &kv->tiles[i], want, mixed);
-        ni += parts >= 2 ? parts : 1;
-        nm += parts >= 2;
-    }
-    if ((e = grow((void **)&kv->items, &kv->cap_items, ni, sizeof *kv->items)) != AT_OK ||
-        (e = grow((void **)&kv->merges, &kv->cap_merges, nm, sizeof *kv->merges)) != AT_OK)
-        return e;
-    ni = nm = 0;
-    for (uint32_t kind = 0; kind < ATT_TILE_KINDS; kind++) {
-        const size_t first_item = ni, first_merge = nm;
-        for (size_t i = 0; i < nt; i++) {
-            const tile_t *t = &kv->tiles[i];
-            if (t->kind != kind)
-                continue;
-            const uint32_t keys = t->ke - t->kb, parts = tile_parts(&kv->plan, t, want, mixed);
-            if (parts < 2) {
-                kv->items[ni++] = (att_kitem_t){.chunk = t->chunk,
-                                                .row_begin = t->row_begin,
-                                                .key_begin = 0,
-                                                .key_end = 0xffffffffu,
-                                                .part = ATT_KPART_NONE,
-                                                .flags = ATT_KITEM_WRITE_KV,
-                                                .reserved = {keys, 0}};
-                continue;
-            }
-            const uint32_t tk = tile_k[kind];
-            const uint32_t start = t->kb - t->kb % tk;
-            uint32_t span = (t->ke - start + parts - 1) / parts;
-            span = (span + tk - 1) / tk * tk;
-            const uint32_t part_begin = pl->num_parts[kind];
-            uint32_t n_parts = 0;
-            for (uint32_t kb = start; kb < t->ke; kb += span, n_parts++) {
-                const uint32_t ke = t->ke - kb > span ? kb + span : t->ke;
-                kv->items[ni++] = (att_kitem_t){.chunk = t->chunk,
-                                                .row_begin = t->row_begin,
-                                                .key_begin = kb,
-                                                .key_end = ke,
-                                                .part = part_begin + n_parts,
-                                                .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
-                                                .reserved = {ke - kb, 0}};
-            }
-            pl->num_parts[kind] += n_parts;
-            kv->merges[nm++] = (att_kmerge_t){t->chunk, t->row_begin, part_begin, n_parts};
-        }
-        pl->num_items[kind] = (uint32_t)(ni - first_item);
-        pl->num_merges[kind] = (uint32_t)(nm - first_merge);
-        qsort(kv->items + first_item, ni - first_item, sizeof *kv->items, cmp_item_keys_desc);
-    }
-    for (size_t i = 0; i < ni; i++)
-        kv->items[i].reserved[0] = 0;
-    pl->total_items = (uint32_t)ni;
-    pl->total_merges = (uint32_t)nm;
-    return AT_OK;
+    if (be->has_plan)
+        att_gpu_plan_override(out, &be->plan);
 }
 
 /* ---- buffers ---- */
@@ -481,7 +278,7 @@ static void finish_out(att_kv_t *kv, const att_batch_t *b, size_t row_bytes, siz
 
 /* ---- run ---- */
 
-static at_err_t launch_kind(att_kv_t *kv, const att_kparams_t *base, const plan_t *pl,
+static at_err_t launch_kind(att_kv_t *kv, const att_kparams_t *base, const att_gpu_counts_t *pl,
                             uint32_t kind, uint64_t items_d, uint64_t merges_d,
                             uint64_t part_o_d, uint64_t part_ml_d) {
     if (pl->num_items[kind] == 0)
@@ -528,9 +325,15 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     const size_t kv_row = (size_t)m->num_kv_heads * m->head_dim * es;
     const size_t T = b->total_tokens;
 
-    plan_t pl;
+    att_gpu_counts_t pl;
     memset(&pl, 0, sizeof pl);
-    if (b->attend && (e = plan_batch(kv, b, &pl)) != AT_OK)
+    uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS];
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        tile_rows[k] = kv->info[k][ATT_KINFO_TILE_ROWS];
+        tile_keys[k] = kv->info[k][ATT_KINFO_TILE_KEYS];
+    }
+    if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
+                                             be->num_sms, b, &pl)) != AT_OK)
         return e;
     size_t table_n = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++)
@@ -567,8 +370,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         memcpy(table + t_off, ch->blocks, ch->num_blocks * sizeof(uint32_t));
         t_off += ch->num_blocks;
     }
-    memcpy(kv->stage_h + o_items, kv->items, pl.total_items * sizeof(att_kitem_t));
-    memcpy(kv->stage_h + o_merges, kv->merges, pl.total_merges * sizeof(att_kmerge_t));
+    memcpy(kv->stage_h + o_items, kv->work.items, pl.total_items * sizeof(att_kitem_t));
+    memcpy(kv->stage_h + o_merges, kv->work.merges, pl.total_merges * sizeof(att_kmerge_t));
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, meta_end, kv->stream))) != AT_OK)
         goto out_drain;
     bool staged;
@@ -771,9 +574,7 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)CU(cuMemFreeHost(kv->stage_h));
     }
     lc_destroy(&kv->lc);
-    free(kv->tiles);
-    free(kv->items);
-    free(kv->merges);
+    att_gpu_work_fini(&kv->work);
     free(kv);
     *kvp = NULL;
 }

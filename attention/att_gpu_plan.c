@@ -1,0 +1,203 @@
+/* GPU work planning (see att_gpu_plan.h). Thread model: none of its own; pure functions over
+ * the caller's arrays. */
+#include "attention/att_gpu_plan.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Grows a host array to hold n elements of size sz. */
+static at_err_t grow(void **p, size_t *cap, size_t n, size_t sz) {
+    if (n <= *cap)
+        return AT_OK;
+    size_t c = *cap ? *cap : 64;
+    while (c < n)
+        c *= 2;
+    void *q = realloc(*p, c * sz);
+    if (q == NULL)
+        return AT_ERR_NOMEM;
+    *p = q;
+    *cap = c;
+    return AT_OK;
+}
+
+/* ---- the session's configuration ---- */
+
+void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
+    memset(out, 0, sizeof *out);
+    /* Decode: the group's rows padded to one m16 tile; four warps share the key stream. */
+    out->tile[ATT_TILE_NARROW] =
+        (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
+    /* Prefill: 128 rows as 4 warps x 2 m16 tiles (each K/V fragment read from shared memory
+     * feeds two MMAs per warp; each K/V tile from L2 serves 128 rows), 3 stages. Above 64
+     * dims, 32 keys per stage keep two tiles' scores and outputs in registers (64 keys spill
+     * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
+     * shared memory fits. */
+    const uint32_t dp = (m->head_dim + 15) / 16 * 16;
+    att_tile_t w = {.warps_m = 4, .warp_mt = dp <= 128 ? 2 : 1, .warps_n = 1,
+                    .tile_k = dp <= 64 ? 64 : 32, .stages = 3};
+    if (att_jit_tile_smem(m, &w) > smem_optin)
+        w.stages = 2;
+    if (att_jit_tile_smem(m, &w) > smem_optin)
+        w.warp_mt = 1;
+    out->tile[ATT_TILE_WIDE] = w;
+    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
+     * keep every SM busy with a short tail. */
+    out->min_split_keys = 256;
+    out->max_splits = 32;
+    out->blocks_per_sm = 2;
+    /* Mixed batches (H200, 2026-11-30, 63 decode + a 512-token chunk): wide tiles first on the
+     * side stream, split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and
+     * 0.263 unsplit (a spread of about 0.005 between identical runs). */
+    out->mixed_split_keys = 512;
+    out->mixed_order = ATT_CUDA_WIDE_FIRST;
+}
+
+void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        if (over->tile[k].warps_m != 0)
+            out->tile[k] = over->tile[k];
+    if (over->min_split_keys != 0)
+        out->min_split_keys = over->min_split_keys;
+    if (over->max_splits != 0)
+        out->max_splits = over->max_splits;
+    if (over->blocks_per_sm != 0)
+        out->blocks_per_sm = over->blocks_per_sm;
+    if (over->mixed_split_keys != 0)
+        out->mixed_split_keys = over->mixed_split_keys;
+    if (over->mixed_order != 0)
+        out->mixed_order = over->mixed_order;
+}
+
+/* ---- each call's chunks -> tiles -> items ---- */
+
+static uint32_t window_lo(uint32_t pos, uint32_t window) {
+    return (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+}
+
+/* Parts of a tile's key range: up to `want` of at least min_split_keys each; a wide tile of a
+ * mixed batch also into parts of about mixed_split_keys. */
+static uint32_t tile_parts(const att_cuda_plan_t *p,
+                           const att_gpu_tile_t *t, uint32_t want, bool mixed) {
+    const uint32_t keys = t->ke - t->kb;
+    uint32_t parts = keys / p->min_split_keys;
+    parts = parts < want ? parts : want;
+    if (mixed && t->kind == ATT_TILE_WIDE && p->mixed_split_keys != ATT_CUDA_NEVER &&
+        keys / p->mixed_split_keys > parts)
+        parts = keys / p->mixed_split_keys;
+    return parts < p->max_splits ? parts : p->max_splits;
+}
+
+static int cmp_item_keys_desc(const void *a, const void *b) {
+    const att_kitem_t *x = a, *y = b;
+    return (x->reserved[0] < y->reserved[0]) - (x->reserved[0] > y->reserved[0]);
+}
+
+/* Items of kind k are written as a run (wide first: kind order), longest first within a kind. */
+at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
+                            const uint32_t rows[ATT_TILE_KINDS],
+                            const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
+                            const att_batch_t *b, att_gpu_counts_t *pl) {
+    const uint32_t g = m->group, window = m->window[b->layer];
+    memset(pl, 0, sizeof *pl);
+    size_t nt = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++) {
+        const uint32_t r = b->chunks[c].num_tokens * g;
+        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
+        nt += (r + rows[kind] - 1) / rows[kind];
+    }
+    at_err_t e = grow((void **)&w->tiles, &w->cap_tiles, nt, sizeof *w->tiles);
+    if (e != AT_OK)
+        return e;
+    nt = 0;
+    uint64_t longest = 0;
+    uint32_t kinds_seen = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++) {
+        const att_batch_chunk_t *ch = &b->chunks[c];
+        const uint32_t r = ch->num_tokens * g;
+        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
+        for (uint32_t rb = 0; rb < r; rb += rows[kind]) {
+            const uint32_t re = rb + rows[kind] < r ? rb + rows[kind] : r;
+            att_gpu_tile_t *t = &w->tiles[nt++];
+            t->chunk = c;
+            t->row_begin = rb;
+            t->kind = kind;
+            t->kb = window_lo(ch->start_pos + rb / g, window);
+            t->ke = ch->start_pos + (re - 1) / g + 1;
+            kinds_seen |= 1u << kind;
+            longest = t->ke - t->kb > longest ? t->ke - t->kb : longest;
+        }
+    }
+    /* Split when the tiles cannot fill the GPU and some are long (flash-decoding). */
+    const uint64_t blocks = (uint64_t)nt * m->num_kv_heads;
+    const uint32_t min_keys = plan->min_split_keys;
+    const uint64_t target = (uint64_t)num_sms * plan->blocks_per_sm;
+    uint32_t want = 1;
+    if (blocks < target && longest >= 2 * (uint64_t)min_keys) {
+        uint64_t ww = (target + blocks - 1) / blocks;
+        want = ww > plan->max_splits ? plan->max_splits : (uint32_t)ww;
+    }
+    const bool mixed = kinds_seen == (1u << ATT_TILE_WIDE | 1u << ATT_TILE_NARROW);
+    size_t ni = 0, nm = 0;
+    for (size_t i = 0; i < nt; i++) {
+        const uint32_t parts = tile_parts(plan, &w->tiles[i], want, mixed);
+        ni += parts >= 2 ? parts : 1;
+        nm += parts >= 2;
+    }
+    if ((e = grow((void **)&w->items, &w->cap_items, ni, sizeof *w->items)) != AT_OK ||
+        (e = grow((void **)&w->merges, &w->cap_merges, nm, sizeof *w->merges)) != AT_OK)
+        return e;
+    ni = nm = 0;
+    for (uint32_t kind = 0; kind < ATT_TILE_KINDS; kind++) {
+        const size_t first_item = ni, first_merge = nm;
+        for (size_t i = 0; i < nt; i++) {
+            const att_gpu_tile_t *t = &w->tiles[i];
+            if (t->kind != kind)
+                continue;
+            const uint32_t keys = t->ke - t->kb, parts = tile_parts(plan, t, want, mixed);
+            if (parts < 2) {
+                w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
+                                                .row_begin = t->row_begin,
+                                                .key_begin = 0,
+                                                .key_end = 0xffffffffu,
+                                                .part = ATT_KPART_NONE,
+                                                .flags = ATT_KITEM_WRITE_KV,
+                                                .reserved = {keys, 0}};
+                continue;
+            }
+            const uint32_t tk = tile_k[kind];
+            const uint32_t start = t->kb - t->kb % tk;
+            uint32_t span = (t->ke - start + parts - 1) / parts;
+            span = (span + tk - 1) / tk * tk;
+            const uint32_t part_begin = pl->num_parts[kind];
+            uint32_t n_parts = 0;
+            for (uint32_t kb = start; kb < t->ke; kb += span, n_parts++) {
+                const uint32_t ke = t->ke - kb > span ? kb + span : t->ke;
+                w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
+                                                .row_begin = t->row_begin,
+                                                .key_begin = kb,
+                                                .key_end = ke,
+                                                .part = part_begin + n_parts,
+                                                .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
+                                                .reserved = {ke - kb, 0}};
+            }
+            pl->num_parts[kind] += n_parts;
+            w->merges[nm++] = (att_kmerge_t){t->chunk, t->row_begin, part_begin, n_parts};
+        }
+        pl->num_items[kind] = (uint32_t)(ni - first_item);
+        pl->num_merges[kind] = (uint32_t)(nm - first_merge);
+        qsort(w->items + first_item, ni - first_item, sizeof *w->items, cmp_item_keys_desc);
+    }
+    for (size_t i = 0; i < ni; i++)
+        w->items[i].reserved[0] = 0;
+    pl->total_items = (uint32_t)ni;
+    pl->total_merges = (uint32_t)nm;
+    return AT_OK;
+}
+
+void att_gpu_work_fini(att_gpu_work_t *w) {
+    free(w->tiles);
+    free(w->items);
+    free(w->merges);
+    memset(w, 0, sizeof *w);
+}

@@ -1,0 +1,57 @@
+/* Work planning shared by the GPU backends (att_cuda.c, att_hip.c): a session's plan (tiles and
+ * split thresholds) and, per call, the batch's chunks cut into tiles, split-KV items and merges.
+ * Pure host code with no driver calls, so both backends cut the same batch the same way.
+ *
+ * Thread: the caller's; an att_gpu_work_t belongs to one session, used by one thread at a time. */
+#ifndef AT_ATTENTION_ATT_GPU_PLAN_H
+#define AT_ATTENTION_ATT_GPU_PLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "attention/att_backend.h"
+#include "attention/att_cuda.h"
+#include "attention/att_kparams.h"
+
+/* A tile before splitting. */
+typedef struct att_gpu_tile {
+    uint32_t chunk;
+    uint32_t row_begin;
+    uint32_t kind;
+    uint32_t kb, ke; /* keys any row of the tile needs */
+} att_gpu_tile_t;
+
+/* A session's per-call planning arrays, grown when a call needs more (never shrunk). Zero it to
+ * start; att_gpu_work_fini frees it. */
+typedef struct att_gpu_work {
+    att_gpu_tile_t *tiles;
+    size_t cap_tiles;
+    att_kitem_t *items;    /* [total_items]: wide kind first, longest first within a kind */
+    size_t cap_items;
+    att_kmerge_t *merges;  /* [total_merges], in the same kind order */
+    size_t cap_merges;
+} att_gpu_work_t;
+
+/* What att_gpu_plan_batch made, per tile kind. */
+typedef struct att_gpu_counts {
+    uint32_t num_items[ATT_TILE_KINDS];
+    uint32_t num_merges[ATT_TILE_KINDS];
+    uint32_t num_parts[ATT_TILE_KINDS];
+    uint32_t total_items, total_merges;
+} att_gpu_counts_t;
+
+/* The plan's fields that are not 0 in over replace those of out (tiles: where warps_m != 0). */
+void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over);
+
+/* Cuts batch b of model m into work items (w->items) and merges (w->merges) with plan: rows and
+ * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info); long tiles
+ * are split while the batch has fewer blocks than plan->blocks_per_sm * num_sms. AT_ERR_NOMEM
+ * when an array cannot grow (w keeps what it had). */
+at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
+                            const uint32_t rows[ATT_TILE_KINDS],
+                            const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
+                            const att_batch_t *b, att_gpu_counts_t *pl);
+
+void att_gpu_work_fini(att_gpu_work_t *w);
+
+#endif
