@@ -1,4 +1,5 @@
-/* NVRTC compilation and the content-keyed image cache (see att_jit.h).
+/* Run-time compilation (NVRTC here; hiprtc through att_hip.c's compiler) and the content-keyed
+ * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
  * Two threads asking for the same new key may both compile; the first image inserted wins and
  * both return it. Images are never freed before att_jit_destroy, so borrowed pointers stay valid. */
@@ -15,15 +16,19 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef AT_HAVE_CUDA
 #include "attention/att_cudrv.h"
+#endif
 #include "common/at_base.h"
 #include "common/at_log.h"
 
 /* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
 extern const unsigned char att_kernel_unified_cu[];
 extern const unsigned char att_kernel_kparams_h[];
+extern const unsigned char att_kernel_port_h[];
 #define KERNEL_SRC ((const char *)att_kernel_unified_cu)
 #define KERNEL_HDR ((const char *)att_kernel_kparams_h)
+#define KERNEL_PORT ((const char *)att_kernel_port_h)
 
 #define KEY_BYTES 32
 #define FILE_MAGIC "ATTNDK01"
@@ -36,7 +41,8 @@ typedef struct entry {
 } entry_t;
 
 struct att_jit {
-    const att_nvrtc_t *nv;
+    att_jit_compiler_t cc;         /* copied; cc.user borrowed */
+    char name[48];                 /* the compiler and its version, as cc.name said */
     char dir[512];                 /* "" = memory only */
     pthread_mutex_t mu;
     entry_t *entries AT_GUARDED_BY(mu);
@@ -61,13 +67,19 @@ static void opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) {
     o->n++;
 }
 
+void att_jit_opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) { opt_add(o, fmt, v); }
+
 void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
-    int window = 0;
-    for (uint32_t l = 0; l < m->num_layers; l++)
-        window |= m->window[l] != 0;
     o->n = 0;
     opt_add(o, "-std=c++17", 0);
     opt_add(o, "-lineinfo", 0);
+    att_jit_model_defines(m, t, o);
+}
+
+void att_jit_model_defines(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
+    int window = 0;
+    for (uint32_t l = 0; l < m->num_layers; l++)
+        window |= m->window[l] != 0;
     opt_add(o, "-DATT_HEAD_DIM=%u", m->head_dim);
     opt_add(o, "-DATT_DTYPE=%u", (unsigned)m->dtype);
     opt_add(o, "-DATT_BLOCK_SIZE=%u", m->block_size);
@@ -97,12 +109,14 @@ void att_jit_default_dir(char *buf, size_t n) {
         buf[0] = '\0';
 }
 
-void att_jit_nvrtc_version(char *buf, size_t n) {
-    const att_nvrtc_t *nv;
-    if (att_cudrv_nvrtc(&nv, NULL) == AT_OK)
-        snprintf(buf, n, "%d.%d", nv->major, nv->minor);
-    else if (n > 0)
-        buf[0] = '\0';
+void att_jit_kernel_source(att_jit_source_t *out) {
+    out->text = KERNEL_SRC;
+    out->name = "att_unified.cu";
+    out->num_headers = 2;
+    out->headers[0] = KERNEL_HDR;
+    out->header_names[0] = "attention/att_kparams.h";
+    out->headers[1] = KERNEL_PORT;
+    out->header_names[1] = "attention/kernels/att_port.h";
 }
 
 /* mkdir -p */
@@ -124,11 +138,10 @@ static int make_dirs(const char *path) {
     return 0;
 }
 
-at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out) {
-    const att_nvrtc_t *nv;
-    at_err_t e = att_cudrv_nvrtc(&nv, diag);
-    if (e != AT_OK)
-        return e;
+at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir,
+                             at_diag_t *diag, att_jit_t **out) {
+    if (strlen(cc->name) >= sizeof ((att_jit_t *)0)->name)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "compiler name too long");
     if (cache_dir != NULL && strlen(cache_dir) >= 480)
         return at_diag_set(diag, AT_ERR_CONFIG, "kernel cache dir: path too long");
     if (cache_dir != NULL && cache_dir[0] != '\0' && make_dirs(cache_dir) != 0)
@@ -137,7 +150,9 @@ at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out)
     att_jit_t *j = calloc(1, sizeof *j);
     if (j == NULL)
         return AT_ERR_NOMEM;
-    j->nv = nv;
+    j->cc = *cc;
+    snprintf(j->name, sizeof j->name, "%s", cc->name);
+    j->cc.name = j->name;
     if (cache_dir != NULL)
         snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
     pthread_mutex_init(&j->mu, NULL);
@@ -303,10 +318,81 @@ static void disk_write(const char *dir, const char *path, const void *img, size_
     }
 }
 
-/* NVRTC: the embedded source with its one header, for arch. */
-static at_err_t compile(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                        void **image, size_t *bytes, at_diag_t *diag) {
-    const att_nvrtc_t *nv = j->nv;
+at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
+    const char *parts[ATT_JIT_MAX_OPTS + 5];
+    if (n_opts > ATT_JIT_MAX_OPTS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
+    parts[0] = KERNEL_SRC;
+    parts[1] = KERNEL_HDR;
+    parts[2] = KERNEL_PORT;
+    parts[3] = arch;
+    parts[4] = j->cc.name;
+    memcpy(parts + 5, opts, n_opts * sizeof *opts);
+    uint8_t key[KEY_BYTES];
+    if (sha256_strings(parts, n_opts + 5, key) != 0)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "SHA-256 failed");
+    if (compiled != NULL)
+        *compiled = 0;
+
+    pthread_mutex_lock(&j->mu);
+    const entry_t *hit = find(j, key);
+    if (hit != NULL)
+        j->stats.memory_hits++;
+    pthread_mutex_unlock(&j->mu);
+    if (hit != NULL) {
+        *image = hit->image;
+        *bytes = hit->bytes;
+        return AT_OK;
+    }
+
+    char path[600] = "", hex[2 * KEY_BYTES + 1];
+    void *img = NULL;
+    size_t n = 0;
+    int damaged = 0, from_disk = 0;
+    if (j->dir[0] != '\0') {
+        key_hex(key, hex);
+        snprintf(path, sizeof path, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+        img = disk_read(path, &n, &damaged);
+        from_disk = img != NULL;
+        if (damaged)
+            at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
+    }
+    uint64_t t0 = now_ns(), dt = 0;
+    if (img == NULL) {
+        at_err_t e = j->cc.compile(j->cc.user, arch, opts, n_opts, &img, &n, diag);
+        dt = now_ns() - t0;
+        if (e != AT_OK)
+            return e;
+        if (path[0] != '\0')
+            disk_write(j->dir, path, img, n);
+        if (compiled != NULL)
+            *compiled = 1;
+    }
+    pthread_mutex_lock(&j->mu);
+    const entry_t *ent = insert(j, key, img, n);
+    if (from_disk)
+        j->stats.disk_hits++;
+    else {
+        j->stats.compiles++;
+        j->stats.compile_ns += dt;
+    }
+    j->stats.disk_rejects += (uint64_t)damaged;
+    pthread_mutex_unlock(&j->mu);
+    if (ent == NULL)
+        return AT_ERR_NOMEM;
+    *image = ent->image;
+    *bytes = ent->bytes;
+    return AT_OK;
+}
+
+#ifdef AT_HAVE_CUDA
+/* ---- NVRTC ---- */
+
+/* The embedded source with its headers, for arch ("sm_90"). */
+static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *opts,
+                              uint32_t n_opts, void **image, size_t *bytes, at_diag_t *diag) {
+    const att_nvrtc_t *nv = user;
     const char *all[ATT_JIT_MAX_OPTS + 1];
     char arch_opt[48];
     if (n_opts > ATT_JIT_MAX_OPTS)
@@ -314,11 +400,11 @@ static at_err_t compile(att_jit_t *j, const char *arch, const char *const *opts,
     snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
     all[0] = arch_opt;
     memcpy(all + 1, opts, n_opts * sizeof *opts);
-    const char *headers[] = {KERNEL_HDR};
-    const char *names[] = {"attention/att_kparams.h"};
+    att_jit_source_t src;
+    att_jit_kernel_source(&src);
     nvrtcProgram prog;
-    nvrtcResult r = nv->nvrtcCreateProgram(&prog, KERNEL_SRC, "att_unified.cu", 1,
-                                           headers, names);
+    nvrtcResult r = nv->nvrtcCreateProgram(&prog, src.text, src.name, (int)src.num_headers,
+                                           src.headers, src.header_names);
     if (r != NVRTC_SUCCESS)
         return at_diag_set(diag, AT_ERR_INTERNAL, "nvrtcCreateProgram: %s",
                            nv->nvrtcGetErrorString(r));
@@ -363,71 +449,23 @@ out_destroy:
     return e;
 }
 
-at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
-    char version[32];
-    snprintf(version, sizeof version, "nvrtc %d.%d", j->nv->major, j->nv->minor);
-    const char *parts[ATT_JIT_MAX_OPTS + 4];
-    if (n_opts > ATT_JIT_MAX_OPTS)
-        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
-    parts[0] = KERNEL_SRC;
-    parts[1] = KERNEL_HDR;
-    parts[2] = arch;
-    parts[3] = version;
-    memcpy(parts + 4, opts, n_opts * sizeof *opts);
-    uint8_t key[KEY_BYTES];
-    if (sha256_strings(parts, n_opts + 4, key) != 0)
-        return at_diag_set(diag, AT_ERR_INTERNAL, "SHA-256 failed");
-    if (compiled != NULL)
-        *compiled = 0;
-
-    pthread_mutex_lock(&j->mu);
-    const entry_t *hit = find(j, key);
-    if (hit != NULL)
-        j->stats.memory_hits++;
-    pthread_mutex_unlock(&j->mu);
-    if (hit != NULL) {
-        *image = hit->image;
-        *bytes = hit->bytes;
-        return AT_OK;
-    }
-
-    char path[600] = "", hex[2 * KEY_BYTES + 1];
-    void *img = NULL;
-    size_t n = 0;
-    int damaged = 0, from_disk = 0;
-    if (j->dir[0] != '\0') {
-        key_hex(key, hex);
-        snprintf(path, sizeof path, "%s/%s.cubin", j->dir, hex);
-        img = disk_read(path, &n, &damaged);
-        from_disk = img != NULL;
-        if (damaged)
-            at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
-    }
-    uint64_t t0 = now_ns(), dt = 0;
-    if (img == NULL) {
-        at_err_t e = compile(j, arch, opts, n_opts, &img, &n, diag);
-        dt = now_ns() - t0;
-        if (e != AT_OK)
-            return e;
-        if (path[0] != '\0')
-            disk_write(j->dir, path, img, n);
-        if (compiled != NULL)
-            *compiled = 1;
-    }
-    pthread_mutex_lock(&j->mu);
-    const entry_t *ent = insert(j, key, img, n);
-    if (from_disk)
-        j->stats.disk_hits++;
-    else {
-        j->stats.compiles++;
-        j->stats.compile_ns += dt;
-    }
-    j->stats.disk_rejects += (uint64_t)damaged;
-    pthread_mutex_unlock(&j->mu);
-    if (ent == NULL)
-        return AT_ERR_NOMEM;
-    *image = ent->image;
-    *bytes = ent->bytes;
-    return AT_OK;
+at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out) {
+    const att_nvrtc_t *nv;
+    at_err_t e = att_cudrv_nvrtc(&nv, diag);
+    if (e != AT_OK)
+        return e;
+    char name[32];
+    snprintf(name, sizeof name, "nvrtc %d.%d", nv->major, nv->minor);
+    const att_jit_compiler_t cc = {
+        .name = name, .image_ext = "cubin", .compile = nvrtc_compile, .user = (void *)nv};
+    return att_jit_create_with(&cc, cache_dir, diag, out);
 }
+
+void att_jit_nvrtc_version(char *buf, size_t n) {
+    const att_nvrtc_t *nv;
+    if (att_cudrv_nvrtc(&nv, NULL) == AT_OK)
+        snprintf(buf, n, "%d.%d", nv->major, nv->minor);
+    else if (n > 0)
+        buf[0] = '\0';
+}
+#endif

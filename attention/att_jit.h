@@ -1,10 +1,11 @@
-/* Run-time compilation of the attention kernels with NVRTC, and the compiled-image cache.
+/* Run-time compilation of the attention kernels (NVRTC for CUDA, hiprtc for HIP: a compiler
+ * table), and the compiled-image cache.
  *
  * A model's constants (head_dim, dtype, block size, GQA group, KV heads, feature flags) and a
- * tile configuration become -D defines of the one kernel source (attention/kernels/att_unified.cu,
- * embedded in the binary at build time), compiled for one exact architecture ("sm_90").
- * Images are cached under a content key: SHA-256 of the source, the header, every option, the
- * architecture and the NVRTC version. A key names exactly one image, so the cache is safe to
+ * tile configuration become -D defines of the one kernel source (attention/kernels/att_unified.cu
+ * with its headers, embedded in the binary at build time), compiled for one exact architecture
+ * ("sm_90", "gfx90a:sramecc+:xnack-"). Images are cached under a content key: SHA-256 of the
+ * source, its headers, every option, the architecture and the compiler's name and version. A key names exactly one image, so the cache is safe to
  * share between models and sessions (unlike a launch cache keyed by less; see cache/lc.h).
  * Cached in memory for the process, and on disk (one file per key, written atomically:
  * temporary file, fsync, rename, fsync of the directory); a file that is truncated or whose
@@ -22,7 +23,6 @@
 
 typedef struct att_jit att_jit_t;
 
-/* A tile configuration of att_k_attend (see the kernel's top comment). */
 /* A tile configuration of att_k_attend (see the kernel's top comment): the compile-time knobs
  * ATT_WARPS_M, ATT_WARP_MT, ATT_WARPS_N, ATT_TILE_K, ATT_STAGES. Rows per tile are
  * 16 * warp_mt * warps_m; threads 32 * warps_m * warps_n. Valid: warps_m * warps_n in 1..16,
@@ -44,11 +44,11 @@ typedef enum att_tile_kind {
 } att_tile_kind_t;
 
 typedef struct att_jit_stats {
-    uint64_t compiles;     /* NVRTC runs */
+    uint64_t compiles;     /* compiler runs */
     uint64_t memory_hits;
     uint64_t disk_hits;
     uint64_t disk_rejects; /* files found damaged and recompiled */
-    uint64_t compile_ns;   /* wall time inside NVRTC */
+    uint64_t compile_ns;   /* wall time inside the compiler */
 } att_jit_stats_t;
 
 /* Dynamic shared memory of att_k_attend with tile t for model m, in bytes (the kernel's own
@@ -63,20 +63,54 @@ typedef struct att_jit_opts {
     uint32_t n;
 } att_jit_opts_t;
 
-/* The options (defines, language level) of model m with tile t. The window flag is set when any
- * layer has a window (the window itself is a per-call value). */
+/* NVRTC's options (language level, line info, then att_jit_model_defines) of model m with tile
+ * t. */
 void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o);
 
-/* cache_dir NULL or "" keeps images in memory only; otherwise the directory is created (with
- * parents) if missing: AT_ERR_IO with diag when that fails. AT_ERR_UNSUPPORTED when NVRTC cannot be
- * loaded. On success *out is the caller's (att_jit_destroy). */
+/* Appends the defines of model m with tile t to o. The window flag is set when any layer has a
+ * window (the window itself is a per-call value). */
+void att_jit_model_defines(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o);
+
+/* Appends one option, printf-formatted with v, to o. */
+void att_jit_opt_add(att_jit_opts_t *o, const char *fmt, unsigned v);
+
+/* The embedded kernel source and the headers it includes, under the names it includes them by;
+ * static storage. */
+typedef struct att_jit_source {
+    const char *text;
+    const char *name;
+    const char *headers[2];
+    const char *header_names[2];
+    uint32_t num_headers;
+} att_jit_source_t;
+void att_jit_kernel_source(att_jit_source_t *out);
+
+/* A run-time compiler. compile() builds the embedded source (att_jit_kernel_source) for arch with
+ * opts into *image (malloc'd; the caller's) of *bytes; a source that does not compile is
+ * AT_ERR_UNSUPPORTED with the first error line in diag and the log at ERROR level. Called from
+ * any thread, for different keys at once. */
+typedef struct att_jit_compiler {
+    const char *name;      /* "nvrtc 13.0", "hiprtc 5.2.21153": part of every key */
+    const char *image_ext; /* suffix of the cache's files: "cubin", "hsaco" */
+    at_err_t (*compile)(void *user, const char *arch, const char *const *opts, uint32_t n_opts,
+                        void **image, size_t *bytes, at_diag_t *diag);
+    void *user;            /* borrowed; outlives the att_jit_t */
+} att_jit_compiler_t;
+
+/* A cache of images compiled by cc (copied). cache_dir NULL or "" keeps images in memory only;
+ * otherwise the directory is created (with parents) if missing: AT_ERR_IO with diag when that
+ * fails. On success *out is the caller's (att_jit_destroy). */
+at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir,
+                             at_diag_t *diag, att_jit_t **out);
+
+/* att_jit_create_with NVRTC (CUDA builds only); AT_ERR_UNSUPPORTED when NVRTC cannot be loaded. */
 at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out);
 void att_jit_destroy(att_jit_t **j);
 
-/* The image for arch ("sm_90") and options: from memory, disk, or NVRTC. *image is borrowed until
+/* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is borrowed until
  * att_jit_destroy. A compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with the
  * first error line in diag and the whole log at ERROR level. *compiled (may be NULL) says whether
- * NVRTC ran. */
+ * the compiler ran. */
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
                        const void **image, size_t *bytes, int *compiled, at_diag_t *diag);
 

@@ -1,9 +1,10 @@
 /* The parameter block of the unified attention kernels (attention/kernels/att_unified.cu), and
  * the per-call device arrays it names.
  *
- * Plain C that the host's C11 compiler, nvcc and NVRTC all accept: fixed-width fields only, device
- * addresses as uint64_t, explicit padding, sizes checked below, so the host can fill the struct
- * and pass it to cuLaunchKernel by value with the same layout the device code reads.
+ * Plain C that the host's C11 compiler, nvcc, NVRTC, hiprtc and hipcc all accept: fixed-width
+ * fields only, device addresses as uint64_t, explicit padding, sizes checked below, so the host
+ * can fill the struct and pass it to cuLaunchKernel (or hipModuleLaunchKernel) by value with the
+ * same layout the device code reads.
  *
  * One launch covers a whole batch: chunks (decode tokens, prefill chunks, chunks over earlier
  * context) become work items, each a tile of ATT_TILE_ROWS query rows of one chunk against one
@@ -19,8 +20,8 @@
 #ifndef AT_ATTENTION_ATT_KPARAMS_H
 #define AT_ATTENTION_ATT_KPARAMS_H
 
-#if defined(__CUDACC_RTC__)
-/* NVRTC has no C library headers without the toolkit's include path; these match LP64. */
+#if defined(__CUDACC_RTC__) || defined(__HIPCC_RTC__)
+/* NVRTC and hiprtc have no C library headers; these match LP64. */
 typedef unsigned int uint32_t;
 typedef unsigned long long uint64_t;
 #else

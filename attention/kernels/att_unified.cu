@@ -1,7 +1,8 @@
 /* The unified attention kernels: one launch computes a whole batch (decode tokens, prefill chunks,
  * chunks over earlier context) over the paged KV cache, and writes the batch's new K/V rows into
- * the cache on the way. Device code only; compiled at run time by NVRTC with the model's constants
- * and the tile configuration as defines (below), for the device's exact architecture. The
+ * the cache on the way. Device code only; compiled at run time by NVRTC (or hiprtc, through
+ * att_port.h) with the model's constants and the tile configuration as defines (below), for the
+ * device's exact architecture. The
  * parameter block and the per-call arrays are in attention/att_kparams.h.
  *
  * Entry points (all take one att_kparams_t by value):
@@ -24,7 +25,9 @@
  * f16/bf16: tensor cores (mma.sync m16n8k16, f32 accumulators) fed by ldmatrix from shared
  * memory, K/V tiles brought in by cp.async through an ATT_STAGES-deep ring, online softmax in
  * registers, probabilities rounded to the dtype for P.V (as the CPU tests allow), outputs rounded
- * to nearest even. f32: a plain FMA path, one warp per query row (correct, not fast).
+ * to nearest even. f32, and every dtype on AMD GPUs (ATT_PORTABLE_MATH, see att_port.h): a plain
+ * FMA path in f32, one warp (wave) per query row (correct, not fast). The two bodies are the only
+ * difference between NVIDIA and AMD; everything else here is shared.
  *
  * Tile shape (the knobs; att_jit.h's att_tile_t, chosen by att_cuda.c's plan): ATT_WARPS_M warps
  * split the tile's rows, ATT_WARP_MT m16 tiles (16 rows, the MMA's M) each, so a tile has
@@ -37,6 +40,7 @@
  * padding wastes tensor-core work only: decode reads ~512 bytes of K/V per key and head, far more
  * than the 16x8x16 MMAs per key cost, so it stays bound by memory. */
 #include "attention/att_kparams.h"
+#include "attention/kernels/att_port.h"
 
 #ifndef ATT_HEAD_DIM
 #error "ATT_HEAD_DIM (elements per head) must be defined"
@@ -102,7 +106,7 @@ constexpr uint32_t kWarpsM = ATT_WARPS_M;
 constexpr uint32_t kWarpsN = ATT_WARPS_N;
 constexpr uint32_t kMT = ATT_WARP_MT; /* m16 row tiles per warp */
 constexpr uint32_t kWarps = kWarpsM * kWarpsN;
-constexpr uint32_t kThreads = 32 * kWarps;
+constexpr uint32_t kThreads = ATT_WAVE * kWarps; /* ATT_WAVE: threads per warp (wave) */
 constexpr uint32_t kWRows = 16 * kMT;        /* query rows per warp */
 constexpr uint32_t kRows = kWRows * kWarpsM; /* query rows per item */
 constexpr uint32_t kTileK = ATT_TILE_K;  /* keys per pipeline stage */
@@ -121,7 +125,12 @@ static_assert(kWarps >= 1 && kWarps <= 16, "1 to 16 warps");
 static_assert(kMT == 1 || kMT == 2, "ATT_WARP_MT is 1 or 2 m16 tiles per warp");
 static_assert(kTileK % kWarpsN == 0, "ATT_TILE_K must split evenly over ATT_WARPS_N");
 
-#if ATT_DTYPE != ATT_DT_F32
+/* The tensor-core body (f16/bf16 on NVIDIA), or the portable FMA body (f32; every dtype with
+ * ATT_PORTABLE_MATH, which HIP sets): see att_port.h. */
+#define ATT_TC (ATT_DTYPE != ATT_DT_F32 && !ATT_PORTABLE_MATH)
+
+#if ATT_TC
+static_assert(ATT_WAVE == 32, "the tensor-core body is written for 32-lane warps");
 constexpr uint32_t kStages = ATT_STAGES;
 constexpr uint32_t kKW = kTileK / kWarpsN; /* keys per warp per stage */
 /* The MMA steps take 16 elements of head_dim at a time. A head_dim that is a multiple of 8 but not
@@ -158,19 +167,7 @@ constexpr uint32_t kSmemBytes = 0;
 extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
     kRows, kTileK, kThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
 
-/* ---- small device helpers (inline PTX: NVRTC gets no toolkit headers) ---- */
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ float rcp(float x) {
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+/* ---- small device helpers (what differs between CUDA and HIP is in att_port.h) ---- */
 
 __device__ __forceinline__ uint32_t umin(uint32_t a, uint32_t b) { return a < b ? a : b; }
 __device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
@@ -194,8 +191,8 @@ __device__ __forceinline__ float logit2(float dot, const att_kparams_t &p, float
     /* cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1): exact at both ends (exp
      * overflowing to inf gives cap, underflowing to 0 gives -cap). */
     float s = dot * p.scale;
-    float e = ex2(s * (2.0f * kLog2e / p.soft_cap));
-    float x = (p.soft_cap - 2.0f * p.soft_cap * rcp(e + 1.0f)) * kLog2e;
+    float e = att_ex2(s * (2.0f * kLog2e / p.soft_cap));
+    float x = (p.soft_cap - 2.0f * p.soft_cap * att_rcp(e + 1.0f)) * kLog2e;
     (void)scale2;
 #else
     float x = dot * scale2;
@@ -227,8 +224,8 @@ __device__ __forceinline__ float out_scale(const att_kparams_t &p, uint32_t qh, 
 #if ATT_HAS_SINKS
     float s2 = ((const float *)p.sinks_d)[qh] * kLog2e;
     float top = fmaxf(m2, s2);
-    float keep = ex2(m2 - top);
-    return keep / (l * keep + ex2(s2 - top));
+    float keep = att_ex2(m2 - top);
+    return keep / (l * keep + att_ex2(s2 - top));
 #else
     (void)p;
     (void)qh;
@@ -239,17 +236,15 @@ __device__ __forceinline__ float out_scale(const att_kparams_t &p, uint32_t qh, 
 
 /* kVec f32 values to one 16-byte vector of the dtype, rounded to nearest even. */
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    uint32_t r;
 #if ATT_DTYPE == ATT_DT_BF16
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return att_f32x2_to_bf16x2(lo, hi);
 #elif ATT_DTYPE == ATT_DT_F16
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return att_f32x2_to_f16x2(lo, hi);
 #else
-    r = 0;
     (void)lo;
     (void)hi;
+    return 0;
 #endif
-    return r;
 }
 
 __device__ __forceinline__ void store_vec(elem_t *dst, const float *v) {
@@ -317,8 +312,8 @@ __device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_
     copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
 }
 
-#if ATT_DTYPE != ATT_DT_F32
-/* ---- tensor-core path (f16, bf16) ---- */
+#if ATT_TC
+/* ---- tensor-core path (f16, bf16 on NVIDIA) ---- */
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -643,13 +638,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                 const float m_new = fmaxf(m_run[mi][ri], mx);
                 /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
                 const float base = m_new == kNegInf ? 0.0f : m_new;
-                const float alpha = ex2(m_run[mi][ri] - base);
+                const float alpha = att_ex2(m_run[mi][ri] - base);
                 m_run[mi][ri] = m_new;
                 float sum = 0.0f;
 #pragma unroll
                 for (uint32_t n = 0; n < kNT; n++) {
-                    s[mi][n][2 * ri] = ex2(s[mi][n][2 * ri] - base);
-                    s[mi][n][2 * ri + 1] = ex2(s[mi][n][2 * ri + 1] - base);
+                    s[mi][n][2 * ri] = att_ex2(s[mi][n][2 * ri] - base);
+                    s[mi][n][2 * ri + 1] = att_ex2(s[mi][n][2 * ri + 1] - base);
                     sum += s[mi][n][2 * ri] + s[mi][n][2 * ri + 1];
                 }
                 /* this thread's columns; quad-summed at the end */
@@ -725,7 +720,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
 #pragma unroll
         for (uint32_t w = 0; w < kWarpsN; w++) {
             const float mw = mls[(w * kRows + r) * 2];
-            const float f = mw == kNegInf ? 0.0f : ex2(mw - M);
+            const float f = mw == kNegInf ? 0.0f : att_ex2(mw - M);
             L += f * mls[(w * kRows + r) * 2 + 1];
             const float *src_row = slab + (w * kRows + r) * kORow + cc * kVec;
 #pragma unroll
@@ -758,16 +753,37 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
     }
 }
 
-#else /* ATT_DTYPE == ATT_DT_F32 */
-/* ---- f32: plain FMAs, one warp per query row, lane l holding dims l, l + 32, ... ---- */
+#else /* !ATT_TC */
+/* ---- the portable body: plain FMAs in f32, one warp (wave) per query row, lane l holding dims
+ * l, l + kWave, ... (f32 everywhere; f16 and bf16 with ATT_PORTABLE_MATH) ---- */
 
-constexpr uint32_t kDL = (kD + 31) / 32;
+constexpr uint32_t kWave = ATT_WAVE;
+constexpr uint32_t kDL = (kD + kWave - 1) / kWave;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = kWave / 2; o > 0; o >>= 1)
+        v += att_shfl_xor(v, o);
     return v;
+}
+
+/* One element of the model's dtype as f32, and back (round to nearest even). */
+__device__ __forceinline__ float load_f32(const elem_t *p) {
+#if ATT_DTYPE == ATT_DT_BF16
+    return att_bf16_to_f32(*p);
+#elif ATT_DTYPE == ATT_DT_F16
+    return att_f16_to_f32(*p);
+#else
+    return *p;
+#endif
+}
+
+__device__ __forceinline__ elem_t to_elem(float v) {
+#if ATT_DTYPE == ATT_DT_F32
+    return v;
+#else
+    return (elem_t)(pack2(v, 0.0f) & 0xffffu);
+#endif
 }
 
 /* Key j's K (or V) row for KV head h: the cache before the chunk, the batch's own rows after. */
@@ -782,10 +798,10 @@ __device__ __forceinline__ uint64_t kv_row_off(const att_kchunk_t &ch, const uin
 extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
     const tile_t t = tile_of(p);
     write_own_kv(p, t);
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float *qg = (const float *)p.q_d;
-    const float *kc = (const float *)p.k_cache_d, *vc = (const float *)p.v_cache_d;
-    const float *kn = (const float *)p.k_d, *vn = (const float *)p.v_d;
+    const uint32_t lane = threadIdx.x % kWave, warp = threadIdx.x / kWave;
+    const elem_t *qg = (const elem_t *)p.q_d;
+    const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
+    const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
     const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
     const float scale2 = p.scale * kLog2e;
 
@@ -796,12 +812,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
         const uint32_t ps = t.ch.start_pos + R / kG, qh = t.h * kG + R % kG;
         const uint32_t j_lo = umax(window_lo(ps, p.window), t.kb), j_end = umin(ps + 1, t.ke);
         const float slope2 = head_slope2(p, qh);
-        const float *qrow = qg + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
+        const elem_t *qrow = qg + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
         float q[kDL], o[kDL];
 #pragma unroll
         for (uint32_t i = 0; i < kDL; i++) {
-            const uint32_t d = lane + 32 * i;
-            q[i] = d < kD ? qrow[d] : 0.0f;
+            const uint32_t d = lane + kWave * i;
+            q[i] = d < kD ? load_f32(qrow + d) : 0.0f;
             o[i] = 0.0f;
         }
         float m = kNegInf, l = 0.0f;
@@ -815,13 +831,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                 if (j < j_end) {
                     bool is_new;
                     const uint64_t off = kv_row_off(t.ch, table, t.h, j, &is_new);
-                    const float *kr = (is_new ? kn : kc) + off, *vr = (is_new ? vn : vc) + off;
+                    const elem_t *kr = (is_new ? kn : kc) + off, *vr = (is_new ? vn : vc) + off;
                     float dot = 0.0f;
 #pragma unroll
                     for (uint32_t i = 0; i < kDL; i++) {
-                        const uint32_t d = lane + 32 * i;
-                        dot += d < kD ? q[i] * kr[d] : 0.0f;
-                        vv[u][i] = d < kD ? vr[d] : 0.0f;
+                        const uint32_t d = lane + kWave * i;
+                        dot += d < kD ? q[i] * load_f32(kr + d) : 0.0f;
+                        vv[u][i] = d < kD ? load_f32(vr + d) : 0.0f;
                     }
                     x[u] = logit2(warp_sum(dot), p, scale2, (int)j, (int)ps, slope2);
                 } else {
@@ -835,7 +851,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                 if (x[u] == kNegInf)
                     continue;
                 const float m_new = fmaxf(m, x[u]);
-                const float alpha = ex2(m - m_new), pe = ex2(x[u] - m_new);
+                const float alpha = att_ex2(m - m_new), pe = att_ex2(x[u] - m_new);
                 l = l * alpha + pe;
 #pragma unroll
                 for (uint32_t i = 0; i < kDL; i++)
@@ -848,17 +864,17 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
             float *po = (float *)p.part_o_d + prow * kD;
 #pragma unroll
             for (uint32_t i = 0; i < kDL; i++)
-                if (lane + 32 * i < kD)
-                    po[lane + 32 * i] = o[i];
+                if (lane + kWave * i < kD)
+                    po[lane + kWave * i] = o[i];
             if (lane == 0)
                 *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m, l);
         } else {
             const float sc = out_scale(p, qh, m, l);
-            float *dst = (float *)p.out_d + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
+            elem_t *dst = (elem_t *)p.out_d + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
 #pragma unroll
             for (uint32_t i = 0; i < kDL; i++)
-                if (lane + 32 * i < kD)
-                    dst[lane + 32 * i] = o[i] * sc;
+                if (lane + kWave * i < kD)
+                    dst[lane + kWave * i] = to_elem(o[i] * sc);
         }
     }
 }
@@ -890,7 +906,7 @@ extern "C" __global__ void __launch_bounds__(kMergeThreads) att_k_merge(const at
             const float mw = pml[prow * 2];
             if (mw == kNegInf)
                 continue; /* a split with no key for this row (window) */
-            const float f = ex2(mw - M);
+            const float f = att_ex2(mw - M);
             L += f * pml[prow * 2 + 1];
             const float *src = po + prow * kD + cc * kVec;
 #pragma unroll
