@@ -5,7 +5,11 @@
  * only, merged calls with separate buffers, registered host memory, three models of different
  * head dims, dtypes and groups interleaved on one GPU (each session's launch cache), and the
  * compile cache (memory, disk, a damaged file).
- * Without a GPU or driver every test skips with one line saying why. Label: gpu. */
+ * Without a GPU or driver every test skips with one line saying why. Label: gpu.
+ *
+ * Built twice: test_att_cuda (the CUDA backend on cuda:0) and, with ATT_TEST_HIP, test_att_hip:
+ * the same cases through the HIP backend on hip:0 (an AMD GPU, or an NVIDIA one through the test
+ * double tests/hipshim/ when ATTND_HIP_LIB names it). */
 #include "tests/test_util.h"
 
 #include <inttypes.h>
@@ -14,8 +18,29 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "attention/att_cuda.h"
 #include "tests/attention/att_rig.h"
+
+#ifdef ATT_TEST_HIP
+#include "attention/att_hip.h"
+#define BE_NAME "HIP"
+#define BE_PROGRAM "test_att_hip"
+#define BE_PREFIX BE_PROGRAM "_"
+#define BE_IMAGE_EXT "hsaco"
+typedef att_hip_cfg_t be_cfg_t;
+#define be_create att_hip_create
+#define be_describe att_hip_describe
+#define be_jit_stats att_hip_jit_stats
+#else
+#include "attention/att_cuda.h"
+#define BE_NAME "CUDA"
+#define BE_PROGRAM "test_att_cuda"
+#define BE_PREFIX BE_PROGRAM "_"
+#define BE_IMAGE_EXT "cubin"
+typedef att_cuda_cfg_t be_cfg_t;
+#define be_create att_cuda_create
+#define be_describe att_cuda_describe
+#define be_jit_stats att_cuda_jit_stats
+#endif
 
 static uint64_t g_seed;
 static att_backend_t *g_cuda;
@@ -27,7 +52,7 @@ static const att_cpu_cfg_t CPU_BE[] = {{.num_threads = 0}};
 #define NEED_GPU()                                                                               \
     do {                                                                                         \
         if (g_cuda == NULL) {                                                                    \
-            printf("SKIP: no CUDA device (%s)\n", g_why.msg);                                    \
+            printf("SKIP: no " BE_NAME " device (%s)\n", g_why.msg);                             \
             skip();                                                                              \
         }                                                                                        \
     } while (0)
@@ -285,29 +310,30 @@ static void test_att_cuda_compile_cache(void **state) {
     TU_CHECK(mkdtemp(dir) != NULL, "mkdtemp");
     att_model_cfg_t cfg = {.num_layers = 1, .num_query_heads = 12, .num_kv_heads = 3,
                            .head_dim = 40, .dtype = ATT_DTYPE_F16, .block_size = 32};
-    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = dir};
+    be_cfg_t cc = {.device = 0, .kernel_cache_dir = dir};
     att_backend_t *be = NULL;
     at_diag_t d = {{0}};
-    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(be_create(&cc, &d, &be) == AT_OK, "create: %s", d.msg);
     TU_CHECK(session_compiles(be, &cfg) == 2, "a new model compiles its two kernels");
     TU_CHECK(session_compiles(be, &cfg) == 0, "the same model again compiles nothing");
     att_backend_destroy(&be);
     /* a restart finds the images on disk */
-    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(be_create(&cc, &d, &be) == AT_OK, "create: %s", d.msg);
     TU_CHECK(session_compiles(be, &cfg) == 0, "after a restart the disk cache serves both");
     att_jit_stats_t st;
-    att_cuda_jit_stats(be, &st);
+    be_jit_stats(be, &st);
     TU_CHECK(st.disk_hits == 2 && st.compiles == 0, "disk hits %" PRIu64, st.disk_hits);
     att_backend_destroy(&be);
     /* damage one file: it is recompiled, not loaded */
     char cmd[256];
     snprintf(cmd, sizeof cmd,
-             "f=$(ls %s/*.cubin | head -1); head -c 1000 \"$f\" > \"$f.x\" && mv \"$f.x\" \"$f\"",
+             "f=$(ls %s/*." BE_IMAGE_EXT " | head -1); head -c 1000 \"$f\" > \"$f.x\" && "
+             "mv \"$f.x\" \"$f\"",
              dir);
     TU_CHECK(system(cmd) == 0, "truncating a cache file");
-    TU_CHECK(att_cuda_create(&cc, &d, &be) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(be_create(&cc, &d, &be) == AT_OK, "create: %s", d.msg);
     TU_CHECK(session_compiles(be, &cfg) == 1, "the damaged image is compiled again");
-    att_cuda_jit_stats(be, &st);
+    be_jit_stats(be, &st);
     TU_CHECK(st.disk_rejects == 1 && st.disk_hits == 1, "rejects %" PRIu64, st.disk_rejects);
     att_backend_destroy(&be);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
@@ -316,9 +342,9 @@ static void test_att_cuda_compile_cache(void **state) {
 
 static int setup(void **state) {
     (void)state;
-    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = ""};
-    if (att_cuda_create(&cc, &g_why, &g_cuda) == AT_OK)
-        printf("GPU: %s\n", att_cuda_describe(g_cuda));
+    be_cfg_t cc = {.device = 0, .kernel_cache_dir = ""};
+    if (be_create(&cc, &g_why, &g_cuda) == AT_OK)
+        printf("GPU: %s\n", be_describe(g_cuda));
     else
         printf("SKIP: every GPU test: %s\n", g_why.msg);
     return 0;
@@ -332,7 +358,7 @@ static int teardown(void **state) {
 }
 
 int main(void) {
-    g_seed = tu_base_seed("test_att_cuda");
+    g_seed = tu_base_seed(BE_PROGRAM);
     static const att_dtype_t dtypes[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
     static const struct {
         const char *name;
@@ -354,7 +380,7 @@ int main(void) {
                 c->d = dims[d];
                 c->block = blocks[n % 4];
                 c->index = n;
-                snprintf(c->name, sizeof c->name, "test_att_cuda_%s_%s_d%u_b%u",
+                snprintf(c->name, sizeof c->name, BE_PREFIX "%s_%s_d%u_b%u",
                          att_dtype_name(c->dtype), groups[g].name, c->d, c->block);
                 tests[n] = (struct CMUnitTest){c->name, run_matrix_case, NULL, NULL, c};
             }
@@ -367,5 +393,5 @@ int main(void) {
     const char *filter = getenv("ATTND_TEST_FILTER");
     if (filter != NULL && filter[0] != '\0')
         cmocka_set_test_filter(filter);
-    return _cmocka_run_group_tests("att_cuda", tests, n, setup, teardown);
+    return _cmocka_run_group_tests(BE_PROGRAM + 5, tests, n, setup, teardown);
 }
