@@ -17,6 +17,9 @@
 
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#ifdef AT_HAVE_HIP
+#include "attention/att_hip.h"
+#endif
 #endif
 #include "common/at_log.h"
 #include "service/svc_pool.h"
@@ -91,8 +94,8 @@ static const opt_t opts[] = {
     {"ready_file", K_STR, O_(ready_file), 512, 0, 0,
      "write HOST:PORT here once serving (for scripts and tests)"},
     {"devices", K_STR, O_(devices), 256, 0, 0,
-     "devices to serve: \"all\" (cpu and every CUDA GPU found), or a list such as "
-     "\"cpu,cuda:0\" (all)"},
+     "devices to serve: \"all\" (cpu and every CUDA or AMD GPU found), or a list such as "
+     "\"cpu,cuda:0\" or \"cpu,hip:0\" (all)"},
     {"kernel_cache_dir", K_STR, O_(kernel_cache_dir), 480, 0, 0,
      "compiled GPU kernels are kept here across restarts ($XDG_CACHE_HOME/attnd/kernels)"},
     {"worker_mode", K_STR, O_(worker_mode), 16, 0, 0,
@@ -280,8 +283,9 @@ static int write_ready_file(const char *path, int port) {
 
 #define MAX_POOLS 16
 
-/* The pools to create, from --devices: "all" is cpu plus every CUDA device the driver sees;
- * otherwise a comma-separated list of "cpu" and "cuda:N". */
+/* The pools to create, from --devices: "all" is cpu plus every CUDA device the driver sees and
+ * every AMD GPU the HIP runtime sees; otherwise a comma-separated list of "cpu", "cuda:N" and
+ * "hip:N". */
 static at_err_t device_list(const char *spec, char names[][32], uint32_t *n) {
     *n = 0;
     if (strcmp(spec, "all") == 0) {
@@ -294,6 +298,15 @@ static at_err_t device_list(const char *spec, char names[][32], uint32_t *n) {
                    d.msg[0] != '\0' ? d.msg : "the driver sees none");
         for (int i = 0; i < gpus && *n < MAX_POOLS - 1; i++)
             snprintf(names[(*n)++], 32, "cuda:%d", i);
+#endif
+#ifdef AT_HAVE_HIP
+        at_diag_t hd = {{0}};
+        int amd = att_hip_device_count(&hd);
+        if (amd == 0)
+            at_log(AT_LOG_INFO, "serve", "no AMD GPUs: %s",
+                   hd.msg[0] != '\0' ? hd.msg : "the HIP runtime sees none");
+        for (int i = 0; i < amd && *n < MAX_POOLS - 1; i++)
+            snprintf(names[(*n)++], 32, "hip:%d", i);
 #endif
         return AT_OK;
     }

@@ -23,6 +23,9 @@
 #include "attention/att_cpu.h"
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#ifdef AT_HAVE_HIP
+#include "attention/att_hip.h"
+#endif
 #include "attention/att_cudrv.h"
 #endif
 #include "attention/att_ctx.h"
@@ -374,6 +377,29 @@ static at_err_t cuda_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t
 #endif
 }
 
+/* An AMD GPU "hip:N": cuda_backend's twin on the HIP backend. */
+static at_err_t hip_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
+#ifdef AT_HAVE_HIP
+    char *end = NULL;
+    long ordinal = strtol(cfg->device + 4, &end, 10);
+    if (end == cfg->device + 4 || *end != '\0' || ordinal < 0 || ordinal > 1024)
+        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected hip:N", cfg->device);
+    att_hip_cfg_t hc = {.device = (int)ordinal, .kernel_cache_dir = NULL};
+    at_err_t e = att_hip_create(&hc, d, &w->be);
+    if (e != AT_OK)
+        return e;
+    if ((e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, d, &w->arena)) != AT_OK)
+        return e;
+    e = w->be->ops->register_host(w->be, svc_arena_base(w->arena), svc_arena_size(w->arena));
+    if (e != AT_OK)
+        return at_diag_set(d, e, "%s: cannot register the tensor arena for DMA", cfg->device);
+    return AT_OK;
+#else
+    (void)w;
+    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without HIP", cfg->device);
+#endif
+}
+
 /* Tuning runs only while no request waits: one step (a fill or one timed run of one config) of
  * the first session with a pending job, then the socket is looked at again, so a call that
  * arrives during tuning waits for at most the step in progress. True when a step ran. */
@@ -404,6 +430,10 @@ static const char *backend_desc(const att_backend_t *be) {
 #ifdef AT_HAVE_CUDA
     if (strcmp(be->ops->name, "cuda") == 0)
         return att_cuda_describe(be);
+#endif
+#ifdef AT_HAVE_HIP
+    if (strcmp(be->ops->name, "hip") == 0)
+        return att_hip_describe(be);
 #endif
     return be->ops->name;
 }
@@ -455,7 +485,8 @@ static void cuda_fault(const char *device) {
 }
 #endif
 
-/* The test fault switch fires: a CPU worker aborts (no core file), a CUDA one faults its GPU. */
+/* The test fault switch fires: a CPU or HIP worker aborts (no core file), a CUDA one faults its
+ * GPU. */
 static void test_fault(const svc_worker_cfg_t *cfg) {
 #ifdef AT_HAVE_CUDA
     if (strncmp(cfg->device, "cuda:", 5) == 0) {
@@ -469,14 +500,18 @@ static void test_fault(const svc_worker_cfg_t *cfg) {
     abort();
 }
 
-/* True when the worker's GPU context is unusable after a fault. */
+/* True when the worker's GPU is unusable after a fault. */
 static bool device_lost(const worker_t *w) {
 #ifdef AT_HAVE_CUDA
-    return w->be != NULL && strcmp(w->be->ops->name, "cuda") == 0 && att_cuda_lost(w->be);
-#else
+    if (w->be != NULL && strcmp(w->be->ops->name, "cuda") == 0 && att_cuda_lost(w->be))
+        return true;
+#endif
+#ifdef AT_HAVE_HIP
+    if (w->be != NULL && strcmp(w->be->ops->name, "hip") == 0 && att_hip_lost(w->be))
+        return true;
+#endif
     (void)w;
     return false;
-#endif
 }
 
 at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
@@ -502,6 +537,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
     else if (strncmp(cfg->device, "cuda:", 5) == 0)
         e = cuda_backend(cfg, &w, &d);
+    else if (strncmp(cfg->device, "hip:", 4) == 0)
+        e = hip_backend(cfg, &w, &d);
     else if (strcmp(cfg->device, "cpu") != 0)
         e = at_diag_set(&d, AT_ERR_DEVICE_UNKNOWN, "device %s has no backend in this build",
                         cfg->device);

@@ -12,7 +12,7 @@
 
 typedef struct svc_worker_cfg {
     const char *endpoint;   /* borrowed; the pool's PAIR socket to connect to */
-    const char *device;     /* borrowed; "cpu", "null" or "cuda:N" */
+    const char *device;     /* borrowed; "cpu", "null", "cuda:N" or "hip:N" */
     uint32_t cpu_threads;   /* CPU backend threads; 0 = one per online CPU */
     const char *arena_name; /* borrowed; the shared-memory arena to attach */
     uint64_t arena_bytes;
