@@ -2,7 +2,8 @@
  *
  * Thread model: the backend's fields are set at creation and read-only afterwards, except `lost`
  * (atomic: set once by whichever thread sees a sticky fault; relaxed is enough, since it only
- * makes later calls fail early and carries no data) and the registered host regions (reg_mu).
+ * makes later calls fail early and carries no data) and the registered host regions (their own
+ * mutex).
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the primary context current on its thread first.
  *
@@ -23,19 +24,11 @@
 
 #include "attention/att_cudrv.h"
 #include "attention/att_gpu_plan.h"
+#include "attention/att_gpu_run.h"
 #include "attention/att_kparams.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
-
-#define MAX_REGIONS 16u
-
-enum { K_ATTEND = 1, K_MERGE = 2, K_KV_WRITE = 3 };
-
-typedef struct region {
-    uintptr_t begin;
-    uintptr_t end;
-} region_t;
 
 typedef struct cuda_backend {
     att_backend_t base;
@@ -52,9 +45,7 @@ typedef struct cuda_backend {
     att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
     atomic_int lost;
-    pthread_mutex_t reg_mu;
-    region_t regions[MAX_REGIONS] AT_GUARDED_BY(reg_mu);
-    uint32_t num_regions AT_GUARDED_BY(reg_mu);
+    att_gpu_regions_t regs; /* host memory registered for DMA */
 } cuda_backend_t;
 
 struct att_kv {
@@ -131,41 +122,16 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
  * from the loaded module with the session's constants in its parameter template. */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const uint32_t key = LC_KEY(kernel, kind, split);
-    const lc_launch_t *l = lc_lookup(kv->lc, key);
+    const lc_launch_t *l = lc_lookup(kv->lc, LC_KEY(kernel, kind, split));
     if (l != NULL) {
         *out = l;
         return AT_OK;
     }
-    const att_model_t *m = kv->m;
+    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)kv->f_attend[kind]
+               : kernel == ATT_GPU_K_MERGE ? (void *)kv->f_merge[kind]
+                                           : (void *)kv->f_kv_write;
     lc_launch_t n;
-    memset(&n, 0, sizeof n);
-    n.key = key;
-    n.grid_per_unit = m->num_kv_heads;
-    n.param_bytes = sizeof(att_kparams_t);
-    switch (kernel) {
-    case K_ATTEND:
-        n.fn = kv->f_attend[kind];
-        n.block_x = kv->info[kind][ATT_KINFO_THREADS];
-        n.smem_bytes = kv->info[kind][ATT_KINFO_SMEM_BYTES];
-        break;
-    case K_MERGE:
-        n.fn = kv->f_merge[kind];
-        n.block_x = kv->info[kind][ATT_KINFO_MERGE_THREADS];
-        break;
-    default:
-        n.fn = kv->f_kv_write;
-        n.block_x = kv->info[ATT_TILE_WIDE][ATT_KINFO_KVW_THREADS];
-        break;
-    }
-    att_kparams_t t;
-    memset(&t, 0, sizeof t);
-    t.scale = m->scale;
-    t.soft_cap = m->soft_cap;
-    t.alibi_d = m->alibi != NULL ? kv->consts_d : 0;
-    t.sinks_d = m->sinks != NULL ? kv->consts_d + (uint64_t)m->num_query_heads * 4 : 0;
-    t.num_blocks = kv->num_blocks;
-    memcpy(n.params, &t, sizeof t);
+    att_gpu_launch_init(&n, kv->m, kernel, kind, split, kv->info, fn, kv->consts_d, kv->num_blocks);
     return lc_insert(kv->lc, &n, out);
 }
 
@@ -208,48 +174,22 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
     return AT_OK;
 }
 
-static bool registered(cuda_backend_t *be, const void *p, size_t n) {
-    const uintptr_t a = (uintptr_t)p;
-    bool found = false;
-    pthread_mutex_lock(&be->reg_mu);
-    for (uint32_t i = 0; i < be->num_regions && !found; i++)
-        found = a >= be->regions[i].begin && a + n <= be->regions[i].end;
-    pthread_mutex_unlock(&be->reg_mu);
-    return found;
-}
-
-/* Which tensor of a chunk: 0 q, 1 k, 2 v, 3 out. */
-static const void *chunk_ptr(const att_batch_chunk_t *c, int which) {
-    switch (which) {
-    case 0: return c->q;
-    case 1: return c->k;
-    case 2: return c->v;
-    default: return c->out;
-    }
-}
-
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
  * Runs of chunks whose host rows are adjacent become one copy. Registered memory is copied
  * directly; other runs go through the stage at stage_off (same offsets): gathered before the
- * upload, or scattered by finish_out once the stream is synchronized (*staged tells). */
+ * upload, or scattered by att_gpu_finish_out once the stream is synchronized (*staged tells). */
 static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
                             size_t dev_off, size_t stage_off, bool *staged) {
     cuda_backend_t *be = kv->be;
     const bool up = which != 3;
     *staged = false;
     for (uint32_t c = 0; c < b->num_chunks;) {
-        const uint8_t *p = chunk_ptr(&b->chunks[c], which);
-        size_t n = (size_t)b->chunks[c].num_tokens * row_bytes;
-        const size_t off = (size_t)b->chunks[c].token_offset * row_bytes;
-        uint32_t d = c + 1;
-        while (d < b->num_chunks && (const uint8_t *)chunk_ptr(&b->chunks[d], which) == p + n &&
-               (size_t)b->chunks[d].token_offset * row_bytes == off + n) {
-            n += (size_t)b->chunks[d].num_tokens * row_bytes;
-            d++;
-        }
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
         const CUdeviceptr dev = kv->io_d + dev_off + off;
         uint8_t *st = kv->stage_h + stage_off + off;
-        const bool direct = registered(be, p, n);
+        const bool direct = att_gpu_regions_contain(&be->regs, p, n);
         at_err_t e;
         if (up) {
             if (!direct)
@@ -266,52 +206,7 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
     return AT_OK;
 }
 
-/* Copies out's staged rows to each chunk's out (after the stream is synchronized). */
-static void finish_out(att_kv_t *kv, const att_batch_t *b, size_t row_bytes, size_t stage_off) {
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        const size_t n = (size_t)ch->num_tokens * row_bytes;
-        if (!registered(kv->be, ch->out, n))
-            memcpy(ch->out, kv->stage_h + stage_off + (size_t)ch->token_offset * row_bytes, n);
-    }
-}
-
 /* ---- run ---- */
-
-static at_err_t launch_kind(att_kv_t *kv, const att_kparams_t *base, const att_gpu_counts_t *pl,
-                            uint32_t kind, uint64_t items_d, uint64_t merges_d,
-                            uint64_t part_o_d, uint64_t part_ml_d) {
-    if (pl->num_items[kind] == 0)
-        return AT_OK;
-    const uint32_t split = pl->num_merges[kind] != 0;
-    const lc_launch_t *l;
-    at_err_t e = prepared(kv, K_ATTEND, kind, split, &l);
-    if (e != AT_OK)
-        return e;
-    att_kparams_t p;
-    memcpy(&p, l->params, sizeof p);
-    p.q_d = base->q_d;
-    p.k_d = base->k_d;
-    p.v_d = base->v_d;
-    p.out_d = base->out_d;
-    p.k_cache_d = base->k_cache_d;
-    p.v_cache_d = base->v_cache_d;
-    p.chunks_d = base->chunks_d;
-    p.block_table_d = base->block_table_d;
-    p.window = base->window;
-    p.num_chunks = base->num_chunks;
-    p.items_d = items_d;
-    p.num_items = pl->num_items[kind];
-    p.merges_d = merges_d;
-    p.num_merges = pl->num_merges[kind];
-    p.part_o_d = part_o_d;
-    p.part_ml_d = part_ml_d;
-    if ((e = lc_launch(kv->lc, l, p.num_items, &p)) != AT_OK || !split)
-        return e;
-    if ((e = prepared(kv, K_MERGE, kind, 1, &l)) != AT_OK)
-        return e;
-    return lc_launch(kv->lc, l, p.num_merges, &p);
-}
 
 static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b) {
     cuda_backend_t *be = (cuda_backend_t *)base;
@@ -323,7 +218,6 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     const size_t es = att_dtype_bytes(m->dtype);
     const size_t q_row = (size_t)m->num_query_heads * m->head_dim * es;
     const size_t kv_row = (size_t)m->num_kv_heads * m->head_dim * es;
-    const size_t T = b->total_tokens;
 
     att_gpu_counts_t pl;
     memset(&pl, 0, sizeof pl);
@@ -335,49 +229,17 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, b, &pl)) != AT_OK)
         return e;
-    size_t table_n = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++)
-        table_n += b->chunks[c].num_blocks;
-
-    /* One layout for the stage and the device buffer; parts only on the device. */
-    const size_t o_chunks = 0;
-    const size_t o_table = align_up(o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
-    const size_t o_items = align_up(o_table + table_n * sizeof(uint32_t), 16);
-    const size_t o_merges = align_up(o_items + pl.total_items * sizeof(att_kitem_t), 16);
-    const size_t meta_end = o_merges + pl.total_merges * sizeof(att_kmerge_t);
-    const size_t o_q = align_up(meta_end, 256);
-    const size_t o_k = align_up(o_q + (b->attend ? T * q_row : 0), 256);
-    const size_t o_v = align_up(o_k + T * kv_row, 256);
-    const size_t o_out = align_up(o_v + T * kv_row, 256);
-    const size_t stage_end = o_out + (b->attend ? T * q_row : 0);
-    size_t o_po[ATT_TILE_KINDS], o_pml[ATT_TILE_KINDS], end = align_up(stage_end, 256);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        const size_t rows = (size_t)pl.num_parts[k] * m->num_kv_heads * kv->info[k][0];
-        o_po[k] = end;
-        o_pml[k] = align_up(o_po[k] + rows * m->head_dim * 4, 256);
-        end = align_up(o_pml[k] + rows * 8, 256);
-    }
-    if ((e = ensure_io(kv, end, stage_end)) != AT_OK)
+    att_gpu_layout_t lo;
+    att_gpu_layout(m, b, &pl, tile_rows, &lo);
+    if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK)
         return e;
-
-    /* metadata */
-    att_kchunk_t *kc = (att_kchunk_t *)(kv->stage_h + o_chunks);
-    uint32_t *table = (uint32_t *)(kv->stage_h + o_table);
-    uint32_t t_off = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, t_off};
-        memcpy(table + t_off, ch->blocks, ch->num_blocks * sizeof(uint32_t));
-        t_off += ch->num_blocks;
-    }
-    memcpy(kv->stage_h + o_items, kv->work.items, pl.total_items * sizeof(att_kitem_t));
-    memcpy(kv->stage_h + o_merges, kv->work.merges, pl.total_merges * sizeof(att_kmerge_t));
-    if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, meta_end, kv->stream))) != AT_OK)
+    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->work, &pl);
+    if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
     bool staged;
-    if ((b->attend && (e = move_tensor(kv, b, 0, q_row, o_q, o_q, &staged)) != AT_OK) ||
-        (e = move_tensor(kv, b, 1, kv_row, o_k, o_k, &staged)) != AT_OK ||
-        (e = move_tensor(kv, b, 2, kv_row, o_v, o_v, &staged)) != AT_OK)
+    if ((b->attend && (e = move_tensor(kv, b, 0, q_row, lo.o_q, lo.o_q, &staged)) != AT_OK) ||
+        (e = move_tensor(kv, b, 1, kv_row, lo.o_k, lo.o_k, &staged)) != AT_OK ||
+        (e = move_tensor(kv, b, 2, kv_row, lo.o_v, lo.o_v, &staged)) != AT_OK)
         goto out_drain;
 
     if (be->timing && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
@@ -385,14 +247,14 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     const CUdeviceptr layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
     memset(&p, 0, sizeof p);
-    p.q_d = b->attend ? kv->io_d + o_q : 0;
-    p.k_d = kv->io_d + o_k;
-    p.v_d = kv->io_d + o_v;
-    p.out_d = b->attend ? kv->io_d + o_out : 0;
+    p.q_d = b->attend ? kv->io_d + lo.o_q : 0;
+    p.k_d = kv->io_d + lo.o_k;
+    p.v_d = kv->io_d + lo.o_v;
+    p.out_d = b->attend ? kv->io_d + lo.o_out : 0;
     p.k_cache_d = layer_k;
     p.v_cache_d = layer_k + kv->layer_half_bytes;
-    p.chunks_d = kv->io_d + o_chunks;
-    p.block_table_d = kv->io_d + o_table;
+    p.chunks_d = kv->io_d + lo.o_chunks;
+    p.block_table_d = kv->io_d + lo.o_table;
     p.window = m->window[b->layer];
     p.num_chunks = b->num_chunks;
     kv->cur = kv->stream;
@@ -412,10 +274,11 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
             const size_t before_items = k == ATT_TILE_WIDE ? 0 : pl.num_items[ATT_TILE_WIDE];
             const size_t before_merges = k == ATT_TILE_WIDE ? 0 : pl.num_merges[ATT_TILE_WIDE];
             kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
-            if ((e = launch_kind(kv, &p, &pl, k,
-                                 kv->io_d + o_items + before_items * sizeof(att_kitem_t),
-                                 kv->io_d + o_merges + before_merges * sizeof(att_kmerge_t),
-                                 kv->io_d + o_po[k], kv->io_d + o_pml[k])) != AT_OK)
+            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, k,
+                                         kv->io_d + lo.o_items + before_items * sizeof(att_kitem_t),
+                                         kv->io_d + lo.o_merges +
+                                             before_merges * sizeof(att_kmerge_t),
+                                         kv->io_d + lo.o_po[k], kv->io_d + lo.o_pml[k])) != AT_OK)
                 goto out_drain;
         }
         kv->cur = kv->stream;
@@ -423,31 +286,19 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
                      (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
             goto out_drain;
     } else {
-        const lc_launch_t *l;
-        if ((e = prepared(kv, K_KV_WRITE, ATT_TILE_WIDE, 0, &l)) != AT_OK)
-            goto out_drain;
-        att_kparams_t q;
-        memcpy(&q, l->params, sizeof q);
-        q.k_d = p.k_d;
-        q.v_d = p.v_d;
-        q.k_cache_d = p.k_cache_d;
-        q.v_cache_d = p.v_cache_d;
-        q.chunks_d = p.chunks_d;
-        q.block_table_d = p.block_table_d;
-        q.num_chunks = p.num_chunks;
-        if ((e = lc_launch(kv->lc, l, b->num_chunks, &q)) != AT_OK)
+        if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
     if (be->timing && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = now_ns() - t0;
     bool out_staged = false;
-    if (b->attend && (e = move_tensor(kv, b, 3, q_row, o_out, o_out, &out_staged)) != AT_OK)
+    if (b->attend && (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
         goto out_drain;
     if ((e = CU(cuStreamSynchronize(kv->stream))) != AT_OK)
         goto out_drain;
     if (out_staged)
-        finish_out(kv, b, q_row, o_out);
+        att_gpu_finish_out(b, q_row, kv->stage_h + lo.o_out, &be->regs);
     if (be->timing) {
         float ms = 0.0f;
         if ((e = CU(cuEventElapsedTime(&ms, kv->ev_begin, kv->ev_end))) != AT_OK)
@@ -466,35 +317,7 @@ out_drain:
 
 /* ---- sessions ---- */
 
-/* One kind's image: from the compile cache, or compiled. Runs on its own thread for the narrow
- * kind while the caller fetches the wide one, so a new model's two compiles overlap. */
-typedef struct fetch {
-    att_jit_t *jit;
-    const char *arch;
-    att_jit_opts_t opts;
-    const void *img;
-    size_t bytes;
-    int compiled;
-    at_err_t err;
-    at_diag_t diag;
-} fetch_t;
-
-static void *fetch_run(void *arg) {
-    fetch_t *f = arg;
-    f->err = att_jit_image(f->jit, f->arch, f->opts.ptr, f->opts.n, &f->img, &f->bytes,
-                           &f->compiled, &f->diag);
-    return NULL;
-}
-
-static void fetch_init(fetch_t *f, const cuda_backend_t *be, const att_model_t *m,
-                       const att_tile_t *tile) {
-    memset(f, 0, sizeof *f);
-    f->jit = be->jit;
-    f->arch = be->arch;
-    att_jit_model_opts(m, tile, &f->opts);
-}
-
-static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const fetch_t *f, at_diag_t *diag) {
+static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const att_gpu_fetch_t *f, at_diag_t *diag) {
     cuda_backend_t *be = kv->be;
     at_err_t e;
     if (f->err != AT_OK) {
@@ -596,16 +419,12 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
     if ((e = lc_create(launch_cb, kv, &kv->lc)) != AT_OK)
         goto out_kv;
     session_plan(be, m, &kv->plan);
-    fetch_t f[ATT_TILE_KINDS];
+    /* the two kinds' images: from the compile cache, or compiled (concurrently) */
+    att_gpu_fetch_t f[ATT_TILE_KINDS];
+    memset(f, 0, sizeof f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        fetch_init(&f[k], be, m, &kv->plan.tile[k]);
-    pthread_t tid;
-    const bool threaded = pthread_create(&tid, NULL, fetch_run, &f[ATT_TILE_NARROW]) == 0;
-    fetch_run(&f[ATT_TILE_WIDE]);
-    if (threaded)
-        pthread_join(tid, NULL);
-    else
-        fetch_run(&f[ATT_TILE_NARROW]);
+        att_jit_model_opts(m, &kv->plan.tile[k], &f[k].opts);
+    att_gpu_fetch_images(be->jit, be->arch, f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
         if ((e = load_kind(kv, k, &f[k], diag)) != AT_OK)
             goto out_kv;
@@ -675,15 +494,7 @@ static at_err_t cuda_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
     }
     if ((e = CU(cuStreamSynchronize(kv->stream))) != AT_OK)
         return e;
-    for (uint32_t t = 0; t < n; t++) {
-        const uint32_t p = pos + t, bi = p / bs - b0;
-        for (uint32_t h = 0; h < m->num_kv_heads; h++) {
-            const size_t src = ((size_t)h * bs + p % bs) * row;
-            const size_t dst = ((size_t)t * m->num_kv_heads + h) * row;
-            memcpy((uint8_t *)k_out + dst, kv->stage_h + 2 * bi * block_bytes + src, row);
-            memcpy((uint8_t *)v_out + dst, kv->stage_h + (2 * bi + 1) * block_bytes + src, row);
-        }
-    }
+    att_gpu_scatter_kv(m, kv->stage_h, block_bytes, pos, n, k_out, v_out);
     return AT_OK;
 }
 
@@ -700,29 +511,28 @@ static void cuda_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_
     out->last_device_ns = kv->last_device_ns;
 }
 
+static at_err_t pin(void *user, void *p, size_t bytes) {
+    cuda_backend_t *be = user;
+    return CU(cuMemHostRegister(p, bytes, CU_MEMHOSTREGISTER_PORTABLE));
+}
+
 static at_err_t cuda_register_host(att_backend_t *base, void *p, size_t bytes) {
     cuda_backend_t *be = (cuda_backend_t *)base;
     at_err_t e = enter(be);
     if (e != AT_OK)
         return e;
-    pthread_mutex_lock(&be->reg_mu);
-    if (be->num_regions == MAX_REGIONS)
-        e = AT_ERR_INTERNAL;
-    else if ((e = CU(cuMemHostRegister(p, bytes, CU_MEMHOSTREGISTER_PORTABLE))) == AT_OK)
-        be->regions[be->num_regions++] = (region_t){(uintptr_t)p, (uintptr_t)p + bytes};
-    pthread_mutex_unlock(&be->reg_mu);
-    return e;
+    return att_gpu_regions_add(&be->regs, p, bytes, pin, be);
 }
 
 static void cuda_destroy(att_backend_t *base) {
     cuda_backend_t *be = (cuda_backend_t *)base;
     if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
         be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
-        for (uint32_t i = 0; i < be->num_regions; i++)
-            (void)CU(cuMemHostUnregister((void *)be->regions[i].begin));
+        for (uint32_t i = 0; i < be->regs.n; i++)
+            (void)CU(cuMemHostUnregister((void *)be->regs.begin[i]));
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
     att_jit_destroy(&be->jit);
-    pthread_mutex_destroy(&be->reg_mu);
+    att_gpu_regions_fini(&be->regs);
     free(be);
 }
 
@@ -769,7 +579,7 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         be->has_plan = true;
         be->plan = *cfg->plan;
     }
-    pthread_mutex_init(&be->reg_mu, NULL);
+    att_gpu_regions_init(&be->regs);
     int major = 0, minor = 0, sms = 0, optin = 0;
     char name[128] = "";
     if ((e = CU(cuDeviceGet(&be->dev, cfg->device))) != AT_OK ||
@@ -782,19 +592,19 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
             AT_OK ||
         (e = CU(cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                                      be->dev))) != AT_OK) {
-        pthread_mutex_destroy(&be->reg_mu);
+        att_gpu_regions_fini(&be->regs);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot query the device", cfg->device);
     }
     if (major < 8) {
-        pthread_mutex_destroy(&be->reg_mu);
+        att_gpu_regions_fini(&be->regs);
         free(be);
         return at_diag_set(diag, AT_ERR_UNSUPPORTED,
                            "cuda:%d is %s, compute capability %d.%d; the kernels need 8.0 or later",
                            cfg->device, name, major, minor);
     }
     if ((e = CU(cuDevicePrimaryCtxRetain(&be->ctx, be->dev))) != AT_OK) {
-        pthread_mutex_destroy(&be->reg_mu);
+        att_gpu_regions_fini(&be->regs);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot retain its context", cfg->device);
     }

@@ -1,0 +1,252 @@
+/* What the GPU backends do alike without a driver call (see att_gpu_run.h).
+ * Thread model: regions are guarded by their mutex; the rest works on the caller's data. */
+#include "attention/att_gpu_run.h"
+
+#include <string.h>
+
+#include "attention/att_dtype.h"
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+/* ---- launches ---- */
+
+void att_gpu_launch_init(lc_launch_t *n, const att_model_t *m, uint32_t kernel, uint32_t kind,
+                         uint32_t split, const uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT],
+                         void *fn, uint64_t consts_d, uint32_t num_blocks) {
+    memset(n, 0, sizeof *n);
+    n->key = LC_KEY(kernel, kind, split);
+    n->fn = fn;
+    n->grid_per_unit = m->num_kv_heads;
+    n->param_bytes = sizeof(att_kparams_t);
+    switch (kernel) {
+    case ATT_GPU_K_ATTEND:
+        n->block_x = info[kind][ATT_KINFO_THREADS];
+        n->smem_bytes = info[kind][ATT_KINFO_SMEM_BYTES];
+        break;
+    case ATT_GPU_K_MERGE: n->block_x = info[kind][ATT_KINFO_MERGE_THREADS]; break;
+    default: n->block_x = info[ATT_TILE_WIDE][ATT_KINFO_KVW_THREADS]; break;
+    }
+    att_kparams_t t;
+    memset(&t, 0, sizeof t);
+    t.scale = m->scale;
+    t.soft_cap = m->soft_cap;
+    t.alibi_d = m->alibi != NULL ? consts_d : 0;
+    t.sinks_d = m->sinks != NULL ? consts_d + (uint64_t)m->num_query_heads * 4 : 0;
+    t.num_blocks = num_blocks;
+    memcpy(n->params, &t, sizeof t);
+}
+
+at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                             const att_kparams_t *base, const att_gpu_counts_t *pl, uint32_t kind,
+                             uint64_t items_d, uint64_t merges_d, uint64_t part_o_d,
+                             uint64_t part_ml_d) {
+    if (pl->num_items[kind] == 0)
+        return AT_OK;
+    const uint32_t split = pl->num_merges[kind] != 0;
+    const lc_launch_t *l;
+    at_err_t e = prepared(kv, ATT_GPU_K_ATTEND, kind, split, &l);
+    if (e != AT_OK)
+        return e;
+    att_kparams_t p;
+    memcpy(&p, l->params, sizeof p);
+    p.q_d = base->q_d;
+    p.k_d = base->k_d;
+    p.v_d = base->v_d;
+    p.out_d = base->out_d;
+    p.k_cache_d = base->k_cache_d;
+    p.v_cache_d = base->v_cache_d;
+    p.chunks_d = base->chunks_d;
+    p.block_table_d = base->block_table_d;
+    p.window = base->window;
+    p.num_chunks = base->num_chunks;
+    p.items_d = items_d;
+    p.num_items = pl->num_items[kind];
+    p.merges_d = merges_d;
+    p.num_merges = pl->num_merges[kind];
+    p.part_o_d = part_o_d;
+    p.part_ml_d = part_ml_d;
+    if ((e = lc_launch(lc, l, p.num_items, &p)) != AT_OK || !split)
+        return e;
+    if ((e = prepared(kv, ATT_GPU_K_MERGE, kind, 1, &l)) != AT_OK)
+        return e;
+    return lc_launch(lc, l, p.num_merges, &p);
+}
+
+at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                                 const att_kparams_t *base, uint32_t num_chunks) {
+    const lc_launch_t *l;
+    at_err_t e = prepared(kv, ATT_GPU_K_KV_WRITE, ATT_TILE_WIDE, 0, &l);
+    if (e != AT_OK)
+        return e;
+    att_kparams_t q;
+    memcpy(&q, l->params, sizeof q);
+    q.k_d = base->k_d;
+    q.v_d = base->v_d;
+    q.k_cache_d = base->k_cache_d;
+    q.v_cache_d = base->v_cache_d;
+    q.chunks_d = base->chunks_d;
+    q.block_table_d = base->block_table_d;
+    q.num_chunks = base->num_chunks;
+    return lc_launch(lc, l, num_chunks, &q);
+}
+
+/* ---- a run's buffers ---- */
+
+void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_counts_t *pl,
+                    const uint32_t tile_rows[ATT_TILE_KINDS], att_gpu_layout_t *out) {
+    const size_t es = att_dtype_bytes(m->dtype);
+    const size_t q_row = (size_t)m->num_query_heads * m->head_dim * es;
+    const size_t kv_row = (size_t)m->num_kv_heads * m->head_dim * es;
+    const size_t T = b->total_tokens;
+    size_t table_n = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++)
+        table_n += b->chunks[c].num_blocks;
+    att_gpu_layout_t *o = out;
+    o->o_chunks = 0;
+    o->o_table = align_up(o->o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
+    o->o_items = align_up(o->o_table + table_n * sizeof(uint32_t), 16);
+    o->o_merges = align_up(o->o_items + pl->total_items * sizeof(att_kitem_t), 16);
+    o->meta_end = o->o_merges + pl->total_merges * sizeof(att_kmerge_t);
+    o->o_q = align_up(o->meta_end, 256);
+    o->o_k = align_up(o->o_q + (b->attend ? T * q_row : 0), 256);
+    o->o_v = align_up(o->o_k + T * kv_row, 256);
+    o->o_out = align_up(o->o_v + T * kv_row, 256);
+    o->stage_end = o->o_out + (b->attend ? T * q_row : 0);
+    o->end = align_up(o->stage_end, 256);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        const size_t rows = (size_t)pl->num_parts[k] * m->num_kv_heads * tile_rows[k];
+        o->o_po[k] = o->end;
+        o->o_pml[k] = align_up(o->o_po[k] + rows * m->head_dim * 4, 256);
+        o->end = align_up(o->o_pml[k] + rows * 8, 256);
+    }
+}
+
+void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_batch_t *b,
+                       const att_gpu_work_t *w, const att_gpu_counts_t *pl) {
+    att_kchunk_t *kc = (att_kchunk_t *)(stage + lo->o_chunks);
+    uint32_t *table = (uint32_t *)(stage + lo->o_table);
+    uint32_t t_off = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++) {
+        const att_batch_chunk_t *ch = &b->chunks[c];
+        kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, t_off};
+        memcpy(table + t_off, ch->blocks, ch->num_blocks * sizeof(uint32_t));
+        t_off += ch->num_blocks;
+    }
+    memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
+    memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));
+}
+
+/* ---- tensors ---- */
+
+const void *att_gpu_chunk_ptr(const att_batch_chunk_t *c, int which) {
+    switch (which) {
+    case 0: return c->q;
+    case 1: return c->k;
+    case 2: return c->v;
+    default: return c->out;
+    }
+}
+
+uint32_t att_gpu_tensor_run(const att_batch_t *b, int which, size_t row_bytes, uint32_t c,
+                            const uint8_t **p, size_t *bytes, size_t *off) {
+    const uint8_t *first = att_gpu_chunk_ptr(&b->chunks[c], which);
+    size_t n = (size_t)b->chunks[c].num_tokens * row_bytes;
+    const size_t o = (size_t)b->chunks[c].token_offset * row_bytes;
+    uint32_t d = c + 1;
+    while (d < b->num_chunks &&
+           (const uint8_t *)att_gpu_chunk_ptr(&b->chunks[d], which) == first + n &&
+           (size_t)b->chunks[d].token_offset * row_bytes == o + n) {
+        n += (size_t)b->chunks[d].num_tokens * row_bytes;
+        d++;
+    }
+    *p = first;
+    *bytes = n;
+    *off = o;
+    return d;
+}
+
+void att_gpu_regions_init(att_gpu_regions_t *r) {
+    memset(r, 0, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+}
+
+void att_gpu_regions_fini(att_gpu_regions_t *r) { pthread_mutex_destroy(&r->mu); }
+
+at_err_t att_gpu_regions_add(att_gpu_regions_t *r, void *p, size_t bytes,
+                             at_err_t (*pin)(void *user, void *p, size_t bytes), void *user) {
+    at_err_t e;
+    pthread_mutex_lock(&r->mu);
+    if (r->n == ATT_GPU_MAX_REGIONS)
+        e = AT_ERR_INTERNAL;
+    else if ((e = pin(user, p, bytes)) == AT_OK) {
+        r->begin[r->n] = (uintptr_t)p;
+        r->end[r->n] = (uintptr_t)p + bytes;
+        r->n++;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return e;
+}
+
+bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n) {
+    const uintptr_t a = (uintptr_t)p;
+    bool found = false;
+    pthread_mutex_lock(&r->mu);
+    for (uint32_t i = 0; i < r->n && !found; i++)
+        found = a >= r->begin[i] && a + n <= r->end[i];
+    pthread_mutex_unlock(&r->mu);
+    return found;
+}
+
+void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
+                        att_gpu_regions_t *regs) {
+    for (uint32_t c = 0; c < b->num_chunks; c++) {
+        const att_batch_chunk_t *ch = &b->chunks[c];
+        const size_t n = (size_t)ch->num_tokens * row_bytes;
+        if (!att_gpu_regions_contain(regs, ch->out, n))
+            memcpy(ch->out, stage_out + (size_t)ch->token_offset * row_bytes, n);
+    }
+}
+
+void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block_bytes,
+                        uint32_t pos, uint32_t n, void *k_out, void *v_out) {
+    const uint32_t bs = m->block_size, b0 = pos / bs;
+    const size_t row = (size_t)m->head_dim * att_dtype_bytes(m->dtype);
+    for (uint32_t t = 0; t < n; t++) {
+        const uint32_t p = pos + t, bi = p / bs - b0;
+        for (uint32_t h = 0; h < m->num_kv_heads; h++) {
+            const size_t src = ((size_t)h * bs + p % bs) * row;
+            const size_t dst = ((size_t)t * m->num_kv_heads + h) * row;
+            memcpy((uint8_t *)k_out + dst, stage + 2 * bi * block_bytes + src, row);
+            memcpy((uint8_t *)v_out + dst, stage + (2 * bi + 1) * block_bytes + src, row);
+        }
+    }
+}
+
+/* ---- a new session's images ---- */
+
+typedef struct fetch_arg {
+    att_jit_t *jit;
+    const char *arch;
+    att_gpu_fetch_t *f;
+} fetch_arg_t;
+
+static void *fetch_run(void *arg) {
+    fetch_arg_t *a = arg;
+    att_gpu_fetch_t *f = a->f;
+    f->err = att_jit_image(a->jit, a->arch, f->opts.ptr, f->opts.n, &f->img, &f->bytes,
+                           &f->compiled, &f->diag);
+    return NULL;
+}
+
+void att_gpu_fetch_images(att_jit_t *jit, const char *arch, att_gpu_fetch_t f[ATT_TILE_KINDS]) {
+    fetch_arg_t a[ATT_TILE_KINDS];
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        a[k] = (fetch_arg_t){jit, arch, &f[k]};
+    pthread_t tid;
+    const bool threaded = pthread_create(&tid, NULL, fetch_run, &a[ATT_TILE_NARROW]) == 0;
+    fetch_run(&a[ATT_TILE_WIDE]);
+    if (threaded)
+        pthread_join(tid, NULL);
+    else
+        fetch_run(&a[ATT_TILE_NARROW]);
+}

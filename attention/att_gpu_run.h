@@ -1,0 +1,129 @@
+/* What the GPU backends (att_cuda.c, att_hip.c) do alike without a driver call: the launch
+ * templates of a session's launch cache and the per-call parameters patched into them, the
+ * buffer layout and metadata of a run, the copy runs of a tensor, the registered host regions,
+ * the rows read back from the cache, and fetching a new session's two kernel images. Each backend
+ * keeps only its runtime's calls, so the two read as one design.
+ *
+ * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
+ * on one session's data, used by one thread at a time. */
+#ifndef AT_ATTENTION_ATT_GPU_RUN_H
+#define AT_ATTENTION_ATT_GPU_RUN_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "attention/att_backend.h"
+#include "attention/att_gpu_plan.h"
+#include "attention/att_jit.h"
+#include "attention/att_kparams.h"
+#include "cache/lc.h"
+#include "common/at_base.h"
+
+/* The kernels of a module (the first part of a launch-cache key). */
+enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_MERGE = 2, ATT_GPU_K_KV_WRITE = 3 };
+
+/* ---- launches ---- */
+
+/* Fills n, the prepared launch of (kernel, kind, split) running fn, from the module's att_k_info
+ * (info) and the session's constants: consts_d ([Hq] ALiBi slopes, then [Hq] sinks; 0 when the
+ * model has neither) and the pool's block count. */
+void att_gpu_launch_init(lc_launch_t *n, const att_model_t *m, uint32_t kernel, uint32_t kind,
+                         uint32_t split, const uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT],
+                         void *fn, uint64_t consts_d, uint32_t num_blocks);
+
+/* A backend's lookup-or-prepare of a launch (its `prepared`). */
+typedef at_err_t (*att_gpu_prepared_fn)(att_kv_t *kv, uint32_t kernel, uint32_t kind,
+                                        uint32_t split, const lc_launch_t **out);
+
+/* Launches kind's attention items of plan pl (and their merge when split) through lc, with the
+ * call's pointers and counts from base and the kind's arrays: items_d and merges_d (its part of
+ * the call's items and merges), part_o_d and part_ml_d (its split parts). */
+at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                             const att_kparams_t *base, const att_gpu_counts_t *pl, uint32_t kind,
+                             uint64_t items_d, uint64_t merges_d, uint64_t part_o_d,
+                             uint64_t part_ml_d);
+
+/* Launches the KV write of an append-only batch of num_chunks chunks through lc. */
+at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                                 const att_kparams_t *base, uint32_t num_chunks);
+
+/* ---- a run's buffers ---- */
+
+/* Byte offsets of one call's data: the same in the pinned stage and the device buffer, except
+ * the split parts, which only the device holds. */
+typedef struct att_gpu_layout {
+    size_t o_chunks, o_table, o_items, o_merges, meta_end; /* metadata: one upload */
+    size_t o_q, o_k, o_v, o_out, stage_end;                /* tensors */
+    size_t o_po[ATT_TILE_KINDS], o_pml[ATT_TILE_KINDS];    /* split parts per kind */
+    size_t end;                                            /* device bytes */
+} att_gpu_layout_t;
+
+/* The layout of batch b of model m planned as pl, each kind's tiles having tile_rows rows. */
+void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_counts_t *pl,
+                    const uint32_t tile_rows[ATT_TILE_KINDS], att_gpu_layout_t *out);
+
+/* Writes the metadata (chunks, the flat block table, w's items and merges) into stage. */
+void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_batch_t *b,
+                       const att_gpu_work_t *w, const att_gpu_counts_t *pl);
+
+/* ---- tensors ---- */
+
+/* Which tensor of a chunk: 0 q, 1 k, 2 v, 3 out. */
+const void *att_gpu_chunk_ptr(const att_batch_chunk_t *c, int which);
+
+/* The run of chunks from chunk c whose rows of tensor `which` lie next to each other in host
+ * memory and in the call's token order: its host address *p, *bytes and offset *off in the
+ * call's tensor. Returns the chunk after the run. */
+uint32_t att_gpu_tensor_run(const att_batch_t *b, int which, size_t row_bytes, uint32_t c,
+                            const uint8_t **p, size_t *bytes, size_t *off);
+
+/* Host memory registered with the device for DMA (register_host): at most 16 regions, for the
+ * backend's lifetime. */
+#define ATT_GPU_MAX_REGIONS 16u
+typedef struct att_gpu_regions {
+    pthread_mutex_t mu;
+    uintptr_t begin[ATT_GPU_MAX_REGIONS] AT_GUARDED_BY(mu);
+    uintptr_t end[ATT_GPU_MAX_REGIONS] AT_GUARDED_BY(mu);
+    uint32_t n AT_GUARDED_BY(mu);
+} att_gpu_regions_t;
+
+void att_gpu_regions_init(att_gpu_regions_t *r);
+void att_gpu_regions_fini(att_gpu_regions_t *r);
+
+/* Registers [p, p + bytes) with pin (the runtime's call, run under the regions' lock) and adds it;
+ * AT_ERR_INTERNAL when 16 are registered already, else what pin returned. Any thread. */
+at_err_t att_gpu_regions_add(att_gpu_regions_t *r, void *p, size_t bytes,
+                             at_err_t (*pin)(void *user, void *p, size_t bytes), void *user);
+
+/* True when [p, p + n) lies inside one registered region. Any thread. */
+bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n);
+
+/* Copies out's staged rows (stage_out: the stage's out region) to each chunk's out that is not
+ * registered (those were copied by DMA). */
+void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
+                        att_gpu_regions_t *regs);
+
+/* read_kv's last step: stage holds blocks b0.. of the layer as [block][k|v][Hkv][BS][D] (each
+ * half block_bytes); copies rows pos..pos+n-1 into k_out and v_out, each [n, Hkv, D]. */
+void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block_bytes,
+                        uint32_t pos, uint32_t n, void *k_out, void *v_out);
+
+/* ---- a new session's images ---- */
+
+/* One tile kind's image: the caller fills opts; att_gpu_fetch_images fills the rest. */
+typedef struct att_gpu_fetch {
+    att_jit_opts_t opts;
+    const void *img; /* borrowed from the jit */
+    size_t bytes;
+    int compiled; /* the compiler ran (not a cache hit) */
+    at_err_t err;
+    at_diag_t diag;
+} att_gpu_fetch_t;
+
+/* Both kinds' images for arch from jit, the narrow one on a thread of its own so a new model's
+ * two compiles overlap. */
+void att_gpu_fetch_images(att_jit_t *jit, const char *arch, att_gpu_fetch_t f[ATT_TILE_KINDS]);
+
+#endif
