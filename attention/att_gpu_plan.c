@@ -34,8 +34,11 @@ void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_p
      * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
      * shared memory fits. */
     const uint32_t dp = (m->head_dim + 15) / 16 * 16;
-    att_tile_t w = {.warps_m = 4, .warp_mt = dp <= 128 ? 2 : 1, .warps_n = 1,
-                    .tile_k = dp <= 64 ? 64 : 32, .stages = 3};
+    att_tile_t w = {.warps_m = 4,
+                    .warp_mt = dp <= 128 ? 2 : 1,
+                    .warps_n = 1,
+                    .tile_k = dp <= 64 ? 64 : 32,
+                    .stages = 3};
     if (att_jit_tile_smem(m, &w) > smem_optin)
         w.stages = 2;
     if (att_jit_tile_smem(m, &w) > smem_optin)
@@ -77,8 +80,8 @@ static uint32_t window_lo(uint32_t pos, uint32_t window) {
 
 /* Parts of a tile's key range: up to `want` of at least min_split_keys each; a wide tile of a
  * mixed batch also into parts of about mixed_split_keys. */
-static uint32_t tile_parts(const att_cuda_plan_t *p,
-                           const att_gpu_tile_t *t, uint32_t want, bool mixed) {
+static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, uint32_t want,
+                           bool mixed) {
     const uint32_t keys = t->ke - t->kb;
     uint32_t parts = keys / p->min_split_keys;
     parts = parts < want ? parts : want;
@@ -157,12 +160,12 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             const uint32_t keys = t->ke - t->kb, parts = tile_parts(plan, t, want, mixed);
             if (parts < 2) {
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
-                                                .row_begin = t->row_begin,
-                                                .key_begin = 0,
-                                                .key_end = 0xffffffffu,
-                                                .part = ATT_KPART_NONE,
-                                                .flags = ATT_KITEM_WRITE_KV,
-                                                .reserved = {keys, 0}};
+                                               .row_begin = t->row_begin,
+                                               .key_begin = 0,
+                                               .key_end = 0xffffffffu,
+                                               .part = ATT_KPART_NONE,
+                                               .flags = ATT_KITEM_WRITE_KV,
+                                               .reserved = {keys, 0}};
                 continue;
             }
             const uint32_t tk = tile_k[kind];
@@ -174,12 +177,12 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             for (uint32_t kb = start; kb < t->ke; kb += span, n_parts++) {
                 const uint32_t ke = t->ke - kb > span ? kb + span : t->ke;
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
-                                                .row_begin = t->row_begin,
-                                                .key_begin = kb,
-                                                .key_end = ke,
-                                                .part = part_begin + n_parts,
-                                                .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
-                                                .reserved = {ke - kb, 0}};
+                                               .row_begin = t->row_begin,
+                                               .key_begin = kb,
+                                               .key_end = ke,
+                                               .part = part_begin + n_parts,
+                                               .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
+                                               .reserved = {ke - kb, 0}};
             }
             pl->num_parts[kind] += n_parts;
             w->merges[nm++] = (att_kmerge_t){t->chunk, t->row_begin, part_begin, n_parts};

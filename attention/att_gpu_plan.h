@@ -26,9 +26,9 @@ typedef struct att_gpu_tile {
 typedef struct att_gpu_work {
     att_gpu_tile_t *tiles;
     size_t cap_tiles;
-    att_kitem_t *items;    /* [total_items]: wide kind first, longest first within a kind */
+    att_kitem_t *items; /* [total_items]: wide kind first, longest first within a kind */
     size_t cap_items;
-    att_kmerge_t *merges;  /* [total_merges], in the same kind order */
+    att_kmerge_t *merges; /* [total_merges], in the same kind order */
     size_t cap_merges;
 } att_gpu_work_t;
 

@@ -7,7 +7,8 @@
  *
  * Thread model: the backend's fields are set at creation and read-only afterwards, except `lost`
  * (atomic: set once by whichever thread sees a sticky fault; relaxed is enough, since it only
- * makes later calls fail early and carries no data) and the registered host regions (reg_mu).
+ * makes later calls fail early and carries no data) and the registered host regions (their own
+ * mutex).
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the device current on its thread first.
  *
@@ -27,66 +28,56 @@
 #include <time.h>
 
 #include "attention/att_gpu_plan.h"
+#include "attention/att_gpu_run.h"
 #include "attention/att_hiprt.h"
 #include "attention/att_kparams.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
 
-#define MAX_REGIONS 16u
-
-enum { K_ATTEND = 1, K_MERGE = 2, K_KV_WRITE = 3 };
-
-typedef struct region {
-    uintptr_t begin;
-    uintptr_t end;
-} region_t;
-
 typedef struct hip_backend {
     att_backend_t base;
     const att_hiprt_t *rt;
     int ordinal;
-    uint32_t num_sms;    /* compute units */
-    uint32_t smem_max;   /* shared memory (LDS) a block may use, bytes */
-    uint32_t wave;       /* threads per wave: 64 on CDNA */
-    char arch[64];       /* the compile target: gcnArchName, "gfx90a:sramecc+:xnack-" */
-    char arch_base[16];  /* the architecture alone, "gfx90a": tuning keys */
+    uint32_t num_sms;   /* compute units */
+    uint32_t smem_max;  /* shared memory (LDS) a block may use, bytes */
+    uint32_t wave;      /* threads per wave: 64 on CDNA */
+    char arch[64];      /* the compile target: gcnArchName, "gfx90a:sramecc+:xnack-" */
+    char arch_base[16]; /* the architecture alone, "gfx90a": tuning keys */
     char desc[512];
     bool timing;
     bool has_plan;
     att_cuda_plan_t plan; /* overrides of att_hip_cfg_t.plan (has_plan) */
-    att_jit_t *jit; /* owned */
+    att_jit_t *jit;       /* owned */
     atomic_int lost;
-    pthread_mutex_t reg_mu;
-    region_t regions[MAX_REGIONS] AT_GUARDED_BY(reg_mu);
-    uint32_t num_regions AT_GUARDED_BY(reg_mu);
+    att_gpu_regions_t regs; /* host memory registered for DMA */
 } hip_backend_t;
 
 struct att_kv {
     hip_backend_t *be;
-    const att_model_t *m;  /* borrowed: outlives the storage */
+    const att_model_t *m; /* borrowed: outlives the storage */
     uint32_t num_blocks;
     size_t layer_half_bytes;
-    uint64_t pool_d;    /* [num_layers][k|v][num_blocks][Hkv][BS][D] */
-    uint64_t consts_d;  /* [Hq] f32 ALiBi slopes, then [Hq] f32 sinks */
-    att_cuda_plan_t plan;  /* tiles and split thresholds, fixed at creation */
+    uint64_t pool_d;      /* [num_layers][k|v][num_blocks][Hkv][BS][D] */
+    uint64_t consts_d;    /* [Hq] f32 ALiBi slopes, then [Hq] f32 sinks */
+    att_cuda_plan_t plan; /* tiles and split thresholds, fixed at creation */
     hipStream_t stream;
     /* A mixed batch's wide tiles run on `side`, forked from and joined back into `stream`, so
      * they overlap the narrow (decode) tiles instead of following them. */
     hipStream_t side;
     hipEvent_t ev_fork, ev_join;
-    hipStream_t cur;          /* the stream launch_cb launches on */
+    hipStream_t cur; /* the stream launch_cb launches on */
     hipEvent_t ev_begin, ev_end;
     hipModule_t mod[ATT_TILE_KINDS];
     hipFunction_t f_attend[ATT_TILE_KINDS], f_merge[ATT_TILE_KINDS], f_kv_write;
     uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT];
-    lc_t *lc;              /* owned: this session's launch cache */
+    lc_t *lc; /* owned: this session's launch cache */
     uint64_t compiles;
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
-    uint64_t io_d;      /* [meta | q | k | v | out | parts] of the current call */
+    uint64_t io_d; /* [meta | q | k | v | out | parts] of the current call */
     size_t io_cap;
-    uint8_t *stage_h;      /* pinned, [meta | q | k | v | out] */
+    uint8_t *stage_h; /* pinned, [meta | q | k | v | out] */
     size_t stage_cap;
     att_gpu_work_t work;
 };
@@ -103,11 +94,11 @@ static at_err_t hip_check(hip_backend_t *be, hipError_t r, const char *call, con
                           int line) {
     if (r == hipSuccess)
         return AT_OK;
-    at_log(AT_LOG_ERROR, "hip", "%s:%d: %s: %s", file, line, call,
-           att_hiprt_err_name(be->rt, r));
+    at_log(AT_LOG_ERROR, "hip", "%s:%d: %s: %s", file, line, call, att_hiprt_err_name(be->rt, r));
     if (att_hiprt_err_sticky(r) && !atomic_exchange_explicit(&be->lost, 1, memory_order_relaxed))
-        at_log(AT_LOG_ERROR, "hip", "hip:%d is lost after a device fault; its sessions fail "
-                                    "until the process restarts",
+        at_log(AT_LOG_ERROR, "hip",
+               "hip:%d is lost after a device fault; its sessions fail "
+               "until the process restarts",
                be->ordinal);
     return AT_ERR_DEVICE;
 }
@@ -139,41 +130,16 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
  * from the loaded module with the session's constants in its parameter template. */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const uint32_t key = LC_KEY(kernel, kind, split);
-    const lc_launch_t *l = lc_lookup(kv->lc, key);
+    const lc_launch_t *l = lc_lookup(kv->lc, LC_KEY(kernel, kind, split));
     if (l != NULL) {
         *out = l;
         return AT_OK;
     }
-    const att_model_t *m = kv->m;
+    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)kv->f_attend[kind]
+               : kernel == ATT_GPU_K_MERGE ? (void *)kv->f_merge[kind]
+                                           : (void *)kv->f_kv_write;
     lc_launch_t n;
-    memset(&n, 0, sizeof n);
-    n.key = key;
-    n.grid_per_unit = m->num_kv_heads;
-    n.param_bytes = sizeof(att_kparams_t);
-    switch (kernel) {
-    case K_ATTEND:
-        n.fn = kv->f_attend[kind];
-        n.block_x = kv->info[kind][ATT_KINFO_THREADS];
-        n.smem_bytes = kv->info[kind][ATT_KINFO_SMEM_BYTES];
-        break;
-    case K_MERGE:
-        n.fn = kv->f_merge[kind];
-        n.block_x = kv->info[kind][ATT_KINFO_MERGE_THREADS];
-        break;
-    default:
-        n.fn = kv->f_kv_write;
-        n.block_x = kv->info[ATT_TILE_WIDE][ATT_KINFO_KVW_THREADS];
-        break;
-    }
-    att_kparams_t t;
-    memset(&t, 0, sizeof t);
-    t.scale = m->scale;
-    t.soft_cap = m->soft_cap;
-    t.alibi_d = m->alibi != NULL ? kv->consts_d : 0;
-    t.sinks_d = m->sinks != NULL ? kv->consts_d + (uint64_t)m->num_query_heads * 4 : 0;
-    t.num_blocks = kv->num_blocks;
-    memcpy(n.params, &t, sizeof t);
+    att_gpu_launch_init(&n, kv->m, kernel, kind, split, kv->info, fn, kv->consts_d, kv->num_blocks);
     return lc_insert(kv->lc, &n, out);
 }
 
@@ -229,48 +195,22 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
     return AT_OK;
 }
 
-static bool registered(hip_backend_t *be, const void *p, size_t n) {
-    const uintptr_t a = (uintptr_t)p;
-    bool found = false;
-    pthread_mutex_lock(&be->reg_mu);
-    for (uint32_t i = 0; i < be->num_regions && !found; i++)
-        found = a >= be->regions[i].begin && a + n <= be->regions[i].end;
-    pthread_mutex_unlock(&be->reg_mu);
-    return found;
-}
-
-/* Which tensor of a chunk: 0 q, 1 k, 2 v, 3 out. */
-static const void *chunk_ptr(const att_batch_chunk_t *c, int which) {
-    switch (which) {
-    case 0: return c->q;
-    case 1: return c->k;
-    case 2: return c->v;
-    default: return c->out;
-    }
-}
-
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
  * Runs of chunks whose host rows are adjacent become one copy. Registered memory is copied
  * directly; other runs go through the stage at stage_off (same offsets): gathered before the
- * upload, or scattered by finish_out once the stream is synchronized (*staged tells). */
+ * upload, or scattered by att_gpu_finish_out once the stream is synchronized (*staged tells). */
 static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
                             size_t dev_off, size_t stage_off, bool *staged) {
     hip_backend_t *be = kv->be;
     const bool up = which != 3;
     *staged = false;
     for (uint32_t c = 0; c < b->num_chunks;) {
-        const uint8_t *p = chunk_ptr(&b->chunks[c], which);
-        size_t n = (size_t)b->chunks[c].num_tokens * row_bytes;
-        const size_t off = (size_t)b->chunks[c].token_offset * row_bytes;
-        uint32_t d = c + 1;
-        while (d < b->num_chunks && (const uint8_t *)chunk_ptr(&b->chunks[d], which) == p + n &&
-               (size_t)b->chunks[d].token_offset * row_bytes == off + n) {
-            n += (size_t)b->chunks[d].num_tokens * row_bytes;
-            d++;
-        }
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
         const uint64_t dev = kv->io_d + dev_off + off;
         uint8_t *st = kv->stage_h + stage_off + off;
-        const bool direct = registered(be, p, n);
+        const bool direct = att_gpu_regions_contain(&be->regs, p, n);
         at_err_t e;
         if (up) {
             if (!direct)
@@ -287,52 +227,7 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
     return AT_OK;
 }
 
-/* Copies out's staged rows to each chunk's out (after the stream is synchronized). */
-static void finish_out(att_kv_t *kv, const att_batch_t *b, size_t row_bytes, size_t stage_off) {
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        const size_t n = (size_t)ch->num_tokens * row_bytes;
-        if (!registered(kv->be, ch->out, n))
-            memcpy(ch->out, kv->stage_h + stage_off + (size_t)ch->token_offset * row_bytes, n);
-    }
-}
-
 /* ---- run ---- */
-
-static at_err_t launch_kind(att_kv_t *kv, const att_kparams_t *base, const att_gpu_counts_t *pl,
-                            uint32_t kind, uint64_t items_d, uint64_t merges_d,
-                            uint64_t part_o_d, uint64_t part_ml_d) {
-    if (pl->num_items[kind] == 0)
-        return AT_OK;
-    const uint32_t split = pl->num_merges[kind] != 0;
-    const lc_launch_t *l;
-    at_err_t e = prepared(kv, K_ATTEND, kind, split, &l);
-    if (e != AT_OK)
-        return e;
-    att_kparams_t p;
-    memcpy(&p, l->params, sizeof p);
-    p.q_d = base->q_d;
-    p.k_d = base->k_d;
-    p.v_d = base->v_d;
-    p.out_d = base->out_d;
-    p.k_cache_d = base->k_cache_d;
-    p.v_cache_d = base->v_cache_d;
-    p.chunks_d = base->chunks_d;
-    p.block_table_d = base->block_table_d;
-    p.window = base->window;
-    p.num_chunks = base->num_chunks;
-    p.items_d = items_d;
-    p.num_items = pl->num_items[kind];
-    p.merges_d = merges_d;
-    p.num_merges = pl->num_merges[kind];
-    p.part_o_d = part_o_d;
-    p.part_ml_d = part_ml_d;
-    if ((e = lc_launch(kv->lc, l, p.num_items, &p)) != AT_OK || !split)
-        return e;
-    if ((e = prepared(kv, K_MERGE, kind, 1, &l)) != AT_OK)
-        return e;
-    return lc_launch(kv->lc, l, p.num_merges, &p);
-}
 
 static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b) {
     hip_backend_t *be = (hip_backend_t *)base;
@@ -344,7 +239,6 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     const size_t es = att_dtype_bytes(m->dtype);
     const size_t q_row = (size_t)m->num_query_heads * m->head_dim * es;
     const size_t kv_row = (size_t)m->num_kv_heads * m->head_dim * es;
-    const size_t T = b->total_tokens;
 
     att_gpu_counts_t pl;
     memset(&pl, 0, sizeof pl);
@@ -356,49 +250,18 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, b, &pl)) != AT_OK)
         return e;
-    size_t table_n = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++)
-        table_n += b->chunks[c].num_blocks;
-
-    /* One layout for the stage and the device buffer; parts only on the device. */
-    const size_t o_chunks = 0;
-    const size_t o_table = align_up(o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
-    const size_t o_items = align_up(o_table + table_n * sizeof(uint32_t), 16);
-    const size_t o_merges = align_up(o_items + pl.total_items * sizeof(att_kitem_t), 16);
-    const size_t meta_end = o_merges + pl.total_merges * sizeof(att_kmerge_t);
-    const size_t o_q = align_up(meta_end, 256);
-    const size_t o_k = align_up(o_q + (b->attend ? T * q_row : 0), 256);
-    const size_t o_v = align_up(o_k + T * kv_row, 256);
-    const size_t o_out = align_up(o_v + T * kv_row, 256);
-    const size_t stage_end = o_out + (b->attend ? T * q_row : 0);
-    size_t o_po[ATT_TILE_KINDS], o_pml[ATT_TILE_KINDS], end = align_up(stage_end, 256);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        const size_t rows = (size_t)pl.num_parts[k] * m->num_kv_heads * kv->info[k][0];
-        o_po[k] = end;
-        o_pml[k] = align_up(o_po[k] + rows * m->head_dim * 4, 256);
-        end = align_up(o_pml[k] + rows * 8, 256);
-    }
-    if ((e = ensure_io(kv, end, stage_end)) != AT_OK)
+    att_gpu_layout_t lo;
+    att_gpu_layout(m, b, &pl, tile_rows, &lo);
+    if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK)
         return e;
-
-    /* metadata */
-    att_kchunk_t *kc = (att_kchunk_t *)(kv->stage_h + o_chunks);
-    uint32_t *table = (uint32_t *)(kv->stage_h + o_table);
-    uint32_t t_off = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, t_off};
-        memcpy(table + t_off, ch->blocks, ch->num_blocks * sizeof(uint32_t));
-        t_off += ch->num_blocks;
-    }
-    memcpy(kv->stage_h + o_items, kv->work.items, pl.total_items * sizeof(att_kitem_t));
-    memcpy(kv->stage_h + o_merges, kv->work.merges, pl.total_merges * sizeof(att_kmerge_t));
-    if ((e = HIP(hipMemcpyHtoDAsync(dptr(kv->io_d), kv->stage_h, meta_end, kv->stream))) != AT_OK)
+    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->work, &pl);
+    if ((e = HIP(hipMemcpyHtoDAsync(dptr(kv->io_d), kv->stage_h, lo.meta_end, kv->stream))) !=
+        AT_OK)
         goto out_drain;
     bool staged;
-    if ((b->attend && (e = move_tensor(kv, b, 0, q_row, o_q, o_q, &staged)) != AT_OK) ||
-        (e = move_tensor(kv, b, 1, kv_row, o_k, o_k, &staged)) != AT_OK ||
-        (e = move_tensor(kv, b, 2, kv_row, o_v, o_v, &staged)) != AT_OK)
+    if ((b->attend && (e = move_tensor(kv, b, 0, q_row, lo.o_q, lo.o_q, &staged)) != AT_OK) ||
+        (e = move_tensor(kv, b, 1, kv_row, lo.o_k, lo.o_k, &staged)) != AT_OK ||
+        (e = move_tensor(kv, b, 2, kv_row, lo.o_v, lo.o_v, &staged)) != AT_OK)
         goto out_drain;
 
     if (be->timing && (e = HIP(hipEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
@@ -406,14 +269,14 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     const uint64_t layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
     memset(&p, 0, sizeof p);
-    p.q_d = b->attend ? kv->io_d + o_q : 0;
-    p.k_d = kv->io_d + o_k;
-    p.v_d = kv->io_d + o_v;
-    p.out_d = b->attend ? kv->io_d + o_out : 0;
+    p.q_d = b->attend ? kv->io_d + lo.o_q : 0;
+    p.k_d = kv->io_d + lo.o_k;
+    p.v_d = kv->io_d + lo.o_v;
+    p.out_d = b->attend ? kv->io_d + lo.o_out : 0;
     p.k_cache_d = layer_k;
     p.v_cache_d = layer_k + kv->layer_half_bytes;
-    p.chunks_d = kv->io_d + o_chunks;
-    p.block_table_d = kv->io_d + o_table;
+    p.chunks_d = kv->io_d + lo.o_chunks;
+    p.block_table_d = kv->io_d + lo.o_table;
     p.window = m->window[b->layer];
     p.num_chunks = b->num_chunks;
     kv->cur = kv->stream;
@@ -426,17 +289,18 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         if (fork && ((e = HIP(hipEventRecord(kv->ev_fork, kv->stream))) != AT_OK ||
                      (e = HIP(hipStreamWaitEvent(kv->side, kv->ev_fork, 0))) != AT_OK))
             goto out_drain;
-        const uint32_t first = kv->plan.mixed_order == ATT_CUDA_WIDE_FIRST ? ATT_TILE_WIDE
-                                                                           : ATT_TILE_NARROW;
+        const uint32_t first =
+            kv->plan.mixed_order == ATT_CUDA_WIDE_FIRST ? ATT_TILE_WIDE : ATT_TILE_NARROW;
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
             const uint32_t k = i == 0 ? first : 1u - first;
             const size_t before_items = k == ATT_TILE_WIDE ? 0 : pl.num_items[ATT_TILE_WIDE];
             const size_t before_merges = k == ATT_TILE_WIDE ? 0 : pl.num_merges[ATT_TILE_WIDE];
             kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
-            if ((e = launch_kind(kv, &p, &pl, k,
-                                 kv->io_d + o_items + before_items * sizeof(att_kitem_t),
-                                 kv->io_d + o_merges + before_merges * sizeof(att_kmerge_t),
-                                 kv->io_d + o_po[k], kv->io_d + o_pml[k])) != AT_OK)
+            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, k,
+                                         kv->io_d + lo.o_items + before_items * sizeof(att_kitem_t),
+                                         kv->io_d + lo.o_merges +
+                                             before_merges * sizeof(att_kmerge_t),
+                                         kv->io_d + lo.o_po[k], kv->io_d + lo.o_pml[k])) != AT_OK)
                 goto out_drain;
         }
         kv->cur = kv->stream;
@@ -444,31 +308,19 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
                      (e = HIP(hipStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
             goto out_drain;
     } else {
-        const lc_launch_t *l;
-        if ((e = prepared(kv, K_KV_WRITE, ATT_TILE_WIDE, 0, &l)) != AT_OK)
-            goto out_drain;
-        att_kparams_t q;
-        memcpy(&q, l->params, sizeof q);
-        q.k_d = p.k_d;
-        q.v_d = p.v_d;
-        q.k_cache_d = p.k_cache_d;
-        q.v_cache_d = p.v_cache_d;
-        q.chunks_d = p.chunks_d;
-        q.block_table_d = p.block_table_d;
-        q.num_chunks = p.num_chunks;
-        if ((e = lc_launch(kv->lc, l, b->num_chunks, &q)) != AT_OK)
+        if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
     if (be->timing && (e = HIP(hipEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = now_ns() - t0;
     bool out_staged = false;
-    if (b->attend && (e = move_tensor(kv, b, 3, q_row, o_out, o_out, &out_staged)) != AT_OK)
+    if (b->attend && (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
         goto out_drain;
     if ((e = HIP(hipStreamSynchronize(kv->stream))) != AT_OK)
         goto out_drain;
     if (out_staged)
-        finish_out(kv, b, q_row, o_out);
+        att_gpu_finish_out(b, q_row, kv->stage_h + lo.o_out, &be->regs);
     if (be->timing) {
         float ms = 0.0f;
         if ((e = HIP(hipEventElapsedTime(&ms, kv->ev_begin, kv->ev_end))) != AT_OK)
@@ -487,35 +339,7 @@ out_drain:
 
 /* ---- sessions ---- */
 
-/* One kind's image: from the compile cache, or compiled. Runs on its own thread for the narrow
- * kind while the caller fetches the wide one, so a new model's two compiles overlap. */
-typedef struct fetch {
-    att_jit_t *jit;
-    const char *arch;
-    att_jit_opts_t opts;
-    const void *img;
-    size_t bytes;
-    int compiled;
-    at_err_t err;
-    at_diag_t diag;
-} fetch_t;
-
-static void *fetch_run(void *arg) {
-    fetch_t *f = arg;
-    f->err = att_jit_image(f->jit, f->arch, f->opts.ptr, f->opts.n, &f->img, &f->bytes,
-                           &f->compiled, &f->diag);
-    return NULL;
-}
-
-static void fetch_init(fetch_t *f, const hip_backend_t *be, const att_model_t *m,
-                       const att_tile_t *tile) {
-    memset(f, 0, sizeof *f);
-    f->jit = be->jit;
-    f->arch = be->arch;
-    att_hip_model_opts(m, tile, be->wave, &f->opts);
-}
-
-static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const fetch_t *f, at_diag_t *diag) {
+static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const att_gpu_fetch_t *f, at_diag_t *diag) {
     hip_backend_t *be = kv->be;
     at_err_t e;
     if (f->err != AT_OK) {
@@ -596,7 +420,7 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
 }
 
 static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_t num_blocks,
-                               att_kv_t **out, at_diag_t *diag) {
+                              att_kv_t **out, at_diag_t *diag) {
     hip_backend_t *be = (hip_backend_t *)base;
     at_err_t e = enter(be);
     if (e != AT_OK)
@@ -607,21 +431,17 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
     kv->be = be;
     kv->m = m;
     kv->num_blocks = num_blocks;
-    kv->layer_half_bytes =
-        (size_t)num_blocks * m->num_kv_heads * m->block_size * m->head_dim * att_dtype_bytes(m->dtype);
+    kv->layer_half_bytes = (size_t)num_blocks * m->num_kv_heads * m->block_size * m->head_dim *
+                           att_dtype_bytes(m->dtype);
     if ((e = lc_create(launch_cb, kv, &kv->lc)) != AT_OK)
         goto out_kv;
     session_plan(be, m, &kv->plan);
-    fetch_t f[ATT_TILE_KINDS];
+    /* the two kinds' images: from the compile cache, or compiled (concurrently) */
+    att_gpu_fetch_t f[ATT_TILE_KINDS];
+    memset(f, 0, sizeof f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        fetch_init(&f[k], be, m, &kv->plan.tile[k]);
-    pthread_t tid;
-    const bool threaded = pthread_create(&tid, NULL, fetch_run, &f[ATT_TILE_NARROW]) == 0;
-    fetch_run(&f[ATT_TILE_WIDE]);
-    if (threaded)
-        pthread_join(tid, NULL);
-    else
-        fetch_run(&f[ATT_TILE_NARROW]);
+        att_hip_model_opts(m, &kv->plan.tile[k], be->wave, &f[k].opts);
+    att_gpu_fetch_images(be->jit, be->arch, f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
         if ((e = load_kind(kv, k, &f[k], diag)) != AT_OK)
             goto out_kv;
@@ -629,8 +449,8 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
     void *pool_p = NULL;
     hipError_t r = be->rt->hipMalloc(&pool_p, pool);
     if (r == hipErrorOutOfMemory) {
-        e = at_diag_set(diag, AT_ERR_NOMEM, "KV pool of %zu MiB does not fit on hip:%d",
-                        pool >> 20, be->ordinal);
+        e = at_diag_set(diag, AT_ERR_NOMEM, "KV pool of %zu MiB does not fit on hip:%d", pool >> 20,
+                        be->ordinal);
         goto out_kv;
     }
     kv->pool_d = (uintptr_t)pool_p;
@@ -671,8 +491,8 @@ out_kv:
 }
 
 static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
-                             const uint32_t *blocks, uint32_t pos, uint32_t n, void *k_out,
-                             void *v_out) {
+                            const uint32_t *blocks, uint32_t pos, uint32_t n, void *k_out,
+                            void *v_out) {
     hip_backend_t *be = (hip_backend_t *)base;
     at_err_t e = enter(be);
     if (e != AT_OK || n == 0)
@@ -687,8 +507,8 @@ static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
     const uint64_t kd = kv->pool_d + 2 * (uint64_t)layer * kv->layer_half_bytes;
     for (size_t i = 0; i < nb; i++) {
         const uint64_t src = kd + (uint64_t)blocks[b0 + i] * block_bytes;
-        if ((e = HIP(hipMemcpyDtoHAsync(kv->stage_h + 2 * i * block_bytes, dptr(src),
-                                        block_bytes, kv->stream))) != AT_OK ||
+        if ((e = HIP(hipMemcpyDtoHAsync(kv->stage_h + 2 * i * block_bytes, dptr(src), block_bytes,
+                                        kv->stream))) != AT_OK ||
             (e = HIP(hipMemcpyDtoHAsync(kv->stage_h + (2 * i + 1) * block_bytes,
                                         dptr(src + kv->layer_half_bytes), block_bytes,
                                         kv->stream))) != AT_OK)
@@ -696,15 +516,7 @@ static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
     }
     if ((e = HIP(hipStreamSynchronize(kv->stream))) != AT_OK)
         return e;
-    for (uint32_t t = 0; t < n; t++) {
-        const uint32_t p = pos + t, bi = p / bs - b0;
-        for (uint32_t h = 0; h < m->num_kv_heads; h++) {
-            const size_t src = ((size_t)h * bs + p % bs) * row;
-            const size_t dst = ((size_t)t * m->num_kv_heads + h) * row;
-            memcpy((uint8_t *)k_out + dst, kv->stage_h + 2 * bi * block_bytes + src, row);
-            memcpy((uint8_t *)v_out + dst, kv->stage_h + (2 * bi + 1) * block_bytes + src, row);
-        }
-    }
+    att_gpu_scatter_kv(m, kv->stage_h, block_bytes, pos, n, k_out, v_out);
     return AT_OK;
 }
 
@@ -721,28 +533,27 @@ static void hip_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t
     out->last_device_ns = kv->last_device_ns;
 }
 
+static at_err_t pin(void *user, void *p, size_t bytes) {
+    hip_backend_t *be = user;
+    return HIP(hipHostRegister(p, bytes, hipHostRegisterPortable));
+}
+
 static at_err_t hip_register_host(att_backend_t *base, void *p, size_t bytes) {
     hip_backend_t *be = (hip_backend_t *)base;
     at_err_t e = enter(be);
     if (e != AT_OK)
         return e;
-    pthread_mutex_lock(&be->reg_mu);
-    if (be->num_regions == MAX_REGIONS)
-        e = AT_ERR_INTERNAL;
-    else if ((e = HIP(hipHostRegister(p, bytes, hipHostRegisterPortable))) == AT_OK)
-        be->regions[be->num_regions++] = (region_t){(uintptr_t)p, (uintptr_t)p + bytes};
-    pthread_mutex_unlock(&be->reg_mu);
-    return e;
+    return att_gpu_regions_add(&be->regs, p, bytes, pin, be);
 }
 
 static void hip_destroy(att_backend_t *base) {
     hip_backend_t *be = (hip_backend_t *)base;
     if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
         be->rt->hipSetDevice(be->ordinal) == hipSuccess)
-        for (uint32_t i = 0; i < be->num_regions; i++)
-            (void)HIP(hipHostUnregister((void *)be->regions[i].begin));
+        for (uint32_t i = 0; i < be->regs.n; i++)
+            (void)HIP(hipHostUnregister((void *)be->regs.begin[i]));
     att_jit_destroy(&be->jit);
-    pthread_mutex_destroy(&be->reg_mu);
+    att_gpu_regions_fini(&be->regs);
     free(be);
 }
 
@@ -783,8 +594,7 @@ static at_err_t hiprtc_compile(void *user, const char *arch, const char *const *
         size_t log_n = 0;
         char *log = NULL;
         if (rt->hiprtcGetProgramLogSize(prog, &log_n) == HIPRTC_SUCCESS && log_n > 0 &&
-            (log = malloc(log_n)) != NULL &&
-            rt->hiprtcGetProgramLog(prog, log) == HIPRTC_SUCCESS) {
+            (log = malloc(log_n)) != NULL && rt->hiprtcGetProgramLog(prog, log) == HIPRTC_SUCCESS) {
             at_log(AT_LOG_ERROR, "jit", "hiprtc (%s) failed:\n%s", arch, log);
             const char *err = strstr(log, "error");
             e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s",
@@ -857,7 +667,7 @@ int att_hip_device_count(at_diag_t *diag) {
 
 /* Frees a backend that att_hip_create could not finish (before its jit exists). */
 static at_err_t create_failed(hip_backend_t *be, at_err_t e) {
-    pthread_mutex_destroy(&be->reg_mu);
+    att_gpu_regions_fini(&be->regs);
     free(be);
     return e;
 }
@@ -882,7 +692,7 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
         be->has_plan = true;
         be->plan = *cfg->plan;
     }
-    pthread_mutex_init(&be->reg_mu, NULL);
+    att_gpu_regions_init(&be->regs);
     int cus = 0, smem = 0, wave = 0;
     char name[128] = "";
     hipDeviceProp_t prop;
@@ -895,8 +705,8 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
         (e = HIP(hipDeviceGetAttribute(&smem, hipDeviceAttributeMaxSharedMemoryPerBlock,
                                        cfg->device))) != AT_OK ||
         (e = HIP(hipDeviceGetAttribute(&wave, hipDeviceAttributeWarpSize, cfg->device))) != AT_OK)
-        return create_failed(be, at_diag_set(diag, e, "hip:%d: cannot query the device",
-                                             cfg->device));
+        return create_failed(be,
+                             at_diag_set(diag, e, "hip:%d: cannot query the device", cfg->device));
     prop.gcnArchName[sizeof prop.gcnArchName - 1] = '\0';
     const size_t base_len = strcspn(prop.gcnArchName, ":");
     if (strncmp(prop.gcnArchName, "gfx", 3) != 0 || base_len >= sizeof be->arch_base ||
@@ -911,8 +721,8 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
     snprintf(be->arch, sizeof be->arch, "%s", prop.gcnArchName);
     memcpy(be->arch_base, prop.gcnArchName, base_len);
     be->arch_base[base_len] = '\0';
-    snprintf(be->desc, sizeof be->desc, "%.127s (%s, %d CUs, wave %d, HIP runtime %d.%d, %.320s)", name,
-             be->arch_base, cus, wave, rt->runtime_version / 10000000,
+    snprintf(be->desc, sizeof be->desc, "%.127s (%s, %d CUs, wave %d, HIP runtime %d.%d, %.320s)",
+             name, be->arch_base, cus, wave, rt->runtime_version / 10000000,
              rt->runtime_version / 100000 % 100, rt->lib);
     char dir[512];
     if (cfg->kernel_cache_dir != NULL)
@@ -927,13 +737,9 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
     return AT_OK;
 }
 
-const char *att_hip_describe(const att_backend_t *be) {
-    return ((const hip_backend_t *)be)->desc;
-}
+const char *att_hip_describe(const att_backend_t *be) { return ((const hip_backend_t *)be)->desc; }
 
-const char *att_hip_arch(const att_backend_t *be) {
-    return ((const hip_backend_t *)be)->arch_base;
-}
+const char *att_hip_arch(const att_backend_t *be) { return ((const hip_backend_t *)be)->arch_base; }
 
 bool att_hip_lost(const att_backend_t *base) {
     hip_backend_t *be = (hip_backend_t *)base;

@@ -49,16 +49,16 @@ static void load(void) {
     char tried[300];
     void *h = open_hip(tried, sizeof tried);
     if (h == NULL) {
-        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED,
-                                 "no HIP runtime: cannot load %s", tried);
+        g_load_err =
+            at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "no HIP runtime: cannot load %s", tried);
         return;
     }
     snprintf(g_rt.lib, sizeof g_rt.lib, "%s", tried);
-#define LOAD_(f)                                                                                 \
-    if ((g_rt.f = (__typeof__(g_rt.f))dlsym(h, STR(f))) == NULL) {                               \
-        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "%s lacks %s: too old",       \
-                                 g_rt.lib, STR(f));                                              \
-        return;                                                                                  \
+#define LOAD_(f)                                                                                   \
+    if ((g_rt.f = (__typeof__(g_rt.f))dlsym(h, STR(f))) == NULL) {                                 \
+        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "%s lacks %s: too old",         \
+                                 g_rt.lib, STR(f));                                                \
+        return;                                                                                    \
     }
     ATT_HIPRT_FUNCS(LOAD_)
 #undef LOAD_
@@ -68,17 +68,17 @@ static void load(void) {
                                  "no hiprtc: neither %s nor libhiprtc.so.6 has it", g_rt.lib);
         return;
     }
-#define LOAD_(f)                                                                                 \
-    if ((g_rt.f = (__typeof__(g_rt.f))dlsym(rtc, STR(f))) == NULL) {                             \
-        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "hiprtc lacks %s", STR(f));   \
-        return;                                                                                  \
+#define LOAD_(f)                                                                                   \
+    if ((g_rt.f = (__typeof__(g_rt.f))dlsym(rtc, STR(f))) == NULL) {                               \
+        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "hiprtc lacks %s", STR(f));     \
+        return;                                                                                    \
     }
     ATT_HIPRTC_FUNCS(LOAD_)
 #undef LOAD_
     if (g_rt.hiprtcVersion(&g_rt.rtc_major, &g_rt.rtc_minor) != HIPRTC_SUCCESS ||
         g_rt.hipRuntimeGetVersion(&g_rt.runtime_version) != hipSuccess) {
-        g_load_err = at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED,
-                                 "%s: cannot read its version", g_rt.lib);
+        g_load_err =
+            at_diag_set(&g_load_diag, AT_ERR_UNSUPPORTED, "%s: cannot read its version", g_rt.lib);
         return;
     }
     g_load_err = AT_OK;
@@ -87,9 +87,9 @@ static void load(void) {
 static void init(void) {
     hipError_t r = g_rt.hipInit(0);
     if (r != hipSuccess)
-        g_init_err = at_diag_set(&g_init_diag, AT_ERR_UNSUPPORTED,
-                                 "hipInit failed: %s (no usable AMD GPU)",
-                                 att_hiprt_err_name(&g_rt, r));
+        g_init_err =
+            at_diag_set(&g_init_diag, AT_ERR_UNSUPPORTED, "hipInit failed: %s (no usable AMD GPU)",
+                        att_hiprt_err_name(&g_rt, r));
     else
         g_init_err = AT_OK;
 }
@@ -132,9 +132,7 @@ int att_hiprt_err_sticky(hipError_t r) {
     case hipErrorAssert:
     case hipErrorLaunchTimeOut:
     case hipErrorECCNotCorrectable:
-    case hipErrorContextIsDestroyed:
-        return 1;
-    default:
-        return 0;
+    case hipErrorContextIsDestroyed: return 1;
+    default: return 0;
     }
 }

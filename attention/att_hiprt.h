@@ -22,49 +22,49 @@
 
 #include "common/at_err.h"
 
-#define ATT_HIPRT_FUNCS(X)                                                                       \
-    X(hipInit)                                                                                   \
-    X(hipRuntimeGetVersion)                                                                      \
-    X(hipGetErrorName)                                                                           \
-    X(hipGetDeviceCount)                                                                         \
-    X(hipSetDevice)                                                                              \
-    X(hipDeviceGetName)                                                                          \
-    X(hipDeviceGetAttribute)                                                                     \
-    X(hipGetDeviceProperties)                                                                    \
-    X(hipMalloc)                                                                                 \
-    X(hipFree)                                                                                   \
-    X(hipMemsetD8)                                                                               \
-    X(hipHostMalloc)                                                                             \
-    X(hipHostFree)                                                                               \
-    X(hipHostRegister)                                                                           \
-    X(hipHostUnregister)                                                                         \
-    X(hipMemcpyHtoD)                                                                             \
-    X(hipMemcpyDtoH)                                                                             \
-    X(hipMemcpyHtoDAsync)                                                                        \
-    X(hipMemcpyDtoHAsync)                                                                        \
-    X(hipStreamCreateWithFlags)                                                                  \
-    X(hipStreamDestroy)                                                                          \
-    X(hipStreamSynchronize)                                                                      \
-    X(hipStreamWaitEvent)                                                                        \
-    X(hipModuleLoadData)                                                                         \
-    X(hipModuleUnload)                                                                           \
-    X(hipModuleGetFunction)                                                                      \
-    X(hipModuleGetGlobal)                                                                        \
-    X(hipModuleLaunchKernel)                                                                     \
-    X(hipEventCreateWithFlags)                                                                   \
-    X(hipEventRecord)                                                                            \
-    X(hipEventElapsedTime)                                                                       \
+#define ATT_HIPRT_FUNCS(X)                                                                         \
+    X(hipInit)                                                                                     \
+    X(hipRuntimeGetVersion)                                                                        \
+    X(hipGetErrorName)                                                                             \
+    X(hipGetDeviceCount)                                                                           \
+    X(hipSetDevice)                                                                                \
+    X(hipDeviceGetName)                                                                            \
+    X(hipDeviceGetAttribute)                                                                       \
+    X(hipGetDeviceProperties)                                                                      \
+    X(hipMalloc)                                                                                   \
+    X(hipFree)                                                                                     \
+    X(hipMemsetD8)                                                                                 \
+    X(hipHostMalloc)                                                                               \
+    X(hipHostFree)                                                                                 \
+    X(hipHostRegister)                                                                             \
+    X(hipHostUnregister)                                                                           \
+    X(hipMemcpyHtoD)                                                                               \
+    X(hipMemcpyDtoH)                                                                               \
+    X(hipMemcpyHtoDAsync)                                                                          \
+    X(hipMemcpyDtoHAsync)                                                                          \
+    X(hipStreamCreateWithFlags)                                                                    \
+    X(hipStreamDestroy)                                                                            \
+    X(hipStreamSynchronize)                                                                        \
+    X(hipStreamWaitEvent)                                                                          \
+    X(hipModuleLoadData)                                                                           \
+    X(hipModuleUnload)                                                                             \
+    X(hipModuleGetFunction)                                                                        \
+    X(hipModuleGetGlobal)                                                                          \
+    X(hipModuleLaunchKernel)                                                                       \
+    X(hipEventCreateWithFlags)                                                                     \
+    X(hipEventRecord)                                                                              \
+    X(hipEventElapsedTime)                                                                         \
     X(hipEventDestroy)
 
-#define ATT_HIPRTC_FUNCS(X)                                                                      \
-    X(hiprtcVersion)                                                                             \
-    X(hiprtcGetErrorString)                                                                      \
-    X(hiprtcCreateProgram)                                                                       \
-    X(hiprtcCompileProgram)                                                                      \
-    X(hiprtcGetProgramLogSize)                                                                   \
-    X(hiprtcGetProgramLog)                                                                       \
-    X(hiprtcGetCodeSize)                                                                         \
-    X(hiprtcGetCode)                                                                             \
+#define ATT_HIPRTC_FUNCS(X)                                                                        \
+    X(hiprtcVersion)                                                                               \
+    X(hiprtcGetErrorString)                                                                        \
+    X(hiprtcCreateProgram)                                                                         \
+    X(hiprtcCompileProgram)                                                                        \
+    X(hiprtcGetProgramLogSize)                                                                     \
+    X(hiprtcGetProgramLog)                                                                         \
+    X(hiprtcGetCodeSize)                                                                           \
+    X(hiprtcGetCode)                                                                               \
     X(hiprtcDestroyProgram)
 
 #define ATT_HIPRT_FIELD_(f) __typeof__(f) *f;
@@ -74,7 +74,7 @@ typedef struct att_hiprt {
     ATT_HIPRTC_FUNCS(ATT_HIPRT_FIELD_)
     int runtime_version; /* hipRuntimeGetVersion: major * 10000000 + minor * 100000 + patch */
     int rtc_major, rtc_minor;
-    char lib[320];       /* the library that was loaded, for messages */
+    char lib[320]; /* the library that was loaded, for messages */
 } att_hiprt_t;
 
 /* The table after hipInit(0); AT_ERR_UNSUPPORTED with diag naming what is missing (no

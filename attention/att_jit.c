@@ -2,7 +2,8 @@
  * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
  * Two threads asking for the same new key may both compile; the first image inserted wins and
- * both return it. Images are never freed before att_jit_destroy, so borrowed pointers stay valid. */
+ * both return it. Images are never freed before att_jit_destroy, so borrowed pointers stay valid.
+ */
 #include "attention/att_jit.h"
 
 #include <errno.h>
@@ -138,9 +139,9 @@ static int make_dirs(const char *path) {
     return 0;
 }
 
-at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir,
-                             at_diag_t *diag, att_jit_t **out) {
-    if (strlen(cc->name) >= sizeof ((att_jit_t *)0)->name)
+at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir, at_diag_t *diag,
+                             att_jit_t **out) {
+    if (strlen(cc->name) >= sizeof((att_jit_t *)0)->name)
         return at_diag_set(diag, AT_ERR_INTERNAL, "compiler name too long");
     if (cache_dir != NULL && strlen(cache_dir) >= 480)
         return at_diag_set(diag, AT_ERR_CONFIG, "kernel cache dir: path too long");
@@ -414,8 +415,7 @@ static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *o
         size_t log_n = 0;
         char *log = NULL;
         if (nv->nvrtcGetProgramLogSize(prog, &log_n) == NVRTC_SUCCESS && log_n > 0 &&
-            (log = malloc(log_n)) != NULL &&
-            nv->nvrtcGetProgramLog(prog, log) == NVRTC_SUCCESS) {
+            (log = malloc(log_n)) != NULL && nv->nvrtcGetProgramLog(prog, log) == NVRTC_SUCCESS) {
             at_log(AT_LOG_ERROR, "jit", "NVRTC (%s) failed:\n%s", arch, log);
             const char *err = strstr(log, "error");
             e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s",

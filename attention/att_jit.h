@@ -5,11 +5,11 @@
  * tile configuration become -D defines of the one kernel source (attention/kernels/att_unified.cu
  * with its headers, embedded in the binary at build time), compiled for one exact architecture
  * ("sm_90", "gfx90a:sramecc+:xnack-"). Images are cached under a content key: SHA-256 of the
- * source, its headers, every option, the architecture and the compiler's name and version. A key names exactly one image, so the cache is safe to
- * share between models and sessions (unlike a launch cache keyed by less; see cache/lc.h).
- * Cached in memory for the process, and on disk (one file per key, written atomically:
- * temporary file, fsync, rename, fsync of the directory); a file that is truncated or whose
- * checksum is wrong is recompiled and replaced, never loaded.
+ * source, its headers, every option, the architecture and the compiler's name and version. A key
+ * names exactly one image, so the cache is safe to share between models and sessions (unlike a
+ * launch cache keyed by less; see cache/lc.h). Cached in memory for the process, and on disk (one
+ * file per key, written atomically: temporary file, fsync, rename, fsync of the directory); a file
+ * that is truncated or whose checksum is wrong is recompiled and replaced, never loaded.
  *
  * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once). */
 #ifndef AT_ATTENTION_ATT_JIT_H
@@ -44,7 +44,7 @@ typedef enum att_tile_kind {
 } att_tile_kind_t;
 
 typedef struct att_jit_stats {
-    uint64_t compiles;     /* compiler runs */
+    uint64_t compiles; /* compiler runs */
     uint64_t memory_hits;
     uint64_t disk_hits;
     uint64_t disk_rejects; /* files found damaged and recompiled */
@@ -94,23 +94,23 @@ typedef struct att_jit_compiler {
     const char *image_ext; /* suffix of the cache's files: "cubin", "hsaco" */
     at_err_t (*compile)(void *user, const char *arch, const char *const *opts, uint32_t n_opts,
                         void **image, size_t *bytes, at_diag_t *diag);
-    void *user;            /* borrowed; outlives the att_jit_t */
+    void *user; /* borrowed; outlives the att_jit_t */
 } att_jit_compiler_t;
 
 /* A cache of images compiled by cc (copied). cache_dir NULL or "" keeps images in memory only;
  * otherwise the directory is created (with parents) if missing: AT_ERR_IO with diag when that
  * fails. On success *out is the caller's (att_jit_destroy). */
-at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir,
-                             at_diag_t *diag, att_jit_t **out);
+at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir, at_diag_t *diag,
+                             att_jit_t **out);
 
 /* att_jit_create_with NVRTC (CUDA builds only); AT_ERR_UNSUPPORTED when NVRTC cannot be loaded. */
 at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out);
 void att_jit_destroy(att_jit_t **j);
 
-/* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is borrowed until
- * att_jit_destroy. A compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with the
- * first error line in diag and the whole log at ERROR level. *compiled (may be NULL) says whether
- * the compiler ran. */
+/* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is borrowed
+ * until att_jit_destroy. A compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with
+ * the first error line in diag and the whole log at ERROR level. *compiled (may be NULL) says
+ * whether the compiler ran. */
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
                        const void **image, size_t *bytes, int *compiled, at_diag_t *diag);
 

@@ -905,7 +905,7 @@ at_err_t svc_pool_create(const svc_pool_cfg_t *cfg, void *zctx, at_diag_t *diag,
     snprintf(p->device, sizeof p->device, "%s", cfg->device);
     bool process = cfg->worker_mode == SVC_WORKER_PROCESS ||
                    (cfg->worker_mode == SVC_WORKER_AUTO && (strncmp(cfg->device, "cuda:", 5) == 0 ||
-                                                             strncmp(cfg->device, "hip:", 4) == 0));
+                                                            strncmp(cfg->device, "hip:", 4) == 0));
     char tag[48];
     snprintf(tag, sizeof tag, "%s%u", cfg->device, cfg->index);
     at_err_t e = svc_arena_create(tag, cfg->arena_bytes, diag, &p->arena);

@@ -87,7 +87,7 @@ struct svc_job {
 };
 
 typedef enum svc_worker_mode {
-    SVC_WORKER_AUTO = 0,     /* a process for "cuda:N" and "hip:N", a thread otherwise */
+    SVC_WORKER_AUTO = 0, /* a process for "cuda:N" and "hip:N", a thread otherwise */
     SVC_WORKER_THREAD,
     SVC_WORKER_PROCESS,
 } svc_worker_mode_t;

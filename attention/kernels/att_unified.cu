@@ -870,7 +870,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                 *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m, l);
         } else {
             const float sc = out_scale(p, qh, m, l);
-            elem_t *dst = (elem_t *)p.out_d + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
+            elem_t *dst =
+                (elem_t *)p.out_d + ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD;
 #pragma unroll
             for (uint32_t i = 0; i < kDL; i++)
                 if (lane + kWave * i < kD)

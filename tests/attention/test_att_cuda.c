@@ -49,12 +49,12 @@ static void *g_registered;
 
 static const att_cpu_cfg_t CPU_BE[] = {{.num_threads = 0}};
 
-#define NEED_GPU()                                                                               \
-    do {                                                                                         \
-        if (g_cuda == NULL) {                                                                    \
-            printf("SKIP: no " BE_NAME " device (%s)\n", g_why.msg);                             \
-            skip();                                                                              \
-        }                                                                                        \
+#define NEED_GPU()                                                                                 \
+    do {                                                                                           \
+        if (g_cuda == NULL) {                                                                      \
+            printf("SKIP: no " BE_NAME " device (%s)\n", g_why.msg);                               \
+            skip();                                                                                \
+        }                                                                                          \
     } while (0)
 
 static void rig_on_gpu(att_rig_t *rig, const att_rig_spec_t *spec, uint64_t cap, int with_cpu,

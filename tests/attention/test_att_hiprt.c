@@ -32,7 +32,8 @@ static void test_att_hiprt_loads_the_linked_functions(void **state) {
 static void test_att_hip_without_a_gpu_says_so(void **state) {
     (void)state;
     int n = 0;
-    if (getenv("ATTND_HIP_LIB") != NULL || (k_linked.hipGetDeviceCount(&n) == hipSuccess && n > 0)) {
+    if (getenv("ATTND_HIP_LIB") != NULL ||
+        (k_linked.hipGetDeviceCount(&n) == hipSuccess && n > 0)) {
         printf("SKIP: this machine has a HIP device\n");
         skip();
     }

@@ -1,8 +1,8 @@
 /* Every model variant family of the attention kernels compiles with NVRTC, for sm_80 and sm_90,
  * in both tile kinds of the default plan (att_cuda_plan_default, for sm_80's 163 KiB of shared
  * memory per block), and every tile of the candidate set below (what the bench sweeps and a
- * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
- * every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
+ * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16},
+ * bf16 for every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
  * conversions differ between f16 and bf16, and f32 ignores the group), every block size
  * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
  * NVRTC needs no GPU, so this runs in CI; without libnvrtc it skips with a line saying so.
@@ -25,8 +25,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <stdlib.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -44,8 +44,8 @@
  * NULL) and the options of a backend. */
 typedef struct target {
     const char *arch;
-    att_jit_t *jit;  /* NULL: hipcc */
-    uint32_t wave;   /* 0: the CUDA backend's options, else the HIP backend's with this wave */
+    att_jit_t *jit; /* NULL: hipcc */
+    uint32_t wave;  /* 0: the CUDA backend's options, else the HIP backend's with this wave */
 } target_t;
 
 typedef struct job {
@@ -128,10 +128,10 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
             assert_int_equal(e, AT_OK);
             j->tile = tiles[k];
             j->target = &g_targets[a];
-            snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u feats %x tile %ux%ux%ux%ux%u %s",
-                     att_dtype_name(dt), hq, hkv, d, block, feats, tiles[k].warps_m,
-                     tiles[k].warp_mt, tiles[k].warps_n, tiles[k].tile_k, tiles[k].stages,
-                     g_targets[a].arch);
+            snprintf(j->desc, sizeof j->desc,
+                     "%s Hq%u/Hkv%u D%u B%u feats %x tile %ux%ux%ux%ux%u %s", att_dtype_name(dt),
+                     hq, hkv, d, block, feats, tiles[k].warps_m, tiles[k].warp_mt, tiles[k].warps_n,
+                     tiles[k].tile_k, tiles[k].stages, g_targets[a].arch);
         }
 }
 
@@ -203,8 +203,8 @@ static void *worker(void *arg) {
 #endif
         const void *img;
         size_t n;
-        j->err = att_jit_image(j->target->jit, j->target->arch, o.ptr, o.n, &img, &n, NULL,
-                               &j->diag);
+        j->err =
+            att_jit_image(j->target->jit, j->target->arch, o.ptr, o.n, &img, &n, NULL, &j->diag);
         if (j->err == AT_OK && n < 1024)
             j->err = AT_ERR_INTERNAL; /* an image that small cannot hold three kernels */
     }

@@ -238,10 +238,9 @@ hipError_t hipModuleGetGlobal(hipDeviceptr_t *dptr, size_t *bytes, hipModule_t m
     return e;
 }
 
-hipError_t hipModuleLaunchKernel(hipFunction_t f, unsigned int gx, unsigned int gy,
-                                 unsigned int gz, unsigned int bx, unsigned int by,
-                                 unsigned int bz, unsigned int smem, hipStream_t s, void **params,
-                                 void **extra) {
+hipError_t hipModuleLaunchKernel(hipFunction_t f, unsigned int gx, unsigned int gy, unsigned int gz,
+                                 unsigned int bx, unsigned int by, unsigned int bz,
+                                 unsigned int smem, hipStream_t s, void **params, void **extra) {
     return CALL(cuLaunchKernel, (CUfunction)f, gx, gy, gz, bx, by, bz, smem, (CUstream)s, params,
                 extra);
 }
