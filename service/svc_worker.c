@@ -353,39 +353,41 @@ static void worker_fini(worker_t *w) {
         zmq_close(w->sock);
 }
 
-/* A GPU device "cuda:N": its backend, the arena, and the arena registered with the driver so
- * tensors move between it and the GPU by DMA with no staging copy. */
-static at_err_t cuda_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
-#ifdef AT_HAVE_CUDA
-    char *end = NULL;
-    long ordinal = strtol(cfg->device + 5, &end, 10);
-    if (end == cfg->device + 5 || *end != '\0' || ordinal < 0 || ordinal > 1024)
-        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected cuda:N", cfg->device);
-    att_cuda_cfg_t cc = {.device = (int)ordinal, .kernel_cache_dir = NULL};
-    at_err_t e = att_cuda_create(&cc, d, &w->be);
-    if (e != AT_OK)
-        return e;
-    if ((e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, d, &w->arena)) != AT_OK)
-        return e;
-    e = w->be->ops->register_host(w->be, svc_arena_base(w->arena), svc_arena_size(w->arena));
-    if (e != AT_OK)
-        return at_diag_set(d, e, "%s: cannot register the tensor arena for DMA", cfg->device);
-    return AT_OK;
+/* The backend of a GPU device "cuda:N" or "hip:N" (ordinal N). */
+static at_err_t gpu_create(const char *device, bool hip, int ordinal, att_backend_t **out,
+                           at_diag_t *d) {
+    (void)device; /* named only in the messages of a build without one of the backends */
+    if (hip) {
+#ifdef AT_HAVE_HIP
+        att_hip_cfg_t hc = {.device = ordinal, .kernel_cache_dir = NULL};
+        return att_hip_create(&hc, d, out);
 #else
-    (void)w;
-    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without CUDA", cfg->device);
+        (void)ordinal;
+        (void)out;
+        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without HIP", device);
+#endif
+    }
+#ifdef AT_HAVE_CUDA
+    att_cuda_cfg_t cc = {.device = ordinal, .kernel_cache_dir = NULL};
+    return att_cuda_create(&cc, d, out);
+#else
+    (void)ordinal;
+    (void)out;
+    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without CUDA", device);
 #endif
 }
 
-/* An AMD GPU "hip:N": cuda_backend's twin on the HIP backend. */
-static at_err_t hip_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
-#ifdef AT_HAVE_HIP
+/* A GPU device "cuda:N" or "hip:N": its backend, the arena, and the arena registered with the
+ * driver so tensors move between it and the GPU by DMA with no staging copy. */
+static at_err_t gpu_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
+    const bool hip = strncmp(cfg->device, "hip:", 4) == 0;
+    const char *num = cfg->device + (hip ? 4 : 5);
     char *end = NULL;
-    long ordinal = strtol(cfg->device + 4, &end, 10);
-    if (end == cfg->device + 4 || *end != '\0' || ordinal < 0 || ordinal > 1024)
-        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected hip:N", cfg->device);
-    att_hip_cfg_t hc = {.device = (int)ordinal, .kernel_cache_dir = NULL};
-    at_err_t e = att_hip_create(&hc, d, &w->be);
+    long ordinal = strtol(num, &end, 10);
+    if (end == num || *end != '\0' || ordinal < 0 || ordinal > 1024)
+        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected %s", cfg->device,
+                           hip ? "hip:N" : "cuda:N");
+    at_err_t e = gpu_create(cfg->device, hip, (int)ordinal, &w->be, d);
     if (e != AT_OK)
         return e;
     if ((e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, d, &w->arena)) != AT_OK)
@@ -394,10 +396,6 @@ static at_err_t hip_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t 
     if (e != AT_OK)
         return at_diag_set(d, e, "%s: cannot register the tensor arena for DMA", cfg->device);
     return AT_OK;
-#else
-    (void)w;
-    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without HIP", cfg->device);
-#endif
 }
 
 /* Tuning runs only while no request waits: one step (a fill or one timed run of one config) of
@@ -535,10 +533,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     tuning_from_env(&w);
     if (w.null_device)
         e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, &d, &w.arena);
-    else if (strncmp(cfg->device, "cuda:", 5) == 0)
-        e = cuda_backend(cfg, &w, &d);
-    else if (strncmp(cfg->device, "hip:", 4) == 0)
-        e = hip_backend(cfg, &w, &d);
+    else if (strncmp(cfg->device, "cuda:", 5) == 0 || strncmp(cfg->device, "hip:", 4) == 0)
+        e = gpu_backend(cfg, &w, &d);
     else if (strcmp(cfg->device, "cpu") != 0)
         e = at_diag_set(&d, AT_ERR_DEVICE_UNKNOWN, "device %s has no backend in this build",
                         cfg->device);
