@@ -593,16 +593,12 @@ static at_err_t hiprtc_compile(void *user, const char *arch, const char *const *
     if (r != HIPRTC_SUCCESS) {
         size_t log_n = 0;
         char *log = NULL;
-        if (rt->hiprtcGetProgramLogSize(prog, &log_n) == HIPRTC_SUCCESS && log_n > 0 &&
-            (log = malloc(log_n)) != NULL && rt->hiprtcGetProgramLog(prog, log) == HIPRTC_SUCCESS) {
-            at_log(AT_LOG_ERROR, "jit", "hiprtc (%s) failed:\n%s", arch, log);
-            const char *err = strstr(log, "error");
-            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s",
-                            arch, err != NULL ? err : log);
-        } else {
-            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %s", arch,
-                            rt->hiprtcGetErrorString(r));
+        if (rt->hiprtcGetProgramLogSize(prog, &log_n) != HIPRTC_SUCCESS || log_n == 0 ||
+            (log = malloc(log_n)) == NULL || rt->hiprtcGetProgramLog(prog, log) != HIPRTC_SUCCESS) {
+            free(log);
+            log = NULL;
         }
+        e = att_jit_compile_failed("hiprtc", arch, log, rt->hiprtcGetErrorString(r), diag);
         free(log);
         goto out_destroy;
     }
@@ -718,7 +714,7 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
     be->num_sms = (uint32_t)cus;
     be->smem_max = (uint32_t)smem;
     be->wave = (uint32_t)wave;
-    snprintf(be->arch, sizeof be->arch, "%s", prop.gcnArchName);
+    memcpy(be->arch, prop.gcnArchName, strlen(prop.gcnArchName) + 1); /* length checked above */
     memcpy(be->arch_base, prop.gcnArchName, base_len);
     be->arch_base[base_len] = '\0';
     snprintf(be->desc, sizeof be->desc, "%.127s (%s, %d CUs, wave %d, HIP runtime %d.%d, %.320s)",

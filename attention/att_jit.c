@@ -110,6 +110,17 @@ void att_jit_default_dir(char *buf, size_t n) {
         buf[0] = '\0';
 }
 
+at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const char *log,
+                                const char *why, at_diag_t *diag) {
+    if (log == NULL)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %s", arch,
+                           why);
+    at_log(AT_LOG_ERROR, "jit", "%s (%s) failed:\n%s", compiler, arch, log);
+    const char *err = strstr(log, "error");
+    return at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s", arch,
+                       err != NULL ? err : log);
+}
+
 void att_jit_kernel_source(att_jit_source_t *out) {
     out->text = KERNEL_SRC;
     out->name = "att_unified.cu";
@@ -414,16 +425,12 @@ static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *o
     if (r != NVRTC_SUCCESS) {
         size_t log_n = 0;
         char *log = NULL;
-        if (nv->nvrtcGetProgramLogSize(prog, &log_n) == NVRTC_SUCCESS && log_n > 0 &&
-            (log = malloc(log_n)) != NULL && nv->nvrtcGetProgramLog(prog, log) == NVRTC_SUCCESS) {
-            at_log(AT_LOG_ERROR, "jit", "NVRTC (%s) failed:\n%s", arch, log);
-            const char *err = strstr(log, "error");
-            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %.150s",
-                            arch, err != NULL ? err : log);
-        } else {
-            e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "kernel does not compile for %s: %s", arch,
-                            nv->nvrtcGetErrorString(r));
+        if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
+            (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
+            free(log);
+            log = NULL;
         }
+        e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
         free(log);
         goto out_destroy;
     }

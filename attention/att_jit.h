@@ -85,6 +85,11 @@ typedef struct att_jit_source {
 } att_jit_source_t;
 void att_jit_kernel_source(att_jit_source_t *out);
 
+/* A compile that failed, for a compiler table: logs the compiler's log (NULL: none) at ERROR
+ * level and returns AT_ERR_UNSUPPORTED with its first error, or why, in diag. */
+at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const char *log,
+                                const char *why, at_diag_t *diag);
+
 /* A run-time compiler. compile() builds the embedded source (att_jit_kernel_source) for arch with
  * opts into *image (malloc'd; the caller's) of *bytes; a source that does not compile is
  * AT_ERR_UNSUPPORTED with the first error line in diag and the log at ERROR level. Called from
