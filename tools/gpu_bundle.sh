@@ -4,7 +4,9 @@
 # (the lent GPU machine): dist/gpu/{bin,lib} and dist/gpu/run, a wrapper that sets
 # LD_LIBRARY_PATH. glibc and libstdc++ are left to the target (it must be at least as new as this
 # machine's). libcuda is never bundled: it comes with the driver. libnvrtc is bundled
-# xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use.
+# xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use. With the HIP backend built
+# (Debian's libamdhip64-dev here), test_att_hip and the HIP test double
+# (lib/libattnd_hip_on_cuda_testdouble.so: HIP on CUDA, test-only) come too: `gpu_run.sh hip`.
 # Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,12 +14,21 @@ build=build-cuda
 out=dist/gpu
 cuda_lib=${AT_CUDA_ROOT:-/usr/local/cuda}/lib64
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DAT_WITH_CUDA=ON -DAT_WERROR=ON >/dev/null
-cmake --build "$build" -j"$(nproc)" --target attnd attnd-bench test_att_cuda test_lc test_svc_e2e_gpu
-rm -rf "$out/bin" "$out/lib.new"
-mkdir -p "$out/bin" "$out/lib.new"
+targets=(attnd attnd-bench test_att_cuda test_lc test_svc_e2e_gpu)
 bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda" "$build/tests/test_lc"
       "$build/tests/test_svc_e2e_gpu")
+hip=$(grep -q '^AT_HAVE_HIP:INTERNAL=ON' "$build/CMakeCache.txt" && echo 1 || echo 0)
+if [ "$hip" = 1 ]; then
+  targets+=(test_att_hip attnd_hip_on_cuda_testdouble)
+  bins+=("$build/tests/test_att_hip")
+fi
+cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
+rm -rf "$out/bin" "$out/lib.new"
+mkdir -p "$out/bin" "$out/lib.new"
 cp "${bins[@]}" "$out/bin/"
+if [ "$hip" = 1 ]; then
+  cp "$build/tests/libattnd_hip_on_cuda_testdouble.so" "$out/lib.new/"
+fi
 rm -rf "$out/bin/presets"
 cp -r bench/presets "$out/bin/presets"
 skip='^(libc|libm|libpthread|libdl|librt|libresolv|libstdc\+\+|libgcc_s|ld-linux-x86-64)\.so'

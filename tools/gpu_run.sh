@@ -5,7 +5,8 @@
 # (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
-# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device).
+# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), hip (the
+# GPU suite through the HIP backend on hip:0, run on this NVIDIA GPU by the HIP test double).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -29,6 +30,19 @@ if has tests; then
   rc=$?
   grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_cuda.log" | head -40
   [ $rc -eq 0 ] || { note "test_att_cuda rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda.log" | head -60; status=1; }
+fi
+
+if has hip; then
+  note "test_att_hip (the HIP backend through the test double libattnd_hip_on_cuda_testdouble.so)"
+  if [ -f dist/gpu/bin/test_att_hip ]; then
+    ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 600 \
+      "$R" test_att_hip > "$out/test_att_hip.log" 2>&1
+    rc=$?
+    grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_hip.log" | head -40
+    [ $rc -eq 0 ] || { note "test_att_hip rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_hip.log" | head -60; status=1; }
+  else
+    note "test_att_hip is not in the bundle (built without HIP headers)"; status=1
+  fi
 fi
 
 if has sanitize; then

@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(build-essential cmake pkg-config libcmocka-dev python3
   libgrpc-dev grpc-proto protobuf-compiler protobuf-c-compiler libprotobuf-c-dev libzmq3-dev
-  libjansson-dev libssl-dev protobuf-compiler-grpc python3-grpcio python3-protobuf python3-numpy)
+  libjansson-dev libssl-dev protobuf-compiler-grpc python3-grpcio python3-protobuf python3-numpy
+  libamdhip64-dev hipcc rocm-device-libs)
 
 missing=()
 for p in "${packages[@]}"; do
