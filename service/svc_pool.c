@@ -558,12 +558,17 @@ static void reap_wait(lane_t *l, int ms) {
 }
 
 /* Stops an up worker (it answers STOP after every earlier job), then joins its thread or reaps
- * its process. Never blocks on a worker that died meanwhile. */
+ * its process. Never blocks on a worker that died meanwhile. A worker thread the pool gave up on
+ * (lane_kill) is still running and may wait for the rest of a batch: it gets the STOP too, and
+ * answers it in place of that rest. */
 static void lane_stop(lane_t *l, uint64_t job_id) {
     svc_req_t stop = {.magic = SVC_MSG_MAGIC, .op = SVC_OP_STOP, .job_id = job_id};
     svc_rep_t rep;
     int pid = atomic_load_explicit(&l->pid, memory_order_relaxed);
-    if (lane_up(l) && zmq_send(l->sock, &stop, sizeof stop, ZMQ_DONTWAIT) == (int)sizeof stop) {
+    const bool running = lane_up(l) || (!l->process && l->started);
+    /* a thread drains its socket until it stops, so only a process's send must not block */
+    const int flags = l->process ? ZMQ_DONTWAIT : 0;
+    if (running && zmq_send(l->sock, &stop, sizeof stop, flags) == (int)sizeof stop) {
         zmq_pollitem_t it = {.socket = l->sock, .events = ZMQ_POLLIN};
         /* a thread answers for sure; a process may be gone */
         if (!l->process || zmq_poll(&it, 1, STOP_WAIT_MS) == 1)
