@@ -9,7 +9,9 @@
  * (tensors in memory the caller owns; in the worker process that is shared memory registered for
  * DMA), block tables as block numbers, never device pointers. A GPU backend uploads the tables,
  * enqueues the KV write and the attention on the session's stream and returns when the output is
- * in host memory; the worker overlaps calls by keeping several sessions' runs in flight.
+ * in host memory. run() is synchronous: calls overlap on a device across its workers (each
+ * session has its own stream; --workers-per-device, threads sharing one context), not within one
+ * worker.
  *
  * Thread: a backend may be called from several threads; run() on one att_kv_t is serialized by
  * the caller (att_ctx). */
