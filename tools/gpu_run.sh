@@ -5,7 +5,8 @@
 # (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
-# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device).
+# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
+# (four sessions' calls through one worker thread, then two).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -117,6 +118,18 @@ if has serve; then
     --compare-null --duration 8 --json "$out/serve_bench.json" > "$out/serve_bench.log" 2>&1 ||
     status=1
   tail -12 "$out/serve_bench.log"
+fi
+if has overlap; then
+  # Calls of several sessions on one GPU: one worker runs one batch at a time; two worker
+  # threads share the context, so their calls overlap on the device.
+  for w in 1 2; do
+    note "attnd-bench: 4 sessions, 4 callers on cuda:0, $w worker thread(s)"
+    timeout 120 "$R" attnd-bench --device cuda:0 --model llama-3.1-8b --ctx 4096 --batch 64 \
+      --sessions 4 --callers 4 --duration 6 --server-arg=--workers-per-device=$w \
+      --server-arg=--worker-mode=thread --json "$out/overlap_w$w.json" \
+      > "$out/overlap_w$w.log" 2>&1 || status=1
+    tail -8 "$out/overlap_w$w.log"
+  done
 fi
 note "done (status $status)"
 exit $status
