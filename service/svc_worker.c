@@ -393,7 +393,8 @@ static bool tune_while_idle(worker_t *w) {
     zmq_pollitem_t pi = {.socket = w->sock, .events = ZMQ_POLLIN};
     if (zmq_poll(&pi, 1, 0) != 0)
         return false; /* a request waits (or the socket failed: recv reports it) */
-    att_tuner_step(s->tuner);
+    if (!att_tuner_step(s->tuner))
+        (void)zmq_poll(&pi, 1, 2); /* kernels compiling elsewhere: wait for a request, briefly */
     return true;
 }
 

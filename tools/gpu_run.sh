@@ -6,7 +6,8 @@
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
-# (four sessions' calls through one worker thread, then two).
+# (four sessions' calls through one worker thread, then two), tune (attnd tune on cuda:0 for
+# llama-3.1-8b over the GPU bench's shapes, into a fresh store).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -130,6 +131,16 @@ if has overlap; then
       > "$out/overlap_w$w.log" 2>&1 || status=1
     tail -8 "$out/overlap_w$w.log"
   done
+fi
+if has tune; then
+  note "attnd tune --device cuda:0, llama-3.1-8b (fresh tuning dir; kernels compile on every CPU)"
+  rm -rf /tmp/attnd-tune
+  timeout 360 "$R" attnd tune --device cuda:0 --model llama-3.1-8b --tuning-dir /tmp/attnd-tune \
+    --max-gib 24 --reps 3 > "$out/tune.log" 2> "$out/tune.err" || status=1
+  cat "$out/tune.log"
+  tr '\r' '\n' < "$out/tune.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
+  "$R" attnd tune --show --tuning-dir /tmp/attnd-tune > "$out/tune_show.log" 2>&1 || status=1
+  cat "$out/tune_show.log"
 fi
 note "done (status $status)"
 exit $status
