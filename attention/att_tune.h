@@ -84,7 +84,7 @@ typedef struct att_tuner att_tuner_t;
 
 typedef struct att_tuner_info {
     tun_source_t source;    /* of the last batch's config; NONE before the first, or no knobs */
-    char config[128];       /* that config as text ("" when none) */
+    char config[TUN_CFG_TEXT_MAX];       /* that config as text ("" when none) */
     uint64_t tuning_runs;   /* tuning steps run (fills and timings) by this tuner */
     uint64_t jobs_done;     /* tuning jobs completed (a record adopted) */
     uint32_t jobs_pending;

@@ -319,7 +319,7 @@ int bench_tune_main(int argc, char **argv) {
             status = 1;
             continue;
         }
-        char best[128], worst[128];
+        char best[TUN_CFG_TEXT_MAX], worst[TUN_CFG_TEXT_MAX];
         tun_cfg_format(be->ops->tuning_space, &r.best, best, sizeof best);
         tun_cfg_format(be->ops->tuning_space, &r.worst, worst, sizeof worst);
         printf("%-22s best %9.3f ms (%s)  heuristic %9.3f ms  worst %9.3f ms (%s)  "

@@ -163,6 +163,9 @@ at_err_t tun_space_enumerate_from(const tun_space_t *space, const tun_shape_t *s
 bool tun_cfg_valid(const tun_space_t *space, const tun_cfg_t *c, const tun_shape_t *s,
                    const tun_device_t *d);
 
+/* Room for any config as text: TUN_MAX_PARAMS of "name=value," with names under 20 chars. */
+#define TUN_CFG_TEXT_MAX 384u
+
 /* "tile_rows=64,key_tile=16,items_per_thread=4"; returns snprintf's count. */
 int tun_cfg_format(const tun_space_t *space, const tun_cfg_t *c, char *buf, size_t n);
 
