@@ -103,10 +103,10 @@ typedef struct ceilings {
     double read_gbs;
     double copy_gbs;
     double empty_launch_ns;
-    /* median host time of one launch of an empty kernel with a 144-byte parameter block (the
-     * attention kernels' size) where a call launches: on a non-blocking stream, right after an
-     * upload from pinned memory, with the stream synchronized between launches */
-    double call_launch_ns;
+    /* Median host time of one launch of an empty kernel with a 144-byte parameter block (the
+     * attention kernels' size) on a non-blocking stream: back to back, after the stream was
+     * synchronized, and where a call launches (after an upload from pinned memory as well). */
+    double p144_b2b_ns, p144_synced_ns, call_launch_ns;
 } ceilings_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -114,8 +114,10 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The bare launch in a call's position (ceilings_t.call_launch_ns). */
-static int measure_call_launch(gpu_t *g, ceilings_t *c) {
+/* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by an
+ * upload of a call's metadata size when `upload`, the stream synchronized after each when
+ * `sync`. */
+static int measure_launch(gpu_t *g, bool upload, bool sync, double *ns) {
     enum { N = 2000, META = 16384 };
     CUstream st = NULL;
     CUdeviceptr d = 0;
@@ -126,17 +128,18 @@ static int measure_call_launch(gpu_t *g, ceilings_t *c) {
     int rc = t == NULL || CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) ||
              CK(cuMemAlloc(&d, META)) || CK(cuMemHostAlloc(&h, META, 0));
     for (int i = -100; i < N && rc == 0; i++) {
-        rc = CK(cuMemcpyHtoDAsync(d, h, META, st));
+        rc = upload && CK(cuMemcpyHtoDAsync(d, h, META, st));
         const uint64_t t0 = now_ns();
         rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, 0, st, args, NULL));
         const uint64_t t1 = now_ns();
-        rc = rc || CK(cuStreamSynchronize(st));
+        rc = rc || (sync && CK(cuStreamSynchronize(st)));
         if (i >= 0)
             t[i] = (double)(t1 - t0);
     }
+    rc = rc || CK(cuStreamSynchronize(st));
     if (rc == 0) {
         qsort(t, N, sizeof *t, cmp_double);
-        c->call_launch_ns = t[N / 2];
+        *ns = t[N / 2];
     }
     if (h != NULL)
         CK(cuMemFreeHost(h));
@@ -190,7 +193,9 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
         if (CK(cuLaunchKernel(g->f_empty, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)))
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
-    if (CK(cuCtxSynchronize()) || measure_call_launch(g, c))
+    if (CK(cuCtxSynchronize()) || measure_launch(g, false, false, &c->p144_b2b_ns) ||
+        measure_launch(g, false, true, &c->p144_synced_ns) ||
+        measure_launch(g, true, true, &c->call_launch_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -509,10 +514,12 @@ int bench_gpu_main(int argc, char **argv) {
     }
     printf("GPU: %s\n", att_cuda_describe(be));
     printf("ceilings: read-only %.0f GB/s, device copy %.0f GB/s (read + write), "
-           "bare cuLaunchKernel %.2f us of host time (back to back; %.2f us in a call's "
-           "position), bf16 matmul %.0f TFLOP/s (torch)\n",
-           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, c.call_launch_ns / 1e3,
-           matmul_tflops);
+           "bare cuLaunchKernel %.2f us of host time (mean, back to back), bf16 matmul %.0f "
+           "TFLOP/s (torch)\n"
+           "bare launch with 144 bytes of parameters, median: %.2f us back to back, %.2f us on a "
+           "synchronized stream, %.2f us after an upload too (a call's position)\n",
+           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
+           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3);
     pattern_init();
     static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
     result_t res[8];
@@ -533,10 +540,12 @@ int bench_gpu_main(int argc, char **argv) {
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
-                    "\"empty_launch_us\": %.3f, \"call_launch_us\": %.3f, "
+                    "\"empty_launch_us\": %.3f, \"p144_b2b_us\": %.3f, "
+                    "\"p144_synced_us\": %.3f, \"call_launch_us\": %.3f, "
                     "\"matmul_tflops\": %.1f, \"cases\": [",
                 att_cuda_describe(be), c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3,
-                c.call_launch_ns / 1e3, matmul_tflops);
+                c.p144_b2b_ns / 1e3, c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3,
+                matmul_tflops);
     for (int i = 0; i < n; i++) {
         const result_t *r = &res[i];
         const double gbs = r->kv_gb / (r->device_ms / 1e3);
