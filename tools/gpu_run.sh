@@ -7,7 +7,8 @@
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
 # (four sessions' calls through one worker thread, then two), tune (attnd tune on cuda:0 for
-# llama-3.1-8b over the GPU bench's shapes, into a fresh store).
+# llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
+# 8-head D-64 shape).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -141,6 +142,19 @@ if has tune; then
   tr '\r' '\n' < "$out/tune.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
   "$R" attnd tune --show --tuning-dir /tmp/attnd-tune > "$out/tune_show.log" 2>&1 || status=1
   cat "$out/tune_show.log"
+fi
+if has tune64; then
+  # The GPU bench's second shape (8 query = 8 KV heads, D 64), which has no model preset.
+  note "attnd tune --device cuda:0, the bench's 8-head D-64 shape"
+  printf '%s\n' '{"name": "h8-d64", "description": "bench shape: 8 query / 8 KV heads, D 64",' \
+    '"num_layers": 1, "num_query_heads": 8, "num_kv_heads": 8, "head_dim": 64,' \
+    '"dtype": "bf16", "block_size": 16}' > /tmp/h8-d64.json
+  rm -rf /tmp/attnd-tune64
+  timeout 240 "$R" attnd tune --device cuda:0 --model /tmp/h8-d64.json \
+    --tuning-dir /tmp/attnd-tune64 --max-gib 24 --reps 3 \
+    --shapes 256x1@1024,256x1@8192,8x2048@0 > "$out/tune64.log" 2> "$out/tune64.err" || status=1
+  cat "$out/tune64.log"
+  tr '\r' '\n' < "$out/tune64.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
 fi
 note "done (status $status)"
 exit $status
