@@ -920,7 +920,8 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         if (img[k] == NULL)
             continue;
-        /* the other kind's slot, found or just loaded, is as much in use as the current ones */
+        /* keep the other kind's slot: loaded just now, or found loaded but not current (an
+         * eviction of it would leave that kind's current slot holding this kind's module) */
         slot[k] = free_slot(kv, slot[1u - k]);
         if ((e = load_slot(kv, slot[k], k, &plan.tile[k], img[k], NULL)) != AT_OK)
             return e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;

@@ -12,11 +12,12 @@ build=build-cuda
 out=dist/gpu
 cuda_lib=${AT_CUDA_ROOT:-/usr/local/cuda}/lib64
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DAT_WITH_CUDA=ON -DAT_WERROR=ON >/dev/null
-cmake --build "$build" -j"$(nproc)" --target attnd attnd-bench test_att_cuda test_lc test_svc_e2e_gpu
+cmake --build "$build" -j"$(nproc)" --target attnd attnd-bench test_att_cuda test_att_cuda_tune test_lc \
+  test_svc_e2e_gpu
 rm -rf "$out/bin" "$out/lib.new"
 mkdir -p "$out/bin" "$out/lib.new"
-bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda" "$build/tests/test_lc"
-      "$build/tests/test_svc_e2e_gpu")
+bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda"
+      "$build/tests/test_att_cuda_tune" "$build/tests/test_lc" "$build/tests/test_svc_e2e_gpu")
 cp "${bins[@]}" "$out/bin/"
 rm -rf "$out/bin/presets"
 cp -r bench/presets "$out/bin/presets"

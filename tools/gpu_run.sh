@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
-# default tests,sanitize): tests (the GPU suite and the launch-cache unit test), sanitize
-# (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
+# default tests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
+# sanitize (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
@@ -32,6 +32,11 @@ if has tests; then
   rc=$?
   grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_cuda.log" | head -40
   [ $rc -eq 0 ] || { note "test_att_cuda rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda.log" | head -60; status=1; }
+  note "test_att_cuda_tune"
+  timeout 300 "$R" test_att_cuda_tune > "$out/test_att_cuda_tune.log" 2>&1
+  rc=$?
+  grep -E "SKIP|PASSED|FAILED|^\[  FAILED|^\[       OK" "$out/test_att_cuda_tune.log" | head -20
+  [ $rc -eq 0 ] || { note "test_att_cuda_tune rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda_tune.log" | head -60; status=1; }
 fi
 
 if has sanitize; then
