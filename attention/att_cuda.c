@@ -902,9 +902,11 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
             return AT_ERR_CONFIG;
         att_cuda_plan_from_cfg(cfg, &plan);
     }
-    /* Both kinds' images first, so a missing one leaves kv as it was. */
+    /* Both kinds' images first, so a missing one leaves kv as it was; every missing one is
+     * queued before answering NOT_READY, so both compile meanwhile. */
     uint32_t slot[ATT_TILE_KINDS];
     const void *img[ATT_TILE_KINDS] = {NULL, NULL};
+    at_err_t missing = AT_OK;
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         if ((slot[k] = find_slot(kv, k, &plan.tile[k])) != MOD_SLOTS)
             continue;
@@ -914,9 +916,11 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
         e = att_jit_lookup(be->jit, be->arch, o.ptr, o.n, &img[k], &bytes);
         if (e == AT_ERR_NOT_READY)
             compile_later(be, &o);
-        if (e != AT_OK)
-            return e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
+        if (e != AT_OK && missing != AT_ERR_CONFIG)
+            missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
     }
+    if (missing != AT_OK)
+        return missing;
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         if (img[k] == NULL)
             continue;
