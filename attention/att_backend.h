@@ -9,13 +9,16 @@
  * (tensors in memory the caller owns; in the worker process that is shared memory registered for
  * DMA), block tables as block numbers, never device pointers. A GPU backend uploads the tables,
  * enqueues the KV write and the attention on the session's stream and returns when the output is
- * in host memory; the worker overlaps calls by keeping several sessions' runs in flight.
+ * in host memory. run() is synchronous: calls overlap on a device across its workers (each
+ * session has its own stream; --workers-per-device, threads sharing one context), not within one
+ * worker.
  *
  * Thread: a backend may be called from several threads; run() on one att_kv_t is serialized by
  * the caller (att_ctx). */
 #ifndef AT_ATTENTION_ATT_BACKEND_H
 #define AT_ATTENTION_ATT_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -89,6 +92,21 @@ typedef struct att_backend_ops {
      * AT_ERR_CONFIG, kv unchanged, when cfg does not fit the space or kv's model. Called by the
      * owner of kv, never during a run of kv. */
     at_err_t (*set_tuning)(att_backend_t *be, att_kv_t *kv, const tun_cfg_t *cfg);
+    /* Backends that compile per config (a GPU) also answer set_tuning with AT_ERR_NOT_READY,
+     * kv unchanged, while cfg's kernels are not compiled yet; they never compile inside
+     * set_tuning, which runs on a call's path. */
+    /* Optional (NULL: configs need no preparation; set only with set_tuning). Makes the kernels
+     * of cfgs[n] (configs of tuning_space for model m, borrowed for the call) ready for
+     * set_tuning: wait compiles the missing ones on the calling thread before returning (a
+     * session's creation, for its stored configs: its first call then compiles nothing); else
+     * they are queued for the backend's compile threads and the call returns at once (a tuning
+     * job's next candidates). Returns the first compile error (wait only). Any thread. */
+    at_err_t (*prepare_tuning)(att_backend_t *be, const att_model_t *m, const tun_cfg_t *cfgs,
+                               uint32_t n, bool wait);
+    /* Optional (NULL: the backend cannot time its runs). Records the device time of kv's runs
+     * (att_kv_stats_t.last_device_ns) whether or not the backend times every session: tuning
+     * copies are timed this way, without the host's copies. */
+    void (*kv_timing)(att_backend_t *be, att_kv_t *kv, bool on);
 } att_backend_ops_t;
 
 /* Every backend struct starts with this. */

@@ -11,8 +11,16 @@
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
  * attention launches (each tile kind with its merge when split; with both kinds, the wide ones on
  * the session's side stream, forked and joined by events), one download of out; then the stream
- * is synchronized and out copied into place. Tiles and thresholds come from the session's plan
- * (att_cuda_plan_default, fixed at creation). */
+ * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
+ * att_cuda_plan_default at creation, then whatever set_tuning chose (the tuner calls it before
+ * every batch, so it is cheap: a session keeps up to MOD_SLOTS loaded modules, one per tile kind
+ * and config, and a switch to a loaded one only changes two slot numbers and the thresholds).
+ *
+ * Compiles never run on a call's path. set_tuning takes images only from the compile cache
+ * (att_jit_lookup: memory, else disk) and answers AT_ERR_NOT_READY otherwise, after queueing the
+ * compile; prepare_tuning queues candidates (or, with wait, compiles on the caller's thread: a
+ * session's creation). The queue is served by the backend's compile threads (comp_mu guards it;
+ * started on first use, joined by destroy); they only call att_jit_image, which is thread-safe. */
 #include "attention/att_cuda.h"
 
 #include <pthread.h>
@@ -26,9 +34,14 @@
 #include "attention/att_gpu_plan.h"
 #include "attention/att_gpu_run.h"
 #include "attention/att_kparams.h"
+#include "attention/att_tune.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
+
+#define MOD_SLOTS 8u      /* loaded tile modules per session (both kinds) */
+#define COMPILE_QUEUE 256u /* queued compiles; more are dropped (set_tuning queues them again) */
+#define MAX_COMPILERS 32u
 
 typedef struct cuda_backend {
     att_backend_t base;
@@ -39,14 +52,33 @@ typedef struct cuda_backend {
     uint32_t num_sms;
     uint32_t smem_optin; /* dynamic shared memory a block may opt into, bytes */
     char arch[16];
+    char name[128];
     char desc[192];
     bool timing;
     bool has_plan;
     att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
     atomic_int lost;
+    uint32_t n_compilers; /* compile threads to start on first use */
+    pthread_mutex_t comp_mu;
+    pthread_cond_t comp_cv;
+    att_jit_opts_t queue[COMPILE_QUEUE] AT_GUARDED_BY(comp_mu); /* FIFO ring */
+    uint32_t q_head AT_GUARDED_BY(comp_mu), q_len AT_GUARDED_BY(comp_mu);
+    pthread_t compilers[MAX_COMPILERS] AT_GUARDED_BY(comp_mu);
+    uint32_t n_started AT_GUARDED_BY(comp_mu);
+    bool comp_stop AT_GUARDED_BY(comp_mu);
     att_gpu_regions_t regs; /* host memory registered for DMA */
 } cuda_backend_t;
+
+/* A loaded module: one tile kind compiled with one tile. */
+typedef struct modslot {
+    CUmodule mod;          /* NULL: the slot is free */
+    uint32_t kind;
+    att_tile_t tile;
+    CUfunction f_attend, f_merge, f_kv_write;
+    uint32_t info[ATT_KINFO_COUNT];
+    uint64_t used;         /* the session's switch count when last chosen: least recent goes */
+} modslot_t;
 
 struct att_kv {
     cuda_backend_t *be;
@@ -55,17 +87,19 @@ struct att_kv {
     size_t layer_half_bytes;
     CUdeviceptr pool_d;    /* [num_layers][k|v][num_blocks][Hkv][BS][D] */
     CUdeviceptr consts_d;  /* [Hq] f32 ALiBi slopes, then [Hq] f32 sinks */
-    att_cuda_plan_t plan;  /* tiles and split thresholds, fixed at creation */
+    att_cuda_plan_t plan;  /* tiles and split thresholds of the current config */
     CUstream stream;
     /* A mixed batch's wide tiles run on `side`, forked from and joined back into `stream`, so
      * they overlap the narrow (decode) tiles instead of following them. */
     CUstream side;
     CUevent ev_fork, ev_join;
-    CUstream cur;          /* the stream launch_cb launches on */
+    CUstream launch_stream; /* the stream launch_cb launches on */
     CUevent ev_begin, ev_end;
-    CUmodule mod[ATT_TILE_KINDS];
-    CUfunction f_attend[ATT_TILE_KINDS], f_merge[ATT_TILE_KINDS], f_kv_write;
-    uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT];
+    modslot_t slots[MOD_SLOTS];
+    uint32_t cur[ATT_TILE_KINDS]; /* the slot of each kind's current module; its index is the
+                                   * tile byte of the launch-cache keys */
+    uint64_t switches;
+    bool timing;           /* record device time even when the backend's timing is off */
     lc_t *lc;              /* owned: this session's launch cache */
     uint64_t compiles;
     uint64_t last_host_ns, last_device_ns;
@@ -115,27 +149,66 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
     cuda_backend_t *be = kv->be;
     void *args[] = {params};
     return CU(cuLaunchKernel((CUfunction)l->fn, grid_x, 1, 1, l->block_x, 1, 1, l->smem_bytes,
-                             kv->cur, args, NULL));
+                             kv->launch_stream, args, NULL));
 }
 
-/* The prepared launch of (kernel, kind, split): from the session's launch cache, or built once
- * from the loaded module with the session's constants in its parameter template. */
+/* The current module of a tile kind. */
+static const modslot_t *cur_mod(const att_kv_t *kv, uint32_t kind) {
+    return &kv->slots[kv->cur[kind]];
+}
+
+/* The prepared launch of (kernel, kind's current module, split): from the session's launch
+ * cache, or built once from the module with the session's constants in its parameter template. */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const lc_launch_t *l = lc_lookup(kv->lc, LC_KEY(kernel, kind, split));
+    const modslot_t *ms = cur_mod(kv, kind);
+    const uint32_t key = LC_KEY(kernel, kv->cur[kind], split);
+    const lc_launch_t *l = lc_lookup(kv->lc, key);
     if (l != NULL) {
         *out = l;
         return AT_OK;
     }
-    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)kv->f_attend[kind]
-               : kernel == ATT_GPU_K_MERGE ? (void *)kv->f_merge[kind]
-                                           : (void *)kv->f_kv_write;
+    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)ms->f_attend
+               : kernel == ATT_GPU_K_MERGE ? (void *)ms->f_merge
+                                           : (void *)ms->f_kv_write;
     lc_launch_t n;
-    att_gpu_launch_init(&n, kv->m, kernel, kind, split, kv->info, fn, kv->consts_d, kv->num_blocks);
+    att_gpu_launch_init(&n, key, kv->m, kernel, ms->info, fn, kv->consts_d, kv->num_blocks);
     return lc_insert(kv->lc, &n, out);
 }
 
-/* ---- planning (att_gpu_plan.c) ---- */
+/* ---- planning: the session's configuration (each call's work: att_gpu_plan.c) ---- */
+
+void att_cuda_plan_from_cfg(const tun_cfg_t *c, att_cuda_plan_t *out) {
+    const uint32_t *v = c->v;
+    memset(out, 0, sizeof *out);
+    out->tile[ATT_TILE_WIDE] = (att_tile_t){.warps_m = v[TUN_CUDA_WIDE_WARPS_M],
+                                            .warp_mt = v[TUN_CUDA_WIDE_WARP_MT],
+                                            .warps_n = 1,
+                                            .tile_k = v[TUN_CUDA_WIDE_TILE_K],
+                                            .stages = v[TUN_CUDA_WIDE_STAGES]};
+    out->tile[ATT_TILE_NARROW] = (att_tile_t){.warps_m = 1,
+                                              .warp_mt = 1,
+                                              .warps_n = v[TUN_CUDA_NARROW_WARPS_N],
+                                              .tile_k = v[TUN_CUDA_NARROW_TILE_K],
+                                              .stages = v[TUN_CUDA_NARROW_STAGES]};
+    out->min_split_keys = v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 ? v[TUN_CUDA_SPLIT_MIN_KEYS]
+                                                          : ATT_CUDA_NEVER;
+    out->max_splits = TUN_CUDA_MAX_SPLITS;
+    out->blocks_per_sm = v[TUN_CUDA_BLOCKS_PER_SM];
+    out->mixed_split_keys = v[TUN_CUDA_MIXED_SPLIT_KEYS] != 0 ? v[TUN_CUDA_MIXED_SPLIT_KEYS]
+                                                              : ATT_CUDA_NEVER;
+    out->mixed_order = v[TUN_CUDA_MIXED_ORDER];
+}
+
+void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
+    tun_shape_t s;
+    att_tune_shape(m, &s);
+    const tun_device_t d = {.backend = "cuda", .smem_bytes = smem_optin};
+    const tun_bucket_t any = {0};
+    tun_cfg_t h;
+    tun_space_cuda_unified.heuristic(&s, &d, &any, &h);
+    att_cuda_plan_from_cfg(&h, out);
+}
 
 /* The session's plan: the default, with the backend's overrides. */
 static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cuda_plan_t *out) {
@@ -223,8 +296,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     memset(&pl, 0, sizeof pl);
     uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        tile_rows[k] = kv->info[k][ATT_KINFO_TILE_ROWS];
-        tile_keys[k] = kv->info[k][ATT_KINFO_TILE_KEYS];
+        tile_rows[k] = cur_mod(kv, k)->info[ATT_KINFO_TILE_ROWS];
+        tile_keys[k] = cur_mod(kv, k)->info[ATT_KINFO_TILE_KEYS];
     }
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, b, &pl)) != AT_OK)
@@ -242,7 +315,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         (e = move_tensor(kv, b, 2, kv_row, lo.o_v, lo.o_v, &staged)) != AT_OK)
         goto out_drain;
 
-    if (be->timing && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
+    if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
     const CUdeviceptr layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
@@ -257,7 +330,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     p.block_table_d = kv->io_d + lo.o_table;
     p.window = m->window[b->layer];
     p.num_chunks = b->num_chunks;
-    kv->cur = kv->stream;
+    kv->launch_stream = kv->stream;
     if (b->attend) {
         /* Both kinds: the wide tiles (bound by arithmetic) run on the side stream, concurrent
          * with the narrow ones (decode, bound by memory), in the plan's launch order; the side
@@ -273,15 +346,14 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
             const uint32_t k = i == 0 ? first : 1u - first;
             const size_t before_items = k == ATT_TILE_WIDE ? 0 : pl.num_items[ATT_TILE_WIDE];
             const size_t before_merges = k == ATT_TILE_WIDE ? 0 : pl.num_merges[ATT_TILE_WIDE];
-            kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
+            kv->launch_stream = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
             if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, k,
-                                         kv->io_d + lo.o_items + before_items * sizeof(att_kitem_t),
-                                         kv->io_d + lo.o_merges +
-                                             before_merges * sizeof(att_kmerge_t),
-                                         kv->io_d + lo.o_po[k], kv->io_d + lo.o_pml[k])) != AT_OK)
+                                 kv->io_d + lo.o_items + before_items * sizeof(att_kitem_t),
+                                 kv->io_d + lo.o_merges + before_merges * sizeof(att_kmerge_t),
+                                 kv->io_d + lo.o_po[k], kv->io_d + lo.o_pml[k])) != AT_OK)
                 goto out_drain;
         }
-        kv->cur = kv->stream;
+        kv->launch_stream = kv->stream;
         if (fork && ((e = CU(cuEventRecord(kv->ev_join, kv->side))) != AT_OK ||
                      (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
             goto out_drain;
@@ -289,7 +361,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
-    if (be->timing && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
+    if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = now_ns() - t0;
     bool out_staged = false;
@@ -299,7 +371,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         goto out_drain;
     if (out_staged)
         att_gpu_finish_out(b, q_row, kv->stage_h + lo.o_out, &be->regs);
-    if (be->timing) {
+    if (be->timing || kv->timing) {
         float ms = 0.0f;
         if ((e = CU(cuEventElapsedTime(&ms, kv->ev_begin, kv->ev_end))) != AT_OK)
             return e;
@@ -317,47 +389,241 @@ out_drain:
 
 /* ---- sessions ---- */
 
-static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const att_gpu_fetch_t *f, at_diag_t *diag) {
+/* Loads image as slot `slot` (free) for a tile kind. */
+static at_err_t load_slot(att_kv_t *kv, uint32_t slot, uint32_t kind, const att_tile_t *tile,
+                          const void *img, at_diag_t *diag) {
     cuda_backend_t *be = kv->be;
+    modslot_t ms = {.kind = kind, .tile = *tile};
     at_err_t e;
-    if (f->err != AT_OK) {
-        if (diag != NULL)
-            *diag = f->diag;
-        return f->err;
-    }
-    if (f->compiled) {
-        kv->compiles++;
-        lc_note_compile(kv->lc);
-    }
-    const void *img = f->img;
-    CUmodule mod;
-    if ((e = CU(cuModuleLoadData(&mod, img))) != AT_OK)
+    if ((e = CU(cuModuleLoadData(&ms.mod, img))) != AT_OK)
         return at_diag_set(diag, e, "cuModuleLoadData failed");
-    kv->mod[kind] = mod;
     CUdeviceptr info_d;
     size_t info_n;
-    if ((e = CU(cuModuleGetFunction(&kv->f_attend[kind], mod, "att_k_attend"))) != AT_OK ||
-        (e = CU(cuModuleGetFunction(&kv->f_merge[kind], mod, "att_k_merge"))) != AT_OK ||
-        (e = CU(cuModuleGetGlobal(&info_d, &info_n, mod, "att_k_info"))) != AT_OK)
-        return at_diag_set(diag, e, "kernel module lacks an entry point");
-    if (info_n != sizeof kv->info[kind])
-        return at_diag_set(diag, AT_ERR_INTERNAL, "att_k_info has %zu bytes", info_n);
-    if ((e = CU(cuMemcpyDtoH(kv->info[kind], info_d, info_n))) != AT_OK)
-        return e;
-    if (kind == ATT_TILE_WIDE &&
-        (e = CU(cuModuleGetFunction(&kv->f_kv_write, mod, "att_k_kv_write"))) != AT_OK)
-        return e;
-    const uint32_t smem = kv->info[kind][ATT_KINFO_SMEM_BYTES];
-    if (smem > be->smem_optin)
-        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
-                           "head_dim %u needs %u bytes of shared memory per block; %s allows %u",
-                           kv->m->head_dim, smem, be->arch, be->smem_optin);
+    if ((e = CU(cuModuleGetFunction(&ms.f_attend, ms.mod, "att_k_attend"))) != AT_OK ||
+        (e = CU(cuModuleGetFunction(&ms.f_merge, ms.mod, "att_k_merge"))) != AT_OK ||
+        (e = CU(cuModuleGetFunction(&ms.f_kv_write, ms.mod, "att_k_kv_write"))) != AT_OK ||
+        (e = CU(cuModuleGetGlobal(&info_d, &info_n, ms.mod, "att_k_info"))) != AT_OK) {
+        e = at_diag_set(diag, e, "kernel module lacks an entry point");
+        goto out_unload;
+    }
+    if (info_n != sizeof ms.info) {
+        e = at_diag_set(diag, AT_ERR_INTERNAL, "att_k_info has %zu bytes", info_n);
+        goto out_unload;
+    }
+    if ((e = CU(cuMemcpyDtoH(ms.info, info_d, info_n))) != AT_OK)
+        goto out_unload;
+    const uint32_t smem = ms.info[ATT_KINFO_SMEM_BYTES];
+    if (smem > be->smem_optin) {
+        e = at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                        "head_dim %u needs %u bytes of shared memory per block; %s allows %u",
+                        kv->m->head_dim, smem, be->arch, be->smem_optin);
+        goto out_unload;
+    }
     if (smem > 48u * 1024u &&
-        (e = CU(cuFuncSetAttribute(kv->f_attend[kind],
-                                   CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)smem))) !=
-            AT_OK)
-        return e;
+        (e = CU(cuFuncSetAttribute(ms.f_attend, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                   (int)smem))) != AT_OK)
+        goto out_unload;
+    ms.used = kv->switches;
+    kv->slots[slot] = ms;
     return AT_OK;
+out_unload:
+    (void)CU(cuModuleUnload(ms.mod));
+    return e;
+}
+
+/* ---- compile threads: tuning candidates, off every call's path ---- */
+
+static void *compiler_run(void *arg) {
+    cuda_backend_t *be = arg;
+    pthread_mutex_lock(&be->comp_mu);
+    for (;;) {
+        while (!be->comp_stop && be->q_len == 0)
+            pthread_cond_wait(&be->comp_cv, &be->comp_mu);
+        if (be->comp_stop)
+            break;
+        att_jit_opts_t o = be->queue[be->q_head];
+        be->q_head = (be->q_head + 1) % COMPILE_QUEUE;
+        be->q_len--;
+        pthread_mutex_unlock(&be->comp_mu);
+        for (uint32_t i = 0; i < o.n; i++)
+            o.ptr[i] = o.text[i];
+        const void *img;
+        size_t bytes;
+        /* a failure is logged by att_jit and remembered there: set_tuning then refuses it */
+        (void)att_jit_image(be->jit, be->arch, o.ptr, o.n, &img, &bytes, NULL, NULL);
+        pthread_mutex_lock(&be->comp_mu);
+    }
+    pthread_mutex_unlock(&be->comp_mu);
+    return NULL;
+}
+
+/* Queues a compile of o (unless it is queued already) and starts the compile threads on first
+ * use. */
+static void compile_later(cuda_backend_t *be, const att_jit_opts_t *o) {
+    pthread_mutex_lock(&be->comp_mu);
+    bool queued = false;
+    for (uint32_t i = 0; i < be->q_len && !queued; i++)
+        queued = memcmp(be->queue[(be->q_head + i) % COMPILE_QUEUE].text, o->text,
+                        sizeof o->text) == 0;
+    if (!queued && be->q_len < COMPILE_QUEUE) {
+        be->queue[(be->q_head + be->q_len) % COMPILE_QUEUE] = *o;
+        be->q_len++;
+        pthread_cond_signal(&be->comp_cv);
+    }
+    while (be->n_started < be->n_compilers &&
+           pthread_create(&be->compilers[be->n_started], NULL, compiler_run, be) == 0)
+        be->n_started++;
+    pthread_mutex_unlock(&be->comp_mu);
+}
+
+static void compilers_stop(cuda_backend_t *be) {
+    pthread_mutex_lock(&be->comp_mu);
+    be->comp_stop = true;
+    pthread_cond_broadcast(&be->comp_cv);
+    const uint32_t n = be->n_started;
+    pthread_mutex_unlock(&be->comp_mu);
+    for (uint32_t i = 0; i < n; i++)
+        pthread_join(be->compilers[i], NULL);
+}
+
+/* The compile options of one tile kind of m, zeroed first so queued entries compare bytewise. */
+static void tile_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
+    memset(o, 0, sizeof *o);
+    att_jit_model_opts(m, t, o);
+}
+
+/* ---- tuning ---- */
+
+static void cuda_tun_device(const cuda_backend_t *be, tun_device_t *d) {
+    memset(d, 0, sizeof *d);
+    snprintf(d->backend, sizeof d->backend, "cuda");
+    snprintf(d->name, sizeof d->name, "%s", be->name);
+    snprintf(d->arch, sizeof d->arch, "%s", be->arch);
+    snprintf(d->driver, sizeof d->driver, "%d.%d", be->drv->driver_version / 1000,
+             be->drv->driver_version % 1000 / 10);
+    char nvrtc[24];
+    att_jit_nvrtc_version(nvrtc, sizeof nvrtc);
+    snprintf(d->compiler, sizeof d->compiler, "nvrtc %s", nvrtc);
+    d->threads = be->num_sms;
+    d->smem_bytes = be->smem_optin;
+}
+
+void att_cuda_tune_device(const att_backend_t *base, tun_device_t *d, const char **kernel_hash) {
+    cuda_tun_device((const cuda_backend_t *)base, d);
+    *kernel_hash = att_jit_kernel_hash();
+}
+
+/* The slot of (kind, tile), or MOD_SLOTS. */
+static uint32_t find_slot(const att_kv_t *kv, uint32_t kind, const att_tile_t *t) {
+    for (uint32_t i = 0; i < MOD_SLOTS; i++)
+        if (kv->slots[i].mod != NULL && kv->slots[i].kind == kind &&
+            memcmp(&kv->slots[i].tile, t, sizeof *t) == 0)
+            return i;
+    return MOD_SLOTS;
+}
+
+/* A slot to load into: a free one, else the least recently chosen that is not current nor
+ * `keep` (unloaded, and its prepared launches forgotten). */
+static uint32_t free_slot(att_kv_t *kv, uint32_t keep) {
+    uint32_t victim = MOD_SLOTS;
+    for (uint32_t i = 0; i < MOD_SLOTS; i++) {
+        if (kv->slots[i].mod == NULL)
+            return i;
+        if (i == kv->cur[ATT_TILE_WIDE] || i == kv->cur[ATT_TILE_NARROW] || i == keep)
+            continue;
+        if (victim == MOD_SLOTS || kv->slots[i].used < kv->slots[victim].used)
+            victim = i;
+    }
+    cuda_backend_t *be = kv->be;
+    (void)CU(cuModuleUnload(kv->slots[victim].mod)); /* no run is in flight (set_tuning) */
+    memset(&kv->slots[victim], 0, sizeof kv->slots[victim]);
+    lc_forget_tile(kv->lc, victim);
+    return victim;
+}
+
+static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg_t *cfg) {
+    cuda_backend_t *be = (cuda_backend_t *)base;
+    at_err_t e = enter(be);
+    if (e != AT_OK)
+        return e;
+    att_cuda_plan_t plan;
+    if (cfg == NULL) {
+        session_plan(be, kv->m, &plan);
+    } else {
+        tun_shape_t s;
+        tun_device_t d;
+        att_tune_shape(kv->m, &s);
+        cuda_tun_device(be, &d);
+        if (!tun_cfg_valid(&tun_space_cuda_unified, cfg, &s, &d))
+            return AT_ERR_CONFIG;
+        att_cuda_plan_from_cfg(cfg, &plan);
+    }
+    /* Both kinds' images first, so a missing one leaves kv as it was; every missing one is
+     * queued before answering NOT_READY, so both compile meanwhile. */
+    uint32_t slot[ATT_TILE_KINDS];
+    const void *img[ATT_TILE_KINDS] = {NULL, NULL};
+    at_err_t missing = AT_OK;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        if ((slot[k] = find_slot(kv, k, &plan.tile[k])) != MOD_SLOTS)
+            continue;
+        att_jit_opts_t o;
+        size_t bytes;
+        tile_opts(kv->m, &plan.tile[k], &o);
+        e = att_jit_lookup(be->jit, be->arch, o.ptr, o.n, &img[k], &bytes);
+        if (e == AT_ERR_NOT_READY)
+            compile_later(be, &o);
+        if (e != AT_OK && missing != AT_ERR_CONFIG)
+            missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
+    }
+    if (missing != AT_OK)
+        return missing;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        if (img[k] == NULL)
+            continue;
+        /* keep the other kind's slot: loaded just now, or found loaded but not current (an
+         * eviction of it would leave that kind's current slot holding this kind's module) */
+        slot[k] = free_slot(kv, slot[1u - k]);
+        if ((e = load_slot(kv, slot[k], k, &plan.tile[k], img[k], NULL)) != AT_OK)
+            return e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
+    }
+    kv->switches++;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        kv->cur[k] = slot[k];
+        kv->slots[slot[k]].used = kv->switches;
+    }
+    kv->plan = plan;
+    return AT_OK;
+}
+
+static at_err_t cuda_prepare_tuning(att_backend_t *base, const att_model_t *m,
+                                    const tun_cfg_t *cfgs, uint32_t n, bool wait) {
+    cuda_backend_t *be = (cuda_backend_t *)base;
+    at_err_t first = AT_OK;
+    for (uint32_t i = 0; i < n; i++) {
+        att_cuda_plan_t plan;
+        att_cuda_plan_from_cfg(&cfgs[i], &plan);
+        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+            att_jit_opts_t o;
+            const void *img;
+            size_t bytes;
+            tile_opts(m, &plan.tile[k], &o);
+            if (!wait) {
+                if (att_jit_lookup(be->jit, be->arch, o.ptr, o.n, &img, &bytes) ==
+                    AT_ERR_NOT_READY)
+                    compile_later(be, &o);
+                continue;
+            }
+            at_diag_t d = {{0}};
+            at_err_t e = att_jit_image(be->jit, be->arch, o.ptr, o.n, &img, &bytes, NULL, &d);
+            first = first == AT_OK ? e : first;
+        }
+    }
+    return first;
+}
+
+static void cuda_kv_timing(att_backend_t *base, att_kv_t *kv, bool on) {
+    (void)base;
+    kv->timing = on;
 }
 
 static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
@@ -384,9 +650,9 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)CU(cuEventDestroy(kv->ev_begin));
         if (kv->ev_end != NULL)
             (void)CU(cuEventDestroy(kv->ev_end));
-        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-            if (kv->mod[k] != NULL)
-                (void)CU(cuModuleUnload(kv->mod[k]));
+        for (uint32_t i = 0; i < MOD_SLOTS; i++)
+            if (kv->slots[i].mod != NULL)
+                (void)CU(cuModuleUnload(kv->slots[i].mod));
         if (kv->pool_d != 0)
             (void)CU(cuMemFree(kv->pool_d));
         if (kv->consts_d != 0)
@@ -425,9 +691,21 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
         att_jit_model_opts(m, &kv->plan.tile[k], &f[k].opts);
     att_gpu_fetch_images(be->jit, be->arch, f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        if ((e = load_kind(kv, k, &f[k], diag)) != AT_OK)
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        if (f[k].err != AT_OK) {
+            e = f[k].err;
+            if (diag != NULL)
+                *diag = f[k].diag;
             goto out_kv;
+        }
+        if (f[k].compiled) {
+            kv->compiles++;
+            lc_note_compile(kv->lc);
+        }
+        kv->cur[k] = k;
+        if ((e = load_slot(kv, k, k, &kv->plan.tile[k], f[k].img, diag)) != AT_OK)
+            goto out_kv;
+    }
     const size_t pool = kv->layer_half_bytes * 2 * m->num_layers;
     CUresult r = be->drv->cuMemAlloc(&kv->pool_d, pool);
     if (r == CUDA_ERROR_OUT_OF_MEMORY) {
@@ -526,6 +804,7 @@ static at_err_t cuda_register_host(att_backend_t *base, void *p, size_t bytes) {
 
 static void cuda_destroy(att_backend_t *base) {
     cuda_backend_t *be = (cuda_backend_t *)base;
+    compilers_stop(be);
     if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
         be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
         for (uint32_t i = 0; i < be->regs.n; i++)
@@ -533,6 +812,8 @@ static void cuda_destroy(att_backend_t *base) {
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
     att_jit_destroy(&be->jit);
     att_gpu_regions_fini(&be->regs);
+    pthread_mutex_destroy(&be->comp_mu);
+    pthread_cond_destroy(&be->comp_cv);
     free(be);
 }
 
@@ -545,6 +826,10 @@ static const att_backend_ops_t cuda_ops = {
     .destroy = cuda_destroy,
     .kv_stats = cuda_kv_stats,
     .register_host = cuda_register_host,
+    .tuning_space = &tun_space_cuda_unified,
+    .set_tuning = cuda_set_tuning,
+    .prepare_tuning = cuda_prepare_tuning,
+    .kv_timing = cuda_kv_timing,
 };
 
 int att_cuda_device_count(at_diag_t *diag) {
@@ -580,6 +865,11 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         be->plan = *cfg->plan;
     }
     att_gpu_regions_init(&be->regs);
+    pthread_mutex_init(&be->comp_mu, NULL);
+    pthread_cond_init(&be->comp_cv, NULL);
+    be->n_compilers = cfg->compile_threads == 0 ? 1
+                      : cfg->compile_threads > MAX_COMPILERS ? MAX_COMPILERS
+                                                             : cfg->compile_threads;
     int major = 0, minor = 0, sms = 0, optin = 0;
     char name[128] = "";
     if ((e = CU(cuDeviceGet(&be->dev, cfg->device))) != AT_OK ||
@@ -593,11 +883,15 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         (e = CU(cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                                      be->dev))) != AT_OK) {
         att_gpu_regions_fini(&be->regs);
+        pthread_mutex_destroy(&be->comp_mu);
+        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot query the device", cfg->device);
     }
     if (major < 8) {
         att_gpu_regions_fini(&be->regs);
+        pthread_mutex_destroy(&be->comp_mu);
+        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, AT_ERR_UNSUPPORTED,
                            "cuda:%d is %s, compute capability %d.%d; the kernels need 8.0 or later",
@@ -605,10 +899,13 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
     }
     if ((e = CU(cuDevicePrimaryCtxRetain(&be->ctx, be->dev))) != AT_OK) {
         att_gpu_regions_fini(&be->regs);
+        pthread_mutex_destroy(&be->comp_mu);
+        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot retain its context", cfg->device);
     }
     be->num_sms = (uint32_t)sms;
+    snprintf(be->name, sizeof be->name, "%s", name);
     be->smem_optin = (uint32_t)optin;
     snprintf(be->arch, sizeof be->arch, "sm_%d%d", major, minor);
     snprintf(be->desc, sizeof be->desc, "%s (%s, %d SMs, driver %d.%d)", name, be->arch, sms,

@@ -48,12 +48,23 @@ typedef struct att_cuda_cfg {
     /* NULL: att_cuda_plan_default per model. Else every session takes from it each tile whose
      * warps_m is not 0 and each split threshold that is not 0 (benches, tuning); copied. */
     const att_cuda_plan_t *plan;
+    /* Threads that compile tuning candidates in the background (0: one; a server's worker
+     * leaves it so, `attnd tune` uses every CPU). Started on first use. */
+    uint32_t compile_threads;
 } att_cuda_cfg_t;
 
 /* The plan for model m on a device that allows smem_optin bytes of shared memory per block: the
- * one place tiles and split thresholds are chosen (see the figures in docs/BENCHMARKS.md). Pure;
- * any thread. */
+ * heuristic of the tuning space (tuning/tun_space.c's cuda_heuristic, the one place default
+ * tiles and split thresholds are chosen; figures in docs/BENCHMARKS.md) through
+ * att_cuda_plan_from_cfg. Pure; any thread. */
 void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out);
+
+/* The plan of a config of tun_space_cuda_unified (valid: tun_cfg_valid). Pure; any thread. */
+void att_cuda_plan_from_cfg(const tun_cfg_t *cfg, att_cuda_plan_t *out);
+
+/* The tuning key of the device (name, sm_XY, driver and NVRTC versions, SMs, shared memory per
+ * block) and the hash of the embedded kernel source (borrowed, static). Any thread. */
+void att_cuda_tune_device(const att_backend_t *be, tun_device_t *d, const char **kernel_hash);
 
 /* AT_ERR_UNSUPPORTED with diag when there is no driver, no such device or no NVRTC;
  * AT_ERR_DEVICE when the device cannot be set up. On success *out is the caller's

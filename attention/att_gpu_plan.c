@@ -23,39 +23,6 @@ static at_err_t grow(void **p, size_t *cap, size_t n, size_t sz) {
 
 /* ---- the session's configuration ---- */
 
-void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
-    memset(out, 0, sizeof *out);
-    /* Decode: the group's rows padded to one m16 tile; four warps share the key stream. */
-    out->tile[ATT_TILE_NARROW] =
-        (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
-    /* Prefill: 128 rows as 4 warps x 2 m16 tiles (each K/V fragment read from shared memory
-     * feeds two MMAs per warp; each K/V tile from L2 serves 128 rows), 3 stages. Above 64
-     * dims, 32 keys per stage keep two tiles' scores and outputs in registers (64 keys spill
-     * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
-     * shared memory fits. */
-    const uint32_t dp = (m->head_dim + 15) / 16 * 16;
-    att_tile_t w = {.warps_m = 4,
-                    .warp_mt = dp <= 128 ? 2 : 1,
-                    .warps_n = 1,
-                    .tile_k = dp <= 64 ? 64 : 32,
-                    .stages = 3};
-    if (att_jit_tile_smem(m, &w) > smem_optin)
-        w.stages = 2;
-    if (att_jit_tile_smem(m, &w) > smem_optin)
-        w.warp_mt = 1;
-    out->tile[ATT_TILE_WIDE] = w;
-    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
-     * keep every SM busy with a short tail. */
-    out->min_split_keys = 256;
-    out->max_splits = 32;
-    out->blocks_per_sm = 2;
-    /* Mixed batches (H200, 2026-11-30, 63 decode + a 512-token chunk): wide tiles first on the
-     * side stream, split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and
-     * 0.263 unsplit (a spread of about 0.005 between identical runs). */
-    out->mixed_split_keys = 512;
-    out->mixed_order = ATT_CUDA_WIDE_FIRST;
-}
-
 void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
         if (over->tile[k].warps_m != 0)

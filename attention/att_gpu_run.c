@@ -10,21 +10,21 @@ static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 /* ---- launches ---- */
 
-void att_gpu_launch_init(lc_launch_t *n, const att_model_t *m, uint32_t kernel, uint32_t kind,
-                         uint32_t split, const uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT],
-                         void *fn, uint64_t consts_d, uint32_t num_blocks) {
+void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uint32_t kernel,
+                         const uint32_t info[ATT_KINFO_COUNT], void *fn, uint64_t consts_d,
+                         uint32_t num_blocks) {
     memset(n, 0, sizeof *n);
-    n->key = LC_KEY(kernel, kind, split);
+    n->key = key;
     n->fn = fn;
     n->grid_per_unit = m->num_kv_heads;
     n->param_bytes = sizeof(att_kparams_t);
     switch (kernel) {
     case ATT_GPU_K_ATTEND:
-        n->block_x = info[kind][ATT_KINFO_THREADS];
-        n->smem_bytes = info[kind][ATT_KINFO_SMEM_BYTES];
+        n->block_x = info[ATT_KINFO_THREADS];
+        n->smem_bytes = info[ATT_KINFO_SMEM_BYTES];
         break;
-    case ATT_GPU_K_MERGE: n->block_x = info[kind][ATT_KINFO_MERGE_THREADS]; break;
-    default: n->block_x = info[ATT_TILE_WIDE][ATT_KINFO_KVW_THREADS]; break;
+    case ATT_GPU_K_MERGE: n->block_x = info[ATT_KINFO_MERGE_THREADS]; break;
+    default: n->block_x = info[ATT_KINFO_KVW_THREADS]; break;
     }
     att_kparams_t t;
     memset(&t, 0, sizeof t);

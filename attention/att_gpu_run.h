@@ -26,12 +26,12 @@ enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_MERGE = 2, ATT_GPU_K_KV_WRITE = 3 };
 
 /* ---- launches ---- */
 
-/* Fills n, the prepared launch of (kernel, kind, split) running fn, from the module's att_k_info
- * (info) and the session's constants: consts_d ([Hq] ALiBi slopes, then [Hq] sinks; 0 when the
- * model has neither) and the pool's block count. */
-void att_gpu_launch_init(lc_launch_t *n, const att_model_t *m, uint32_t kernel, uint32_t kind,
-                         uint32_t split, const uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT],
-                         void *fn, uint64_t consts_d, uint32_t num_blocks);
+/* Fills n, the prepared launch under key of `kernel` (ATT_GPU_K_*) running fn, from its module's
+ * att_k_info (info) and the session's constants: consts_d ([Hq] ALiBi slopes, then [Hq] sinks; 0
+ * when the model has neither) and the pool's block count. */
+void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uint32_t kernel,
+                         const uint32_t info[ATT_KINFO_COUNT], void *fn, uint64_t consts_d,
+                         uint32_t num_blocks);
 
 /* A backend's lookup-or-prepare of a launch (its `prepared`). */
 typedef at_err_t (*att_gpu_prepared_fn)(att_kv_t *kv, uint32_t kernel, uint32_t kind,

@@ -130,7 +130,8 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
  * from the loaded module with the session's constants in its parameter template. */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const lc_launch_t *l = lc_lookup(kv->lc, LC_KEY(kernel, kind, split));
+    const uint32_t key = LC_KEY(kernel, kind, split);
+    const lc_launch_t *l = lc_lookup(kv->lc, key);
     if (l != NULL) {
         *out = l;
         return AT_OK;
@@ -139,17 +140,24 @@ static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t 
                : kernel == ATT_GPU_K_MERGE ? (void *)kv->f_merge[kind]
                                            : (void *)kv->f_kv_write;
     lc_launch_t n;
-    att_gpu_launch_init(&n, kv->m, kernel, kind, split, kv->info, fn, kv->consts_d, kv->num_blocks);
+    att_gpu_launch_init(&n, key, kv->m, kernel, kv->info[kind], fn, kv->consts_d, kv->num_blocks);
     return lc_insert(kv->lc, &n, out);
 }
 
 /* ---- planning (att_gpu_plan.c) ---- */
 
 void att_hip_plan_default(const att_model_t *m, att_cuda_plan_t *out) {
-    /* The split thresholds are the CUDA plan's (the same batches are short or long on any GPU);
-     * the tiles suit the FMA body, which keeps nothing in shared memory: a wave per query row,
-     * 4 waves over a decode tile's 16 rows, 8 over a prefill tile's 64. */
-    att_cuda_plan_default(m, UINT32_MAX, out);
+    /* The tiles suit the FMA body, which keeps nothing in shared memory: a wave per query row,
+     * 4 waves over a decode tile's 16 rows, 8 over a prefill tile's 64. The split thresholds
+     * are the CUDA heuristic's (att_cuda_plan_default): flash-decoding for fewer than 2 blocks
+     * per CU, parts of at least 256 keys; a mixed batch's wide tiles first, in ~512-key parts. */
+    (void)m;
+    memset(out, 0, sizeof *out);
+    out->min_split_keys = 256;
+    out->max_splits = 32;
+    out->blocks_per_sm = 2;
+    out->mixed_split_keys = 512;
+    out->mixed_order = ATT_CUDA_WIDE_FIRST;
     out->tile[ATT_TILE_NARROW] =
         (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
     out->tile[ATT_TILE_WIDE] =

@@ -1,9 +1,11 @@
 /* Run-time compilation (NVRTC here; hiprtc through att_hip.c's compiler) and the content-keyed
  * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
- * Two threads asking for the same new key may both compile; the first image inserted wins and
- * both return it. Images are never freed before att_jit_destroy, so borrowed pointers stay valid.
- */
+ * Entries are read (image pointer and size copied out) only under mu, since an insert may move
+ * the array. Two threads asking for the same new key may both compile; the first image inserted
+ * wins and both return it. Images are never freed before att_jit_destroy, so borrowed pointers
+ * stay valid. Users: a session's creation (two threads, one per tile kind), the CUDA backend's
+ * compile threads (tuning candidates) and set_tuning (att_jit_lookup, which never compiles). */
 #include "attention/att_jit.h"
 
 #include <errno.h>
@@ -22,6 +24,7 @@
 #endif
 #include "common/at_base.h"
 #include "common/at_log.h"
+#include "tuning/tun.h"
 
 /* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
 extern const unsigned char att_kernel_unified_cu[];
@@ -37,7 +40,7 @@ extern const unsigned char att_kernel_port_h[];
 
 typedef struct entry {
     uint8_t key[KEY_BYTES];
-    void *image; /* owned */
+    void *image; /* owned; NULL: the key failed to compile (asking again fails at once) */
     size_t bytes;
 } entry_t;
 
@@ -53,12 +56,26 @@ struct att_jit {
 };
 
 uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t) {
-    if (m->dtype == ATT_DTYPE_F32)
-        return 0;
-    const uint32_t dp = (m->head_dim + 15) / 16 * 16, rows = 16 * t->warp_mt * t->warps_m;
-    const uint32_t main = (rows + 2 * t->stages * t->tile_k) * (dp + 8) * 2;
-    const uint32_t epi = t->warps_n * rows * (dp + 4 + 2) * 4;
-    return main > epi ? main : epi;
+    return tun_cuda_smem_bytes(m->head_dim, (uint32_t)m->dtype, t->warps_m, t->warp_mt,
+                               t->warps_n, t->tile_k, t->stages);
+}
+
+static pthread_once_t hash_once = PTHREAD_ONCE_INIT;
+static char kernel_hash[2 * KEY_BYTES + 1];
+
+static void key_hex(const uint8_t key[KEY_BYTES], char hex[2 * KEY_BYTES + 1]);
+static int sha256_strings(const char *const *s, size_t n, uint8_t out[KEY_BYTES]);
+
+static void hash_init(void) {
+    const char *parts[] = {KERNEL_SRC, KERNEL_HDR, KERNEL_PORT};
+    uint8_t key[KEY_BYTES];
+    if (sha256_strings(parts, 3, key) == 0)
+        key_hex(key, kernel_hash);
+}
+
+const char *att_jit_kernel_hash(void) {
+    pthread_once(&hash_once, hash_init);
+    return kernel_hash;
 }
 
 static void opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) {
@@ -150,9 +167,9 @@ static int make_dirs(const char *path) {
     return 0;
 }
 
-at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir, at_diag_t *diag,
-                             att_jit_t **out) {
-    if (strlen(cc->name) >= sizeof((att_jit_t *)0)->name)
+at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir,
+                             at_diag_t *diag, att_jit_t **out) {
+    if (strlen(cc->name) >= sizeof ((att_jit_t *)0)->name)
         return at_diag_set(diag, AT_ERR_INTERNAL, "compiler name too long");
     if (cache_dir != NULL && strlen(cache_dir) >= 480)
         return at_diag_set(diag, AT_ERR_CONFIG, "kernel cache dir: path too long");
@@ -304,7 +321,7 @@ static int write_all(int fd, const void *p, size_t n) {
  * directory: a reader sees either no file or a whole one. Failures are logged, not returned: the
  * image is still good in memory. */
 static void disk_write(const char *dir, const char *path, const void *img, size_t n) {
-    char tmp[600];
+    char tmp[640];
     snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path);
     int fd = mkstemp(tmp);
     if (fd < 0) {
@@ -330,8 +347,10 @@ static void disk_write(const char *dir, const char *path, const void *img, size_
     }
 }
 
-at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
+/* The key of (arch, options): SHA-256 of the source, its headers, arch, the compiler's name and
+ * version, and every option. */
+static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts,
+                         uint32_t n_opts, uint8_t key[KEY_BYTES], at_diag_t *diag) {
     const char *parts[ATT_JIT_MAX_OPTS + 5];
     if (n_opts > ATT_JIT_MAX_OPTS)
         return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
@@ -341,39 +360,108 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
     parts[3] = arch;
     parts[4] = j->cc.name;
     memcpy(parts + 5, opts, n_opts * sizeof *opts);
-    uint8_t key[KEY_BYTES];
     if (sha256_strings(parts, n_opts + 5, key) != 0)
         return at_diag_set(diag, AT_ERR_INTERNAL, "SHA-256 failed");
-    if (compiled != NULL)
-        *compiled = 0;
+    return AT_OK;
+}
 
+/* From memory: AT_OK (image set), AT_ERR_UNSUPPORTED (the key failed to compile before) or
+ * AT_ERR_NOT_READY (absent). */
+static at_err_t memory_get(att_jit_t *j, const uint8_t key[KEY_BYTES], const void **image,
+                           size_t *bytes) {
+    at_err_t e = AT_ERR_NOT_READY;
     pthread_mutex_lock(&j->mu);
     const entry_t *hit = find(j, key);
-    if (hit != NULL)
-        j->stats.memory_hits++;
-    pthread_mutex_unlock(&j->mu);
     if (hit != NULL) {
+        e = hit->image != NULL ? AT_OK : AT_ERR_UNSUPPORTED;
         *image = hit->image;
         *bytes = hit->bytes;
-        return AT_OK;
+        j->stats.memory_hits += hit->image != NULL;
     }
+    pthread_mutex_unlock(&j->mu);
+    return e;
+}
 
-    char path[600] = "", hex[2 * KEY_BYTES + 1];
-    void *img = NULL;
-    size_t n = 0;
-    int damaged = 0, from_disk = 0;
-    if (j->dir[0] != '\0') {
-        key_hex(key, hex);
-        snprintf(path, sizeof path, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
-        img = disk_read(path, &n, &damaged);
-        from_disk = img != NULL;
-        if (damaged)
-            at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
+/* Inserts img (taken; NULL records a failed compile) and returns the entry's image. */
+static at_err_t memory_put(att_jit_t *j, const uint8_t key[KEY_BYTES], void *img, size_t n,
+                           int from_disk, int damaged, uint64_t compile_ns, const void **image,
+                           size_t *bytes) {
+    pthread_mutex_lock(&j->mu);
+    const entry_t *ent = insert(j, key, img, n);
+    if (from_disk)
+        j->stats.disk_hits++;
+    else if (compile_ns != 0) {
+        j->stats.compiles++;
+        j->stats.compile_ns += compile_ns;
     }
-    uint64_t t0 = now_ns(), dt = 0;
+    j->stats.disk_rejects += (uint64_t)damaged;
+    at_err_t e = ent == NULL ? AT_ERR_NOMEM : ent->image != NULL ? AT_OK : AT_ERR_UNSUPPORTED;
+    if (ent != NULL) {
+        *image = ent->image;
+        *bytes = ent->bytes;
+    }
+    pthread_mutex_unlock(&j->mu);
+    return e;
+}
+
+/* The key's file, when the cache has a directory: path set, image or NULL. */
+static void *disk_get(att_jit_t *j, const uint8_t key[KEY_BYTES], char path[600], size_t *n,
+                      int *damaged) {
+    char hex[2 * KEY_BYTES + 1];
+    *damaged = 0;
+    path[0] = '\0';
+    if (j->dir[0] == '\0')
+        return NULL;
+    key_hex(key, hex);
+    snprintf(path, 600, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+    void *img = disk_read(path, n, damaged);
+    if (*damaged)
+        at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
+    return img;
+}
+
+at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                        const void **image, size_t *bytes) {
+    uint8_t key[KEY_BYTES];
+    at_err_t e = make_key(j, arch, opts, n_opts, key, NULL);
+    if (e != AT_OK || (e = memory_get(j, key, image, bytes)) != AT_ERR_NOT_READY)
+        return e;
+    char path[600];
+    size_t n = 0;
+    int damaged = 0;
+    void *img = disk_get(j, key, path, &n, &damaged);
+    if (img == NULL)
+        return AT_ERR_NOT_READY;
+    return memory_put(j, key, img, n, 1, damaged, 0, image, bytes);
+}
+
+at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
+    uint8_t key[KEY_BYTES];
+    at_err_t e = make_key(j, arch, opts, n_opts, key, diag);
+    if (e != AT_OK)
+        return e;
+    if (compiled != NULL)
+        *compiled = 0;
+    if ((e = memory_get(j, key, image, bytes)) != AT_ERR_NOT_READY)
+        return e == AT_ERR_UNSUPPORTED
+                   ? at_diag_set(diag, e, "kernel does not compile for %s (an earlier try)", arch)
+                   : e;
+    char path[600];
+    size_t n = 0;
+    int damaged = 0;
+    void *img = disk_get(j, key, path, &n, &damaged);
+    const int from_disk = img != NULL;
+    uint64_t dt = 0;
     if (img == NULL) {
-        at_err_t e = j->cc.compile(j->cc.user, arch, opts, n_opts, &img, &n, diag);
-        dt = now_ns() - t0;
+        const uint64_t t0 = now_ns();
+        e = j->cc.compile(j->cc.user, arch, opts, n_opts, &img, &n, diag);
+        dt = now_ns() - t0 + 1;
+        if (e == AT_ERR_UNSUPPORTED) { /* remembered: the options never compile */
+            const void *none;
+            size_t zero;
+            (void)memory_put(j, key, NULL, 0, 0, damaged, dt, &none, &zero);
+        }
         if (e != AT_OK)
             return e;
         if (path[0] != '\0')
@@ -381,21 +469,7 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
         if (compiled != NULL)
             *compiled = 1;
     }
-    pthread_mutex_lock(&j->mu);
-    const entry_t *ent = insert(j, key, img, n);
-    if (from_disk)
-        j->stats.disk_hits++;
-    else {
-        j->stats.compiles++;
-        j->stats.compile_ns += dt;
-    }
-    j->stats.disk_rejects += (uint64_t)damaged;
-    pthread_mutex_unlock(&j->mu);
-    if (ent == NULL)
-        return AT_ERR_NOMEM;
-    *image = ent->image;
-    *bytes = ent->bytes;
-    return AT_OK;
+    return memory_put(j, key, img, n, from_disk, damaged, dt, image, bytes);
 }
 
 #ifdef AT_HAVE_CUDA
@@ -475,4 +549,5 @@ void att_jit_nvrtc_version(char *buf, size_t n) {
     else if (n > 0)
         buf[0] = '\0';
 }
+
 #endif

@@ -11,7 +11,8 @@
  * file per key, written atomically: temporary file, fsync, rename, fsync of the directory); a file
  * that is truncated or whose checksum is wrong is recompiled and replaced, never loaded.
  *
- * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once). */
+ * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once;
+ * see att_jit.c for who calls from which thread). */
 #ifndef AT_ATTENTION_ATT_JIT_H
 #define AT_ATTENTION_ATT_JIT_H
 
@@ -119,7 +120,17 @@ void att_jit_destroy(att_jit_t **j);
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
                        const void **image, size_t *bytes, int *compiled, at_diag_t *diag);
 
+/* As att_jit_image, but never compiles: from memory, else from disk. AT_ERR_NOT_READY when
+ * neither has it; AT_ERR_UNSUPPORTED when an earlier compile of it failed. For a call's path
+ * (set_tuning), where a compile would stall the call for seconds. */
+at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
+                        const void **image, size_t *bytes);
+
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
+
+/* Hex SHA-256 of the embedded kernel source and its header (att_unified.cu, att_kparams.h): a
+ * kernel change changes it, so tuning records keyed by it are not reused. Any thread. */
+const char *att_jit_kernel_hash(void);
 
 /* The default cache directory: $ATTND_KERNEL_CACHE_DIR (set by `attnd serve --kernel-cache-dir`
  * for its workers), else $XDG_CACHE_HOME/attnd/kernels, else $HOME/.cache/attnd/kernels; "" when

@@ -9,6 +9,9 @@
 #include <time.h>
 
 #include "attention/att_cpu.h"
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cuda.h"
+#endif
 #include "common/at_log.h"
 #include "tuning/tun_search.h"
 
@@ -155,6 +158,8 @@ at_err_t att_bench_create(att_backend_t *be, const att_model_t *m, uint32_t wind
     }
     b->batch = (att_batch_t){.layer = 0, .num_chunks = n, .total_tokens = (uint32_t)tokens,
                              .attend = 1, .chunks = b->chunks};
+    if (be->ops->kv_timing != NULL)
+        be->ops->kv_timing(be, b->kv, true);
     *out = b;
     return AT_OK;
 }
@@ -190,7 +195,34 @@ at_err_t att_bench_time(att_bench_t *b, const tun_cfg_t *cfg, uint64_t *ns) {
     int64_t t0 = now_ns();
     e = b->be->ops->run(b->be, b->kv, &b->batch);
     *ns = (uint64_t)(now_ns() - t0);
+    if (e == AT_OK && b->be->ops->kv_timing != NULL && b->be->ops->kv_stats != NULL) {
+        att_kv_stats_t st; /* the device's own time: kernels only, no host copies */
+        b->be->ops->kv_stats(b->be, b->kv, &st);
+        *ns = st.last_device_ns != 0 ? st.last_device_ns : *ns;
+    }
     return e;
+}
+
+at_err_t att_bench_search_step(att_bench_t *b, tun_search_t *s, uint32_t *stage_seen) {
+    uint32_t stage, n;
+    const tun_cfg_t *cfgs;
+    if (!tun_search_stage(s, &stage, &cfgs, &n))
+        return AT_OK;
+    att_backend_t *be = b->be;
+    if (stage + 1 != *stage_seen && be->ops->prepare_tuning != NULL) {
+        (void)be->ops->prepare_tuning(be, b->model, cfgs, n, false);
+        *stage_seen = stage + 1;
+    }
+    tun_cfg_t cfg;
+    bool warmup;
+    uint64_t ns = 0;
+    if (!tun_search_next(s, &cfg, &warmup))
+        return AT_OK;
+    at_err_t e = att_bench_time(b, &cfg, &ns);
+    if (e == AT_ERR_NOT_READY)
+        return e; /* the same config again later */
+    tun_search_report(s, e == AT_OK ? ns : UINT64_MAX);
+    return e == AT_ERR_CONFIG ? AT_OK : e; /* a refused config is skipped, not fatal */
 }
 
 /* ---- keys ---- */
@@ -209,11 +241,20 @@ void att_tune_shape(const att_model_t *m, tun_shape_t *s) {
 }
 
 at_err_t att_tune_device(const att_backend_t *be, tun_device_t *d, const char **kernel_hash) {
-    if (be->ops->tuning_space == NULL || strcmp(be->ops->name, "cpu") != 0)
+    if (be->ops->tuning_space == NULL)
         return AT_ERR_UNSUPPORTED;
-    tun_device_cpu(att_cpu_isa(be), att_cpu_threads(be), d);
-    *kernel_hash = att_cpu_kernel_hash();
-    return AT_OK;
+    if (strcmp(be->ops->name, "cpu") == 0) {
+        tun_device_cpu(att_cpu_isa(be), att_cpu_threads(be), d);
+        *kernel_hash = att_cpu_kernel_hash();
+        return AT_OK;
+    }
+#ifdef AT_HAVE_CUDA
+    if (strcmp(be->ops->name, "cuda") == 0) {
+        att_cuda_tune_device(be, d, kernel_hash);
+        return AT_OK;
+    }
+#endif
+    return AT_ERR_UNSUPPORTED;
 }
 
 tun_bucket_t att_tune_bucket(const att_call_t *calls, uint32_t n) {
@@ -246,6 +287,7 @@ typedef struct job {
     att_bench_t *bench;        /* owned; NULL until the first step */
     tun_search_t *search;      /* owned */
     bool filling;
+    uint32_t stage_seen;       /* 1 + the search stage whose configs were prepared */
     int64_t started_ns;
 } job_t;
 
@@ -268,6 +310,8 @@ struct att_tuner {
     tun_source_t last_source;
     uint64_t runs, jobs_done;
 };
+
+static void prepare_stored(att_tuner_t *t);
 
 at_err_t att_tuner_create(att_backend_t *be, const att_model_t *m, const att_tune_cfg_t *cfg,
                           at_diag_t *diag, att_tuner_t **out) {
@@ -296,8 +340,25 @@ at_err_t att_tuner_create(att_backend_t *be, const att_model_t *m, const att_tun
         att_tuner_destroy(&t);
         return e;
     }
+    prepare_stored(t);
     *out = t;
     return AT_OK;
+}
+
+/* The stored configs' kernels are compiled (or read from the compile cache) now, while the
+ * session is created, so that no call of it waits for a compile. */
+static void prepare_stored(att_tuner_t *t) {
+    const size_t n = tun_store_count(t->store);
+    if (t->be->ops->prepare_tuning == NULL || t->mode == TUN_MODE_OFF || n == 0)
+        return;
+    tun_cfg_t *cfgs = malloc(n * sizeof *cfgs);
+    if (cfgs == NULL)
+        return; /* the first calls then find them missing and keep the heuristic meanwhile */
+    for (size_t i = 0; i < n; i++)
+        cfgs[i] = tun_store_at(t->store, i)->best;
+    if (t->be->ops->prepare_tuning(t->be, t->m, cfgs, (uint32_t)n, true) != AT_OK)
+        at_log(AT_LOG_WARN, "tuning", "a stored config's kernels do not compile");
+    free(cfgs);
 }
 
 static void job_fini(job_t *j) {
@@ -392,8 +453,17 @@ void att_tuner_pick(att_tuner_t *t, att_ctx_t *ctx, const att_call_t *calls, uin
     if (t->applied.n == 0 || !tun_cfg_equal(&t->applied, &cfg)) {
         /* a stored config the backend refuses (it should not: the store checks every config)
          * leaves the previous one in place */
-        if (att_ctx_set_tuning(ctx, &cfg) != AT_OK) {
-            at_log(AT_LOG_WARN, "tuning", "the backend refused a config; keeping the last one");
+        at_err_t e = att_ctx_set_tuning(ctx, &cfg);
+        if (e == AT_ERR_NOT_READY && source != TUN_SOURCE_HEURISTIC) {
+            /* its kernels are being compiled (evicted from memory, say): the heuristic's are
+             * always loadable, so use them until then */
+            t->space->heuristic(&t->shape, &t->dev, &b, &cfg);
+            source = TUN_SOURCE_HEURISTIC;
+            e = tun_cfg_equal(&t->applied, &cfg) ? AT_OK : att_ctx_set_tuning(ctx, &cfg);
+        }
+        if (e != AT_OK) {
+            at_log(AT_LOG_WARN, "tuning", "the backend refused a config (%s); keeping the last",
+                   at_err_str(e));
             return;
         }
         t->applied = cfg;
@@ -449,34 +519,33 @@ static void job_finish(att_tuner_t *t, job_t *j) {
         (void)tun_store_save(t->store); /* logged there; the choice stands either way */
 }
 
-void att_tuner_step(att_tuner_t *t) {
+bool att_tuner_step(att_tuner_t *t) {
     if (t->n_jobs == 0)
-        return;
+        return false;
     job_t *j = &t->jobs[0];
-    t->runs++;
     if (j->bench == NULL) {
+        t->runs++;
         if (!job_start(t, j))
             drop_job(t);
-        return;
+        return true;
     }
     at_err_t e = AT_OK;
     if (j->filling) {
         bool more = false;
+        t->runs++;
         e = att_bench_fill_step(j->bench, &more);
         j->filling = more && e == AT_OK;
     } else {
+        e = att_bench_search_step(j->bench, j->search, &j->stage_seen);
+        if (e == AT_ERR_NOT_READY)
+            return false; /* kernels still compiling off this thread */
+        t->runs++;
         tun_cfg_t cfg;
         bool warmup;
-        uint64_t ns = 0;
-        if (tun_search_next(j->search, &cfg, &warmup)) {
-            e = att_bench_time(j->bench, &cfg, &ns);
-            tun_search_report(j->search, e == AT_OK ? ns : UINT64_MAX);
-            e = e == AT_ERR_CONFIG ? AT_OK : e; /* a refused config is skipped, not fatal */
-        }
         if (e == AT_OK && !tun_search_next(j->search, &cfg, &warmup)) {
             job_finish(t, j);
             drop_job(t);
-            return;
+            return true;
         }
     }
     if (e != AT_OK) {
@@ -484,6 +553,7 @@ void att_tuner_step(att_tuner_t *t) {
                at_err_str(e));
         drop_job(t);
     }
+    return true;
 }
 
 void att_tuner_get_info(const att_tuner_t *t, att_tuner_info_t *out) {

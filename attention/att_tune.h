@@ -24,6 +24,7 @@
 #include "attention/att_ctx.h"
 #include "attention/att_model.h"
 #include "tuning/tun.h"
+#include "tuning/tun_search.h"
 #include "tuning/tun_store.h"
 
 /* ---- timing one batch shape on copies ---- */
@@ -49,8 +50,16 @@ void att_bench_destroy(att_bench_t **b);
 at_err_t att_bench_fill_step(att_bench_t *b, bool *more);
 
 /* Runs the batch once with cfg (a config of the backend's space; NULL = the heuristic) and
- * returns its wall time. AT_ERR_CONFIG when the backend refuses cfg. */
+ * returns its time: the device's (kernels only) where the backend can time its runs
+ * (kv_timing), else wall time. AT_ERR_CONFIG when the backend refuses cfg, AT_ERR_NOT_READY
+ * while its kernels are compiling. */
 at_err_t att_bench_time(att_bench_t *b, const tun_cfg_t *cfg, uint64_t *ns);
+
+/* One step of search s on b: times the search's next config (first asking the backend to
+ * prepare the configs of a stage not seen yet; *stage_seen, 0 at first, tracks that) and
+ * reports it. AT_ERR_NOT_READY: the config's kernels are still compiling (nothing reported;
+ * call again later); a refused config is reported as failed and is AT_OK; else run errors. */
+at_err_t att_bench_search_step(att_bench_t *b, tun_search_t *s, uint32_t *stage_seen);
 
 /* The model shape of m as a tuning key. */
 void att_tune_shape(const att_model_t *m, tun_shape_t *s);
@@ -75,14 +84,15 @@ typedef struct att_tuner att_tuner_t;
 
 typedef struct att_tuner_info {
     tun_source_t source;    /* of the last batch's config; NONE before the first, or no knobs */
-    char config[128];       /* that config as text ("" when none) */
+    char config[TUN_CFG_TEXT_MAX];       /* that config as text ("" when none) */
     uint64_t tuning_runs;   /* tuning steps run (fills and timings) by this tuner */
     uint64_t jobs_done;     /* tuning jobs completed (a record adopted) */
     uint32_t jobs_pending;
 } att_tuner_info_t;
 
 /* A tuner for a session of model m (borrowed; outlives the tuner) on be. Restores the store's
- * records (mode frozen or on); a damaged store is logged and set aside, never an error. Errors:
+ * records (mode frozen or on) and has the backend prepare their configs' kernels
+ * (prepare_tuning, waiting), so the session's first call compiles nothing; a damaged store is logged and set aside, never an error. Errors:
  * AT_ERR_NOMEM, AT_ERR_IO (the directory cannot be created; diag says why). A backend without
  * knobs gets a tuner that does nothing. On success *out is the caller's. */
 at_err_t att_tuner_create(att_backend_t *be, const att_model_t *m, const att_tune_cfg_t *cfg,
@@ -99,8 +109,10 @@ bool att_tuner_pending(const att_tuner_t *t);
 /* Runs one step of the oldest job: the first re-reads the store (another session or process
  * may have tuned the bucket meanwhile), then fills, then one timing per step; the last adopts
  * the winner and saves the store. A job that cannot run (too large, a backend error) is
- * dropped with a log line and its bucket keeps the heuristic. */
-void att_tuner_step(att_tuner_t *t);
+ * dropped with a log line and its bucket keeps the heuristic. Returns false when nothing ran:
+ * no job, or the next config's kernels are still compiling on the backend's threads (the
+ * caller waits on its own work a little before the next step). Never blocks for a compile. */
+bool att_tuner_step(att_tuner_t *t);
 
 void att_tuner_get_info(const att_tuner_t *t, att_tuner_info_t *out);
 

@@ -2,7 +2,9 @@
  *
  * Ceilings (own kernels, compiled here with NVRTC): read-only streaming bandwidth (16-byte loads,
  * a 4 GiB buffer, several times the L2) and device-to-device copy bandwidth (bytes read plus
- * bytes written), best of 5; the host time of a bare cuLaunchKernel of an empty kernel. The bf16
+ * bytes written), best of 5; the host time of a bare cuLaunchKernel of an empty kernel, back to
+ * back (the driver's best case) and where a call launches (after an upload, on a synchronized
+ * stream: what the attention launches are compared with). The bf16
  * matrix rate comes from torch (tools/gpu_torch_bench.py) and is passed in with --matmul-tflops.
  * Cases, through att_ctx on the CUDA backend (device time of a call's kernels from events, median
  * of the repeats; every call rolls its sequences back to the same positions, so the shape stays):
@@ -25,6 +27,8 @@
 
 static const char k_ceiling_src[] =
     "extern \"C\" __global__ void empty(void) {}\n"
+    "struct p144 { unsigned long long w[18]; };\n"
+    "extern \"C\" __global__ void empty_p144(p144 p) { if (p.w[17] == 1) p.w[0] = 0; }\n"
     "extern \"C\" __global__ void read_only(const uint4 *p, unsigned long long n, uint4 *sink) {\n"
     "  uint4 acc = make_uint4(0, 0, 0, 0);\n"
     "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
@@ -42,7 +46,7 @@ typedef struct gpu {
     CUcontext ctx;
     CUdevice dev;
     CUmodule mod;
-    CUfunction f_empty, f_read, f_copy;
+    CUfunction f_empty, f_empty_p144, f_read, f_copy;
     int sms;
 } gpu_t;
 
@@ -99,7 +103,53 @@ typedef struct ceilings {
     double read_gbs;
     double copy_gbs;
     double empty_launch_ns;
+    /* Median host time of one launch of an empty kernel with a 144-byte parameter block (the
+     * attention kernels' size) on a non-blocking stream: back to back, after the stream was
+     * synchronized, and where a call launches (after an upload from pinned memory as well). */
+    double p144_b2b_ns, p144_synced_ns, call_launch_ns;
 } ceilings_t;
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by an
+ * upload of a call's metadata size when `upload`, the stream synchronized after each when
+ * `sync`. */
+static int measure_launch(gpu_t *g, bool upload, bool sync, double *ns) {
+    enum { N = 2000, META = 16384 };
+    CUstream st = NULL;
+    CUdeviceptr d = 0;
+    void *h = NULL;
+    double *t = calloc(N, sizeof *t);
+    unsigned long long p[18] = {0};
+    void *args[] = {p};
+    int rc = t == NULL || CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) ||
+             CK(cuMemAlloc(&d, META)) || CK(cuMemHostAlloc(&h, META, 0));
+    for (int i = -100; i < N && rc == 0; i++) {
+        rc = upload && CK(cuMemcpyHtoDAsync(d, h, META, st));
+        const uint64_t t0 = now_ns();
+        rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, 0, st, args, NULL));
+        const uint64_t t1 = now_ns();
+        rc = rc || (sync && CK(cuStreamSynchronize(st)));
+        if (i >= 0)
+            t[i] = (double)(t1 - t0);
+    }
+    rc = rc || CK(cuStreamSynchronize(st));
+    if (rc == 0) {
+        qsort(t, N, sizeof *t, cmp_double);
+        *ns = t[N / 2];
+    }
+    if (h != NULL)
+        CK(cuMemFreeHost(h));
+    if (d != 0)
+        CK(cuMemFree(d));
+    if (st != NULL)
+        CK(cuStreamDestroy(st));
+    free(t);
+    return rc ? -1 : 0;
+}
 
 static int measure_ceilings(gpu_t *g, ceilings_t *c) {
     const size_t bytes = (size_t)4 << 30;
@@ -143,7 +193,9 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
         if (CK(cuLaunchKernel(g->f_empty, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)))
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
-    if (CK(cuCtxSynchronize()))
+    if (CK(cuCtxSynchronize()) || measure_launch(g, false, false, &c->p144_b2b_ns) ||
+        measure_launch(g, false, true, &c->p144_synced_ns) ||
+        measure_launch(g, true, true, &c->call_launch_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -166,7 +218,8 @@ typedef struct result {
     double call_ms;     /* median wall time of the whole call (uploads, kernels, download) */
     double kv_gb;       /* KV bytes the kernels must read */
     double tflop;       /* attention FLOPs (QK and PV, 2 per multiply-add), TFLOP */
-    double host_us;     /* host time of the call's launches on a launch-cache hit */
+    double host_us;     /* host time of the call's launches on a launch-cache hit, median */
+    double host_mean_us;
     double enqueue_us;  /* host time from entry to the last launch (staging included) */
     uint64_t launches;  /* per call */
 } result_t;
@@ -197,11 +250,6 @@ static void *tensor(size_t n, size_t salt) {
         o += len;
     }
     return p;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 /* Fills seqs sequences with ctx tokens each (append-only calls, a few at a time). */
@@ -246,7 +294,9 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
     att_call_t c = {.layer = 0, .chunks = ch, .num_chunks = n, .q = q, .q_bytes = qb, .k = k,
                     .k_bytes = kb, .v = v, .v_bytes = kb, .out = out, .out_bytes = qb};
     double *dev = calloc((size_t)reps, sizeof *dev), *wall = calloc((size_t)reps, sizeof *wall);
-    att_ctx_info_t i0, i1;
+    double *host = calloc((size_t)reps, sizeof *host);
+    att_ctx_info_t i0, i1, before;
+    att_ctx_get_info(ctx, &before);
     int rc = 0;
     for (int rep = -3; rep < reps && rc == 0; rep++) {
         if (rep == 0)
@@ -265,21 +315,26 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
             att_ctx_get_info(ctx, &ii);
             dev[rep] = ii.kv_stats.last_device_ns / 1e6;
             wall[rep] = (t1 - t0) / 1e6;
+            host[rep] = (double)(ii.kv_stats.launch_host_ns - before.kv_stats.launch_host_ns);
         }
+        att_ctx_get_info(ctx, &before);
     }
     if (rc == 0) {
         att_ctx_get_info(ctx, &i1);
         qsort(dev, (size_t)reps, sizeof *dev, cmp_double);
         qsort(wall, (size_t)reps, sizeof *wall, cmp_double);
+        qsort(host, (size_t)reps, sizeof *host, cmp_double);
         r->device_ms = dev[reps / 2];
         r->call_ms = wall[reps / 2];
         r->launches = (i1.kv_stats.launches - i0.kv_stats.launches) / (uint64_t)reps;
-        r->host_us =
+        r->host_us = host[reps / 2] / 1e3;
+        r->host_mean_us =
             (double)(i1.kv_stats.launch_host_ns - i0.kv_stats.launch_host_ns) / reps / 1e3;
         r->enqueue_us = i1.kv_stats.last_host_ns / 1e3;
     }
     free(dev);
     free(wall);
+    free(host);
     free(q);
     free(k);
     free(v);
@@ -459,8 +514,12 @@ int bench_gpu_main(int argc, char **argv) {
     }
     printf("GPU: %s\n", att_cuda_describe(be));
     printf("ceilings: read-only %.0f GB/s, device copy %.0f GB/s (read + write), "
-           "bare cuLaunchKernel %.2f us of host time, bf16 matmul %.0f TFLOP/s (torch)\n",
-           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops);
+           "bare cuLaunchKernel %.2f us of host time (mean, back to back), bf16 matmul %.0f "
+           "TFLOP/s (torch)\n"
+           "bare launch with 144 bytes of parameters, median: %.2f us back to back, %.2f us on a "
+           "synchronized stream, %.2f us after an upload too (a call's position)\n",
+           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
+           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3);
     pattern_init();
     static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
     result_t res[8];
@@ -476,21 +535,24 @@ int bench_gpu_main(int argc, char **argv) {
     }
     if (rc == 0 && has_case(cases, "mixed"))
         rc |= bench_mixed(be, &shapes[0], &res[n++]);
-    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %5s\n", "case", "device ms", "call ms",
-           "KV GB/s", "of read", "TFLOP/s", "host us", "enq us", "launch");
+    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
+           "KV GB/s", "of read", "TFLOP/s", "host us", "mean us", "enq us", "launch");
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
-                    "\"empty_launch_us\": %.3f, \"matmul_tflops\": %.1f, \"cases\": [",
+                    "\"empty_launch_us\": %.3f, \"p144_b2b_us\": %.3f, "
+                    "\"p144_synced_us\": %.3f, \"call_launch_us\": %.3f, "
+                    "\"matmul_tflops\": %.1f, \"cases\": [",
                 att_cuda_describe(be), c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3,
+                c.p144_b2b_ns / 1e3, c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3,
                 matmul_tflops);
     for (int i = 0; i < n; i++) {
         const result_t *r = &res[i];
         const double gbs = r->kv_gb / (r->device_ms / 1e3);
         const double tfs = r->tflop / (r->device_ms / 1e3);
-        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.1f %5" PRIu64 "\n", r->name,
-               r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
-               r->enqueue_us, r->launches);
+        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
+               r->name, r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
+               r->host_mean_us, r->enqueue_us, r->launches);
         if (strncmp(r->name, "mixed", 5) == 0) {
             const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
                                          matmul_tflops > 0 ? r->tflop / matmul_tflops * 1e3 : 0);
@@ -501,9 +563,10 @@ int bench_gpu_main(int argc, char **argv) {
         if (js != NULL)
             fprintf(js, "%s{\"case\": \"%s\", \"device_ms\": %.4f, \"call_ms\": %.4f, "
                         "\"kv_gb\": %.4f, \"tflop\": %.4f, \"host_us\": %.3f, "
-                        "\"enqueue_us\": %.3f, \"launches\": %" PRIu64 "}",
+                        "\"host_mean_us\": %.3f, \"enqueue_us\": %.3f, \"launches\": %" PRIu64
+                        "}",
                     i ? ", " : "", r->name, r->device_ms, r->call_ms, r->kv_gb, r->tflop,
-                    r->host_us, r->enqueue_us, r->launches);
+                    r->host_us, r->host_mean_us, r->enqueue_us, r->launches);
     }
     if (js != NULL) {
         fprintf(js, "]}\n");

@@ -3,7 +3,10 @@
  *
  * Each shape is timed on copies exactly as a server's idle-time tuning job does (att_bench_t and
  * tun_search_t), so a record written here and one written by a server are interchangeable.
- * Thread: main thread only (the CPU backend starts and joins its own threads). */
+ * On a GPU the search is staged (tun_space_cuda_unified.stages) and each stage's kernels are
+ * compiled on every CPU by the backend's compile threads while earlier configs are timed; times
+ * are the device's (kernels only).
+ * Thread: main thread only (the backends start and join their own threads). */
 #include <dirent.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -14,6 +17,9 @@
 #include <unistd.h>
 
 #include "attention/att_cpu.h"
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cuda.h"
+#endif
 #include "attention/att_model.h"
 #include "attention/att_tune.h"
 #include "bench/ab_preset.h"
@@ -23,6 +29,8 @@
 
 #define MAX_CHUNKS 4096u
 #define DEFAULT_SHAPES "1x1@4096,64x1@2048,1x1024@0,4x512@0,15x1@1024+1x256@768"
+/* the GPU bench's cases: decode 256 x 1K and 8K, prefill 8 x 2048, mixed */
+#define DEFAULT_GPU_SHAPES "256x1@1024,256x1@8192,8x2048@0,63x1@2048+1x512@1536"
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -33,17 +41,20 @@ static void usage(FILE *f) {
             "to the store that `attnd serve --tuning-dir DIR` restores. Progress on stderr.\n"
             "\noptions:\n"
             "  --model SPEC       preset name (bench/presets/*.json) or a preset file\n"
-            "  --device cpu       the device to tune (only the CPU backend has knobs so far)\n"
+            "  --device DEV       cpu (default) or cuda:N\n"
             "  --threads N        CPU backend threads (default: one per online CPU; a server's\n"
             "                     worker uses cpu_threads / workers-per-device, which is part of\n"
             "                     the key, so tune with the server's number)\n"
             "  --shapes LIST      batch shapes, comma-separated; each SEQSxQUERY@CONTEXT, joined\n"
-            "                     by '+' for a mixed batch (default %s)\n"
+            "                     by '+' for a mixed batch (default %s;\n"
+            "                     on a GPU %s)\n"
+            "  --max-gib N        a shape's copies at most (default 4; the KV cache of 256 x 8K\n"
+            "                     Llama-8B rows is 8 GiB)\n"
             "  --tuning-dir DIR   the store (created if missing)\n"
             "  --reps N           timed runs per config after one warm-up (default 3)\n"
             "  --presets DIR      where preset names are looked up\n"
             "  --show             print what the store in --tuning-dir holds\n",
-            DEFAULT_SHAPES);
+            DEFAULT_SHAPES, DEFAULT_GPU_SHAPES);
 }
 
 /* Parses one batch shape ("64x1@2048" or "15x1@1024+1x256@768") into chunks. */
@@ -83,7 +94,8 @@ static void progress(const char *shape, uint32_t done, uint32_t total, const cha
 
 /* Tunes one shape; fills *r. Returns 0, or -1 after a message. */
 static int tune_shape(att_backend_t *be, const att_model_t *m, const tun_shape_t *ts,
-                      const tun_device_t *dev, const char *text, uint32_t reps, tun_record_t *r) {
+                      const tun_device_t *dev, const char *text, uint32_t reps,
+                      uint64_t max_bytes, tun_record_t *r) {
     static att_bench_chunk_t chunks[MAX_CHUNKS];
     uint32_t n = 0;
     if (parse_shape(text, chunks, &n) != 0) {
@@ -102,7 +114,7 @@ static int tune_shape(att_backend_t *be, const att_model_t *m, const tun_shape_t
     att_bench_t *b = NULL;
     tun_search_t *s = NULL;
     at_diag_t d = {{0}};
-    at_err_t e = att_bench_create(be, m, m->window[0], chunks, n, 0, &d, &b);
+    at_err_t e = att_bench_create(be, m, m->window[0], chunks, n, max_bytes, &d, &b);
     if (e == AT_OK)
         e = tun_search_create(be->ops->tuning_space, ts, dev, &bucket, reps, &s);
     bool more = true;
@@ -112,14 +124,17 @@ static int tune_shape(att_backend_t *be, const att_model_t *m, const tun_shape_t
     }
     tun_cfg_t cfg;
     bool warm;
+    uint32_t stage_seen = 0;
     while (e == AT_OK && tun_search_next(s, &cfg, &warm)) {
-        uint64_t ns = 0;
-        at_err_t te = att_bench_time(b, &cfg, &ns);
-        if (te != AT_OK && te != AT_ERR_CONFIG)
-            e = te;
-        tun_search_report(s, te == AT_OK ? ns : UINT64_MAX);
+        at_err_t te = att_bench_search_step(b, s, &stage_seen);
         uint32_t done, total;
         tun_search_progress(s, &done, &total);
+        if (te == AT_ERR_NOT_READY) { /* the compile threads are at it */
+            progress(text, done, total, "compiling");
+            nanosleep(&(struct timespec){0, 5000000}, NULL);
+            continue;
+        }
+        e = te;
         progress(text, done, total, "timing");
     }
     if (e == AT_OK)
@@ -211,11 +226,12 @@ int bench_tune_main(int argc, char **argv) {
         {"threads", required_argument, NULL, 't'}, {"shapes", required_argument, NULL, 's'},
         {"tuning-dir", required_argument, NULL, 'D'}, {"reps", required_argument, NULL, 'r'},
         {"presets", required_argument, NULL, 'p'}, {"show", no_argument, NULL, 'S'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+        {"max-gib", required_argument, NULL, 'g'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *device = "cpu", *dir = NULL, *presets = "";
-    char shapes[4096] = DEFAULT_SHAPES;
-    unsigned long threads = 0, reps = 3;
+    char shapes[4096] = "";
+    unsigned long threads = 0, reps = 3, max_gib = 4;
     bool do_show = false;
     int c;
     optind = 1;
@@ -229,21 +245,25 @@ int bench_tune_main(int argc, char **argv) {
         case 'r': reps = strtoul(optarg, NULL, 10); break;
         case 'p': presets = optarg; break;
         case 'S': do_show = true; break;
+        case 'g': max_gib = strtoul(optarg, NULL, 10); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
     }
     if (dir == NULL || (!do_show && model == NULL) || optind != argc || reps < 1 || reps > 100 ||
-        threads > 1024) {
+        threads > 1024 || max_gib < 1 || max_gib > 1024) {
         usage(stderr);
         return 2;
     }
     if (do_show)
         return show(dir);
-    if (strcmp(device, "cpu") != 0) {
-        fprintf(stderr, "attnd tune: device %s: only the CPU backend is tunable so far\n", device);
+    const bool gpu = strncmp(device, "cuda:", 5) == 0;
+    if (!gpu && strcmp(device, "cpu") != 0) {
+        fprintf(stderr, "attnd tune: device %s: expected cpu or cuda:N\n", device);
         return 2;
     }
+    if (shapes[0] == '\0')
+        snprintf(shapes, sizeof shapes, "%s", gpu ? DEFAULT_GPU_SHAPES : DEFAULT_SHAPES);
     char pdir[1024];
     preset_dir(presets, pdir, sizeof pdir);
     ab_model_t preset;
@@ -260,8 +280,25 @@ int bench_tune_main(int argc, char **argv) {
     at_diag_t d = {{0}};
     if (model_from(&preset, &m) != 0)
         goto out;
-    if (att_cpu_create(&bc, &be) != AT_OK || att_tune_device(be, &dev, &hash) != AT_OK) {
+    if (gpu) {
+#ifdef AT_HAVE_CUDA
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        att_cuda_cfg_t cc = {.device = atoi(device + 5),
+                             .compile_threads = cpus > 0 ? (uint32_t)cpus : 1};
+        if (att_cuda_create(&cc, &d, &be) != AT_OK) {
+            fprintf(stderr, "attnd tune: %s: %s\n", device, d.msg);
+            goto out;
+        }
+#else
+        fprintf(stderr, "attnd tune: %s: built without CUDA\n", device);
+        goto out;
+#endif
+    } else if (att_cpu_create(&bc, &be) != AT_OK) {
         fprintf(stderr, "attnd tune: cannot start the CPU backend\n");
+        goto out;
+    }
+    if (att_tune_device(be, &dev, &hash) != AT_OK) {
+        fprintf(stderr, "attnd tune: %s has no tuning knobs\n", device);
         goto out;
     }
     att_tune_shape(m, &ts);
@@ -271,17 +308,18 @@ int bench_tune_main(int argc, char **argv) {
     }
     if (tun_store_load(st, NULL) != AT_OK)
         goto out;
-    fprintf(stderr, "attnd tune: %s on %s (%s, %u threads) -> %s\n", preset.name, dev.name,
-            dev.arch, dev.threads, tun_store_path(st));
+    fprintf(stderr, "attnd tune: %s on %s (%s, %u %s) -> %s\n", preset.name, dev.name,
+            dev.arch, dev.threads, gpu ? "SMs" : "threads", tun_store_path(st));
     status = 0;
     for (char *save = NULL, *shape = strtok_r(shapes, ",", &save); shape != NULL;
          shape = strtok_r(NULL, ",", &save)) {
         tun_record_t r;
-        if (tune_shape(be, m, &ts, &dev, shape, (uint32_t)reps, &r) != 0) {
+        if (tune_shape(be, m, &ts, &dev, shape, (uint32_t)reps, (uint64_t)max_gib << 30, &r) !=
+            0) {
             status = 1;
             continue;
         }
-        char best[128], worst[128];
+        char best[TUN_CFG_TEXT_MAX], worst[TUN_CFG_TEXT_MAX];
         tun_cfg_format(be->ops->tuning_space, &r.best, best, sizeof best);
         tun_cfg_format(be->ops->tuning_space, &r.worst, worst, sizeof worst);
         printf("%-22s best %9.3f ms (%s)  heuristic %9.3f ms  worst %9.3f ms (%s)  "

@@ -52,6 +52,8 @@ at_err_t lc_insert(lc_t *lc, const lc_launch_t *l, const lc_launch_t **out) {
     if (l->param_bytes > LC_MAX_PARAM_BYTES)
         return AT_ERR_INTERNAL;
     lc_launch_t *slot = find(lc, l->key);
+    if (slot == NULL)
+        slot = find(lc, LC_KEY_FREE); /* an entry lc_forget emptied */
     if (slot == NULL) {
         if (lc->num == LC_MAX_ENTRIES)
             return AT_ERR_INTERNAL;
@@ -75,6 +77,12 @@ at_err_t lc_launch(lc_t *lc, const lc_launch_t *l, uint32_t units, void *params)
     lc->stats.launch_host_ns += now_ns() - t0;
     lc->stats.launches++;
     return e;
+}
+
+void lc_forget_tile(lc_t *lc, uint32_t tile) {
+    for (uint32_t i = 0; i < lc->num; i++)
+        if ((lc->entries[i].key >> 8 & 0xffu) == tile && lc->entries[i].key != LC_KEY_FREE)
+            lc->entries[i].key = LC_KEY_FREE;
 }
 
 void lc_note_compile(lc_t *lc) { lc->stats.compiles++; }

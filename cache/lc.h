@@ -22,10 +22,11 @@
 #include "common/at_err.h"
 
 #define LC_MAX_PARAM_BYTES 256u
-#define LC_MAX_ENTRIES 16u
+#define LC_MAX_ENTRIES 40u
 
 /* A key: which kernel, which tile configuration, and whether the call is split. */
 #define LC_KEY(kernel, tile, split) (((uint32_t)(kernel) << 16) | ((uint32_t)(tile) << 8) | (split))
+#define LC_KEY_FREE 0xffffffffu /* no key: an entry lc_forget_tile emptied */
 
 typedef struct lc_launch {
     uint32_t key;
@@ -60,13 +61,19 @@ void lc_destroy(lc_t **lc);
 const lc_launch_t *lc_lookup(lc_t *lc, uint32_t key);
 
 /* Copies l into the cache (replacing an entry of the same key). AT_ERR_INTERNAL when the cache
- * is full (LC_MAX_ENTRIES keys: a model has a handful) or param_bytes is too large. *out (may be
+ * is full (LC_MAX_ENTRIES keys: a model has a few per loaded tile config) or param_bytes is too
+ * large. *out (may be
  * NULL) is the cached copy. */
 at_err_t lc_insert(lc_t *lc, const lc_launch_t *l, const lc_launch_t **out);
 
 /* Launches a prepared launch over units units with params (patched by the caller from
  * l->params); times the callback. */
 at_err_t lc_launch(lc_t *lc, const lc_launch_t *l, uint32_t units, void *params);
+
+/* Drops every entry whose key has this tile byte: the backend unloaded that tile's module
+ * (a session switching tile configs). Pointers to the dropped entries are invalid afterwards;
+ * the entries are reused by later inserts. */
+void lc_forget_tile(lc_t *lc, uint32_t tile);
 
 void lc_note_compile(lc_t *lc);
 void lc_get_stats(const lc_t *lc, lc_stats_t *out);

@@ -50,6 +50,7 @@
     X(CANCELLED, CANCELLED, "the call was cancelled")                                           \
     X(HEALTH_SERVICE, NOT_FOUND, "unknown service name")                                        \
     X(CONFIG, INVALID_ARGUMENT, "bad server configuration")                                     \
+    X(NOT_READY, UNAVAILABLE, "the kernel is still being compiled")                             \
     X(IO, INTERNAL, "system call failed")                                                       \
     X(AUTH_MISSING, UNAUTHENTICATED, "no bearer token in the authorization metadata")          \
     X(AUTH_BAD, UNAUTHENTICATED, "the bearer token is not valid")                              \

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "attention/att_model.h"
+#include "tuning/tun.h"
 
 #define SVC_MSG_MAGIC 0x61747431u /* "att1" */
 #define SVC_BATCH_MAX 64u         /* requests in one batch, at most */
@@ -67,7 +68,7 @@ typedef struct svc_rep {
     uint32_t tuning_source;  /* tun_source_t */
     uint32_t tuning_jobs_pending;
     uint64_t tuning_runs;
-    char tuning_config[128];
+    char tuning_config[TUN_CFG_TEXT_MAX];
     char diag[224];          /* detail for err, NUL-terminated */
 } svc_rep_t;
 

@@ -68,7 +68,7 @@ typedef struct lane {
     bool process;             /* a worker process, not a thread */
     atomic_int pid;           /* the worker process; 0 when none */
     int pidfd;                /* dispatcher only: the process's pidfd, or -1 */
-    uint32_t generation;      /* dispatcher only: processes started */
+    uint32_t generation;      /* dispatcher only: process starts attempted */
     atomic_int state;         /* lane_state_t; thread lanes are always UP */
     _Atomic uint64_t epoch;   /* bumped when a worker process dies */
     int64_t deadline_ns;      /* dispatcher only: STARTING: start timeout; DOWN: restart time */
@@ -400,8 +400,10 @@ static at_err_t bind_socket(lane_t *l, at_diag_t *diag) {
  * test fault switch reaches a worker's first process only. */
 static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
     svc_pool_t *p = l->p;
-    snprintf(l->endpoint, sizeof l->endpoint, "ipc://%s/w%u.%u", p->dir, l->index,
-             l->generation);
+    /* every attempt takes a new generation, so a retry after a failed start never binds the
+     * endpoint a half-started attempt may still hold */
+    const uint32_t gen = l->generation++;
+    snprintf(l->endpoint, sizeof l->endpoint, "ipc://%s/w%u.%u", p->dir, l->index, gen);
     at_err_t e = bind_socket(l, diag);
     if (e != AT_OK)
         return e;
@@ -420,7 +422,7 @@ static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
         return AT_ERR_NOMEM;
     size_t k = 0, flen = strlen(SVC_WORKER_FAULT_ENV);
     for (size_t i = 0; i < nenv; i++)
-        if (l->generation == 0 || strncmp(environ[i], SVC_WORKER_FAULT_ENV, flen) != 0 ||
+        if (gen == 0 || strncmp(environ[i], SVC_WORKER_FAULT_ENV, flen) != 0 ||
             environ[i][flen] != '=')
             envp[k++] = environ[i];
     /* the server blocks its stop signals in every thread; the worker starts with none blocked */
@@ -440,7 +442,6 @@ static at_err_t spawn_worker(lane_t *l, at_diag_t *diag) {
     if (rc != 0)
         return at_diag_set(diag, AT_ERR_IO, "%s worker %u: cannot start a process: %s",
                            p->device, l->index, strerror(rc));
-    l->generation++;
     atomic_store_explicit(&l->pid, pid, memory_order_relaxed);
     l->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     l->worker_ok = true;
@@ -557,12 +558,17 @@ static void reap_wait(lane_t *l, int ms) {
 }
 
 /* Stops an up worker (it answers STOP after every earlier job), then joins its thread or reaps
- * its process. Never blocks on a worker that died meanwhile. */
+ * its process. Never blocks on a worker that died meanwhile. A worker thread the pool gave up on
+ * (lane_kill) is still running and may wait for the rest of a batch: it gets the STOP too, and
+ * answers it in place of that rest. */
 static void lane_stop(lane_t *l, uint64_t job_id) {
     svc_req_t stop = {.magic = SVC_MSG_MAGIC, .op = SVC_OP_STOP, .job_id = job_id};
     svc_rep_t rep;
     int pid = atomic_load_explicit(&l->pid, memory_order_relaxed);
-    if (lane_up(l) && zmq_send(l->sock, &stop, sizeof stop, ZMQ_DONTWAIT) == (int)sizeof stop) {
+    const bool running = lane_up(l) || (!l->process && l->started);
+    /* a thread drains its socket until it stops, so only a process's send must not block */
+    const int flags = l->process ? ZMQ_DONTWAIT : 0;
+    if (running && zmq_send(l->sock, &stop, sizeof stop, flags) == (int)sizeof stop) {
         zmq_pollitem_t it = {.socket = l->sock, .events = ZMQ_POLLIN};
         /* a thread answers for sure; a process may be gone */
         if (!l->process || zmq_poll(&it, 1, STOP_WAIT_MS) == 1)

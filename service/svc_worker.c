@@ -315,8 +315,10 @@ static at_err_t recv_req(worker_t *w, slot_t *sl) {
 }
 
 /* Receives the rest of a batch begun by slot 0; *n counts the requests received. A request that
- * does not belong (the pool's bug) is answered INTERNAL through errs. */
-static at_err_t recv_batch(worker_t *w, uint32_t *n, at_err_t *errs) {
+ * does not belong (the pool's bug) is answered INTERNAL through errs. A STOP instead of the rest
+ * means the pool gave up on the batch (it answered those calls itself) and is stopping: *stop is
+ * set and the STOP is in slot *n. */
+static at_err_t recv_batch(worker_t *w, uint32_t *n, at_err_t *errs, bool *stop) {
     const svc_req_t *first = &w->slots[0].rq;
     uint32_t size = first->batch_size;
     *n = 1;
@@ -331,6 +333,10 @@ static at_err_t recv_batch(worker_t *w, uint32_t *n, at_err_t *errs) {
         if (e == AT_ERR_IO)
             return e;
         const svc_req_t *rq = &w->slots[i].rq;
+        if (e == AT_OK && rq->op == SVC_OP_STOP) {
+            *stop = true;
+            return AT_OK;
+        }
         if (e == AT_OK && (rq->batch_size != size || rq->batch_index != i))
             e = AT_ERR_INTERNAL;
         errs[i] = e;
@@ -411,7 +417,8 @@ static bool tune_while_idle(worker_t *w) {
     zmq_pollitem_t pi = {.socket = w->sock, .events = ZMQ_POLLIN};
     if (zmq_poll(&pi, 1, 0) != 0)
         return false; /* a request waits (or the socket failed: recv reports it) */
-    att_tuner_step(s->tuner);
+    if (!att_tuner_step(s->tuner))
+        (void)zmq_poll(&pi, 1, 2); /* kernels compiling elsewhere: wait for a request, briefly */
     return true;
 }
 
@@ -564,9 +571,14 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         if (errs[0] == AT_ERR_IO)
             break; /* the socket is gone: the server is stopping */
         const svc_req_t *rq = &w.slots[0].rq;
-        bool tensor_op = rq->op == SVC_OP_ATTEND || rq->op == SVC_OP_APPEND;
-        if (errs[0] == AT_OK && tensor_op && recv_batch(&w, &n, errs) != AT_OK)
+        bool tensor_op = rq->op == SVC_OP_ATTEND || rq->op == SVC_OP_APPEND, cut = false;
+        if (errs[0] == AT_OK && tensor_op && recv_batch(&w, &n, errs, &cut) != AT_OK)
             break;
+        if (cut) {
+            svc_rep_t ack = {.magic = SVC_MSG_MAGIC, .job_id = w.slots[n].rq.job_id};
+            (void)send_rep(&w, &ack);
+            break;
+        }
         for (uint32_t i = 0; i < n; i++) {
             reps[i] = (svc_rep_t){.magic = SVC_MSG_MAGIC, .job_id = w.slots[i].rq.job_id};
             diags[i].msg[0] = '\0';

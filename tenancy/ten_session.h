@@ -18,6 +18,7 @@
 #include "attention/att_model.h"
 #include "common/at_err.h"
 #include "tenancy/ten_tenant.h"
+#include "tuning/tun.h"
 
 #define TEN_SESSION_NAME_MAX 128u
 
@@ -33,7 +34,7 @@ typedef struct ten_session_figures {
     uint32_t tuning_source;       /* tun_source_t of the last batch's kernel config */
     uint32_t tuning_jobs_pending;
     uint64_t tuning_runs;         /* tuning steps run for the session */
-    char tuning_config[128];      /* the last batch's kernel config, "" before one */
+    char tuning_config[TUN_CFG_TEXT_MAX]; /* the last batch's kernel config, "" before one */
 } ten_session_figures_t;
 
 /* What a session was created with, besides its resolved model. */

@@ -14,9 +14,9 @@ build=build-cuda
 out=dist/gpu
 cuda_lib=${AT_CUDA_ROOT:-/usr/local/cuda}/lib64
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DAT_WITH_CUDA=ON -DAT_WERROR=ON >/dev/null
-targets=(attnd attnd-bench test_att_cuda test_lc test_svc_e2e_gpu)
-bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda" "$build/tests/test_lc"
-      "$build/tests/test_svc_e2e_gpu")
+targets=(attnd attnd-bench test_att_cuda test_att_cuda_tune test_lc test_svc_e2e_gpu)
+bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda"
+      "$build/tests/test_att_cuda_tune" "$build/tests/test_lc" "$build/tests/test_svc_e2e_gpu")
 hip=$(grep -q '^AT_HAVE_HIP:INTERNAL=ON' "$build/CMakeCache.txt" && echo 1 || echo 0)
 if [ "$hip" = 1 ]; then
   targets+=(test_att_hip attnd_hip_on_cuda_testdouble)

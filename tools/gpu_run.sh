@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
-# default tests,sanitize): tests (the GPU suite and the launch-cache unit test), sanitize
-# (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
+# default tests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
+# sanitize (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
-# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), hip (the
-# GPU suite through the HIP backend on hip:0, run on this NVIDIA GPU by the HIP test double).
+# serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
+# (four sessions' calls through one worker thread, then two), tune (attnd tune on cuda:0 for
+# llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
+# 8-head D-64 shape), hip (the GPU suite through the HIP backend on hip:0, run on this NVIDIA GPU
+# by the HIP test double).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -30,6 +33,11 @@ if has tests; then
   rc=$?
   grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_cuda.log" | head -40
   [ $rc -eq 0 ] || { note "test_att_cuda rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda.log" | head -60; status=1; }
+  note "test_att_cuda_tune"
+  timeout 300 "$R" test_att_cuda_tune > "$out/test_att_cuda_tune.log" 2>&1
+  rc=$?
+  grep -E "SKIP|PASSED|FAILED|^\[  FAILED|^\[       OK" "$out/test_att_cuda_tune.log" | head -20
+  [ $rc -eq 0 ] || { note "test_att_cuda_tune rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda_tune.log" | head -60; status=1; }
 fi
 
 if has hip; then
@@ -131,6 +139,41 @@ if has serve; then
     --compare-null --duration 8 --json "$out/serve_bench.json" > "$out/serve_bench.log" 2>&1 ||
     status=1
   tail -12 "$out/serve_bench.log"
+fi
+if has overlap; then
+  # Calls of several sessions on one GPU: one worker runs one batch at a time; two worker
+  # threads share the context, so their calls overlap on the device.
+  for w in 1 2; do
+    note "attnd-bench: 4 sessions, 4 callers on cuda:0, $w worker thread(s)"
+    timeout 120 "$R" attnd-bench --device cuda:0 --model llama-3.1-8b --ctx 4096 --batch 64 \
+      --sessions 4 --callers 4 --duration 6 --server-arg=--workers-per-device=$w \
+      --server-arg=--worker-mode=thread --json "$out/overlap_w$w.json" \
+      > "$out/overlap_w$w.log" 2>&1 || status=1
+    tail -8 "$out/overlap_w$w.log"
+  done
+fi
+if has tune; then
+  note "attnd tune --device cuda:0, llama-3.1-8b (fresh tuning dir; kernels compile on every CPU)"
+  rm -rf /tmp/attnd-tune
+  timeout 360 "$R" attnd tune --device cuda:0 --model llama-3.1-8b --tuning-dir /tmp/attnd-tune \
+    --max-gib 24 --reps 3 > "$out/tune.log" 2> "$out/tune.err" || status=1
+  cat "$out/tune.log"
+  tr '\r' '\n' < "$out/tune.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
+  "$R" attnd tune --show --tuning-dir /tmp/attnd-tune > "$out/tune_show.log" 2>&1 || status=1
+  cat "$out/tune_show.log"
+fi
+if has tune64; then
+  # The GPU bench's second shape (8 query = 8 KV heads, D 64), which has no model preset.
+  note "attnd tune --device cuda:0, the bench's 8-head D-64 shape"
+  printf '%s\n' '{"name": "h8-d64", "description": "bench shape: 8 query / 8 KV heads, D 64",' \
+    '"num_layers": 1, "num_query_heads": 8, "num_kv_heads": 8, "head_dim": 64,' \
+    '"dtype": "bf16", "block_size": 16}' > /tmp/h8-d64.json
+  rm -rf /tmp/attnd-tune64
+  timeout 240 "$R" attnd tune --device cuda:0 --model /tmp/h8-d64.json \
+    --tuning-dir /tmp/attnd-tune64 --max-gib 24 --reps 3 \
+    --shapes 256x1@1024,256x1@8192,8x2048@0 > "$out/tune64.log" 2> "$out/tune64.err" || status=1
+  cat "$out/tune64.log"
+  tr '\r' '\n' < "$out/tune64.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
 fi
 note "done (status $status)"
 exit $status

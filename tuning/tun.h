@@ -13,8 +13,9 @@
  *   do.
  * - tun_store.c: one JSON file per device and model shape, with a schema version and a SHA-256 of
  *   its payload, written atomically and merged under a lock (see tun_store.h).
- * - tun_search.c: an exhaustive search over a space, one timing at a time, so its caller can run
- *   other work between timings.
+ * - tun_search.c: a search over a space, one timing at a time, so its caller can run other work
+ *   between timings: exhaustive, or staged (one group of parameters after another) for a space
+ *   too large to time whole.
  *
  * This folder knows nothing of backends or models: callers describe both with the plain values
  * below (attention/att_tune.c does for the CPU backend). */
@@ -100,6 +101,11 @@ struct tun_space {
     /* The configuration used until a measurement exists; always valid. */
     void (*heuristic)(const tun_shape_t *s, const tun_device_t *d, const tun_bucket_t *b,
                       tun_cfg_t *out);
+    /* Optional (NULL: one stage of every parameter, an exhaustive search). The stages of a
+     * search for bucket b: masks of parameters (bit p = parameter p), searched in order, each
+     * over every valid combination of its parameters with the others fixed at the best so far;
+     * parameters no stage names keep the heuristic's values. Returns the count (<= n_params). */
+    uint32_t (*stages)(const tun_shape_t *s, const tun_bucket_t *b, uint32_t *masks);
 };
 
 /* ---- tun_space.c ---- */
@@ -108,12 +114,15 @@ struct tun_space {
 extern const tun_space_t tun_space_cpu;
 enum { TUN_CPU_TILE_ROWS = 0, TUN_CPU_KEY_TILE = 1, TUN_CPU_ITEMS_PER_THREAD = 2 };
 
-/* The CUDA unified kernel (attention/kernels/att_unified.cu) and its host plan: the wide and
- * narrow tiles' defines and the split-KV rule. Not wired to the backend yet (see README). */
+/* The CUDA unified kernel (attention/kernels/att_unified.cu) and its host plan
+ * (attention/att_cuda.c, att_cuda_plan_from_cfg): the wide tile (prefill; warps_n 1), the narrow
+ * tile (decode; 16 rows, warps_m 1), the split-KV rule and the mixed-batch knobs. Its heuristic
+ * is the backend's default plan (att_cuda_plan_default derives from it). Searched in stages:
+ * only the knobs a bucket's batches use (tun_space_cuda_unified.stages). */
 extern const tun_space_t tun_space_cuda_unified;
 enum {
     TUN_CUDA_WIDE_WARPS_M = 0,
-    TUN_CUDA_WIDE_WARPS_N = 1,
+    TUN_CUDA_WIDE_WARP_MT = 1,
     TUN_CUDA_WIDE_TILE_K = 2,
     TUN_CUDA_WIDE_STAGES = 3,
     TUN_CUDA_NARROW_WARPS_N = 4,
@@ -121,21 +130,41 @@ enum {
     TUN_CUDA_NARROW_STAGES = 6,
     TUN_CUDA_SPLIT_MIN_KEYS = 7,   /* 0 = never split */
     TUN_CUDA_BLOCKS_PER_SM = 8,
+    TUN_CUDA_MIXED_SPLIT_KEYS = 9, /* 0 = never split a mixed batch's wide tiles for balance */
+    TUN_CUDA_MIXED_ORDER = 10,     /* 1 narrow tiles first, 2 wide tiles first */
+    TUN_CUDA_PARAMS = 11,
 };
+#define TUN_CUDA_MAX_SPLITS 32u    /* parts per tile at most (not searched) */
 
-/* Dynamic shared memory, bytes, of one block of att_k_attend with this tile (the kernel's
- * kSmemBytes formula); 0 for f32, whose path uses none of the tile's shared memory. */
+/* Dynamic shared memory, bytes, of one block of att_k_attend with this tile: the kernel's
+ * kSmemBytes formula (attention/att_jit.c's att_jit_tile_smem is this); 0 for f32, whose path
+ * uses none of the tile's shared memory. */
 uint32_t tun_cuda_smem_bytes(uint32_t head_dim, uint32_t dtype, uint32_t warps_m,
-                             uint32_t warps_n, uint32_t tile_k, uint32_t stages);
+                             uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k,
+                             uint32_t stages);
+
+/* Whether one tile compiles for and loads on d (the kernel's static_asserts and the device's
+ * shared memory), and is not a known spill (a register estimate). */
+bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warps_m,
+                      uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k, uint32_t stages);
 
 /* Every valid configuration of space for s on d, the heuristic's (for bucket b) first. On success
  * *out (caller frees) holds *n >= 1 configs. AT_ERR_NOMEM. */
 at_err_t tun_space_enumerate(const tun_space_t *space, const tun_shape_t *s, const tun_device_t *d,
                              const tun_bucket_t *b, tun_cfg_t **out, size_t *n);
 
+/* As tun_space_enumerate, over the parameters in mask only (the others as in base, which comes
+ * first and must be valid). */
+at_err_t tun_space_enumerate_from(const tun_space_t *space, const tun_shape_t *s,
+                                  const tun_device_t *d, const tun_cfg_t *base, uint32_t mask,
+                                  tun_cfg_t **out, size_t *n);
+
 /* True when c has the space's parameter count and only listed values, and is valid for s, d. */
 bool tun_cfg_valid(const tun_space_t *space, const tun_cfg_t *c, const tun_shape_t *s,
                    const tun_device_t *d);
+
+/* Room for any config as text: TUN_MAX_PARAMS of "name=value," with names under 20 chars. */
+#define TUN_CFG_TEXT_MAX 384u
 
 /* "tile_rows=64,key_tile=16,items_per_thread=4"; returns snprintf's count. */
 int tun_cfg_format(const tun_space_t *space, const tun_cfg_t *c, char *buf, size_t n);

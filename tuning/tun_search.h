@@ -1,4 +1,5 @@
-/* An exhaustive search over a config space, one timing at a time.
+/* A search over a config space, one timing at a time: exhaustive, or in stages when the space
+ * says so (tun_space_t.stages).
  *
  * The caller asks for the next config to time, times one run of it, and reports the time; every
  * config gets one warm-up run and `reps` timed runs, the best of which counts. Between two calls
@@ -16,7 +17,7 @@
 
 typedef struct tun_search tun_search_t;
 
-/* A search over every valid config of space for (s, d), bucket b. reps >= 1 (0 = 3). On success
+/* A search over the valid configs of space for (s, d), bucket b. reps >= 1 (0 = 3). On success
  * *out is the caller's (tun_search_destroy). AT_ERR_NOMEM. */
 at_err_t tun_search_create(const tun_space_t *space, const tun_shape_t *s, const tun_device_t *d,
                            const tun_bucket_t *b, uint32_t reps, tun_search_t **out);
@@ -30,8 +31,13 @@ bool tun_search_next(tun_search_t *s, tun_cfg_t *cfg, bool *warmup);
  * is never chosen). */
 void tun_search_report(tun_search_t *s, uint64_t ns);
 
-/* Runs done and runs in all. */
+/* Runs done and runs in all (an estimate until the last stage begins). */
 void tun_search_progress(const tun_search_t *s, uint32_t *done, uint32_t *total);
+
+/* The stage in progress: its index and its configs (borrowed until the next report), so a
+ * caller can prepare them all (compile a GPU's kernels) before timing; false when done. */
+bool tun_search_stage(const tun_search_t *s, uint32_t *stage, const tun_cfg_t **cfgs,
+                      uint32_t *n);
 
 /* The record of a complete search: best, heuristic and worst times, configs tried; tuning_ns and
  * updated_s are the caller's to fill. AT_ERR_INTERNAL when the search is not complete or no

@@ -3,6 +3,7 @@
  * A condition removes what cannot run and what would only repeat a smaller config (a CPU key tile
  * above the block size behaves as the block size), so a search times each behaviour once.
  * Thread: any; the spaces are constant. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,86 +50,153 @@ const tun_space_t tun_space_cpu = {
 /* ---- CUDA unified kernel (attention/kernels/att_unified.cu, attention/att_cuda.c) ---- */
 
 uint32_t tun_cuda_smem_bytes(uint32_t head_dim, uint32_t dtype, uint32_t warps_m,
-                             uint32_t warps_n, uint32_t tile_k, uint32_t stages) {
+                             uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k,
+                             uint32_t stages) {
     if (dtype == 1)
         return 0;
-    /* the kernel's formula: padded rows, a Q tile, a K and V ring, or the epilogue's slabs */
-    const uint32_t dp = (head_dim + 15) / 16 * 16, srow = dp + 8, rows = 16 * warps_m;
-    const uint32_t main_bytes = rows * srow * 2 + stages * 2 * tile_k * srow * 2;
+    /* padded rows: a Q tile and a K and V ring; or, after the key loop, the epilogue's slabs */
+    const uint32_t dp = (head_dim + 15) / 16 * 16, rows = 16 * warp_mt * warps_m;
+    const uint32_t main_bytes = (rows + 2 * stages * tile_k) * (dp + 8) * 2;
     const uint32_t epi_bytes = warps_n * rows * (dp + 4 + 2) * 4;
     return main_bytes > epi_bytes ? main_bytes : epi_bytes;
 }
 
-/* One tile of the kernel: its static_asserts, shared memory, and a register estimate. */
-static bool cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm, uint32_t wn,
-                         uint32_t tile_k, uint32_t stages) {
+/* f32 registers per thread a tile's accumulators and fragments take: outputs warp_mt * dp / 2,
+ * scores warp_mt * keys-per-warp / 2, and Q (held in registers when dp * warp_mt <= 128)
+ * warp_mt * dp / 4. Above this bound the compiler spills (255 is the hard limit; indexing,
+ * pointers and the softmax state need the rest): the default tiles take at most 160, and
+ * 128 dims with two m16 tiles and 64 keys (192) spilled measurably (att_cuda's plan). */
+#define CUDA_MAX_TILE_REGS 160u
+
+bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm, uint32_t mt,
+                      uint32_t wn, uint32_t tile_k, uint32_t stages) {
+    /* the kernel's static_asserts */
     const uint32_t warps = wm * wn;
-    if (warps < 1 || warps > 16 || tile_k % wn != 0)
+    if (warps < 1 || warps > 16 || (mt != 1 && mt != 2) || wn == 0 || tile_k % wn != 0)
         return false;
-    if (s->dtype == 1) /* f32: one warp per row, no cp.async ring: stages change nothing */
-        return stages == 2;
+    if (s->dtype == 1)
+        return true;
     const uint32_t kw = tile_k / wn, dp = (s->head_dim + 15) / 16 * 16;
-    if (kw % 16 != 0)
+    if (kw % 16 != 0 || stages < 2 || stages > 4)
         return false;
+    /* att_cuda refuses a module whose shared memory exceeds the device's opt-in limit */
     if (d->smem_bytes != 0 &&
-        tun_cuda_smem_bytes(s->head_dim, s->dtype, wm, wn, tile_k, stages) > d->smem_bytes)
+        tun_cuda_smem_bytes(s->head_dim, s->dtype, wm, mt, wn, tile_k, stages) > d->smem_bytes)
         return false;
-    /* f32 registers per thread: output accumulators dp/2, scores kw/2, Q held in registers up to
-     * head_dim 128 (dp/4). Above ~192 the compiler spills (255 is the hard limit, and indexing,
-     * pointers and softmax state need the rest): an estimate, checked against ptxas -v for the
-     * default tiles. */
-    const uint32_t regs = dp / 2 + kw / 2 + (dp <= 128 ? dp / 4 : 0);
-    return regs <= 192;
+    const uint32_t regs = mt * (dp / 2 + kw / 2) + (dp * mt <= 128 ? mt * dp / 4 : 0);
+    return regs <= CUDA_MAX_TILE_REGS;
+}
+
+/* The backend's plan before any measurement (att_cuda_plan_default is this, mapped). Figures
+ * from the H200 runs in docs/BENCHMARKS.md. */
+static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tun_bucket_t *b,
+                           tun_cfg_t *out) {
+    (void)b;
+    *out = (tun_cfg_t){.n = TUN_CUDA_PARAMS};
+    uint32_t *v = out->v;
+    /* Decode: the group's rows padded to one m16 tile; four warps share the key stream. */
+    v[TUN_CUDA_NARROW_WARPS_N] = 4;
+    v[TUN_CUDA_NARROW_TILE_K] = 64;
+    v[TUN_CUDA_NARROW_STAGES] = 2;
+    /* Prefill: 128 rows as 4 warps x 2 m16 tiles (each K/V fragment read from shared memory
+     * feeds two MMAs per warp; each K/V tile from L2 serves 128 rows), 3 stages. Above 64
+     * dims, 32 keys per stage keep two tiles' scores and outputs in registers (64 keys spill
+     * at 128 dims); above 128, one m16 tile per warp. Fewer stages, then fewer rows, until the
+     * shared memory fits. */
+    const uint32_t dp = (s->head_dim + 15) / 16 * 16;
+    v[TUN_CUDA_WIDE_WARPS_M] = 4;
+    v[TUN_CUDA_WIDE_WARP_MT] = dp <= 128 ? 2 : 1;
+    v[TUN_CUDA_WIDE_TILE_K] = dp <= 64 ? 64 : 32;
+    v[TUN_CUDA_WIDE_STAGES] = 3;
+    const uint32_t limit = d->smem_bytes != 0 ? d->smem_bytes : UINT32_MAX;
+#define WIDE_SMEM                                                                                \
+    tun_cuda_smem_bytes(s->head_dim, s->dtype, v[TUN_CUDA_WIDE_WARPS_M],                         \
+                        v[TUN_CUDA_WIDE_WARP_MT], 1, v[TUN_CUDA_WIDE_TILE_K],                    \
+                        v[TUN_CUDA_WIDE_STAGES])
+    if (WIDE_SMEM > limit)
+        v[TUN_CUDA_WIDE_STAGES] = 2;
+    if (WIDE_SMEM > limit)
+        v[TUN_CUDA_WIDE_WARP_MT] = 1;
+#undef WIDE_SMEM
+    /* a narrow tile that does not fit (head_dim 256 on a small device): half the keys */
+    if (tun_cuda_smem_bytes(s->head_dim, s->dtype, 1, 1, 4, 64, 2) > limit) {
+        v[TUN_CUDA_NARROW_WARPS_N] = 2;
+        v[TUN_CUDA_NARROW_TILE_K] = 32;
+    }
+    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
+     * keep every SM busy with a short tail. */
+    v[TUN_CUDA_SPLIT_MIN_KEYS] = 256;
+    v[TUN_CUDA_BLOCKS_PER_SM] = 2;
+    /* Mixed batches (H200, 2026-11-30, 63 decode + a 512-token chunk): wide tiles first on the
+     * side stream, split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and
+     * 0.263 unsplit (a spread of about 0.005 between identical runs). */
+    v[TUN_CUDA_MIXED_SPLIT_KEYS] = 512;
+    v[TUN_CUDA_MIXED_ORDER] = 2;
 }
 
 static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_device_t *d) {
-    if (!cuda_tile_ok(s, d, c->v[TUN_CUDA_WIDE_WARPS_M], c->v[TUN_CUDA_WIDE_WARPS_N],
-                      c->v[TUN_CUDA_WIDE_TILE_K], c->v[TUN_CUDA_WIDE_STAGES]))
-        return false;
-    /* the narrow tile has 16 rows (one warp over rows) and exists for decode */
-    if (!cuda_tile_ok(s, d, 1, c->v[TUN_CUDA_NARROW_WARPS_N], c->v[TUN_CUDA_NARROW_TILE_K],
-                      c->v[TUN_CUDA_NARROW_STAGES]))
+    const uint32_t *v = c->v;
+    if (s->dtype == 1) {
+        /* f32 runs one warp per row without the MMA pipeline: its tiles are not worth a
+         * search, only the split knobs are */
+        tun_cfg_t h;
+        cuda_heuristic(s, d, NULL, &h);
+        for (uint32_t p = TUN_CUDA_WIDE_WARPS_M; p <= TUN_CUDA_NARROW_STAGES; p++)
+            if (v[p] != h.v[p])
+                return false;
+    }
+    if (!tun_cuda_tile_ok(s, d, v[TUN_CUDA_WIDE_WARPS_M], v[TUN_CUDA_WIDE_WARP_MT], 1,
+                          v[TUN_CUDA_WIDE_TILE_K], v[TUN_CUDA_WIDE_STAGES]) ||
+        !tun_cuda_tile_ok(s, d, 1, 1, v[TUN_CUDA_NARROW_WARPS_N], v[TUN_CUDA_NARROW_TILE_K],
+                          v[TUN_CUDA_NARROW_STAGES]))
         return false;
     /* with splitting off, the blocks-per-SM target is never read */
-    return c->v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 || c->v[TUN_CUDA_BLOCKS_PER_SM] == 2;
+    return v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 || v[TUN_CUDA_BLOCKS_PER_SM] == 2;
 }
 
-/* att_jit_tile and att_cuda.c's plan as they are: wide 4x1 warps, 64 keys (32 above head_dim
- * 128), narrow 1x4 warps, 64 keys, 2 stages; split into parts of >= 256 keys aiming at 2 blocks
- * per SM. */
-static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tun_bucket_t *b,
-                           tun_cfg_t *out) {
-    (void)d;
-    (void)b;
-    *out = (tun_cfg_t){.n = 9};
-    out->v[TUN_CUDA_WIDE_WARPS_M] = 4;
-    out->v[TUN_CUDA_WIDE_WARPS_N] = 1;
-    out->v[TUN_CUDA_WIDE_TILE_K] = s->head_dim > 128 ? 32 : 64;
-    out->v[TUN_CUDA_WIDE_STAGES] = 2;
-    out->v[TUN_CUDA_NARROW_WARPS_N] = 4;
-    out->v[TUN_CUDA_NARROW_TILE_K] = 64;
-    out->v[TUN_CUDA_NARROW_STAGES] = 2;
-    out->v[TUN_CUDA_SPLIT_MIN_KEYS] = 256;
-    out->v[TUN_CUDA_BLOCKS_PER_SM] = 2;
+#define CUDA_WIDE_MASK 0x00fu   /* wide_* */
+#define CUDA_NARROW_MASK 0x070u /* narrow_* */
+#define CUDA_SPLIT_MASK 0x180u  /* split_min_keys, blocks_per_sm */
+#define CUDA_MIXED_MASK 0x600u  /* mixed_split_keys, mixed_order */
+
+/* What a bucket's batches use. A chunk runs on a narrow tile when its rows (tokens x group) fit
+ * its 16; a bucket's max_q is rounded up, so "narrow only" is never claimed wrongly. Mixed:
+ * several chunks whose tokens average far below the longest one (decode next to a prefill). */
+static uint32_t cuda_stages(const tun_shape_t *s, const tun_bucket_t *b, uint32_t *masks) {
+    uint32_t n = 0;
+    const bool narrow_only = ((uint64_t)1 << b->max_q) * s->group <= 16;
+    const bool mixed = !narrow_only && b->seqs >= 1 && b->tokens + 1 < b->seqs + b->max_q;
+    if (narrow_only || mixed)
+        masks[n++] = CUDA_NARROW_MASK;
+    if (!narrow_only)
+        masks[n++] = CUDA_WIDE_MASK;
+    masks[n++] = CUDA_SPLIT_MASK;
+    if (mixed)
+        masks[n++] = CUDA_MIXED_MASK;
+    return n;
 }
 
 const tun_space_t tun_space_cuda_unified = {
-    .name = "cuda/att_unified/1",
-    .n_params = 9,
-    .params = {"wide_warps_m", "wide_warps_n", "wide_tile_k", "wide_stages", "narrow_warps_n",
-               "narrow_tile_k", "narrow_stages", "split_min_keys", "blocks_per_sm"},
-    .values = {{1, 2, 4, 8},
-               {1, 2, 4},
-               {16, 32, 64, 128},
+    .name = "cuda/att_unified/2",
+    .n_params = TUN_CUDA_PARAMS,
+    .params = {"wide_warps_m", "wide_warp_mt", "wide_tile_k", "wide_stages", "narrow_warps_n",
+               "narrow_tile_k", "narrow_stages", "split_min_keys", "blocks_per_sm",
+               "mixed_split_keys", "mixed_order"},
+    .values = {{2, 4, 8},
+               {1, 2},
+               {32, 64, 128},
                {2, 3, 4},
                {1, 2, 4, 8},
-               {16, 32, 64, 128},
+               {32, 64, 128},
                {2, 3, 4},
                {0, 128, 256, 512, 1024},
-               {1, 2, 4}},
-    .n_values = {4, 3, 4, 3, 4, 4, 3, 5, 3},
+               {1, 2, 4},
+               {0, 256, 512, 1024},
+               {1, 2}},
+    .n_values = {3, 2, 3, 3, 4, 3, 3, 5, 3, 4, 2},
     .valid = cuda_valid,
     .heuristic = cuda_heuristic,
+    .stages = cuda_stages,
 };
 
 /* ---- configurations ---- */
@@ -167,25 +235,29 @@ int tun_cfg_format(const tun_space_t *space, const tun_cfg_t *c, char *buf, size
     return len;
 }
 
-at_err_t tun_space_enumerate(const tun_space_t *space, const tun_shape_t *s, const tun_device_t *d,
-                             const tun_bucket_t *b, tun_cfg_t **out, size_t *n) {
+at_err_t tun_space_enumerate_from(const tun_space_t *space, const tun_shape_t *s,
+                                  const tun_device_t *d, const tun_cfg_t *base, uint32_t mask,
+                                  tun_cfg_t **out, size_t *n) {
     size_t total = 1;
     for (uint32_t p = 0; p < space->n_params; p++)
-        total *= space->n_values[p];
+        total *= (mask >> p & 1u) ? space->n_values[p] : 1u;
     tun_cfg_t *list = malloc((total + 1) * sizeof *list);
     if (list == NULL)
         return AT_ERR_NOMEM;
-    space->heuristic(s, d, b, &list[0]);
+    list[0] = *base;
     size_t k = 1;
     uint32_t idx[TUN_MAX_PARAMS] = {0};
     for (size_t i = 0; i < total; i++) {
-        tun_cfg_t c = {.n = space->n_params};
+        tun_cfg_t c = *base;
         for (uint32_t p = 0; p < space->n_params; p++)
-            c.v[p] = space->values[p][idx[p]];
+            if (mask >> p & 1u)
+                c.v[p] = space->values[p][idx[p]];
         if (space->valid(&c, s, d) && !tun_cfg_equal(&c, &list[0]))
             list[k++] = c;
-        /* the next index combination, the last parameter fastest */
+        /* the next index combination over the mask, the last parameter fastest */
         for (uint32_t p = space->n_params; p-- > 0;) {
+            if (!(mask >> p & 1u))
+                continue;
             if (++idx[p] < space->n_values[p])
                 break;
             idx[p] = 0;
@@ -194,4 +266,12 @@ at_err_t tun_space_enumerate(const tun_space_t *space, const tun_shape_t *s, con
     *out = list;
     *n = k;
     return AT_OK;
+}
+
+at_err_t tun_space_enumerate(const tun_space_t *space, const tun_shape_t *s, const tun_device_t *d,
+                             const tun_bucket_t *b, tun_cfg_t **out, size_t *n) {
+    tun_cfg_t h;
+    space->heuristic(s, d, b, &h);
+    const uint32_t all = space->n_params >= 32 ? ~0u : (1u << space->n_params) - 1u;
+    return tun_space_enumerate_from(space, s, d, &h, all, out, n);
 }

@@ -390,6 +390,8 @@ static void unlock(int fd) {
 
 at_err_t tun_store_load(tun_store_t *st, tun_file_state_t *state) {
     tun_file_state_t s = TUN_FILE_MISSING;
+    /* Without the lock (a read-only directory) the read is still whole: writers replace the file
+     * by rename. The lock only keeps a reader from setting aside a file a writer is fixing. */
     int fd = lock(st);
     at_err_t e = read_locked(st, &s);
     if (fd >= 0)

@@ -1,42 +1,58 @@
 /* Every model variant family of the attention kernels compiles with NVRTC, for sm_80 and sm_90,
  * in both tile kinds of the default plan (att_cuda_plan_default, for sm_80's 163 KiB of shared
  * memory per block), and every tile of the candidate set below (what the bench sweeps and a
- * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16},
- * bf16 for every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
+ * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
+ * every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
  * conversions differ between f16 and bf16, and f32 ignores the group), every block size
  * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
+ * Each image's att_k_info (read from the cubin's ELF, no GPU needed) must agree with the host's
+ * figures: rows, keys and threads of the tile, and the shared memory of att_jit_tile_smem.
+ *
+ * The CUDA tuning space (tun_space_cuda_unified) for two model shapes on an sm_90 device with
+ * 227 KiB of shared memory: every tile of the first stage of a decode search (and for the Llama
+ * shape, of a prefill search) and of a deterministic sample of the space's configs, mapped as att_cuda maps them
+ * (att_cuda_plan_from_cfg), compiles; tiles the space refuses for the kernel's static_asserts
+ * do not compile; tiles it refuses for shared memory alone compile with more than the device
+ * allows (register-estimate refusals are pruning, not correctness, and are not compiled).
+ *
  * NVRTC needs no GPU, so this runs in CI; without libnvrtc it skips with a line saying so.
  * The compiles run on every CPU (att_jit is thread-safe); failures are collected and reported
  * from the test thread. Label: slow (a few minutes on 2 cores).
  *
  * ATTND_KERNEL_VARIANTS=few compiles only the default plan of the Llama shape in each dtype for
- * sm_90: the sanitizer builds set it, since NVRTC itself is not instrumented and the full set
- * there would only repeat the release build's compiles at a fraction of the speed.
+ * sm_90, and of the space a handful per shape: the sanitizer builds set it, since NVRTC itself
+ * is not instrumented and the full set there would only repeat the release build's compiles at a
+ * fraction of the speed.
  *
- * Built twice: with ATT_TEST_HIP it is test_att_hip_kernels, the same variants (tiles of
- * att_hip_plan_default and the same candidates) with the HIP backend's options
- * (att_hip_model_opts: ATT_PORTABLE_MATH, the wave size) for three targets: gfx90a by hiprtc in
- * this process (the runtime's own path, wave 64); gfx940 by hipcc (clang, offline: this
- * toolchain's hiprtc crashes on gfx940, and it knows no gfx942), wave 64; and sm_90 by NVRTC with
- * wave 32, which is what the HIP test double runs on an NVIDIA GPU. A target whose compiler is
- * missing skips with a line. `few` keeps all three targets. */
+ * Built twice: with ATT_TEST_HIP it is test_att_hip_kernels, the same model variants (tiles of
+ * att_hip_plan_default and the same candidates; the HIP backend has no tuning space yet) with the
+ * HIP backend's options (att_hip_model_opts: ATT_PORTABLE_MATH, the wave size) for three
+ * targets: gfx90a by hiprtc in this process (the runtime's own path, wave 64); gfx940 by hipcc
+ * (clang, offline: this toolchain's hiprtc crashes on gfx940, and it knows no gfx942), wave 64;
+ * and sm_90 by NVRTC with wave 32, which is what the HIP test double runs on an NVIDIA GPU. A
+ * target whose compiler is missing skips with a line. `few` keeps all three targets. */
 #include "tests/test_util.h"
 
+#include <elf.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <stdio.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "attention/att_cuda.h"
 #include "attention/att_jit.h"
+#include "attention/att_kparams.h"
 #include "attention/att_model.h"
+#include "attention/att_tune.h"
 #ifdef ATT_TEST_HIP
 #include "attention/att_hip.h"
 #endif
+#include "tuning/tun.h"
+#include "tuning/tun_search.h"
 
 #define MAX_JOBS 1024
 
@@ -52,8 +68,10 @@ typedef struct job {
     att_model_t *m;
     att_tile_t tile;
     const target_t *target;
+    bool must_fail;                 /* the kernel's static_asserts refuse the tile */
     at_err_t err;
     at_diag_t diag;
+    uint32_t info[ATT_KINFO_COUNT]; /* the image's att_k_info */
     char desc[128];
 } job_t;
 
@@ -72,6 +90,64 @@ static const att_tile_t k_candidates[] = {
     {4, 1, 1, 64, 2}, {4, 1, 1, 64, 3}, {8, 1, 1, 64, 2}, {4, 2, 1, 64, 3},
     {4, 2, 1, 32, 3}, {8, 2, 1, 32, 2}, {1, 1, 4, 64, 3}, {1, 1, 4, 64, 4},
 };
+
+/* Copies the initial value of the constant att_k_info out of a cubin (an ELF64 image: the
+ * symbol's section holds it at the symbol's value). False when the image has no such symbol. */
+static bool cubin_k_info(const uint8_t *img, size_t n, uint32_t info[ATT_KINFO_COUNT]) {
+    Elf64_Ehdr eh;
+    if (n < sizeof eh)
+        return false;
+    memcpy(&eh, img, sizeof eh);
+    if (memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
+        eh.e_shentsize != sizeof(Elf64_Shdr) || eh.e_shoff + (uint64_t)eh.e_shnum * sizeof(Elf64_Shdr) > n)
+        return false;
+    Elf64_Shdr sh[256];
+    if (eh.e_shnum > 256)
+        return false;
+    memcpy(sh, img + eh.e_shoff, eh.e_shnum * sizeof(Elf64_Shdr));
+    for (uint32_t i = 0; i < eh.e_shnum; i++) {
+        if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh.e_shnum ||
+            sh[i].sh_offset + sh[i].sh_size > n)
+            continue;
+        const Elf64_Shdr *str = &sh[sh[i].sh_link];
+        for (uint64_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); k++) {
+            Elf64_Sym sym;
+            memcpy(&sym, img + sh[i].sh_offset + k * sizeof sym, sizeof sym);
+            if (sym.st_name >= str->sh_size || str->sh_offset + str->sh_size > n ||
+                strncmp((const char *)img + str->sh_offset + sym.st_name, "att_k_info",
+                        str->sh_size - sym.st_name) != 0)
+                continue;
+            if (sym.st_shndx == SHN_UNDEF || sym.st_shndx >= eh.e_shnum ||
+                sh[sym.st_shndx].sh_type == SHT_NOBITS ||
+                sym.st_size != ATT_KINFO_COUNT * sizeof(uint32_t))
+                return false;
+            const Elf64_Shdr *data = &sh[sym.st_shndx];
+            const uint64_t off = data->sh_offset + sym.st_value - data->sh_addr;
+            if (off + sym.st_size > n)
+                return false;
+            memcpy(info, img + off, sym.st_size);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Queues a compile of tile for model cfg c (a model of its own: jobs outlive the caller's). */
+static void add_job(const att_model_cfg_t *c, const att_tile_t *tile, const target_t *target,
+                    bool must_fail, const char *what) {
+    assert_true(g_num_jobs < MAX_JOBS);
+    job_t *j = &g_jobs[g_num_jobs++];
+    memset(j, 0, sizeof *j);
+    at_diag_t diag = {{0}};
+    assert_int_equal(att_model_create(c, &diag, &j->m), AT_OK);
+    j->tile = *tile;
+    j->target = target;
+    j->must_fail = must_fail;
+    snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u %s tile %ux%ux%ux%ux%u %s",
+             att_dtype_name(c->dtype), c->num_query_heads, c->num_kv_heads, c->head_dim,
+             c->block_size, what, tile->warps_m, tile->warp_mt, tile->warps_n, tile->tile_k,
+             tile->stages, target->arch);
+}
 
 static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uint32_t block,
                       unsigned feats, bool with_candidates) {
@@ -119,20 +195,11 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
     if (with_candidates)
         for (uint32_t i = 0; i < sizeof k_candidates / sizeof k_candidates[0]; i++)
             tiles[nt++] = k_candidates[i];
+    char what[16];
+    snprintf(what, sizeof what, "feats %x", feats);
     for (uint32_t k = 0; k < nt; k++)
-        for (uint32_t a = 0; a < g_num_targets; a++) {
-            assert_true(g_num_jobs < MAX_JOBS);
-            job_t *j = &g_jobs[g_num_jobs++];
-            at_diag_t diag = {{0}};
-            at_err_t e = att_model_create(&c, &diag, &j->m);
-            assert_int_equal(e, AT_OK);
-            j->tile = tiles[k];
-            j->target = &g_targets[a];
-            snprintf(j->desc, sizeof j->desc,
-                     "%s Hq%u/Hkv%u D%u B%u feats %x tile %ux%ux%ux%ux%u %s", att_dtype_name(dt),
-                     hq, hkv, d, block, feats, tiles[k].warps_m, tiles[k].warp_mt, tiles[k].warps_n,
-                     tiles[k].tile_k, tiles[k].stages, g_targets[a].arch);
-        }
+        for (uint32_t a = 0; a < g_num_targets; a++)
+            add_job(&c, &tiles[k], &g_targets[a], false, what);
 }
 
 #ifdef ATT_TEST_HIP
@@ -194,7 +261,7 @@ static void *worker(void *arg) {
         att_jit_opts_t o;
 #ifdef ATT_TEST_HIP
         att_hip_model_opts(j->m, &j->tile, j->target->wave, &o);
-        if (j->target->jit == NULL) {
+        if (j->target->jit == NULL) { /* hipcc: its bundle is not checked for att_k_info */
             j->err = hipcc_compile(j, &o, &j->diag);
             continue;
         }
@@ -203,14 +270,44 @@ static void *worker(void *arg) {
 #endif
         const void *img;
         size_t n;
-        j->err =
-            att_jit_image(j->target->jit, j->target->arch, o.ptr, o.n, &img, &n, NULL, &j->diag);
+        j->err = att_jit_image(j->target->jit, j->target->arch, o.ptr, o.n, &img, &n, NULL,
+                               &j->diag);
         if (j->err == AT_OK && n < 1024)
             j->err = AT_ERR_INTERNAL; /* an image that small cannot hold three kernels */
+        if (j->err == AT_OK && !cubin_k_info(img, n, j->info))
+            j->err = at_diag_set(&j->diag, AT_ERR_INTERNAL, "no att_k_info in the image");
     }
 }
 
-/* Compiles every job on up to 8 threads, reports each failure, frees the models and the jit. */
+/* The dynamic shared memory job j's kernel should ask for: the tensor-core body's
+ * (att_jit_tile_smem); the portable FMA body of the HIP options uses none. */
+static uint32_t job_smem(const job_t *j) {
+    return j->target->wave != 0 ? 0 : att_jit_tile_smem(j->m, &j->tile);
+}
+
+/* Why job j's outcome is wrong, or NULL: a tile the kernel refuses must not compile; any other
+ * must compile, and its att_k_info must agree with the host's figures for its tile (not checked
+ * for hipcc's images). */
+static const char *job_wrong(const job_t *j) {
+    if (j->must_fail)
+        return j->err == AT_ERR_UNSUPPORTED ? NULL : "compiled, but the kernel should refuse it";
+    if (j->err != AT_OK)
+        return at_err_name(j->err);
+    if (j->target->jit == NULL)
+        return NULL;
+    const att_tile_t *t = &j->tile;
+    const uint32_t wave = j->target->wave != 0 ? j->target->wave : 32;
+    if (j->info[ATT_KINFO_TILE_ROWS] != 16 * t->warp_mt * t->warps_m ||
+        j->info[ATT_KINFO_TILE_KEYS] != t->tile_k ||
+        j->info[ATT_KINFO_THREADS] != wave * t->warps_m * t->warps_n)
+        return "att_k_info's rows, keys or threads differ from the tile's";
+    if (j->info[ATT_KINFO_SMEM_BYTES] != job_smem(j))
+        return "att_k_info's shared memory differs from the host's figure";
+    return NULL;
+}
+
+/* Compiles every job on up to 8 threads, reports each wrong outcome, frees the models and the
+ * jit, and empties the job list. */
 static void run_jobs(void) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     uint32_t nthreads = ncpu > 1 ? (uint32_t)(ncpu > 8 ? 8 : ncpu) : 1;
@@ -220,16 +317,19 @@ static void run_jobs(void) {
     for (uint32_t t = 0; t < nthreads; t++)
         pthread_join(tids[t], NULL);
 
-    uint32_t bad = 0;
+    uint32_t bad = 0, refused = 0;
     for (uint32_t i = 0; i < g_num_jobs; i++) {
-        if (g_jobs[i].err != AT_OK) {
-            printf("FAIL %s: %s %s\n", g_jobs[i].desc, at_err_name(g_jobs[i].err),
-                   g_jobs[i].diag.msg);
+        const char *why = job_wrong(&g_jobs[i]);
+        if (why != NULL) {
+            printf("FAIL %s: %s (%s: %s; smem %u, host %u)\n", g_jobs[i].desc, why,
+                   at_err_name(g_jobs[i].err), g_jobs[i].diag.msg,
+                   g_jobs[i].info[ATT_KINFO_SMEM_BYTES], job_smem(&g_jobs[i]));
             bad++;
         }
+        refused += g_jobs[i].must_fail;
         att_model_destroy(&g_jobs[i].m);
     }
-    printf("%u variants compiled\n", g_num_jobs);
+    printf("%u variants compiled, %u refused as they should be\n", g_num_jobs - refused, refused);
     for (uint32_t t = 0; t < g_num_targets; t++) {
         if (g_targets[t].jit == NULL) {
             printf("  %s: hipcc\n", g_targets[t].arch);
@@ -241,25 +341,28 @@ static void run_jobs(void) {
                (unsigned long long)st.compiles, (double)st.compile_ns / 1e9);
         att_jit_destroy(&g_targets[t].jit);
     }
+    g_num_targets = 0;
 #ifdef ATT_TEST_HIP
     if (g_src_dir[0] != '\0') {
         char cmd[128];
         snprintf(cmd, sizeof cmd, "rm -rf %s", g_src_dir);
         assert_int_equal(system(cmd), 0);
+        g_src_dir[0] = '\0';
     }
 #endif
+    g_num_jobs = 0;
+    atomic_store(&g_next, 0);
     assert_int_equal(bad, 0);
 }
 
-/* The targets this build compiles for; skips when there is none. */
-static void make_targets(void) {
-    const char *few = getenv("ATTND_KERNEL_VARIANTS");
-    g_few = few != NULL && strcmp(few, "few") == 0;
+/* The targets this build compiles for (the CUDA build: sm_90 only, with sm_80 unless few, or
+ * only_sm90); skips when there is none. */
+static void targets_or_skip(bool only_sm90) {
     at_diag_t diag = {{0}};
     att_jit_t *jit = NULL;
+    (void)only_sm90;
 #ifdef ATT_TEST_HIP
-    at_err_t e = att_hip_jit_create(NULL, &diag, &jit);
-    if (e == AT_OK)
+    if (att_hip_jit_create(NULL, &diag, &jit) == AT_OK)
         g_targets[g_num_targets++] = (target_t){"gfx90a", jit, 64};
     else
         printf("SKIP gfx90a: no hiprtc (%s)\n", diag.msg);
@@ -270,14 +373,14 @@ static void make_targets(void) {
     printf("SKIP gfx940: no hipcc at build time\n");
 #endif
 #ifdef AT_HAVE_CUDA
-    if ((e = att_jit_create(NULL, &diag, &jit)) == AT_OK)
+    if (att_jit_create(NULL, &diag, &jit) == AT_OK)
         g_targets[g_num_targets++] = (target_t){"sm_90", jit, 32};
     else
         printf("SKIP sm_90 (the test double's path): no NVRTC (%s)\n", diag.msg);
 #endif
 #else
     static const char *const archs[] = {"sm_80", "sm_90"};
-    for (int a = g_few ? 1 : 0; a < 2; a++) {
+    for (int a = g_few || only_sm90 ? 1 : 0; a < 2; a++) {
         if (att_jit_create(NULL, &diag, &jit) != AT_OK) {
             printf("SKIP: no NVRTC on this machine (%s)\n", diag.msg);
             break;
@@ -291,7 +394,7 @@ static void make_targets(void) {
 
 static void test_att_kernels_compile_every_variant(void **state) {
     (void)state;
-    make_targets();
+    targets_or_skip(false);
     static const att_dtype_t dts[] = {ATT_DTYPE_F32, ATT_DTYPE_F16, ATT_DTYPE_BF16};
     if (g_few) {
         for (int a = 0; a < 3; a++)
@@ -325,9 +428,186 @@ static void test_att_kernels_compile_every_variant(void **state) {
     run_jobs();
 }
 
+#ifndef ATT_TEST_HIP
+/* ---- the CUDA tuning space ---- */
+
+#define SPACE_SMEM (227u * 1024u) /* an H200's shared memory per block (opt-in) */
+#define SPACE_SAMPLE 12u          /* configs sampled from a shape's whole space (few: 3) */
+
+/* Tiles of one shape already queued: configs share most of their tiles. */
+typedef struct tile_set {
+    att_tile_t t[256];
+    uint32_t n;
+} tile_set_t;
+
+static void add_space_tile(const att_model_cfg_t *c, tile_set_t *seen, const att_tile_t *t,
+                           bool must_fail, const char *what) {
+    for (uint32_t i = 0; i < seen->n; i++)
+        if (memcmp(&seen->t[i], t, sizeof *t) == 0)
+            return;
+    assert_true(seen->n < 256);
+    seen->t[seen->n++] = *t;
+    add_job(c, t, &g_targets[0], must_fail, what); /* sm_90: targets_or_skip(true) */
+}
+
+/* Both tiles of cfg, mapped as att_cuda maps a config. */
+static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                          const tun_device_t *d, const tun_cfg_t *cfg, const char *what) {
+    char text[160];
+    tun_cfg_format(&tun_space_cuda_unified, cfg, text, sizeof text);
+    TU_CHECK(tun_cfg_valid(&tun_space_cuda_unified, cfg, s, d), "%s: %s is not valid", what,
+             text);
+    att_cuda_plan_t plan;
+    att_cuda_plan_from_cfg(cfg, &plan);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        const att_tile_t *t = &plan.tile[k];
+        TU_CHECK(tun_cuda_smem_bytes(s->head_dim, s->dtype, t->warps_m, t->warp_mt, t->warps_n,
+                                     t->tile_k, t->stages) <= d->smem_bytes,
+                 "%s: %s takes more shared memory than the device has", what, text);
+        add_space_tile(c, seen, t, false, what);
+    }
+}
+
+/* The configs the first stage of a search for bucket b times (a few of them when few). */
+static void add_first_stage(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                            const tun_device_t *d, const tun_bucket_t *b, const char *what) {
+    tun_search_t *se = NULL;
+    assert_int_equal(tun_search_create(&tun_space_cuda_unified, s, d, b, 1, &se), AT_OK);
+    uint32_t stage = 99, n = 0;
+    const tun_cfg_t *cfgs = NULL;
+    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
+    assert_int_equal(stage, 0);
+    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
+    for (uint32_t i = 0; i < n && (!g_few || i < 3); i++)
+        add_space_cfg(c, seen, s, d, &cfgs[i], what);
+    tun_search_destroy(&se);
+}
+
+/* Tiles the kernel's static_asserts refuse (warps_m, warp_mt, warps_n, tile_k, stages); the
+ * first two are narrow tiles the space can express. */
+static const att_tile_t k_refused[] = {
+    {1, 1, 4, 32, 2}, /* 8 keys per warp: not whole k16 steps */
+    {1, 1, 8, 64, 3}, /* likewise */
+    {1, 1, 3, 64, 2}, /* tile_k not a multiple of warps_n */
+    {4, 3, 1, 64, 2}, /* warp_mt 3 */
+    {8, 1, 4, 64, 2}, /* 32 warps */
+    {1, 1, 4, 64, 5}, /* 5 stages */
+};
+
+/* The space's tiles for one shape: the first stage of a decode search (and of a prefill search
+ * when with_prefill), a sample of the whole space, and tiles it refuses. */
+static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t dim,
+                            bool with_prefill, uint32_t *smem_refused) {
+    const att_model_cfg_t c = {.num_layers = 1,
+                               .num_query_heads = hq,
+                               .num_kv_heads = hkv,
+                               .head_dim = dim,
+                               .dtype = dt,
+                               .block_size = 16};
+    att_model_t *m = NULL;
+    at_diag_t diag = {{0}};
+    assert_int_equal(att_model_create(&c, &diag, &m), AT_OK);
+    tun_shape_t s;
+    att_tune_shape(m, &s);
+    att_model_destroy(&m);
+    const tun_device_t d = {.backend = "cuda", .arch = "sm_90", .threads = 132,
+                            .smem_bytes = SPACE_SMEM};
+    const tun_device_t unlimited = {.backend = "cuda", .arch = "sm_90", .threads = 132};
+    const tun_space_t *sp = &tun_space_cuda_unified;
+    static tile_set_t seen;
+    seen.n = 0;
+
+    const tun_bucket_t decode = {.tokens = 6, .seqs = 6, .max_q = 0, .max_ctx = 12};
+    const tun_bucket_t prefill = {.tokens = 11, .seqs = 1, .max_q = 11, .max_ctx = 11};
+    add_first_stage(&c, &seen, &s, &d, &decode, "decode stage 0");
+    if (with_prefill && !g_few)
+        add_first_stage(&c, &seen, &s, &d, &prefill, "prefill stage 0");
+    tun_cfg_t *all = NULL;
+    size_t n = 0;
+    assert_int_equal(tun_space_enumerate(sp, &s, &d, &prefill, &all, &n), AT_OK);
+    TU_CHECK(n > 100, "D%u: only %zu configs in the space", dim, n);
+    const uint32_t sample = g_few ? 3 : SPACE_SAMPLE;
+    for (uint32_t i = 0; i < sample; i++)
+        add_space_cfg(&c, &seen, &s, &d, &all[(size_t)i * n / sample], "sampled");
+    free(all);
+
+    /* refused by the kernel's static_asserts: refused by the space too, and by NVRTC */
+    tun_cfg_t h;
+    sp->heuristic(&s, &d, &prefill, &h);
+    const uint32_t n_refused = g_few ? 3 : (uint32_t)(sizeof k_refused / sizeof k_refused[0]);
+    for (uint32_t i = 0; i < n_refused; i++) {
+        const att_tile_t *t = &k_refused[i];
+        TU_CHECK(!tun_cuda_tile_ok(&s, &unlimited, t->warps_m, t->warp_mt, t->warps_n,
+                                   t->tile_k, t->stages),
+                 "tile %ux%ux%ux%ux%u passes tun_cuda_tile_ok", t->warps_m, t->warp_mt,
+                 t->warps_n, t->tile_k, t->stages);
+        if (i < 2) {
+            tun_cfg_t bad = h;
+            bad.v[TUN_CUDA_NARROW_WARPS_N] = t->warps_n;
+            bad.v[TUN_CUDA_NARROW_TILE_K] = t->tile_k;
+            bad.v[TUN_CUDA_NARROW_STAGES] = t->stages;
+            TU_CHECK(!tun_cfg_valid(sp, &bad, &s, &d), "the space takes narrow tile %u/%u",
+                     t->warps_n, t->tile_k);
+        }
+        add_space_tile(&c, &seen, t, true, "refused");
+    }
+
+    /* refused for shared memory alone (wide tiles of the space's values): they compile, and
+     * run_jobs checks the kernel's own figure is the formula's, so above the device's too */
+    uint32_t found = 0;
+    for (uint32_t a = 0; a < sp->n_values[TUN_CUDA_WIDE_WARPS_M]; a++)
+        for (uint32_t b = 0; b < sp->n_values[TUN_CUDA_WIDE_WARP_MT]; b++)
+            for (uint32_t k = 0; k < sp->n_values[TUN_CUDA_WIDE_TILE_K]; k++)
+                for (uint32_t st = 0; st < sp->n_values[TUN_CUDA_WIDE_STAGES]; st++) {
+                    const att_tile_t t = {sp->values[TUN_CUDA_WIDE_WARPS_M][a],
+                                          sp->values[TUN_CUDA_WIDE_WARP_MT][b], 1,
+                                          sp->values[TUN_CUDA_WIDE_TILE_K][k],
+                                          sp->values[TUN_CUDA_WIDE_STAGES][st]};
+                    if (!tun_cuda_tile_ok(&s, &unlimited, t.warps_m, t.warp_mt, 1, t.tile_k,
+                                          t.stages) ||
+                        tun_cuda_tile_ok(&s, &d, t.warps_m, t.warp_mt, 1, t.tile_k, t.stages) ||
+                        found == (g_few ? 1u : 4u))
+                        continue;
+                    tun_cfg_t big = h;
+                    big.v[TUN_CUDA_WIDE_WARPS_M] = t.warps_m;
+                    big.v[TUN_CUDA_WIDE_WARP_MT] = t.warp_mt;
+                    big.v[TUN_CUDA_WIDE_TILE_K] = t.tile_k;
+                    big.v[TUN_CUDA_WIDE_STAGES] = t.stages;
+                    TU_CHECK(!tun_cfg_valid(sp, &big, &s, &d), "the space takes a wide tile "
+                             "beyond the device's shared memory");
+                    TU_CHECK(tun_cuda_smem_bytes(s.head_dim, s.dtype, t.warps_m, t.warp_mt, 1,
+                                                 t.tile_k, t.stages) > SPACE_SMEM,
+                             "refused for shared memory, but the formula fits");
+                    add_space_tile(&c, &seen, &t, false, "over smem");
+                    found++;
+                }
+    *smem_refused += found;
+}
+
+static void test_att_kernels_tuning_space_tiles(void **state) {
+    (void)state;
+    targets_or_skip(true);
+    tu_where_set("the CUDA tuning space");
+    uint32_t smem_refused = 0;
+    add_space_shape(ATT_DTYPE_BF16, 32, 8, 128, true, &smem_refused); /* Llama: group 4 */
+    add_space_shape(ATT_DTYPE_F16, 8, 8, 64, false, &smem_refused);    /* group 1 */
+    TU_CHECK(smem_refused >= 1, "no tile of either shape is refused for shared memory alone");
+    run_jobs();
+}
+#endif
+
 int main(void) {
+    const char *few = getenv("ATTND_KERNEL_VARIANTS");
+    g_few = few != NULL && strcmp(few, "few") == 0;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_att_kernels_compile_every_variant),
+#ifndef ATT_TEST_HIP /* the HIP backend has no tuning space yet */
+        cmocka_unit_test(test_att_kernels_tuning_space_tiles),
+#endif
     };
+    /* ATTND_TEST_FILTER=pattern (cmocka's * and ?) runs a subset */
+    const char *filter = getenv("ATTND_TEST_FILTER");
+    if (filter != NULL && filter[0] != '\0')
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

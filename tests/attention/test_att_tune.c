@@ -208,7 +208,7 @@ static void test_att_tune_job_leaves_the_session_alone_and_is_restored(void **st
     att_tuner_get_info(t, &info);
     assert_int_equal(info.source, TUN_SOURCE_TUNED);
     assert_int_equal(info.jobs_done, 1);
-    char tuned[128];
+    char tuned[TUN_CFG_TEXT_MAX];
     snprintf(tuned, sizeof tuned, "%s", info.config);
     assert_int_equal(count_json(dir), 1);
     att_tuner_destroy(&t);

@@ -172,12 +172,71 @@ static void test_lc_insert_limits(void **state) {
     lc_destroy(&lc); /* NULL is fine */
 }
 
+/* A session that switches tile configs unloads a module and forgets its launches: the entries
+ * of that tile byte go, the others stay where they were (handed-out pointers remain valid), and
+ * the freed entries take new keys even when the cache had been full. */
+static void test_lc_forget_tile(void **state) {
+    (void)state;
+    launch_log_t log = {0};
+    lc_t *lc = NULL;
+    assert_int_equal(lc_create(fake_launch, &log, &lc), AT_OK);
+    /* 4 entries per tile: kernels 1 and 2, unsplit and split; tiles 0..9 fill the cache */
+    assert_int_equal(LC_MAX_ENTRIES % 4, 0);
+    const uint32_t tiles = LC_MAX_ENTRIES / 4;
+    for (uint32_t t = 0; t < tiles; t++)
+        for (uint32_t k = 1; k <= 2; k++)
+            for (uint32_t split = 0; split <= 1; split++) {
+                lc_launch_t l = prepare(LC_KEY(k, t, split), t == 2 ? &MODEL_B : &MODEL_A);
+                assert_int_equal(lc_insert(lc, &l, NULL), AT_OK);
+            }
+    lc_launch_t extra = prepare(LC_KEY(1, tiles, 0), &MODEL_A);
+    assert_int_equal(lc_insert(lc, &extra, NULL), AT_ERR_INTERNAL);
+    const lc_launch_t *kept = lc_lookup(lc, LC_KEY(2, 3, 1));
+    assert_non_null(kept);
+
+    lc_forget_tile(lc, 2);
+    lc_forget_tile(lc, 200); /* no entry has it: nothing changes */
+    for (uint32_t k = 1; k <= 2; k++)
+        for (uint32_t split = 0; split <= 1; split++)
+            assert_null(lc_lookup(lc, LC_KEY(k, 2, split)));
+    for (uint32_t t = 0; t < tiles; t++) {
+        if (t == 2)
+            continue;
+        const lc_launch_t *l = lc_lookup(lc, LC_KEY(1, t, 0));
+        assert_non_null(l);
+        assert_ptr_equal(l->fn, &MODEL_A);
+    }
+    assert_ptr_equal(lc_lookup(lc, LC_KEY(2, 3, 1)), kept);
+
+    /* the four freed entries take a new tile's launches; a fifth does not fit */
+    for (uint32_t k = 1; k <= 2; k++)
+        for (uint32_t split = 0; split <= 1; split++) {
+            lc_launch_t l = prepare(LC_KEY(k, tiles, split), &MODEL_B);
+            const lc_launch_t *got = NULL;
+            assert_int_equal(lc_insert(lc, &l, &got), AT_OK);
+            assert_int_equal(got->key, LC_KEY(k, tiles, split));
+        }
+    lc_launch_t fifth = prepare(LC_KEY(3, tiles, 0), &MODEL_A);
+    assert_int_equal(lc_insert(lc, &fifth, NULL), AT_ERR_INTERNAL);
+    /* a call on the new tile launches its own kernel; the old tile's key is still gone */
+    assert_ptr_equal(call(lc, &MODEL_B, LC_KEY(1, tiles, 1), 2), &MODEL_B);
+    assert_null(lc_lookup(lc, LC_KEY(1, 2, 0)));
+    assert_ptr_equal(lc_lookup(lc, LC_KEY(2, 3, 1)), kept);
+
+    /* forgetting the new tile, then the tile back: a miss, prepared again */
+    lc_forget_tile(lc, tiles);
+    assert_null(lc_lookup(lc, LC_KEY(1, tiles, 1)));
+    assert_ptr_equal(call(lc, &MODEL_A, LC_KEY(1, 2, 0), 1), &MODEL_A);
+    lc_destroy(&lc);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lc_miss_then_hit_and_counts),
         cmocka_unit_test(test_lc_sessions_are_isolated),
         cmocka_unit_test(test_lc_process_wide_cache_returns_wrong_kernel),
         cmocka_unit_test(test_lc_insert_limits),
+        cmocka_unit_test(test_lc_forget_tile),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

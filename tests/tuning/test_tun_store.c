@@ -366,7 +366,7 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
     tun_device_t h200 = {.backend = "cuda", .name = "NVIDIA H200", .arch = "sm_90",
                          .threads = 132, .smem_bytes = 227 * 1024};
     tun_device_t small_smem = h200;
-    small_smem.smem_bytes = 48 * 1024;
+    small_smem.smem_bytes = 100 * 1024;
     tun_bucket_t b = tun_bucket_of(256, 256, 1, 8192);
     tun_shape_t d256 = llama;
     d256.head_dim = 256;
@@ -374,30 +374,104 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
     for (size_t s = 0; s < 2; s++) {
         tun_cfg_t h;
         tun_space_cuda_unified.heuristic(shapes[s], &h200, &b, &h);
-        /* the backend's tiles today must be in the space and valid on the H200 */
+        /* the backend's default plan must be in the space and valid on the H200 */
         assert_true(tun_cfg_valid(&tun_space_cuda_unified, &h, shapes[s], &h200));
+        /* the tiles: every combination of the wide and the narrow knobs around it */
         tun_cfg_t *big = NULL, *tight = NULL;
         size_t nb = 0, nt = 0;
-        assert_int_equal(tun_space_enumerate(&tun_space_cuda_unified, shapes[s], &h200, &b, &big,
-                                             &nb), AT_OK);
-        assert_int_equal(tun_space_enumerate(&tun_space_cuda_unified, shapes[s], &small_smem, &b,
-                                             &tight, &nt), AT_OK);
+        assert_int_equal(tun_space_enumerate_from(&tun_space_cuda_unified, shapes[s], &h200, &h,
+                                                  0x7f, &big, &nb), AT_OK);
+        tun_cfg_t hs;
+        tun_space_cuda_unified.heuristic(shapes[s], &small_smem, &b, &hs);
+        assert_true(tun_cfg_valid(&tun_space_cuda_unified, &hs, shapes[s], &small_smem));
+        assert_int_equal(tun_space_enumerate_from(&tun_space_cuda_unified, shapes[s], &small_smem,
+                                                  &hs, 0x7f, &tight, &nt), AT_OK);
         assert_true(nt < nb);
-        for (size_t i = 1; i < nt; i++) {
+        for (size_t i = 0; i < nt; i++) {
             const uint32_t *v = tight[i].v;
-            assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, v[0], v[1], v[2], v[3]) <=
-                        48 * 1024);
-            assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, 1, v[4], v[5], v[6]) <=
-                        48 * 1024);
-            assert_int_equal((v[2] / v[1]) % 16, 0);
-            assert_true(v[0] * v[1] <= 16);
+            assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, v[0], v[1], 1, v[2], v[3]) <=
+                        100 * 1024);
+            assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, 1, 1, v[4], v[5], v[6]) <=
+                        100 * 1024);
+            assert_int_equal((v[5] / v[4]) % 16, 0);
+            assert_true(v[4] <= 16 && v[0] <= 16);
         }
         free(big);
         free(tight);
     }
-    /* the kernel's formula for the default wide tile, D 128 bf16: Q 64 x 136 x 2, ring 2 x 2 x 64
-     * x 136 x 2 */
-    assert_int_equal(tun_cuda_smem_bytes(128, 3, 4, 1, 64, 2), 64 * 136 * 2 + 4 * 64 * 136 * 2);
+    /* the kernel's formula for a wide tile, D 128 bf16, 4 warps x 1 m16, 64 keys, 2 stages: Q
+     * 64 x 136 x 2, ring 2 x 2 x 64 x 136 x 2 */
+    assert_int_equal(tun_cuda_smem_bytes(128, 3, 4, 1, 1, 64, 2), 64 * 136 * 2 + 4 * 64 * 136 * 2);
+}
+
+/* A bucket's search covers what its batches use: decode the narrow tile and the split knobs,
+ * prefill the wide tile and the split knobs, a mixed batch all of them. */
+static void test_tun_space_cuda_stages_follow_the_bucket(void **state) {
+    (void)state;
+    uint32_t m[TUN_MAX_PARAMS];
+    const tun_bucket_t decode = tun_bucket_of(256, 256, 1, 8193);
+    const tun_bucket_t prefill = tun_bucket_of(8 * 2048, 8, 2048, 2048);
+    const tun_bucket_t mixed = tun_bucket_of(63 + 512, 64, 512, 2049);
+    assert_int_equal(tun_space_cuda_unified.stages(&llama, &decode, m), 2);
+    assert_int_equal(m[0], 0x070);
+    assert_int_equal(m[1], 0x180);
+    assert_int_equal(tun_space_cuda_unified.stages(&llama, &prefill, m), 2);
+    assert_int_equal(m[0], 0x00f);
+    assert_int_equal(m[1], 0x180);
+    assert_int_equal(tun_space_cuda_unified.stages(&llama, &mixed, m), 4);
+    assert_int_equal(m[0] | m[1] | m[2] | m[3], 0x7ff);
+    /* a group above 16 never uses the narrow tile, even for decode */
+    tun_shape_t wide_group = llama;
+    wide_group.group = 32;
+    assert_int_equal(tun_space_cuda_unified.stages(&wide_group, &decode, m), 2);
+    assert_int_equal(m[0], 0x00f);
+}
+
+/* A staged search over the CUDA space times a few dozen configs, not the space's hundreds of
+ * thousands, and finds the optimum of a cost that is separable by stage. */
+static void test_tun_search_staged_finds_a_separable_optimum(void **state) {
+    (void)state;
+    tun_device_t h200 = {.backend = "cuda", .name = "NVIDIA H200", .arch = "sm_90",
+                         .threads = 132, .smem_bytes = 227 * 1024};
+    const tun_bucket_t mixed = tun_bucket_of(63 + 512, 64, 512, 2049);
+    tun_search_t *s = NULL;
+    assert_int_equal(tun_search_create(&tun_space_cuda_unified, &llama, &h200, &mixed, 1, &s),
+                     AT_OK);
+    tun_cfg_t c;
+    bool warm;
+    uint32_t runs = 0;
+    while (tun_search_next(s, &c, &warm)) {
+        /* fastest at wide 8 warps x 1 m16 x 64 keys, narrow 2 warps x 64 keys x 3 stages,
+         * splits of 512 keys, mixed wide first */
+        uint64_t ns = 10000;
+        ns += c.v[0] == 8 ? 0 : 1000;
+        ns += c.v[1] == 1 ? 0 : 1000;
+        ns += c.v[2] == 64 ? 0 : 1000;
+        ns += c.v[4] == 2 ? 0 : 5000;
+        ns += c.v[6] == 3 ? 0 : 5000;
+        ns += c.v[7] == 512 ? 0 : 20000;
+        ns += c.v[9] == 1024 ? 0 : 20000;
+        tun_search_report(s, ns);
+        runs++;
+    }
+    uint32_t done, total;
+    tun_search_progress(s, &done, &total);
+    assert_int_equal(done, total);
+    assert_int_equal(done, runs);
+    assert_true(runs < 400);
+    tun_record_t r;
+    assert_int_equal(tun_search_result(s, &r), AT_OK);
+    assert_int_equal(r.best.v[0], 8);
+    assert_int_equal(r.best.v[1], 1);
+    assert_int_equal(r.best.v[2], 64);
+    assert_int_equal(r.best.v[4], 2);
+    assert_int_equal(r.best.v[6], 3);
+    assert_int_equal(r.best.v[7], 512);
+    assert_int_equal(r.best.v[9], 1024);
+    assert_true(r.best_ns < r.heuristic_ns);
+    assert_true(r.worst_ns >= r.heuristic_ns);
+    assert_true(r.tried > 10 && r.tried < 200);
+    tun_search_destroy(&s);
 }
 
 /* The search times the heuristic first, skips configs that fail, and reports best, heuristic
@@ -471,6 +545,8 @@ int main(void) {
         cmocka_unit_test(test_tun_bucket_rounds_up_to_powers_of_two),
         cmocka_unit_test(test_tun_space_cpu_conditions),
         cmocka_unit_test(test_tun_space_cuda_respects_shared_memory),
+        cmocka_unit_test(test_tun_space_cuda_stages_follow_the_bucket),
+        cmocka_unit_test(test_tun_search_staged_finds_a_separable_optimum),
         cmocka_unit_test(test_tun_search_picks_the_fastest),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
