@@ -69,7 +69,7 @@ static tun_cfg_t make_cfg(att_backend_t *be, const att_ctx_t *ctx, const knobs_t
     att_tune_shape(att_ctx_model(ctx), &s);
     tun_cfg_t c = {.n = TUN_CUDA_PARAMS};
     memcpy(c.v, k, sizeof c.v[0] * TUN_CUDA_PARAMS);
-    char text[160];
+    char text[TUN_CFG_TEXT_MAX];
     tun_cfg_format(&tun_space_cuda_unified, &c, text, sizeof text);
     TU_CHECK(tun_cfg_valid(&tun_space_cuda_unified, &c, &s, &d), "%s is not valid on %s", text,
              d.name);
@@ -85,7 +85,7 @@ static void prepare_now(att_backend_t *be, const att_ctx_t *ctx, const tun_cfg_t
 
 static void set_cfg(att_ctx_t *ctx, const tun_cfg_t *c) {
     at_err_t e = att_ctx_set_tuning(ctx, c);
-    char text[160];
+    char text[TUN_CFG_TEXT_MAX];
     tun_cfg_format(&tun_space_cuda_unified, c, text, sizeof text);
     TU_CHECK(e == AT_OK, "set_tuning %s: %s", text, at_err_name(e));
 }
@@ -156,7 +156,7 @@ static void test_att_cuda_tune_configs_match_the_cpu(void **state) {
         cfgs[i] = make_cfg(be, gpu, k_configs[i]);
     prepare_now(be, gpu, cfgs, N_CONFIGS);
     for (uint32_t i = 0; i < N_CONFIGS; i++) {
-        char text[160];
+        char text[TUN_CFG_TEXT_MAX];
         tun_cfg_format(&tun_space_cuda_unified, &cfgs[i], text, sizeof text);
         tu_where_set("configs: ATTND_TEST_SEED=%" PRIu64 ", config %u: %s", g_seed, i, text);
         set_cfg(gpu, &cfgs[i]);
@@ -205,7 +205,7 @@ static void test_att_cuda_tune_switching_configs_between_calls(void **state) {
     att_jit_stats_t before, after;
     att_cuda_jit_stats(be, &before);
     for (uint32_t i = 0; i < N_SWITCHES; i++) {
-        char text[160];
+        char text[TUN_CFG_TEXT_MAX];
         tun_cfg_format(&tun_space_cuda_unified, &cfgs[i], text, sizeof text);
         tu_where_set("switching: ATTND_TEST_SEED=%" PRIu64 ", call %u: %s", g_seed, i, text);
         set_cfg(gpu, &cfgs[i]);
@@ -311,7 +311,7 @@ static void test_att_cuda_tune_frozen_restores_and_never_tunes(void **state) {
     att_tuner_info_t info;
     att_tuner_get_info(t, &info);
     TU_CHECK(info.source == TUN_SOURCE_STORED, "first call: source %d", (int)info.source);
-    char text[160];
+    char text[TUN_CFG_TEXT_MAX];
     tun_cfg_format(&tun_space_cuda_unified, &stored, text, sizeof text);
     TU_CHECK(strcmp(info.config, text) == 0, "the first call ran %s, not the record's %s",
              info.config, text);
