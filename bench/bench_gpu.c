@@ -93,6 +93,7 @@ static int gpu_init(gpu_t *g, const char *arch) {
     int rc = CK(cuModuleLoadData(&g->mod, img));
     free(img);
     if (rc || CK(cuModuleGetFunction(&g->f_empty, g->mod, "empty")) ||
+        CK(cuModuleGetFunction(&g->f_empty_p144, g->mod, "empty_p144")) ||
         CK(cuModuleGetFunction(&g->f_read, g->mod, "read_only")) ||
         CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")))
         return -1;
