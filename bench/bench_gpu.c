@@ -283,6 +283,36 @@ static int fill_kv(att_ctx_t *ctx, const att_model_t *m, uint32_t seqs, uint32_t
     return rc;
 }
 
+/* The calls' tensors: by default in one host region registered with the backend, as the
+ * server's shared-memory arena is (copies go straight from it by DMA); with --plain-host, plain
+ * malloc memory that a call stages through pinned buffers. */
+#define ARENA_BYTES ((size_t)512 << 20)
+static uint8_t *g_arena;
+static size_t g_arena_used;
+
+/* n bytes of a call's tensor (filled from the pattern when salt != 0); from the arena (freed by
+ * the next arena_reset) or malloc (call_free). */
+static void *call_buf(size_t n, size_t salt) {
+    if (g_arena == NULL)
+        return salt != 0 ? tensor(n, salt) : malloc(n);
+    const size_t at = (g_arena_used + 255) / 256 * 256;
+    if (at + n > ARENA_BYTES)
+        return NULL;
+    g_arena_used = at + n;
+    uint8_t *p = g_arena + at;
+    if (salt != 0) {
+        void *t = tensor(n, salt);
+        memcpy(p, t, n);
+        free(t);
+    }
+    return p;
+}
+
+static void call_free(void *p) {
+    if (g_arena == NULL)
+        free(p);
+}
+
 /* Repeats one call (the same chunks: each rewrites its positions) and takes medians. */
 static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch, uint32_t n,
                      int reps, result_t *r) {
@@ -291,7 +321,12 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
         t += ch[i].num_tokens;
     const size_t qb = (size_t)t * att_model_row_bytes(m, m->num_query_heads);
     const size_t kb = (size_t)t * att_model_row_bytes(m, m->num_kv_heads);
-    void *q = tensor(qb, 3), *k = tensor(kb, 4), *v = tensor(kb, 5), *out = malloc(qb);
+    g_arena_used = 0;
+    void *q = call_buf(qb, 3), *k = call_buf(kb, 4), *v = call_buf(kb, 5), *out = call_buf(qb, 0);
+    if (q == NULL || k == NULL || v == NULL || out == NULL) {
+        fprintf(stderr, "bench-gpu: %s: the tensors do not fit the arena\n", r->name);
+        return -1;
+    }
     att_call_t c = {.layer = 0, .chunks = ch, .num_chunks = n, .q = q, .q_bytes = qb, .k = k,
                     .k_bytes = kb, .v = v, .v_bytes = kb, .out = out, .out_bytes = qb};
     double *dev = calloc((size_t)reps, sizeof *dev), *wall = calloc((size_t)reps, sizeof *wall);
@@ -336,10 +371,10 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
     free(dev);
     free(wall);
     free(host);
-    free(q);
-    free(k);
-    free(v);
-    free(out);
+    call_free(q);
+    call_free(k);
+    call_free(v);
+    call_free(out);
     return rc;
 }
 
@@ -473,9 +508,11 @@ int bench_gpu_main(int argc, char **argv) {
     double matmul_tflops = 0.0;
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
-    bool has_plan = false;
+    bool has_plan = false, plain_host = false;
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+        if (strcmp(argv[i], "--plain-host") == 0)
+            plain_host = true;
+        else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             json_path = argv[++i];
         else if (strcmp(argv[i], "--matmul-tflops") == 0 && i + 1 < argc)
             matmul_tflops = atof(argv[++i]);
@@ -489,6 +526,9 @@ int bench_gpu_main(int argc, char **argv) {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
                     "                       [--tile KIND=WM,MT,WN,TK,ST]... [--plan KEY=V]...\n"
+                    "                       [--plain-host]\n"
+                    "  --plain-host: the calls' tensors in plain memory, staged through pinned\n"
+                    "  buffers (default: in one registered region, as the server's arena)\n"
                     "  X: the bf16 matrix rate measured on this GPU "
                     "(tools/gpu_torch_bench.py prints it)\n"
                     "  LIST: some of decode,prefill,mixed (default all)\n"
@@ -522,6 +562,19 @@ int bench_gpu_main(int argc, char **argv) {
            c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
            c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3);
     pattern_init();
+    if (!plain_host) {
+        /* registered memory must outlive the backend: freed after it */
+        g_arena = aligned_alloc(4096, ARENA_BYTES);
+        if (g_arena == NULL || be->ops->register_host(be, g_arena, ARENA_BYTES) != AT_OK) {
+            fprintf(stderr, "bench-gpu: cannot register %zu MiB of host memory\n",
+                    ARENA_BYTES >> 20);
+            att_backend_destroy(&be);
+            free(g_arena);
+            return 1;
+        }
+    }
+    printf("tensors: %s\n", plain_host ? "plain memory, staged through pinned buffers"
+                                       : "one registered host region (as the server's arena)");
     static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
     result_t res[8];
     memset(res, 0, sizeof res);
@@ -575,5 +628,6 @@ int bench_gpu_main(int argc, char **argv) {
     }
     free(g_pattern);
     att_backend_destroy(&be);
+    free(g_arena);
     return rc == 0 ? 0 : 1;
 }

@@ -75,6 +75,10 @@ if has bench; then
   timeout 300 "$R" attnd bench-gpu --json "$out/bench_gpu.json" ${mm:+--matmul-tflops $mm} \
     > "$out/bench_gpu.log" 2>&1 || status=1
   cat "$out/bench_gpu.log" | tail -30
+  note "attnd bench-gpu --plain-host (tensors staged through pinned buffers), decode"
+  timeout 120 "$R" attnd bench-gpu --plain-host --cases decode > "$out/bench_gpu_plain.log" 2>&1 ||
+    status=1
+  grep -E "^tensors|^case|^decode" "$out/bench_gpu_plain.log"
 fi
 
 # One bench-gpu run of a sweep: its rows matching $1, labelled $2, on stdout; its log appended
