@@ -108,6 +108,7 @@ typedef struct ceilings {
      * attention kernels' size) on a non-blocking stream: back to back, after the stream was
      * synchronized, and where a call launches (after an upload from pinned memory as well). */
     double p144_b2b_ns, p144_synced_ns, call_launch_ns;
+    double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
 } ceilings_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -118,7 +119,7 @@ static int cmp_double(const void *a, const void *b) {
 /* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by an
  * upload of a call's metadata size when `upload`, the stream synchronized after each when
  * `sync`. */
-static int measure_launch(gpu_t *g, bool upload, bool sync, double *ns) {
+static int measure_launch(gpu_t *g, bool upload, bool sync, uint32_t smem, double *ns) {
     enum { N = 2000, META = 16384 };
     CUstream st = NULL;
     CUdeviceptr d = 0;
@@ -131,7 +132,7 @@ static int measure_launch(gpu_t *g, bool upload, bool sync, double *ns) {
     for (int i = -100; i < N && rc == 0; i++) {
         rc = upload && CK(cuMemcpyHtoDAsync(d, h, META, st));
         const uint64_t t0 = now_ns();
-        rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, 0, st, args, NULL));
+        rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
         const uint64_t t1 = now_ns();
         rc = rc || (sync && CK(cuStreamSynchronize(st)));
         if (i >= 0)
@@ -194,9 +195,13 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
         if (CK(cuLaunchKernel(g->f_empty, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)))
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, false, false, &c->p144_b2b_ns) ||
-        measure_launch(g, false, true, &c->p144_synced_ns) ||
-        measure_launch(g, true, true, &c->call_launch_ns))
+    const int smem = 80 << 10;
+    if (CK(cuCtxSynchronize()) || measure_launch(g, false, false, 0, &c->p144_b2b_ns) ||
+        measure_launch(g, false, true, 0, &c->p144_synced_ns) ||
+        measure_launch(g, true, true, 0, &c->call_launch_ns) ||
+        CK(cuFuncSetAttribute(g->f_empty_p144, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                              smem)) ||
+        measure_launch(g, true, true, (uint32_t)smem, &c->call_launch_smem_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -508,10 +513,12 @@ int bench_gpu_main(int argc, char **argv) {
     double matmul_tflops = 0.0;
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
-    bool has_plan = false, plain_host = false;
+    bool has_plan = false, plain_host = false, timing = true;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--plain-host") == 0)
             plain_host = true;
+        else if (strcmp(argv[i], "--no-timing") == 0)
+            timing = false;
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             json_path = argv[++i];
         else if (strcmp(argv[i], "--matmul-tflops") == 0 && i + 1 < argc)
@@ -526,7 +533,9 @@ int bench_gpu_main(int argc, char **argv) {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
                     "                       [--tile KIND=WM,MT,WN,TK,ST]... [--plan KEY=V]...\n"
-                    "                       [--plain-host]\n"
+                    "                       [--plain-host] [--no-timing]\n"
+                    "  --no-timing: no events around a call's kernels (no device times; host\n"
+                    "  times as in the server, which records none)\n"
                     "  --plain-host: the calls' tensors in plain memory, staged through pinned\n"
                     "  buffers (default: in one registered region, as the server's arena)\n"
                     "  X: the bf16 matrix rate measured on this GPU "
@@ -541,7 +550,7 @@ int bench_gpu_main(int argc, char **argv) {
     }
     att_backend_t *be = NULL;
     at_diag_t d = {{0}};
-    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = true,
+    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = timing,
                          .plan = has_plan ? &plan : NULL};
     if (att_cuda_create(&cc, &d, &be) != AT_OK) {
         fprintf(stderr, "bench-gpu: %s\n", d.msg);
@@ -558,9 +567,10 @@ int bench_gpu_main(int argc, char **argv) {
            "bare cuLaunchKernel %.2f us of host time (mean, back to back), bf16 matmul %.0f "
            "TFLOP/s (torch)\n"
            "bare launch with 144 bytes of parameters, median: %.2f us back to back, %.2f us on a "
-           "synchronized stream, %.2f us after an upload too (a call's position)\n",
+           "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
+           "there with 80 KiB of dynamic shared memory\n",
            c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
-           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3);
+           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3);
     pattern_init();
     if (!plain_host) {
         /* registered memory must outlive the backend: freed after it */
@@ -602,12 +612,13 @@ int bench_gpu_main(int argc, char **argv) {
                 matmul_tflops);
     for (int i = 0; i < n; i++) {
         const result_t *r = &res[i];
-        const double gbs = r->kv_gb / (r->device_ms / 1e3);
-        const double tfs = r->tflop / (r->device_ms / 1e3);
+        /* without timing (--no-timing) there are no device times, so no rates */
+        const double gbs = r->device_ms > 0 ? r->kv_gb / (r->device_ms / 1e3) : 0.0;
+        const double tfs = r->device_ms > 0 ? r->tflop / (r->device_ms / 1e3) : 0.0;
         printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
                r->name, r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
                r->host_mean_us, r->enqueue_us, r->launches);
-        if (strncmp(r->name, "mixed", 5) == 0) {
+        if (strncmp(r->name, "mixed", 5) == 0 && r->device_ms > 0) {
             const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
                                          matmul_tflops > 0 ? r->tflop / matmul_tflops * 1e3 : 0);
             printf("  mixed: floor %.3f ms (KV at read-only bandwidth%s), %.2fx the floor\n",

@@ -79,6 +79,10 @@ if has bench; then
   timeout 120 "$R" attnd bench-gpu --plain-host --cases decode > "$out/bench_gpu_plain.log" 2>&1 ||
     status=1
   grep -E "^tensors|^case|^decode" "$out/bench_gpu_plain.log"
+  note "attnd bench-gpu --no-timing (no events around the kernels, as in the server): host times"
+  timeout 120 "$R" attnd bench-gpu --no-timing --cases decode,mixed > "$out/bench_gpu_nt.log" 2>&1 ||
+    status=1
+  grep -E "^case|^decode|^mixed" "$out/bench_gpu_nt.log"
 fi
 
 # One bench-gpu run of a sweep: its rows matching $1, labelled $2, on stdout; its log appended
