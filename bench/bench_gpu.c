@@ -109,6 +109,7 @@ typedef struct ceilings {
      * synchronized, and where a call launches (after an upload from pinned memory as well). */
     double p144_b2b_ns, p144_synced_ns, call_launch_ns;
     double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
+    double call_launch_4_ns;    /* after the four uploads of a Llama decode call instead of one */
 } ceilings_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -116,11 +117,14 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by an
- * upload of a call's metadata size when `upload`, the stream synchronized after each when
+/* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by
+ * `uploads` copies from pinned memory (1: a call's 16 KiB of metadata; 4: also the q, k and v of
+ * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), the stream synchronized after each when
  * `sync`. */
-static int measure_launch(gpu_t *g, bool upload, bool sync, uint32_t smem, double *ns) {
-    enum { N = 2000, META = 16384 };
+static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, double *ns) {
+    enum { N = 2000 };
+    static const size_t sizes[4] = {16 << 10, 2 << 20, 512 << 10, 512 << 10};
+    const size_t total = sizes[0] + sizes[1] + sizes[2] + sizes[3];
     CUstream st = NULL;
     CUdeviceptr d = 0;
     void *h = NULL;
@@ -128,9 +132,11 @@ static int measure_launch(gpu_t *g, bool upload, bool sync, uint32_t smem, doubl
     unsigned long long p[18] = {0};
     void *args[] = {p};
     int rc = t == NULL || CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) ||
-             CK(cuMemAlloc(&d, META)) || CK(cuMemHostAlloc(&h, META, 0));
+             CK(cuMemAlloc(&d, total)) || CK(cuMemHostAlloc(&h, total, 0));
     for (int i = -100; i < N && rc == 0; i++) {
-        rc = upload && CK(cuMemcpyHtoDAsync(d, h, META, st));
+        size_t off = 0;
+        for (uint32_t u = 0; u < uploads && rc == 0; off += sizes[u], u++)
+            rc = CK(cuMemcpyHtoDAsync(d + off, (uint8_t *)h + off, sizes[u], st));
         const uint64_t t0 = now_ns();
         rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
         const uint64_t t1 = now_ns();
@@ -196,12 +202,13 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
     const int smem = 80 << 10;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, false, false, 0, &c->p144_b2b_ns) ||
-        measure_launch(g, false, true, 0, &c->p144_synced_ns) ||
-        measure_launch(g, true, true, 0, &c->call_launch_ns) ||
+    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, &c->p144_b2b_ns) ||
+        measure_launch(g, 0, true, 0, &c->p144_synced_ns) ||
+        measure_launch(g, 1, true, 0, &c->call_launch_ns) ||
+        measure_launch(g, 4, true, 0, &c->call_launch_4_ns) ||
         CK(cuFuncSetAttribute(g->f_empty_p144, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               smem)) ||
-        measure_launch(g, true, true, (uint32_t)smem, &c->call_launch_smem_ns))
+        measure_launch(g, 1, true, (uint32_t)smem, &c->call_launch_smem_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -568,9 +575,11 @@ int bench_gpu_main(int argc, char **argv) {
            "TFLOP/s (torch)\n"
            "bare launch with 144 bytes of parameters, median: %.2f us back to back, %.2f us on a "
            "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
-           "there with 80 KiB of dynamic shared memory\n",
+           "there with 80 KiB of dynamic shared memory, %.2f us after a decode call's four "
+           "uploads\n",
            c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
-           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3);
+           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
+           c.call_launch_4_ns / 1e3);
     pattern_init();
     if (!plain_host) {
         /* registered memory must outlive the backend: freed after it */
