@@ -51,6 +51,12 @@ if has hip; then
   else
     note "test_att_hip is not in the bundle (built without HIP headers)"; status=1
   fi
+  note "e2e on hip:0 (worker processes, the HIP backend through the test double), C client"
+  ATTND_E2E_GPU=hip:0 ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" \
+    timeout 300 "$R" test_svc_e2e_gpu > "$out/e2e_hip.log" 2>&1
+  rc=$?
+  grep -E "PASSED|FAILED|SKIP|matched|came back" "$out/e2e_hip.log" | head -10
+  [ $rc -eq 0 ] || { note "e2e hip rc=$rc"; tail -30 "$out/e2e_hip.log"; status=1; }
 fi
 
 if has sanitize; then

@@ -3,6 +3,7 @@
  * gRPC, every output compared with a local CPU att_ctx under the dtype's tolerance.
  * The server is started in this process, or, with ATTND_E2E_TARGET=HOST:PORT, is a running
  * `attnd serve --devices cpu,cuda:0`. Without a GPU it skips with one line. Label: gpu.
+ * ATTND_E2E_GPU names another GPU device for all of it (hip:0, through the HIP test double).
  *
  * The fault test (in-process server only) gives cuda:0's worker process the test fault switch:
  * its third Attend launches a kernel that faults the GPU, the worker process dies, the call
@@ -34,6 +35,13 @@
 #include "tests/attention/att_rig.h"
 #include "tests/test_util.h"
 
+/* The GPU device under test: "cuda:0", or ATTND_E2E_GPU (e.g. "hip:0" through the HIP test
+ * double, ATTND_HIP_LIB). */
+static const char *gpu_dev(void) {
+    const char *d = getenv("ATTND_E2E_GPU");
+    return d != NULL && d[0] != '\0' ? d : "cuda:0";
+}
+
 static struct {
     void *zctx;
     svc_pool_t *pools[2];
@@ -63,10 +71,10 @@ static int setup(void **state) {
                              .max_queue = 64};
         if (svc_pool_create(&pc, g.zctx, &g.why, &g.pools[0]) != AT_OK)
             return -1;
-        pc.device = "cuda:0";
+        pc.device = gpu_dev();
         pc.index = 1;
         if (svc_pool_create(&pc, g.zctx, &g.why, &g.pools[1]) != AT_OK) {
-            printf("SKIP: no cuda:0 (%s)\n", g.why.msg);
+            printf("SKIP: no %s (%s)\n", gpu_dev(), g.why.msg);
             return 0;
         }
         svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = g.pools, .num_pools = 2,
@@ -233,11 +241,11 @@ static void test_svc_e2e_gpu_models_interleaved(void **state) {
     tu_rng_t rng;
     tu_rng_seed(&rng, tu_base_seed("test_svc_e2e_gpu"));
     model_t ms[3] = {
-        {"gpu.llama", "cuda:0",
+        {"gpu.llama", gpu_dev(),
          {.num_layers = 2, .num_query_heads = 32, .num_kv_heads = 8, .head_dim = 128,
           .dtype = ATT_DTYPE_BF16},
          ATTND__V1__DTYPE__BF16, NULL, NULL},
-        {"gpu.mqa", "cuda:0",
+        {"gpu.mqa", gpu_dev(),
          {.num_layers = 1, .num_query_heads = 6, .num_kv_heads = 1, .head_dim = 80,
           .dtype = ATT_DTYPE_F32},
          ATTND__V1__DTYPE__F32, NULL, NULL},
@@ -267,7 +275,7 @@ static void test_svc_e2e_gpu_models_interleaved(void **state) {
         att_ctx_destroy(&ms[i].ctx);
         att_backend_destroy(&ms[i].be);
     }
-    printf("3 sessions (2 on cuda:0, 1 on cpu) matched the CPU backend\n");
+    printf("3 sessions (2 on %s, 1 on cpu) matched the CPU backend\n", gpu_dev());
 }
 
 static void close_session(const char *name) {
@@ -291,15 +299,17 @@ static void test_svc_e2e_gpu_fault(void **state) {
         printf("SKIP: no in-process GPU server (%s)\n", g.why.msg);
         skip();
     }
-    /* a server of its own, whose cuda:0 worker starts with the switch set */
+    /* a server of its own, whose GPU worker starts with the switch set */
     svc_pool_t *pools[2] = {NULL, NULL};
     svc_server_t *srv = NULL;
     at_diag_t d = {{0}};
     svc_pool_cfg_t pc = {.device = "cpu", .index = 2, .cpu_threads = 2,
                          .arena_bytes = 64u << 20, .max_queue = 64, .restart_ms = 200};
     assert_int_equal(svc_pool_create(&pc, g.zctx, &d, &pools[0]), AT_OK);
-    setenv(SVC_WORKER_FAULT_ENV, "cuda:0:3", 1);
-    pc.device = "cuda:0";
+    char fault[64];
+    snprintf(fault, sizeof fault, "%s:3", gpu_dev());
+    setenv(SVC_WORKER_FAULT_ENV, fault, 1);
+    pc.device = gpu_dev();
     pc.index = 3;
     at_err_t e = svc_pool_create(&pc, g.zctx, &d, &pools[1]);
     unsetenv(SVC_WORKER_FAULT_ENV);
@@ -314,7 +324,7 @@ static void test_svc_e2e_gpu_fault(void **state) {
     g.ch = bench_channel_create(target);
     tu_rng_t rng;
     tu_rng_seed(&rng, tu_base_seed("test_svc_e2e_gpu_fault"));
-    model_t gpu = {"fault.gpu", "cuda:0",
+    model_t gpu = {"fault.gpu", gpu_dev(),
                    {.num_layers = 1, .num_query_heads = 32, .num_kv_heads = 8, .head_dim = 128,
                     .dtype = ATT_DTYPE_BF16},
                    ATTND__V1__DTYPE__BF16, NULL, NULL};
@@ -345,7 +355,8 @@ static void test_svc_e2e_gpu_fault(void **state) {
     step(&again, 0, pre, 1, &rng);
     step(&again, 0, dec, 1, &rng);
     step(&cpu, 0, dec2, 1, &rng);
-    printf("cuda:0 worker died on the faulting kernel and came back; cpu kept serving\n");
+    printf("%s worker died on the faulting kernel and came back; cpu kept serving\n",
+           gpu_dev());
     model_fini(&again);
     model_fini(&cpu);
     grpc_channel_destroy(g.ch);
