@@ -427,19 +427,12 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
     at_err_t e = enter(be);
     if (e != AT_OK)
         return e;
+    tun_device_t d;
     att_cuda_plan_t plan;
-    if (cfg == NULL) {
-        session_plan(be, kv->m, &plan);
-    } else {
-        tun_device_t d;
-        cuda_tun_device(be, &d);
-        if ((e = att_gpu_cfg_plan(&tun_space_cuda_unified, &d, kv->m, cfg,
-                                  att_cuda_plan_from_cfg, &plan)) != AT_OK)
-            return e;
-    }
-    if ((e = att_gpu_mods_switch(&kv->mods, &be->cq, kv->m, plan.tile)) == AT_OK)
-        kv->plan = plan;
-    return e;
+    cuda_tun_device(be, &d);
+    session_plan(be, kv->m, &plan);
+    return att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
+                              att_cuda_plan_from_cfg, &plan, &kv->plan);
 }
 
 static at_err_t cuda_prepare_tuning(att_backend_t *base, const att_model_t *m,

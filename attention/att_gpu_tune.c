@@ -102,18 +102,6 @@ static at_err_t cq_lookup(att_gpu_cq_t *q, const att_model_t *m, const att_tile_
     return e;
 }
 
-at_err_t att_gpu_cfg_plan(const tun_space_t *space, const tun_device_t *d, const att_model_t *m,
-                          const tun_cfg_t *cfg,
-                          void (*from_cfg)(const tun_cfg_t *c, att_cuda_plan_t *out),
-                          att_cuda_plan_t *out) {
-    tun_shape_t s;
-    att_tune_shape(m, &s);
-    if (!tun_cfg_valid(space, cfg, &s, d))
-        return AT_ERR_CONFIG;
-    from_cfg(cfg, out);
-    return AT_OK;
-}
-
 at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
                             void (*from_cfg)(const tun_cfg_t *c, att_cuda_plan_t *out),
                             const tun_cfg_t *cfgs, uint32_t n, bool wait) {
@@ -240,6 +228,23 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
         s->slot[slot[k]].used = s->switches;
     }
     return AT_OK;
+}
+
+at_err_t att_gpu_set_tuning(att_gpu_mods_t *s, att_gpu_cq_t *q, const tun_space_t *space,
+                            const tun_device_t *d, const att_model_t *m, const tun_cfg_t *cfg,
+                            void (*from_cfg)(const tun_cfg_t *c, att_cuda_plan_t *out),
+                            att_cuda_plan_t *plan, att_cuda_plan_t *cur) {
+    if (cfg != NULL) {
+        tun_shape_t sh;
+        att_tune_shape(m, &sh);
+        if (!tun_cfg_valid(space, cfg, &sh, d))
+            return AT_ERR_CONFIG;
+        from_cfg(cfg, plan);
+    }
+    at_err_t e = att_gpu_mods_switch(s, q, m, plan->tile);
+    if (e == AT_OK)
+        *cur = *plan;
+    return e;
 }
 
 at_err_t att_gpu_mods_prepared(const att_gpu_mods_t *s, const att_model_t *m, uint64_t consts_d,

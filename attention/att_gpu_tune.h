@@ -68,13 +68,6 @@ void att_gpu_cq_fini(att_gpu_cq_t *q);
 void att_gpu_cq_opts(const att_gpu_cq_t *q, const att_model_t *m, const att_tile_t *t,
                      att_jit_opts_t *o);
 
-/* set_tuning's plan of cfg (mapped by from_cfg) for model m on device d; AT_ERR_CONFIG when cfg
- * is not a valid config of space there. */
-at_err_t att_gpu_cfg_plan(const tun_space_t *space, const tun_device_t *d, const att_model_t *m,
-                          const tun_cfg_t *cfg,
-                          void (*from_cfg)(const tun_cfg_t *c, att_cuda_plan_t *out),
-                          att_cuda_plan_t *out);
-
 /* prepare_tuning's work: the two tiles of every config of cfgs[n] (mapped by from_cfg) queued
  * when missing, or (wait) compiled now on this thread; returns the first compile error (wait
  * only). Any thread. */
@@ -137,6 +130,15 @@ const att_gpu_mod_t *att_gpu_mods_cur(const att_gpu_mods_t *s, uint32_t kind);
  * compile or cannot run on the device; driver errors. */
 at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model_t *m,
                              const att_tile_t tiles[ATT_TILE_KINDS]);
+
+/* set_tuning's work for session s of model m: cfg (NULL: *plan, which holds the session's
+ * default plan on entry) checked against space on device d and mapped by from_cfg into *plan,
+ * then its tiles switched to (att_gpu_mods_switch) and *cur set to *plan. AT_ERR_CONFIG when cfg
+ * is not a valid config there, then the switch's errors; *cur is unchanged on any error. */
+at_err_t att_gpu_set_tuning(att_gpu_mods_t *s, att_gpu_cq_t *q, const tun_space_t *space,
+                            const tun_device_t *d, const att_model_t *m, const tun_cfg_t *cfg,
+                            void (*from_cfg)(const tun_cfg_t *c, att_cuda_plan_t *out),
+                            att_cuda_plan_t *plan, att_cuda_plan_t *cur);
 
 /* The prepared launch of (kernel, kind's current module, split): from the session's launch
  * cache, or built once from the module with the session's constants (model m, consts_d and
