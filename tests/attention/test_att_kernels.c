@@ -454,6 +454,26 @@ static void add_space_tile(const att_model_cfg_t *c, tile_set_t *seen, const att
             add_job(c, t, &g_targets[a], must_fail, what);
 }
 
+/* A backend's mapping of config cfg of its space to tiles, queued with add_space_tile. */
+typedef void (*add_cfg_fn)(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                           const tun_device_t *d, const tun_cfg_t *cfg, const char *what);
+
+/* The configs the first stage of a search of space for bucket b times (at most `limit`). */
+static void add_first_stage(const tun_space_t *sp, add_cfg_fn add, const att_model_cfg_t *c,
+                            tile_set_t *seen, const tun_shape_t *s, const tun_device_t *d,
+                            const tun_bucket_t *b, uint32_t limit, const char *what) {
+    tun_search_t *se = NULL;
+    assert_int_equal(tun_search_create(sp, s, d, b, 1, &se), AT_OK);
+    uint32_t stage = 99, n = 0;
+    const tun_cfg_t *cfgs = NULL;
+    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
+    assert_int_equal(stage, 0);
+    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
+    for (uint32_t i = 0; i < n && i < limit; i++)
+        add(c, seen, s, d, &cfgs[i], what);
+    tun_search_destroy(&se);
+}
+
 #ifndef ATT_TEST_HIP
 /* ---- the CUDA tuning space ---- */
 
@@ -477,21 +497,6 @@ static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_
                  "%s: %s takes more shared memory than the device has", what, text);
         add_space_tile(c, seen, t, false, what);
     }
-}
-
-/* The configs the first stage of a search for bucket b times (a few of them when few). */
-static void add_first_stage(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
-                            const tun_device_t *d, const tun_bucket_t *b, const char *what) {
-    tun_search_t *se = NULL;
-    assert_int_equal(tun_search_create(&tun_space_cuda_unified, s, d, b, 1, &se), AT_OK);
-    uint32_t stage = 99, n = 0;
-    const tun_cfg_t *cfgs = NULL;
-    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
-    assert_int_equal(stage, 0);
-    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
-    for (uint32_t i = 0; i < n && (!g_few || i < 3); i++)
-        add_space_cfg(c, seen, s, d, &cfgs[i], what);
-    tun_search_destroy(&se);
 }
 
 /* Tiles the kernel's static_asserts refuse (warps_m, warp_mt, warps_n, tile_k, stages); the
@@ -530,9 +535,12 @@ static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t 
 
     const tun_bucket_t decode = {.tokens = 6, .seqs = 6, .max_q = 0, .max_ctx = 12};
     const tun_bucket_t prefill = {.tokens = 11, .seqs = 1, .max_q = 11, .max_ctx = 11};
-    add_first_stage(&c, &seen, &s, &d, &decode, "decode stage 0");
+    const uint32_t limit = g_few ? 3 : UINT32_MAX;
+    add_first_stage(&tun_space_cuda_unified, add_space_cfg, &c, &seen, &s, &d, &decode, limit,
+                    "decode stage 0");
     if (with_prefill && !g_few)
-        add_first_stage(&c, &seen, &s, &d, &prefill, "prefill stage 0");
+        add_first_stage(&tun_space_cuda_unified, add_space_cfg, &c, &seen, &s, &d, &prefill,
+                        limit, "prefill stage 0");
     tun_cfg_t *all = NULL;
     size_t n = 0;
     assert_int_equal(tun_space_enumerate(sp, &s, &d, &prefill, &all, &n), AT_OK);
@@ -658,36 +666,23 @@ static void test_att_kernels_hip_space_heuristic_is_the_default(void **state) {
     }
 }
 
-/* The first stage of a search for bucket b: each config's two tiles (once per shape) queued
- * for every target with a compiler in this process; at most `limit` configs. */
-static void add_hip_first_stage(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
-                                const tun_device_t *d, const tun_bucket_t *b, uint32_t limit,
-                                const char *what) {
-    tun_search_t *se = NULL;
-    assert_int_equal(tun_search_create(&tun_space_hip_unified, s, d, b, 1, &se), AT_OK);
-    uint32_t stage = 99, n = 0;
-    const tun_cfg_t *cfgs = NULL;
-    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
-    assert_int_equal(stage, 0);
-    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
-    for (uint32_t i = 0; i < n && i < limit; i++) {
-        char text[TUN_CFG_TEXT_MAX];
-        tun_cfg_format(&tun_space_hip_unified, &cfgs[i], text, sizeof text);
-        TU_CHECK(tun_cfg_valid(&tun_space_hip_unified, &cfgs[i], s, d), "%s: %s is not valid",
-                 what, text);
-        att_cuda_plan_t plan;
-        att_hip_plan_from_cfg(&cfgs[i], &plan);
-        const att_tile_t *w = &plan.tile[ATT_TILE_WIDE], *nw = &plan.tile[ATT_TILE_NARROW];
-        /* run_jobs checks each image's att_k_info against these tiles' rows and threads */
-        TU_CHECK(16 * w->warp_mt * w->warps_m == cfgs[i].v[TUN_HIP_WIDE_ROWS] &&
-                     w->warps_m * w->warps_n == cfgs[i].v[TUN_HIP_WIDE_WAVES] &&
-                     16 * nw->warp_mt * nw->warps_m == 16 &&
-                     nw->warps_m * nw->warps_n == cfgs[i].v[TUN_HIP_NARROW_WAVES],
-                 "%s: %s maps to other rows or waves", what, text);
-        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-            add_space_tile(c, seen, &plan.tile[k], false, what);
-    }
-    tun_search_destroy(&se);
+/* Both tiles of cfg, mapped as att_hip maps a config; they must have its rows and waves (run_jobs
+ * checks each image's att_k_info against the tiles). */
+static void add_hip_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                        const tun_device_t *d, const tun_cfg_t *cfg, const char *what) {
+    char text[TUN_CFG_TEXT_MAX];
+    tun_cfg_format(&tun_space_hip_unified, cfg, text, sizeof text);
+    TU_CHECK(tun_cfg_valid(&tun_space_hip_unified, cfg, s, d), "%s: %s is not valid", what, text);
+    att_cuda_plan_t plan;
+    att_hip_plan_from_cfg(cfg, &plan);
+    const att_tile_t *w = &plan.tile[ATT_TILE_WIDE], *nw = &plan.tile[ATT_TILE_NARROW];
+    TU_CHECK(16 * w->warp_mt * w->warps_m == cfg->v[TUN_HIP_WIDE_ROWS] &&
+                 w->warps_m * w->warps_n == cfg->v[TUN_HIP_WIDE_WAVES] &&
+                 16 * nw->warp_mt * nw->warps_m == 16 &&
+                 nw->warps_m * nw->warps_n == cfg->v[TUN_HIP_NARROW_WAVES],
+             "%s: %s maps to other rows or waves", what, text);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        add_space_tile(c, seen, &plan.tile[k], false, what);
 }
 
 static void test_att_kernels_hip_space_tiles(void **state) {
@@ -709,9 +704,11 @@ static void test_att_kernels_hip_space_tiles(void **state) {
     seen.n = 0;
     const tun_bucket_t decode = {.tokens = 6, .seqs = 6, .max_q = 0, .max_ctx = 12};
     const tun_bucket_t prefill = {.tokens = 11, .seqs = 1, .max_q = 11, .max_ctx = 11};
-    add_hip_first_stage(&c, &seen, &s, &d, &decode, g_few ? 3 : 99, "decode stage 0");
+    add_first_stage(&tun_space_hip_unified, add_hip_cfg, &c, &seen, &s, &d, &decode,
+                    g_few ? 3 : UINT32_MAX, "decode stage 0");
     if (!g_few)
-        add_hip_first_stage(&c, &seen, &s, &d, &prefill, 99, "prefill stage 0");
+        add_first_stage(&tun_space_hip_unified, add_hip_cfg, &c, &seen, &s, &d, &prefill,
+                        UINT32_MAX, "prefill stage 0");
     run_jobs();
 }
 #endif
