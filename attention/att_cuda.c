@@ -2,8 +2,8 @@
  *
  * Thread model: the backend's fields are set at creation and read-only afterwards, except `lost`
  * (atomic: set once by whichever thread sees a sticky fault; relaxed is enough, since it only
- * makes later calls fail early and carries no data) and the registered host regions (their own
- * mutex).
+ * makes later calls fail early and carries no data), the registered host regions and the
+ * compile queue (each with its own mutex).
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the primary context current on its thread first.
  *
@@ -13,17 +13,17 @@
  * the session's side stream, forked and joined by events), one download of out; then the stream
  * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
  * att_cuda_plan_default at creation, then whatever set_tuning chose (the tuner calls it before
- * every batch, so it is cheap: a session keeps up to MOD_SLOTS loaded modules, one per tile kind
- * and config, and a switch to a loaded one only changes two slot numbers and the thresholds).
+ * every batch, so it is cheap: a session keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per
+ * tile kind and config, and a switch to a loaded one only changes two slot numbers and the
+ * thresholds).
  *
- * Compiles never run on a call's path. set_tuning takes images only from the compile cache
- * (att_jit_lookup: memory, else disk) and answers AT_ERR_NOT_READY otherwise, after queueing the
- * compile; prepare_tuning queues candidates (or, with wait, compiles on the caller's thread: a
- * session's creation). The queue is served by the backend's compile threads (comp_mu guards it;
- * started on first use, joined by destroy); they only call att_jit_image, which is thread-safe. */
+ * Compiles never run on a call's path. set_tuning takes images only from the compile cache and
+ * answers AT_ERR_NOT_READY otherwise, after queueing the compile; prepare_tuning queues
+ * candidates (or, with wait, compiles on the caller's thread: a session's creation). The queue,
+ * its compile threads (started on first use, joined by destroy) and the session's module slots
+ * are att_gpu_tune.c's, shared with the HIP backend; the module loads and unloads are here. */
 #include "attention/att_cuda.h"
 
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,15 +33,12 @@
 #include "attention/att_cudrv.h"
 #include "attention/att_gpu_plan.h"
 #include "attention/att_gpu_run.h"
+#include "attention/att_gpu_tune.h"
 #include "attention/att_kparams.h"
 #include "attention/att_tune.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
-
-#define MOD_SLOTS 8u      /* loaded tile modules per session (both kinds) */
-#define COMPILE_QUEUE 256u /* queued compiles; more are dropped (set_tuning queues them again) */
-#define MAX_COMPILERS 32u
 
 typedef struct cuda_backend {
     att_backend_t base;
@@ -59,26 +56,9 @@ typedef struct cuda_backend {
     att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
     atomic_int lost;
-    uint32_t n_compilers; /* compile threads to start on first use */
-    pthread_mutex_t comp_mu;
-    pthread_cond_t comp_cv;
-    att_jit_opts_t queue[COMPILE_QUEUE] AT_GUARDED_BY(comp_mu); /* FIFO ring */
-    uint32_t q_head AT_GUARDED_BY(comp_mu), q_len AT_GUARDED_BY(comp_mu);
-    pthread_t compilers[MAX_COMPILERS] AT_GUARDED_BY(comp_mu);
-    uint32_t n_started AT_GUARDED_BY(comp_mu);
-    bool comp_stop AT_GUARDED_BY(comp_mu);
+    att_gpu_cq_t cq; /* tuning candidates' compiles; initialized once jit exists */
     att_gpu_regions_t regs; /* host memory registered for DMA */
 } cuda_backend_t;
-
-/* A loaded module: one tile kind compiled with one tile. */
-typedef struct modslot {
-    CUmodule mod;          /* NULL: the slot is free */
-    uint32_t kind;
-    att_tile_t tile;
-    CUfunction f_attend, f_merge, f_kv_write;
-    uint32_t info[ATT_KINFO_COUNT];
-    uint64_t used;         /* the session's switch count when last chosen: least recent goes */
-} modslot_t;
 
 struct att_kv {
     cuda_backend_t *be;
@@ -95,13 +75,9 @@ struct att_kv {
     CUevent ev_fork, ev_join;
     CUstream launch_stream; /* the stream launch_cb launches on */
     CUevent ev_begin, ev_end;
-    modslot_t slots[MOD_SLOTS];
-    uint32_t cur[ATT_TILE_KINDS]; /* the slot of each kind's current module; its index is the
-                                   * tile byte of the launch-cache keys */
-    uint64_t switches;
+    att_gpu_mods_t mods;   /* the loaded tile modules, each kind's current one */
     bool timing;           /* record device time even when the backend's timing is off */
     lc_t *lc;              /* owned: this session's launch cache */
-    uint64_t compiles;
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
     CUdeviceptr io_d;      /* [meta | q | k | v | out | parts] of the current call */
@@ -152,28 +128,11 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
                              kv->launch_stream, args, NULL));
 }
 
-/* The current module of a tile kind. */
-static const modslot_t *cur_mod(const att_kv_t *kv, uint32_t kind) {
-    return &kv->slots[kv->cur[kind]];
-}
-
-/* The prepared launch of (kernel, kind's current module, split): from the session's launch
- * cache, or built once from the module with the session's constants in its parameter template. */
+/* The prepared launch of (kernel, kind's current module, split) (att_gpu_tune.c). */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const modslot_t *ms = cur_mod(kv, kind);
-    const uint32_t key = LC_KEY(kernel, kv->cur[kind], split);
-    const lc_launch_t *l = lc_lookup(kv->lc, key);
-    if (l != NULL) {
-        *out = l;
-        return AT_OK;
-    }
-    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)ms->f_attend
-               : kernel == ATT_GPU_K_MERGE ? (void *)ms->f_merge
-                                           : (void *)ms->f_kv_write;
-    lc_launch_t n;
-    att_gpu_launch_init(&n, key, kv->m, kernel, ms->info, fn, kv->consts_d, kv->num_blocks);
-    return lc_insert(kv->lc, &n, out);
+    return att_gpu_mods_prepared(&kv->mods, kv->m, kv->consts_d, kv->num_blocks, kernel, kind,
+                                 split, out);
 }
 
 /* ---- planning: the session's configuration (each call's work: att_gpu_plan.c) ---- */
@@ -191,13 +150,8 @@ void att_cuda_plan_from_cfg(const tun_cfg_t *c, att_cuda_plan_t *out) {
                                               .warps_n = v[TUN_CUDA_NARROW_WARPS_N],
                                               .tile_k = v[TUN_CUDA_NARROW_TILE_K],
                                               .stages = v[TUN_CUDA_NARROW_STAGES]};
-    out->min_split_keys = v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 ? v[TUN_CUDA_SPLIT_MIN_KEYS]
-                                                          : ATT_CUDA_NEVER;
-    out->max_splits = TUN_CUDA_MAX_SPLITS;
-    out->blocks_per_sm = v[TUN_CUDA_BLOCKS_PER_SM];
-    out->mixed_split_keys = v[TUN_CUDA_MIXED_SPLIT_KEYS] != 0 ? v[TUN_CUDA_MIXED_SPLIT_KEYS]
-                                                              : ATT_CUDA_NEVER;
-    out->mixed_order = v[TUN_CUDA_MIXED_ORDER];
+    att_gpu_plan_knobs(out, v[TUN_CUDA_SPLIT_MIN_KEYS], v[TUN_CUDA_BLOCKS_PER_SM],
+                       v[TUN_CUDA_MIXED_SPLIT_KEYS], v[TUN_CUDA_MIXED_ORDER]);
 }
 
 void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
@@ -296,8 +250,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     memset(&pl, 0, sizeof pl);
     uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        tile_rows[k] = cur_mod(kv, k)->info[ATT_KINFO_TILE_ROWS];
-        tile_keys[k] = cur_mod(kv, k)->info[ATT_KINFO_TILE_KEYS];
+        tile_rows[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_ROWS];
+        tile_keys[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_KEYS];
     }
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, b, &pl)) != AT_OK)
@@ -389,30 +343,30 @@ out_drain:
 
 /* ---- sessions ---- */
 
-/* Loads image as slot `slot` (free) for a tile kind. */
-static at_err_t load_slot(att_kv_t *kv, uint32_t slot, uint32_t kind, const att_tile_t *tile,
-                          const void *img, at_diag_t *diag) {
+/* Loads img as the module of ms->kind with ms->tile (the session's att_gpu_loader_t). */
+static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_diag_t *diag) {
     cuda_backend_t *be = kv->be;
-    modslot_t ms = {.kind = kind, .tile = *tile};
+    CUmodule mod;
+    CUfunction f_attend, f_merge, f_kv_write;
     at_err_t e;
-    if ((e = CU(cuModuleLoadData(&ms.mod, img))) != AT_OK)
+    if ((e = CU(cuModuleLoadData(&mod, img))) != AT_OK)
         return at_diag_set(diag, e, "cuModuleLoadData failed");
     CUdeviceptr info_d;
     size_t info_n;
-    if ((e = CU(cuModuleGetFunction(&ms.f_attend, ms.mod, "att_k_attend"))) != AT_OK ||
-        (e = CU(cuModuleGetFunction(&ms.f_merge, ms.mod, "att_k_merge"))) != AT_OK ||
-        (e = CU(cuModuleGetFunction(&ms.f_kv_write, ms.mod, "att_k_kv_write"))) != AT_OK ||
-        (e = CU(cuModuleGetGlobal(&info_d, &info_n, ms.mod, "att_k_info"))) != AT_OK) {
+    if ((e = CU(cuModuleGetFunction(&f_attend, mod, "att_k_attend"))) != AT_OK ||
+        (e = CU(cuModuleGetFunction(&f_merge, mod, "att_k_merge"))) != AT_OK ||
+        (e = CU(cuModuleGetFunction(&f_kv_write, mod, "att_k_kv_write"))) != AT_OK ||
+        (e = CU(cuModuleGetGlobal(&info_d, &info_n, mod, "att_k_info"))) != AT_OK) {
         e = at_diag_set(diag, e, "kernel module lacks an entry point");
         goto out_unload;
     }
-    if (info_n != sizeof ms.info) {
+    if (info_n != sizeof ms->info) {
         e = at_diag_set(diag, AT_ERR_INTERNAL, "att_k_info has %zu bytes", info_n);
         goto out_unload;
     }
-    if ((e = CU(cuMemcpyDtoH(ms.info, info_d, info_n))) != AT_OK)
+    if ((e = CU(cuMemcpyDtoH(ms->info, info_d, info_n))) != AT_OK)
         goto out_unload;
-    const uint32_t smem = ms.info[ATT_KINFO_SMEM_BYTES];
+    const uint32_t smem = ms->info[ATT_KINFO_SMEM_BYTES];
     if (smem > be->smem_optin) {
         e = at_diag_set(diag, AT_ERR_UNSUPPORTED,
                         "head_dim %u needs %u bytes of shared memory per block; %s allows %u",
@@ -420,75 +374,30 @@ static at_err_t load_slot(att_kv_t *kv, uint32_t slot, uint32_t kind, const att_
         goto out_unload;
     }
     if (smem > 48u * 1024u &&
-        (e = CU(cuFuncSetAttribute(ms.f_attend, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        (e = CU(cuFuncSetAttribute(f_attend, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                    (int)smem))) != AT_OK)
         goto out_unload;
-    ms.used = kv->switches;
-    kv->slots[slot] = ms;
+    ms->mod = mod;
+    ms->f_attend = f_attend;
+    ms->f_merge = f_merge;
+    ms->f_kv_write = f_kv_write;
     return AT_OK;
 out_unload:
-    (void)CU(cuModuleUnload(ms.mod));
+    (void)CU(cuModuleUnload(mod));
     return e;
 }
 
-/* ---- compile threads: tuning candidates, off every call's path ---- */
-
-static void *compiler_run(void *arg) {
-    cuda_backend_t *be = arg;
-    pthread_mutex_lock(&be->comp_mu);
-    for (;;) {
-        while (!be->comp_stop && be->q_len == 0)
-            pthread_cond_wait(&be->comp_cv, &be->comp_mu);
-        if (be->comp_stop)
-            break;
-        att_jit_opts_t o = be->queue[be->q_head];
-        be->q_head = (be->q_head + 1) % COMPILE_QUEUE;
-        be->q_len--;
-        pthread_mutex_unlock(&be->comp_mu);
-        for (uint32_t i = 0; i < o.n; i++)
-            o.ptr[i] = o.text[i];
-        const void *img;
-        size_t bytes;
-        /* a failure is logged by att_jit and remembered there: set_tuning then refuses it */
-        (void)att_jit_image(be->jit, be->arch, o.ptr, o.n, &img, &bytes, NULL, NULL);
-        pthread_mutex_lock(&be->comp_mu);
-    }
-    pthread_mutex_unlock(&be->comp_mu);
-    return NULL;
+static void unload_mod(att_kv_t *kv, void *mod) {
+    cuda_backend_t *be = kv->be;
+    (void)CU(cuModuleUnload((CUmodule)mod));
 }
 
-/* Queues a compile of o (unless it is queued already) and starts the compile threads on first
- * use. */
-static void compile_later(cuda_backend_t *be, const att_jit_opts_t *o) {
-    pthread_mutex_lock(&be->comp_mu);
-    bool queued = false;
-    for (uint32_t i = 0; i < be->q_len && !queued; i++)
-        queued = memcmp(be->queue[(be->q_head + i) % COMPILE_QUEUE].text, o->text,
-                        sizeof o->text) == 0;
-    if (!queued && be->q_len < COMPILE_QUEUE) {
-        be->queue[(be->q_head + be->q_len) % COMPILE_QUEUE] = *o;
-        be->q_len++;
-        pthread_cond_signal(&be->comp_cv);
-    }
-    while (be->n_started < be->n_compilers &&
-           pthread_create(&be->compilers[be->n_started], NULL, compiler_run, be) == 0)
-        be->n_started++;
-    pthread_mutex_unlock(&be->comp_mu);
-}
+static const att_gpu_loader_t cuda_loader = {.load = load_mod, .unload = unload_mod};
 
-static void compilers_stop(cuda_backend_t *be) {
-    pthread_mutex_lock(&be->comp_mu);
-    be->comp_stop = true;
-    pthread_cond_broadcast(&be->comp_cv);
-    const uint32_t n = be->n_started;
-    pthread_mutex_unlock(&be->comp_mu);
-    for (uint32_t i = 0; i < n; i++)
-        pthread_join(be->compilers[i], NULL);
-}
-
-/* The compile options of one tile kind of m, zeroed first so queued entries compare bytewise. */
-static void tile_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
-    memset(o, 0, sizeof *o);
+/* NVRTC's options of a tile (the compile queue's att_gpu_opts_fn). */
+static void cuda_opts(const void *user, const att_model_t *m, const att_tile_t *t,
+                      att_jit_opts_t *o) {
+    (void)user;
     att_jit_model_opts(m, t, o);
 }
 
@@ -513,112 +422,23 @@ void att_cuda_tune_device(const att_backend_t *base, tun_device_t *d, const char
     *kernel_hash = att_jit_kernel_hash();
 }
 
-/* The slot of (kind, tile), or MOD_SLOTS. */
-static uint32_t find_slot(const att_kv_t *kv, uint32_t kind, const att_tile_t *t) {
-    for (uint32_t i = 0; i < MOD_SLOTS; i++)
-        if (kv->slots[i].mod != NULL && kv->slots[i].kind == kind &&
-            memcmp(&kv->slots[i].tile, t, sizeof *t) == 0)
-            return i;
-    return MOD_SLOTS;
-}
-
-/* A slot to load into: a free one, else the least recently chosen that is not current nor
- * `keep` (unloaded, and its prepared launches forgotten). */
-static uint32_t free_slot(att_kv_t *kv, uint32_t keep) {
-    uint32_t victim = MOD_SLOTS;
-    for (uint32_t i = 0; i < MOD_SLOTS; i++) {
-        if (kv->slots[i].mod == NULL)
-            return i;
-        if (i == kv->cur[ATT_TILE_WIDE] || i == kv->cur[ATT_TILE_NARROW] || i == keep)
-            continue;
-        if (victim == MOD_SLOTS || kv->slots[i].used < kv->slots[victim].used)
-            victim = i;
-    }
-    cuda_backend_t *be = kv->be;
-    (void)CU(cuModuleUnload(kv->slots[victim].mod)); /* no run is in flight (set_tuning) */
-    memset(&kv->slots[victim], 0, sizeof kv->slots[victim]);
-    lc_forget_tile(kv->lc, victim);
-    return victim;
-}
-
 static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg_t *cfg) {
     cuda_backend_t *be = (cuda_backend_t *)base;
     at_err_t e = enter(be);
     if (e != AT_OK)
         return e;
+    tun_device_t d;
     att_cuda_plan_t plan;
-    if (cfg == NULL) {
-        session_plan(be, kv->m, &plan);
-    } else {
-        tun_shape_t s;
-        tun_device_t d;
-        att_tune_shape(kv->m, &s);
-        cuda_tun_device(be, &d);
-        if (!tun_cfg_valid(&tun_space_cuda_unified, cfg, &s, &d))
-            return AT_ERR_CONFIG;
-        att_cuda_plan_from_cfg(cfg, &plan);
-    }
-    /* Both kinds' images first, so a missing one leaves kv as it was; every missing one is
-     * queued before answering NOT_READY, so both compile meanwhile. */
-    uint32_t slot[ATT_TILE_KINDS];
-    const void *img[ATT_TILE_KINDS] = {NULL, NULL};
-    at_err_t missing = AT_OK;
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        if ((slot[k] = find_slot(kv, k, &plan.tile[k])) != MOD_SLOTS)
-            continue;
-        att_jit_opts_t o;
-        size_t bytes;
-        tile_opts(kv->m, &plan.tile[k], &o);
-        e = att_jit_lookup(be->jit, be->arch, o.ptr, o.n, &img[k], &bytes);
-        if (e == AT_ERR_NOT_READY)
-            compile_later(be, &o);
-        if (e != AT_OK && missing != AT_ERR_CONFIG)
-            missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
-    }
-    if (missing != AT_OK)
-        return missing;
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        if (img[k] == NULL)
-            continue;
-        /* keep the other kind's slot: loaded just now, or found loaded but not current (an
-         * eviction of it would leave that kind's current slot holding this kind's module) */
-        slot[k] = free_slot(kv, slot[1u - k]);
-        if ((e = load_slot(kv, slot[k], k, &plan.tile[k], img[k], NULL)) != AT_OK)
-            return e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
-    }
-    kv->switches++;
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        kv->cur[k] = slot[k];
-        kv->slots[slot[k]].used = kv->switches;
-    }
-    kv->plan = plan;
-    return AT_OK;
+    cuda_tun_device(be, &d);
+    session_plan(be, kv->m, &plan);
+    return att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
+                              att_cuda_plan_from_cfg, &plan, &kv->plan);
 }
 
 static at_err_t cuda_prepare_tuning(att_backend_t *base, const att_model_t *m,
                                     const tun_cfg_t *cfgs, uint32_t n, bool wait) {
     cuda_backend_t *be = (cuda_backend_t *)base;
-    at_err_t first = AT_OK;
-    for (uint32_t i = 0; i < n; i++) {
-        att_cuda_plan_t plan;
-        att_cuda_plan_from_cfg(&cfgs[i], &plan);
-        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-            att_jit_opts_t o;
-            const void *img;
-            size_t bytes;
-            tile_opts(m, &plan.tile[k], &o);
-            if (!wait) {
-                if (att_jit_lookup(be->jit, be->arch, o.ptr, o.n, &img, &bytes) ==
-                    AT_ERR_NOT_READY)
-                    compile_later(be, &o);
-                continue;
-            }
-            at_diag_t d = {{0}};
-            at_err_t e = att_jit_image(be->jit, be->arch, o.ptr, o.n, &img, &bytes, NULL, &d);
-            first = first == AT_OK ? e : first;
-        }
-    }
-    return first;
+    return att_gpu_cq_prepare(&be->cq, m, att_cuda_plan_from_cfg, cfgs, n, wait);
 }
 
 static void cuda_kv_timing(att_backend_t *base, att_kv_t *kv, bool on) {
@@ -650,9 +470,7 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)CU(cuEventDestroy(kv->ev_begin));
         if (kv->ev_end != NULL)
             (void)CU(cuEventDestroy(kv->ev_end));
-        for (uint32_t i = 0; i < MOD_SLOTS; i++)
-            if (kv->slots[i].mod != NULL)
-                (void)CU(cuModuleUnload(kv->slots[i].mod));
+        att_gpu_mods_fini(&kv->mods);
         if (kv->pool_d != 0)
             (void)CU(cuMemFree(kv->pool_d));
         if (kv->consts_d != 0)
@@ -684,28 +502,17 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         (size_t)num_blocks * m->num_kv_heads * m->block_size * m->head_dim * att_dtype_bytes(m->dtype);
     if ((e = lc_create(launch_cb, kv, &kv->lc)) != AT_OK)
         goto out_kv;
+    att_gpu_mods_init(&kv->mods, &cuda_loader, kv, kv->lc);
     session_plan(be, m, &kv->plan);
     /* the two kinds' images: from the compile cache, or compiled (concurrently) */
     att_gpu_fetch_t f[ATT_TILE_KINDS];
     memset(f, 0, sizeof f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        att_jit_model_opts(m, &kv->plan.tile[k], &f[k].opts);
+        att_gpu_cq_opts(&be->cq, m, &kv->plan.tile[k], &f[k].opts);
     att_gpu_fetch_images(be->jit, be->arch, f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        if (f[k].err != AT_OK) {
-            e = f[k].err;
-            if (diag != NULL)
-                *diag = f[k].diag;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        if ((e = att_gpu_mods_load_first(&kv->mods, k, &kv->plan.tile[k], &f[k], diag)) != AT_OK)
             goto out_kv;
-        }
-        if (f[k].compiled) {
-            kv->compiles++;
-            lc_note_compile(kv->lc);
-        }
-        kv->cur[k] = k;
-        if ((e = load_slot(kv, k, k, &kv->plan.tile[k], f[k].img, diag)) != AT_OK)
-            goto out_kv;
-    }
     const size_t pool = kv->layer_half_bytes * 2 * m->num_layers;
     CUresult r = be->drv->cuMemAlloc(&kv->pool_d, pool);
     if (r == CUDA_ERROR_OUT_OF_MEMORY) {
@@ -804,7 +611,7 @@ static at_err_t cuda_register_host(att_backend_t *base, void *p, size_t bytes) {
 
 static void cuda_destroy(att_backend_t *base) {
     cuda_backend_t *be = (cuda_backend_t *)base;
-    compilers_stop(be);
+    att_gpu_cq_fini(&be->cq);
     if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
         be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
         for (uint32_t i = 0; i < be->regs.n; i++)
@@ -812,8 +619,6 @@ static void cuda_destroy(att_backend_t *base) {
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
     att_jit_destroy(&be->jit);
     att_gpu_regions_fini(&be->regs);
-    pthread_mutex_destroy(&be->comp_mu);
-    pthread_cond_destroy(&be->comp_cv);
     free(be);
 }
 
@@ -865,11 +670,6 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         be->plan = *cfg->plan;
     }
     att_gpu_regions_init(&be->regs);
-    pthread_mutex_init(&be->comp_mu, NULL);
-    pthread_cond_init(&be->comp_cv, NULL);
-    be->n_compilers = cfg->compile_threads == 0 ? 1
-                      : cfg->compile_threads > MAX_COMPILERS ? MAX_COMPILERS
-                                                             : cfg->compile_threads;
     int major = 0, minor = 0, sms = 0, optin = 0;
     char name[128] = "";
     if ((e = CU(cuDeviceGet(&be->dev, cfg->device))) != AT_OK ||
@@ -883,15 +683,11 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         (e = CU(cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                                      be->dev))) != AT_OK) {
         att_gpu_regions_fini(&be->regs);
-        pthread_mutex_destroy(&be->comp_mu);
-        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot query the device", cfg->device);
     }
     if (major < 8) {
         att_gpu_regions_fini(&be->regs);
-        pthread_mutex_destroy(&be->comp_mu);
-        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, AT_ERR_UNSUPPORTED,
                            "cuda:%d is %s, compute capability %d.%d; the kernels need 8.0 or later",
@@ -899,8 +695,6 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
     }
     if ((e = CU(cuDevicePrimaryCtxRetain(&be->ctx, be->dev))) != AT_OK) {
         att_gpu_regions_fini(&be->regs);
-        pthread_mutex_destroy(&be->comp_mu);
-        pthread_cond_destroy(&be->comp_cv);
         free(be);
         return at_diag_set(diag, e, "cuda:%d: cannot retain its context", cfg->device);
     }
@@ -919,6 +713,7 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         cuda_destroy(&be->base);
         return e;
     }
+    att_gpu_cq_init(&be->cq, be->jit, be->arch, cuda_opts, be, cfg->compile_threads);
     *out = &be->base;
     return AT_OK;
 }

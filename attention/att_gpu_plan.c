@@ -39,6 +39,15 @@ void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
         out->mixed_order = over->mixed_order;
 }
 
+void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
+                        uint32_t mixed_split_keys, uint32_t mixed_order) {
+    out->min_split_keys = min_split_keys != 0 ? min_split_keys : ATT_CUDA_NEVER;
+    out->max_splits = TUN_CUDA_MAX_SPLITS;
+    out->blocks_per_sm = blocks_per_sm;
+    out->mixed_split_keys = mixed_split_keys != 0 ? mixed_split_keys : ATT_CUDA_NEVER;
+    out->mixed_order = mixed_order;
+}
+
 /* ---- each call's chunks -> tiles -> items ---- */
 
 static uint32_t window_lo(uint32_t pos, uint32_t window) {

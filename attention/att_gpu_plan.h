@@ -43,6 +43,11 @@ typedef struct att_gpu_counts {
 /* The plan's fields that are not 0 in over replace those of out (tiles: where warps_m != 0). */
 void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over);
 
+/* Sets out's split-KV and mixed-batch thresholds from a config's knobs (the same four in both GPU
+ * spaces; a key count of 0 is ATT_CUDA_NEVER) with at most TUN_CUDA_MAX_SPLITS parts per tile. */
+void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
+                        uint32_t mixed_split_keys, uint32_t mixed_order);
+
 /* Cuts batch b of model m into work items (w->items) and merges (w->merges) with plan: rows and
  * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info); long tiles
  * are split while the batch has fewer blocks than plan->blocks_per_sm * num_sms. AT_ERR_NOMEM

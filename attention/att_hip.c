@@ -7,8 +7,8 @@
  *
  * Thread model: the backend's fields are set at creation and read-only afterwards, except `lost`
  * (atomic: set once by whichever thread sees a sticky fault; relaxed is enough, since it only
- * makes later calls fail early and carries no data) and the registered host regions (their own
- * mutex).
+ * makes later calls fail early and carries no data), the registered host regions and the
+ * compile queue (each with its own mutex).
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the device current on its thread first.
  *
@@ -16,8 +16,13 @@
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
  * attention launches (each tile kind with its merge when split; with both kinds, the wide ones on
  * the session's side stream, forked and joined by events), one download of out; then the stream
- * is synchronized and out copied into place. Tiles and thresholds come from the session's plan
- * (att_hip_plan_default, fixed at creation). */
+ * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
+ * att_hip_plan_default at creation, then whatever set_tuning chose from tun_space_hip_unified.
+ *
+ * Tuning is att_cuda.c's: compiles never run on a call's path (set_tuning answers
+ * AT_ERR_NOT_READY and queues them on the backend's compile threads), a session keeps up to
+ * ATT_GPU_MOD_SLOTS loaded modules and its prepared launches are keyed by slot; the compile
+ * queue and the slot table are att_gpu_tune.c's, the module loads and unloads are here. */
 #include "attention/att_hip.h"
 
 #include <pthread.h>
@@ -29,8 +34,10 @@
 
 #include "attention/att_gpu_plan.h"
 #include "attention/att_gpu_run.h"
+#include "attention/att_gpu_tune.h"
 #include "attention/att_hiprt.h"
 #include "attention/att_kparams.h"
+#include "attention/att_tune.h"
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
@@ -44,12 +51,14 @@ typedef struct hip_backend {
     uint32_t wave;      /* threads per wave: 64 on CDNA */
     char arch[64];      /* the compile target: gcnArchName, "gfx90a:sramecc+:xnack-" */
     char arch_base[16]; /* the architecture alone, "gfx90a": tuning keys */
+    char name[128];
     char desc[512];
     bool timing;
     bool has_plan;
     att_cuda_plan_t plan; /* overrides of att_hip_cfg_t.plan (has_plan) */
     att_jit_t *jit;       /* owned */
     atomic_int lost;
+    att_gpu_cq_t cq;        /* tuning candidates' compiles; initialized once jit exists */
     att_gpu_regions_t regs; /* host memory registered for DMA */
 } hip_backend_t;
 
@@ -60,7 +69,7 @@ struct att_kv {
     size_t layer_half_bytes;
     uint64_t pool_d;      /* [num_layers][k|v][num_blocks][Hkv][BS][D] */
     uint64_t consts_d;    /* [Hq] f32 ALiBi slopes, then [Hq] f32 sinks */
-    att_cuda_plan_t plan; /* tiles and split thresholds, fixed at creation */
+    att_cuda_plan_t plan; /* tiles and split thresholds of the current config */
     hipStream_t stream;
     /* A mixed batch's wide tiles run on `side`, forked from and joined back into `stream`, so
      * they overlap the narrow (decode) tiles instead of following them. */
@@ -68,11 +77,9 @@ struct att_kv {
     hipEvent_t ev_fork, ev_join;
     hipStream_t cur; /* the stream launch_cb launches on */
     hipEvent_t ev_begin, ev_end;
-    hipModule_t mod[ATT_TILE_KINDS];
-    hipFunction_t f_attend[ATT_TILE_KINDS], f_merge[ATT_TILE_KINDS], f_kv_write;
-    uint32_t info[ATT_TILE_KINDS][ATT_KINFO_COUNT];
-    lc_t *lc; /* owned: this session's launch cache */
-    uint64_t compiles;
+    att_gpu_mods_t mods; /* the loaded tile modules, each kind's current one */
+    bool timing;         /* record device time even when the backend's timing is off */
+    lc_t *lc;            /* owned: this session's launch cache */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
     uint64_t io_d; /* [meta | q | k | v | out | parts] of the current call */
@@ -126,42 +133,46 @@ static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, voi
                                      l->smem_bytes, kv->cur, args, NULL));
 }
 
-/* The prepared launch of (kernel, kind, split): from the session's launch cache, or built once
- * from the loaded module with the session's constants in its parameter template. */
+/* The prepared launch of (kernel, kind's current module, split) (att_gpu_tune.c). */
 static at_err_t prepared(att_kv_t *kv, uint32_t kernel, uint32_t kind, uint32_t split,
                          const lc_launch_t **out) {
-    const uint32_t key = LC_KEY(kernel, kind, split);
-    const lc_launch_t *l = lc_lookup(kv->lc, key);
-    if (l != NULL) {
-        *out = l;
-        return AT_OK;
-    }
-    void *fn = kernel == ATT_GPU_K_ATTEND  ? (void *)kv->f_attend[kind]
-               : kernel == ATT_GPU_K_MERGE ? (void *)kv->f_merge[kind]
-                                           : (void *)kv->f_kv_write;
-    lc_launch_t n;
-    att_gpu_launch_init(&n, key, kv->m, kernel, kv->info[kind], fn, kv->consts_d, kv->num_blocks);
-    return lc_insert(kv->lc, &n, out);
+    return att_gpu_mods_prepared(&kv->mods, kv->m, kv->consts_d, kv->num_blocks, kernel, kind,
+                                 split, out);
 }
 
-/* ---- planning (att_gpu_plan.c) ---- */
+/* ---- planning: the session's configuration (each call's work: att_gpu_plan.c) ---- */
+
+/* Keys per stage and stages: the tensor-core body's knobs, unused by the FMA body; fixed so one
+ * (rows, waves) is one image. 64 is a multiple of every warps_n up to 16 (the kernel's
+ * static_assert), and the split parts' boundaries are multiples of it. */
+#define HIP_TILE_K 64u
+#define HIP_STAGES 2u
+
+void att_hip_plan_from_cfg(const tun_cfg_t *c, att_cuda_plan_t *out) {
+    const uint32_t *v = c->v;
+    memset(out, 0, sizeof *out);
+    att_tile_t *w = &out->tile[ATT_TILE_WIDE];
+    (void)tun_hip_tile(v[TUN_HIP_WIDE_ROWS], v[TUN_HIP_WIDE_WAVES], &w->warps_m, &w->warp_mt,
+                       &w->warps_n); /* valid configs have a tile */
+    w->tile_k = HIP_TILE_K;
+    w->stages = HIP_STAGES;
+    out->tile[ATT_TILE_NARROW] = (att_tile_t){.warps_m = 1,
+                                              .warp_mt = 1,
+                                              .warps_n = v[TUN_HIP_NARROW_WAVES],
+                                              .tile_k = HIP_TILE_K,
+                                              .stages = HIP_STAGES};
+    att_gpu_plan_knobs(out, v[TUN_HIP_SPLIT_MIN_KEYS], v[TUN_HIP_BLOCKS_PER_SM],
+                       v[TUN_HIP_MIXED_SPLIT_KEYS], v[TUN_HIP_MIXED_ORDER]);
+}
 
 void att_hip_plan_default(const att_model_t *m, att_cuda_plan_t *out) {
-    /* The tiles suit the FMA body, which keeps nothing in shared memory: a wave per query row,
-     * 4 waves over a decode tile's 16 rows, 8 over a prefill tile's 64. The split thresholds
-     * are the CUDA heuristic's (att_cuda_plan_default): flash-decoding for fewer than 2 blocks
-     * per CU, parts of at least 256 keys; a mixed batch's wide tiles first, in ~512-key parts. */
-    (void)m;
-    memset(out, 0, sizeof *out);
-    out->min_split_keys = 256;
-    out->max_splits = 32;
-    out->blocks_per_sm = 2;
-    out->mixed_split_keys = 512;
-    out->mixed_order = ATT_CUDA_WIDE_FIRST;
-    out->tile[ATT_TILE_NARROW] =
-        (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = 64, .stages = 2};
-    out->tile[ATT_TILE_WIDE] =
-        (att_tile_t){.warps_m = 4, .warp_mt = 1, .warps_n = 2, .tile_k = 64, .stages = 2};
+    tun_shape_t s;
+    att_tune_shape(m, &s);
+    const tun_device_t d = {.backend = "hip"};
+    const tun_bucket_t any = {0};
+    tun_cfg_t h;
+    tun_space_hip_unified.heuristic(&s, &d, &any, &h);
+    att_hip_plan_from_cfg(&h, out);
 }
 
 /* The session's plan: the default, with the backend's overrides. */
@@ -252,8 +263,8 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     memset(&pl, 0, sizeof pl);
     uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-        tile_rows[k] = kv->info[k][ATT_KINFO_TILE_ROWS];
-        tile_keys[k] = kv->info[k][ATT_KINFO_TILE_KEYS];
+        tile_rows[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_ROWS];
+        tile_keys[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_KEYS];
     }
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, b, &pl)) != AT_OK)
@@ -272,7 +283,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         (e = move_tensor(kv, b, 2, kv_row, lo.o_v, lo.o_v, &staged)) != AT_OK)
         goto out_drain;
 
-    if (be->timing && (e = HIP(hipEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
+    if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
     const uint64_t layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
@@ -319,7 +330,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
-    if (be->timing && (e = HIP(hipEventRecord(kv->ev_end, kv->stream))) != AT_OK)
+    if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = now_ns() - t0;
     bool out_staged = false;
@@ -329,7 +340,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         goto out_drain;
     if (out_staged)
         att_gpu_finish_out(b, q_row, kv->stage_h + lo.o_out, &be->regs);
-    if (be->timing) {
+    if (be->timing || kv->timing) {
         float ms = 0.0f;
         if ((e = HIP(hipEventElapsedTime(&ms, kv->ev_begin, kv->ev_end))) != AT_OK)
             return e;
@@ -347,42 +358,103 @@ out_drain:
 
 /* ---- sessions ---- */
 
-static at_err_t load_kind(att_kv_t *kv, uint32_t kind, const att_gpu_fetch_t *f, at_diag_t *diag) {
+/* Loads img as the module of ms->kind with ms->tile (the session's att_gpu_loader_t). */
+static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_diag_t *diag) {
     hip_backend_t *be = kv->be;
-    at_err_t e;
-    if (f->err != AT_OK) {
-        if (diag != NULL)
-            *diag = f->diag;
-        return f->err;
-    }
-    if (f->compiled) {
-        kv->compiles++;
-        lc_note_compile(kv->lc);
-    }
-    const void *img = f->img;
     hipModule_t mod;
+    hipFunction_t f_attend, f_merge, f_kv_write;
+    at_err_t e;
     if ((e = HIP(hipModuleLoadData(&mod, img))) != AT_OK)
         return at_diag_set(diag, e, "hipModuleLoadData failed");
-    kv->mod[kind] = mod;
     hipDeviceptr_t info_d;
     size_t info_n;
-    if ((e = HIP(hipModuleGetFunction(&kv->f_attend[kind], mod, "att_k_attend"))) != AT_OK ||
-        (e = HIP(hipModuleGetFunction(&kv->f_merge[kind], mod, "att_k_merge"))) != AT_OK ||
-        (e = HIP(hipModuleGetGlobal(&info_d, &info_n, mod, "att_k_info"))) != AT_OK)
-        return at_diag_set(diag, e, "kernel module lacks an entry point");
-    if (info_n != sizeof kv->info[kind])
-        return at_diag_set(diag, AT_ERR_INTERNAL, "att_k_info has %zu bytes", info_n);
-    if ((e = HIP(hipMemcpyDtoH(kv->info[kind], info_d, info_n))) != AT_OK)
-        return e;
-    if (kind == ATT_TILE_WIDE &&
-        (e = HIP(hipModuleGetFunction(&kv->f_kv_write, mod, "att_k_kv_write"))) != AT_OK)
-        return e;
-    const uint32_t smem = kv->info[kind][ATT_KINFO_SMEM_BYTES];
-    if (smem > be->smem_max)
-        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
-                           "head_dim %u needs %u bytes of shared memory per block; %s allows %u",
-                           kv->m->head_dim, smem, be->arch, be->smem_max);
+    if ((e = HIP(hipModuleGetFunction(&f_attend, mod, "att_k_attend"))) != AT_OK ||
+        (e = HIP(hipModuleGetFunction(&f_merge, mod, "att_k_merge"))) != AT_OK ||
+        (e = HIP(hipModuleGetFunction(&f_kv_write, mod, "att_k_kv_write"))) != AT_OK ||
+        (e = HIP(hipModuleGetGlobal(&info_d, &info_n, mod, "att_k_info"))) != AT_OK) {
+        e = at_diag_set(diag, e, "kernel module lacks an entry point");
+        goto out_unload;
+    }
+    if (info_n != sizeof ms->info) {
+        e = at_diag_set(diag, AT_ERR_INTERNAL, "att_k_info has %zu bytes", info_n);
+        goto out_unload;
+    }
+    if ((e = HIP(hipMemcpyDtoH(ms->info, info_d, info_n))) != AT_OK)
+        goto out_unload;
+    const uint32_t smem = ms->info[ATT_KINFO_SMEM_BYTES];
+    if (smem > be->smem_max) {
+        e = at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                        "head_dim %u needs %u bytes of shared memory per block; %s allows %u",
+                        kv->m->head_dim, smem, be->arch, be->smem_max);
+        goto out_unload;
+    }
+    ms->mod = mod;
+    ms->f_attend = f_attend;
+    ms->f_merge = f_merge;
+    ms->f_kv_write = f_kv_write;
     return AT_OK;
+out_unload:
+    (void)HIP(hipModuleUnload(mod));
+    return e;
+}
+
+static void unload_mod(att_kv_t *kv, void *mod) {
+    hip_backend_t *be = kv->be;
+    (void)HIP(hipModuleUnload((hipModule_t)mod));
+}
+
+static const att_gpu_loader_t hip_loader = {.load = load_mod, .unload = unload_mod};
+
+/* hiprtc's options of a tile with the device's wave (the compile queue's att_gpu_opts_fn). */
+static void hip_opts(const void *user, const att_model_t *m, const att_tile_t *t,
+                     att_jit_opts_t *o) {
+    const hip_backend_t *be = user;
+    att_hip_model_opts(m, t, be->wave, o);
+}
+
+/* ---- tuning ---- */
+
+static void hip_tun_device(const hip_backend_t *be, tun_device_t *d) {
+    memset(d, 0, sizeof *d);
+    snprintf(d->backend, sizeof d->backend, "hip");
+    snprintf(d->name, sizeof d->name, "%s", be->name);
+    snprintf(d->arch, sizeof d->arch, "%s", be->arch_base);
+    const int v = be->rt->runtime_version;
+    snprintf(d->driver, sizeof d->driver, "%d.%d.%d", v / 10000000, v / 100000 % 100,
+             v % 100000);
+    snprintf(d->compiler, sizeof d->compiler, "hiprtc %d.%d", be->rt->rtc_major,
+             be->rt->rtc_minor);
+    d->threads = be->num_sms;
+    d->smem_bytes = be->smem_max;
+}
+
+void att_hip_tune_device(const att_backend_t *base, tun_device_t *d, const char **kernel_hash) {
+    hip_tun_device((const hip_backend_t *)base, d);
+    *kernel_hash = att_jit_kernel_hash();
+}
+
+static at_err_t hip_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg_t *cfg) {
+    hip_backend_t *be = (hip_backend_t *)base;
+    at_err_t e = enter(be);
+    if (e != AT_OK)
+        return e;
+    tun_device_t d;
+    att_cuda_plan_t plan;
+    hip_tun_device(be, &d);
+    session_plan(be, kv->m, &plan);
+    return att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_hip_unified, &d, kv->m, cfg,
+                              att_hip_plan_from_cfg, &plan, &kv->plan);
+}
+
+static at_err_t hip_prepare_tuning(att_backend_t *base, const att_model_t *m,
+                                   const tun_cfg_t *cfgs, uint32_t n, bool wait) {
+    hip_backend_t *be = (hip_backend_t *)base;
+    return att_gpu_cq_prepare(&be->cq, m, att_hip_plan_from_cfg, cfgs, n, wait);
+}
+
+static void hip_kv_timing(att_backend_t *base, att_kv_t *kv, bool on) {
+    (void)base;
+    kv->timing = on;
 }
 
 static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
@@ -409,9 +481,7 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)HIP(hipEventDestroy(kv->ev_begin));
         if (kv->ev_end != NULL)
             (void)HIP(hipEventDestroy(kv->ev_end));
-        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-            if (kv->mod[k] != NULL)
-                (void)HIP(hipModuleUnload(kv->mod[k]));
+        att_gpu_mods_fini(&kv->mods);
         if (kv->pool_d != 0)
             (void)HIP(hipFree(dptr(kv->pool_d)));
         if (kv->consts_d != 0)
@@ -443,15 +513,16 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
                            att_dtype_bytes(m->dtype);
     if ((e = lc_create(launch_cb, kv, &kv->lc)) != AT_OK)
         goto out_kv;
+    att_gpu_mods_init(&kv->mods, &hip_loader, kv, kv->lc);
     session_plan(be, m, &kv->plan);
     /* the two kinds' images: from the compile cache, or compiled (concurrently) */
     att_gpu_fetch_t f[ATT_TILE_KINDS];
     memset(f, 0, sizeof f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        att_hip_model_opts(m, &kv->plan.tile[k], be->wave, &f[k].opts);
+        att_gpu_cq_opts(&be->cq, m, &kv->plan.tile[k], &f[k].opts);
     att_gpu_fetch_images(be->jit, be->arch, f);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        if ((e = load_kind(kv, k, &f[k], diag)) != AT_OK)
+        if ((e = att_gpu_mods_load_first(&kv->mods, k, &kv->plan.tile[k], &f[k], diag)) != AT_OK)
             goto out_kv;
     const size_t pool = kv->layer_half_bytes * 2 * m->num_layers;
     void *pool_p = NULL;
@@ -556,6 +627,7 @@ static at_err_t hip_register_host(att_backend_t *base, void *p, size_t bytes) {
 
 static void hip_destroy(att_backend_t *base) {
     hip_backend_t *be = (hip_backend_t *)base;
+    att_gpu_cq_fini(&be->cq);
     if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
         be->rt->hipSetDevice(be->ordinal) == hipSuccess)
         for (uint32_t i = 0; i < be->regs.n; i++)
@@ -574,6 +646,10 @@ static const att_backend_ops_t hip_ops = {
     .destroy = hip_destroy,
     .kv_stats = hip_kv_stats,
     .register_host = hip_register_host,
+    .tuning_space = &tun_space_hip_unified,
+    .set_tuning = hip_set_tuning,
+    .prepare_tuning = hip_prepare_tuning,
+    .kv_timing = hip_kv_timing,
 };
 
 /* ---- hiprtc: the compiler of att_jit's image cache ---- */
@@ -723,6 +799,7 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
     be->smem_max = (uint32_t)smem;
     be->wave = (uint32_t)wave;
     memcpy(be->arch, prop.gcnArchName, strlen(prop.gcnArchName) + 1); /* length checked above */
+    snprintf(be->name, sizeof be->name, "%s", name);
     memcpy(be->arch_base, prop.gcnArchName, base_len);
     be->arch_base[base_len] = '\0';
     snprintf(be->desc, sizeof be->desc, "%.127s (%s, %d CUs, wave %d, HIP runtime %d.%d, %.320s)",
@@ -737,6 +814,7 @@ at_err_t att_hip_create(const att_hip_cfg_t *cfg, at_diag_t *diag, att_backend_t
         hip_destroy(&be->base);
         return e;
     }
+    att_gpu_cq_init(&be->cq, be->jit, be->arch, hip_opts, be, cfg->compile_threads);
     *out = &be->base;
     return AT_OK;
 }

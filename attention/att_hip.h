@@ -9,8 +9,10 @@
  * The kernels run the portable FMA body (ATT_PORTABLE_MATH) with the device's wave size; nothing
  * has run on AMD hardware yet (README). The test double tests/hipshim/ runs this backend on an
  * NVIDIA GPU (ATTND_HIP_LIB), which is how its host code is tested on real hardware.
- * Tuning: not wired yet (tuning_space and set_tuning are NULL); att_hip_arch gives the store's
- * device key ("gfx90a").
+ * Tuning: as the CUDA backend's (set_tuning never compiles; candidates compile on the backend's
+ * threads), over tun_space_hip_unified (the FMA body's rows and waves, the split and mixed-batch
+ * knobs), into the same tuning store: the device key names the architecture without its feature
+ * flags ("gfx90a", att_hip_arch) and the device's name.
  *
  * Thread: a backend may be used from several threads (each entry makes the device current);
  * run() and read_kv() of one att_kv_t are serialized by the caller. */
@@ -31,11 +33,25 @@ typedef struct att_hip_cfg {
     bool timing;                  /* measure each run's device time (benches; costs two events) */
     /* NULL: att_hip_plan_default per model; else as att_cuda_cfg_t.plan (copied). */
     const att_cuda_plan_t *plan;
+    /* Threads that compile tuning candidates in the background (0: one; `attnd tune` uses every
+     * CPU). Started on first use. */
+    uint32_t compile_threads;
 } att_hip_cfg_t;
 
-/* The plan for model m on an AMD GPU: the CUDA plan's split thresholds with tiles for the FMA
- * body. Pure; any thread. */
+/* The plan for model m on an AMD GPU: the heuristic of tun_space_hip_unified (tuning/tun_space.c,
+ * the one place its default tiles and thresholds are chosen) through att_hip_plan_from_cfg.
+ * Pure; any thread. */
 void att_hip_plan_default(const att_model_t *m, att_cuda_plan_t *out);
+
+/* The plan of a config of tun_space_hip_unified (valid: tun_cfg_valid): the wide tile's
+ * (rows, waves) as tun_hip_tile's knobs, the narrow tile's waves over 16 rows, keys per stage and
+ * stages fixed (the FMA body ignores them). Pure; any thread. */
+void att_hip_plan_from_cfg(const tun_cfg_t *cfg, att_cuda_plan_t *out);
+
+/* The tuning key of the device (backend "hip", its name, the bare architecture, the HIP runtime
+ * version, "hiprtc X.Y", CUs, LDS per block) and the hash of the embedded kernel source
+ * (borrowed, static). Any thread. */
+void att_hip_tune_device(const att_backend_t *be, tun_device_t *d, const char **kernel_hash);
 
 /* hiprtc's options for model m with tile t on a device of `wave` threads per wave: language
  * level, ATT_PORTABLE_MATH=1, ATT_WAVE, then att_jit_model_defines. */

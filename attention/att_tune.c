@@ -12,6 +12,9 @@
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
 #endif
+#ifdef AT_HAVE_HIP
+#include "attention/att_hip.h"
+#endif
 #include "common/at_log.h"
 #include "tuning/tun_search.h"
 
@@ -251,6 +254,12 @@ at_err_t att_tune_device(const att_backend_t *be, tun_device_t *d, const char **
 #ifdef AT_HAVE_CUDA
     if (strcmp(be->ops->name, "cuda") == 0) {
         att_cuda_tune_device(be, d, kernel_hash);
+        return AT_OK;
+    }
+#endif
+#ifdef AT_HAVE_HIP
+    if (strcmp(be->ops->name, "hip") == 0) {
+        att_hip_tune_device(be, d, kernel_hash);
         return AT_OK;
     }
 #endif

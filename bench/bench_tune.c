@@ -3,7 +3,7 @@
  *
  * Each shape is timed on copies exactly as a server's idle-time tuning job does (att_bench_t and
  * tun_search_t), so a record written here and one written by a server are interchangeable.
- * On a GPU the search is staged (tun_space_cuda_unified.stages) and each stage's kernels are
+ * On a GPU (cuda:N, hip:N) the search is staged (the space's stages) and each stage's kernels are
  * compiled on every CPU by the backend's compile threads while earlier configs are timed; times
  * are the device's (kernels only).
  * Thread: main thread only (the backends start and join their own threads). */
@@ -19,6 +19,9 @@
 #include "attention/att_cpu.h"
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#endif
+#ifdef AT_HAVE_HIP
+#include "attention/att_hip.h"
 #endif
 #include "attention/att_model.h"
 #include "attention/att_tune.h"
@@ -41,7 +44,8 @@ static void usage(FILE *f) {
             "to the store that `attnd serve --tuning-dir DIR` restores. Progress on stderr.\n"
             "\noptions:\n"
             "  --model SPEC       preset name (bench/presets/*.json) or a preset file\n"
-            "  --device DEV       cpu (default) or cuda:N\n"
+            "  --device DEV       cpu (default), cuda:N or hip:N (an AMD GPU; under the HIP test\n"
+            "                     double, ATTND_HIP_LIB, an NVIDIA GPU: its times are NVIDIA's)\n"
             "  --threads N        CPU backend threads (default: one per online CPU; a server's\n"
             "                     worker uses cpu_threads / workers-per-device, which is part of\n"
             "                     the key, so tune with the server's number)\n"
@@ -220,6 +224,28 @@ static int model_from(const ab_model_t *p, att_model_t **m) {
     return e == AT_OK ? 0 : -1;
 }
 
+/* The backend of "cuda:N" or "hip:N" (hip), compiling candidates on every CPU. */
+static at_err_t gpu_create(const char *device, bool hip, at_diag_t *d, att_backend_t **out) {
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    const uint32_t threads = cpus > 0 ? (uint32_t)cpus : 1;
+    (void)threads; /* both unused in a build without one of the backends */
+    (void)out;
+    if (hip) {
+#ifdef AT_HAVE_HIP
+        att_hip_cfg_t hc = {.device = atoi(device + 4), .compile_threads = threads};
+        return att_hip_create(&hc, d, out);
+#else
+        return at_diag_set(d, AT_ERR_UNSUPPORTED, "built without HIP");
+#endif
+    }
+#ifdef AT_HAVE_CUDA
+    att_cuda_cfg_t cc = {.device = atoi(device + 5), .compile_threads = threads};
+    return att_cuda_create(&cc, d, out);
+#else
+    return at_diag_set(d, AT_ERR_UNSUPPORTED, "built without CUDA");
+#endif
+}
+
 int bench_tune_main(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},   {"device", required_argument, NULL, 'd'},
@@ -257,9 +283,10 @@ int bench_tune_main(int argc, char **argv) {
     }
     if (do_show)
         return show(dir);
-    const bool gpu = strncmp(device, "cuda:", 5) == 0;
+    const bool hip = strncmp(device, "hip:", 4) == 0;
+    const bool gpu = hip || strncmp(device, "cuda:", 5) == 0;
     if (!gpu && strcmp(device, "cpu") != 0) {
-        fprintf(stderr, "attnd tune: device %s: expected cpu or cuda:N\n", device);
+        fprintf(stderr, "attnd tune: device %s: expected cpu, cuda:N or hip:N\n", device);
         return 2;
     }
     if (shapes[0] == '\0')
@@ -281,18 +308,10 @@ int bench_tune_main(int argc, char **argv) {
     if (model_from(&preset, &m) != 0)
         goto out;
     if (gpu) {
-#ifdef AT_HAVE_CUDA
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        att_cuda_cfg_t cc = {.device = atoi(device + 5),
-                             .compile_threads = cpus > 0 ? (uint32_t)cpus : 1};
-        if (att_cuda_create(&cc, &d, &be) != AT_OK) {
+        if (gpu_create(device, hip, &d, &be) != AT_OK) {
             fprintf(stderr, "attnd tune: %s: %s\n", device, d.msg);
             goto out;
         }
-#else
-        fprintf(stderr, "attnd tune: %s: built without CUDA\n", device);
-        goto out;
-#endif
     } else if (att_cpu_create(&bc, &be) != AT_OK) {
         fprintf(stderr, "attnd tune: cannot start the CPU backend\n");
         goto out;
@@ -309,7 +328,7 @@ int bench_tune_main(int argc, char **argv) {
     if (tun_store_load(st, NULL) != AT_OK)
         goto out;
     fprintf(stderr, "attnd tune: %s on %s (%s, %u %s) -> %s\n", preset.name, dev.name,
-            dev.arch, dev.threads, gpu ? "SMs" : "threads", tun_store_path(st));
+            dev.arch, dev.threads, hip ? "CUs" : gpu ? "SMs" : "threads", tun_store_path(st));
     status = 0;
     for (char *save = NULL, *shape = strtok_r(shapes, ",", &save); shape != NULL;
          shape = strtok_r(NULL, ",", &save)) {

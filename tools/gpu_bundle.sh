@@ -5,7 +5,7 @@
 # LD_LIBRARY_PATH. glibc and libstdc++ are left to the target (it must be at least as new as this
 # machine's). libcuda is never bundled: it comes with the driver. libnvrtc is bundled
 # xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use. With the HIP backend built
-# (Debian's libamdhip64-dev here), test_att_hip and the HIP test double
+# (Debian's libamdhip64-dev here), test_att_hip, test_att_hip_tune and the HIP test double
 # (lib/libattnd_hip_on_cuda_testdouble.so: HIP on CUDA, test-only) come too: `gpu_run.sh hip`.
 # Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
 set -euo pipefail
@@ -19,8 +19,8 @@ bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_c
       "$build/tests/test_att_cuda_tune" "$build/tests/test_lc" "$build/tests/test_svc_e2e_gpu")
 hip=$(grep -q '^AT_HAVE_HIP:INTERNAL=ON' "$build/CMakeCache.txt" && echo 1 || echo 0)
 if [ "$hip" = 1 ]; then
-  targets+=(test_att_hip attnd_hip_on_cuda_testdouble)
-  bins+=("$build/tests/test_att_hip")
+  targets+=(test_att_hip test_att_hip_tune attnd_hip_on_cuda_testdouble)
+  bins+=("$build/tests/test_att_hip" "$build/tests/test_att_hip_tune")
 fi
 cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 rm -rf "$out/bin" "$out/lib.new"

@@ -8,8 +8,8 @@
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
 # (four sessions' calls through one worker thread, then two), tune (attnd tune on cuda:0 for
 # llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
-# 8-head D-64 shape), hip (the GPU suite through the HIP backend on hip:0, run on this NVIDIA GPU
-# by the HIP test double).
+# 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP backend on hip:0,
+# run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -51,6 +51,27 @@ if has hip; then
   else
     note "test_att_hip is not in the bundle (built without HIP headers)"; status=1
   fi
+  note "test_att_hip_tune (tuning through the HIP backend and the test double)"
+  if [ -f dist/gpu/bin/test_att_hip_tune ]; then
+    ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 300 \
+      "$R" test_att_hip_tune > "$out/test_att_hip_tune.log" 2>&1
+    rc=$?
+    grep -E "SKIP|PASSED|FAILED|^\[  FAILED|^\[       OK" "$out/test_att_hip_tune.log" | head -20
+    [ $rc -eq 0 ] || { note "test_att_hip_tune rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_hip_tune.log" | head -60; status=1; }
+  else
+    note "test_att_hip_tune is not in the bundle (built without HIP headers)"; status=1
+  fi
+  note "attnd tune --device hip:0 (the test double: NVIDIA's times), one decode shape, fresh dir"
+  rm -rf /tmp/attnd-tune-hip
+  ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 240 \
+    "$R" attnd tune --device hip:0 --model llama-3.1-8b --tuning-dir /tmp/attnd-tune-hip \
+    --max-gib 24 --reps 3 --shapes 256x1@1024 > "$out/tune_hip.log" 2> "$out/tune_hip.err" ||
+    status=1
+  cat "$out/tune_hip.log"
+  tr '\r' '\n' < "$out/tune_hip.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
+  "$R" attnd tune --show --tuning-dir /tmp/attnd-tune-hip > "$out/tune_hip_show.log" 2>&1 ||
+    status=1
+  cat "$out/tune_hip_show.log"
   note "e2e on hip:0 (worker processes, the HIP backend through the test double), C client"
   ATTND_E2E_GPU=hip:0 ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" \
     timeout 300 "$R" test_svc_e2e_gpu > "$out/e2e_hip.log" 2>&1

@@ -148,6 +148,33 @@ uint32_t tun_cuda_smem_bytes(uint32_t head_dim, uint32_t dtype, uint32_t warps_m
 bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warps_m,
                       uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k, uint32_t stages);
 
+/* The unified kernel's portable FMA body (ATT_PORTABLE_MATH: every dtype on the HIP backend,
+ * attention/att_hip.c, att_hip_plan_from_cfg): one wave per query row, no shared memory, so a tile
+ * is only its rows and the waves that share them (keys per stage and pipeline stages are the
+ * tensor-core body's). The wide tile's rows and waves, the narrow tile's waves (16 rows, as
+ * CUDA's), then the split-KV rule and the mixed-batch knobs of tun_space_cuda_unified. Its
+ * heuristic is the backend's default plan (att_hip_plan_default derives from it); staged like
+ * the CUDA space. */
+extern const tun_space_t tun_space_hip_unified;
+enum {
+    TUN_HIP_WIDE_ROWS = 0,
+    TUN_HIP_WIDE_WAVES = 1,
+    TUN_HIP_NARROW_WAVES = 2,
+    TUN_HIP_SPLIT_MIN_KEYS = 3,   /* 0 = never split */
+    TUN_HIP_BLOCKS_PER_SM = 4,
+    TUN_HIP_MIXED_SPLIT_KEYS = 5, /* 0 = never split a mixed batch's wide tiles for balance */
+    TUN_HIP_MIXED_ORDER = 6,      /* 1 narrow tiles first, 2 wide tiles first */
+    TUN_HIP_PARAMS = 7,
+};
+
+/* The kernel's tile knobs (ATT_WARPS_M, ATT_WARP_MT, ATT_WARPS_N) of a portable-body tile of
+ * `rows` query rows run by `waves` waves: warps_m m16 row tiles of warp_mt each make the rows,
+ * warps_m * warps_n waves run them. One canonical choice per (rows, waves): the fewest row tiles
+ * per wave. False when none exists (the rows are not 16 or 32 per warps_m, or the waves not a
+ * multiple of warps_m). */
+bool tun_hip_tile(uint32_t rows, uint32_t waves, uint32_t *warps_m, uint32_t *warp_mt,
+                  uint32_t *warps_n);
+
 /* Every valid configuration of space for s on d, the heuristic's (for bucket b) first. On success
  * *out (caller frees) holds *n >= 1 configs. AT_ERR_NOMEM. */
 at_err_t tun_space_enumerate(const tun_space_t *space, const tun_shape_t *s, const tun_device_t *d,

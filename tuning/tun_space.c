@@ -1,4 +1,5 @@
-/* Config spaces (see tun.h): the CPU backend's and the CUDA unified kernel's.
+/* Config spaces (see tun.h): the CPU backend's, the CUDA unified kernel's and the HIP backend's
+ * (the same kernel's portable FMA body).
  *
  * A condition removes what cannot run and what would only repeat a smaller config (a CPU key tile
  * above the block size behaves as the block size), so a search times each behaviour once.
@@ -159,21 +160,33 @@ static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_devic
 #define CUDA_SPLIT_MASK 0x180u  /* split_min_keys, blocks_per_sm */
 #define CUDA_MIXED_MASK 0x600u  /* mixed_split_keys, mixed_order */
 
+/* The parameter groups of a GPU space (masks of its parameters). */
+typedef struct gpu_groups {
+    uint32_t wide, narrow, split, mixed;
+} gpu_groups_t;
+
 /* What a bucket's batches use. A chunk runs on a narrow tile when its rows (tokens x group) fit
  * its 16; a bucket's max_q is rounded up, so "narrow only" is never claimed wrongly. Mixed:
  * several chunks whose tokens average far below the longest one (decode next to a prefill). */
-static uint32_t cuda_stages(const tun_shape_t *s, const tun_bucket_t *b, uint32_t *masks) {
+static uint32_t gpu_stages(const gpu_groups_t *g, const tun_shape_t *s, const tun_bucket_t *b,
+                           uint32_t *masks) {
     uint32_t n = 0;
     const bool narrow_only = ((uint64_t)1 << b->max_q) * s->group <= 16;
     const bool mixed = !narrow_only && b->seqs >= 1 && b->tokens + 1 < b->seqs + b->max_q;
     if (narrow_only || mixed)
-        masks[n++] = CUDA_NARROW_MASK;
+        masks[n++] = g->narrow;
     if (!narrow_only)
-        masks[n++] = CUDA_WIDE_MASK;
-    masks[n++] = CUDA_SPLIT_MASK;
+        masks[n++] = g->wide;
+    masks[n++] = g->split;
     if (mixed)
-        masks[n++] = CUDA_MIXED_MASK;
+        masks[n++] = g->mixed;
     return n;
+}
+
+static uint32_t cuda_stages(const tun_shape_t *s, const tun_bucket_t *b, uint32_t *masks) {
+    static const gpu_groups_t g = {CUDA_WIDE_MASK, CUDA_NARROW_MASK, CUDA_SPLIT_MASK,
+                                   CUDA_MIXED_MASK};
+    return gpu_stages(&g, s, b, masks);
 }
 
 const tun_space_t tun_space_cuda_unified = {
@@ -197,6 +210,88 @@ const tun_space_t tun_space_cuda_unified = {
     .valid = cuda_valid,
     .heuristic = cuda_heuristic,
     .stages = cuda_stages,
+};
+
+/* ---- HIP: the unified kernel's portable FMA body (attention/att_hip.c) ---- */
+
+bool tun_hip_tile(uint32_t rows, uint32_t waves, uint32_t *warps_m, uint32_t *warp_mt,
+                  uint32_t *warps_n) {
+    /* the body runs row r on wave r % waves: only rows and waves change what it does */
+    for (uint32_t mt = 1; mt <= 2; mt++) {
+        const uint32_t wm = rows / (16 * mt);
+        if (wm == 0 || wm * 16 * mt != rows || waves % wm != 0)
+            continue;
+        *warps_m = wm;
+        *warp_mt = mt;
+        *warps_n = waves / wm;
+        return true;
+    }
+    return false;
+}
+
+/* The backend's plan before any measurement (att_hip_plan_default is this, mapped): a wave per
+ * query row, so 4 waves cover a decode tile's group rows (4 for Llama-3 8B) and 8 a prefill
+ * tile's 64 rows, each wave taking 8 of them; the split and mixed knobs are the CUDA
+ * heuristic's. Nothing here is measured on AMD hardware (docs/BENCHMARKS.md). */
+static void hip_heuristic(const tun_shape_t *s, const tun_device_t *d, const tun_bucket_t *b,
+                          tun_cfg_t *out) {
+    (void)s;
+    (void)d;
+    (void)b;
+    *out = (tun_cfg_t){.n = TUN_HIP_PARAMS};
+    uint32_t *v = out->v;
+    v[TUN_HIP_WIDE_ROWS] = 64;
+    v[TUN_HIP_WIDE_WAVES] = 8;
+    v[TUN_HIP_NARROW_WAVES] = 4;
+    v[TUN_HIP_SPLIT_MIN_KEYS] = 256;
+    v[TUN_HIP_BLOCKS_PER_SM] = 2;
+    v[TUN_HIP_MIXED_SPLIT_KEYS] = 512;
+    v[TUN_HIP_MIXED_ORDER] = 2;
+}
+
+/* The kernel's static_asserts, for the portable body: 1 to 16 waves (16 waves of 64 lanes are
+ * 1024 threads, the most a block may have, so the device's wave size never refuses a config;
+ * it is part of the device key through the architecture and the name), tile_k (64, fixed) a
+ * multiple of warps_n (at most 16), and rows of whole m16 tiles. No shared memory, and a
+ * handful of registers per row (head_dim / wave of them), so neither bounds a tile. */
+static bool hip_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_device_t *d) {
+    (void)s;
+    (void)d;
+    const uint32_t *v = c->v;
+    uint32_t wm, mt, wn;
+    if (!tun_hip_tile(v[TUN_HIP_WIDE_ROWS], v[TUN_HIP_WIDE_WAVES], &wm, &mt, &wn))
+        return false;
+    /* with splitting off, the blocks-per-SM target is never read */
+    return v[TUN_HIP_SPLIT_MIN_KEYS] != 0 || v[TUN_HIP_BLOCKS_PER_SM] == 2;
+}
+
+#define HIP_WIDE_MASK 0x03u   /* wide_* */
+#define HIP_NARROW_MASK 0x04u /* narrow_waves */
+#define HIP_SPLIT_MASK 0x18u  /* split_min_keys, blocks_per_sm */
+#define HIP_MIXED_MASK 0x60u  /* mixed_split_keys, mixed_order */
+
+static uint32_t hip_stages(const tun_shape_t *s, const tun_bucket_t *b, uint32_t *masks) {
+    static const gpu_groups_t g = {HIP_WIDE_MASK, HIP_NARROW_MASK, HIP_SPLIT_MASK,
+                                   HIP_MIXED_MASK};
+    return gpu_stages(&g, s, b, masks);
+}
+
+const tun_space_t tun_space_hip_unified = {
+    .name = "hip/att_unified_fma/1",
+    .n_params = TUN_HIP_PARAMS,
+    .params = {"wide_rows", "wide_waves", "narrow_waves", "split_min_keys", "blocks_per_sm",
+               "mixed_split_keys", "mixed_order"},
+    .values = {{16, 32, 64, 128},
+               {1, 2, 4, 8, 16},
+               {1, 2, 4, 8, 16},
+               {0, 128, 256, 512, 1024},
+               {1, 2, 4},
+               {0, 256, 512, 1024},
+               {1, 2}},
+    .n_values = {4, 5, 5, 5, 3, 4, 2},
+    .valid = hip_valid,
+    .heuristic = hip_heuristic,
+    .stages = hip_stages,
 };
 
 /* ---- configurations ---- */

@@ -25,12 +25,18 @@
  * fraction of the speed.
  *
  * Built twice: with ATT_TEST_HIP it is test_att_hip_kernels, the same model variants (tiles of
- * att_hip_plan_default and the same candidates; the HIP backend has no tuning space yet) with the
- * HIP backend's options (att_hip_model_opts: ATT_PORTABLE_MATH, the wave size) for three
- * targets: gfx90a by hiprtc in this process (the runtime's own path, wave 64); gfx940 by hipcc
- * (clang, offline: this toolchain's hiprtc crashes on gfx940, and it knows no gfx942), wave 64;
- * and sm_90 by NVRTC with wave 32, which is what the HIP test double runs on an NVIDIA GPU. A
- * target whose compiler is missing skips with a line. `few` keeps all three targets. */
+ * att_hip_plan_default and the same candidates) with the HIP backend's options
+ * (att_hip_model_opts: ATT_PORTABLE_MATH, the wave size) for three targets: gfx90a by hiprtc in
+ * this process (the runtime's own path, wave 64); gfx940 by hipcc (clang, offline: this
+ * toolchain's hiprtc crashes on gfx940, and it knows no gfx942), wave 64; and sm_90 by NVRTC with
+ * wave 32, which is what the HIP test double runs on an NVIDIA GPU. A target whose compiler is
+ * missing skips with a line. `few` keeps all three targets.
+ *
+ * And the HIP tuning space (tun_space_hip_unified): its heuristic is att_hip_plan_default (the
+ * tiles the HIP suite runs by default) for a few shapes; every config of the first stage of a
+ * decode and of a prefill search, mapped as att_hip maps them (att_hip_plan_from_cfg), compiles
+ * by hiprtc for gfx90a and by NVRTC with wave 32, and its att_k_info has the config's rows and
+ * waves. `few`: three configs of the decode stage. */
 #include "tests/test_util.h"
 
 #include <elf.h>
@@ -428,18 +434,14 @@ static void test_att_kernels_compile_every_variant(void **state) {
     run_jobs();
 }
 
-#ifndef ATT_TEST_HIP
-/* ---- the CUDA tuning space ---- */
-
-#define SPACE_SMEM (227u * 1024u) /* an H200's shared memory per block (opt-in) */
-#define SPACE_SAMPLE 12u          /* configs sampled from a shape's whole space (few: 3) */
-
 /* Tiles of one shape already queued: configs share most of their tiles. */
 typedef struct tile_set {
     att_tile_t t[256];
     uint32_t n;
 } tile_set_t;
 
+/* Queues tile t of a space (unless seen already) for every target compiled in this process (the
+ * CUDA build: sm_90 alone, targets_or_skip(true)). */
 static void add_space_tile(const att_model_cfg_t *c, tile_set_t *seen, const att_tile_t *t,
                            bool must_fail, const char *what) {
     for (uint32_t i = 0; i < seen->n; i++)
@@ -447,8 +449,37 @@ static void add_space_tile(const att_model_cfg_t *c, tile_set_t *seen, const att
             return;
     assert_true(seen->n < 256);
     seen->t[seen->n++] = *t;
-    add_job(c, t, &g_targets[0], must_fail, what); /* sm_90: targets_or_skip(true) */
+    for (uint32_t a = 0; a < g_num_targets; a++)
+        if (g_targets[a].jit != NULL)
+            add_job(c, t, &g_targets[a], must_fail, what);
 }
+
+/* A backend's mapping of config cfg of its space to tiles, queued with add_space_tile. */
+typedef void (*add_cfg_fn)(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                           const tun_device_t *d, const tun_cfg_t *cfg, const char *what);
+
+/* The configs the first stage of a search of space for bucket b times (at most `limit`). */
+static void add_first_stage(const tun_space_t *sp, add_cfg_fn add, const att_model_cfg_t *c,
+                            tile_set_t *seen, const tun_shape_t *s, const tun_device_t *d,
+                            const tun_bucket_t *b, uint32_t limit, const char *what) {
+    tun_search_t *se = NULL;
+    assert_int_equal(tun_search_create(sp, s, d, b, 1, &se), AT_OK);
+    uint32_t stage = 99, n = 0;
+    const tun_cfg_t *cfgs = NULL;
+    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
+    assert_int_equal(stage, 0);
+    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
+    for (uint32_t i = 0; i < n && i < limit; i++)
+        add(c, seen, s, d, &cfgs[i], what);
+    tun_search_destroy(&se);
+}
+
+#ifndef ATT_TEST_HIP
+/* ---- the CUDA tuning space ---- */
+
+#define SPACE_SMEM (227u * 1024u) /* an H200's shared memory per block (opt-in) */
+#define SPACE_SAMPLE 12u          /* configs sampled from a shape's whole space (few: 3) */
+
 
 /* Both tiles of cfg, mapped as att_cuda maps a config. */
 static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
@@ -466,21 +497,6 @@ static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_
                  "%s: %s takes more shared memory than the device has", what, text);
         add_space_tile(c, seen, t, false, what);
     }
-}
-
-/* The configs the first stage of a search for bucket b times (a few of them when few). */
-static void add_first_stage(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
-                            const tun_device_t *d, const tun_bucket_t *b, const char *what) {
-    tun_search_t *se = NULL;
-    assert_int_equal(tun_search_create(&tun_space_cuda_unified, s, d, b, 1, &se), AT_OK);
-    uint32_t stage = 99, n = 0;
-    const tun_cfg_t *cfgs = NULL;
-    assert_true(tun_search_stage(se, &stage, &cfgs, &n));
-    assert_int_equal(stage, 0);
-    TU_CHECK(n >= 4, "%s: the first stage times only %u configs", what, n);
-    for (uint32_t i = 0; i < n && (!g_few || i < 3); i++)
-        add_space_cfg(c, seen, s, d, &cfgs[i], what);
-    tun_search_destroy(&se);
 }
 
 /* Tiles the kernel's static_asserts refuse (warps_m, warp_mt, warps_n, tile_k, stages); the
@@ -519,9 +535,12 @@ static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t 
 
     const tun_bucket_t decode = {.tokens = 6, .seqs = 6, .max_q = 0, .max_ctx = 12};
     const tun_bucket_t prefill = {.tokens = 11, .seqs = 1, .max_q = 11, .max_ctx = 11};
-    add_first_stage(&c, &seen, &s, &d, &decode, "decode stage 0");
+    const uint32_t limit = g_few ? 3 : UINT32_MAX;
+    add_first_stage(&tun_space_cuda_unified, add_space_cfg, &c, &seen, &s, &d, &decode, limit,
+                    "decode stage 0");
     if (with_prefill && !g_few)
-        add_first_stage(&c, &seen, &s, &d, &prefill, "prefill stage 0");
+        add_first_stage(&tun_space_cuda_unified, add_space_cfg, &c, &seen, &s, &d, &prefill,
+                        limit, "prefill stage 0");
     tun_cfg_t *all = NULL;
     size_t n = 0;
     assert_int_equal(tun_space_enumerate(sp, &s, &d, &prefill, &all, &n), AT_OK);
@@ -594,6 +613,104 @@ static void test_att_kernels_tuning_space_tiles(void **state) {
     TU_CHECK(smem_refused >= 1, "no tile of either shape is refused for shared memory alone");
     run_jobs();
 }
+#else
+/* ---- the HIP tuning space ---- */
+
+/* A tiny model of cfg c's shape, as a tuning key. */
+static void hip_shape(const att_model_cfg_t *c, tun_shape_t *s, att_cuda_plan_t *plan_default) {
+    att_model_t *m = NULL;
+    at_diag_t diag = {{0}};
+    assert_int_equal(att_model_create(c, &diag, &m), AT_OK);
+    att_tune_shape(m, s);
+    att_hip_plan_default(m, plan_default);
+    att_model_destroy(&m);
+}
+
+static void test_att_kernels_hip_space_heuristic_is_the_default(void **state) {
+    (void)state;
+    tu_where_set("the HIP space's heuristic");
+    const tun_device_t d = {.backend = "hip", .arch = "gfx90a", .threads = 110,
+                            .smem_bytes = 65536};
+    static const uint32_t shapes[][3] = {{32, 8, 128}, {8, 8, 64}, {64, 8, 256}, {16, 2, 80}};
+    static const tun_bucket_t buckets[] = {{6, 6, 0, 12}, {11, 1, 11, 11}, {10, 6, 9, 11}};
+    for (uint32_t i = 0; i < 4; i++) {
+        const att_model_cfg_t c = {.num_layers = 1,
+                                   .num_query_heads = shapes[i][0],
+                                   .num_kv_heads = shapes[i][1],
+                                   .head_dim = shapes[i][2],
+                                   .dtype = i == 1 ? ATT_DTYPE_F32 : ATT_DTYPE_BF16,
+                                   .block_size = 16};
+        tun_shape_t s;
+        att_cuda_plan_t def;
+        hip_shape(&c, &s, &def);
+        /* the tiles the HIP suite has run by default: 16 rows on 4 waves, 64 rows on 8 */
+        const att_tile_t narrow = {1, 1, 4, 64, 2}, wide = {4, 1, 2, 64, 2};
+        TU_CHECK(memcmp(&def.tile[ATT_TILE_NARROW], &narrow, sizeof narrow) == 0 &&
+                     memcmp(&def.tile[ATT_TILE_WIDE], &wide, sizeof wide) == 0,
+                 "shape %u: the default tiles changed", i);
+        TU_CHECK(def.min_split_keys == 256 && def.max_splits == TUN_CUDA_MAX_SPLITS &&
+                     def.blocks_per_sm == 2 && def.mixed_split_keys == 512 &&
+                     def.mixed_order == ATT_CUDA_WIDE_FIRST,
+                 "shape %u: the default split knobs changed", i);
+        for (uint32_t b = 0; b < 3; b++) {
+            tun_cfg_t h;
+            tun_space_hip_unified.heuristic(&s, &d, &buckets[b], &h);
+            TU_CHECK(tun_cfg_valid(&tun_space_hip_unified, &h, &s, &d),
+                     "shape %u: the heuristic is not a valid config", i);
+            att_cuda_plan_t p;
+            att_hip_plan_from_cfg(&h, &p);
+            TU_CHECK(memcmp(&p, &def, sizeof p) == 0,
+                     "shape %u, bucket %u: the heuristic's plan is not att_hip_plan_default", i,
+                     b);
+        }
+    }
+}
+
+/* Both tiles of cfg, mapped as att_hip maps a config; they must have its rows and waves (run_jobs
+ * checks each image's att_k_info against the tiles). */
+static void add_hip_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_shape_t *s,
+                        const tun_device_t *d, const tun_cfg_t *cfg, const char *what) {
+    char text[TUN_CFG_TEXT_MAX];
+    tun_cfg_format(&tun_space_hip_unified, cfg, text, sizeof text);
+    TU_CHECK(tun_cfg_valid(&tun_space_hip_unified, cfg, s, d), "%s: %s is not valid", what, text);
+    att_cuda_plan_t plan;
+    att_hip_plan_from_cfg(cfg, &plan);
+    const att_tile_t *w = &plan.tile[ATT_TILE_WIDE], *nw = &plan.tile[ATT_TILE_NARROW];
+    TU_CHECK(16 * w->warp_mt * w->warps_m == cfg->v[TUN_HIP_WIDE_ROWS] &&
+                 w->warps_m * w->warps_n == cfg->v[TUN_HIP_WIDE_WAVES] &&
+                 16 * nw->warp_mt * nw->warps_m == 16 &&
+                 nw->warps_m * nw->warps_n == cfg->v[TUN_HIP_NARROW_WAVES],
+             "%s: %s maps to other rows or waves", what, text);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        add_space_tile(c, seen, &plan.tile[k], false, what);
+}
+
+static void test_att_kernels_hip_space_tiles(void **state) {
+    (void)state;
+    targets_or_skip(false);
+    tu_where_set("the HIP tuning space");
+    const att_model_cfg_t c = {.num_layers = 1,
+                               .num_query_heads = 32,
+                               .num_kv_heads = 8,
+                               .head_dim = 128,
+                               .dtype = ATT_DTYPE_BF16,
+                               .block_size = 16};
+    tun_shape_t s;
+    att_cuda_plan_t def;
+    hip_shape(&c, &s, &def);
+    const tun_device_t d = {.backend = "hip", .arch = "gfx90a", .threads = 110,
+                            .smem_bytes = 65536};
+    static tile_set_t seen;
+    seen.n = 0;
+    const tun_bucket_t decode = {.tokens = 6, .seqs = 6, .max_q = 0, .max_ctx = 12};
+    const tun_bucket_t prefill = {.tokens = 11, .seqs = 1, .max_q = 11, .max_ctx = 11};
+    add_first_stage(&tun_space_hip_unified, add_hip_cfg, &c, &seen, &s, &d, &decode,
+                    g_few ? 3 : UINT32_MAX, "decode stage 0");
+    if (!g_few)
+        add_first_stage(&tun_space_hip_unified, add_hip_cfg, &c, &seen, &s, &d, &prefill,
+                        UINT32_MAX, "prefill stage 0");
+    run_jobs();
+}
 #endif
 
 int main(void) {
@@ -601,7 +718,10 @@ int main(void) {
     g_few = few != NULL && strcmp(few, "few") == 0;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_att_kernels_compile_every_variant),
-#ifndef ATT_TEST_HIP /* the HIP backend has no tuning space yet */
+#ifdef ATT_TEST_HIP
+        cmocka_unit_test(test_att_kernels_hip_space_heuristic_is_the_default),
+        cmocka_unit_test(test_att_kernels_hip_space_tiles),
+#else
         cmocka_unit_test(test_att_kernels_tuning_space_tiles),
 #endif
     };
