@@ -1,9 +1,10 @@
 /* The CUDA backend: attention on an NVIDIA GPU through the Driver API (libcuda loaded at run
  * time) with kernels compiled per model by NVRTC (attention/att_jit.h).
  *
- * A session (att_kv_t) owns: its KV pool (one allocation at creation), a stream, its two kernel
- * modules (tile kinds wide and narrow, compiled with the model's constants, or found in the
- * image cache), its launch cache (cache/lc.h) and its per-call buffers. A run uploads the call's
+ * A session (att_kv_t) owns: its KV pool (one allocation at creation), a stream, its kernel
+ * modules (one per tile kind, wide and narrow, and config: the plan's two at creation, up to 8
+ * as set_tuning switches; compiled with the model's constants, or found in the image cache),
+ * its launch cache (cache/lc.h) and its per-call buffers. A run uploads the call's
  * metadata and tensors, launches the attention (the KV write is fused into it; long contexts
  * over few sequences are split and merged), copies out back and returns when it is in host
  * memory. Every CUresult is checked (one macro: file:line and the driver's error name in the log,

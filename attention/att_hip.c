@@ -25,7 +25,6 @@
  * queue and the slot table are att_gpu_tune.c's, the module loads and unloads are here. */
 #include "attention/att_hip.h"
 
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,8 +1,9 @@
 /* The HIP backend: attention on an AMD GPU (MI200/MI300 class) through the HIP runtime
  * (libamdhip64 loaded at run time, att_hiprt.h) with kernels compiled per model by hiprtc from the
  * CUDA backend's kernel source (attention/kernels/att_unified.cu through att_port.h). The same
- * design as att_cuda.h, function for function: a session owns its KV pool, streams, two modules
- * (tile kinds), launch cache (cache/lc.h) and per-call buffers; the work is cut by the shared
+ * design as att_cuda.h, function for function: a session owns its KV pool, streams, its loaded
+ * modules (one per tile kind and config, up to 8: att_gpu_tune.h), launch cache (cache/lc.h) and
+ * per-call buffers; the work is cut by the shared
  * planner (att_gpu_plan.h); every hipError_t is checked by one macro, and after a sticky fault the
  * backend is lost and later calls fail fast with AT_ERR_DEVICE.
  *
