@@ -17,9 +17,9 @@
 
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#endif
 #ifdef AT_HAVE_HIP
 #include "attention/att_hip.h"
-#endif
 #endif
 #include "common/at_log.h"
 #include "service/svc_pool.h"

@@ -23,10 +23,10 @@
 #include "attention/att_cpu.h"
 #ifdef AT_HAVE_CUDA
 #include "attention/att_cuda.h"
+#include "attention/att_cudrv.h"
+#endif
 #ifdef AT_HAVE_HIP
 #include "attention/att_hip.h"
-#endif
-#include "attention/att_cudrv.h"
 #endif
 #include "attention/att_ctx.h"
 #include "attention/att_tune.h"
