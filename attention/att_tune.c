@@ -298,7 +298,12 @@ typedef struct job {
     bool filling;
     uint32_t stage_seen;       /* 1 + the search stage whose configs were prepared */
     int64_t started_ns;
+    int64_t waiting_since_ns;  /* 0, or when the current config's kernels were first not ready */
 } job_t;
+
+/* How long a job waits for one config's kernels before it is dropped: a compile takes seconds;
+ * one that never finishes (no compile thread could start) must not keep the job forever. */
+#define JOB_COMPILE_WAIT_NS (300LL * 1000000000LL)
 
 struct att_tuner {
     att_backend_t *be;         /* borrowed */
@@ -546,8 +551,19 @@ bool att_tuner_step(att_tuner_t *t) {
         j->filling = more && e == AT_OK;
     } else {
         e = att_bench_search_step(j->bench, j->search, &j->stage_seen);
-        if (e == AT_ERR_NOT_READY)
-            return false; /* kernels still compiling off this thread */
+        if (e == AT_ERR_NOT_READY) { /* kernels still compiling off this thread */
+            const int64_t now = now_ns();
+            if (j->waiting_since_ns == 0)
+                j->waiting_since_ns = now;
+            if (now - j->waiting_since_ns < JOB_COMPILE_WAIT_NS)
+                return false;
+            at_log(AT_LOG_WARN, "tuning", "a config's kernels did not compile in %lld s; the "
+                   "tuning job is dropped and the heuristic stays",
+                   (long long)(JOB_COMPILE_WAIT_NS / 1000000000LL));
+            drop_job(t);
+            return true;
+        }
+        j->waiting_since_ns = 0;
         t->runs++;
         tun_cfg_t cfg;
         bool warmup;
