@@ -519,6 +519,14 @@ static bool device_lost(const worker_t *w) {
     return false;
 }
 
+/* A worker process whose device faulted ends: nothing its context ran can be trusted, so it
+ * sends no more replies; the server answers every call in flight and starts a new worker. */
+static at_err_t exit_lost(worker_t *w, const char *device) {
+    at_log(AT_LOG_ERROR, "worker", "%s: the device faulted; the worker exits", device);
+    worker_fini(w);
+    return AT_ERR_DEVICE;
+}
+
 at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
     worker_t w = {0};
     at_diag_t d = {{0}};
@@ -565,6 +573,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
         at_diag_t diags[SVC_BATCH_MAX];
         at_err_t errs[SVC_BATCH_MAX] = {AT_OK};
         uint32_t n = 1;
+        if (cfg->process && device_lost(&w)) /* a fault outside a call: a tuning step, say */
+            return exit_lost(&w, cfg->device);
         if (tune_while_idle(&w))
             continue;
         errs[0] = recv_req(&w, &w.slots[0]);
@@ -592,14 +602,8 @@ at_err_t svc_worker_run(const svc_worker_cfg_t *cfg, void *zctx) {
                 test_fault(cfg);
             }
             do_attend(&w, n, errs, reps, diags);
-            if (cfg->process && device_lost(&w)) {
-                /* nothing this context ran can be trusted: no replies; the server answers
-                 * every call in flight and starts a new worker */
-                at_log(AT_LOG_ERROR, "worker", "%s: the device faulted; the worker exits",
-                       cfg->device);
-                worker_fini(&w);
-                return AT_ERR_DEVICE;
-            }
+            if (cfg->process && device_lost(&w))
+                return exit_lost(&w, cfg->device); /* no replies: see exit_lost */
         } else {
             switch (rq->op) {
             case SVC_OP_CREATE: e = do_create(&w, &w.slots[0], &reps[0], &diags[0]); break;
