@@ -126,8 +126,10 @@ const att_gpu_mod_t *att_gpu_mods_cur(const att_gpu_mods_t *s, uint32_t kind);
 /* set_tuning's switch to tiles[] (of model m): each kind's module found loaded, or loaded from
  * the compile cache into a free slot or the least recently chosen one (unloaded, and its
  * prepared launches forgotten). AT_ERR_NOT_READY, nothing changed, when an image is not compiled
- * (every missing one is queued on q first); AT_ERR_CONFIG, nothing changed, when one does not
- * compile or cannot run on the device; driver errors. */
+ * (every missing one is queued on q first). AT_ERR_CONFIG when one does not compile or cannot
+ * run on the device, and driver errors: the current modules stay current, but the other kind's
+ * module may have been loaded, and a module evicted, on the way (each is found or loaded again
+ * when asked for). */
 at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model_t *m,
                              const att_tile_t tiles[ATT_TILE_KINDS]);
 

@@ -469,8 +469,9 @@ void att_tuner_pick(att_tuner_t *t, att_ctx_t *ctx, const att_call_t *calls, uin
          * leaves the previous one in place */
         at_err_t e = att_ctx_set_tuning(ctx, &cfg);
         if (e == AT_ERR_NOT_READY && source != TUN_SOURCE_HEURISTIC) {
-            /* its kernels are being compiled (evicted from memory, say): the heuristic's are
-             * always loadable, so use them until then */
+            /* its kernels are being compiled (a stored config whose compile at the session's
+             * creation failed, or one another process tuned since): the heuristic's are always
+             * loadable, so use them until then */
             t->space->heuristic(&t->shape, &t->dev, &b, &cfg);
             source = TUN_SOURCE_HEURISTIC;
             e = tun_cfg_equal(&t->applied, &cfg) ? AT_OK : att_ctx_set_tuning(ctx, &cfg);
