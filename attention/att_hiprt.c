@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/at_log.h"
+
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
@@ -22,6 +24,10 @@ static pthread_once_t g_init_once = PTHREAD_ONCE_INIT;
 static void *open_hip(char *tried, size_t tried_len) {
     const char *forced = getenv("ATTND_HIP_LIB");
     if (forced != NULL && forced[0] != '\0') {
+        /* a test setting (the HIP test double): said in the log, so it is never mistaken for
+         * the runtime in production */
+        at_log(AT_LOG_WARN, "hip", "ATTND_HIP_LIB: loading %s instead of libamdhip64 (tests only)",
+               forced);
         snprintf(tried, tried_len, "%s (from ATTND_HIP_LIB)", forced);
         return dlopen(forced, RTLD_NOW | RTLD_LOCAL);
     }
