@@ -5,7 +5,7 @@
 # Warnings are errors in all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/setup.sh
+tools/setup.sh --tests
 jobs="$(nproc)"
 
 run_suite() { # name build-dir cmake-args...
