@@ -41,7 +41,7 @@
 
 typedef struct cuda_backend {
     att_backend_t base;
-    const att_cudrv_t *drv;
+    const att_cudrv_t *drv; /* borrowed: the process-wide table (att_cudrv_cuda), never freed */
     CUdevice dev;
     CUcontext ctx; /* the device's primary context, retained */
     int ordinal;
@@ -60,7 +60,7 @@ typedef struct cuda_backend {
 } cuda_backend_t;
 
 struct att_kv {
-    cuda_backend_t *be;
+    cuda_backend_t *be;    /* borrowed: the backend outlives its sessions */
     const att_model_t *m;  /* borrowed: outlives the storage */
     uint32_t num_blocks;
     size_t layer_half_bytes;

@@ -42,7 +42,7 @@
 
 typedef struct hip_backend {
     att_backend_t base;
-    const att_hiprt_t *rt;
+    const att_hiprt_t *rt; /* borrowed: the process-wide table (att_hiprt_hip), never freed */
     int ordinal;
     uint32_t num_sms;   /* compute units */
     uint32_t smem_max;  /* shared memory (LDS) a block may use, bytes */
@@ -61,7 +61,7 @@ typedef struct hip_backend {
 } hip_backend_t;
 
 struct att_kv {
-    hip_backend_t *be;
+    hip_backend_t *be;    /* borrowed: the backend outlives its sessions */
     const att_model_t *m; /* borrowed: outlives the storage */
     uint32_t num_blocks;
     size_t layer_half_bytes;
