@@ -2,11 +2,10 @@
  * Thread model: regions are guarded by their mutex; the rest works on the caller's data. */
 #include "attention/att_gpu_run.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "attention/att_dtype.h"
-
-static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 /* ---- launches ---- */
 
@@ -36,10 +35,26 @@ void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uin
     memcpy(n->params, &t, sizeof t);
 }
 
+/* Patches the call's values that every kernel of it takes from base into p. */
+static void patch_call(att_kparams_t *p, const att_kparams_t *base) {
+    p->k_d = base->k_d;
+    p->v_d = base->v_d;
+    p->k_cache_d = base->k_cache_d;
+    p->v_cache_d = base->v_cache_d;
+    p->chunks_d = base->chunks_d;
+    p->block_table_d = base->block_table_d;
+    p->num_chunks = base->num_chunks;
+}
+
+uint32_t att_gpu_launch_order(const att_cuda_plan_t *plan, uint32_t i) {
+    const uint32_t first =
+        plan->mixed_order == ATT_CUDA_WIDE_FIRST ? ATT_TILE_WIDE : ATT_TILE_NARROW;
+    return i == 0 ? first : 1u - first;
+}
+
 at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
-                             const att_kparams_t *base, const att_gpu_counts_t *pl, uint32_t kind,
-                             uint64_t items_d, uint64_t merges_d, uint64_t part_o_d,
-                             uint64_t part_ml_d) {
+                             const att_kparams_t *base, const att_gpu_counts_t *pl,
+                             const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind) {
     if (pl->num_items[kind] == 0)
         return AT_OK;
     const uint32_t split = pl->num_merges[kind] != 0;
@@ -47,24 +62,21 @@ at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *k
     at_err_t e = prepared(kv, ATT_GPU_K_ATTEND, kind, split, &l);
     if (e != AT_OK)
         return e;
+    /* Items and merges are laid out wide first (att_gpu_plan_batch's kind order). */
+    const size_t before_items = kind == ATT_TILE_WIDE ? 0 : pl->num_items[ATT_TILE_WIDE];
+    const size_t before_merges = kind == ATT_TILE_WIDE ? 0 : pl->num_merges[ATT_TILE_WIDE];
     att_kparams_t p;
     memcpy(&p, l->params, sizeof p);
+    patch_call(&p, base);
     p.q_d = base->q_d;
-    p.k_d = base->k_d;
-    p.v_d = base->v_d;
     p.out_d = base->out_d;
-    p.k_cache_d = base->k_cache_d;
-    p.v_cache_d = base->v_cache_d;
-    p.chunks_d = base->chunks_d;
-    p.block_table_d = base->block_table_d;
     p.window = base->window;
-    p.num_chunks = base->num_chunks;
-    p.items_d = items_d;
+    p.items_d = io_d + lo->o_items + before_items * sizeof(att_kitem_t);
     p.num_items = pl->num_items[kind];
-    p.merges_d = merges_d;
+    p.merges_d = io_d + lo->o_merges + before_merges * sizeof(att_kmerge_t);
     p.num_merges = pl->num_merges[kind];
-    p.part_o_d = part_o_d;
-    p.part_ml_d = part_ml_d;
+    p.part_o_d = io_d + lo->o_po[kind];
+    p.part_ml_d = io_d + lo->o_pml[kind];
     if ((e = lc_launch(lc, l, p.num_items, &p)) != AT_OK || !split)
         return e;
     if ((e = prepared(kv, ATT_GPU_K_MERGE, kind, 1, &l)) != AT_OK)
@@ -80,13 +92,7 @@ at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_
         return e;
     att_kparams_t q;
     memcpy(&q, l->params, sizeof q);
-    q.k_d = base->k_d;
-    q.v_d = base->v_d;
-    q.k_cache_d = base->k_cache_d;
-    q.v_cache_d = base->v_cache_d;
-    q.chunks_d = base->chunks_d;
-    q.block_table_d = base->block_table_d;
-    q.num_chunks = base->num_chunks;
+    patch_call(&q, base);
     return lc_launch(lc, l, num_chunks, &q);
 }
 
@@ -103,21 +109,21 @@ void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_co
         table_n += b->chunks[c].num_blocks;
     att_gpu_layout_t *o = out;
     o->o_chunks = 0;
-    o->o_table = align_up(o->o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
-    o->o_items = align_up(o->o_table + table_n * sizeof(uint32_t), 16);
-    o->o_merges = align_up(o->o_items + pl->total_items * sizeof(att_kitem_t), 16);
+    o->o_table = att_gpu_align_up(o->o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
+    o->o_items = att_gpu_align_up(o->o_table + table_n * sizeof(uint32_t), 16);
+    o->o_merges = att_gpu_align_up(o->o_items + pl->total_items * sizeof(att_kitem_t), 16);
     o->meta_end = o->o_merges + pl->total_merges * sizeof(att_kmerge_t);
-    o->o_q = align_up(o->meta_end, 256);
-    o->o_k = align_up(o->o_q + (b->attend ? T * q_row : 0), 256);
-    o->o_v = align_up(o->o_k + T * kv_row, 256);
-    o->o_out = align_up(o->o_v + T * kv_row, 256);
+    o->o_q = att_gpu_align_up(o->meta_end, 256);
+    o->o_k = att_gpu_align_up(o->o_q + (b->attend ? T * q_row : 0), 256);
+    o->o_v = att_gpu_align_up(o->o_k + T * kv_row, 256);
+    o->o_out = att_gpu_align_up(o->o_v + T * kv_row, 256);
     o->stage_end = o->o_out + (b->attend ? T * q_row : 0);
-    o->end = align_up(o->stage_end, 256);
+    o->end = att_gpu_align_up(o->stage_end, 256);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const size_t rows = (size_t)pl->num_parts[k] * m->num_kv_heads * tile_rows[k];
         o->o_po[k] = o->end;
-        o->o_pml[k] = align_up(o->o_po[k] + rows * m->head_dim * 4, 256);
-        o->end = align_up(o->o_pml[k] + rows * 8, 256);
+        o->o_pml[k] = att_gpu_align_up(o->o_po[k] + rows * m->head_dim * 4, 256);
+        o->end = att_gpu_align_up(o->o_pml[k] + rows * 8, 256);
     }
 }
 
@@ -134,6 +140,24 @@ void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_bat
     }
     memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
     memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));
+}
+
+void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gpu_layout_t *lo,
+                        uint64_t io_d, uint64_t pool_d, size_t layer_half_bytes,
+                        att_kparams_t *out) {
+    const uint64_t layer_k = pool_d + 2 * (uint64_t)b->layer * layer_half_bytes;
+    att_kparams_t *p = out;
+    memset(p, 0, sizeof *p);
+    p->q_d = b->attend ? io_d + lo->o_q : 0;
+    p->k_d = io_d + lo->o_k;
+    p->v_d = io_d + lo->o_v;
+    p->out_d = b->attend ? io_d + lo->o_out : 0;
+    p->k_cache_d = layer_k;
+    p->v_cache_d = layer_k + layer_half_bytes;
+    p->chunks_d = io_d + lo->o_chunks;
+    p->block_table_d = io_d + lo->o_table;
+    p->window = m->window[b->layer];
+    p->num_chunks = b->num_chunks;
 }
 
 /* ---- tensors ---- */
@@ -207,6 +231,14 @@ void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *s
     }
 }
 
+size_t att_gpu_kv_blocks(const att_model_t *m, uint32_t pos, uint32_t n, uint32_t *b0,
+                         size_t *block_bytes) {
+    const uint32_t bs = m->block_size, first = pos / bs, last = (pos + n - 1) / bs;
+    *b0 = first;
+    *block_bytes = (size_t)m->head_dim * att_dtype_bytes(m->dtype) * bs * m->num_kv_heads;
+    return (size_t)(last - first) + 1;
+}
+
 void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block_bytes,
                         uint32_t pos, uint32_t n, void *k_out, void *v_out) {
     const uint32_t bs = m->block_size, b0 = pos / bs;
@@ -220,6 +252,39 @@ void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block
             memcpy((uint8_t *)v_out + dst, stage + (2 * bi + 1) * block_bytes + src, row);
         }
     }
+}
+
+/* ---- a session ---- */
+
+at_err_t att_gpu_consts(const att_model_t *m, float **out, size_t *bytes) {
+    *out = NULL;
+    *bytes = 0;
+    if (m->alibi == NULL && m->sinks == NULL)
+        return AT_OK;
+    const size_t n = (size_t)m->num_query_heads * 4;
+    float *h = calloc(2, n);
+    if (h == NULL)
+        return AT_ERR_NOMEM;
+    if (m->alibi != NULL)
+        memcpy(h, m->alibi, n);
+    if (m->sinks != NULL)
+        memcpy((uint8_t *)h + n, m->sinks, n);
+    *out = h;
+    *bytes = 2 * n;
+    return AT_OK;
+}
+
+void att_gpu_kv_stats(const lc_t *lc, uint64_t last_host_ns, uint64_t last_device_ns,
+                      att_kv_stats_t *out) {
+    lc_stats_t s;
+    lc_get_stats(lc, &s);
+    out->lc_hits = s.hits;
+    out->lc_misses = s.misses;
+    out->compiles = s.compiles;
+    out->launches = s.launches;
+    out->launch_host_ns = s.launch_host_ns;
+    out->last_host_ns = last_host_ns;
+    out->last_device_ns = last_device_ns;
 }
 
 /* ---- a new session's images ---- */

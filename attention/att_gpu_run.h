@@ -1,8 +1,9 @@
 /* What the GPU backends (att_cuda.c, att_hip.c) do alike without a driver call: the launch
- * templates of a session's launch cache and the per-call parameters patched into them, the
- * buffer layout and metadata of a run, the copy runs of a tensor, the registered host regions,
- * the rows read back from the cache, and fetching a new session's two kernel images. Each backend
- * keeps only its runtime's calls, so the two read as one design.
+ * templates of a session's launch cache, a run's kernel parameters and the per-call values
+ * patched into them, the tile kinds' launch order, the buffer layout and metadata of a run, the
+ * copy runs of a tensor, the registered host regions, a session's constants and statistics, the
+ * blocks and rows read back from the cache, and fetching a new session's two kernel images. Each
+ * backend keeps only its runtime's calls, so the two read as one design.
  *
  * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
  * on one session's data, used by one thread at a time. */
@@ -13,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "attention/att_backend.h"
 #include "attention/att_gpu_plan.h"
@@ -21,33 +23,18 @@
 #include "cache/lc.h"
 #include "common/at_base.h"
 
+/* CLOCK_MONOTONIC in ns: a run's host time. */
+static inline uint64_t att_gpu_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* x rounded up to a multiple of a. */
+static inline size_t att_gpu_align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
 /* The kernels of a module (the first part of a launch-cache key). */
 enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_MERGE = 2, ATT_GPU_K_KV_WRITE = 3 };
-
-/* ---- launches ---- */
-
-/* Fills n, the prepared launch under key of `kernel` (ATT_GPU_K_*) running fn, from its module's
- * att_k_info (info) and the session's constants: consts_d ([Hq] ALiBi slopes, then [Hq] sinks; 0
- * when the model has neither) and the pool's block count. */
-void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uint32_t kernel,
-                         const uint32_t info[ATT_KINFO_COUNT], void *fn, uint64_t consts_d,
-                         uint32_t num_blocks);
-
-/* A backend's lookup-or-prepare of a launch (its `prepared`). */
-typedef at_err_t (*att_gpu_prepared_fn)(att_kv_t *kv, uint32_t kernel, uint32_t kind,
-                                        uint32_t split, const lc_launch_t **out);
-
-/* Launches kind's attention items of plan pl (and their merge when split) through lc, with the
- * call's pointers and counts from base and the kind's arrays: items_d and merges_d (its part of
- * the call's items and merges), part_o_d and part_ml_d (its split parts). */
-at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
-                             const att_kparams_t *base, const att_gpu_counts_t *pl, uint32_t kind,
-                             uint64_t items_d, uint64_t merges_d, uint64_t part_o_d,
-                             uint64_t part_ml_d);
-
-/* Launches the KV write of an append-only batch of num_chunks chunks through lc. */
-at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
-                                 const att_kparams_t *base, uint32_t num_chunks);
 
 /* ---- a run's buffers ---- */
 
@@ -67,6 +54,40 @@ void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_co
 /* Writes the metadata (chunks, the flat block table, w's items and merges) into stage. */
 void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_batch_t *b,
                        const att_gpu_work_t *w, const att_gpu_counts_t *pl);
+
+/* The parameters every launch of batch b takes (the prepared launches' templates get them
+ * patched in): its tensors and metadata in the device buffer io_d laid out as lo, its layer of
+ * the KV pool pool_d ([num_layers][k|v] halves of layer_half_bytes) and the layer's window. */
+void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gpu_layout_t *lo,
+                        uint64_t io_d, uint64_t pool_d, size_t layer_half_bytes,
+                        att_kparams_t *out);
+
+/* ---- launches ---- */
+
+/* Fills n, the prepared launch under key of `kernel` (ATT_GPU_K_*) running fn, from its module's
+ * att_k_info (info) and the session's constants: consts_d ([Hq] ALiBi slopes, then [Hq] sinks; 0
+ * when the model has neither) and the pool's block count. */
+void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uint32_t kernel,
+                         const uint32_t info[ATT_KINFO_COUNT], void *fn, uint64_t consts_d,
+                         uint32_t num_blocks);
+
+/* A backend's lookup-or-prepare of a launch (its `prepared`). */
+typedef at_err_t (*att_gpu_prepared_fn)(att_kv_t *kv, uint32_t kernel, uint32_t kind,
+                                        uint32_t split, const lc_launch_t **out);
+
+/* The tile kind launched i-th (0, 1) in a batch with both kinds: plan's mixed_order. */
+uint32_t att_gpu_launch_order(const att_cuda_plan_t *plan, uint32_t i);
+
+/* Launches kind's attention items of plan pl (and their merge when split) through lc, with the
+ * call's pointers and counts from base (att_gpu_run_params) and the kind's arrays in the device
+ * buffer io_d laid out as lo: its part of the call's items and merges, its split parts. */
+at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                             const att_kparams_t *base, const att_gpu_counts_t *pl,
+                             const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind);
+
+/* Launches the KV write of an append-only batch of num_chunks chunks through lc. */
+at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
+                                 const att_kparams_t *base, uint32_t num_chunks);
 
 /* ---- tensors ---- */
 
@@ -105,10 +126,27 @@ bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n);
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
                         att_gpu_regions_t *regs);
 
+/* The blocks read_kv copies for rows pos..pos+n-1 (n > 0) of model m: the first one's index b0
+ * in the session's block list, and the bytes of one block of one half (*block_bytes). Returns
+ * their count. */
+size_t att_gpu_kv_blocks(const att_model_t *m, uint32_t pos, uint32_t n, uint32_t *b0,
+                         size_t *block_bytes);
+
 /* read_kv's last step: stage holds blocks b0.. of the layer as [block][k|v][Hkv][BS][D] (each
  * half block_bytes); copies rows pos..pos+n-1 into k_out and v_out, each [n, Hkv, D]. */
 void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block_bytes,
                         uint32_t pos, uint32_t n, void *k_out, void *v_out);
+
+/* ---- a session ---- */
+
+/* Model m's constants as a session's consts_d holds them: [Hq] f32 ALiBi slopes, then [Hq] f32
+ * sinks (zeros for the one m lacks). *out NULL and *bytes 0 when m has neither; else *out is the
+ * caller's to free. AT_ERR_NOMEM. */
+at_err_t att_gpu_consts(const att_model_t *m, float **out, size_t *bytes);
+
+/* A session's kv_stats: its launch cache lc's figures and its last run's times. */
+void att_gpu_kv_stats(const lc_t *lc, uint64_t last_host_ns, uint64_t last_device_ns,
+                      att_kv_stats_t *out);
 
 /* ---- a new session's images ---- */
 

@@ -29,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "attention/att_gpu_plan.h"
 #include "attention/att_gpu_run.h"
@@ -43,7 +42,7 @@
 
 typedef struct hip_backend {
     att_backend_t base;
-    const att_hiprt_t *rt;
+    const att_hiprt_t *rt; /* borrowed: the process-wide table (att_hiprt_hip), never freed */
     int ordinal;
     uint32_t num_sms;   /* compute units */
     uint32_t smem_max;  /* shared memory (LDS) a block may use, bytes */
@@ -62,7 +61,7 @@ typedef struct hip_backend {
 } hip_backend_t;
 
 struct att_kv {
-    hip_backend_t *be;
+    hip_backend_t *be;    /* borrowed: the backend outlives its sessions */
     const att_model_t *m; /* borrowed: outlives the storage */
     uint32_t num_blocks;
     size_t layer_half_bytes;
@@ -87,12 +86,6 @@ struct att_kv {
     size_t stage_cap;
     att_gpu_work_t work;
 };
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 /* The one place a hipError_t becomes an at_err_t: log file:line, the call and the runtime's name
  * for the error; a sticky fault marks the backend lost. */
@@ -119,8 +112,6 @@ static at_err_t enter(hip_backend_t *be) {
         return AT_ERR_DEVICE;
     return HIP(hipSetDevice(be->ordinal));
 }
-
-static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 /* ---- launches ---- */
 
@@ -187,7 +178,7 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
     hip_backend_t *be = kv->be;
     at_err_t e;
     if (dev_bytes > kv->io_cap) {
-        size_t cap = align_up(dev_bytes + dev_bytes / 2, 1u << 20);
+        size_t cap = att_gpu_align_up(dev_bytes + dev_bytes / 2, 1u << 20);
         if (kv->io_d != 0 && (e = HIP(hipFree(dptr(kv->io_d)))) != AT_OK)
             return e;
         kv->io_d = 0;
@@ -199,7 +190,7 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
         kv->io_cap = cap;
     }
     if (stage_bytes > kv->stage_cap) {
-        size_t cap = align_up(stage_bytes + stage_bytes / 2, 1u << 20);
+        size_t cap = att_gpu_align_up(stage_bytes + stage_bytes / 2, 1u << 20);
         if (kv->stage_h != NULL && (e = HIP(hipHostFree(kv->stage_h))) != AT_OK)
             return e;
         kv->stage_h = NULL;
@@ -249,7 +240,7 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
 
 static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b) {
     hip_backend_t *be = (hip_backend_t *)base;
-    const uint64_t t0 = now_ns();
+    const uint64_t t0 = att_gpu_now_ns();
     at_err_t e = enter(be);
     if (e != AT_OK)
         return e;
@@ -284,41 +275,21 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
 
     if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
-    const uint64_t layer_k = kv->pool_d + 2 * (uint64_t)b->layer * kv->layer_half_bytes;
     att_kparams_t p;
-    memset(&p, 0, sizeof p);
-    p.q_d = b->attend ? kv->io_d + lo.o_q : 0;
-    p.k_d = kv->io_d + lo.o_k;
-    p.v_d = kv->io_d + lo.o_v;
-    p.out_d = b->attend ? kv->io_d + lo.o_out : 0;
-    p.k_cache_d = layer_k;
-    p.v_cache_d = layer_k + kv->layer_half_bytes;
-    p.chunks_d = kv->io_d + lo.o_chunks;
-    p.block_table_d = kv->io_d + lo.o_table;
-    p.window = m->window[b->layer];
-    p.num_chunks = b->num_chunks;
+    att_gpu_run_params(m, b, &lo, kv->io_d, kv->pool_d, kv->layer_half_bytes, &p);
     kv->cur = kv->stream;
     if (b->attend) {
         /* Both kinds: the wide tiles (bound by arithmetic) run on the side stream, concurrent
          * with the narrow ones (decode, bound by memory), in the plan's launch order; the side
-         * stream is joined back before out is read. Items and merges are laid out wide first
-         * (plan_batch's kind order). */
+         * stream is joined back before out is read. */
         const bool fork = pl.num_items[ATT_TILE_NARROW] != 0 && pl.num_items[ATT_TILE_WIDE] != 0;
         if (fork && ((e = HIP(hipEventRecord(kv->ev_fork, kv->stream))) != AT_OK ||
                      (e = HIP(hipStreamWaitEvent(kv->side, kv->ev_fork, 0))) != AT_OK))
             goto out_drain;
-        const uint32_t first =
-            kv->plan.mixed_order == ATT_CUDA_WIDE_FIRST ? ATT_TILE_WIDE : ATT_TILE_NARROW;
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
-            const uint32_t k = i == 0 ? first : 1u - first;
-            const size_t before_items = k == ATT_TILE_WIDE ? 0 : pl.num_items[ATT_TILE_WIDE];
-            const size_t before_merges = k == ATT_TILE_WIDE ? 0 : pl.num_merges[ATT_TILE_WIDE];
+            const uint32_t k = att_gpu_launch_order(&kv->plan, i);
             kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
-            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, k,
-                                         kv->io_d + lo.o_items + before_items * sizeof(att_kitem_t),
-                                         kv->io_d + lo.o_merges +
-                                             before_merges * sizeof(att_kmerge_t),
-                                         kv->io_d + lo.o_po[k], kv->io_d + lo.o_pml[k])) != AT_OK)
+            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k)) != AT_OK)
                 goto out_drain;
         }
         kv->cur = kv->stream;
@@ -331,7 +302,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     }
     if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
-    kv->last_host_ns = now_ns() - t0;
+    kv->last_host_ns = att_gpu_now_ns() - t0;
     bool out_staged = false;
     if (b->attend && (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
         goto out_drain;
@@ -541,23 +512,17 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
         (e = HIP(hipEventCreateWithFlags(&kv->ev_begin, hipEventDefault))) != AT_OK ||
         (e = HIP(hipEventCreateWithFlags(&kv->ev_end, hipEventDefault))) != AT_OK)
         goto out_kv;
-    if (m->alibi != NULL || m->sinks != NULL) {
-        const size_t n = (size_t)m->num_query_heads * 4;
-        float *h = calloc(2, n);
-        if (h == NULL) {
-            e = AT_ERR_NOMEM;
-            goto out_kv;
-        }
-        if (m->alibi != NULL)
-            memcpy(h, m->alibi, n);
-        if (m->sinks != NULL)
-            memcpy((uint8_t *)h + n, m->sinks, n);
+    float *consts_h;
+    size_t consts_n;
+    if ((e = att_gpu_consts(m, &consts_h, &consts_n)) != AT_OK)
+        goto out_kv;
+    if (consts_h != NULL) {
         void *c = NULL;
-        if ((e = HIP(hipMalloc(&c, 2 * n))) == AT_OK) {
+        if ((e = HIP(hipMalloc(&c, consts_n))) == AT_OK) {
             kv->consts_d = (uintptr_t)c;
-            e = HIP(hipMemcpyHtoD(dptr(kv->consts_d), h, 2 * n));
+            e = HIP(hipMemcpyHtoD(dptr(kv->consts_d), consts_h, consts_n));
         }
-        free(h);
+        free(consts_h);
         if (e != AT_OK)
             goto out_kv;
     }
@@ -576,10 +541,9 @@ static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
     if (e != AT_OK || n == 0)
         return e;
     const att_model_t *m = kv->m;
-    const uint32_t bs = m->block_size, b0 = pos / bs, b1 = (pos + n - 1) / bs;
-    const size_t row = (size_t)m->head_dim * att_dtype_bytes(m->dtype);
-    const size_t block_bytes = row * bs * m->num_kv_heads; /* one block of one half */
-    const size_t nb = b1 - b0 + 1;
+    uint32_t b0;
+    size_t block_bytes;
+    const size_t nb = att_gpu_kv_blocks(m, pos, n, &b0, &block_bytes);
     if ((e = ensure_io(kv, 0, 2 * nb * block_bytes)) != AT_OK)
         return e;
     const uint64_t kd = kv->pool_d + 2 * (uint64_t)layer * kv->layer_half_bytes;
@@ -600,15 +564,7 @@ static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
 
 static void hip_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t *out) {
     (void)base;
-    lc_stats_t s;
-    lc_get_stats(kv->lc, &s);
-    out->lc_hits = s.hits;
-    out->lc_misses = s.misses;
-    out->compiles = s.compiles;
-    out->launches = s.launches;
-    out->launch_host_ns = s.launch_host_ns;
-    out->last_host_ns = kv->last_host_ns;
-    out->last_device_ns = kv->last_device_ns;
+    att_gpu_kv_stats(kv->lc, kv->last_host_ns, kv->last_device_ns, out);
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {

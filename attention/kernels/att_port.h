@@ -7,8 +7,10 @@
  *   ATT_PORTABLE_MATH 0  NVIDIA tensor cores (mma.sync, ldmatrix, cp.async) for f16/bf16;
  *   ATT_PORTABLE_MATH 1  plain FMAs in f32 for every dtype, one wave per query row.
  * The HIP backend always sets ATT_PORTABLE_MATH=1 (and HIP cannot build the tensor-core body);
- * it may also be set under NVRTC, which is how the HIP backend's test double runs the very code
- * an AMD GPU runs on an NVIDIA one.
+ * it may also be set under NVRTC, which is how the HIP backend's test double runs the FMA body on
+ * an NVIDIA GPU: with this header's NVRTC branches and wave 32. The ATT_HIP branches (exp2f,
+ * _Float16 conversions, __shfl_xor with a width, the bf16 rounding) and wave 64 are compiled in
+ * CI (test_att_hip_kernels), never executed.
  * ATT_WAVE: threads per wave (warp), a compile-time constant: 32 on NVIDIA, 64 on CDNA (the host
  * passes the device's figure). */
 #ifndef AT_ATTENTION_KERNELS_ATT_PORT_H
