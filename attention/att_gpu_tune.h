@@ -43,7 +43,7 @@ typedef void (*att_gpu_opts_fn)(const void *user, const att_model_t *m, const at
 typedef struct att_gpu_cq {
     att_jit_t *jit;   /* borrowed: the backend's; NULL: never initialized */
     const char *arch; /* borrowed: the compile target */
-    att_gpu_opts_fn opts;
+    att_gpu_opts_fn opts; /* the backend's function, called with user */
     const void *user;   /* borrowed: opts' user */
     uint32_t n_threads; /* compile threads to start on first use */
     pthread_mutex_t mu;
@@ -80,10 +80,11 @@ at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
 /* A loaded module: one tile kind compiled with one tile. Handles are the runtime's (CUmodule,
  * CUfunction; hipModule_t, hipFunction_t: pointers in both). */
 typedef struct att_gpu_mod {
-    void *mod; /* NULL: the slot is free */
+    void *mod; /* owned by the slot table: made by ld->load, freed through ld->unload (eviction,
+                * att_gpu_mods_fini); NULL: the slot is free */
     uint32_t kind;
     att_tile_t tile;
-    void *f_attend, *f_merge, *f_kv_write;
+    void *f_attend, *f_merge, *f_kv_write; /* mod's kernels: invalid once mod is unloaded */
     uint32_t info[ATT_KINFO_COUNT]; /* the module's att_k_info */
     uint64_t used; /* the session's switch count when last chosen: least recent goes */
 } att_gpu_mod_t;

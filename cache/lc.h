@@ -6,7 +6,7 @@
  * place, so a call skips every check of those constants and only patches the few per-call values
  * (tensor pointers, counts, the layer) before launching. That is safe only while the constants
  * cannot change, which is true within one session and false across the models of one process:
- * a cache shared by two models and keyed like this one (tile kind, kernel, split) hands the
+ * a cache shared by two models and keyed like this one (kernel, tile module, split) hands the
  * second model the first model's kernel (tests/cache/test_lc.c shows it). So every session owns
  * its own lc_t, created and destroyed with its KV storage.
  *
