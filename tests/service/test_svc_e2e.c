@@ -21,44 +21,27 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
+#include "tests/service/svc_testsrv.h"
 #include "tests/test_util.h"
 
-typedef struct env {
-    void *zctx;
-    svc_pool_t *pool;
-    svc_server_t *srv;
-    grpc_channel *ch;
-    grpc_completion_queue *cq;
-} env_t;
-
-static env_t g;
+static test_srv_t g;
 
 static int setup(void **state) {
     (void)state;
-    g.zctx = zmq_ctx_new();
     at_diag_t d = {{0}};
     svc_pool_cfg_t pc = {.device = "cpu", .cpu_threads = 2, .arena_bytes = 64u << 20,
                          .max_queue = 64};
-    assert_int_equal(svc_pool_create(&pc, g.zctx, &d, &g.pool), AT_OK);
-    svc_pool_t *pools[1] = {g.pool};
-    svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = pools, .num_pools = 1,
-                           .max_message_bytes = 8u << 20};
-    assert_int_equal(svc_server_create(&sc, &d, &g.srv), AT_OK);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", svc_server_port(g.srv));
-    g.ch = bench_channel_create(target);
-    g.cq = bench_cq_create();
+    svc_server_cfg_t sc = {.max_message_bytes = 8u << 20};
+    if (test_srv_start(&g, &pc, 1, &sc, &d) != AT_OK) {
+        print_error("test server: %s\n", d.msg);
+        return -1;
+    }
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
-    grpc_channel_destroy(g.ch);
-    bench_cq_destroy(&g.cq);
-    svc_server_drain(g.srv, 1000);
-    svc_pool_destroy(&g.pool);
-    svc_server_destroy(&g.srv);
-    zmq_ctx_term(g.zctx);
+    test_srv_stop(&g);
     return 0;
 }
 
@@ -74,11 +57,7 @@ static void call_unary(const char *method, const void *req, size_t req_len, int 
 
 static void call_msg(const char *method, const ProtobufCMessage *msg, int deadline_ms,
                      bench_reply_t *r) {
-    size_t n = protobuf_c_message_get_packed_size(msg);
-    uint8_t *buf = malloc(n + 1);
-    protobuf_c_message_pack(msg, buf);
-    call_unary(method, buf, n, deadline_ms, r);
-    free(buf);
+    test_srv_call(g.ch, g.cq, NULL, method, msg, deadline_ms ? deadline_ms : 30000, r);
 }
 
 /* A small GQA model: 4 query heads, 2 KV heads, head_dim 16, f32, 2 layers. */

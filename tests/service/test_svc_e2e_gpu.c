@@ -33,6 +33,7 @@
 #include "service/svc_server.h"
 #include "service/svc_worker.h"
 #include "tests/attention/att_rig.h"
+#include "tests/service/svc_testsrv.h"
 #include "tests/test_util.h"
 
 /* The GPU device under test: "cuda:0", or ATTND_E2E_GPU (e.g. "hip:0" through the HIP test
@@ -43,11 +44,10 @@ static const char *gpu_dev(void) {
 }
 
 static struct {
-    void *zctx;
-    svc_pool_t *pools[2];
-    svc_server_t *srv;
-    grpc_channel *ch;
-    grpc_completion_queue *cq;
+    test_srv_t s;              /* the in-process server; zeroed with ATTND_E2E_TARGET */
+    bool local;
+    grpc_channel *ch;          /* s.ch, or owned (ATTND_E2E_TARGET) */
+    grpc_completion_queue *cq; /* s.cq, or owned */
     at_diag_t why;
     int ready;
 } g;
@@ -64,61 +64,44 @@ typedef struct model {
 static int setup(void **state) {
     (void)state;
     const char *target = getenv("ATTND_E2E_TARGET");
-    char local[64];
     if (target == NULL || target[0] == '\0') {
-        g.zctx = zmq_ctx_new();
-        svc_pool_cfg_t pc = {.device = "cpu", .cpu_threads = 2, .arena_bytes = 64u << 20,
-                             .max_queue = 64};
-        if (svc_pool_create(&pc, g.zctx, &g.why, &g.pools[0]) != AT_OK)
-            return -1;
-        pc.device = gpu_dev();
-        pc.index = 1;
-        if (svc_pool_create(&pc, g.zctx, &g.why, &g.pools[1]) != AT_OK) {
+        const svc_pool_cfg_t pc[2] = {
+            {.device = "cpu", .cpu_threads = 2, .arena_bytes = 64u << 20, .max_queue = 64},
+            {.device = gpu_dev(), .index = 1, .cpu_threads = 2, .arena_bytes = 64u << 20,
+             .max_queue = 64}};
+        const svc_server_cfg_t sc = {.max_message_bytes = 16u << 20};
+        if (test_srv_start(&g.s, pc, 2, &sc, &g.why) != AT_OK) {
             printf("SKIP: no %s (%s)\n", gpu_dev(), g.why.msg);
             return 0;
         }
-        svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = g.pools, .num_pools = 2,
-                               .max_message_bytes = 16u << 20};
-        if (svc_server_create(&sc, &g.why, &g.srv) != AT_OK)
-            return -1;
-        snprintf(local, sizeof local, "127.0.0.1:%d", svc_server_port(g.srv));
-        target = local;
+        g.local = true;
+        g.ch = g.s.ch;
+        g.cq = g.s.cq;
+        printf("server: 127.0.0.1:%d\n", svc_server_port(g.s.srv));
+    } else {
+        printf("server: %s\n", target);
+        grpc_init(); /* the client's own reference: the server is another process */
+        g.ch = bench_channel_create(target);
+        g.cq = bench_cq_create();
     }
-    printf("server: %s\n", target);
-    grpc_init(); /* the client's own reference: the server may be another process */
-    g.ch = bench_channel_create(target);
-    g.cq = bench_cq_create();
     g.ready = 1;
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
-    if (g.ch != NULL)
+    if (g.local) {
+        test_srv_stop(&g.s);
+    } else if (g.ready) {
         grpc_channel_destroy(g.ch);
-    bench_cq_destroy(&g.cq);
-    if (g.ready)
+        bench_cq_destroy(&g.cq);
         grpc_shutdown();
-    if (g.srv != NULL)
-        svc_server_drain(g.srv, 1000);
-    for (int i = 1; i >= 0; i--)
-        svc_pool_stop(g.pools[i]);
-    svc_server_destroy(&g.srv);
-    for (int i = 1; i >= 0; i--)
-        svc_pool_destroy(&g.pools[i]);
-    if (g.zctx != NULL)
-        zmq_ctx_term(g.zctx);
+    }
     return 0;
 }
 
 static void call_msg(const char *method, const ProtobufCMessage *msg, bench_reply_t *r) {
-    size_t n = protobuf_c_message_get_packed_size(msg);
-    uint8_t *buf = malloc(n + 1);
-    protobuf_c_message_pack(msg, buf);
-    bench_call_cfg_t cfg = {.method = method, .timeout_ms = 60000, .keep_body = true};
-    if (bench_call_unary(g.ch, g.cq, &cfg, buf, n, r) != 0)
-        fail_msg("%s: %s", method, r->details);
-    free(buf);
+    test_srv_call(g.ch, g.cq, NULL, method, msg, 60000, r);
 }
 
 static void create(model_t *m) {
@@ -234,7 +217,7 @@ static void step(model_t *m, uint32_t layer, const att_chunk_t *chunks, uint32_t
 
 static void test_svc_e2e_gpu_models_interleaved(void **state) {
     (void)state;
-    if (!g.ready || (g.pools[0] != NULL && g.pools[1] == NULL)) {
+    if (!g.ready) {
         printf("SKIP: no GPU server (%s)\n", g.why.msg);
         skip();
     }
@@ -295,33 +278,33 @@ static void model_fini(model_t *m) {
 
 static void test_svc_e2e_gpu_fault(void **state) {
     (void)state;
-    if (!g.ready || g.srv == NULL || g.pools[1] == NULL) {
+    if (!g.ready || !g.local) {
         printf("SKIP: no in-process GPU server (%s)\n", g.why.msg);
         skip();
     }
-    /* a server of its own, whose GPU worker starts with the switch set */
-    svc_pool_t *pools[2] = {NULL, NULL};
-    svc_server_t *srv = NULL;
+    /* a server of its own, whose GPU worker starts with the switch set (it names the device,
+     * so the cpu pool's worker ignores it) */
+    test_srv_t f;
     at_diag_t d = {{0}};
-    svc_pool_cfg_t pc = {.device = "cpu", .index = 2, .cpu_threads = 2,
-                         .arena_bytes = 64u << 20, .max_queue = 64, .restart_ms = 200};
-    assert_int_equal(svc_pool_create(&pc, g.zctx, &d, &pools[0]), AT_OK);
+    const svc_pool_cfg_t pc[2] = {
+        {.device = "cpu", .index = 2, .cpu_threads = 2, .arena_bytes = 64u << 20,
+         .max_queue = 64, .restart_ms = 200},
+        {.device = gpu_dev(), .index = 3, .cpu_threads = 2, .arena_bytes = 64u << 20,
+         .max_queue = 64, .restart_ms = 200}};
+    const svc_server_cfg_t sc = {.max_message_bytes = 16u << 20};
     char fault[64];
     snprintf(fault, sizeof fault, "%s:3", gpu_dev());
     setenv(SVC_WORKER_FAULT_ENV, fault, 1);
-    pc.device = gpu_dev();
-    pc.index = 3;
-    at_err_t e = svc_pool_create(&pc, g.zctx, &d, &pools[1]);
+    at_err_t e = test_srv_start(&f, pc, 2, &sc, &d);
     unsetenv(SVC_WORKER_FAULT_ENV);
-    assert_int_equal(e, AT_OK);
-    assert_true(svc_pool_worker_pid(pools[1], 0) > 0); /* a process by default */
-    svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = pools, .num_pools = 2,
-                           .max_message_bytes = 16u << 20};
-    assert_int_equal(svc_server_create(&sc, &d, &srv), AT_OK);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", svc_server_port(srv));
+    if (e != AT_OK)
+        fail_msg("fault server: %s", d.msg);
+    svc_pool_t *gpu_pool = f.pools[1];
+    assert_true(svc_pool_worker_pid(gpu_pool, 0) > 0); /* a process by default */
     grpc_channel *fixture_ch = g.ch;
-    g.ch = bench_channel_create(target);
+    grpc_completion_queue *fixture_cq = g.cq;
+    g.ch = f.ch;
+    g.cq = f.cq;
     tu_rng_t rng;
     tu_rng_seed(&rng, tu_base_seed("test_svc_e2e_gpu_fault"));
     model_t gpu = {"fault.gpu", gpu_dev(),
@@ -342,11 +325,11 @@ static void test_svc_e2e_gpu_fault(void **state) {
     step_expect(&gpu, 0, dec2, 1, &rng, GRPC_STATUS_UNAVAILABLE); /* 3: the faulting kernel */
     step_expect(&gpu, 0, dec2, 1, &rng, GRPC_STATUS_FAILED_PRECONDITION); /* lost */
     step(&cpu, 0, dec, 1, &rng); /* the cpu session kept its KV */
-    for (int i = 0; i < 600 && !svc_pool_serving(pools[1]); i++) {
+    for (int i = 0; i < 600 && !svc_pool_serving(gpu_pool); i++) {
         struct timespec ts = {0, 100000000};
         nanosleep(&ts, NULL);
     }
-    assert_true(svc_pool_serving(pools[1]));
+    assert_true(svc_pool_serving(gpu_pool));
     close_session(gpu.session);
     model_fini(&gpu);
     model_t again = gpu;
@@ -359,14 +342,9 @@ static void test_svc_e2e_gpu_fault(void **state) {
            gpu_dev());
     model_fini(&again);
     model_fini(&cpu);
-    grpc_channel_destroy(g.ch);
     g.ch = fixture_ch;
-    svc_server_drain(srv, 1000);
-    svc_pool_stop(pools[1]);
-    svc_pool_stop(pools[0]);
-    svc_server_destroy(&srv);
-    svc_pool_destroy(&pools[1]);
-    svc_pool_destroy(&pools[0]);
+    g.cq = fixture_cq;
+    test_srv_stop(&f);
 }
 
 int main(int argc, char **argv) {

@@ -31,6 +31,7 @@
 #include "service/svc_pool.h"
 #include "service/svc_server.h"
 #include "tenancy/ten_tenant.h"
+#include "tests/service/svc_testsrv.h"
 #include "tests/test_util.h"
 
 #define TOK_A "atk_alpha-token"
@@ -54,12 +55,10 @@
 #define M_HEALTH "/grpc.health.v1.Health/Check"
 
 typedef struct env {
-    void *zctx;
-    svc_pool_t *pool;
+    test_srv_t s;
     ten_tenants_t *tenants;
-    svc_server_t *srv;
-    grpc_channel *ch;
-    grpc_completion_queue *cq;
+    grpc_channel *ch;          /* borrowed: s.ch */
+    grpc_completion_queue *cq; /* borrowed: s.cq */
     char dir[256];
     char path[PATH_MAX];
 } env_t;
@@ -105,33 +104,22 @@ static int setup(void **state) {
         print_error("load: %s\n", d.msg);
         return -1;
     }
-    g.zctx = zmq_ctx_new();
     svc_pool_cfg_t pc = {.device = "cpu", .cpu_threads = 2, .workers = 2,
                          .arena_bytes = 64u << 20, .max_queue = 64, .batch_tokens = 4096};
-    if (svc_pool_create(&pc, g.zctx, &d, &g.pool) != AT_OK)
+    svc_server_cfg_t sc = {.max_message_bytes = 8u << 20, .tenants = g.tenants};
+    if (test_srv_start(&g.s, &pc, 1, &sc, &d) != AT_OK) {
+        print_error("test server: %s\n", d.msg);
         return -1;
-    svc_pool_t *pools[1] = {g.pool};
-    svc_server_cfg_t sc = {.listen = "127.0.0.1:0", .pools = pools, .num_pools = 1,
-                           .max_message_bytes = 8u << 20, .tenants = g.tenants};
-    if (svc_server_create(&sc, &d, &g.srv) != AT_OK)
-        return -1;
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", svc_server_port(g.srv));
-    g.ch = bench_channel_create(target);
-    g.cq = bench_cq_create();
+    }
+    g.ch = g.s.ch;
+    g.cq = g.s.cq;
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
-    grpc_channel_destroy(g.ch);
-    bench_cq_destroy(&g.cq);
-    svc_server_drain(g.srv, 1000);
-    svc_pool_stop(g.pool);
-    svc_server_destroy(&g.srv);
-    svc_pool_destroy(&g.pool);
+    test_srv_stop(&g.s);
     ten_tenants_destroy(&g.tenants);
-    zmq_ctx_term(g.zctx);
     unlink(g.path);
     rmdir(g.dir);
     return 0;
@@ -142,14 +130,7 @@ static int teardown(void **state) {
 /* One unary call as token (NULL: none) with msg as its request; r: bench_reply_fini. */
 static void call_as(const char *token, const char *method, const ProtobufCMessage *msg,
                     bench_reply_t *r) {
-    size_t n = protobuf_c_message_get_packed_size(msg);
-    uint8_t *buf = tu_xmalloc(n + 1);
-    protobuf_c_message_pack(msg, buf);
-    bench_call_cfg_t cfg = {.method = method, .token = token, .timeout_ms = 30000,
-                            .keep_body = true};
-    if (bench_call_unary(g.ch, g.cq, &cfg, buf, n, r) != 0)
-        fail_msg("%s: %s", method, r->details);
-    free(buf);
+    test_srv_call(g.ch, g.cq, token, method, msg, 30000, r);
 }
 
 static void expect(const bench_reply_t *r, grpc_status_code want, const char *needle,
