@@ -27,45 +27,36 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
   { note "test_lc FAILED"; tail -20 "$out/test_lc.log"; status=1; }
 LD_LIBRARY_PATH="$here/dist/gpu/lib" ldd dist/gpu/bin/attnd | grep "not found" && status=1
 
+# One test program of the bundle (environment assignments before the call reach it): its
+# summary lines, and its failures when it fails.
+gpu_test() { # name timeout-s
+  local name=$1 limit=$2 log="$out/$1.log" rc
+  if [ ! -f "dist/gpu/bin/$name" ]; then
+    note "$name is not in the bundle"; status=1; return
+  fi
+  timeout "$limit" "$R" "$name" > "$log" 2>&1
+  rc=$?
+  grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$log" | head -40
+  [ $rc -eq 0 ] || { note "$name rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$log" | head -60; status=1; }
+}
+
 if has tests; then
   note "test_att_cuda"
-  timeout 480 "$R" test_att_cuda > "$out/test_att_cuda.log" 2>&1
-  rc=$?
-  grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_cuda.log" | head -40
-  [ $rc -eq 0 ] || { note "test_att_cuda rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda.log" | head -60; status=1; }
+  gpu_test test_att_cuda 480
   note "test_att_cuda_tune"
-  timeout 300 "$R" test_att_cuda_tune > "$out/test_att_cuda_tune.log" 2>&1
-  rc=$?
-  grep -E "SKIP|PASSED|FAILED|^\[  FAILED|^\[       OK" "$out/test_att_cuda_tune.log" | head -20
-  [ $rc -eq 0 ] || { note "test_att_cuda_tune rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_cuda_tune.log" | head -60; status=1; }
+  gpu_test test_att_cuda_tune 300
 fi
 
 if has hip; then
+  double="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so"
   note "test_att_hip (the HIP backend through the test double libattnd_hip_on_cuda_testdouble.so)"
-  if [ -f dist/gpu/bin/test_att_hip ]; then
-    ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 600 \
-      "$R" test_att_hip > "$out/test_att_hip.log" 2>&1
-    rc=$?
-    grep -E "^GPU:|SKIP|PASSED|FAILED|^\[  FAILED|launch caches" "$out/test_att_hip.log" | head -40
-    [ $rc -eq 0 ] || { note "test_att_hip rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_hip.log" | head -60; status=1; }
-  else
-    note "test_att_hip is not in the bundle (built without HIP headers)"; status=1
-  fi
+  ATTND_HIP_LIB="$double" gpu_test test_att_hip 600
   note "test_att_hip_tune (tuning through the HIP backend and the test double)"
-  if [ -f dist/gpu/bin/test_att_hip_tune ]; then
-    ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 300 \
-      "$R" test_att_hip_tune > "$out/test_att_hip_tune.log" 2>&1
-    rc=$?
-    grep -E "SKIP|PASSED|FAILED|^\[  FAILED|^\[       OK" "$out/test_att_hip_tune.log" | head -20
-    [ $rc -eq 0 ] || { note "test_att_hip_tune rc=$rc"; grep -B2 -A8 -E "FAIL|rror" "$out/test_att_hip_tune.log" | head -60; status=1; }
-  else
-    note "test_att_hip_tune is not in the bundle (built without HIP headers)"; status=1
-  fi
+  ATTND_HIP_LIB="$double" gpu_test test_att_hip_tune 300
   note "attnd tune --device hip:0 (the test double: NVIDIA's times), one decode shape, fresh dir"
   rm -rf /tmp/attnd-tune-hip
-  ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" timeout 240 \
-    "$R" attnd tune --device hip:0 --model llama-3.1-8b --tuning-dir /tmp/attnd-tune-hip \
-    --max-gib 24 --reps 3 --shapes 256x1@1024 > "$out/tune_hip.log" 2> "$out/tune_hip.err" ||
+  ATTND_HIP_LIB="$double" timeout 240 "$R" attnd tune --device hip:0 --model llama-3.1-8b \
+    --tuning-dir /tmp/attnd-tune-hip --max-gib 24 --reps 3 --shapes 256x1@1024 > "$out/tune_hip.log" 2> "$out/tune_hip.err" ||
     status=1
   cat "$out/tune_hip.log"
   tr '\r' '\n' < "$out/tune_hip.err" | grep -vE "^ +[^ ]+ +\[" | tail -5
@@ -73,8 +64,8 @@ if has hip; then
     status=1
   cat "$out/tune_hip_show.log"
   note "e2e on hip:0 (worker processes, the HIP backend through the test double), C client"
-  ATTND_E2E_GPU=hip:0 ATTND_HIP_LIB="$here/dist/gpu/lib/libattnd_hip_on_cuda_testdouble.so" \
-    timeout 300 "$R" test_svc_e2e_gpu > "$out/e2e_hip.log" 2>&1
+  ATTND_E2E_GPU=hip:0 ATTND_HIP_LIB="$double" timeout 300 "$R" test_svc_e2e_gpu \
+    > "$out/e2e_hip.log" 2>&1
   rc=$?
   grep -E "PASSED|FAILED|SKIP|matched|came back" "$out/e2e_hip.log" | head -10
   [ $rc -eq 0 ] || { note "e2e hip rc=$rc"; tail -30 "$out/e2e_hip.log"; status=1; }
