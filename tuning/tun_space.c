@@ -48,6 +48,21 @@ const tun_space_t tun_space_cpu = {
     .heuristic = cpu_heuristic,
 };
 
+/* ---- the GPU backends' split and mixed-batch knobs (same meaning in CUDA and HIP) ---- */
+
+/* The defaults of both GPU spaces. Below 256 keys a part costs more to merge than its
+ * parallelism gains; 2 blocks per SM keep every SM busy with a short tail. Mixed batches (H200,
+ * 2026-11-30, 63 decode + a 512-token chunk): wide tiles first (order 2) on the side stream,
+ * split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and 0.263 unsplit (a
+ * spread of about 0.005 between identical runs). */
+static void gpu_split_defaults(uint32_t *min_keys, uint32_t *blocks_per_sm,
+                               uint32_t *mixed_split_keys, uint32_t *mixed_order) {
+    *min_keys = 256;
+    *blocks_per_sm = 2;
+    *mixed_split_keys = 512;
+    *mixed_order = 2;
+}
+
 /* ---- CUDA unified kernel (attention/kernels/att_unified.cu, attention/att_cuda.c) ---- */
 
 uint32_t tun_cuda_smem_bytes(uint32_t head_dim, uint32_t dtype, uint32_t warps_m,
@@ -124,15 +139,8 @@ static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tu
         v[TUN_CUDA_NARROW_WARPS_N] = 2;
         v[TUN_CUDA_NARROW_TILE_K] = 32;
     }
-    /* Below 256 keys a part costs more to merge than its parallelism gains; 2 blocks per SM
-     * keep every SM busy with a short tail. */
-    v[TUN_CUDA_SPLIT_MIN_KEYS] = 256;
-    v[TUN_CUDA_BLOCKS_PER_SM] = 2;
-    /* Mixed batches (H200, 2026-11-30, 63 decode + a 512-token chunk): wide tiles first on the
-     * side stream, split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and
-     * 0.263 unsplit (a spread of about 0.005 between identical runs). */
-    v[TUN_CUDA_MIXED_SPLIT_KEYS] = 512;
-    v[TUN_CUDA_MIXED_ORDER] = 2;
+    gpu_split_defaults(&v[TUN_CUDA_SPLIT_MIN_KEYS], &v[TUN_CUDA_BLOCKS_PER_SM],
+                       &v[TUN_CUDA_MIXED_SPLIT_KEYS], &v[TUN_CUDA_MIXED_ORDER]);
 }
 
 static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_device_t *d) {
@@ -243,10 +251,8 @@ static void hip_heuristic(const tun_shape_t *s, const tun_device_t *d, const tun
     v[TUN_HIP_WIDE_ROWS] = 64;
     v[TUN_HIP_WIDE_WAVES] = 8;
     v[TUN_HIP_NARROW_WAVES] = 4;
-    v[TUN_HIP_SPLIT_MIN_KEYS] = 256;
-    v[TUN_HIP_BLOCKS_PER_SM] = 2;
-    v[TUN_HIP_MIXED_SPLIT_KEYS] = 512;
-    v[TUN_HIP_MIXED_ORDER] = 2;
+    gpu_split_defaults(&v[TUN_HIP_SPLIT_MIN_KEYS], &v[TUN_HIP_BLOCKS_PER_SM],
+                       &v[TUN_HIP_MIXED_SPLIT_KEYS], &v[TUN_HIP_MIXED_ORDER]);
 }
 
 /* The kernel's static_asserts, for the portable body: 1 to 16 waves (16 waves of 64 lanes are
