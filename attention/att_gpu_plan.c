@@ -67,9 +67,10 @@ static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, ui
     return parts < p->max_splits ? parts : p->max_splits;
 }
 
+/* Items by key count, most first (`reserved` holds the count while the items are sorted). */
 static int cmp_item_keys_desc(const void *a, const void *b) {
     const att_kitem_t *x = a, *y = b;
-    return (x->reserved[0] < y->reserved[0]) - (x->reserved[0] > y->reserved[0]);
+    return (x->reserved < y->reserved) - (x->reserved > y->reserved);
 }
 
 /* Items of kind k are written as a run (wide first: kind order), longest first within a kind. */
@@ -141,7 +142,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
                                                .key_end = 0xffffffffu,
                                                .part = ATT_KPART_NONE,
                                                .flags = ATT_KITEM_WRITE_KV,
-                                               .reserved = {keys, 0}};
+                                               .reserved = keys};
                 continue;
             }
             const uint32_t tk = tile_k[kind];
@@ -158,7 +159,8 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
                                                .key_end = ke,
                                                .part = part_begin + n_parts,
                                                .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
-                                               .reserved = {ke - kb, 0}};
+                                               .merge = (uint32_t)(nm - first_merge),
+                                               .reserved = ke - kb};
             }
             pl->num_parts[kind] += n_parts;
             w->merges[nm++] = (att_kmerge_t){t->chunk, t->row_begin, part_begin, n_parts};
@@ -168,7 +170,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         qsort(w->items + first_item, ni - first_item, sizeof *w->items, cmp_item_keys_desc);
     }
     for (size_t i = 0; i < ni; i++)
-        w->items[i].reserved[0] = 0;
+        w->items[i].reserved = 0;
     pl->total_items = (uint32_t)ni;
     pl->total_merges = (uint32_t)nm;
     return AT_OK;

@@ -22,7 +22,6 @@ void att_gpu_launch_init(lc_launch_t *n, uint32_t key, const att_model_t *m, uin
         n->block_x = info[ATT_KINFO_THREADS];
         n->smem_bytes = info[ATT_KINFO_SMEM_BYTES];
         break;
-    case ATT_GPU_K_MERGE: n->block_x = info[ATT_KINFO_MERGE_THREADS]; break;
     default: n->block_x = info[ATT_KINFO_KVW_THREADS]; break;
     }
     att_kparams_t t;
@@ -77,11 +76,8 @@ at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *k
     p.num_merges = pl->num_merges[kind];
     p.part_o_d = io_d + lo->o_po[kind];
     p.part_ml_d = io_d + lo->o_pml[kind];
-    if ((e = lc_launch(lc, l, p.num_items, &p)) != AT_OK || !split)
-        return e;
-    if ((e = prepared(kv, ATT_GPU_K_MERGE, kind, 1, &l)) != AT_OK)
-        return e;
-    return lc_launch(lc, l, p.num_merges, &p);
+    p.counters_d = base->counters_d + before_merges * l->grid_per_unit * sizeof(uint32_t);
+    return lc_launch(lc, l, p.num_items, &p);
 }
 
 at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,

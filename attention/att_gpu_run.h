@@ -34,7 +34,7 @@ static inline uint64_t att_gpu_now_ns(void) {
 static inline size_t att_gpu_align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 /* The kernels of a module (the first part of a launch-cache key). */
-enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_MERGE = 2, ATT_GPU_K_KV_WRITE = 3 };
+enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_KV_WRITE = 3 };
 
 /* ---- a run's buffers ---- */
 
@@ -78,9 +78,10 @@ typedef at_err_t (*att_gpu_prepared_fn)(att_kv_t *kv, uint32_t kernel, uint32_t 
 /* The tile kind launched i-th (0, 1) in a batch with both kinds: plan's mixed_order. */
 uint32_t att_gpu_launch_order(const att_cuda_plan_t *plan, uint32_t i);
 
-/* Launches kind's attention items of plan pl (and their merge when split) through lc, with the
- * call's pointers and counts from base (att_gpu_run_params) and the kind's arrays in the device
- * buffer io_d laid out as lo: its part of the call's items and merges, its split parts. */
+/* Launches kind's attention items of plan pl through lc, with the call's pointers and counts from
+ * base (att_gpu_run_params, and the session's split arrival counters in counters_d, one per merge
+ * and KV head) and the kind's arrays in the device buffer io_d laid out as lo: its part of the
+ * call's items and merges, its split parts, its part of the counters. */
 at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
                              const att_kparams_t *base, const att_gpu_counts_t *pl,
                              const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind);

@@ -257,9 +257,7 @@ at_err_t att_gpu_mods_prepared(const att_gpu_mods_t *s, const att_model_t *m, ui
         *out = l;
         return AT_OK;
     }
-    void *fn = kernel == ATT_GPU_K_ATTEND  ? ms->f_attend
-               : kernel == ATT_GPU_K_MERGE ? ms->f_merge
-                                           : ms->f_kv_write;
+    void *fn = kernel == ATT_GPU_K_ATTEND ? ms->f_attend : ms->f_kv_write;
     lc_launch_t n;
     att_gpu_launch_init(&n, key, m, kernel, ms->info, fn, consts_d, num_blocks);
     return lc_insert(s->lc, &n, out);

@@ -84,7 +84,7 @@ typedef struct att_gpu_mod {
                 * att_gpu_mods_fini); NULL: the slot is free */
     uint32_t kind;
     att_tile_t tile;
-    void *f_attend, *f_merge, *f_kv_write; /* mod's kernels: invalid once mod is unloaded */
+    void *f_attend, *f_kv_write; /* mod's kernels: invalid once mod is unloaded */
     uint32_t info[ATT_KINFO_COUNT]; /* the module's att_k_info */
     uint64_t used; /* the session's switch count when last chosen: least recent goes */
 } att_gpu_mod_t;

@@ -14,7 +14,7 @@
  *
  * A run, on the session's stream: one upload of the metadata (chunks, block table, items,
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
- * attention launches (each tile kind with its merge when split; with both kinds, the wide ones on
+ * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds, the wide ones on
  * the session's side stream, forked and joined by events), one download of out; then the stream
  * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
  * att_hip_plan_default at creation, then whatever set_tuning chose from tun_space_hip_unified.
@@ -84,6 +84,8 @@ struct att_kv {
     size_t io_cap;
     uint8_t *stage_h; /* pinned, [meta | q | k | v | out] */
     size_t stage_cap;
+    uint64_t counters_d; /* [counters_cap] uint32 arrivals of split parts, zero between calls */
+    size_t counters_cap;
     att_gpu_work_t work;
 };
 
@@ -204,6 +206,29 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
     return AT_OK;
 }
 
+/* Room for n split arrival counters. New counters are zeroed before any later launch can run
+ * (the kernels keep them zero from then on); the old ones were zero and are freed. */
+static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
+    hip_backend_t *be = kv->be;
+    if (n <= kv->counters_cap)
+        return AT_OK;
+    const size_t cap = n + n / 2 > 1024 ? n + n / 2 : 1024;
+    at_err_t e;
+    if (kv->counters_d != 0 && (e = HIP(hipFree(dptr(kv->counters_d)))) != AT_OK)
+        return e;
+    kv->counters_d = 0;
+    kv->counters_cap = 0;
+    void *d = NULL;
+    if ((e = HIP(hipMalloc(&d, cap * 4))) != AT_OK)
+        return e;
+    kv->counters_d = (uintptr_t)d;
+    if ((e = HIP(hipMemsetD8(dptr(kv->counters_d), 0, cap * 4))) != AT_OK ||
+        (e = HIP(hipStreamSynchronize(NULL))) != AT_OK)
+        return e;
+    kv->counters_cap = cap;
+    return AT_OK;
+}
+
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
  * Runs of chunks whose host rows are adjacent become one copy. Registered memory is copied
  * directly; other runs go through the stage at stage_off (same offsets): gathered before the
@@ -261,7 +286,8 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         return e;
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, &lo);
-    if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK)
+    if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK ||
+        (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->work, &pl);
     if ((e = HIP(hipMemcpyHtoDAsync(dptr(kv->io_d), kv->stage_h, lo.meta_end, kv->stream))) !=
@@ -277,6 +303,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         goto out_drain;
     att_kparams_t p;
     att_gpu_run_params(m, b, &lo, kv->io_d, kv->pool_d, kv->layer_half_bytes, &p);
+    p.counters_d = kv->counters_d;
     kv->cur = kv->stream;
     if (b->attend) {
         /* Both kinds: the wide tiles (bound by arithmetic) run on the side stream, concurrent
@@ -332,14 +359,13 @@ out_drain:
 static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_diag_t *diag) {
     hip_backend_t *be = kv->be;
     hipModule_t mod;
-    hipFunction_t f_attend, f_merge, f_kv_write;
+    hipFunction_t f_attend, f_kv_write;
     at_err_t e;
     if ((e = HIP(hipModuleLoadData(&mod, img))) != AT_OK)
         return at_diag_set(diag, e, "hipModuleLoadData failed");
     hipDeviceptr_t info_d;
     size_t info_n;
     if ((e = HIP(hipModuleGetFunction(&f_attend, mod, "att_k_attend"))) != AT_OK ||
-        (e = HIP(hipModuleGetFunction(&f_merge, mod, "att_k_merge"))) != AT_OK ||
         (e = HIP(hipModuleGetFunction(&f_kv_write, mod, "att_k_kv_write"))) != AT_OK ||
         (e = HIP(hipModuleGetGlobal(&info_d, &info_n, mod, "att_k_info"))) != AT_OK) {
         e = at_diag_set(diag, e, "kernel module lacks an entry point");
@@ -360,7 +386,6 @@ static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_di
     }
     ms->mod = mod;
     ms->f_attend = f_attend;
-    ms->f_merge = f_merge;
     ms->f_kv_write = f_kv_write;
     return AT_OK;
 out_unload:
@@ -458,6 +483,8 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)HIP(hipFree(dptr(kv->consts_d)));
         if (kv->io_d != 0)
             (void)HIP(hipFree(dptr(kv->io_d)));
+        if (kv->counters_d != 0)
+            (void)HIP(hipFree(dptr(kv->counters_d)));
         if (kv->stage_h != NULL)
             (void)HIP(hipHostFree(kv->stage_h));
     }

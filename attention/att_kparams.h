@@ -12,7 +12,8 @@
  * KV head's group: row r of a chunk is token r / group, query head kv_head * group + r % group,
  * so the query heads that share a KV head share each K/V tile read. An item may be limited to a
  * key range (split-KV): it then writes a partial result (unnormalized output, running max in
- * log2 units, denominator) to slot `part`, and att_k_merge combines the slots of a row tile.
+ * log2 units, denominator) to slot `part`, and the last of a row tile's parts to finish combines
+ * the tile's slots into out (no second launch).
  *
  * Who fills what: the host (a plan from tun_, later) builds chunks, the flat block table, items
  * and merges, uploads them, patches the pointers here and launches. The kernels only read these
@@ -57,11 +58,12 @@ typedef struct att_kitem {
     uint32_t key_end;   /* 0xffffffff when not split */
     uint32_t part;      /* partial slot, or ATT_KPART_NONE */
     uint32_t flags;     /* ATT_KITEM_* */
-    uint32_t reserved[2];
+    uint32_t merge;     /* split items: index of the row tile's att_kmerge_t in merges_d */
+    uint32_t reserved;
 } att_kitem_t;
 
-/* One row tile that was split: parts [part_begin, part_begin + num_parts) are merged into out.
- * Run for every KV head (blockIdx.x = merge * Hkv + kv_head). */
+/* One row tile that was split: parts [part_begin, part_begin + num_parts) are merged into out,
+ * for every KV head, by the part that finishes last. */
 typedef struct att_kmerge {
     uint32_t chunk;
     uint32_t row_begin;
@@ -86,6 +88,8 @@ typedef struct att_kparams {
     uint64_t part_ml_d;     /* [num_parts, Hkv, ATT_TILE_ROWS, 2] f32 (max in log2 units, sum) */
     uint64_t alibi_d;       /* [Hq] f32 slopes; 0 unless ATT_HAS_ALIBI */
     uint64_t sinks_d;       /* [Hq] f32 sink logits; 0 unless ATT_HAS_SINKS */
+    uint64_t counters_d;    /* [num_merges, Hkv] uint32 arrivals of a split tile's parts: zero
+                               between launches (the last arrival wraps its counter back to 0) */
     float scale;            /* applied to q . k */
     float soft_cap;         /* cap of cap * tanh(s / cap); read only with ATT_SOFT_CAP */
     uint32_t window;        /* the layer's sliding window in tokens; 0 = none */
@@ -99,7 +103,7 @@ typedef struct att_kparams {
 ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 16, "att_kchunk_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_kitem_t) == 32, "att_kitem_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_kmerge_t) == 16, "att_kmerge_t layout");
-ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 144, "att_kparams_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 152, "att_kparams_t layout");
 
 /* The module exports its tile configuration as `att_k_info` (a __constant__ uint32_t array),
  * read by the host with cuModuleGetGlobal, so the host plans with exactly the numbers the
@@ -108,7 +112,6 @@ ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 144, "att_kparams_t layout");
 #define ATT_KINFO_TILE_KEYS 1   /* keys per pipeline stage; split boundaries are multiples */
 #define ATT_KINFO_THREADS 2     /* threads per block of att_k_attend */
 #define ATT_KINFO_SMEM_BYTES 3  /* dynamic shared memory of att_k_attend */
-#define ATT_KINFO_MERGE_THREADS 4
 #define ATT_KINFO_KVW_THREADS 5 /* threads per block of att_k_kv_write */
 #define ATT_KINFO_COUNT 8
 

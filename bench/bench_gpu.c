@@ -10,7 +10,8 @@
  * of the repeats; every call rolls its sequences back to the same positions, so the shape stays):
  * decode of 256 sequences at 1K and 8K context for the Llama-3.1-8B shape (Hq 32, Hkv 8, D 128,
  * block 16, bf16) and an 8-head D-64 model; prefill 8 x 2048 causal for both; a mixed batch of
- * 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens of context.
+ * 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens of context, and its two
+ * parts alone.
  * Thread: single-threaded. */
 #include <inttypes.h>
 #include <math.h>
@@ -23,12 +24,13 @@
 #include "attention/att_ctx.h"
 #include "attention/att_cuda.h"
 #include "attention/att_cudrv.h"
+#include "attention/att_kparams.h"
 #include "bench/bench.h"
 
 static const char k_ceiling_src[] =
     "extern \"C\" __global__ void empty(void) {}\n"
-    "struct p144 { unsigned long long w[18]; };\n"
-    "extern \"C\" __global__ void empty_p144(p144 p) { if (p.w[17] == 1) p.w[0] = 0; }\n"
+    "struct p152 { unsigned long long w[19]; };\n"
+    "extern \"C\" __global__ void empty_p152(p152 p) { if (p.w[18] == 1) p.w[0] = 0; }\n"
     "extern \"C\" __global__ void read_only(const uint4 *p, unsigned long long n, uint4 *sink) {\n"
     "  uint4 acc = make_uint4(0, 0, 0, 0);\n"
     "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
@@ -46,7 +48,7 @@ typedef struct gpu {
     CUcontext ctx;
     CUdevice dev;
     CUmodule mod;
-    CUfunction f_empty, f_empty_p144, f_read, f_copy;
+    CUfunction f_empty, f_empty_p152, f_read, f_copy;
     int sms;
 } gpu_t;
 
@@ -93,7 +95,7 @@ static int gpu_init(gpu_t *g, const char *arch) {
     int rc = CK(cuModuleLoadData(&g->mod, img));
     free(img);
     if (rc || CK(cuModuleGetFunction(&g->f_empty, g->mod, "empty")) ||
-        CK(cuModuleGetFunction(&g->f_empty_p144, g->mod, "empty_p144")) ||
+        CK(cuModuleGetFunction(&g->f_empty_p152, g->mod, "empty_p152")) ||
         CK(cuModuleGetFunction(&g->f_read, g->mod, "read_only")) ||
         CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")))
         return -1;
@@ -104,10 +106,10 @@ typedef struct ceilings {
     double read_gbs;
     double copy_gbs;
     double empty_launch_ns;
-    /* Median host time of one launch of an empty kernel with a 144-byte parameter block (the
-     * attention kernels' size) on a non-blocking stream: back to back, after the stream was
-     * synchronized, and where a call launches (after an upload from pinned memory as well). */
-    double p144_b2b_ns, p144_synced_ns, call_launch_ns;
+    /* Median host time of one launch of an empty kernel with a 152-byte parameter block (the
+     * attention kernels' att_kparams_t) on a non-blocking stream: back to back, after the stream
+     * was synchronized, and where a call launches (after an upload from pinned memory as well). */
+    double p152_b2b_ns, p152_synced_ns, call_launch_ns;
     double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
     double call_launch_4_ns;    /* after the four uploads of a Llama decode call instead of one */
 } ceilings_t;
@@ -117,7 +119,7 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The median host time of a launch of the 144-byte empty kernel (ceilings_t), preceded by
+/* The median host time of a launch of the 152-byte empty kernel (ceilings_t), preceded by
  * `uploads` copies from pinned memory (1: a call's 16 KiB of metadata; 4: also the q, k and v of
  * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), the stream synchronized after each when
  * `sync`. */
@@ -129,7 +131,8 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
     CUdeviceptr d = 0;
     void *h = NULL;
     double *t = calloc(N, sizeof *t);
-    unsigned long long p[18] = {0};
+    unsigned long long p[19] = {0};
+    _Static_assert(sizeof p == sizeof(att_kparams_t), "the attention kernels' parameter block");
     void *args[] = {p};
     int rc = t == NULL || CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) ||
              CK(cuMemAlloc(&d, total)) || CK(cuMemHostAlloc(&h, total, 0));
@@ -138,7 +141,7 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
         for (uint32_t u = 0; u < uploads && rc == 0; off += sizes[u], u++)
             rc = CK(cuMemcpyHtoDAsync(d + off, (uint8_t *)h + off, sizes[u], st));
         const uint64_t t0 = now_ns();
-        rc = rc || CK(cuLaunchKernel(g->f_empty_p144, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
+        rc = rc || CK(cuLaunchKernel(g->f_empty_p152, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
         const uint64_t t1 = now_ns();
         rc = rc || (sync && CK(cuStreamSynchronize(st)));
         if (i >= 0)
@@ -202,11 +205,11 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
     const int smem = 80 << 10;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, &c->p144_b2b_ns) ||
-        measure_launch(g, 0, true, 0, &c->p144_synced_ns) ||
+    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, &c->p152_b2b_ns) ||
+        measure_launch(g, 0, true, 0, &c->p152_synced_ns) ||
         measure_launch(g, 1, true, 0, &c->call_launch_ns) ||
         measure_launch(g, 4, true, 0, &c->call_launch_4_ns) ||
-        CK(cuFuncSetAttribute(g->f_empty_p144, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        CK(cuFuncSetAttribute(g->f_empty_p152, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               smem)) ||
         measure_launch(g, 1, true, (uint32_t)smem, &c->call_launch_smem_ns))
         return -1;
@@ -437,7 +440,10 @@ static int bench_prefill(att_backend_t *be, const shape_t *s, result_t *r) {
     return rc;
 }
 
-static int bench_mixed(att_backend_t *be, const shape_t *s, result_t *r) {
+/* The mixed batch (part 0), or one of its parts alone: its 63 decode sequences (1) or its chunk
+ * (2), to see how much of the parts' serial time the whole batch's overlap saves. */
+static int bench_mixed(att_backend_t *be, const shape_t *s, int part, result_t *r) {
+    static const char *const names[] = {"", " (decode part)", " (chunk part)"};
     att_ctx_t *ctx = NULL;
     if (session(be, s, 64 * (2048 + 16) + 2048, &ctx) != 0)
         return -1;
@@ -448,12 +454,16 @@ static int bench_mixed(att_backend_t *be, const shape_t *s, result_t *r) {
     for (uint32_t i = 0; i < 63; i++)
         ch[i] = (att_chunk_t){i, 2048, 1};
     ch[63] = (att_chunk_t){63, 1536, 512};
-    snprintf(r->name, sizeof r->name, "mixed %s 63 x 2K + 512 over 1536", s->name);
-    r->kv_gb = (63.0 * 2049 + 2048) * kv_row_bytes(s) / 1e9;
-    r->tflop = (63.0 * s->hq * 2049 * s->d * 4 +
-                512.0 * s->hq * (1536 + 256.5) * s->d * 4) / 1e12;
+    snprintf(r->name, sizeof r->name, "mixed %s 63 x 2K + 512 over 1536%s", s->name, names[part]);
+    const double dec_gb = 63.0 * 2049 * kv_row_bytes(s) / 1e9;
+    const double dec_tf = 63.0 * s->hq * 2049 * s->d * 4 / 1e12;
+    const double chunk_gb = 2048.0 * kv_row_bytes(s) / 1e9;
+    const double chunk_tf = 512.0 * s->hq * (1536 + 256.5) * s->d * 4 / 1e12;
+    r->kv_gb = (part != 2 ? dec_gb : 0) + (part != 1 ? chunk_gb : 0);
+    r->tflop = (part != 2 ? dec_tf : 0) + (part != 1 ? chunk_tf : 0);
     if (rc == 0)
-        rc = time_call(ctx, att_ctx_model(ctx), ch, 64, 20, r);
+        rc = time_call(ctx, att_ctx_model(ctx), part == 2 ? &ch[63] : ch,
+                       part == 0 ? 64 : part == 1 ? 63 : 1, 20, r);
     att_ctx_destroy(&ctx);
     return rc;
 }
@@ -547,7 +557,8 @@ int bench_gpu_main(int argc, char **argv) {
                     "  buffers (default: in one registered region, as the server's arena)\n"
                     "  X: the bf16 matrix rate measured on this GPU "
                     "(tools/gpu_torch_bench.py prints it)\n"
-                    "  LIST: some of decode,prefill,mixed (default all)\n"
+                    "  LIST: some of decode,prefill,mixed,mixparts (the mixed batch's two parts\n"
+                    "  alone; default all)\n"
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
                     "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
                     "  KEY: min_split_keys, max_splits, blocks_per_sm, mixed_split_keys (a\n"
@@ -573,12 +584,12 @@ int bench_gpu_main(int argc, char **argv) {
     printf("ceilings: read-only %.0f GB/s, device copy %.0f GB/s (read + write), "
            "bare cuLaunchKernel %.2f us of host time (mean, back to back), bf16 matmul %.0f "
            "TFLOP/s (torch)\n"
-           "bare launch with 144 bytes of parameters, median: %.2f us back to back, %.2f us on a "
+           "bare launch with 152 bytes of parameters, median: %.2f us back to back, %.2f us on a "
            "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
            "there with 80 KiB of dynamic shared memory, %.2f us after a decode call's four "
            "uploads\n",
-           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p144_b2b_ns / 1e3,
-           c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
+           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p152_b2b_ns / 1e3,
+           c.p152_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
            c.call_launch_4_ns / 1e3);
     pattern_init();
     if (!plain_host) {
@@ -595,7 +606,7 @@ int bench_gpu_main(int argc, char **argv) {
     printf("tensors: %s\n", plain_host ? "plain memory, staged through pinned buffers"
                                        : "one registered host region (as the server's arena)");
     static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
-    result_t res[8];
+    result_t res[12];
     memset(res, 0, sizeof res);
     int n = 0, rc = 0;
     for (int s = 0; s < 2 && rc == 0; s++) {
@@ -607,17 +618,19 @@ int bench_gpu_main(int argc, char **argv) {
             rc |= bench_prefill(be, &shapes[s], &res[n++]);
     }
     if (rc == 0 && has_case(cases, "mixed"))
-        rc |= bench_mixed(be, &shapes[0], &res[n++]);
+        rc |= bench_mixed(be, &shapes[0], 0, &res[n++]);
+    for (int part = 1; part <= 2 && rc == 0 && has_case(cases, "mixparts"); part++)
+        rc |= bench_mixed(be, &shapes[0], part, &res[n++]);
     printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
            "KV GB/s", "of read", "TFLOP/s", "host us", "mean us", "enq us", "launch");
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
-                    "\"empty_launch_us\": %.3f, \"p144_b2b_us\": %.3f, "
-                    "\"p144_synced_us\": %.3f, \"call_launch_us\": %.3f, "
+                    "\"empty_launch_us\": %.3f, \"p152_b2b_us\": %.3f, "
+                    "\"p152_synced_us\": %.3f, \"call_launch_us\": %.3f, "
                     "\"matmul_tflops\": %.1f, \"cases\": [",
                 att_cuda_describe(be), c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3,
-                c.p144_b2b_ns / 1e3, c.p144_synced_ns / 1e3, c.call_launch_ns / 1e3,
+                c.p152_b2b_ns / 1e3, c.p152_synced_ns / 1e3, c.call_launch_ns / 1e3,
                 matmul_tflops);
     for (int i = 0; i < n; i++) {
         const result_t *r = &res[i];
@@ -627,7 +640,8 @@ int bench_gpu_main(int argc, char **argv) {
         printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
                r->name, r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
                r->host_mean_us, r->enqueue_us, r->launches);
-        if (strncmp(r->name, "mixed", 5) == 0 && r->device_ms > 0) {
+        if (strncmp(r->name, "mixed", 5) == 0 && strstr(r->name, "part)") == NULL &&
+            r->device_ms > 0) {
             const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
                                          matmul_tflops > 0 ? r->tflop / matmul_tflops * 1e3 : 0);
             printf("  mixed: floor %.3f ms (KV at read-only bandwidth%s), %.2fx the floor\n",

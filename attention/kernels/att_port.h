@@ -73,6 +73,25 @@ __device__ __forceinline__ float att_rcp(float x) {
 #endif
 }
 
+/* A load of data that other blocks of this launch stored before a __threadfence(): from L2
+ * (CUDA's L1 is not coherent between SMs). On AMD the device-scope fence that precedes it
+ * invalidates the vector L1, so a plain load reads fresh data. */
+__device__ __forceinline__ float4 att_ld_l2(const float4 *p) {
+#if ATT_HIP
+    return *p;
+#else
+    return __ldcg(p);
+#endif
+}
+
+__device__ __forceinline__ float2 att_ld_l2(const float2 *p) {
+#if ATT_HIP
+    return *p;
+#else
+    return __ldcg(p);
+#endif
+}
+
 /* 16-bit floats as their bits (unsigned short) <-> f32. To f16/bf16: round to nearest even, two
  * values packed lo | hi << 16. */
 __device__ __forceinline__ float att_bf16_to_f32(unsigned short h) {

@@ -9,10 +9,10 @@
  *   att_k_attend    grid num_items * Hkv, block ATT_KINFO_THREADS, dynamic smem
  *                   ATT_KINFO_SMEM_BYTES. One work item (a tile of query rows of one chunk, maybe
  *                   limited to a key range) against one KV head. Writes out, or a partial result
- *                   when the item is a split. Items flagged ATT_KITEM_WRITE_KV also copy their
- *                   tokens' new k/v rows into the cache (fused: no extra launch in a step).
- *   att_k_merge     grid num_merges * Hkv, block ATT_KINFO_MERGE_THREADS. Combines the partial
- *                   results of split items (flash-decoding) into out, adding sinks.
+ *                   when the item is a split; the last split of a row tile to finish merges the
+ *                   tile's partials into out (flash-decoding's second pass, without a second
+ *                   launch). Items flagged ATT_KITEM_WRITE_KV also copy their tokens' new k/v
+ *                   rows into the cache (fused: no extra launch in a step).
  *   att_k_kv_write  grid num_chunks * Hkv, block ATT_KINFO_KVW_THREADS. Only writes k/v into the
  *                   cache: for append-only batches, which have no queries.
  *
@@ -113,7 +113,6 @@ constexpr uint32_t kTileK = ATT_TILE_K;  /* keys per pipeline stage */
 constexpr uint32_t kES = sizeof(elem_t);
 constexpr uint32_t kVec = 16 / kES;   /* elements per 16-byte access */
 constexpr uint32_t kCPR = kD / kVec;  /* 16-byte chunks per head row */
-constexpr uint32_t kMergeThreads = 128;
 constexpr uint32_t kKvwThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 /* -inf (NVRTC has no constexpr way to spell it) */
@@ -165,7 +164,7 @@ constexpr uint32_t kSmemBytes = 0;
 
 /* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
 extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
-    kRows, kTileK, kThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
+    kRows, kTileK, kThreads, kSmemBytes, 0, kKvwThreads, 0, 0};
 
 /* ---- small device helpers (what differs between CUDA and HIP is in att_port.h) ---- */
 
@@ -310,6 +309,78 @@ __device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_
         return;
     const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
     copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
+}
+
+/* ---- split-KV merge (flash-decoding's second pass) ---- */
+
+/* Combines the partial results of the launch's merge record mi for KV head h into out, adding
+ * sinks: threads tid, tid + nthreads, ... take the tile's (row, 16-byte column) pairs. */
+__device__ void merge_parts(const att_kparams_t &p, uint32_t mi, uint32_t h, uint32_t tid,
+                            uint32_t nthreads) {
+    const att_kmerge_t mg = ((const att_kmerge_t *)p.merges_d)[mi];
+    const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[mg.chunk];
+    const uint32_t row_end = umin(mg.row_begin + kRows, ch.num_tokens * kG);
+    const float *po = (const float *)p.part_o_d, *pml = (const float *)p.part_ml_d;
+    for (uint32_t c = tid; c < kRows * kCPR; c += nthreads) {
+        const uint32_t r = c / kCPR, cc = c % kCPR, R = mg.row_begin + r;
+        if (R >= row_end)
+            continue;
+        float M = kNegInf;
+        for (uint32_t i = 0; i < mg.num_parts; i++) {
+            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
+            M = fmaxf(M, att_ld_l2((const float2 *)(pml + prow * 2)).x);
+        }
+        float L = 0.0f, v[kVec];
+#pragma unroll
+        for (uint32_t e = 0; e < kVec; e++)
+            v[e] = 0.0f;
+        for (uint32_t i = 0; i < mg.num_parts; i++) {
+            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
+            const float2 ml = att_ld_l2((const float2 *)(pml + prow * 2));
+            if (ml.x == kNegInf)
+                continue; /* a split with no key for this row (window) */
+            const float f = att_ex2(ml.x - M);
+            L += f * ml.y;
+            const float4 *src = (const float4 *)(po + prow * kD + cc * kVec);
+#pragma unroll
+            for (uint32_t e = 0; e < kVec; e += 4) {
+                const float4 x = att_ld_l2(src + e / 4);
+                v[e] += f * x.x;
+                v[e + 1] += f * x.y;
+                v[e + 2] += f * x.z;
+                v[e + 3] += f * x.w;
+            }
+        }
+        const uint32_t qh = h * kG + R % kG;
+        const float sc = out_scale(p, qh, M, L);
+#pragma unroll
+        for (uint32_t e = 0; e < kVec; e++)
+            v[e] *= sc;
+        store_vec((elem_t *)p.out_d + ((uint64_t)(ch.token_offset + R / kG) * kHq + qh) * kD +
+                      cc * kVec,
+                  v);
+    }
+}
+
+/* The end of a split item, once each thread has stored its share of the partial rows: the last
+ * of the row tile's parts to arrive merges them all. The arrival counter of (merge record, KV
+ * head) is zero between launches: atomicInc wraps the last arrival's count back to 0. The fence
+ * before the count publishes this block's partials; the one after orders the merger's reads
+ * after every other part's. */
+__device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_t &t) {
+    __shared__ uint32_t s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const uint32_t n = ((const att_kmerge_t *)p.merges_d)[t.it.merge].num_parts;
+        uint32_t *count = (uint32_t *)p.counters_d + (uint64_t)t.it.merge * kHkv + t.h;
+        s_last = atomicInc(count, n - 1) == n - 1;
+    }
+    __syncthreads();
+    if (s_last) {
+        __threadfence();
+        merge_parts(p, t.it.merge, t.h, threadIdx.x, blockDim.x);
+    }
 }
 
 #if ATT_TC
@@ -751,6 +822,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
             store_vec(dst, v);
         }
     }
+    if (t.it.part != ATT_KPART_NONE)
+        finish_split(p, t);
 }
 
 #else /* !ATT_TC */
@@ -878,57 +951,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                     dst[lane + kWave * i] = to_elem(o[i] * sc);
         }
     }
+    if (t.it.part != ATT_KPART_NONE)
+        finish_split(p, t);
 }
 #endif
 
-/* ---- split-KV merge (flash-decoding's second pass) and append-only KV write ---- */
-
-extern "C" __global__ void __launch_bounds__(kMergeThreads) att_k_merge(const att_kparams_t p) {
-    const uint32_t h = blockIdx.x % kHkv;
-    const att_kmerge_t mg = ((const att_kmerge_t *)p.merges_d)[blockIdx.x / kHkv];
-    const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[mg.chunk];
-    const uint32_t row_end = umin(mg.row_begin + kRows, ch.num_tokens * kG);
-    const float *po = (const float *)p.part_o_d, *pml = (const float *)p.part_ml_d;
-    for (uint32_t c = threadIdx.x; c < kRows * kCPR; c += kMergeThreads) {
-        const uint32_t r = c / kCPR, cc = c % kCPR, R = mg.row_begin + r;
-        if (R >= row_end)
-            continue;
-        float M = kNegInf;
-        for (uint32_t i = 0; i < mg.num_parts; i++) {
-            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
-            M = fmaxf(M, pml[prow * 2]);
-        }
-        float L = 0.0f, v[kVec];
-#pragma unroll
-        for (uint32_t e = 0; e < kVec; e++)
-            v[e] = 0.0f;
-        for (uint32_t i = 0; i < mg.num_parts; i++) {
-            const uint64_t prow = ((uint64_t)(mg.part_begin + i) * kHkv + h) * kRows + r;
-            const float mw = pml[prow * 2];
-            if (mw == kNegInf)
-                continue; /* a split with no key for this row (window) */
-            const float f = att_ex2(mw - M);
-            L += f * pml[prow * 2 + 1];
-            const float *src = po + prow * kD + cc * kVec;
-#pragma unroll
-            for (uint32_t e = 0; e < kVec; e += 4) {
-                const float4 x = *(const float4 *)(src + e);
-                v[e] += f * x.x;
-                v[e + 1] += f * x.y;
-                v[e + 2] += f * x.z;
-                v[e + 3] += f * x.w;
-            }
-        }
-        const uint32_t qh = h * kG + R % kG;
-        const float sc = out_scale(p, qh, M, L);
-#pragma unroll
-        for (uint32_t e = 0; e < kVec; e++)
-            v[e] *= sc;
-        store_vec((elem_t *)p.out_d + ((uint64_t)(ch.token_offset + R / kG) * kHq + qh) * kD +
-                      cc * kVec,
-                  v);
-    }
-}
+/* ---- append-only KV write ---- */
 
 extern "C" __global__ void __launch_bounds__(kKvwThreads) att_k_kv_write(const att_kparams_t p) {
     const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[blockIdx.x / kHkv];
