@@ -261,13 +261,14 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
 
     att_gpu_counts_t pl;
     memset(&pl, 0, sizeof pl);
-    uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS];
+    uint32_t tile_rows[ATT_TILE_KINDS], tile_keys[ATT_TILE_KINDS], occ[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         tile_rows[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_ROWS];
         tile_keys[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_KEYS];
+        occ[k] = att_gpu_mods_cur(&kv->mods, k)->occupancy;
     }
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
-                                             be->num_sms, b, &pl)) != AT_OK)
+                                             be->num_sms, occ, b, &pl)) != AT_OK)
         return e;
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, &lo);
@@ -372,6 +373,11 @@ static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_di
         (e = CU(cuFuncSetAttribute(f_attend, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                    (int)smem))) != AT_OK)
         goto out_unload;
+    int occ = 0;
+    if ((e = CU(cuOccupancyMaxActiveBlocksPerMultiprocessor(
+             &occ, f_attend, (int)ms->info[ATT_KINFO_THREADS], smem))) != AT_OK)
+        goto out_unload;
+    ms->occupancy = occ > 0 ? (uint32_t)occ : 1;
     ms->mod = mod;
     ms->f_attend = f_attend;
     ms->f_kv_write = f_kv_write;

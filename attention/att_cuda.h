@@ -30,7 +30,9 @@ typedef struct att_cuda_plan {
     att_tile_t tile[ATT_TILE_KINDS];
     uint32_t min_split_keys; /* a tile's keys are split only into parts of at least this many */
     uint32_t max_splits;     /* parts per tile, at most */
-    uint32_t blocks_per_sm;  /* split while a call has fewer blocks than this per SM */
+    /* Blocks per SM that count as one wave when splits are chosen; ATT_CUDA_OCCUPANCY: as many
+     * as the attend kernel's occupancy lets one SM run at once. */
+    uint32_t blocks_per_sm;
     /* A batch with both kinds (decode tokens next to a prefill chunk): its wide tiles are split
      * into parts of about this many keys, so the chunk's work comes in blocks about as short
      * as the decode ones; ATT_CUDA_NEVER: not split for that reason. */
@@ -39,6 +41,7 @@ typedef struct att_cuda_plan {
 } att_cuda_plan_t;
 
 #define ATT_CUDA_NEVER 0xffffffffu
+#define ATT_CUDA_OCCUPANCY 0xfffffffeu
 #define ATT_CUDA_NARROW_FIRST 1u
 #define ATT_CUDA_WIDE_FIRST 2u
 

@@ -50,6 +50,7 @@
     X(cuModuleGetFunction)                                                                       \
     X(cuModuleGetGlobal)                                                                         \
     X(cuFuncSetAttribute)                                                                        \
+    X(cuOccupancyMaxActiveBlocksPerMultiprocessor)                                               \
     X(cuLaunchKernel)                                                                            \
     X(cuEventCreate)                                                                             \
     X(cuEventRecord)                                                                             \

@@ -3,6 +3,7 @@
 #include "attention/att_gpu_plan.h"
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,7 +44,7 @@ void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t 
                         uint32_t mixed_split_keys, uint32_t mixed_order) {
     out->min_split_keys = min_split_keys != 0 ? min_split_keys : ATT_CUDA_NEVER;
     out->max_splits = TUN_CUDA_MAX_SPLITS;
-    out->blocks_per_sm = blocks_per_sm;
+    out->blocks_per_sm = blocks_per_sm != 0 ? blocks_per_sm : ATT_CUDA_OCCUPANCY;
     out->mixed_split_keys = mixed_split_keys != 0 ? mixed_split_keys : ATT_CUDA_NEVER;
     out->mixed_order = mixed_order;
 }
@@ -68,6 +69,34 @@ static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, ui
 }
 
 /* Items by key count, most first (`reserved` holds the count while the items are sorted). */
+/* A block's fixed cost (start, copy pipeline fill, partial rows stored and merged) in keys of
+ * streaming: what a part must be worth to pay for itself. */
+#define PART_COST_KEYS 128u
+/* Splitting is considered below this many waves of unsplit blocks. With more, blocks finish at
+ * scattered times and the last wave's gap mostly closes by itself (H200, 2026-11-30: 256 x 1K
+ * decode, 5.2 waves, lost 5% when split in two). */
+#define SPLIT_WAVES 2u
+
+/* Parts per tile for a kind of `blocks` unsplit blocks of up to `keys` keys each, when `slots`
+ * blocks run at once, at most `most`: the count whose waves finish first. p parts make
+ * W = blocks * p / slots waves, which take ceil(W) times as long as one block of keys / p keys
+ * plus its fixed cost. */
+static uint32_t wave_parts(uint64_t blocks, uint64_t keys, uint64_t slots, uint32_t most) {
+    if (blocks == 0 || most < 2 || blocks >= SPLIT_WAVES * slots)
+        return 1;
+    uint32_t best = 1;
+    uint64_t best_t = UINT64_MAX;
+    for (uint32_t p = 1; p <= most; p++) {
+        const uint64_t waves = (blocks * p + slots - 1) / slots;
+        const uint64_t t = waves * ((keys + p - 1) / p + PART_COST_KEYS);
+        if (t < best_t) {
+            best_t = t;
+            best = p;
+        }
+    }
+    return best;
+}
+
 static int cmp_item_keys_desc(const void *a, const void *b) {
     const att_kitem_t *x = a, *y = b;
     return (x->reserved < y->reserved) - (x->reserved > y->reserved);
@@ -77,7 +106,8 @@ static int cmp_item_keys_desc(const void *a, const void *b) {
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
                             const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
-                            const att_batch_t *b, att_gpu_counts_t *pl) {
+                            const uint32_t occupancy[ATT_TILE_KINDS], const att_batch_t *b,
+                            att_gpu_counts_t *pl) {
     const uint32_t g = m->group, window = m->window[b->layer];
     memset(pl, 0, sizeof *pl);
     size_t nt = 0;
@@ -90,7 +120,6 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     if (e != AT_OK)
         return e;
     nt = 0;
-    uint64_t longest = 0;
     uint32_t kinds_seen = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
@@ -105,22 +134,27 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             t->kb = window_lo(ch->start_pos + rb / g, window);
             t->ke = ch->start_pos + (re - 1) / g + 1;
             kinds_seen |= 1u << kind;
-            longest = t->ke - t->kb > longest ? t->ke - t->kb : longest;
         }
     }
-    /* Split when the tiles cannot fill the GPU and some are long (flash-decoding). */
-    const uint64_t blocks = (uint64_t)nt * m->num_kv_heads;
-    const uint32_t min_keys = plan->min_split_keys;
-    const uint64_t target = (uint64_t)num_sms * plan->blocks_per_sm;
-    uint32_t want = 1;
-    if (blocks < target && longest >= 2 * (uint64_t)min_keys) {
-        uint64_t ww = (target + blocks - 1) / blocks;
-        want = ww > plan->max_splits ? plan->max_splits : (uint32_t)ww;
+    /* Split (flash-decoding) when a kind's blocks would take few waves of the GPU. */
+    uint64_t blocks[ATT_TILE_KINDS] = {0, 0}, longest[ATT_TILE_KINDS] = {0, 0};
+    for (size_t i = 0; i < nt; i++) {
+        const att_gpu_tile_t *t = &w->tiles[i];
+        blocks[t->kind] += m->num_kv_heads;
+        longest[t->kind] = t->ke - t->kb > longest[t->kind] ? t->ke - t->kb : longest[t->kind];
+    }
+    uint32_t want[ATT_TILE_KINDS];
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        const uint64_t per_sm =
+            plan->blocks_per_sm == ATT_CUDA_OCCUPANCY ? occupancy[k] : plan->blocks_per_sm;
+        const uint64_t most = longest[k] / plan->min_split_keys;
+        want[k] = wave_parts(blocks[k], longest[k], (uint64_t)num_sms * (per_sm ? per_sm : 1),
+                             most < plan->max_splits ? (uint32_t)most : plan->max_splits);
     }
     const bool mixed = kinds_seen == (1u << ATT_TILE_WIDE | 1u << ATT_TILE_NARROW);
     size_t ni = 0, nm = 0;
     for (size_t i = 0; i < nt; i++) {
-        const uint32_t parts = tile_parts(plan, &w->tiles[i], want, mixed);
+        const uint32_t parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
         ni += parts >= 2 ? parts : 1;
         nm += parts >= 2;
     }
@@ -134,7 +168,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             const att_gpu_tile_t *t = &w->tiles[i];
             if (t->kind != kind)
                 continue;
-            const uint32_t keys = t->ke - t->kb, parts = tile_parts(plan, t, want, mixed);
+            const uint32_t keys = t->ke - t->kb, parts = tile_parts(plan, t, want[kind], mixed);
             if (parts < 2) {
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
                                                .row_begin = t->row_begin,

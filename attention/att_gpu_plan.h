@@ -44,18 +44,22 @@ typedef struct att_gpu_counts {
 void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over);
 
 /* Sets out's split-KV and mixed-batch thresholds from a config's knobs (the same four in both GPU
- * spaces; a key count of 0 is ATT_CUDA_NEVER) with at most TUN_CUDA_MAX_SPLITS parts per tile. */
+ * spaces; a key count of 0 is ATT_CUDA_NEVER, blocks_per_sm 0 ATT_CUDA_OCCUPANCY) with at most
+ * TUN_CUDA_MAX_SPLITS parts per tile. */
 void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
                         uint32_t mixed_split_keys, uint32_t mixed_order);
 
 /* Cuts batch b of model m into work items (w->items) and merges (w->merges) with plan: rows and
- * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info); long tiles
- * are split while the batch has fewer blocks than plan->blocks_per_sm * num_sms. AT_ERR_NOMEM
- * when an array cannot grow (w keeps what it had). */
+ * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info), occupancy
+ * the blocks of its attend kernel one of the num_sms SMs runs at once. A kind's long tiles are
+ * split when its blocks would take few waves (plan->blocks_per_sm per SM, or the occupancy),
+ * into the part count whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps
+ * what it had). */
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
                             const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
-                            const att_batch_t *b, att_gpu_counts_t *pl);
+                            const uint32_t occupancy[ATT_TILE_KINDS], const att_batch_t *b,
+                            att_gpu_counts_t *pl);
 
 void att_gpu_work_fini(att_gpu_work_t *w);
 

@@ -86,6 +86,7 @@ typedef struct att_gpu_mod {
     att_tile_t tile;
     void *f_attend, *f_kv_write; /* mod's kernels: invalid once mod is unloaded */
     uint32_t info[ATT_KINFO_COUNT]; /* the module's att_k_info */
+    uint32_t occupancy; /* blocks of f_attend one SM runs at once (the runtime's figure) */
     uint64_t used; /* the session's switch count when last chosen: least recent goes */
 } att_gpu_mod_t;
 

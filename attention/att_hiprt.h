@@ -51,6 +51,7 @@
     X(hipModuleGetFunction)                                                                        \
     X(hipModuleGetGlobal)                                                                          \
     X(hipModuleLaunchKernel)                                                                       \
+    X(hipModuleOccupancyMaxActiveBlocksPerMultiprocessor)                                          \
     X(hipEventCreateWithFlags)                                                                     \
     X(hipEventRecord)                                                                              \
     X(hipEventElapsedTime)                                                                         \

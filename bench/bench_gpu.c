@@ -505,8 +505,9 @@ static int parse_plan(const char *s, att_cuda_plan_t *pl) {
     }
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         if ((size_t)(eq - s) == strlen(keys[i].name) && strncmp(s, keys[i].name, eq - s) == 0) {
-            uint32_t v = strcmp(eq + 1, "never") == 0 ? ATT_CUDA_NEVER
-                                                      : (uint32_t)strtoul(eq + 1, NULL, 10);
+            uint32_t v = strcmp(eq + 1, "never") == 0       ? ATT_CUDA_NEVER
+                         : strcmp(eq + 1, "occupancy") == 0 ? ATT_CUDA_OCCUPANCY
+                                                            : (uint32_t)strtoul(eq + 1, NULL, 10);
             if (v == 0)
                 return -1;
             memcpy((uint8_t *)pl + keys[i].off, &v, sizeof v);
@@ -561,8 +562,8 @@ int bench_gpu_main(int argc, char **argv) {
                     "  alone; default all)\n"
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
                     "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
-                    "  KEY: min_split_keys, max_splits, blocks_per_sm, mixed_split_keys (a\n"
-                    "  number or never), mixed_order (narrow or wide)\n");
+                    "  KEY: min_split_keys, max_splits, blocks_per_sm (a number or occupancy),\n"
+                    "  mixed_split_keys (a number or never), mixed_order (narrow or wide)\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }

@@ -129,7 +129,7 @@ enum {
     TUN_CUDA_NARROW_TILE_K = 5,
     TUN_CUDA_NARROW_STAGES = 6,
     TUN_CUDA_SPLIT_MIN_KEYS = 7,   /* 0 = never split */
-    TUN_CUDA_BLOCKS_PER_SM = 8,
+    TUN_CUDA_BLOCKS_PER_SM = 8,    /* a wave's blocks per SM; 0 = the kernel's occupancy */
     TUN_CUDA_MIXED_SPLIT_KEYS = 9, /* 0 = never split a mixed batch's wide tiles for balance */
     TUN_CUDA_MIXED_ORDER = 10,     /* 1 narrow tiles first, 2 wide tiles first */
     TUN_CUDA_PARAMS = 11,
@@ -161,7 +161,7 @@ enum {
     TUN_HIP_WIDE_WAVES = 1,
     TUN_HIP_NARROW_WAVES = 2,
     TUN_HIP_SPLIT_MIN_KEYS = 3,   /* 0 = never split */
-    TUN_HIP_BLOCKS_PER_SM = 4,
+    TUN_HIP_BLOCKS_PER_SM = 4,    /* a wave's blocks per CU; 0 = the kernel's occupancy */
     TUN_HIP_MIXED_SPLIT_KEYS = 5, /* 0 = never split a mixed batch's wide tiles for balance */
     TUN_HIP_MIXED_ORDER = 6,      /* 1 narrow tiles first, 2 wide tiles first */
     TUN_HIP_PARAMS = 7,

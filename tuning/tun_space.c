@@ -51,14 +51,16 @@ const tun_space_t tun_space_cpu = {
 /* ---- the GPU backends' split and mixed-batch knobs (same meaning in CUDA and HIP) ---- */
 
 /* The defaults of both GPU spaces. Below 256 keys a part costs more to merge than its
- * parallelism gains; 2 blocks per SM keep every SM busy with a short tail. Mixed batches (H200,
- * 2026-11-30, 63 decode + a 512-token chunk): wide tiles first (order 2) on the side stream,
- * split into ~512-key parts, measured 0.251 ms against 0.258 narrow first and 0.263 unsplit (a
- * spread of about 0.005 between identical runs). */
+ * parallelism gains. Waves are counted in blocks the kernel's occupancy runs at once (0): the
+ * plan splits a batch of few waves into the part count whose waves finish first (H200,
+ * 2026-11-30: the mixed batch's decode part alone, 504 blocks on 396 slots, took 0.179 ms
+ * unsplit and 0.152 ms in 3 parts). Mixed batches (63 decode + a 512-token chunk): wide tiles
+ * first (order 2) on the side stream, split into ~512-key parts, measured 0.251 ms against 0.258
+ * narrow first and 0.263 unsplit (a spread of about 0.005 between identical runs). */
 static void gpu_split_defaults(uint32_t *min_keys, uint32_t *blocks_per_sm,
                                uint32_t *mixed_split_keys, uint32_t *mixed_order) {
     *min_keys = 256;
-    *blocks_per_sm = 2;
+    *blocks_per_sm = 0;
     *mixed_split_keys = 512;
     *mixed_order = 2;
 }
@@ -160,7 +162,7 @@ static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_devic
                           v[TUN_CUDA_NARROW_STAGES]))
         return false;
     /* with splitting off, the blocks-per-SM target is never read */
-    return v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 || v[TUN_CUDA_BLOCKS_PER_SM] == 2;
+    return v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 || v[TUN_CUDA_BLOCKS_PER_SM] == 0;
 }
 
 #define CUDA_WIDE_MASK 0x00fu   /* wide_* */
@@ -211,10 +213,10 @@ const tun_space_t tun_space_cuda_unified = {
                {32, 64, 128},
                {2, 3, 4},
                {0, 128, 256, 512, 1024},
-               {1, 2, 4},
+               {0, 1, 2, 4},
                {0, 256, 512, 1024},
                {1, 2}},
-    .n_values = {3, 2, 3, 3, 4, 3, 3, 5, 3, 4, 2},
+    .n_values = {3, 2, 3, 3, 4, 3, 3, 5, 4, 4, 2},
     .valid = cuda_valid,
     .heuristic = cuda_heuristic,
     .stages = cuda_stages,
@@ -268,7 +270,7 @@ static bool hip_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_device
     if (!tun_hip_tile(v[TUN_HIP_WIDE_ROWS], v[TUN_HIP_WIDE_WAVES], &wm, &mt, &wn))
         return false;
     /* with splitting off, the blocks-per-SM target is never read */
-    return v[TUN_HIP_SPLIT_MIN_KEYS] != 0 || v[TUN_HIP_BLOCKS_PER_SM] == 2;
+    return v[TUN_HIP_SPLIT_MIN_KEYS] != 0 || v[TUN_HIP_BLOCKS_PER_SM] == 0;
 }
 
 #define HIP_WIDE_MASK 0x03u   /* wide_* */
@@ -291,10 +293,10 @@ const tun_space_t tun_space_hip_unified = {
                {1, 2, 4, 8, 16},
                {1, 2, 4, 8, 16},
                {0, 128, 256, 512, 1024},
-               {1, 2, 4},
+               {0, 1, 2, 4},
                {0, 256, 512, 1024},
                {1, 2}},
-    .n_values = {4, 5, 5, 5, 3, 4, 2},
+    .n_values = {4, 5, 5, 5, 4, 4, 2},
     .valid = hip_valid,
     .heuristic = hip_heuristic,
     .stages = hip_stages,

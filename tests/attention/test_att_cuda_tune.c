@@ -161,10 +161,10 @@ static void conversation(att_rig_t *rig, uint64_t base) {
 static const knobs_t k_configs[] = {
     /* decode: narrow tiles of 2, 1 and 8 waves, splitting more, never, and less */
     {64, 8, 2, 128, 4, 512, 2},
-    {64, 8, 1, 0, 2, 512, 2},
+    {64, 8, 1, 0, 0, 512, 2},
     {64, 8, 8, 512, 1, 512, 2},
-    /* prefill: wide tiles of 32 rows on 4 waves and 128 rows on 16 */
-    {32, 4, 4, 256, 2, 512, 2},
+    /* prefill: wide tiles of 32 rows on 4 waves and 128 rows on 16 (waves by occupancy) */
+    {32, 4, 4, 256, 0, 512, 2},
     {128, 16, 4, 256, 2, 512, 2},
     /* mixed: narrow tiles first, wide tiles split in 256-key parts; and never split */
     {64, 8, 2, 256, 2, 256, 1},
@@ -174,10 +174,10 @@ static const knobs_t k_configs[] = {
 static const knobs_t k_configs[] = {
     /* decode: narrow tiles of 2, 1 and 8 warps, splitting more, never, and less */
     {4, 2, 32, 3, 2, 32, 3, 128, 4, 512, 2},
-    {4, 2, 32, 3, 1, 128, 2, 0, 2, 512, 2},
+    {4, 2, 32, 3, 1, 128, 2, 0, 0, 512, 2},
     {4, 2, 32, 3, 8, 128, 2, 512, 1, 512, 2},
-    /* prefill: wide tiles of 32 and 128 rows */
-    {2, 1, 64, 2, 4, 64, 2, 256, 2, 512, 2},
+    /* prefill: wide tiles of 32 and 128 rows (waves by occupancy) */
+    {2, 1, 64, 2, 4, 64, 2, 256, 0, 512, 2},
     {8, 1, 32, 4, 4, 64, 2, 256, 2, 512, 2},
     /* mixed: narrow tiles first, wide tiles split in 256-key parts; and never split */
     {4, 2, 32, 2, 2, 64, 4, 256, 2, 256, 1},
@@ -264,7 +264,7 @@ static void test_att_cuda_tune_switching_configs_between_calls(void **state) {
     att_backend_t *be = backend_or_skip();
     att_rig_t rig;
     att_ctx_t *gpu = rig_on(&rig, &be, 0, 2);
-    static const uint32_t split[3][2] = {{128, 4}, {256, 2}, {0, 2}};
+    static const uint32_t split[3][2] = {{128, 4}, {256, 0}, {0, 0}};
     static const uint32_t mixed[3][2] = {{256, 1}, {0, 2}, {512, 2}};
     tun_cfg_t cfgs[N_SWITCHES];
     for (uint32_t i = 0; i < N_SWITCHES; i++) {

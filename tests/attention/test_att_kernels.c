@@ -649,7 +649,7 @@ static void test_att_kernels_hip_space_heuristic_is_the_default(void **state) {
                      memcmp(&def.tile[ATT_TILE_WIDE], &wide, sizeof wide) == 0,
                  "shape %u: the default tiles changed", i);
         TU_CHECK(def.min_split_keys == 256 && def.max_splits == TUN_CUDA_MAX_SPLITS &&
-                     def.blocks_per_sm == 2 && def.mixed_split_keys == 512 &&
+                     def.blocks_per_sm == ATT_CUDA_OCCUPANCY && def.mixed_split_keys == 512 &&
                      def.mixed_order == ATT_CUDA_WIDE_FIRST,
                  "shape %u: the default split knobs changed", i);
         for (uint32_t b = 0; b < 3; b++) {

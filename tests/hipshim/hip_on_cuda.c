@@ -245,6 +245,11 @@ hipError_t hipModuleLaunchKernel(hipFunction_t f, unsigned int gx, unsigned int 
                 extra);
 }
 
+hipError_t hipModuleOccupancyMaxActiveBlocksPerMultiprocessor(int *blocks, hipFunction_t f,
+                                                              int threads, size_t smem) {
+    return CALL(cuOccupancyMaxActiveBlocksPerMultiprocessor, blocks, (CUfunction)f, threads, smem);
+}
+
 hipError_t hipEventCreateWithFlags(hipEvent_t *ev, unsigned flags) {
     return CALL(cuEventCreate, (CUevent *)ev,
                 (flags & hipEventDisableTiming) ? CU_EVENT_DISABLE_TIMING : CU_EVENT_DEFAULT);

@@ -1,0 +1,214 @@
+/* The GPU backends' work planner (att_gpu_plan.c) without a GPU: how a batch is cut into tiles,
+ * split parts and merges, for the Llama-3.1-8B shape (32 query heads, 8 KV heads, D 128) on an
+ * H200's 132 SMs, with the tiles the H200 runs (wide 128 rows, 32 keys per stage; narrow 16
+ * rows, 64 keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split
+ * choice of each batch family (many waves: none; few: the part count whose waves finish first;
+ * a lone long sequence: the most parts) and the invariants the kernels rely on: every row tile
+ * covered once, parts tiling its key range, exactly one part writing the new K/V, merge indices
+ * relative to their kind's run. Label: unit. */
+#include "tests/test_util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention/att_gpu_plan.h"
+#include "attention/att_model.h"
+
+enum { SMS = 132 };
+static const uint32_t k_rows[ATT_TILE_KINDS] = {128, 16};   /* wide, narrow */
+static const uint32_t k_keys[ATT_TILE_KINDS] = {32, 64};
+static const uint32_t k_occ[ATT_TILE_KINDS] = {2, 3};
+
+typedef struct plan_rig {
+    att_model_t *m;
+    att_cuda_plan_t plan;
+    att_gpu_work_t w;
+    att_gpu_counts_t pl;
+    att_batch_chunk_t ch[300];
+    uint32_t blocks[64]; /* a block table every chunk shares: planning never reads it */
+} plan_rig_t;
+
+static void rig_init(plan_rig_t *r) {
+    memset(r, 0, sizeof *r);
+    const att_model_cfg_t cfg = {.num_layers = 1, .num_query_heads = 32, .num_kv_heads = 8,
+                                 .head_dim = 128, .dtype = ATT_DTYPE_BF16, .block_size = 16};
+    at_diag_t d = {{0}};
+    TU_CHECK(att_model_create(&cfg, &d, &r->m) == AT_OK, "model: %s", d.msg);
+    r->plan.tile[ATT_TILE_WIDE] = (att_tile_t){4, 2, 1, 32, 3};
+    r->plan.tile[ATT_TILE_NARROW] = (att_tile_t){1, 1, 4, 64, 2};
+    att_gpu_plan_knobs(&r->plan, 256, 0, 512, ATT_CUDA_WIDE_FIRST);
+}
+
+static void rig_fini(plan_rig_t *r) {
+    att_gpu_work_fini(&r->w);
+    att_model_destroy(&r->m);
+}
+
+/* Appends n chunks of `tokens` new tokens after `ctx` cached ones. */
+static void add_chunks(plan_rig_t *r, att_batch_t *b, uint32_t n, uint32_t ctx, uint32_t tokens) {
+    for (uint32_t i = 0; i < n; i++) {
+        att_batch_chunk_t *c = &r->ch[b->num_chunks++];
+        *c = (att_batch_chunk_t){.token_offset = b->total_tokens, .start_pos = ctx,
+                                 .num_tokens = tokens, .num_blocks = 64, .blocks = r->blocks};
+        b->total_tokens += tokens;
+    }
+}
+
+static void plan(plan_rig_t *r, const att_batch_t *b) {
+    TU_CHECK(att_gpu_plan_batch(&r->w, r->m, &r->plan, k_rows, k_keys, SMS, k_occ, b, &r->pl) ==
+                 AT_OK,
+             "att_gpu_plan_batch");
+}
+
+/* The fewest parts of a split tile of kind k (0 when none is split). */
+static uint32_t parts_of(const plan_rig_t *r, uint32_t k) {
+    const uint32_t first = k == ATT_TILE_WIDE ? 0 : r->pl.num_merges[ATT_TILE_WIDE];
+    uint32_t parts = 0;
+    for (uint32_t i = 0; i < r->pl.num_merges[k]; i++) {
+        const uint32_t n = r->w.merges[first + i].num_parts;
+        parts = parts == 0 || n < parts ? n : parts;
+    }
+    return parts;
+}
+
+/* Every (chunk, row tile) is covered: once by an unsplit item, or by parts that tile its keys in
+ * order with exactly one writing the new K/V, and whose merge record (indexed within the kind's
+ * run, as the kernel reads merges_d) names them. */
+static void check_cover(const plan_rig_t *r, const att_batch_t *b) {
+    uint32_t seen_rows = 0, want_rows = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++)
+        want_rows += b->chunks[c].num_tokens * r->m->group;
+    uint32_t item = 0;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        const uint32_t merge_base = k == ATT_TILE_WIDE ? 0 : r->pl.num_merges[ATT_TILE_WIDE];
+        const uint32_t kind_first = item; /* part slots are numbered per kind */
+        for (uint32_t i = 0; i < r->pl.num_items[k]; i++, item++) {
+            const att_kitem_t *it = &r->w.items[item];
+            const att_batch_chunk_t *ch = &b->chunks[it->chunk];
+            const uint32_t rows = ch->num_tokens * r->m->group - it->row_begin;
+            if (it->part == ATT_KPART_NONE) {
+                TU_CHECK(it->flags & ATT_KITEM_WRITE_KV, "item %u: unsplit without the KV write",
+                         item);
+                seen_rows += rows < k_rows[k] ? rows : k_rows[k];
+                continue;
+            }
+            TU_CHECK(it->merge < r->pl.num_merges[k], "item %u: merge %u of %u", item, it->merge,
+                     r->pl.num_merges[k]);
+            const att_kmerge_t *mg = &r->w.merges[merge_base + it->merge];
+            TU_CHECK(mg->chunk == it->chunk && mg->row_begin == it->row_begin &&
+                         it->part >= mg->part_begin && it->part < mg->part_begin + mg->num_parts,
+                     "item %u: its merge record is another tile's", item);
+            if (it->part != mg->part_begin)
+                continue;
+            /* the first part: walk the tile's parts in order */
+            uint32_t key = it->key_begin, writers = 0;
+            for (uint32_t p = 0; p < mg->num_parts; p++) {
+                const att_kitem_t *q = NULL;
+                for (uint32_t j = kind_first; j < kind_first + r->pl.num_items[k] && q == NULL; j++)
+                    if (r->w.items[j].part == mg->part_begin + p)
+                        q = &r->w.items[j];
+                TU_CHECK(q != NULL && q->key_begin == key && q->key_end > key,
+                         "tile of item %u: part %u does not follow", item, p);
+                key = q->key_end;
+                writers += (q->flags & ATT_KITEM_WRITE_KV) != 0;
+            }
+            TU_CHECK(key == ch->start_pos + (it->row_begin + (rows < k_rows[k] ? rows : k_rows[k]) -
+                                             1) / r->m->group + 1,
+                     "tile of item %u: its parts end at key %u", item, key);
+            TU_CHECK(writers == 1, "tile of item %u: %u parts write the new K/V", item, writers);
+            seen_rows += rows < k_rows[k] ? rows : k_rows[k];
+        }
+    }
+    TU_CHECK(item == r->pl.total_items, "%u items of %u", item, r->pl.total_items);
+    TU_CHECK(seen_rows == want_rows, "%u rows covered of %u", seen_rows, want_rows);
+}
+
+static void test_att_gpu_plan_many_waves_stay_whole(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 256, 1024, 1); /* 2048 narrow blocks: 5.2 waves of 396 */
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 0 && r.pl.num_items[ATT_TILE_NARROW] == 256,
+             "256 x 1K decode: %u merges, %u items", r.pl.total_merges, r.pl.total_items);
+    check_cover(&r, &b);
+    rig_fini(&r);
+}
+
+static void test_att_gpu_plan_few_waves_split_to_fill_them(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    /* 63 x 2K decode: 504 narrow blocks, 1.3 waves; 3 parts of 683 keys make 3.8 */
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 63, 2048, 1);
+    plan(&r, &b);
+    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 3 && r.pl.num_merges[ATT_TILE_NARROW] == 63,
+             "63 x 2K decode: %u merges of %u parts", r.pl.num_merges[ATT_TILE_NARROW],
+             parts_of(&r, ATT_TILE_NARROW));
+    check_cover(&r, &b);
+    /* a 512-token chunk over 1536: 16 wide tiles x 8 heads = 128 blocks of 264 slots; 2 parts
+     * make one full wave, 3 would make two */
+    att_batch_t c = {.attend = 1, .chunks = r.ch};
+    r.plan.min_split_keys = 256;
+    add_chunks(&r, &c, 1, 1536, 512);
+    plan(&r, &c);
+    TU_CHECK(parts_of(&r, ATT_TILE_WIDE) == 2 && r.pl.num_merges[ATT_TILE_WIDE] == 16,
+             "chunk: %u merges of %u parts", r.pl.num_merges[ATT_TILE_WIDE],
+             parts_of(&r, ATT_TILE_WIDE));
+    check_cover(&r, &c);
+    rig_fini(&r);
+}
+
+static void test_att_gpu_plan_lone_sequence_takes_the_most_parts(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 1, 32768, 1); /* 8 blocks on 396 slots */
+    plan(&r, &b);
+    /* TUN_CUDA_MAX_SPLITS (32) parts asked; spans are whole 64-key stages, 1088 keys: 31 */
+    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 31, "one 32K sequence: %u parts, want 31",
+             parts_of(&r, ATT_TILE_NARROW));
+    check_cover(&r, &b);
+    /* a fixed target of 1 block per SM instead of the occupancy: 8 of 132 slots, 16 parts */
+    r.plan.blocks_per_sm = 1;
+    plan(&r, &b);
+    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 16, "blocks_per_sm 1: %u parts, want 16",
+             parts_of(&r, ATT_TILE_NARROW));
+    check_cover(&r, &b);
+    /* splitting off */
+    r.plan.min_split_keys = ATT_CUDA_NEVER;
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 0, "never: %u merges", r.pl.total_merges);
+    rig_fini(&r);
+}
+
+static void test_att_gpu_plan_mixed_batch_merges_index_their_kind(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 63, 2048, 1);
+    add_chunks(&r, &b, 1, 1536, 512);
+    plan(&r, &b);
+    TU_CHECK(r.pl.num_merges[ATT_TILE_WIDE] == 16 && r.pl.num_merges[ATT_TILE_NARROW] == 63,
+             "mixed: %u wide and %u narrow merges", r.pl.num_merges[ATT_TILE_WIDE],
+             r.pl.num_merges[ATT_TILE_NARROW]);
+    /* the chunk's tiles hold up to 2048 keys: ~512-key parts for balance with the decode */
+    TU_CHECK(parts_of(&r, ATT_TILE_WIDE) >= 3, "mixed: wide tiles in %u parts",
+             parts_of(&r, ATT_TILE_WIDE));
+    check_cover(&r, &b);
+    rig_fini(&r);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_att_gpu_plan_many_waves_stay_whole),
+        cmocka_unit_test(test_att_gpu_plan_few_waves_split_to_fill_them),
+        cmocka_unit_test(test_att_gpu_plan_lone_sequence_takes_the_most_parts),
+        cmocka_unit_test(test_att_gpu_plan_mixed_batch_merges_index_their_kind),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
