@@ -112,6 +112,7 @@ typedef struct ceilings {
     double p152_b2b_ns, p152_synced_ns, call_launch_ns;
     double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
     double call_launch_4_ns;    /* after the four uploads of a Llama decode call instead of one */
+    double call_launch_4t_ns;   /* the same after writing 512 KiB on the host (a block table) */
 } ceilings_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -121,12 +122,15 @@ static int cmp_double(const void *a, const void *b) {
 
 /* The median host time of a launch of the 152-byte empty kernel (ceilings_t), preceded by
  * `uploads` copies from pinned memory (1: a call's 16 KiB of metadata; 4: also the q, k and v of
- * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), the stream synchronized after each when
- * `sync`. */
-static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, double *ns) {
+ * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), before them a host memcpy of `touch`
+ * bytes into the pinned buffer (as a call writes its metadata into the stage), the stream
+ * synchronized after each when `sync`. */
+static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, size_t touch,
+                          double *ns) {
     enum { N = 2000 };
     static const size_t sizes[4] = {16 << 10, 2 << 20, 512 << 10, 512 << 10};
     const size_t total = sizes[0] + sizes[1] + sizes[2] + sizes[3];
+    uint8_t *src = touch != 0 ? calloc(1, touch) : NULL;
     CUstream st = NULL;
     CUdeviceptr d = 0;
     void *h = NULL;
@@ -134,9 +138,12 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
     unsigned long long p[19] = {0};
     _Static_assert(sizeof p == sizeof(att_kparams_t), "the attention kernels' parameter block");
     void *args[] = {p};
-    int rc = t == NULL || CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) ||
-             CK(cuMemAlloc(&d, total)) || CK(cuMemHostAlloc(&h, total, 0));
+    int rc = t == NULL || (touch != 0 && src == NULL) || touch > total ||
+             CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) || CK(cuMemAlloc(&d, total)) ||
+             CK(cuMemHostAlloc(&h, total, 0));
     for (int i = -100; i < N && rc == 0; i++) {
+        if (touch != 0)
+            memcpy(h, src, touch);
         size_t off = 0;
         for (uint32_t u = 0; u < uploads && rc == 0; off += sizes[u], u++)
             rc = CK(cuMemcpyHtoDAsync(d + off, (uint8_t *)h + off, sizes[u], st));
@@ -159,6 +166,7 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
     if (st != NULL)
         CK(cuStreamDestroy(st));
     free(t);
+    free(src);
     return rc ? -1 : 0;
 }
 
@@ -205,13 +213,14 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
     const int smem = 80 << 10;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, &c->p152_b2b_ns) ||
-        measure_launch(g, 0, true, 0, &c->p152_synced_ns) ||
-        measure_launch(g, 1, true, 0, &c->call_launch_ns) ||
-        measure_launch(g, 4, true, 0, &c->call_launch_4_ns) ||
+    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, 0, &c->p152_b2b_ns) ||
+        measure_launch(g, 0, true, 0, 0, &c->p152_synced_ns) ||
+        measure_launch(g, 1, true, 0, 0, &c->call_launch_ns) ||
+        measure_launch(g, 4, true, 0, 0, &c->call_launch_4_ns) ||
+        measure_launch(g, 4, true, 0, 512 << 10, &c->call_launch_4t_ns) ||
         CK(cuFuncSetAttribute(g->f_empty_p152, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               smem)) ||
-        measure_launch(g, 1, true, (uint32_t)smem, &c->call_launch_smem_ns))
+        measure_launch(g, 1, true, (uint32_t)smem, 0, &c->call_launch_smem_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -588,10 +597,10 @@ int bench_gpu_main(int argc, char **argv) {
            "bare launch with 152 bytes of parameters, median: %.2f us back to back, %.2f us on a "
            "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
            "there with 80 KiB of dynamic shared memory, %.2f us after a decode call's four "
-           "uploads\n",
+           "uploads, %.2f us after those and a 512 KiB memcpy on the host\n",
            c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p152_b2b_ns / 1e3,
            c.p152_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
-           c.call_launch_4_ns / 1e3);
+           c.call_launch_4_ns / 1e3, c.call_launch_4t_ns / 1e3);
     pattern_init();
     if (!plain_host) {
         /* registered memory must outlive the backend: freed after it */
