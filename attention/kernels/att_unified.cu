@@ -129,7 +129,14 @@ static_assert(kTileK % kWarpsN == 0, "ATT_TILE_K must split evenly over ATT_WARP
  * ATT_PORTABLE_MATH, which HIP sets): see att_port.h. */
 #define ATT_TC (ATT_DTYPE != ATT_DT_F32 && !ATT_PORTABLE_MATH)
 
-#if ATT_TC
+#ifndef ATT_WGMMA
+#define ATT_WGMMA 0
+#endif
+#if ATT_WGMMA && !ATT_TC
+#error "ATT_WGMMA (the sm_90a body) needs f16 or bf16 on NVIDIA"
+#endif
+
+#if ATT_TC && !ATT_WGMMA
 static_assert(ATT_WAVE == 32, "the tensor-core body is written for 32-lane warps");
 constexpr uint32_t kStages = ATT_STAGES;
 constexpr uint32_t kKW = kTileK / kWarpsN; /* keys per warp per stage */
@@ -159,13 +166,11 @@ constexpr uint32_t kNT = kKW / 8;          /* n8 score tiles per warp */
 constexpr uint32_t kDT = kDP / 8;          /* n8 output tiles */
 constexpr uint32_t kKVChunks = kTileK * kCPR;
 constexpr uint32_t kCPT = (kKVChunks + kThreads - 1) / kThreads; /* chunks per thread per tile */
-#else
+constexpr uint32_t kAttendThreads = kThreads;
+#elif !ATT_TC
 constexpr uint32_t kSmemBytes = 0;
+constexpr uint32_t kAttendThreads = kThreads;
 #endif
-
-/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
-extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
-    kRows, kTileK, kThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
 
 /* ---- small device helpers (what differs between CUDA and HIP is in att_port.h) ---- */
 
@@ -313,7 +318,7 @@ __device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_
 }
 
 #if ATT_TC
-/* ---- tensor-core path (f16, bf16 on NVIDIA) ---- */
+/* ---- shared by both tensor-core bodies ---- */
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -334,6 +339,13 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+#endif
+
+#if ATT_TC && ATT_WGMMA
+#include "attention/kernels/att_sm90.cuh"
+#elif ATT_TC
+/* ---- tensor-core path (f16, bf16 on NVIDIA): mma.sync ---- */
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -880,6 +892,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
     }
 }
 #endif
+
+/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
+extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
+    kRows, kTileK, kAttendThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
 
 /* ---- split-KV merge (flash-decoding's second pass) and append-only KV write ---- */
 
