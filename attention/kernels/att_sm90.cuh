@@ -86,8 +86,10 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait0() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+/* Waits until at most N of this warp's committed wgmma groups are pending (they complete in
+ * order). */
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 /* Orders this thread's generic-proxy writes of shared memory (cp.async's) before later
  * async-proxy reads (wgmma's operands). */
@@ -110,6 +112,14 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  "r"(parity)
                  : "memory");
 }
+/* Pins the accumulators to this point: the compiler must not move their reads above a
+ * wgmma.wait_group (it does not know the MMA writes them after its own statement). */
+template <int N> __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
 /* bar.sync on a named barrier of n threads (id 0 is __syncthreads'). */
 __device__ __forceinline__ void named_sync(uint32_t id, uint32_t n) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
@@ -366,11 +376,28 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
     /* Descriptor bases: this warpgroup's Q rows, a stage's K and V (see the top comment). */
     const uint32_t q_wg = q_s + wg * 64 * 128;
 
+    /* The slot whose P.V is still running (its wait is deferred so that it overlaps the next
+     * stage's Q.K^T), or kStages for none. Its empty arrival follows that wait. */
+    uint32_t pend = kStages;
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
         const uint32_t n = kt - kt_begin, slot = n % kStages;
         mbar_wait(full + slot * 8, (n / kStages) & 1);
         const int js = (int)(kt * kTileK), je = js + (int)kTileK - 1;
-        if (js <= g_hi && je >= g_lo) {
+        if (js > g_hi || je < g_lo) {
+            /* no row of this warpgroup needs these keys; release the pending slot first, since
+             * the producer may need it to fill the stages this loop waits for */
+            if (pend != kStages) {
+                wgmma_wait<0>();
+                wgmma_pin(o);
+                __syncwarp();
+                if (lane == 0)
+                    mbar_arrive(empty + pend * 8);
+                pend = kStages;
+            }
+            __syncwarp();
+            if (lane == 0)
+                mbar_arrive(empty + slot * 8);
+        } else {
             const uint32_t ks = kv_s + slot * 2 * kKVBytes, vs = ks + kKVBytes;
             const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
 
@@ -387,7 +414,15 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
                          wg_desc(ks + (kk / 4) * kTileK * 128 + col, 16, 1024), kk > 0);
             }
             wgmma_commit();
-            wgmma_wait0();
+            if (pend != kStages) { /* the previous P.V (in order: before this Q.K^T) */
+                wgmma_wait<1>();
+                wgmma_pin(o);
+                __syncwarp();
+                if (lane == 0)
+                    mbar_arrive(empty + pend * 8);
+            }
+            wgmma_wait<0>();
+            wgmma_pin(s);
 
             /* logits in log2 units, masked; then the online softmax of rows g and g + 8 */
 #pragma unroll
@@ -443,11 +478,12 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
             for (uint32_t kk = 0; kk < kTileK / 16; kk++)
                 wgmma_rs(o, a[kk], wg_desc(vs + kk * 16 * 128, kTileK * 128, 1024));
             wgmma_commit();
-            wgmma_wait0();
+            pend = slot;
         }
-        __syncwarp();
-        if (lane == 0)
-            mbar_arrive(empty + slot * 8);
+    }
+    if (pend != kStages) {
+        wgmma_wait<0>();
+        wgmma_pin(o);
     }
 
     /* Epilogue, straight from the accumulators: this thread's two rows, two columns per n8 tile.
