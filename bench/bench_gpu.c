@@ -458,9 +458,11 @@ static int bench_mixed(att_backend_t *be, const shape_t *s, result_t *r) {
     return rc;
 }
 
-/* "wide=4,2,1,32,3": a tile override (warps_m, warp_mt, warps_n, tile_k, stages) of one kind. */
+/* "wide=4,2,1,32,3": a tile override (warps_m, warp_mt, warps_n, tile_k, stages) of one kind,
+ * with an optional sixth field, the body: 0 mma.sync (the default), 1 wgmma (sm_90 only),
+ * "wide=8,1,1,64,3,1". */
 static int parse_tile(const char *s, att_cuda_plan_t *pl) {
-    att_tile_t t;
+    att_tile_t t = {0};
     uint32_t kind;
     if (strncmp(s, "wide=", 5) == 0)
         kind = ATT_TILE_WIDE;
@@ -468,8 +470,9 @@ static int parse_tile(const char *s, att_cuda_plan_t *pl) {
         kind = ATT_TILE_NARROW;
     else
         return -1;
-    if (sscanf(strchr(s, '=') + 1, "%u,%u,%u,%u,%u", &t.warps_m, &t.warp_mt, &t.warps_n,
-               &t.tile_k, &t.stages) != 5 || t.warps_m == 0)
+    const int n = sscanf(strchr(s, '=') + 1, "%u,%u,%u,%u,%u,%u", &t.warps_m, &t.warp_mt,
+                         &t.warps_n, &t.tile_k, &t.stages, &t.mma);
+    if ((n != 5 && n != 6) || t.warps_m == 0 || t.mma > 1)
         return -1;
     pl->tile[kind] = t;
     return 0;
@@ -539,7 +542,7 @@ int bench_gpu_main(int argc, char **argv) {
         else {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
-                    "                       [--tile KIND=WM,MT,WN,TK,ST]... [--plan KEY=V]...\n"
+                    "                       [--tile KIND=WM,MT,WN,TK,ST[,MMA]]... [--plan KEY=V]...\n"
                     "                       [--plain-host] [--no-timing]\n"
                     "  --no-timing: no events around a call's kernels (no device times; host\n"
                     "  times as in the server, which records none)\n"
