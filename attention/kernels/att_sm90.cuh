@@ -228,7 +228,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
  * lane % kCPR of rows lane / kCPR, + 32 / kCPR, ...: a warp's 32 copies cover whole 128-byte
  * lines of consecutive keys (coalesced reads, conflict-free swizzled writes). It keeps two
  * stages' copies in flight: after issuing stage n it waits for stage n - 1's, fences them for
- * wgmma (async proxy) and releases them to the consumers through full[n - 1]. */
+ * wgmma (async proxy) and releases them to the consumers through full[n - 1]. Before it blocks
+ * on a slot still in use it releases the stage it holds: the consumers free a slot only after
+ * they started on the next stage (their P.V wait is deferred), so holding it back would leave
+ * both sides waiting. */
 __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t &t, uint32_t kv_s,
                                            uint32_t full, uint32_t empty, uint32_t kt_begin,
                                            uint32_t kt_end, uint32_t lane) {
@@ -237,10 +240,18 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
     const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
     constexpr uint32_t kRowsPerPass = 32 / kCPR;
     const uint32_t cc = lane % kCPR;
+    bool held = false; /* stage n - 1 is issued and not yet released */
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
         const uint32_t n = kt - kt_begin, slot = n % kStages;
-        if (n >= kStages)
+        if (n >= kStages) {
+            if (held) {
+                cp_async_wait<0>();
+                fence_proxy_async();
+                mbar_arrive(full + ((n - 1) % kStages) * 8);
+                held = false;
+            }
             mbar_wait(empty + slot * 8, (n / kStages - 1) & 1);
+        }
         const uint32_t ks = kv_s + slot * 2 * kKVBytes, vs = ks + kKVBytes;
 #pragma unroll 8
         for (uint32_t i = 0; i < kTileK / kRowsPerPass; i++) {
@@ -264,13 +275,14 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
             cp_async16(vs + so, vp + off, bytes);
         }
         cp_async_commit();
-        if (n >= 1) {
+        if (held) {
             cp_async_wait<1>();
             fence_proxy_async();
             mbar_arrive(full + ((n - 1) % kStages) * 8);
         }
+        held = true;
     }
-    if (kt_end > kt_begin) {
+    if (held) {
         cp_async_wait<0>();
         fence_proxy_async();
         mbar_arrive(full + ((kt_end - 1 - kt_begin) % kStages) * 8);
