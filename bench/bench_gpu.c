@@ -542,7 +542,7 @@ int bench_gpu_main(int argc, char **argv) {
         else {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
-                    "                       [--tile KIND=WM,MT,WN,TK,ST[,MMA]]... [--plan KEY=V]...\n"
+                    "                       [--tile KIND=WM,MT,WN,TK,ST[,B]]... [--plan KEY=V]...\n"
                     "                       [--plain-host] [--no-timing]\n"
                     "  --no-timing: no events around a call's kernels (no device times; host\n"
                     "  times as in the server, which records none)\n"
@@ -551,6 +551,7 @@ int bench_gpu_main(int argc, char **argv) {
                     "  X: the bf16 matrix rate measured on this GPU "
                     "(tools/gpu_torch_bench.py prints it)\n"
                     "  LIST: some of decode,prefill,mixed (default all)\n"
+                    "  B: the wide tile's body, 0 mma.sync (when left out), 1 wgmma (sm_90)\n"
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
                     "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
                     "  KEY: min_split_keys, max_splits, blocks_per_sm, mixed_split_keys (a\n"

@@ -10,8 +10,9 @@
 # llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
 # 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP backend on hip:0,
 # run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0), wgmma
-# (the sm_90a wide tile: the GPU suite's prefill cases on both wide bodies, then prefill through
-# bench-gpu with the wgmma tiles and the mma.sync one side by side).
+# (the sm_90a wide tile: wgmma_check, the layouts alone; the GPU suite's prefill cases on both
+# wide bodies; then prefill through bench-gpu with the wgmma tiles and the mma.sync one side by
+# side).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -52,14 +53,16 @@ fi
 if has wgmma; then
   # On sm_90 the default plan takes the wgmma wide tile (f16/bf16, D 64 and 128), so the matrix
   # cases run it; wide_bodies forces the mma.sync tile, then other wgmma tiles.
+  note "wgmma_check: the body's shared-memory layouts and fragments, alone"
+  timeout 60 "$R" wgmma_check || status=1
   note "test_att_cuda: wide bodies, split-KV and the D 64/128 matrix cases"
   ATTND_TEST_FILTER='*wide_bodies*' gpu_test test_att_cuda 300
   ATTND_TEST_FILTER='*split_kv*' gpu_test test_att_cuda 300
   ATTND_TEST_FILTER='*_d128_*' gpu_test test_att_cuda 300
   ATTND_TEST_FILTER='*_d64_*' gpu_test test_att_cuda 300
   note "prefill: wgmma tiles (WM,MT,WN,TK,ST,1) against mma.sync (4,2,1,32,3,0)"
-  for t in "" wide=4,2,1,32,3,0 wide=8,1,1,64,3,1 wide=8,1,1,64,2,1 wide=8,1,1,128,2,1 \
-           wide=4,1,1,64,4,1 wide=4,1,1,128,3,1; do
+  for t in "" wide=4,2,1,32,3,0 wide=8,1,1,64,3,1 wide=8,1,1,64,2,1 wide=8,1,1,64,4,1 \
+           wide=4,1,1,64,4,1 wide=4,1,1,128,2,1; do
     timeout 120 "$R" attnd bench-gpu --cases prefill ${t:+--tile $t} > "$out/wgmma.log.tmp" 2>&1 ||
       status=1
     grep -E "^prefill|rror" "$out/wgmma.log.tmp" | sed "s/^/${t:-default} /"

@@ -20,7 +20,8 @@
  *     online softmax runs on the accumulators (each thread holds rows g and g + 8 of its warp's 16,
  *     as with mma.sync, so the masking and softmax are the other body's, with one m16 tile); P is
  *     rounded to the dtype into registers, and O += P V is wgmma m64nDk16 with A = P from
- *     registers and B = V from shared memory.
+ *     registers and B = V from shared memory. Within a warpgroup, stage k's Q.K^T is issued
+ *     together with stage k - 1's P.V, and stage k's softmax runs while that P.V does.
  *
  * Shared-memory layout (what the descriptors describe): a tile of rows x head_dim 16-bit
  * elements is stored as head_dim / 64 column blocks, each rows x 128 bytes, with 128-byte swizzle
@@ -36,12 +37,15 @@
  *
  * Shared memory: 1024 (to align the base) + rows * D * 2 (Q) + ATT_STAGES * 2 * ATT_TILE_K * D * 2
  * (K and V ring); the barriers are static shared memory. For the default (128 rows, 64 keys,
- * 3 stages, D 128): 132096 bytes, one block per SM. */
+ * 3 stages, D 128): 132096 bytes, one block per SM, 153 registers a thread, no spills
+ * (nvcc 13.0 -arch=sm_90a --resource-usage; with 288 threads ptxas allows 168). ptxas reports
+ * no serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
 
 #if ATT_HEAD_DIM != 64 && ATT_HEAD_DIM != 128
 #error "ATT_WGMMA supports head_dim 64 and 128"
 #endif
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* (NVRTC only: nvcc also preprocesses device code once without the feature macro) */
+#if defined(__CUDACC_RTC__) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "ATT_WGMMA needs the sm_90a target (--gpu-architecture=sm_90a)"
 #endif
 
@@ -112,8 +116,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  "r"(parity)
                  : "memory");
 }
-/* Pins the accumulators to this point: the compiler must not move their reads above a
- * wgmma.wait_group (it does not know the MMA writes them after its own statement). */
+/* Pins the accumulators to this point: after a wgmma.wait_group, the compiler must not move their
+ * reads above it (it does not know the MMA writes them after its own statement); before a
+ * wgmma.fence, their writes (zeroing, rescaling) must not sink below it, or ptxas serializes the
+ * MMAs (C7515, "non wgmma instructions defining accumulator registers"). */
 template <int N> __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; i++)
@@ -124,6 +130,56 @@ template <int N> __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
 __device__ __forceinline__ void named_sync(uint32_t id, uint32_t n) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
+
+/* d = A B, the first k16 step (d written only, so no instruction defines it in the MMA's way) */
+__device__ __forceinline__ void wgmma_ss_zero(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31"
+                 "}, %32, %33, 0, 1, 1, 0, 0;\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
+                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
+                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
+                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
+                   "=f"(d[30]), "=f"(d[31])
+                 : "l"(a), "l"(b));
+}
+
+__device__ __forceinline__ void wgmma_ss_zero(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31, %32, %33, %34, %35, "
+                 "%36, %37, %38, %39, %40, %41, "
+                 "%42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, "
+                 "%54, %55, %56, %57, %58, %59, "
+                 "%60, %61, %62, %63"
+                 "}, %64, %65, 0, 1, 1, 0, 0;\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
+                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
+                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
+                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
+                   "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]),
+                   "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]),
+                   "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]),
+                   "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]),
+                   "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]),
+                   "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+                 : "l"(a), "l"(b));
+}
+
 
 /* d (64 x N, f32; this thread's N / 2 of it) = A B (+ d when acc), A and B by descriptor. */
 __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, uint32_t acc) {
@@ -289,11 +345,15 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(const att_kparams_t p) {
+extern "C" __global__ void __launch_bounds__(kAttendThreads, 1)
+att_k_attend(const att_kparams_t p) {
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[2 * kStages]; /* full[kStages], then empty[kStages] */
     const tile_t t = tile_of(p);
-    const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    /* The warp index broadcast from lane 0: ptxas then knows the producer / consumer branch is
+     * warp-uniform; with tid >> 5 it serializes every wgmma (C7518, "divergent path"). */
+    const uint32_t tid = threadIdx.x, lane = tid & 31;
+    const uint32_t warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
     const uint32_t q_s = (smem_addr(smem) + 1023u) & ~1023u;
     const uint32_t kv_s = q_s + kQBytes;
     const uint32_t full = smem_addr(bars), empty = full + kStages * 8;
@@ -302,8 +362,8 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
 
     if (tid == 0) {
         for (uint32_t s = 0; s < kStages; s++) {
-            mbar_init(full + s * 8, 32);          /* the producer's lanes */
-            mbar_init(empty + s * 8, kWarpsM);    /* one arrival per consumer warp */
+            mbar_init(full + s * 8, 32);       /* the producer's lanes */
+            mbar_init(empty + s * 8, kWarpsM); /* one arrival per consumer warp */
         }
     }
     /* The fused KV write, spread over every thread; nothing in this launch reads the cache rows
@@ -319,8 +379,8 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
     const uint32_t wg = warp / 4, wi = warp % 4, wt = tid % 128;
     const uint32_t g = lane >> 2, t4 = lane & 3;
 
-    /* This warpgroup's 64 Q rows (row r: token (row_begin + r) / G, query head h * G + (row_begin +
-     * r) % G; rows past the chunk are zero). */
+    /* This warpgroup's 64 Q rows (row r: token (row_begin + r) / G, query head
+     * h * G + (row_begin + r) % G; rows past the chunk are zero). */
     {
         const elem_t *q = (const elem_t *)p.q_d;
         for (uint32_t c = wt; c < 64 * kCPR; c += 128) {
@@ -388,114 +448,141 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1) att_k_attend(con
     /* Descriptor bases: this warpgroup's Q rows, a stage's K and V (see the top comment). */
     const uint32_t q_wg = q_s + wg * 64 * 128;
 
-    /* The slot whose P.V is still running (its wait is deferred so that it overlaps the next
-     * stage's Q.K^T), or kStages for none. Its empty arrival follows that wait. */
-    uint32_t pend = kStages;
-    for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
-        const uint32_t n = kt - kt_begin, slot = n % kStages;
-        mbar_wait(full + slot * 8, (n / kStages) & 1);
+    /* The stages this warpgroup computes are one contiguous run [kt_lo, kt_hi) (its rows' keys
+     * are one range); it only waits for and releases the others. In the run, stage kt's Q.K^T
+     * and stage kt - 1's P.V are in flight together, and the softmax of stage kt runs while
+     * P.V still does (its output is only rescaled before the next P.V is issued): the order of
+     * FlashAttention-3's intra-warpgroup overlap. Every wgmma sits on straight-line code
+     * between its fence and its wait, so ptxas never serializes them. */
+    const uint32_t kt_lo = g_lo <= g_hi ? umax(kt_begin, (uint32_t)g_lo / kTileK) : kt_end;
+    const uint32_t kt_hi = g_lo <= g_hi ? umin(kt_end, (uint32_t)g_hi / kTileK + 1) : kt_end;
+    auto slot_of = [&](uint32_t kt) { return (kt - kt_begin) % kStages; };
+    auto wait_full = [&](uint32_t kt) {
+        mbar_wait(full + slot_of(kt) * 8, ((kt - kt_begin) / kStages) & 1);
+    };
+    auto release = [&](uint32_t kt) {
+        __syncwarp();
+        if (lane == 0)
+            mbar_arrive(empty + slot_of(kt) * 8);
+    };
+    /* S = Q K^T of stage kt for the warpgroup's 64 rows x kTileK keys (issued, committed) */
+    float s[kNT * 4];
+    auto issue_s = [&](uint32_t kt) {
+        const uint32_t ks = kv_s + slot_of(kt) * 2 * kKVBytes;
+        wgmma_fence();
+        wgmma_ss_zero(s, wg_desc(q_wg, 16, 1024), wg_desc(ks, 16, 1024));
+#pragma unroll
+        for (uint32_t kk = 1; kk < kD / 16; kk++) {
+            const uint32_t col = (kk % 4) * 32; /* k16 step within a 64-dim block */
+            wgmma_ss(s, wg_desc(q_wg + (kk / 4) * kRows * 128 + col, 16, 1024),
+                     wg_desc(ks + (kk / 4) * kTileK * 128 + col, 16, 1024), 1);
+        }
+        wgmma_commit();
+    };
+    /* O += P V of stage kt (issued, committed); P's A fragments: two n8 score tiles of a row
+     * pair are one k16 fragment, as with mma.sync */
+    uint32_t pa[kTileK / 16][4];
+    auto issue_pv = [&](uint32_t kt) {
+        const uint32_t vs = kv_s + slot_of(kt) * 2 * kKVBytes + kKVBytes;
+        wgmma_pin(o);
+        wgmma_fence();
+#pragma unroll
+        for (uint32_t kk = 0; kk < kTileK / 16; kk++)
+            wgmma_rs(o, pa[kk], wg_desc(vs + kk * 16 * 128, kTileK * 128, 1024));
+        wgmma_commit();
+    };
+    /* Stage kt's logits in log2 units, masked, then the online softmax of rows g and g + 8:
+     * s becomes the unnormalized probabilities, alpha the factor that rebases O. */
+    float alpha[2];
+    auto softmax = [&](uint32_t kt) {
         const int js = (int)(kt * kTileK), je = js + (int)kTileK - 1;
-        if (js > g_hi || je < g_lo) {
-            /* no row of this warpgroup needs these keys; release the pending slot first, since
-             * the producer may need it to fill the stages this loop waits for */
-            if (pend != kStages) {
-                wgmma_wait<0>();
-                wgmma_pin(o);
-                __syncwarp();
-                if (lane == 0)
-                    mbar_arrive(empty + pend * 8);
-                pend = kStages;
-            }
-            __syncwarp();
-            if (lane == 0)
-                mbar_arrive(empty + slot * 8);
-        } else {
-            const uint32_t ks = kv_s + slot * 2 * kKVBytes, vs = ks + kKVBytes;
-            const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
-
-            /* S = Q K^T for the warpgroup's 64 rows x kTileK keys */
-            float s[kNT * 4];
+        const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
 #pragma unroll
-            for (uint32_t i = 0; i < kNT * 4; i++)
-                s[i] = 0.0f;
-            wgmma_fence();
+        for (uint32_t nn = 0; nn < kNT; nn++)
 #pragma unroll
-            for (uint32_t kk = 0; kk < kD / 16; kk++) {
-                const uint32_t col = (kk % 4) * 32; /* k16 step within a 64-dim block */
-                wgmma_ss(s, wg_desc(q_wg + (kk / 4) * kRows * 128 + col, 16, 1024),
-                         wg_desc(ks + (kk / 4) * kTileK * 128 + col, 16, 1024), kk > 0);
+            for (int e = 0; e < 4; e++) {
+                const int j = js + (int)(nn * 8 + 2 * t4) + (e & 1), ri = e >> 1;
+                float x = logit2(s[nn * 4 + e], p, scale2, j, pos[ri], slope2[ri]);
+                if (need_mask && (j < jlo[ri] || j > jhi[ri]))
+                    x = kNegInf;
+                s[nn * 4 + e] = x;
             }
-            wgmma_commit();
-            if (pend != kStages) { /* the previous P.V (in order: before this Q.K^T) */
-                wgmma_wait<1>();
-                wgmma_pin(o);
-                __syncwarp();
-                if (lane == 0)
-                    mbar_arrive(empty + pend * 8);
-            }
-            wgmma_wait<0>();
-            wgmma_pin(s);
-
-            /* logits in log2 units, masked; then the online softmax of rows g and g + 8 */
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            float mx = kNegInf;
 #pragma unroll
             for (uint32_t nn = 0; nn < kNT; nn++)
+                mx = fmaxf(mx, fmaxf(s[nn * 4 + 2 * ri], s[nn * 4 + 2 * ri + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[ri], mx);
+            /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
+            const float base = m_new == kNegInf ? 0.0f : m_new;
+            alpha[ri] = att_ex2(m_run[ri] - base);
+            m_run[ri] = m_new;
+            float sum = 0.0f;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = js + (int)(nn * 8 + 2 * t4) + (e & 1), ri = e >> 1;
-                    float x = logit2(s[nn * 4 + e], p, scale2, j, pos[ri], slope2[ri]);
-                    if (need_mask && (j < jlo[ri] || j > jhi[ri]))
-                        x = kNegInf;
-                    s[nn * 4 + e] = x;
-                }
-#pragma unroll
-            for (int ri = 0; ri < 2; ri++) {
-                float mx = kNegInf;
-#pragma unroll
-                for (uint32_t nn = 0; nn < kNT; nn++)
-                    mx = fmaxf(mx, fmaxf(s[nn * 4 + 2 * ri], s[nn * 4 + 2 * ri + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[ri], mx);
-                /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
-                const float base = m_new == kNegInf ? 0.0f : m_new;
-                const float alpha = att_ex2(m_run[ri] - base);
-                m_run[ri] = m_new;
-                float sum = 0.0f;
-#pragma unroll
-                for (uint32_t nn = 0; nn < kNT; nn++) {
-                    s[nn * 4 + 2 * ri] = att_ex2(s[nn * 4 + 2 * ri] - base);
-                    s[nn * 4 + 2 * ri + 1] = att_ex2(s[nn * 4 + 2 * ri + 1] - base);
-                    sum += s[nn * 4 + 2 * ri] + s[nn * 4 + 2 * ri + 1];
-                }
-                /* this thread's columns; quad-summed at the end */
-                l_run[ri] = l_run[ri] * alpha + sum;
-#pragma unroll
-                for (uint32_t d = 0; d < kDT; d++) {
-                    o[d * 4 + 2 * ri] *= alpha;
-                    o[d * 4 + 2 * ri + 1] *= alpha;
-                }
+            for (uint32_t nn = 0; nn < kNT; nn++) {
+                s[nn * 4 + 2 * ri] = att_ex2(s[nn * 4 + 2 * ri] - base);
+                s[nn * 4 + 2 * ri + 1] = att_ex2(s[nn * 4 + 2 * ri + 1] - base);
+                sum += s[nn * 4 + 2 * ri] + s[nn * 4 + 2 * ri + 1];
             }
-
-            /* O += P V: two n8 score tiles of a row pair are one k16 A fragment, as in mma.sync */
-            uint32_t a[kTileK / 16][4];
-#pragma unroll
-            for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
-                a[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
-                a[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
-                a[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
-                a[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
-            }
-            wgmma_fence();
-#pragma unroll
-            for (uint32_t kk = 0; kk < kTileK / 16; kk++)
-                wgmma_rs(o, a[kk], wg_desc(vs + kk * 16 * 128, kTileK * 128, 1024));
-            wgmma_commit();
-            pend = slot;
+            /* this thread's columns; quad-summed at the end */
+            l_run[ri] = l_run[ri] * alpha[ri] + sum;
         }
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
+            pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto rescale_o = [&]() {
+#pragma unroll
+        for (uint32_t d = 0; d < kDT; d++) {
+            o[d * 4] *= alpha[0];
+            o[d * 4 + 1] *= alpha[0];
+            o[d * 4 + 2] *= alpha[1];
+            o[d * 4 + 3] *= alpha[1];
+        }
+    };
+
+    for (uint32_t kt = kt_begin; kt < kt_lo; kt++) {
+        wait_full(kt);
+        release(kt);
     }
-    if (pend != kStages) {
+    if (kt_lo < kt_hi) {
+        wait_full(kt_lo);
+        issue_s(kt_lo);
+        wgmma_wait<0>();
+        wgmma_pin(s);
+        softmax(kt_lo); /* O is 0: nothing to rebase */
+        to_p();
+        for (uint32_t kt = kt_lo + 1; kt < kt_hi; kt++) {
+            wait_full(kt);
+            issue_s(kt);
+            rescale_o(); /* by the previous stage's alpha, before its P.V */
+            issue_pv(kt - 1);
+            wgmma_wait<1>(); /* this stage's Q.K^T (groups complete in order) */
+            wgmma_pin(s);
+            softmax(kt);
+            wgmma_wait<0>(); /* the previous stage's P.V */
+            wgmma_pin(o);
+            release(kt - 1);
+            to_p();
+        }
+        rescale_o();
+        issue_pv(kt_hi - 1);
         wgmma_wait<0>();
         wgmma_pin(o);
+        release(kt_hi - 1);
+    }
+    for (uint32_t kt = kt_hi; kt < kt_end; kt++) {
+        wait_full(kt);
+        release(kt);
     }
 
     /* Epilogue, straight from the accumulators: this thread's two rows, two columns per n8 tile.

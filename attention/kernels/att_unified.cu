@@ -893,9 +893,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
 }
 #endif
 
-/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
-extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
+/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). (A linkage block: nvcc,
+ * which builds tools/wgmma_check.cu from this file, takes `extern "C" __constant__ x = ...` for a
+ * declaration and leaves its host shadow undefined.) */
+extern "C" {
+__constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
     kRows, kTileK, kAttendThreads, kSmemBytes, kMergeThreads, kKvwThreads, 0, 0};
+}
 
 /* ---- split-KV merge (flash-decoding's second pass) and append-only KV write ---- */
 

@@ -94,11 +94,12 @@ static char g_src_dir[64]; /* the embedded source, written out for hipcc */
 #endif
 
 /* Tiles besides the default plan's (warps_m, warp_mt, warps_n, tile_k, stages, mma); the
- * wgmma ones (mma 1) are compiled for the sm_90 target only (they build for sm_90a alone). */
+ * wgmma ones (mma 1) are compiled for the CUDA build's sm_90 target only (they build for sm_90a
+ * alone, and not with the HIP backend's portable body). */
 static const att_tile_t k_candidates[] = {
     {4, 1, 1, 64, 2, 0},  {4, 1, 1, 64, 3, 0},  {8, 1, 1, 64, 2, 0}, {4, 2, 1, 64, 3, 0},
     {4, 2, 1, 32, 3, 0},  {8, 2, 1, 32, 2, 0},  {1, 1, 4, 64, 3, 0}, {1, 1, 4, 64, 4, 0},
-    {8, 1, 1, 64, 2, 1},  {8, 1, 1, 128, 2, 1}, {4, 1, 1, 64, 4, 1}, {4, 1, 1, 128, 3, 1},
+    {8, 1, 1, 64, 2, 1},  {8, 1, 1, 64, 4, 1},  {4, 1, 1, 64, 4, 1}, {4, 1, 1, 128, 3, 1},
 };
 
 /* Copies the initial value of the constant att_k_info out of a cubin (an ELF64 image: the
@@ -220,7 +221,8 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
     snprintf(what, sizeof what, "feats %x", feats);
     for (uint32_t k = 0; k < nt; k++)
         for (uint32_t a = 0; a < g_num_targets; a++)
-            if (tiles[k].mma == 0 || strcmp(g_targets[a].arch, "sm_90") == 0)
+            if (tiles[k].mma == 0 ||
+                (g_targets[a].wave == 0 && strcmp(g_targets[a].arch, "sm_90") == 0))
                 add_job(&c, &tiles[k], &g_targets[a], false, what);
 }
 
