@@ -137,7 +137,8 @@ void att_cuda_plan_from_cfg(const tun_cfg_t *c, att_cuda_plan_t *out) {
                                             .warp_mt = v[TUN_CUDA_WIDE_WARP_MT],
                                             .warps_n = 1,
                                             .tile_k = v[TUN_CUDA_WIDE_TILE_K],
-                                            .stages = v[TUN_CUDA_WIDE_STAGES]};
+                                            .stages = v[TUN_CUDA_WIDE_STAGES],
+                                            .mma = v[TUN_CUDA_WIDE_MMA]};
     out->tile[ATT_TILE_NARROW] = (att_tile_t){.warps_m = 1,
                                               .warp_mt = 1,
                                               .warps_n = v[TUN_CUDA_NARROW_WARPS_N],
@@ -147,10 +148,12 @@ void att_cuda_plan_from_cfg(const tun_cfg_t *c, att_cuda_plan_t *out) {
                        v[TUN_CUDA_MIXED_SPLIT_KEYS], v[TUN_CUDA_MIXED_ORDER]);
 }
 
-void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out) {
+void att_cuda_plan_default(const att_model_t *m, const char *arch, uint32_t smem_optin,
+                           att_cuda_plan_t *out) {
     tun_shape_t s;
     att_tune_shape(m, &s);
-    const tun_device_t d = {.backend = "cuda", .smem_bytes = smem_optin};
+    tun_device_t d = {.backend = "cuda", .smem_bytes = smem_optin};
+    snprintf(d.arch, sizeof d.arch, "%s", arch);
     const tun_bucket_t any = {0};
     tun_cfg_t h;
     tun_space_cuda_unified.heuristic(&s, &d, &any, &h);
@@ -159,7 +162,7 @@ void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_p
 
 /* The session's plan: the default, with the backend's overrides. */
 static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cuda_plan_t *out) {
-    att_cuda_plan_default(m, be->smem_optin, out);
+    att_cuda_plan_default(m, be->arch, be->smem_optin, out);
     if (be->has_plan)
         att_gpu_plan_override(out, &be->plan);
 }

@@ -57,11 +57,13 @@ typedef struct att_cuda_cfg {
     uint32_t compile_threads;
 } att_cuda_cfg_t;
 
-/* The plan for model m on a device that allows smem_optin bytes of shared memory per block: the
- * heuristic of the tuning space (tuning/tun_space.c's cuda_heuristic, the one place default
- * tiles and split thresholds are chosen; figures in docs/BENCHMARKS.md) through
- * att_cuda_plan_from_cfg. Pure; any thread. */
-void att_cuda_plan_default(const att_model_t *m, uint32_t smem_optin, att_cuda_plan_t *out);
+/* The plan for model m on a device of architecture arch ("sm_90": the wgmma wide tile where the
+ * model allows it) that allows smem_optin bytes of shared memory per block: the heuristic of the
+ * tuning space (tuning/tun_space.c's cuda_heuristic, the one place default tiles and split
+ * thresholds are chosen; figures in docs/BENCHMARKS.md) through att_cuda_plan_from_cfg. Pure;
+ * any thread. */
+void att_cuda_plan_default(const att_model_t *m, const char *arch, uint32_t smem_optin,
+                           att_cuda_plan_t *out);
 
 /* The plan of a config of tun_space_cuda_unified (valid: tun_cfg_valid). Pure; any thread. */
 void att_cuda_plan_from_cfg(const tun_cfg_t *cfg, att_cuda_plan_t *out);

@@ -294,7 +294,7 @@ typedef struct fetch_arg {
 static void *fetch_run(void *arg) {
     fetch_arg_t *a = arg;
     att_gpu_fetch_t *f = a->f;
-    f->err = att_jit_image(a->jit, a->arch, f->opts.ptr, f->opts.n, &f->img, &f->bytes,
+    f->err = att_jit_image(a->jit, att_jit_opts_arch(&f->opts, a->arch), f->opts.ptr, f->opts.n, &f->img, &f->bytes,
                            &f->compiled, &f->diag);
     return NULL;
 }

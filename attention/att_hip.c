@@ -712,6 +712,7 @@ at_err_t att_hip_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **
 void att_hip_model_opts(const att_model_t *m, const att_tile_t *t, uint32_t wave,
                         att_jit_opts_t *o) {
     o->n = 0;
+    o->arch[0] = '\0'; /* the device's: the portable body builds for every target */
     att_jit_opt_add(o, "-std=c++17", 0);
     att_jit_opt_add(o, "-DATT_PORTABLE_MATH=1", 0);
     att_jit_opt_add(o, "-DATT_WAVE=%u", wave);

@@ -30,9 +30,11 @@
 extern const unsigned char att_kernel_unified_cu[];
 extern const unsigned char att_kernel_kparams_h[];
 extern const unsigned char att_kernel_port_h[];
+extern const unsigned char att_kernel_sm90_cuh[];
 #define KERNEL_SRC ((const char *)att_kernel_unified_cu)
 #define KERNEL_HDR ((const char *)att_kernel_kparams_h)
 #define KERNEL_PORT ((const char *)att_kernel_port_h)
+#define KERNEL_SM90 ((const char *)att_kernel_sm90_cuh)
 
 #define KEY_BYTES 32
 #define FILE_MAGIC "ATTNDK01"
@@ -56,6 +58,8 @@ struct att_jit {
 };
 
 uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t) {
+    if (t->mma == 1)
+        return tun_cuda_wgmma_smem_bytes(m->head_dim, t->warps_m, t->tile_k, t->stages);
     return tun_cuda_smem_bytes(m->head_dim, (uint32_t)m->dtype, t->warps_m, t->warp_mt,
                                t->warps_n, t->tile_k, t->stages);
 }
@@ -67,9 +71,9 @@ static void key_hex(const uint8_t key[KEY_BYTES], char hex[2 * KEY_BYTES + 1]);
 static int sha256_strings(const char *const *s, size_t n, uint8_t out[KEY_BYTES]);
 
 static void hash_init(void) {
-    const char *parts[] = {KERNEL_SRC, KERNEL_HDR, KERNEL_PORT};
+    const char *parts[] = {KERNEL_SRC, KERNEL_HDR, KERNEL_PORT, KERNEL_SM90};
     uint8_t key[KEY_BYTES];
-    if (sha256_strings(parts, 3, key) == 0)
+    if (sha256_strings(parts, 4, key) == 0)
         key_hex(key, kernel_hash);
 }
 
@@ -89,9 +93,15 @@ void att_jit_opt_add(att_jit_opts_t *o, const char *fmt, unsigned v) { opt_add(o
 
 void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
     o->n = 0;
+    /* wgmma is in sm_90a alone: a variant of the device's sm_90 target could not use it */
+    snprintf(o->arch, sizeof o->arch, "%s", t->mma == 1 ? "sm_90a" : "");
     opt_add(o, "-std=c++17", 0);
     opt_add(o, "-lineinfo", 0);
     att_jit_model_defines(m, t, o);
+}
+
+const char *att_jit_opts_arch(const att_jit_opts_t *o, const char *dev_arch) {
+    return o->arch[0] != '\0' ? o->arch : dev_arch;
 }
 
 void att_jit_model_defines(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o) {
@@ -112,6 +122,8 @@ void att_jit_model_defines(const att_model_t *m, const att_tile_t *t, att_jit_op
     opt_add(o, "-DATT_WARPS_N=%u", t->warps_n);
     opt_add(o, "-DATT_TILE_K=%u", t->tile_k);
     opt_add(o, "-DATT_STAGES=%u", t->stages);
+    if (t->mma == 1)
+        opt_add(o, "-DATT_WGMMA=%u", 1);
 }
 
 void att_jit_default_dir(char *buf, size_t n) {
@@ -141,11 +153,13 @@ at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const ch
 void att_jit_kernel_source(att_jit_source_t *out) {
     out->text = KERNEL_SRC;
     out->name = "att_unified.cu";
-    out->num_headers = 2;
+    out->num_headers = 3;
     out->headers[0] = KERNEL_HDR;
     out->header_names[0] = "attention/att_kparams.h";
     out->headers[1] = KERNEL_PORT;
     out->header_names[1] = "attention/kernels/att_port.h";
+    out->headers[2] = KERNEL_SM90;
+    out->header_names[2] = "attention/kernels/att_sm90.cuh";
 }
 
 /* mkdir -p */

@@ -29,13 +29,18 @@ typedef struct att_jit att_jit_t;
  * 16 * warp_mt * warps_m; threads 32 * warps_m * warps_n. Valid: warps_m * warps_n in 1..16,
  * warp_mt 1 or 2, tile_k a multiple of 16 * warps_n, stages 2..4, and the shared memory
  * ((rows + 2 * stages * tile_k) * (head_dim rounded up to 16, + 8) * 2 bytes) within the
- * device's per-block limit. f32 models use only rows and threads. */
+ * device's per-block limit. f32 models use only rows and threads.
+ * mma 1 selects the sm_90a wgmma body (ATT_WGMMA, kernels/att_sm90.cuh; compiled for "sm_90a"):
+ * f16/bf16, head_dim 64 or 128, warps_m 4 or 8 (one or two warpgroups of 64 rows), warp_mt 1,
+ * warps_n 1, tile_k 64 or 128, stages 2..4; one producer warp more (threads 32 * warps_m + 32)
+ * and 1024 + (rows + 2 * stages * tile_k) * head_dim * 2 bytes of shared memory. */
 typedef struct att_tile {
     uint32_t warps_m; /* warps over the tile's rows */
     uint32_t warp_mt; /* m16 row tiles per warp: 1 or 2 */
     uint32_t warps_n; /* warps over each stage's keys */
     uint32_t tile_k;  /* keys per pipeline stage */
     uint32_t stages;  /* cp.async ring depth */
+    uint32_t mma;     /* 0 mma.sync (any NVIDIA GPU from sm_80), 1 wgmma (sm_90a) */
 } att_tile_t;
 
 typedef enum att_tile_kind {
@@ -62,11 +67,17 @@ typedef struct att_jit_opts {
     char text[ATT_JIT_MAX_OPTS][40];
     const char *ptr[ATT_JIT_MAX_OPTS];
     uint32_t n;
+    /* The variant's own compile target when the device's does not build it ("sm_90a" for a wgmma
+     * tile, whose instructions exist only on the arch-specific target); "": the device's. */
+    char arch[16];
 } att_jit_opts_t;
 
 /* NVRTC's options (language level, line info, then att_jit_model_defines) of model m with tile
- * t. */
+ * t, and its own target (o->arch). */
 void att_jit_model_opts(const att_model_t *m, const att_tile_t *t, att_jit_opts_t *o);
+
+/* The target to compile o for on a device of architecture dev_arch: o->arch, else dev_arch. */
+const char *att_jit_opts_arch(const att_jit_opts_t *o, const char *dev_arch);
 
 /* Appends the defines of model m with tile t to o. The window flag is set when any layer has a
  * window (the window itself is a per-call value). */
@@ -80,8 +91,8 @@ void att_jit_opt_add(att_jit_opts_t *o, const char *fmt, unsigned v);
 typedef struct att_jit_source {
     const char *text;
     const char *name;
-    const char *headers[2];
-    const char *header_names[2];
+    const char *headers[3];
+    const char *header_names[3];
     uint32_t num_headers;
 } att_jit_source_t;
 void att_jit_kernel_source(att_jit_source_t *out);
@@ -129,7 +140,7 @@ at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts,
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
 
 /* Hex SHA-256 of the embedded kernel source and its headers (att_unified.cu, att_kparams.h,
- * att_port.h): a kernel change changes it, so tuning records keyed by it (CUDA's and HIP's) are
+ * att_port.h, att_sm90.cuh): a kernel change changes it, so tuning records keyed by it (CUDA's and HIP's) are
  * not reused. Any thread. */
 const char *att_jit_kernel_hash(void);
 

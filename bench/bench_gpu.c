@@ -477,9 +477,11 @@ static int bench_mixed(att_backend_t *be, const shape_t *s, int part, result_t *
     return rc;
 }
 
-/* "wide=4,2,1,32,3": a tile override (warps_m, warp_mt, warps_n, tile_k, stages) of one kind. */
+/* "wide=4,2,1,32,3": a tile override (warps_m, warp_mt, warps_n, tile_k, stages) of one kind,
+ * with an optional sixth field, the body: 0 mma.sync (the default), 1 wgmma (sm_90 only),
+ * "wide=8,1,1,64,3,1". */
 static int parse_tile(const char *s, att_cuda_plan_t *pl) {
-    att_tile_t t;
+    att_tile_t t = {0};
     uint32_t kind;
     if (strncmp(s, "wide=", 5) == 0)
         kind = ATT_TILE_WIDE;
@@ -487,8 +489,9 @@ static int parse_tile(const char *s, att_cuda_plan_t *pl) {
         kind = ATT_TILE_NARROW;
     else
         return -1;
-    if (sscanf(strchr(s, '=') + 1, "%u,%u,%u,%u,%u", &t.warps_m, &t.warp_mt, &t.warps_n,
-               &t.tile_k, &t.stages) != 5 || t.warps_m == 0)
+    const int n = sscanf(strchr(s, '=') + 1, "%u,%u,%u,%u,%u,%u", &t.warps_m, &t.warp_mt,
+                         &t.warps_n, &t.tile_k, &t.stages, &t.mma);
+    if ((n != 5 && n != 6) || t.warps_m == 0 || t.mma > 1)
         return -1;
     pl->tile[kind] = t;
     return 0;
@@ -559,7 +562,7 @@ int bench_gpu_main(int argc, char **argv) {
         else {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
-                    "                       [--tile KIND=WM,MT,WN,TK,ST]... [--plan KEY=V]...\n"
+                    "                       [--tile KIND=WM,MT,WN,TK,ST[,B]]... [--plan KEY=V]...\n"
                     "                       [--plain-host] [--no-timing]\n"
                     "  --no-timing: no events around a call's kernels (no device times; host\n"
                     "  times as in the server, which records none)\n"
@@ -569,6 +572,7 @@ int bench_gpu_main(int argc, char **argv) {
                     "(tools/gpu_torch_bench.py prints it)\n"
                     "  LIST: some of decode,prefill,mixed,mixparts (the mixed batch's two parts\n"
                     "  alone; default all)\n"
+                    "  B: the wide tile's body, 0 mma.sync (when left out), 1 wgmma (sm_90)\n"
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
                     "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
                     "  KEY: min_split_keys, max_splits, blocks_per_sm (a number or occupancy),\n"

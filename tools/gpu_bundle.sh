@@ -7,6 +7,7 @@
 # xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use. With the HIP backend built
 # (Debian's libamdhip64-dev here), test_att_hip, test_att_hip_tune and the HIP test double
 # (lib/libattnd_hip_on_cuda_testdouble.so: HIP on CUDA, test-only) come too: `gpu_run.sh hip`.
+# With nvcc here, bin/wgmma_check too (tools/wgmma_check.cu: `gpu_run.sh wgmma`).
 # Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,14 @@ cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 rm -rf "$out/bin" "$out/lib.new"
 mkdir -p "$out/bin" "$out/lib.new"
 cp "${bins[@]}" "$out/bin/"
+# The wgmma body's layout self-check (gpu_run.sh wgmma): runtime linked statically, driver only.
+nvcc=${AT_CUDA_ROOT:-/usr/local/cuda}/bin/nvcc
+if [ -x "$nvcc" ]; then
+  "$nvcc" -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -I. -o "$out/bin/wgmma_check" \
+    tools/wgmma_check.cu
+else
+  echo "no nvcc: dist/gpu has no wgmma_check"
+fi
 if [ "$hip" = 1 ]; then
   cp "$build/tests/libattnd_hip_on_cuda_testdouble.so" "$out/lib.new/"
 fi

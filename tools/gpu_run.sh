@@ -9,7 +9,10 @@
 # (four sessions' calls through one worker thread, then two), tune (attnd tune on cuda:0 for
 # llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
 # 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP backend on hip:0,
-# run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0).
+# run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0), wgmma
+# (the sm_90a wide tile: wgmma_check, the layouts alone; the GPU suite's prefill cases on both
+# wide bodies; then prefill through bench-gpu with the wgmma tiles and the mma.sync one side by
+# side).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
 phases="${1:-tests,sanitize}"
@@ -45,6 +48,23 @@ if has tests; then
   gpu_test test_att_cuda 480
   note "test_att_cuda_tune"
   gpu_test test_att_cuda_tune 300
+fi
+
+if has wgmma; then
+  # The default plan takes the mma.sync wide tile; wide_bodies runs it and the wgmma tiles.
+  note "wgmma_check: the body's shared-memory layouts and fragments, alone"
+  timeout 60 "$R" wgmma_check || status=1
+  note "test_att_cuda: both wide bodies"
+  ATTND_TEST_FILTER='*wide_bodies*' gpu_test test_att_cuda 300
+  note "prefill: wgmma tiles (WM,MT,WN,TK,ST,1) against the default, mma.sync (4,2,1,32,3,0)"
+  for t in "" wide=8,1,1,64,3,1 wide=8,1,1,64,2,1 wide=8,1,1,64,4,1 \
+           wide=4,1,1,64,4,1 wide=4,1,1,128,2,1; do
+    timeout 120 "$R" attnd bench-gpu --cases prefill ${t:+--tile $t} > "$out/wgmma.log.tmp" 2>&1 ||
+      status=1
+    grep -E "^prefill|rror" "$out/wgmma.log.tmp" | sed "s/^/${t:-default} /"
+    cat "$out/wgmma.log.tmp" >> "$out/wgmma_bench.log"
+    rm -f "$out/wgmma.log.tmp"
+  done
 fi
 
 if has hip; then

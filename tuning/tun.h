@@ -132,7 +132,8 @@ enum {
     TUN_CUDA_BLOCKS_PER_SM = 8,    /* a wave's blocks per SM; 0 = the kernel's occupancy */
     TUN_CUDA_MIXED_SPLIT_KEYS = 9, /* 0 = never split a mixed batch's wide tiles for balance */
     TUN_CUDA_MIXED_ORDER = 10,     /* 1 narrow tiles first, 2 wide tiles first */
-    TUN_CUDA_PARAMS = 11,
+    TUN_CUDA_WIDE_MMA = 11,        /* the wide tile's body: 0 mma.sync, 1 wgmma (sm_90 only) */
+    TUN_CUDA_PARAMS = 12,
 };
 #define TUN_CUDA_MAX_SPLITS 32u    /* parts per tile at most (not searched) */
 
@@ -147,6 +148,16 @@ uint32_t tun_cuda_smem_bytes(uint32_t head_dim, uint32_t dtype, uint32_t warps_m
  * shared memory), and is not a known spill (a register estimate). */
 bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warps_m,
                       uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k, uint32_t stages);
+
+/* The same two for the sm_90a wgmma body (ATT_WGMMA, attention/kernels/att_sm90.cuh): its
+ * kSmemBytes, and whether the tile is one it builds (f16/bf16, head_dim 64 or 128, warps_m 4 or
+ * 8, warp_mt 1, tile_k 64 or 128, stages 2..4) without spilling (not 8 warps with 128 dims and
+ * 128 keys) on d, which must be exactly sm_90 (wgmma is sm_90a's alone), within d's shared
+ * memory. */
+uint32_t tun_cuda_wgmma_smem_bytes(uint32_t head_dim, uint32_t warps_m, uint32_t tile_k,
+                                   uint32_t stages);
+bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warps_m,
+                       uint32_t warp_mt, uint32_t tile_k, uint32_t stages);
 
 /* The unified kernel's portable FMA body (ATT_PORTABLE_MATH: every dtype on the HIP backend,
  * attention/att_hip.c, att_hip_plan_from_cfg): one wave per query row, no shared memory, so a tile

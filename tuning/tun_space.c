@@ -105,6 +105,26 @@ bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm, 
     return regs <= CUDA_MAX_TILE_REGS;
 }
 
+uint32_t tun_cuda_wgmma_smem_bytes(uint32_t head_dim, uint32_t warps_m, uint32_t tile_k,
+                                   uint32_t stages) {
+    /* 1024 to align the swizzled tiles; Q, then a K and V ring, unpadded */
+    return 1024u + (16u * warps_m + 2u * stages * tile_k) * head_dim * 2u;
+}
+
+bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm, uint32_t mt,
+                       uint32_t tile_k, uint32_t stages) {
+    if (strcmp(d->arch, "sm_90") != 0 || (s->dtype != 2 && s->dtype != 3) ||
+        (s->head_dim != 64 && s->head_dim != 128))
+        return false;
+    /* three warpgroups (12 warps) would leave 152 registers a thread, and two at 128 dims and
+     * 128 keys 168: they spill (nvcc -arch=sm_90a --resource-usage) */
+    if ((wm != 4 && wm != 8) || mt != 1 || (tile_k != 64 && tile_k != 128) || stages < 2 ||
+        stages > 4 || (wm == 8 && s->head_dim == 128 && tile_k == 128))
+        return false;
+    return d->smem_bytes == 0 ||
+           tun_cuda_wgmma_smem_bytes(s->head_dim, wm, tile_k, stages) <= d->smem_bytes;
+}
+
 /* The backend's plan before any measurement (att_cuda_plan_default is this, mapped). Figures
  * from the H200 runs in docs/BENCHMARKS.md. */
 static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tun_bucket_t *b,
@@ -136,6 +156,11 @@ static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tu
     if (WIDE_SMEM > limit)
         v[TUN_CUDA_WIDE_WARP_MT] = 1;
 #undef WIDE_SMEM
+    /* The sm_90a wgmma body (wide_mma 1) is in the space but not the default: on the H200
+     * (2026-11-30, bench-gpu prefill 8 x 2048) its best tile, two warpgroups of 64 rows with 64
+     * keys a stage and 3-4 stages, ran 150-152 TFLOP/s against this mma.sync tile's 229 (D 64:
+     * 161 against 134-167). Its one producer warp issues every cp.async of a stage (64 per
+     * lane at 128 dims), which bounds it; docs/BENCHMARKS.md. */
     /* a narrow tile that does not fit (head_dim 256 on a small device): half the keys */
     if (tun_cuda_smem_bytes(s->head_dim, s->dtype, 1, 1, 4, 64, 2) > limit) {
         v[TUN_CUDA_NARROW_WARPS_N] = 2;
@@ -155,9 +180,16 @@ static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_devic
         for (uint32_t p = TUN_CUDA_WIDE_WARPS_M; p <= TUN_CUDA_NARROW_STAGES; p++)
             if (v[p] != h.v[p])
                 return false;
+        if (v[TUN_CUDA_WIDE_MMA] != h.v[TUN_CUDA_WIDE_MMA])
+            return false;
     }
-    if (!tun_cuda_tile_ok(s, d, v[TUN_CUDA_WIDE_WARPS_M], v[TUN_CUDA_WIDE_WARP_MT], 1,
-                          v[TUN_CUDA_WIDE_TILE_K], v[TUN_CUDA_WIDE_STAGES]) ||
+    const bool wide_ok =
+        v[TUN_CUDA_WIDE_MMA] == 1
+            ? tun_cuda_wgmma_ok(s, d, v[TUN_CUDA_WIDE_WARPS_M], v[TUN_CUDA_WIDE_WARP_MT],
+                                v[TUN_CUDA_WIDE_TILE_K], v[TUN_CUDA_WIDE_STAGES])
+            : tun_cuda_tile_ok(s, d, v[TUN_CUDA_WIDE_WARPS_M], v[TUN_CUDA_WIDE_WARP_MT], 1,
+                               v[TUN_CUDA_WIDE_TILE_K], v[TUN_CUDA_WIDE_STAGES]);
+    if (!wide_ok ||
         !tun_cuda_tile_ok(s, d, 1, 1, v[TUN_CUDA_NARROW_WARPS_N], v[TUN_CUDA_NARROW_TILE_K],
                           v[TUN_CUDA_NARROW_STAGES]))
         return false;
@@ -165,7 +197,7 @@ static bool cuda_valid(const tun_cfg_t *c, const tun_shape_t *s, const tun_devic
     return v[TUN_CUDA_SPLIT_MIN_KEYS] != 0 || v[TUN_CUDA_BLOCKS_PER_SM] == 0;
 }
 
-#define CUDA_WIDE_MASK 0x00fu   /* wide_* */
+#define CUDA_WIDE_MASK 0x80fu   /* wide_* */
 #define CUDA_NARROW_MASK 0x070u /* narrow_* */
 #define CUDA_SPLIT_MASK 0x180u  /* split_min_keys, blocks_per_sm */
 #define CUDA_MIXED_MASK 0x600u  /* mixed_split_keys, mixed_order */
@@ -200,11 +232,11 @@ static uint32_t cuda_stages(const tun_shape_t *s, const tun_bucket_t *b, uint32_
 }
 
 const tun_space_t tun_space_cuda_unified = {
-    .name = "cuda/att_unified/2",
+    .name = "cuda/att_unified/3",
     .n_params = TUN_CUDA_PARAMS,
     .params = {"wide_warps_m", "wide_warp_mt", "wide_tile_k", "wide_stages", "narrow_warps_n",
                "narrow_tile_k", "narrow_stages", "split_min_keys", "blocks_per_sm",
-               "mixed_split_keys", "mixed_order"},
+               "mixed_split_keys", "mixed_order", "wide_mma"},
     .values = {{2, 4, 8},
                {1, 2},
                {32, 64, 128},
@@ -215,8 +247,9 @@ const tun_space_t tun_space_cuda_unified = {
                {0, 128, 256, 512, 1024},
                {0, 1, 2, 4},
                {0, 256, 512, 1024},
-               {1, 2}},
-    .n_values = {3, 2, 3, 3, 4, 3, 3, 5, 4, 4, 2},
+               {1, 2},
+               {0, 1}},
+    .n_values = {3, 2, 3, 3, 4, 3, 3, 5, 4, 4, 2, 2},
     .valid = cuda_valid,
     .heuristic = cuda_heuristic,
     .stages = cuda_stages,

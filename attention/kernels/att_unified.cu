@@ -128,7 +128,14 @@ static_assert(kTileK % kWarpsN == 0, "ATT_TILE_K must split evenly over ATT_WARP
  * ATT_PORTABLE_MATH, which HIP sets): see att_port.h. */
 #define ATT_TC (ATT_DTYPE != ATT_DT_F32 && !ATT_PORTABLE_MATH)
 
-#if ATT_TC
+#ifndef ATT_WGMMA
+#define ATT_WGMMA 0
+#endif
+#if ATT_WGMMA && !ATT_TC
+#error "ATT_WGMMA (the sm_90a body) needs f16 or bf16 on NVIDIA"
+#endif
+
+#if ATT_TC && !ATT_WGMMA
 static_assert(ATT_WAVE == 32, "the tensor-core body is written for 32-lane warps");
 constexpr uint32_t kStages = ATT_STAGES;
 constexpr uint32_t kKW = kTileK / kWarpsN; /* keys per warp per stage */
@@ -158,13 +165,11 @@ constexpr uint32_t kNT = kKW / 8;          /* n8 score tiles per warp */
 constexpr uint32_t kDT = kDP / 8;          /* n8 output tiles */
 constexpr uint32_t kKVChunks = kTileK * kCPR;
 constexpr uint32_t kCPT = (kKVChunks + kThreads - 1) / kThreads; /* chunks per thread per tile */
-#else
+constexpr uint32_t kAttendThreads = kThreads;
+#elif !ATT_TC
 constexpr uint32_t kSmemBytes = 0;
+constexpr uint32_t kAttendThreads = kThreads;
 #endif
-
-/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). */
-extern "C" __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
-    kRows, kTileK, kThreads, kSmemBytes, 0, kKvwThreads, 0, 0};
 
 /* ---- small device helpers (what differs between CUDA and HIP is in att_port.h) ---- */
 
@@ -362,29 +367,38 @@ __device__ void merge_parts(const att_kparams_t &p, uint32_t mi, uint32_t h, uin
     }
 }
 
-/* The end of a split item, once each thread has stored its share of the partial rows: the last
- * of the row tile's parts to arrive merges them all. The arrival counter of (merge record, KV
- * head) is zero between launches: atomicInc wraps the last arrival's count back to 0. The fence
- * before the count publishes this block's partials; the one after orders the merger's reads
- * after every other part's. */
-__device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_t &t) {
+/* The whole block's barrier: what finish_split waits on when every thread of the block is still
+ * running (a body may instead pass a barrier of the threads it keeps). */
+struct block_sync {
+    __device__ static void sync() { __syncthreads(); }
+};
+
+/* The end of a split item, once each of the nthreads threads that Sync::sync() gathers (tid
+ * 0..nthreads-1) has stored its share of the partial rows: the last of the row tile's parts to
+ * arrive merges them all. The arrival counter of (merge record, KV head) is zero between
+ * launches: atomicInc wraps the last arrival's count back to 0. The fence before the count
+ * publishes this block's partials; the one after orders the merger's reads after every other
+ * part's. */
+template <class Sync>
+__device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_t &t, uint32_t tid,
+                                             uint32_t nthreads) {
     __shared__ uint32_t s_last;
     __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
+    Sync::sync();
+    if (tid == 0) {
         const uint32_t n = ((const att_kmerge_t *)p.merges_d)[t.it.merge].num_parts;
         uint32_t *count = (uint32_t *)p.counters_d + (uint64_t)t.it.merge * kHkv + t.h;
         s_last = atomicInc(count, n - 1) == n - 1;
     }
-    __syncthreads();
+    Sync::sync();
     if (s_last) {
         __threadfence();
-        merge_parts(p, t.it.merge, t.h, threadIdx.x, blockDim.x);
+        merge_parts(p, t.it.merge, t.h, tid, nthreads);
     }
 }
 
 #if ATT_TC
-/* ---- tensor-core path (f16, bf16 on NVIDIA) ---- */
+/* ---- shared by both tensor-core bodies ---- */
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -405,6 +419,13 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+#endif
+
+#if ATT_TC && ATT_WGMMA
+#include "attention/kernels/att_sm90.cuh"
+#elif ATT_TC
+/* ---- tensor-core path (f16, bf16 on NVIDIA): mma.sync ---- */
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -823,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
         }
     }
     if (t.it.part != ATT_KPART_NONE)
-        finish_split(p, t);
+        finish_split<block_sync>(p, t, threadIdx.x, blockDim.x);
 }
 
 #else /* !ATT_TC */
@@ -952,9 +973,17 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
         }
     }
     if (t.it.part != ATT_KPART_NONE)
-        finish_split(p, t);
+        finish_split<block_sync>(p, t, threadIdx.x, blockDim.x);
 }
 #endif
+
+/* The tile configuration, read by the host (att_kparams.h, ATT_KINFO_*). (A linkage block: nvcc,
+ * which builds tools/wgmma_check.cu from this file, takes `extern "C" __constant__ x = ...` for a
+ * declaration and leaves its host shadow undefined.) */
+extern "C" {
+__constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
+    kRows, kTileK, kAttendThreads, kSmemBytes, 0, kKvwThreads, 0, 0};
+}
 
 /* ---- append-only KV write ---- */
 

@@ -142,6 +142,69 @@ static void test_att_cuda_split_kv(void **state) {
     split_case(ATT_DTYPE_F16, 8, 1, 256, 16, ATT_RIG_F_ALL, 4);
 }
 
+#ifndef ATT_TEST_HIP
+/* ---- both wide-tile bodies (CUDA) ---- */
+
+/* Prefill, chunks over earlier context and split tiles on a backend of its own whose plan forces
+ * the wide tile `wide`, against the CPU backend and the oracle. */
+static void wide_body_case(const att_tile_t *wide, att_dtype_t dt, uint32_t hq, uint32_t hkv,
+                           uint32_t d, unsigned feats, uint32_t index) {
+    att_cuda_plan_t plan;
+    memset(&plan, 0, sizeof plan);
+    plan.tile[ATT_TILE_WIDE] = *wide;
+    const att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = "", .plan = &plan};
+    att_backend_t *be = NULL;
+    at_diag_t diag = {{0}};
+    TU_CHECK(att_cuda_create(&cc, &diag, &be) == AT_OK, "att_cuda_create: %s", diag.msg);
+    const uint64_t seed = tu_sub_seed(g_seed, 60000u + index);
+    tu_rng_t r;
+    tu_rng_seed(&r, seed);
+    att_rig_spec_t spec;
+    att_rig_spec_init(&spec, dt, 1, hq, hkv, d, 16);
+    att_rig_spec_features(&spec, feats, &r);
+    if (feats & ATT_RIG_F_WINDOW)
+        spec.cfg.sliding_window = 300;
+    char desc[256];
+    tu_where_set("wide tile %ux%ux%ux%ux%u mma %u: ATTND_TEST_SEED=%" PRIu64 " (seed %" PRIu64
+                 "), %s",
+                 wide->warps_m, wide->warp_mt, wide->warps_n, wide->tile_k, wide->stages,
+                 wide->mma, g_seed, seed, att_rig_spec_str(&spec, desc, sizeof desc));
+    print_message("wide tile %ux%ux%ux%ux%u mma %u: %s\n", wide->warps_m, wide->warp_mt,
+                  wide->warps_n, wide->tile_k, wide->stages, wide->mma, desc);
+    att_rig_t rig;
+    att_rig_init_with(&rig, &spec.cfg, 8192, CPU_BE, 1, &be, 1, tu_rng_next(&r));
+    /* prompts of several tiles (the last ones partial), split when too few fill the GPU */
+    const att_chunk_t p1[] = {{1, 0, 1000}, {2, 0, 333}, {3, 0, 70}};
+    att_rig_attend(&rig, 0, p1, 3);
+    /* chunks over earlier context, next to a decode token */
+    const att_chunk_t p2[] = {{1, 1000, 200}, {2, 333, 1}, {3, 70, 45}};
+    att_rig_attend(&rig, 0, p2, 3);
+    att_rig_fini(&rig);
+    att_backend_destroy(&be);
+}
+
+/* The default plan takes the mma.sync wide tile, which the cases above run; this runs it alone
+ * on any GPU, and on sm_90 the wgmma body's tiles (two warpgroups and one, 64 and 128 keys a
+ * stage, 2 to 4 stages), every feature in at least one of them. */
+static void test_att_cuda_wide_bodies(void **state) {
+    (void)state;
+    NEED_GPU();
+    static const att_tile_t mma_sync = {4, 2, 1, 32, 3, 0};
+    wide_body_case(&mma_sync, ATT_DTYPE_BF16, 8, 2, 128, ATT_RIG_F_ALL, 0);
+    wide_body_case(&mma_sync, ATT_DTYPE_F16, 16, 2, 64, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
+    if (strcmp(att_cuda_arch(g_cuda), "sm_90") != 0) {
+        printf("SKIP the wgmma tiles: %s is not sm_90\n", att_cuda_arch(g_cuda));
+        return;
+    }
+    static const att_tile_t wg[] = {{8, 1, 1, 64, 3, 1}, {4, 1, 1, 128, 2, 1},
+                                    {8, 1, 1, 128, 3, 1}, {4, 1, 1, 64, 4, 1}};
+    wide_body_case(&wg[0], ATT_DTYPE_BF16, 8, 2, 128, ATT_RIG_F_ALL, 2);
+    wide_body_case(&wg[1], ATT_DTYPE_BF16, 32, 8, 128, 0, 3);
+    wide_body_case(&wg[2], ATT_DTYPE_F16, 16, 2, 64, ATT_RIG_F_SOFT_CAP | ATT_RIG_F_ALIBI, 4);
+    wide_body_case(&wg[3], ATT_DTYPE_F16, 6, 1, 128, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 5);
+}
+#endif
+
 /* ---- three models interleaved on one GPU ---- */
 
 static void test_att_cuda_models_interleaved(void **state) {
@@ -366,7 +429,7 @@ int main(void) {
     } groups[] = {{"g1", 4, 4}, {"g4", 8, 2}, {"g8", 16, 2}, {"mqa", 6, 1}};
     static const uint32_t dims[] = {64, 128, 256, 80, 24};
     static const uint32_t blocks[] = {16, 64, 8, 256};
-    enum { N = 3 * 4 * 5, EXTRA = 5 };
+    enum { N = 3 * 4 * 5, EXTRA = 6 };
     static mcase_t cases[N];
     static struct CMUnitTest tests[N + EXTRA];
     uint32_t n = 0;
@@ -385,6 +448,9 @@ int main(void) {
                 tests[n] = (struct CMUnitTest){c->name, run_matrix_case, NULL, NULL, c};
             }
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_split_kv);
+#ifndef ATT_TEST_HIP
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_wide_bodies);
+#endif
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_models_interleaved);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_append_then_attend);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory);

@@ -1,7 +1,7 @@
 /* The GPU backends' work planner (att_gpu_plan.c) without a GPU: how a batch is cut into tiles,
  * split parts and merges, for the Llama-3.1-8B shape (32 query heads, 8 KV heads, D 128) on an
- * H200's 132 SMs, with the tiles the H200 runs (wide 128 rows, 32 keys per stage; narrow 16
- * rows, 64 keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split
+ * H200's 132 SMs, with the mma.sync tiles (wide 128 rows, 32 keys per stage; narrow 16 rows, 64
+ * keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split
  * choice of each batch family (many waves: none; few: the part count whose waves finish first;
  * a lone long sequence: the most parts) and the invariants the kernels rely on: every row tile
  * covered once, parts tiling its key range, exactly one part writing the new K/V, merge indices
@@ -34,8 +34,8 @@ static void rig_init(plan_rig_t *r) {
                                  .head_dim = 128, .dtype = ATT_DTYPE_BF16, .block_size = 16};
     at_diag_t d = {{0}};
     TU_CHECK(att_model_create(&cfg, &d, &r->m) == AT_OK, "model: %s", d.msg);
-    r->plan.tile[ATT_TILE_WIDE] = (att_tile_t){4, 2, 1, 32, 3};
-    r->plan.tile[ATT_TILE_NARROW] = (att_tile_t){1, 1, 4, 64, 2};
+    r->plan.tile[ATT_TILE_WIDE] = (att_tile_t){4, 2, 1, 32, 3, 0};
+    r->plan.tile[ATT_TILE_NARROW] = (att_tile_t){1, 1, 4, 64, 2, 0};
     att_gpu_plan_knobs(&r->plan, 256, 0, 512, ATT_CUDA_WIDE_FIRST);
 }
 

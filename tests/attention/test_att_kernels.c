@@ -1,9 +1,11 @@
 /* Every model variant family of the attention kernels compiles with NVRTC, for sm_80 and sm_90,
- * in both tile kinds of the default plan (att_cuda_plan_default, for sm_80's 163 KiB of shared
- * memory per block), and every tile of the candidate set below (what the bench sweeps and a
- * tuner may pick) for the Llama shape: head_dim {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for
- * every GQA group {1, 4, 8, MQA} (f32 and f16 at group 4: only the MMA instruction and the
- * conversions differ between f16 and bf16, and f32 ignores the group), every block size
+ * in both tile kinds of the default plans (att_cuda_plan_default, for sm_80's 163 KiB of shared
+ * memory per block, and for sm_90's 227 KiB: the sm_90a wgmma wide tile, compiled for sm_90a, for
+ * f16/bf16 at head_dim 64 and 128, with every feature flag), and every tile of the candidate set
+ * below (what the bench sweeps and a tuner may pick) for the Llama shape: head_dim
+ * {24, 64, 80, 128, 256} x dtype {f32, f16, bf16}, bf16 for every GQA group {1, 4, 8, MQA} (f32
+ * and f16 at group 4: only the MMA instruction and the conversions differ between f16 and bf16,
+ * and f32 ignores the group), every block size
  * from 8 to 256, and each feature flag (window, soft cap, ALiBi, sinks) alone and all together.
  * Each image's att_k_info (read from the cubin's ELF, no GPU needed) must agree with the host's
  * figures: rows, keys and threads of the tile, and the shared memory of att_jit_tile_smem.
@@ -91,10 +93,13 @@ static bool g_few; /* ATTND_KERNEL_VARIANTS=few */
 static char g_src_dir[64]; /* the embedded source, written out for hipcc */
 #endif
 
-/* Tiles besides the default plan's (warps_m, warp_mt, warps_n, tile_k, stages). */
+/* Tiles besides the default plan's (warps_m, warp_mt, warps_n, tile_k, stages, mma); the
+ * wgmma ones (mma 1) are compiled for the CUDA build's sm_90 target only (they build for sm_90a
+ * alone, and not with the HIP backend's portable body). */
 static const att_tile_t k_candidates[] = {
-    {4, 1, 1, 64, 2}, {4, 1, 1, 64, 3}, {8, 1, 1, 64, 2}, {4, 2, 1, 64, 3},
-    {4, 2, 1, 32, 3}, {8, 2, 1, 32, 2}, {1, 1, 4, 64, 3}, {1, 1, 4, 64, 4},
+    {4, 1, 1, 64, 2, 0},  {4, 1, 1, 64, 3, 0},  {8, 1, 1, 64, 2, 0}, {4, 2, 1, 64, 3, 0},
+    {4, 2, 1, 32, 3, 0},  {8, 2, 1, 32, 2, 0},  {1, 1, 4, 64, 3, 0}, {1, 1, 4, 64, 4, 0},
+    {8, 1, 1, 64, 2, 1},  {8, 1, 1, 64, 4, 1},  {4, 1, 1, 64, 4, 1}, {4, 1, 1, 128, 3, 1},
 };
 
 /* Copies the initial value of the constant att_k_info out of a cubin (an ELF64 image: the
@@ -149,10 +154,10 @@ static void add_job(const att_model_cfg_t *c, const att_tile_t *tile, const targ
     j->tile = *tile;
     j->target = target;
     j->must_fail = must_fail;
-    snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u %s tile %ux%ux%ux%ux%u %s",
+    snprintf(j->desc, sizeof j->desc, "%s Hq%u/Hkv%u D%u B%u %s tile %ux%ux%ux%ux%u%s %s",
              att_dtype_name(c->dtype), c->num_query_heads, c->num_kv_heads, c->head_dim,
              c->block_size, what, tile->warps_m, tile->warp_mt, tile->warps_n, tile->tile_k,
-             tile->stages, target->arch);
+             tile->stages, tile->mma == 1 ? " wgmma" : "", target->arch);
 }
 
 static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uint32_t block,
@@ -182,20 +187,31 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
         c.sinks = sinks;
         c.n_sinks = hq;
     }
-    att_tile_t tiles[ATT_TILE_KINDS + 8];
+    enum { MAX_TILES = 2 * ATT_TILE_KINDS + sizeof k_candidates / sizeof k_candidates[0] };
+    att_tile_t tiles[MAX_TILES];
     uint32_t nt = 0;
     {
         att_model_t *m;
         at_diag_t diag = {{0}};
         assert_int_equal(att_model_create(&c, &diag, &m), AT_OK);
-        att_cuda_plan_t pl;
+        att_cuda_plan_t pl[2];
 #ifdef ATT_TEST_HIP
-        att_hip_plan_default(m, &pl);
+        att_hip_plan_default(m, &pl[0]);
+        pl[1] = pl[0];
 #else
-        att_cuda_plan_default(m, 163u * 1024u, &pl);
+        /* sm_80's plan; sm_90's (an H200's shared memory) has the wgmma wide tile where the
+         * model allows it */
+        att_cuda_plan_default(m, "sm_80", 163u * 1024u, &pl[0]);
+        att_cuda_plan_default(m, "sm_90", 227u * 1024u, &pl[1]);
 #endif
-        for (int k = 0; k < ATT_TILE_KINDS; k++)
-            tiles[nt++] = pl.tile[k];
+        for (int p = 0; p < 2; p++)
+            for (int k = 0; k < ATT_TILE_KINDS; k++) {
+                bool dup = false;
+                for (uint32_t i = 0; i < nt; i++)
+                    dup = dup || memcmp(&tiles[i], &pl[p].tile[k], sizeof tiles[i]) == 0;
+                if (!dup)
+                    tiles[nt++] = pl[p].tile[k];
+            }
         att_model_destroy(&m);
     }
     if (with_candidates)
@@ -205,7 +221,9 @@ static void add_model(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t d, uin
     snprintf(what, sizeof what, "feats %x", feats);
     for (uint32_t k = 0; k < nt; k++)
         for (uint32_t a = 0; a < g_num_targets; a++)
-            add_job(&c, &tiles[k], &g_targets[a], false, what);
+            if (tiles[k].mma == 0 ||
+                (g_targets[a].wave == 0 && strcmp(g_targets[a].arch, "sm_90") == 0))
+                add_job(&c, &tiles[k], &g_targets[a], false, what);
 }
 
 #ifdef ATT_TEST_HIP
@@ -276,8 +294,8 @@ static void *worker(void *arg) {
 #endif
         const void *img;
         size_t n;
-        j->err = att_jit_image(j->target->jit, j->target->arch, o.ptr, o.n, &img, &n, NULL,
-                               &j->diag);
+        j->err = att_jit_image(j->target->jit, att_jit_opts_arch(&o, j->target->arch), o.ptr,
+                               o.n, &img, &n, NULL, &j->diag);
         if (j->err == AT_OK && n < 1024)
             j->err = AT_ERR_INTERNAL; /* an image that small cannot hold three kernels */
         if (j->err == AT_OK && !cubin_k_info(img, n, j->info))
@@ -303,9 +321,11 @@ static const char *job_wrong(const job_t *j) {
         return NULL;
     const att_tile_t *t = &j->tile;
     const uint32_t wave = j->target->wave != 0 ? j->target->wave : 32;
+    /* the wgmma body has a producer warp besides the tile's */
+    const uint32_t producer = t->mma == 1 ? 32 : 0;
     if (j->info[ATT_KINFO_TILE_ROWS] != 16 * t->warp_mt * t->warps_m ||
         j->info[ATT_KINFO_TILE_KEYS] != t->tile_k ||
-        j->info[ATT_KINFO_THREADS] != wave * t->warps_m * t->warps_n)
+        j->info[ATT_KINFO_THREADS] != wave * t->warps_m * t->warps_n + producer)
         return "att_k_info's rows, keys or threads differ from the tile's";
     if (j->info[ATT_KINFO_SMEM_BYTES] != job_smem(j))
         return "att_k_info's shared memory differs from the host's figure";
@@ -492,9 +512,12 @@ static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_
     att_cuda_plan_from_cfg(cfg, &plan);
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const att_tile_t *t = &plan.tile[k];
-        TU_CHECK(tun_cuda_smem_bytes(s->head_dim, s->dtype, t->warps_m, t->warp_mt, t->warps_n,
-                                     t->tile_k, t->stages) <= d->smem_bytes,
-                 "%s: %s takes more shared memory than the device has", what, text);
+        const uint32_t smem =
+            t->mma == 1 ? tun_cuda_wgmma_smem_bytes(s->head_dim, t->warps_m, t->tile_k, t->stages)
+                        : tun_cuda_smem_bytes(s->head_dim, s->dtype, t->warps_m, t->warp_mt,
+                                              t->warps_n, t->tile_k, t->stages);
+        TU_CHECK(smem <= d->smem_bytes, "%s: %s takes more shared memory than the device has",
+                 what, text);
         add_space_tile(c, seen, t, false, what);
     }
 }
@@ -502,12 +525,20 @@ static void add_space_cfg(const att_model_cfg_t *c, tile_set_t *seen, const tun_
 /* Tiles the kernel's static_asserts refuse (warps_m, warp_mt, warps_n, tile_k, stages); the
  * first two are narrow tiles the space can express. */
 static const att_tile_t k_refused[] = {
-    {1, 1, 4, 32, 2}, /* 8 keys per warp: not whole k16 steps */
-    {1, 1, 8, 64, 3}, /* likewise */
-    {1, 1, 3, 64, 2}, /* tile_k not a multiple of warps_n */
-    {4, 3, 1, 64, 2}, /* warp_mt 3 */
-    {8, 1, 4, 64, 2}, /* 32 warps */
-    {1, 1, 4, 64, 5}, /* 5 stages */
+    {1, 1, 4, 32, 2, 0}, /* 8 keys per warp: not whole k16 steps */
+    {1, 1, 8, 64, 3, 0}, /* likewise */
+    {1, 1, 3, 64, 2, 0}, /* tile_k not a multiple of warps_n */
+    {4, 3, 1, 64, 2, 0}, /* warp_mt 3 */
+    {8, 1, 4, 64, 2, 0}, /* 32 warps */
+    {1, 1, 4, 64, 5, 0}, /* 5 stages */
+};
+
+/* Wide tiles the wgmma body refuses: the space refuses them too, and NVRTC does. */
+static const att_tile_t k_wgmma_refused[] = {
+    {8, 2, 1, 64, 3, 1}, /* two m16 tiles a warp */
+    {8, 1, 1, 32, 3, 1}, /* 32 keys a stage */
+    {2, 1, 1, 64, 2, 1}, /* half a warpgroup */
+    {8, 1, 1, 64, 5, 1}, /* 5 stages */
 };
 
 /* The space's tiles for one shape: the first stage of a decode search (and of a prefill search
@@ -570,6 +601,15 @@ static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t 
         }
         add_space_tile(&c, &seen, t, true, "refused");
     }
+    for (uint32_t i = 0; i < (g_few ? 1u : sizeof k_wgmma_refused / sizeof k_wgmma_refused[0]);
+         i++) {
+        const att_tile_t *t = &k_wgmma_refused[i];
+        TU_CHECK(!tun_cuda_wgmma_ok(&s, &unlimited, t->warps_m, t->warp_mt, t->tile_k,
+                                    t->stages),
+                 "wgmma tile %ux%ux%ux%ux%u passes tun_cuda_wgmma_ok", t->warps_m, t->warp_mt,
+                 t->warps_n, t->tile_k, t->stages);
+        add_space_tile(&c, &seen, t, true, "refused");
+    }
 
     /* refused for shared memory alone (wide tiles of the space's values): they compile, and
      * run_jobs checks the kernel's own figure is the formula's, so above the device's too */
@@ -581,7 +621,7 @@ static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t 
                     const att_tile_t t = {sp->values[TUN_CUDA_WIDE_WARPS_M][a],
                                           sp->values[TUN_CUDA_WIDE_WARP_MT][b], 1,
                                           sp->values[TUN_CUDA_WIDE_TILE_K][k],
-                                          sp->values[TUN_CUDA_WIDE_STAGES][st]};
+                                          sp->values[TUN_CUDA_WIDE_STAGES][st], 0};
                     if (!tun_cuda_tile_ok(&s, &unlimited, t.warps_m, t.warp_mt, 1, t.tile_k,
                                           t.stages) ||
                         tun_cuda_tile_ok(&s, &d, t.warps_m, t.warp_mt, 1, t.tile_k, t.stages) ||
@@ -592,6 +632,7 @@ static void add_space_shape(att_dtype_t dt, uint32_t hq, uint32_t hkv, uint32_t 
                     big.v[TUN_CUDA_WIDE_WARP_MT] = t.warp_mt;
                     big.v[TUN_CUDA_WIDE_TILE_K] = t.tile_k;
                     big.v[TUN_CUDA_WIDE_STAGES] = t.stages;
+                    big.v[TUN_CUDA_WIDE_MMA] = 0;
                     TU_CHECK(!tun_cfg_valid(sp, &big, &s, &d), "the space takes a wide tile "
                              "beyond the device's shared memory");
                     TU_CHECK(tun_cuda_smem_bytes(s.head_dim, s.dtype, t.warps_m, t.warp_mt, 1,
@@ -644,7 +685,7 @@ static void test_att_kernels_hip_space_heuristic_is_the_default(void **state) {
         att_cuda_plan_t def;
         hip_shape(&c, &s, &def);
         /* the tiles the HIP suite has run by default: 16 rows on 4 waves, 64 rows on 8 */
-        const att_tile_t narrow = {1, 1, 4, 64, 2}, wide = {4, 1, 2, 64, 2};
+        const att_tile_t narrow = {1, 1, 4, 64, 2, 0}, wide = {4, 1, 2, 64, 2, 0};
         TU_CHECK(memcmp(&def.tile[ATT_TILE_NARROW], &narrow, sizeof narrow) == 0 &&
                      memcmp(&def.tile[ATT_TILE_WIDE], &wide, sizeof wide) == 0,
                  "shape %u: the default tiles changed", i);

@@ -389,8 +389,11 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
         assert_true(nt < nb);
         for (size_t i = 0; i < nt; i++) {
             const uint32_t *v = tight[i].v;
-            assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, v[0], v[1], 1, v[2], v[3]) <=
-                        100 * 1024);
+            const uint32_t wide_smem =
+                v[TUN_CUDA_WIDE_MMA] == 1
+                    ? tun_cuda_wgmma_smem_bytes(shapes[s]->head_dim, v[0], v[2], v[3])
+                    : tun_cuda_smem_bytes(shapes[s]->head_dim, 3, v[0], v[1], 1, v[2], v[3]);
+            assert_true(wide_smem <= 100 * 1024);
             assert_true(tun_cuda_smem_bytes(shapes[s]->head_dim, 3, 1, 1, v[4], v[5], v[6]) <=
                         100 * 1024);
             assert_int_equal((v[5] / v[4]) % 16, 0);
@@ -398,7 +401,41 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
         }
         free(big);
         free(tight);
+        /* the default keeps the mma.sync wide tile (the wgmma body is slower on the H200); a
+         * wgmma tile is in the space at head_dim 128 (2 stages in 100 KiB), not at 256 */
+        assert_int_equal(h.v[TUN_CUDA_WIDE_MMA], 0);
+        assert_int_equal(hs.v[TUN_CUDA_WIDE_MMA], 0);
+        tun_cfg_t wg = hs;
+        wg.v[TUN_CUDA_WIDE_MMA] = 1;
+        wg.v[TUN_CUDA_WIDE_WARPS_M] = 8;
+        wg.v[TUN_CUDA_WIDE_WARP_MT] = 1;
+        wg.v[TUN_CUDA_WIDE_TILE_K] = 64;
+        wg.v[TUN_CUDA_WIDE_STAGES] = 2;
+        assert_int_equal(tun_cfg_valid(&tun_space_cuda_unified, &wg, shapes[s], &small_smem),
+                         s == 0);
+        wg.v[TUN_CUDA_WIDE_STAGES] = 3;
+        assert_false(tun_cfg_valid(&tun_space_cuda_unified, &wg, shapes[s], &small_smem));
     }
+    /* not on another architecture (wgmma is sm_90a's), nor in f32 */
+    tun_device_t a100 = h200;
+    snprintf(a100.arch, sizeof a100.arch, "sm_80");
+    tun_cfg_t h;
+    tun_space_cuda_unified.heuristic(&llama, &a100, &b, &h);
+    assert_int_equal(h.v[TUN_CUDA_WIDE_MMA], 0);
+    tun_cfg_t wg = h;
+    wg.v[TUN_CUDA_WIDE_MMA] = 1;
+    wg.v[TUN_CUDA_WIDE_WARPS_M] = 8;
+    wg.v[TUN_CUDA_WIDE_WARP_MT] = 1;
+    wg.v[TUN_CUDA_WIDE_TILE_K] = 64;
+    assert_false(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &a100));
+    assert_true(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &h200));
+    tun_shape_t f32 = llama;
+    f32.dtype = 1;
+    tun_space_cuda_unified.heuristic(&f32, &h200, &b, &h);
+    assert_int_equal(h.v[TUN_CUDA_WIDE_MMA], 0);
+    /* the wgmma body's: 1024 to align, Q 128 x 128 x 2, ring 3 x 2 x 64 x 128 x 2 */
+    assert_int_equal(tun_cuda_wgmma_smem_bytes(128, 8, 64, 3),
+                     1024 + 128 * 256 + 3 * 2 * 64 * 256);
     /* the kernel's formula for a wide tile, D 128 bf16, 4 warps x 1 m16, 64 keys, 2 stages: Q
      * 64 x 136 x 2, ring 2 x 2 x 64 x 136 x 2 */
     assert_int_equal(tun_cuda_smem_bytes(128, 3, 4, 1, 1, 64, 2), 64 * 136 * 2 + 4 * 64 * 136 * 2);
@@ -416,15 +453,15 @@ static void test_tun_space_cuda_stages_follow_the_bucket(void **state) {
     assert_int_equal(m[0], 0x070);
     assert_int_equal(m[1], 0x180);
     assert_int_equal(tun_space_cuda_unified.stages(&llama, &prefill, m), 2);
-    assert_int_equal(m[0], 0x00f);
+    assert_int_equal(m[0], 0x80f);
     assert_int_equal(m[1], 0x180);
     assert_int_equal(tun_space_cuda_unified.stages(&llama, &mixed, m), 4);
-    assert_int_equal(m[0] | m[1] | m[2] | m[3], 0x7ff);
+    assert_int_equal(m[0] | m[1] | m[2] | m[3], 0xfff);
     /* a group above 16 never uses the narrow tile, even for decode */
     tun_shape_t wide_group = llama;
     wide_group.group = 32;
     assert_int_equal(tun_space_cuda_unified.stages(&wide_group, &decode, m), 2);
-    assert_int_equal(m[0], 0x00f);
+    assert_int_equal(m[0], 0x80f);
 }
 
 /* A staged search over the CUDA space times a few dozen configs, not the space's hundreds of

@@ -1,0 +1,625 @@
+/* The sm_90a tensor-core body of att_k_attend (f16/bf16, head_dim 64 or 128): warpgroup MMA
+ * (wgmma) with its operands in shared memory, chosen by ATT_WGMMA=1 for the wide (prefill) tile.
+ * Included by att_unified.cu after its helpers (tile_of, write_own_kv, logit2, head_slope2,
+ * out_scale, pack2, window_lo, cp_async16, smem_addr); compiled only for sm_90a (NVRTC
+ * --gpu-architecture=sm_90a), since wgmma exists on no other target.
+ *
+ * Why another body: the mma.sync body (att_unified.cu) reads every operand through ldmatrix into
+ * registers, so a 128-row tile needs 249 registers and its warps run Q.K^T, softmax and P.V in
+ * turn with the tensor cores idle through the softmax (docs/BENCHMARKS.md, prefill). Here:
+ *   - ATT_WARPS_M / 4 consumer warpgroups of 64 query rows each (tile rows = 16 * ATT_WARPS_M:
+ *     8 warps, 128 rows by default), plus one producer warp (the last): ATT_KINFO_THREADS is
+ *     32 * ATT_WARPS_M + 32.
+ *   - The producer brings each stage's ATT_TILE_K keys of K and V into shared memory with
+ *     cp.async (the paged cache through the block table before the chunk, the batch's own k/v
+ *     rows from the chunk on, zeros past the item's keys: kv_issue's rules), in an ATT_STAGES-deep
+ *     ring guarded by mbarriers (full: the producer's copies landed; empty: every consumer warp is
+ *     done with the slot). The consumers never wait for each other, so one warpgroup's softmax
+ *     overlaps the other's MMAs without explicit scheduling.
+ *   - S = Q K^T: wgmma m64nTILE_Kk16, A = Q and B = K both from shared memory by descriptor; the
+ *     online softmax runs on the accumulators (each thread holds rows g and g + 8 of its warp's 16,
+ *     as with mma.sync, so the masking and softmax are the other body's, with one m16 tile); P is
+ *     rounded to the dtype into registers, and O += P V is wgmma m64nDk16 with A = P from
+ *     registers and B = V from shared memory. Within a warpgroup, stage k's Q.K^T is issued
+ *     together with stage k - 1's P.V, and stage k's softmax runs while that P.V does.
+ *
+ * Shared-memory layout (what the descriptors describe): a tile of rows x head_dim 16-bit
+ * elements is stored as head_dim / 64 column blocks, each rows x 128 bytes, with 128-byte swizzle
+ * (the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its 128-byte line; the pattern
+ * repeats every 8 rows = 1024 bytes, so every block starts 1024-aligned). Q and K are K-major
+ * operands in this layout: one k16 step is 32 bytes along the line, the next 8 rows are 1024 bytes
+ * on (the stride byte offset), and the next 64 dims are the next column block. V is stored the
+ * same way (keys are rows) and read as a "transposed" (MN-major) B, which wgmma allows for 16-bit
+ * types: along N (head_dim) 64 elements per 128-byte line, the next 64 at the leading byte offset
+ * (one column block on); along K (keys) one line per key, 8 keys per 1024-byte swizzle atom, the
+ * next 8 at the stride byte offset (1024); a k16 step of keys is 2048 bytes on. So K and V tiles
+ * are filled by the same copy code, and no tile is ever transposed in memory.
+ *
+ * Shared memory: 1024 (to align the base) + rows * D * 2 (Q) + ATT_STAGES * 2 * ATT_TILE_K * D * 2
+ * (K and V ring); the barriers are static shared memory. For the default (128 rows, 64 keys,
+ * 3 stages, D 128): 132096 bytes, one block per SM, 153 registers a thread, no spills
+ * (nvcc 13.0 -arch=sm_90a --resource-usage; with 288 threads ptxas allows 168). ptxas reports
+ * no serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
+
+#if ATT_HEAD_DIM != 64 && ATT_HEAD_DIM != 128
+#error "ATT_WGMMA supports head_dim 64 and 128"
+#endif
+/* (NVRTC only: nvcc also preprocesses device code once without the feature macro) */
+#if defined(__CUDACC_RTC__) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "ATT_WGMMA needs the sm_90a target (--gpu-architecture=sm_90a)"
+#endif
+
+static_assert(ATT_WAVE == 32, "the tensor-core body is written for 32-lane warps");
+static_assert(kMT == 1 && kWarpsN == 1, "wgmma tiles: ATT_WARP_MT 1, ATT_WARPS_N 1");
+static_assert(kWarpsM % 4 == 0 && kWarpsM >= 4 && kWarpsM <= 12,
+              "wgmma tiles: 1 to 3 warpgroups of 4 warps (ATT_WARPS_M 4, 8 or 12)");
+static_assert(kTileK == 64 || kTileK == 128, "wgmma tiles: ATT_TILE_K 64 or 128 (the MMA's N)");
+static_assert(ATT_STAGES >= 2 && ATT_STAGES <= 4, "2 to 4 pipeline stages");
+
+constexpr uint32_t kStages = ATT_STAGES;
+constexpr uint32_t kWG = kWarpsM / 4;                 /* consumer warpgroups */
+constexpr uint32_t kAttendThreads = kThreads + 32;    /* consumers, then the producer warp */
+constexpr uint32_t kQBytes = kRows * kD * 2;
+constexpr uint32_t kKVBytes = kTileK * kD * 2;        /* one stage's K (or V) */
+constexpr uint32_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKVBytes;
+constexpr uint32_t kNT = kTileK / 8;                  /* n8 score tiles per row pair */
+constexpr uint32_t kDT = kD / 8;                      /* n8 output tiles */
+
+#if ATT_DTYPE == ATT_DT_BF16
+#define ATT_WG_AB "bf16.bf16"
+#else
+#define ATT_WG_AB "f16.f16"
+#endif
+
+/* Byte offset of 16-byte chunk cc (of head_dim / 8) of row r in a tile of `rows` rows stored as
+ * described above. */
+__device__ __forceinline__ uint32_t sw128(uint32_t rows, uint32_t r, uint32_t cc) {
+    return (cc / 8) * rows * 128 + r * 128 + (((cc % 8) ^ (r % 8)) * 16);
+}
+
+/* A wgmma matrix descriptor: shared address, leading and stride byte offsets, 128-byte swizzle
+ * (layout type 1 in bits 62-63); base offset 0, since every swizzle atom is 1024-aligned. */
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3ffffu) >> 4) | (uint64_t)((lbo >> 4) & 0x3fffu) << 16 |
+           (uint64_t)((sbo >> 4) & 0x3fffu) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+/* Waits until at most N of this warp's committed wgmma groups are pending (they complete in
+ * order). */
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Orders this thread's generic-proxy writes of shared memory (cp.async's) before later
+ * async-proxy reads (wgmma's operands). */
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+/* Waits until the barrier's phase of the given parity has completed. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\n"
+                 "WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+/* Pins the accumulators to this point: after a wgmma.wait_group, the compiler must not move their
+ * reads above it (it does not know the MMA writes them after its own statement); before a
+ * wgmma.fence, their writes (zeroing, rescaling) must not sink below it, or ptxas serializes the
+ * MMAs (C7515, "non wgmma instructions defining accumulator registers"). */
+template <int N> __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/* bar.sync on a named barrier of n threads (id 0 is __syncthreads'). */
+__device__ __forceinline__ void named_sync(uint32_t id, uint32_t n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+/* d = A B, the first k16 step (d written only, so no instruction defines it in the MMA's way) */
+__device__ __forceinline__ void wgmma_ss_zero(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31"
+                 "}, %32, %33, 0, 1, 1, 0, 0;\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
+                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
+                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
+                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
+                   "=f"(d[30]), "=f"(d[31])
+                 : "l"(a), "l"(b));
+}
+
+__device__ __forceinline__ void wgmma_ss_zero(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31, %32, %33, %34, %35, "
+                 "%36, %37, %38, %39, %40, %41, "
+                 "%42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, "
+                 "%54, %55, %56, %57, %58, %59, "
+                 "%60, %61, %62, %63"
+                 "}, %64, %65, 0, 1, 1, 0, 0;\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
+                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
+                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
+                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
+                   "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]),
+                   "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]),
+                   "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]),
+                   "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]),
+                   "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]),
+                   "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+                 : "l"(a), "l"(b));
+}
+
+
+/* d (64 x N, f32; this thread's N / 2 of it) = A B (+ d when acc), A and B by descriptor. */
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31"
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
+                 : "l"(a), "l"(b), "r"(acc));
+}
+
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31, %32, %33, %34, %35, "
+                 "%36, %37, %38, %39, %40, %41, "
+                 "%42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, "
+                 "%54, %55, %56, %57, %58, %59, "
+                 "%60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(a), "l"(b), "r"(acc));
+}
+
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31"
+                 "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, "
+                 "%6, %7, %8, %9, %10, %11, "
+                 "%12, %13, %14, %15, %16, %17, "
+                 "%18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, "
+                 "%30, %31, %32, %33, %34, %35, "
+                 "%36, %37, %38, %39, %40, %41, "
+                 "%42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, "
+                 "%54, %55, %56, %57, %58, %59, "
+                 "%60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+/* The producer warp: stage after stage of K and V into the ring. A lane copies chunk
+ * lane % kCPR of rows lane / kCPR, + 32 / kCPR, ...: a warp's 32 copies cover whole 128-byte
+ * lines of consecutive keys (coalesced reads, conflict-free swizzled writes). It keeps two
+ * stages' copies in flight: after issuing stage n it waits for stage n - 1's, fences them for
+ * wgmma (async proxy) and releases them to the consumers through full[n - 1]. Before it blocks
+ * on a slot still in use it releases the stage it holds: the consumers free a slot only after
+ * they started on the next stage (their P.V wait is deferred), so holding it back would leave
+ * both sides waiting. */
+__device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t &t, uint32_t kv_s,
+                                           uint32_t full, uint32_t empty, uint32_t kt_begin,
+                                           uint32_t kt_end, uint32_t lane) {
+    const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
+    const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
+    const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
+    constexpr uint32_t kRowsPerPass = 32 / kCPR;
+    const uint32_t cc = lane % kCPR;
+    bool held = false; /* stage n - 1 is issued and not yet released */
+    for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
+        const uint32_t n = kt - kt_begin, slot = n % kStages;
+        if (n >= kStages) {
+            if (held) {
+                cp_async_wait<0>();
+                fence_proxy_async();
+                mbar_arrive(full + ((n - 1) % kStages) * 8);
+                held = false;
+            }
+            mbar_wait(empty + slot * 8, (n / kStages - 1) & 1);
+        }
+        const uint32_t ks = kv_s + slot * 2 * kKVBytes, vs = ks + kKVBytes;
+#pragma unroll 8
+        for (uint32_t i = 0; i < kTileK / kRowsPerPass; i++) {
+            const uint32_t r = i * kRowsPerPass + lane / kCPR, j = kt * kTileK + r;
+            const elem_t *kp = kn, *vp = vn;
+            uint64_t off = 0;
+            uint32_t bytes = 0;
+            if (j < t.ke) {
+                bytes = 16;
+                if (j >= t.ch.start_pos) {
+                    off = ((uint64_t)(t.ch.token_offset + j - t.ch.start_pos) * kHkv + t.h) * kD;
+                } else {
+                    kp = kc;
+                    vp = vc;
+                    off = (((uint64_t)__ldg(table + j / kBS) * kHkv + t.h) * kBS + j % kBS) * kD;
+                }
+            }
+            off += cc * kVec;
+            const uint32_t so = sw128(kTileK, r, cc);
+            cp_async16(ks + so, kp + off, bytes);
+            cp_async16(vs + so, vp + off, bytes);
+        }
+        cp_async_commit();
+        if (held) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbar_arrive(full + ((n - 1) % kStages) * 8);
+        }
+        held = true;
+    }
+    if (held) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbar_arrive(full + ((kt_end - 1 - kt_begin) % kStages) * 8);
+    }
+}
+
+/* Every consumer warp's barrier (named barrier 15; the warpgroups' own are 1 to 3): the
+ * producer warp has returned by the time they finish a split item. */
+struct consumer_sync {
+    __device__ static void sync() { named_sync(15, kThreads); }
+};
+
+extern "C" __global__ void __launch_bounds__(kAttendThreads, 1)
+att_k_attend(const att_kparams_t p) {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    __shared__ __align__(8) uint64_t bars[2 * kStages]; /* full[kStages], then empty[kStages] */
+    const tile_t t = tile_of(p);
+    /* The warp index broadcast from lane 0: ptxas then knows the producer / consumer branch is
+     * warp-uniform; with tid >> 5 it serializes every wgmma (C7518, "divergent path"). */
+    const uint32_t tid = threadIdx.x, lane = tid & 31;
+    const uint32_t warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+    const uint32_t q_s = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t kv_s = q_s + kQBytes;
+    const uint32_t full = smem_addr(bars), empty = full + kStages * 8;
+    const uint32_t kt_begin = t.kb / kTileK;
+    const uint32_t kt_end = t.kb < t.ke ? (t.ke + kTileK - 1) / kTileK : kt_begin;
+
+    if (tid == 0) {
+        for (uint32_t s = 0; s < kStages; s++) {
+            mbar_init(full + s * 8, 32);       /* the producer's lanes */
+            mbar_init(empty + s * 8, kWarpsM); /* one arrival per consumer warp */
+        }
+    }
+    /* The fused KV write, spread over every thread; nothing in this launch reads the cache rows
+     * it writes (new positions come from p.k_d / p.v_d). */
+    write_own_kv(p, t);
+    __syncthreads(); /* the barriers are initialized */
+
+    if (warp == kWarpsM) {
+        wg_produce(p, t, kv_s, full, empty, kt_begin, kt_end, lane);
+        return;
+    }
+
+    const uint32_t wg = warp / 4, wi = warp % 4, wt = tid % 128;
+    const uint32_t g = lane >> 2, t4 = lane & 3;
+
+    /* This warpgroup's 64 Q rows (row r: token (row_begin + r) / G, query head
+     * h * G + (row_begin + r) % G; rows past the chunk are zero). */
+    {
+        const elem_t *q = (const elem_t *)p.q_d;
+        for (uint32_t c = wt; c < 64 * kCPR; c += 128) {
+            const uint32_t r = wg * 64 + c / kCPR, cc = c % kCPR, R = t.it.row_begin + r;
+            uint64_t off = 0;
+            uint32_t bytes = 0;
+            if (R < t.row_end) {
+                off = ((uint64_t)(t.ch.token_offset + R / kG) * kHq + t.h * kG + R % kG) * kD +
+                      cc * kVec;
+                bytes = 16;
+            }
+            cp_async16(q_s + sw128(kRows, r, cc), q + off, bytes);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        named_sync(1 + wg, 128);
+    }
+
+    /* This thread's rows g and g + 8 of its warp's 16: key bounds [jlo, jhi] and the ALiBi
+     * slope; rows past the chunk get an empty range. */
+    int jlo[2], jhi[2], pos[2];
+    float slope2[2];
+    int lo_max = -1, hi_min = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const uint32_t R = t.it.row_begin + wg * 64 + wi * 16 + g + 8 * i;
+        if (R < t.row_end) {
+            const uint32_t ps = t.ch.start_pos + R / kG;
+            pos[i] = (int)ps;
+            jlo[i] = (int)umax(window_lo(ps, p.window), t.kb);
+            jhi[i] = min((int)ps, (int)t.ke - 1);
+            slope2[i] = head_slope2(p, t.h * kG + R % kG);
+        } else {
+            pos[i] = 0;
+            jlo[i] = 0x7fffffff;
+            jhi[i] = -1;
+            slope2[i] = 0.0f;
+        }
+        lo_max = max(lo_max, jlo[i]);
+        hi_min = min(hi_min, jhi[i]);
+    }
+    /* A stage inside every row's range of this warp needs no mask. */
+    const int w_lo_max = __reduce_max_sync(0xffffffffu, lo_max);
+    const int w_hi_min = __reduce_min_sync(0xffffffffu, hi_min);
+    /* Warpgroup-uniform key range (wgmma runs on the whole warpgroup): the first row has the
+     * lowest bound, the last the highest, since both grow with the row. */
+    int g_lo = 0x7fffffff, g_hi = -1;
+    {
+        const uint32_t Rf = t.it.row_begin + wg * 64;
+        if (Rf < t.row_end) {
+            const uint32_t Rl = umin(Rf + 63, t.row_end - 1);
+            g_lo = (int)umax(window_lo(t.ch.start_pos + Rf / kG, p.window), t.kb);
+            g_hi = min((int)(t.ch.start_pos + Rl / kG), (int)t.ke - 1);
+        }
+    }
+
+    const float scale2 = p.scale * kLog2e;
+    float o[kDT * 4];
+#pragma unroll
+    for (uint32_t i = 0; i < kDT * 4; i++)
+        o[i] = 0.0f;
+    float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
+
+    /* Descriptor bases: this warpgroup's Q rows, a stage's K and V (see the top comment). */
+    const uint32_t q_wg = q_s + wg * 64 * 128;
+
+    /* The stages this warpgroup computes are one contiguous run [kt_lo, kt_hi) (its rows' keys
+     * are one range); it only waits for and releases the others. In the run, stage kt's Q.K^T
+     * and stage kt - 1's P.V are in flight together, and the softmax of stage kt runs while
+     * P.V still does (its output is only rescaled before the next P.V is issued): the order of
+     * FlashAttention-3's intra-warpgroup overlap. Every wgmma sits on straight-line code
+     * between its fence and its wait, so ptxas never serializes them. */
+    const uint32_t kt_lo = g_lo <= g_hi ? umax(kt_begin, (uint32_t)g_lo / kTileK) : kt_end;
+    const uint32_t kt_hi = g_lo <= g_hi ? umin(kt_end, (uint32_t)g_hi / kTileK + 1) : kt_end;
+    auto slot_of = [&](uint32_t kt) { return (kt - kt_begin) % kStages; };
+    auto wait_full = [&](uint32_t kt) {
+        mbar_wait(full + slot_of(kt) * 8, ((kt - kt_begin) / kStages) & 1);
+    };
+    auto release = [&](uint32_t kt) {
+        __syncwarp();
+        if (lane == 0)
+            mbar_arrive(empty + slot_of(kt) * 8);
+    };
+    /* S = Q K^T of stage kt for the warpgroup's 64 rows x kTileK keys (issued, committed) */
+    float s[kNT * 4];
+    auto issue_s = [&](uint32_t kt) {
+        const uint32_t ks = kv_s + slot_of(kt) * 2 * kKVBytes;
+        wgmma_fence();
+        wgmma_ss_zero(s, wg_desc(q_wg, 16, 1024), wg_desc(ks, 16, 1024));
+#pragma unroll
+        for (uint32_t kk = 1; kk < kD / 16; kk++) {
+            const uint32_t col = (kk % 4) * 32; /* k16 step within a 64-dim block */
+            wgmma_ss(s, wg_desc(q_wg + (kk / 4) * kRows * 128 + col, 16, 1024),
+                     wg_desc(ks + (kk / 4) * kTileK * 128 + col, 16, 1024), 1);
+        }
+        wgmma_commit();
+    };
+    /* O += P V of stage kt (issued, committed); P's A fragments: two n8 score tiles of a row
+     * pair are one k16 fragment, as with mma.sync */
+    uint32_t pa[kTileK / 16][4];
+    auto issue_pv = [&](uint32_t kt) {
+        const uint32_t vs = kv_s + slot_of(kt) * 2 * kKVBytes + kKVBytes;
+        wgmma_pin(o);
+        wgmma_fence();
+#pragma unroll
+        for (uint32_t kk = 0; kk < kTileK / 16; kk++)
+            wgmma_rs(o, pa[kk], wg_desc(vs + kk * 16 * 128, kTileK * 128, 1024));
+        wgmma_commit();
+    };
+    /* Stage kt's logits in log2 units, masked, then the online softmax of rows g and g + 8:
+     * s becomes the unnormalized probabilities, alpha the factor that rebases O. */
+    float alpha[2];
+    auto softmax = [&](uint32_t kt) {
+        const int js = (int)(kt * kTileK), je = js + (int)kTileK - 1;
+        const bool need_mask = !(js >= w_lo_max && je <= w_hi_min);
+#pragma unroll
+        for (uint32_t nn = 0; nn < kNT; nn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = js + (int)(nn * 8 + 2 * t4) + (e & 1), ri = e >> 1;
+                float x = logit2(s[nn * 4 + e], p, scale2, j, pos[ri], slope2[ri]);
+                if (need_mask && (j < jlo[ri] || j > jhi[ri]))
+                    x = kNegInf;
+                s[nn * 4 + e] = x;
+            }
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            float mx = kNegInf;
+#pragma unroll
+            for (uint32_t nn = 0; nn < kNT; nn++)
+                mx = fmaxf(mx, fmaxf(s[nn * 4 + 2 * ri], s[nn * 4 + 2 * ri + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[ri], mx);
+            /* a row with nothing unmasked yet keeps base 0: exp2(-inf - 0) = 0, never NaN */
+            const float base = m_new == kNegInf ? 0.0f : m_new;
+            alpha[ri] = att_ex2(m_run[ri] - base);
+            m_run[ri] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (uint32_t nn = 0; nn < kNT; nn++) {
+                s[nn * 4 + 2 * ri] = att_ex2(s[nn * 4 + 2 * ri] - base);
+                s[nn * 4 + 2 * ri + 1] = att_ex2(s[nn * 4 + 2 * ri + 1] - base);
+                sum += s[nn * 4 + 2 * ri] + s[nn * 4 + 2 * ri + 1];
+            }
+            /* this thread's columns; quad-summed at the end */
+            l_run[ri] = l_run[ri] * alpha[ri] + sum;
+        }
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
+            pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto rescale_o = [&]() {
+#pragma unroll
+        for (uint32_t d = 0; d < kDT; d++) {
+            o[d * 4] *= alpha[0];
+            o[d * 4 + 1] *= alpha[0];
+            o[d * 4 + 2] *= alpha[1];
+            o[d * 4 + 3] *= alpha[1];
+        }
+    };
+
+    for (uint32_t kt = kt_begin; kt < kt_lo; kt++) {
+        wait_full(kt);
+        release(kt);
+    }
+    if (kt_lo < kt_hi) {
+        wait_full(kt_lo);
+        issue_s(kt_lo);
+        wgmma_wait<0>();
+        wgmma_pin(s);
+        softmax(kt_lo); /* O is 0: nothing to rebase */
+        to_p();
+        for (uint32_t kt = kt_lo + 1; kt < kt_hi; kt++) {
+            wait_full(kt);
+            issue_s(kt);
+            rescale_o(); /* by the previous stage's alpha, before its P.V */
+            issue_pv(kt - 1);
+            wgmma_wait<1>(); /* this stage's Q.K^T (groups complete in order) */
+            wgmma_pin(s);
+            softmax(kt);
+            wgmma_wait<0>(); /* the previous stage's P.V */
+            wgmma_pin(o);
+            release(kt - 1);
+            to_p();
+        }
+        rescale_o();
+        issue_pv(kt_hi - 1);
+        wgmma_wait<0>();
+        wgmma_pin(o);
+        release(kt_hi - 1);
+    }
+    for (uint32_t kt = kt_hi; kt < kt_end; kt++) {
+        wait_full(kt);
+        release(kt);
+    }
+
+    /* Epilogue, straight from the accumulators: this thread's two rows, two columns per n8 tile.
+     * A split item writes its unnormalized f32 rows and (max, sum); the last part merges. */
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        float l = l_run[ri];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const uint32_t r = wg * 64 + wi * 16 + g + 8 * ri, R = t.it.row_begin + r;
+        if (R >= t.row_end)
+            continue;
+        if (t.it.part != ATT_KPART_NONE) {
+            const uint64_t prow = ((uint64_t)t.it.part * kHkv + t.h) * kRows + r;
+            float *po = (float *)p.part_o_d + prow * kD + 2 * t4;
+#pragma unroll
+            for (uint32_t d = 0; d < kDT; d++)
+                *(float2 *)(po + d * 8) = make_float2(o[d * 4 + 2 * ri], o[d * 4 + 2 * ri + 1]);
+            if (t4 == 0)
+                *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m_run[ri], l);
+        } else {
+            const uint32_t qh = t.h * kG + R % kG;
+            const float sc = out_scale(p, qh, m_run[ri], l);
+            elem_t *dst = (elem_t *)p.out_d +
+                          ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD + 2 * t4;
+#pragma unroll
+            for (uint32_t d = 0; d < kDT; d++)
+                *(uint32_t *)(dst + d * 8) =
+                    pack2(o[d * 4 + 2 * ri] * sc, o[d * 4 + 2 * ri + 1] * sc);
+        }
+    }
+    if (t.it.part != ATT_KPART_NONE)
+        finish_split<consumer_sync>(p, t, tid, kThreads);
+}
