@@ -321,8 +321,8 @@ static const char *job_wrong(const job_t *j) {
         return NULL;
     const att_tile_t *t = &j->tile;
     const uint32_t wave = j->target->wave != 0 ? j->target->wave : 32;
-    /* the wgmma body has a producer warp besides the tile's */
-    const uint32_t producer = t->mma == 1 ? 32 : 0;
+    /* the wgmma body has a producer warpgroup besides the tile's warps */
+    const uint32_t producer = t->mma == 1 ? 128 : 0;
     if (j->info[ATT_KINFO_TILE_ROWS] != 16 * t->warp_mt * t->warps_m ||
         j->info[ATT_KINFO_TILE_KEYS] != t->tile_k ||
         j->info[ATT_KINFO_THREADS] != wave * t->warps_m * t->warps_n + producer)
