@@ -116,11 +116,12 @@ bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm,
     if (strcmp(d->arch, "sm_90") != 0 || (s->dtype != 2 && s->dtype != 3) ||
         (s->head_dim != 64 && s->head_dim != 128))
         return false;
-    /* with the producer warpgroup, three consumer warpgroups leave 128 registers a thread (they
-     * spill but at 64 dims and 64 keys; warps_m 12 is not in the space), and two at 128 dims
-     * and 128 keys 168: they spill (nvcc -arch=sm_90a --resource-usage) */
+    /* with the producer warpgroup, three consumer warpgroups leave 128 registers a thread: they
+     * spill but at 64 dims and 64 keys (nvcc -arch=sm_90a --resource-usage), and warps_m 12 is
+     * not in the space; two at 128 dims and 128 keys fit only with the producer's registers
+     * (setmaxnreg, att_sm90.cuh) */
     if ((wm != 4 && wm != 8) || mt != 1 || (tile_k != 64 && tile_k != 128) || stages < 2 ||
-        stages > 4 || (wm == 8 && s->head_dim == 128 && tile_k == 128))
+        stages > 4)
         return false;
     return d->smem_bytes == 0 ||
            tun_cuda_wgmma_smem_bytes(s->head_dim, wm, tile_k, stages) <= d->smem_bytes;

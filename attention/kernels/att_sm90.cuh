@@ -42,8 +42,9 @@
  * (K and V ring); the barriers are static shared memory. For the default (128 rows, 64 keys,
  * 3 stages, D 128): 132096 bytes, one block per SM, 155 registers a thread, no spills
  * (nvcc 13.0 -arch=sm_90a --resource-usage; with 384 threads ptxas allows 168, as it did with
- * 288: it allocates for whole groups of 4 warps). ptxas reports no spills and no serialized wgmma
- * (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
+ * 288: it allocates for whole groups of 4 warps). Two warpgroups at D 128 and 128 keys take
+ * registers from the producer (setmaxnreg, kRegShift). ptxas reports no spills and no
+ * serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
 
 #if ATT_HEAD_DIM != 64 && ATT_HEAD_DIM != 128
 #error "ATT_WGMMA supports head_dim 64 and 128"
@@ -300,6 +301,16 @@ constexpr uint32_t kProducers = 128;
 constexpr uint32_t kPRows = kProducers / kCPR; /* rows a pass of the warpgroup copies */
 constexpr uint32_t kPIters = kTileK / kPRows;  /* passes a stage */
 static_assert(kProducers % kCPR == 0 && kTileK % kPRows == 0, "whole rows a producer pass");
+/* Two consumer warpgroups at 128 dims and 128 keys need more than the 168 registers a thread
+ * ptxas allows 384 threads (they spilled): the producer warpgroup hands them its surplus with
+ * setmaxnreg (88 + 2 x 208 = 3 x 168 per lane, the launch's whole allocation, so the consumers'
+ * increase never waits for registers that do not come). ptxas honours the figures in each
+ * branch because __launch_bounds__ fixes the entry count; fewer than 88 spill the producer at
+ * block size 8 (a table entry each pass). Only this tile shifts: the others fit in 168. */
+constexpr bool kRegShift = kWG == 2 && kD == 128 && kTileK == 128;
+constexpr uint32_t kProducerRegs = 88, kConsumerRegs = 208;
+static_assert(!kRegShift || kProducerRegs + 2 * kConsumerRegs == 3 * 168,
+              "setmaxnreg moves registers between warpgroups, it does not add any");
 
 __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t &t, uint32_t kv_s,
                                            uint32_t full, uint32_t empty, uint32_t kt_begin,
@@ -399,9 +410,13 @@ att_k_attend(const att_kparams_t p) {
     __syncthreads(); /* the barriers are initialized */
 
     if (warp >= kWarpsM) {
+        if (kRegShift) /* every warpgroup branch is warpgroup-uniform, as setmaxnreg needs */
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
         wg_produce(p, t, kv_s, full, empty, kt_begin, kt_end, tid - kThreads);
         return;
     }
+    if (kRegShift)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
     const uint32_t wg = warp / 4, wi = warp % 4, wt = tid % 128;
     const uint32_t g = lane >> 2, t4 = lane & 3;

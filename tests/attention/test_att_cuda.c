@@ -205,6 +205,8 @@ static void test_att_cuda_wide_bodies(void **state) {
     wide_body_case(&wg[1], ATT_DTYPE_BF16, 32, 8, 128, 32, 0, 3);
     wide_body_case(&wg[2], ATT_DTYPE_F16, 16, 2, 64, 8, ATT_RIG_F_SOFT_CAP | ATT_RIG_F_ALIBI, 4);
     wide_body_case(&wg[3], ATT_DTYPE_F16, 6, 1, 128, 8, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 5);
+    /* two warpgroups at 128 dims and 128 keys: the producer's registers shifted to them */
+    wide_body_case(&wg[2], ATT_DTYPE_BF16, 32, 8, 128, 8, ATT_RIG_F_ALL, 6);
 }
 #endif
 
