@@ -32,7 +32,7 @@ typedef struct att_jit att_jit_t;
  * device's per-block limit. f32 models use only rows and threads.
  * mma 1 selects the sm_90a wgmma body (ATT_WGMMA, kernels/att_sm90.cuh; compiled for "sm_90a"):
  * f16/bf16, head_dim 64 or 128, warps_m 4 or 8 (one or two warpgroups of 64 rows), warp_mt 1,
- * warps_n 1, tile_k 64 or 128, stages 2..4; one producer warp more (threads 32 * warps_m + 32)
+ * warps_n 1, tile_k 64 or 128, stages 2..4; a producer warpgroup more (threads 32 * warps_m + 128)
  * and 1024 + (rows + 2 * stages * tile_k) * head_dim * 2 bytes of shared memory. */
 typedef struct att_tile {
     uint32_t warps_m; /* warps over the tile's rows */

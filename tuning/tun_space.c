@@ -116,10 +116,12 @@ bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm,
     if (strcmp(d->arch, "sm_90") != 0 || (s->dtype != 2 && s->dtype != 3) ||
         (s->head_dim != 64 && s->head_dim != 128))
         return false;
-    /* three warpgroups (12 warps) would leave 152 registers a thread, and two at 128 dims and
-     * 128 keys 168: they spill (nvcc -arch=sm_90a --resource-usage) */
+    /* with the producer warpgroup, three consumer warpgroups leave 128 registers a thread: they
+     * spill but at 64 dims and 64 keys (nvcc -arch=sm_90a --resource-usage), and warps_m 12 is
+     * not in the space; two at 128 dims and 128 keys fit only with the producer's registers
+     * (setmaxnreg, att_sm90.cuh) */
     if ((wm != 4 && wm != 8) || mt != 1 || (tile_k != 64 && tile_k != 128) || stages < 2 ||
-        stages > 4 || (wm == 8 && s->head_dim == 128 && tile_k == 128))
+        stages > 4)
         return false;
     return d->smem_bytes == 0 ||
            tun_cuda_wgmma_smem_bytes(s->head_dim, wm, tile_k, stages) <= d->smem_bytes;
@@ -159,8 +161,9 @@ static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tu
     /* The sm_90a wgmma body (wide_mma 1) is in the space but not the default: on the H200
      * (2026-11-30, bench-gpu prefill 8 x 2048) its best tile, two warpgroups of 64 rows with 64
      * keys a stage and 3-4 stages, ran 150-152 TFLOP/s against this mma.sync tile's 229 (D 64:
-     * 161 against 134-167). Its one producer warp issues every cp.async of a stage (64 per
-     * lane at 128 dims), which bounds it; docs/BENCHMARKS.md. */
+     * 161 against 134-167), with one producer warp issuing every cp.async of a stage (64 per
+     * lane at 128 dims); docs/BENCHMARKS.md. Its producer is now a warpgroup, not yet
+     * measured. */
     /* a narrow tile that does not fit (head_dim 256 on a small device): half the keys */
     if (tun_cuda_smem_bytes(s->head_dim, s->dtype, 1, 1, 4, 64, 2) > limit) {
         v[TUN_CUDA_NARROW_WARPS_N] = 2;

@@ -8,14 +8,17 @@
  * registers, so a 128-row tile needs 249 registers and its warps run Q.K^T, softmax and P.V in
  * turn with the tensor cores idle through the softmax (docs/BENCHMARKS.md, prefill). Here:
  *   - ATT_WARPS_M / 4 consumer warpgroups of 64 query rows each (tile rows = 16 * ATT_WARPS_M:
- *     8 warps, 128 rows by default), plus one producer warp (the last): ATT_KINFO_THREADS is
- *     32 * ATT_WARPS_M + 32.
+ *     8 warps, 128 rows by default), plus one producer warpgroup (the last 4 warps):
+ *     ATT_KINFO_THREADS is 32 * ATT_WARPS_M + 128. One producer warp was too few: it issued
+ *     every copy of a stage (64 cp.async a lane at 128 dims and 64 keys, each after its own
+ *     block-table read) and could not keep two consumer warpgroups fed (150 TFLOP/s on the
+ *     H200 against the mma.sync body's 229, docs/BENCHMARKS.md).
  *   - The producer brings each stage's ATT_TILE_K keys of K and V into shared memory with
  *     cp.async (the paged cache through the block table before the chunk, the batch's own k/v
  *     rows from the chunk on, zeros past the item's keys: kv_issue's rules), in an ATT_STAGES-deep
- *     ring guarded by mbarriers (full: the producer's copies landed; empty: every consumer warp is
- *     done with the slot). The consumers never wait for each other, so one warpgroup's softmax
- *     overlaps the other's MMAs without explicit scheduling.
+ *     ring guarded by mbarriers (full: every producer thread's copies landed; empty: every
+ *     consumer warp is done with the slot). The consumers never wait for each other, so one
+ *     warpgroup's softmax overlaps the other's MMAs without explicit scheduling.
  *   - S = Q K^T: wgmma m64nTILE_Kk16, A = Q and B = K both from shared memory by descriptor; the
  *     online softmax runs on the accumulators (each thread holds rows g and g + 8 of its warp's 16,
  *     as with mma.sync, so the masking and softmax are the other body's, with one m16 tile); P is
@@ -37,9 +40,11 @@
  *
  * Shared memory: 1024 (to align the base) + rows * D * 2 (Q) + ATT_STAGES * 2 * ATT_TILE_K * D * 2
  * (K and V ring); the barriers are static shared memory. For the default (128 rows, 64 keys,
- * 3 stages, D 128): 132096 bytes, one block per SM, 153 registers a thread, no spills
- * (nvcc 13.0 -arch=sm_90a --resource-usage; with 288 threads ptxas allows 168). ptxas reports
- * no serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
+ * 3 stages, D 128): 132096 bytes, one block per SM, 155 registers a thread, no spills
+ * (nvcc 13.0 -arch=sm_90a --resource-usage; with 384 threads ptxas allows 168, as it did with
+ * 288: it allocates for whole groups of 4 warps). Two warpgroups at D 128 and 128 keys take
+ * registers from the producer (setmaxnreg, kRegShift). ptxas reports no spills and no
+ * serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
 
 #if ATT_HEAD_DIM != 64 && ATT_HEAD_DIM != 128
 #error "ATT_WGMMA supports head_dim 64 and 128"
@@ -58,7 +63,7 @@ static_assert(ATT_STAGES >= 2 && ATT_STAGES <= 4, "2 to 4 pipeline stages");
 
 constexpr uint32_t kStages = ATT_STAGES;
 constexpr uint32_t kWG = kWarpsM / 4;                 /* consumer warpgroups */
-constexpr uint32_t kAttendThreads = kThreads + 32;    /* consumers, then the producer warp */
+constexpr uint32_t kAttendThreads = kThreads + 128;   /* consumers, then the producer warpgroup */
 constexpr uint32_t kQBytes = kRows * kD * 2;
 constexpr uint32_t kKVBytes = kTileK * kD * 2;        /* one stage's K (or V) */
 constexpr uint32_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKVBytes;
@@ -280,25 +285,52 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
-/* The producer warp: stage after stage of K and V into the ring. A lane copies chunk
- * lane % kCPR of rows lane / kCPR, + 32 / kCPR, ...: a warp's 32 copies cover whole 128-byte
- * lines of consecutive keys (coalesced reads, conflict-free swizzled writes). It keeps two
- * stages' copies in flight: after issuing stage n it waits for stage n - 1's, fences them for
- * wgmma (async proxy) and releases them to the consumers through full[n - 1]. Before it blocks
- * on a slot still in use it releases the stage it holds: the consumers free a slot only after
- * they started on the next stage (their P.V wait is deferred), so holding it back would leave
- * both sides waiting. */
+/* The producer warpgroup: stage after stage of K and V into the ring. Thread pt copies chunk
+ * pt % kCPR of rows pt / kCPR, + kPRows, ...: a warp's 32 copies cover whole 128-byte lines of
+ * consecutive keys (coalesced reads, conflict-free swizzled writes), and a stage is kPIters
+ * copies of K and as many of V a thread. Before its copies a thread reads the block-table
+ * entries of its rows, all at once (one latency, not one per copy), and each entry once: its
+ * rows i and i - 1 are one cache block unless row i starts a block (block sizes are powers of
+ * two, so a block of at least kPRows keys never splits a pass's rows). Each thread keeps two
+ * stages' copies in flight: after issuing stage n it waits for its stage n - 1 copies, fences
+ * them for wgmma (async proxy) and arrives on full[n - 1], which completes with all 128
+ * threads' arrivals. Before it blocks on a slot still in use it releases the stage it holds:
+ * the consumers free a slot only after they started on the next stage (their P.V wait is
+ * deferred), so holding it back would leave both sides waiting. */
+constexpr uint32_t kProducers = 128;
+constexpr uint32_t kPRows = kProducers / kCPR; /* rows a pass of the warpgroup copies */
+constexpr uint32_t kPIters = kTileK / kPRows;  /* passes a stage */
+static_assert(kProducers % kCPR == 0 && kTileK % kPRows == 0, "whole rows a producer pass");
+/* Two consumer warpgroups at 128 dims and 128 keys need more than the 168 registers a thread
+ * ptxas allows 384 threads (they spilled): the producer warpgroup hands them its surplus with
+ * setmaxnreg (88 + 2 x 208 = 3 x 168 per lane, the launch's whole allocation, so the consumers'
+ * increase never waits for registers that do not come). ptxas honours the figures in each
+ * branch because __launch_bounds__ fixes the entry count; fewer than 88 spill the producer at
+ * block size 8 (a table entry each pass). Only this tile shifts: the others fit in 168. */
+constexpr bool kRegShift = kWG == 2 && kD == 128 && kTileK == 128;
+constexpr uint32_t kProducerRegs = 88, kConsumerRegs = 208;
+static_assert(!kRegShift || kProducerRegs + 2 * kConsumerRegs == 3 * 168,
+              "setmaxnreg moves registers between warpgroups, it does not add any");
+
 __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t &t, uint32_t kv_s,
                                            uint32_t full, uint32_t empty, uint32_t kt_begin,
-                                           uint32_t kt_end, uint32_t lane) {
+                                           uint32_t kt_end, uint32_t pt) {
     const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
     const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
     const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
-    constexpr uint32_t kRowsPerPass = 32 / kCPR;
-    const uint32_t cc = lane % kCPR;
+    const uint32_t cc = pt % kCPR, q = pt / kCPR;
     bool held = false; /* stage n - 1 is issued and not yet released */
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
         const uint32_t n = kt - kt_begin, slot = n % kStages;
+        uint32_t bid[kPIters];
+#pragma unroll
+        for (uint32_t i = 0; i < kPIters; i++) {
+            const uint32_t j0 = kt * kTileK + i * kPRows, j = j0 + q;
+            if (kBS >= kPRows && i > 0 && j0 % kBS != 0)
+                bid[i] = bid[i > 0 ? i - 1 : 0];
+            else
+                bid[i] = j < t.ke && j < t.ch.start_pos ? __ldg(table + j / kBS) : 0;
+        }
         if (n >= kStages) {
             if (held) {
                 cp_async_wait<0>();
@@ -309,9 +341,9 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
             mbar_wait(empty + slot * 8, (n / kStages - 1) & 1);
         }
         const uint32_t ks = kv_s + slot * 2 * kKVBytes, vs = ks + kKVBytes;
-#pragma unroll 8
-        for (uint32_t i = 0; i < kTileK / kRowsPerPass; i++) {
-            const uint32_t r = i * kRowsPerPass + lane / kCPR, j = kt * kTileK + r;
+#pragma unroll
+        for (uint32_t i = 0; i < kPIters; i++) {
+            const uint32_t r = i * kPRows + q, j = kt * kTileK + r;
             const elem_t *kp = kn, *vp = vn;
             uint64_t off = 0;
             uint32_t bytes = 0;
@@ -322,7 +354,7 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
                 } else {
                     kp = kc;
                     vp = vc;
-                    off = (((uint64_t)__ldg(table + j / kBS) * kHkv + t.h) * kBS + j % kBS) * kD;
+                    off = (((uint64_t)bid[i] * kHkv + t.h) * kBS + j % kBS) * kD;
                 }
             }
             off += cc * kVec;
@@ -346,7 +378,7 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
 }
 
 /* Every consumer warp's barrier (named barrier 15; the warpgroups' own are 1 to 3): the
- * producer warp has returned by the time they finish a split item. */
+ * producer warpgroup has returned by the time they finish a split item. */
 struct consumer_sync {
     __device__ static void sync() { named_sync(15, kThreads); }
 };
@@ -368,8 +400,8 @@ att_k_attend(const att_kparams_t p) {
 
     if (tid == 0) {
         for (uint32_t s = 0; s < kStages; s++) {
-            mbar_init(full + s * 8, 32);       /* the producer's lanes */
-            mbar_init(empty + s * 8, kWarpsM); /* one arrival per consumer warp */
+            mbar_init(full + s * 8, kProducers); /* every producer thread */
+            mbar_init(empty + s * 8, kWarpsM);   /* one arrival per consumer warp */
         }
     }
     /* The fused KV write, spread over every thread; nothing in this launch reads the cache rows
@@ -377,10 +409,14 @@ att_k_attend(const att_kparams_t p) {
     write_own_kv(p, t);
     __syncthreads(); /* the barriers are initialized */
 
-    if (warp == kWarpsM) {
-        wg_produce(p, t, kv_s, full, empty, kt_begin, kt_end, lane);
+    if (warp >= kWarpsM) {
+        if (kRegShift) /* every warpgroup branch is warpgroup-uniform, as setmaxnreg needs */
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+        wg_produce(p, t, kv_s, full, empty, kt_begin, kt_end, tid - kThreads);
         return;
     }
+    if (kRegShift)
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
     const uint32_t wg = warp / 4, wi = warp % 4, wt = tid % 128;
     const uint32_t g = lane >> 2, t4 = lane & 3;

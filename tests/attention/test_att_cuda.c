@@ -148,7 +148,7 @@ static void test_att_cuda_split_kv(void **state) {
 /* Prefill, chunks over earlier context and split tiles on a backend of its own whose plan forces
  * the wide tile `wide`, against the CPU backend and the oracle. */
 static void wide_body_case(const att_tile_t *wide, att_dtype_t dt, uint32_t hq, uint32_t hkv,
-                           uint32_t d, unsigned feats, uint32_t index) {
+                           uint32_t d, uint32_t block, unsigned feats, uint32_t index) {
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     plan.tile[ATT_TILE_WIDE] = *wide;
@@ -160,7 +160,7 @@ static void wide_body_case(const att_tile_t *wide, att_dtype_t dt, uint32_t hq, 
     tu_rng_t r;
     tu_rng_seed(&r, seed);
     att_rig_spec_t spec;
-    att_rig_spec_init(&spec, dt, 1, hq, hkv, d, 16);
+    att_rig_spec_init(&spec, dt, 1, hq, hkv, d, block);
     att_rig_spec_features(&spec, feats, &r);
     if (feats & ATT_RIG_F_WINDOW)
         spec.cfg.sliding_window = 300;
@@ -185,23 +185,28 @@ static void wide_body_case(const att_tile_t *wide, att_dtype_t dt, uint32_t hq, 
 
 /* The default plan takes the mma.sync wide tile, which the cases above run; this runs it alone
  * on any GPU, and on sm_90 the wgmma body's tiles (two warpgroups and one, 64 and 128 keys a
- * stage, 2 to 4 stages), every feature in at least one of them. */
+ * stage, 2 to 4 stages), every feature in at least one of them, and cache blocks smaller than,
+ * as large as and larger than the rows one pass of its producer copies (8 keys at 128 dims, 16
+ * at 64), since the producer reads each block's table entry once. */
 static void test_att_cuda_wide_bodies(void **state) {
     (void)state;
     NEED_GPU();
     static const att_tile_t mma_sync = {4, 2, 1, 32, 3, 0};
-    wide_body_case(&mma_sync, ATT_DTYPE_BF16, 8, 2, 128, ATT_RIG_F_ALL, 0);
-    wide_body_case(&mma_sync, ATT_DTYPE_F16, 16, 2, 64, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
+    wide_body_case(&mma_sync, ATT_DTYPE_BF16, 8, 2, 128, 16, ATT_RIG_F_ALL, 0);
+    wide_body_case(&mma_sync, ATT_DTYPE_F16, 16, 2, 64, 16, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS,
+                   1);
     if (strcmp(att_cuda_arch(g_cuda), "sm_90") != 0) {
         printf("SKIP the wgmma tiles: %s is not sm_90\n", att_cuda_arch(g_cuda));
         return;
     }
     static const att_tile_t wg[] = {{8, 1, 1, 64, 3, 1}, {4, 1, 1, 128, 2, 1},
                                     {8, 1, 1, 128, 3, 1}, {4, 1, 1, 64, 4, 1}};
-    wide_body_case(&wg[0], ATT_DTYPE_BF16, 8, 2, 128, ATT_RIG_F_ALL, 2);
-    wide_body_case(&wg[1], ATT_DTYPE_BF16, 32, 8, 128, 0, 3);
-    wide_body_case(&wg[2], ATT_DTYPE_F16, 16, 2, 64, ATT_RIG_F_SOFT_CAP | ATT_RIG_F_ALIBI, 4);
-    wide_body_case(&wg[3], ATT_DTYPE_F16, 6, 1, 128, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 5);
+    wide_body_case(&wg[0], ATT_DTYPE_BF16, 8, 2, 128, 16, ATT_RIG_F_ALL, 2);
+    wide_body_case(&wg[1], ATT_DTYPE_BF16, 32, 8, 128, 32, 0, 3);
+    wide_body_case(&wg[2], ATT_DTYPE_F16, 16, 2, 64, 8, ATT_RIG_F_SOFT_CAP | ATT_RIG_F_ALIBI, 4);
+    wide_body_case(&wg[3], ATT_DTYPE_F16, 6, 1, 128, 8, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 5);
+    /* two warpgroups at 128 dims and 128 keys: the producer's registers shifted to them */
+    wide_body_case(&wg[2], ATT_DTYPE_BF16, 32, 8, 128, 8, ATT_RIG_F_ALL, 6);
 }
 #endif
 

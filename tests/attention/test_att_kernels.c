@@ -100,6 +100,7 @@ static const att_tile_t k_candidates[] = {
     {4, 1, 1, 64, 2, 0},  {4, 1, 1, 64, 3, 0},  {8, 1, 1, 64, 2, 0}, {4, 2, 1, 64, 3, 0},
     {4, 2, 1, 32, 3, 0},  {8, 2, 1, 32, 2, 0},  {1, 1, 4, 64, 3, 0}, {1, 1, 4, 64, 4, 0},
     {8, 1, 1, 64, 2, 1},  {8, 1, 1, 64, 4, 1},  {4, 1, 1, 64, 4, 1}, {4, 1, 1, 128, 3, 1},
+    {8, 1, 1, 128, 2, 1},
 };
 
 /* Copies the initial value of the constant att_k_info out of a cubin (an ELF64 image: the
@@ -321,8 +322,8 @@ static const char *job_wrong(const job_t *j) {
         return NULL;
     const att_tile_t *t = &j->tile;
     const uint32_t wave = j->target->wave != 0 ? j->target->wave : 32;
-    /* the wgmma body has a producer warp besides the tile's */
-    const uint32_t producer = t->mma == 1 ? 32 : 0;
+    /* the wgmma body has a producer warpgroup besides the tile's warps */
+    const uint32_t producer = t->mma == 1 ? 128 : 0;
     if (j->info[ATT_KINFO_TILE_ROWS] != 16 * t->warp_mt * t->warps_m ||
         j->info[ATT_KINFO_TILE_KEYS] != t->tile_k ||
         j->info[ATT_KINFO_THREADS] != wave * t->warps_m * t->warps_n + producer)

@@ -429,6 +429,13 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
     wg.v[TUN_CUDA_WIDE_TILE_K] = 64;
     assert_false(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &a100));
     assert_true(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &h200));
+    /* two warpgroups at 128 dims and 128 keys (registers shifted from the producer): 3 stages
+     * fit the H200 (1024 + (128 + 768) x 256 bytes), 4 do not */
+    wg.v[TUN_CUDA_WIDE_TILE_K] = 128;
+    wg.v[TUN_CUDA_WIDE_STAGES] = 3;
+    assert_true(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &h200));
+    wg.v[TUN_CUDA_WIDE_STAGES] = 4;
+    assert_false(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &h200));
     tun_shape_t f32 = llama;
     f32.dtype = 1;
     tun_space_cuda_unified.heuristic(&f32, &h200, &b, &h);
