@@ -51,14 +51,14 @@ if has tests; then
 fi
 
 if has wgmma; then
-  # The default plan takes the mma.sync wide tile; wide_bodies runs it and the wgmma tiles.
+  # On sm_90 the default plan takes a wgmma wide tile; wide_bodies runs mma.sync and others.
   note "wgmma_check: the body's shared-memory layouts and fragments, alone"
   timeout 60 "$R" wgmma_check || status=1
   note "test_att_cuda: both wide bodies"
   ATTND_TEST_FILTER='*wide_bodies*' gpu_test test_att_cuda 300
-  note "prefill: wgmma tiles (WM,MT,WN,TK,ST,1) against the default, mma.sync (4,2,1,32,3,0)"
-  for t in "" wide=8,1,1,64,3,1 wide=8,1,1,64,2,1 wide=8,1,1,64,4,1 \
-           wide=4,1,1,64,4,1 wide=4,1,1,128,2,1; do
+  note "prefill: the default (wgmma 8,1,1,128,3,1 on sm_90), mma.sync and other wgmma tiles"
+  for t in "" wide=4,2,1,32,3,0 wide=8,1,1,64,3,1 wide=8,1,1,64,4,1 wide=8,1,1,128,2,1 \
+           wide=4,1,1,64,4,1; do
     timeout 120 "$R" attnd bench-gpu --cases prefill ${t:+--tile $t} > "$out/wgmma.log.tmp" 2>&1 ||
       status=1
     grep -E "^prefill|rror" "$out/wgmma.log.tmp" | sed "s/^/${t:-default} /"

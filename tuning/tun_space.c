@@ -158,12 +158,21 @@ static void cuda_heuristic(const tun_shape_t *s, const tun_device_t *d, const tu
     if (WIDE_SMEM > limit)
         v[TUN_CUDA_WIDE_WARP_MT] = 1;
 #undef WIDE_SMEM
-    /* The sm_90a wgmma body (wide_mma 1) is in the space but not the default: on the H200
-     * (2026-11-30, bench-gpu prefill 8 x 2048) its best tile, two warpgroups of 64 rows with 64
-     * keys a stage and 3-4 stages, ran 150-152 TFLOP/s against this mma.sync tile's 229 (D 64:
-     * 161 against 134-167), with one producer warp issuing every cp.async of a stage (64 per
-     * lane at 128 dims); docs/BENCHMARKS.md. Its producer is now a warpgroup, not yet
-     * measured. */
+    /* On sm_90 (f16/bf16, 64 or 128 dims) the wgmma body (att_sm90.cuh): two consumer
+     * warpgroups of 64 rows, 128 keys a stage, 3 stages. H200, 2026-11-30, bench-gpu prefill
+     * 8 x 2048: 304 TFLOP/s at D 128 against 231 for the mma.sync tile above and 274-290 for
+     * the 64-key tiles; 185 at D 64 against 168. Fewer keys or stages where the shared memory
+     * does not fit. */
+    static const uint32_t wg_tiles[][2] = {{128, 3}, {64, 4}, {64, 3}, {64, 2}};
+    for (size_t i = 0; i < sizeof wg_tiles / sizeof wg_tiles[0]; i++)
+        if (tun_cuda_wgmma_ok(s, d, 8, 1, wg_tiles[i][0], wg_tiles[i][1])) {
+            v[TUN_CUDA_WIDE_MMA] = 1;
+            v[TUN_CUDA_WIDE_WARPS_M] = 8;
+            v[TUN_CUDA_WIDE_WARP_MT] = 1;
+            v[TUN_CUDA_WIDE_TILE_K] = wg_tiles[i][0];
+            v[TUN_CUDA_WIDE_STAGES] = wg_tiles[i][1];
+            break;
+        }
     /* a narrow tile that does not fit (head_dim 256 on a small device): half the keys */
     if (tun_cuda_smem_bytes(s->head_dim, s->dtype, 1, 1, 4, 64, 2) > limit) {
         v[TUN_CUDA_NARROW_WARPS_N] = 2;
