@@ -2,11 +2,11 @@
  * apart from the attention logic, for when the GPU suite finds the wgmma tile wrong: it tells
  * which layout is at fault. One warpgroup puts a 64 x 128 Q and 64 x 128 K and V tiles (bf16) in
  * shared memory with the body's own swizzled layout (sw128), then
- *   1. S = Q K^T by wgmma_ss with the body's descriptors (Q and K K-major), read out through the
+ *   1. S = Q K^T by the body's wg_qk (descriptors of K-major Q and K), read out through the
  *      accumulator layout the body assumes (thread: rows g, g + 8 of its warp's 16, columns
  *      8 n + 2 t4 + {0, 1});
- *   2. O = P V by wgmma_rs, P = S rounded to bf16 packed into A fragments as the body packs them,
- *      V through the transposed (MN-major) descriptor.
+ *   2. O = P V by the body's wg_pv, P = S rounded to bf16 by its wg_pack_p (A fragments), V
+ *      through the transposed (MN-major) descriptor.
  * Each against a double-precision product on the host (2 from the GPU's own S, so a fault in 1
  * does not hide 2). Prints the worst error and, when wrong, the first mismatches and which
  * element of the reference each GPU value matches, if any (a transposed or swizzled layout shows
@@ -71,13 +71,7 @@ __global__ void __launch_bounds__(128) check_kernel(const elem_t *q, const elem_
 
     float s[kNT * 4];
     wgmma_fence();
-    wgmma_ss_zero(s, wg_desc(q_s, 16, 1024), wg_desc(k_s, 16, 1024));
-#pragma unroll
-    for (uint32_t kk = 1; kk < kD / 16; kk++) {
-        const uint32_t col = (kk % 4) * 32;
-        wgmma_ss(s, wg_desc(q_s + (kk / 4) * kRows * 128 + col, 16, 1024),
-                 wg_desc(k_s + (kk / 4) * kTileK * 128 + col, 16, 1024), 1);
-    }
+    wg_qk(s, q_s, kRows, k_s);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(s);
@@ -86,20 +80,13 @@ __global__ void __launch_bounds__(128) check_kernel(const elem_t *q, const elem_
             s_out[(wi * 16 + g + 8 * (e >> 1)) * kN + nn * 8 + 2 * t4 + (e & 1)] = s[nn * 4 + e];
 
     uint32_t a[kTileK / 16][4];
-    for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
-        a[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
-        a[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
-        a[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
-        a[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    wg_pack_p(s, a);
     float o[kDT * 4];
     for (uint32_t i = 0; i < kDT * 4; i++)
         o[i] = 0.0f;
     wgmma_pin(o);
     wgmma_fence();
-#pragma unroll
-    for (uint32_t kk = 0; kk < kTileK / 16; kk++)
-        wgmma_rs(o, a[kk], wg_desc(v_s + kk * 16 * 128, kTileK * 128, 1024));
+    wg_pv(o, a, v_s);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(o);

@@ -136,153 +136,95 @@ __device__ __forceinline__ void named_sync(uint32_t id, uint32_t n) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
-/* d = A B, the first k16 step (d written only, so no instruction defines it in the MMA's way) */
+/* The wgmma instructions, for N = 32 or 64 accumulators a thread (m64n64k16, m64n128k16): the
+ * operand lists of their inline assembly. */
+#define WG_D32                                                                                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "   \
+    "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WG_D64                                                                                     \
+    WG_D32 ", "                                                                                    \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "   \
+    "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WG_F8(k, d, i)                                                                             \
+    k(d[i]), k(d[i + 1]), k(d[i + 2]), k(d[i + 3]), k(d[i + 4]), k(d[i + 5]), k(d[i + 6]),         \
+        k(d[i + 7])
+#define WG_F32(k, d) WG_F8(k, d, 0), WG_F8(k, d, 8), WG_F8(k, d, 16), WG_F8(k, d, 24)
+#define WG_F64(k, d)                                                                               \
+    WG_F32(k, d), WG_F8(k, d, 32), WG_F8(k, d, 40), WG_F8(k, d, 48), WG_F8(k, d, 56)
+#define WG_OP "wgmma.mma_async.sync.aligned.m64n"
+
+/* d (64 x N, f32; this thread's 32 or 64 of it) = A B, A and B by descriptor: the first k16
+ * step, which only writes d (no other instruction defines it inside the MMA's stage). */
 __device__ __forceinline__ void wgmma_ss_zero(float (&d)[32], uint64_t a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31"
-                 "}, %32, %33, 0, 1, 1, 0, 0;\n"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
-                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
-                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
-                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
-                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
-                   "=f"(d[30]), "=f"(d[31])
+    asm volatile(WG_OP "64k16.f32." ATT_WG_AB " {" WG_D32 "}, %32, %33, 0, 1, 1, 0, 0;\n"
+                 : WG_F32("=f", d)
                  : "l"(a), "l"(b));
 }
-
 __device__ __forceinline__ void wgmma_ss_zero(float (&d)[64], uint64_t a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31, %32, %33, %34, %35, "
-                 "%36, %37, %38, %39, %40, %41, "
-                 "%42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, "
-                 "%54, %55, %56, %57, %58, %59, "
-                 "%60, %61, %62, %63"
-                 "}, %64, %65, 0, 1, 1, 0, 0;\n"
-                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]),
-                   "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]),
-                   "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]),
-                   "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
-                   "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]),
-                   "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]),
-                   "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]),
-                   "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]),
-                   "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]),
-                   "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]),
-                   "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+    asm volatile(WG_OP "128k16.f32." ATT_WG_AB " {" WG_D64 "}, %64, %65, 0, 1, 1, 0, 0;\n"
+                 : WG_F64("=f", d)
                  : "l"(a), "l"(b));
 }
 
-
-/* d (64 x N, f32; this thread's N / 2 of it) = A B (+ d when acc), A and B by descriptor. */
-__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31])
-                 : "l"(a), "l"(b), "r"(acc));
+/* d += A B, A and B by descriptor (both K-major). */
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile(WG_OP "64k16.f32." ATT_WG_AB " {" WG_D32 "}, %32, %33, 1, 1, 1, 0, 0;\n"
+                 : WG_F32("+f", d)
+                 : "l"(a), "l"(b));
+}
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(WG_OP "128k16.f32." ATT_WG_AB " {" WG_D64 "}, %64, %65, 1, 1, 1, 0, 0;\n"
+                 : WG_F64("+f", d)
+                 : "l"(a), "l"(b));
 }
 
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31, %32, %33, %34, %35, "
-                 "%36, %37, %38, %39, %40, %41, "
-                 "%42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, "
-                 "%54, %55, %56, %57, %58, %59, "
-                 "%60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(a), "l"(b), "r"(acc));
-}
-
+/* d += A B, A from registers (a thread's 4 of the 16 x 16 A fragment of its warp, mma.sync's
+ * layout), B by descriptor, MN-major (transposed: the last immediate). */
 __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31"
-                 "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31])
+    asm volatile(WG_OP "64k16.f32." ATT_WG_AB " {" WG_D32 "}, {%32, %33, %34, %35}, %36, "
+                       "1, 1, 1, 1;\n"
+                 : WG_F32("+f", d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(WG_OP "128k16.f32." ATT_WG_AB " {" WG_D64 "}, {%64, %65, %66, %67}, %68, "
+                       "1, 1, 1, 1;\n"
+                 : WG_F64("+f", d)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." ATT_WG_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, "
-                 "%6, %7, %8, %9, %10, %11, "
-                 "%12, %13, %14, %15, %16, %17, "
-                 "%18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, "
-                 "%30, %31, %32, %33, %34, %35, "
-                 "%36, %37, %38, %39, %40, %41, "
-                 "%42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, "
-                 "%54, %55, %56, %57, %58, %59, "
-                 "%60, %61, %62, %63"
-                 "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+/* A warpgroup's S = Q K^T (issued, not committed) for its 64 rows and a stage's kTileK keys: q is
+ * the shared address of its first Q row in a tile of q_rows rows, k of the stage's K. */
+__device__ __forceinline__ void wg_qk(float (&s)[kNT * 4], uint32_t q, uint32_t q_rows,
+                                      uint32_t k) {
+    wgmma_ss_zero(s, wg_desc(q, 16, 1024), wg_desc(k, 16, 1024));
+#pragma unroll
+    for (uint32_t kk = 1; kk < kD / 16; kk++) {
+        const uint32_t col = (kk % 4) * 32; /* k16 step within a 64-dim block */
+        wgmma_ss(s, wg_desc(q + (kk / 4) * q_rows * 128 + col, 16, 1024),
+                 wg_desc(k + (kk / 4) * kTileK * 128 + col, 16, 1024));
+    }
+}
+
+/* P, the probabilities of s rounded to the dtype, as wgmma's A fragments: two n8 score tiles of a
+ * row pair are one k16 fragment, as with mma.sync. */
+__device__ __forceinline__ void wg_pack_p(const float (&s)[kNT * 4],
+                                          uint32_t (&pa)[kTileK / 16][4]) {
+#pragma unroll
+    for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
+        pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
+        pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+/* O += P V (issued, not committed), v the shared address of a stage's V. */
+__device__ __forceinline__ void wg_pv(float (&o)[kDT * 4],
+                                      const uint32_t (&pa)[kTileK / 16][4], uint32_t v) {
+#pragma unroll
+    for (uint32_t kk = 0; kk < kTileK / 16; kk++)
+        wgmma_rs(o, pa[kk], wg_desc(v + kk * 16 * 128, kTileK * 128, 1024));
 }
 
 /* The producer warpgroup: stage after stage of K and V into the ring. Thread pt copies chunk
@@ -510,27 +452,16 @@ att_k_attend(const att_kparams_t p) {
     /* S = Q K^T of stage kt for the warpgroup's 64 rows x kTileK keys (issued, committed) */
     float s[kNT * 4];
     auto issue_s = [&](uint32_t kt) {
-        const uint32_t ks = kv_s + slot_of(kt) * 2 * kKVBytes;
         wgmma_fence();
-        wgmma_ss_zero(s, wg_desc(q_wg, 16, 1024), wg_desc(ks, 16, 1024));
-#pragma unroll
-        for (uint32_t kk = 1; kk < kD / 16; kk++) {
-            const uint32_t col = (kk % 4) * 32; /* k16 step within a 64-dim block */
-            wgmma_ss(s, wg_desc(q_wg + (kk / 4) * kRows * 128 + col, 16, 1024),
-                     wg_desc(ks + (kk / 4) * kTileK * 128 + col, 16, 1024), 1);
-        }
+        wg_qk(s, q_wg, kRows, kv_s + slot_of(kt) * 2 * kKVBytes);
         wgmma_commit();
     };
-    /* O += P V of stage kt (issued, committed); P's A fragments: two n8 score tiles of a row
-     * pair are one k16 fragment, as with mma.sync */
+    /* O += P V of stage kt (issued, committed) */
     uint32_t pa[kTileK / 16][4];
     auto issue_pv = [&](uint32_t kt) {
-        const uint32_t vs = kv_s + slot_of(kt) * 2 * kKVBytes + kKVBytes;
         wgmma_pin(o);
         wgmma_fence();
-#pragma unroll
-        for (uint32_t kk = 0; kk < kTileK / 16; kk++)
-            wgmma_rs(o, pa[kk], wg_desc(vs + kk * 16 * 128, kTileK * 128, 1024));
+        wg_pv(o, pa, kv_s + slot_of(kt) * 2 * kKVBytes + kKVBytes);
         wgmma_commit();
     };
     /* Stage kt's logits in log2 units, masked, then the online softmax of rows g and g + 8:
@@ -573,15 +504,6 @@ att_k_attend(const att_kparams_t p) {
             l_run[ri] = l_run[ri] * alpha[ri] + sum;
         }
     };
-    auto to_p = [&]() {
-#pragma unroll
-        for (uint32_t kk = 0; kk < kTileK / 16; kk++) {
-            pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
-            pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
-        }
-    };
     auto rescale_o = [&]() {
 #pragma unroll
         for (uint32_t d = 0; d < kDT; d++) {
@@ -602,7 +524,7 @@ att_k_attend(const att_kparams_t p) {
         wgmma_wait<0>();
         wgmma_pin(s);
         softmax(kt_lo); /* O is 0: nothing to rebase */
-        to_p();
+        wg_pack_p(s, pa);
         for (uint32_t kt = kt_lo + 1; kt < kt_hi; kt++) {
             wait_full(kt);
             issue_s(kt);
@@ -614,7 +536,7 @@ att_k_attend(const att_kparams_t p) {
             wgmma_wait<0>(); /* the previous stage's P.V */
             wgmma_pin(o);
             release(kt - 1);
-            to_p();
+            wg_pack_p(s, pa);
         }
         rescale_o();
         issue_pv(kt_hi - 1);
