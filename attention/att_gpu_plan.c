@@ -68,7 +68,6 @@ static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, ui
     return parts < p->max_splits ? parts : p->max_splits;
 }
 
-/* Items by key count, most first (`reserved` holds the count while the items are sorted). */
 /* A block's fixed cost (start, copy pipeline fill, partial rows stored and merged) in keys of
  * streaming: what a part must be worth to pay for itself. */
 #define PART_COST_KEYS 128u
@@ -97,6 +96,7 @@ static uint32_t wave_parts(uint64_t blocks, uint64_t keys, uint64_t slots, uint3
     return best;
 }
 
+/* Items by key count, most first (`reserved` holds the count while the items are sorted). */
 static int cmp_item_keys_desc(const void *a, const void *b) {
     const att_kitem_t *x = a, *y = b;
     return (x->reserved < y->reserved) - (x->reserved > y->reserved);

@@ -294,8 +294,8 @@ typedef struct fetch_arg {
 static void *fetch_run(void *arg) {
     fetch_arg_t *a = arg;
     att_gpu_fetch_t *f = a->f;
-    f->err = att_jit_image(a->jit, att_jit_opts_arch(&f->opts, a->arch), f->opts.ptr, f->opts.n, &f->img, &f->bytes,
-                           &f->compiled, &f->diag);
+    f->err = att_jit_image(a->jit, att_jit_opts_arch(&f->opts, a->arch), f->opts.ptr, f->opts.n,
+                           &f->img, &f->bytes, &f->compiled, &f->diag);
     return NULL;
 }
 

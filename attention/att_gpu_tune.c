@@ -28,7 +28,8 @@ static void *compiler_run(void *arg) {
         const void *img;
         size_t bytes;
         /* a failure is logged by att_jit and remembered there: set_tuning then refuses it */
-        (void)att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img, &bytes, NULL, NULL);
+        (void)att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img, &bytes, NULL,
+                            NULL);
         pthread_mutex_lock(&q->mu);
     }
     pthread_mutex_unlock(&q->mu);
@@ -119,7 +120,8 @@ at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
             size_t bytes;
             at_diag_t d = {{0}};
             att_gpu_cq_opts(q, m, &plan.tile[k], &o);
-            at_err_t e = att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img, &bytes, NULL, &d);
+            at_err_t e = att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img,
+                                       &bytes, NULL, &d);
             first = first == AT_OK ? e : first;
         }
     }

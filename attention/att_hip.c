@@ -14,8 +14,9 @@
  *
  * A run, on the session's stream: one upload of the metadata (chunks, block table, items,
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
- * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds, the wide ones on
- * the session's side stream, forked and joined by events), one download of out; then the stream
+ * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds,
+ * the wide ones on the session's side stream, forked and joined by events), one download of
+ * out; then the stream
  * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
  * att_hip_plan_default at creation, then whatever set_tuning chose from tun_space_hip_unified.
  *

@@ -140,8 +140,8 @@ at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts,
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
 
 /* Hex SHA-256 of the embedded kernel source and its headers (att_unified.cu, att_kparams.h,
- * att_port.h, att_sm90.cuh): a kernel change changes it, so tuning records keyed by it (CUDA's and HIP's) are
- * not reused. Any thread. */
+ * att_port.h, att_sm90.cuh): a kernel change changes it, so tuning records keyed by it (CUDA's
+ * and HIP's) are not reused. Any thread. */
 const char *att_jit_kernel_hash(void);
 
 /* The default cache directory: $ATTND_KERNEL_CACHE_DIR (set by `attnd serve --kernel-cache-dir`

@@ -112,7 +112,7 @@ ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 152, "att_kparams_t layout");
 #define ATT_KINFO_TILE_KEYS 1   /* keys per pipeline stage; split boundaries are multiples */
 #define ATT_KINFO_THREADS 2     /* threads per block of att_k_attend */
 #define ATT_KINFO_SMEM_BYTES 3  /* dynamic shared memory of att_k_attend */
-#define ATT_KINFO_KVW_THREADS 5 /* threads per block of att_k_kv_write */
+#define ATT_KINFO_KVW_THREADS 5 /* threads per block of att_k_kv_write (4, 6, 7: unused, 0) */
 #define ATT_KINFO_COUNT 8
 
 #endif

@@ -150,10 +150,9 @@ bool tun_cuda_tile_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warp
                       uint32_t warp_mt, uint32_t warps_n, uint32_t tile_k, uint32_t stages);
 
 /* The same two for the sm_90a wgmma body (ATT_WGMMA, attention/kernels/att_sm90.cuh): its
- * kSmemBytes, and whether the tile is one it builds (f16/bf16, head_dim 64 or 128, warps_m 4 or
- * 8, warp_mt 1, tile_k 64 or 128, stages 2..4) without spilling (not 8 warps with 128 dims and
- * 128 keys) on d, which must be exactly sm_90 (wgmma is sm_90a's alone), within d's shared
- * memory. */
+ * kSmemBytes (dynamic), and whether the tile is one it builds (f16/bf16, head_dim 64 or 128,
+ * warps_m 4 or 8, warp_mt 1, tile_k 64 or 128, stages 2..4) without spilling on d, which must be
+ * exactly sm_90 (wgmma is sm_90a's alone), within d's shared memory (dynamic and static). */
 uint32_t tun_cuda_wgmma_smem_bytes(uint32_t head_dim, uint32_t warps_m, uint32_t tile_k,
                                    uint32_t stages);
 bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t warps_m,

@@ -123,8 +123,10 @@ bool tun_cuda_wgmma_ok(const tun_shape_t *s, const tun_device_t *d, uint32_t wm,
     if ((wm != 4 && wm != 8) || mt != 1 || (tile_k != 64 && tile_k != 128) || stages < 2 ||
         stages > 4)
         return false;
+    /* the block's static shared memory (its mbarriers, aligned like the dynamic block: 1024
+     * bytes, nvcc --resource-usage) counts against the same per-block limit */
     return d->smem_bytes == 0 ||
-           tun_cuda_wgmma_smem_bytes(s->head_dim, wm, tile_k, stages) <= d->smem_bytes;
+           tun_cuda_wgmma_smem_bytes(s->head_dim, wm, tile_k, stages) + 1024u <= d->smem_bytes;
 }
 
 /* The backend's plan before any measurement (att_cuda_plan_default is this, mapped). Figures

@@ -39,10 +39,11 @@
  * are filled by the same copy code, and no tile is ever transposed in memory.
  *
  * Shared memory: 1024 (to align the base) + rows * D * 2 (Q) + ATT_STAGES * 2 * ATT_TILE_K * D * 2
- * (K and V ring); the barriers are static shared memory. For the default (128 rows, 64 keys,
- * 3 stages, D 128): 132096 bytes, one block per SM, 155 registers a thread, no spills
- * (nvcc 13.0 -arch=sm_90a --resource-usage; with 384 threads ptxas allows 168, as it did with
- * 288: it allocates for whole groups of 4 warps). Two warpgroups at D 128 and 128 keys take
+ * (K and V ring); the barriers are static shared memory (1024 bytes with their alignment). For
+ * the default (128 rows, 128 keys, 3 stages, D 128): 230400 bytes, one block per SM, 168
+ * registers a thread, no spills; 64 keys: 132096 bytes, 155 registers (nvcc 13.0 -arch=sm_90a
+ * --resource-usage; with 384 threads ptxas allows 168, as it did with 288: it allocates for
+ * whole groups of 4 warps). Two warpgroups at D 128 and 128 keys take
  * registers from the producer (setmaxnreg, kRegShift). ptxas reports no spills and no
  * serialized wgmma (C75xx) for the tiles tun_cuda_wgmma_ok takes. */
 

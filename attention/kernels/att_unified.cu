@@ -22,6 +22,8 @@
  * Arithmetic in f32; scores are carried in log2 units (multiplied by log2 e) so the exponentials
  * are single ex2 instructions.
  *
+ * On sm_90 a wide tile may instead use the wgmma body of att_sm90.cuh (ATT_WGMMA=1, compiled
+ * for sm_90a), included below with the same entry points and contract.
  * f16/bf16: tensor cores (mma.sync m16n8k16, f32 accumulators) fed by ldmatrix from shared
  * memory, K/V tiles brought in by cp.async through an ATT_STAGES-deep ring, online softmax in
  * registers, probabilities rounded to the dtype for P.V (as the CPU tests allow), outputs rounded
@@ -377,8 +379,8 @@ struct block_sync {
  * 0..nthreads-1) has stored its share of the partial rows: the last of the row tile's parts to
  * arrive merges them all. The arrival counter of (merge record, KV head) is zero between
  * launches: atomicInc wraps the last arrival's count back to 0. The fence before the count
- * publishes this block's partials; the one after orders the merger's reads after every other
- * part's. */
+ * publishes this block's partials; the counting thread's fence after it (acquire), then every
+ * thread's past the barrier, order the merger's reads after every other part's stores. */
 template <class Sync>
 __device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_t &t, uint32_t tid,
                                              uint32_t nthreads) {
@@ -389,6 +391,7 @@ __device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_
         const uint32_t n = ((const att_kmerge_t *)p.merges_d)[t.it.merge].num_parts;
         uint32_t *count = (uint32_t *)p.counters_d + (uint64_t)t.it.merge * kHkv + t.h;
         s_last = atomicInc(count, n - 1) == n - 1;
+        __threadfence();
     }
     Sync::sync();
     if (s_last) {

@@ -236,7 +236,7 @@ static void switch_knobs(uint32_t i, const uint32_t split[2], const uint32_t mix
 }
 #else
 /* Tiles no other config of the session shares (the heuristic's are 4x2x1x32x3, or the wgmma
- * 8x1x1x64x3 on sm_90, and 1x1x4x64x2): wide (warps_m, warp_mt, tile_k, stages; all mma.sync,
+ * 8x1x1x128x3 on sm_90, and 1x1x4x64x2): wide (warps_m, warp_mt, tile_k, stages; all mma.sync,
  * which every GPU runs) and narrow (warps_n, tile_k, stages). */
 static const uint32_t k_wide[6][4] = {{2, 1, 64, 2}, {8, 1, 32, 4}, {4, 2, 32, 2},
                                       {4, 1, 64, 3}, {8, 1, 64, 2}, {2, 2, 32, 3}};

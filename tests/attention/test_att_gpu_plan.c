@@ -151,7 +151,6 @@ static void test_att_gpu_plan_few_waves_split_to_fill_them(void **state) {
     /* a 512-token chunk over 1536: 16 wide tiles x 8 heads = 128 blocks of 264 slots; 2 parts
      * make one full wave, 3 would make two */
     att_batch_t c = {.attend = 1, .chunks = r.ch};
-    r.plan.min_split_keys = 256;
     add_chunks(&r, &c, 1, 1536, 512);
     plan(&r, &c);
     TU_CHECK(parts_of(&r, ATT_TILE_WIDE) == 2 && r.pl.num_merges[ATT_TILE_WIDE] == 16,
