@@ -120,7 +120,8 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     if (e != AT_OK)
         return e;
     nt = 0;
-    uint32_t kinds_seen = 0;
+    /* per kind: blocks (tiles x KV heads) and the longest tile's keys, for the split choice */
+    uint64_t blocks[ATT_TILE_KINDS] = {0, 0}, longest[ATT_TILE_KINDS] = {0, 0};
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         const uint32_t r = ch->num_tokens * g;
@@ -133,16 +134,11 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             t->kind = kind;
             t->kb = window_lo(ch->start_pos + rb / g, window);
             t->ke = ch->start_pos + (re - 1) / g + 1;
-            kinds_seen |= 1u << kind;
+            blocks[kind] += m->num_kv_heads;
+            longest[kind] = t->ke - t->kb > longest[kind] ? t->ke - t->kb : longest[kind];
         }
     }
     /* Split (flash-decoding) when a kind's blocks would take few waves of the GPU. */
-    uint64_t blocks[ATT_TILE_KINDS] = {0, 0}, longest[ATT_TILE_KINDS] = {0, 0};
-    for (size_t i = 0; i < nt; i++) {
-        const att_gpu_tile_t *t = &w->tiles[i];
-        blocks[t->kind] += m->num_kv_heads;
-        longest[t->kind] = t->ke - t->kb > longest[t->kind] ? t->ke - t->kb : longest[t->kind];
-    }
     uint32_t want[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const uint64_t per_sm =
@@ -151,7 +147,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         want[k] = wave_parts(blocks[k], longest[k], (uint64_t)num_sms * (per_sm ? per_sm : 1),
                              most < plan->max_splits ? (uint32_t)most : plan->max_splits);
     }
-    const bool mixed = kinds_seen == (1u << ATT_TILE_WIDE | 1u << ATT_TILE_NARROW);
+    const bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
     size_t ni = 0, nm = 0;
     for (size_t i = 0; i < nt; i++) {
         const uint32_t parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
