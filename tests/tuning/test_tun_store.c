@@ -361,6 +361,17 @@ static void test_tun_space_cpu_conditions(void **state) {
     assert_string_equal(text, "tile_rows=64,key_tile=16,items_per_thread=4");
 }
 
+/* base with a wide tile of the wgmma body: two warpgroups, tile_k keys a stage, stages. */
+static tun_cfg_t wgmma_tile(const tun_cfg_t *base, uint32_t tile_k, uint32_t stages) {
+    tun_cfg_t c = *base;
+    c.v[TUN_CUDA_WIDE_MMA] = 1;
+    c.v[TUN_CUDA_WIDE_WARPS_M] = 8;
+    c.v[TUN_CUDA_WIDE_WARP_MT] = 1;
+    c.v[TUN_CUDA_WIDE_TILE_K] = tile_k;
+    c.v[TUN_CUDA_WIDE_STAGES] = stages;
+    return c;
+}
+
 static void test_tun_space_cuda_respects_shared_memory(void **state) {
     (void)state;
     tun_device_t h200 = {.backend = "cuda", .name = "NVIDIA H200", .arch = "sm_90",
@@ -411,12 +422,7 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
             assert_int_equal(hs.v[TUN_CUDA_WIDE_TILE_K], 64);
             assert_int_equal(hs.v[TUN_CUDA_WIDE_STAGES], 2);
         }
-        tun_cfg_t wg = hs;
-        wg.v[TUN_CUDA_WIDE_MMA] = 1;
-        wg.v[TUN_CUDA_WIDE_WARPS_M] = 8;
-        wg.v[TUN_CUDA_WIDE_WARP_MT] = 1;
-        wg.v[TUN_CUDA_WIDE_TILE_K] = 64;
-        wg.v[TUN_CUDA_WIDE_STAGES] = 2;
+        tun_cfg_t wg = wgmma_tile(&hs, 64, 2);
         assert_int_equal(tun_cfg_valid(&tun_space_cuda_unified, &wg, shapes[s], &small_smem),
                          s == 0);
         wg.v[TUN_CUDA_WIDE_STAGES] = 3;
@@ -428,11 +434,7 @@ static void test_tun_space_cuda_respects_shared_memory(void **state) {
     tun_cfg_t h;
     tun_space_cuda_unified.heuristic(&llama, &a100, &b, &h);
     assert_int_equal(h.v[TUN_CUDA_WIDE_MMA], 0);
-    tun_cfg_t wg = h;
-    wg.v[TUN_CUDA_WIDE_MMA] = 1;
-    wg.v[TUN_CUDA_WIDE_WARPS_M] = 8;
-    wg.v[TUN_CUDA_WIDE_WARP_MT] = 1;
-    wg.v[TUN_CUDA_WIDE_TILE_K] = 64;
+    tun_cfg_t wg = wgmma_tile(&h, 64, h.v[TUN_CUDA_WIDE_STAGES]);
     assert_false(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &a100));
     assert_true(tun_cfg_valid(&tun_space_cuda_unified, &wg, &llama, &h200));
     /* two warpgroups at 128 dims and 128 keys (registers shifted from the producer): 3 stages
