@@ -11,8 +11,7 @@
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
  * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds,
  * the wide ones on the session's side stream, forked and joined by events), one download of
- * out; then the stream
- * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
+ * out; then the stream is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
  * att_cuda_plan_default at creation, then whatever set_tuning chose (the tuner calls it before
  * every batch, so it is cheap: a session keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per
  * tile kind and config, and a switch to a loaded one only changes two slot numbers and the

@@ -16,8 +16,7 @@
  * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
  * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds,
  * the wide ones on the session's side stream, forked and joined by events), one download of
- * out; then the stream
- * is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
+ * out; then the stream is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
  * att_hip_plan_default at creation, then whatever set_tuning chose from tun_space_hip_unified.
  *
  * Tuning is att_cuda.c's: compiles never run on a call's path (set_tuning answers
