@@ -17,6 +17,7 @@
 
 typedef struct seq {
     uint64_t id;
+    uint64_t stamp;      /* renewed whenever an entry of blocks changes other than by appending */
     uint32_t *blocks;    /* [cap_blocks]; the first num_blocks are in use */
     uint32_t num_blocks;
     uint32_t cap_blocks;
@@ -39,6 +40,7 @@ struct kvc {
     uint64_t *map_keys;    /* [map_cap] */
     uint32_t *map_vals;    /* [map_cap]; EMPTY_SLOT or an index into seqs */
     uint32_t map_cap;      /* power of two, at least twice num_seqs */
+    uint64_t next_stamp;   /* the stamp the next new or changed table gets; never 0 */
     /* the open append, if any */
     bool txn_open;
     uint32_t txn_layer;
@@ -150,6 +152,7 @@ at_err_t kvc_create(const kvc_cfg_t *cfg, kvc_t **out) {
     for (uint32_t i = 0; i < cfg->num_blocks; i++)
         c->free_blocks[i] = cfg->num_blocks - 1 - i;
     c->num_free = cfg->num_blocks;
+    c->next_stamp = 1;
     for (uint32_t i = 0; i < c->map_cap; i++)
         c->map_vals[i] = EMPTY_SLOT;
     *out = c;
@@ -177,7 +180,11 @@ void kvc_destroy(kvc_t **cp) {
     *cp = NULL;
 }
 
+/* Shortens s's table to keep blocks; a shorter table gets a new stamp, since a later append
+ * puts other block numbers where the returned ones were. */
 static void return_blocks(kvc_t *c, seq_t *s, uint32_t keep) {
+    if (s->num_blocks > keep)
+        s->stamp = c->next_stamp++;
     while (s->num_blocks > keep)
         c->free_blocks[c->num_free++] = s->blocks[--s->num_blocks];
 }
@@ -263,6 +270,7 @@ at_err_t kvc_append_begin(kvc_t *c, uint32_t layer, const kvc_span_t *spans, uin
             seq_t *s = &c->seqs[c->num_seqs];
             memset(s, 0, sizeof *s);
             s->id = spans[i].seq_id;
+            s->stamp = c->next_stamp++;
             s->len = calloc(c->cfg.num_layers, sizeof *s->len);
             if (s->len == NULL)
                 goto out_abort;
@@ -293,6 +301,12 @@ const uint32_t *kvc_append_table(const kvc_t *c, uint32_t i, uint32_t *num_block
     const seq_t *s = &c->seqs[c->txn_undo[i].index];
     *num_blocks = s->num_blocks;
     return s->blocks;
+}
+
+void kvc_append_ident(const kvc_t *c, uint32_t i, uint32_t *slot, uint64_t *stamp) {
+    AT_ASSERT(c->txn_open && i < c->txn_n);
+    *slot = c->txn_undo[i].index;
+    *stamp = c->seqs[c->txn_undo[i].index].stamp;
 }
 
 void kvc_append_commit(kvc_t *c) {

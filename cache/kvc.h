@@ -52,6 +52,14 @@ at_err_t kvc_append_begin(kvc_t *c, uint32_t layer, const kvc_span_t *spans, uin
  * tokens. Borrowed until commit or abort. *num_blocks receives its length. */
 const uint32_t *kvc_append_table(const kvc_t *c, uint32_t i, uint32_t *num_blocks);
 
+/* Between begin and commit/abort: the identity of span i's block table, for a consumer that keeps
+ * a copy of it (a GPU backend's device-resident tables). *slot: the sequence's index among the
+ * cached ones (below their count; it changes only when another sequence is released). *stamp:
+ * never 0, unique in c's lifetime, renewed whenever an entry of the table changes other than by
+ * appending (a new sequence, a shorter table). A copy made under (slot, stamp) stays a prefix of
+ * the table as long as a later call reports the same pair. */
+void kvc_append_ident(const kvc_t *c, uint32_t i, uint32_t *slot, uint64_t *stamp);
+
 /* Makes the begun append permanent: each span's layer length becomes start_pos + num_tokens. */
 void kvc_append_commit(kvc_t *c);
 

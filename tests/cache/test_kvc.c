@@ -487,6 +487,55 @@ static void test_kvc_abort_restores_everything(void **state) {
 
 /* ---- random operation sequences against the model ---- */
 
+/* A consumer's copies of the tables (a GPU backend's device-resident ones), kept by the identity
+ * kvc_append_ident reports: a copy whose (slot, stamp) a later append reports again must be a
+ * prefix of the table then, and of the same sequence. */
+typedef struct mirror {
+    uint64_t stamp; /* 0: none */
+    uint64_t id;
+    uint32_t n;
+    uint32_t blocks[M_MAX_BLOCKS];
+} mirror_t;
+
+/* Checks the begun append's spans against the copies in mir ([M_MAX_SEQS]); counts copies kept
+ * (*kept) and found stale by their stamp (*renewed). */
+static void check_mirrors(const kvc_t *c, const mirror_t *mir, const kvc_span_t *spans,
+                          uint32_t n, uint32_t *kept, uint32_t *renewed) {
+    kvc_stats_t st;
+    kvc_get_stats(c, &st);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot = UINT32_MAX, nb = 0;
+        uint64_t stamp = 0;
+        kvc_append_ident(c, i, &slot, &stamp);
+        const uint32_t *table = kvc_append_table(c, i, &nb);
+        TU_CHECK(slot < st.num_sequences && stamp != 0, "span %u: slot %u of %u, stamp %" PRIu64,
+                 i, slot, st.num_sequences, stamp);
+        const mirror_t *mr = &mir[slot];
+        if (mr->stamp != stamp) {
+            *renewed += mr->stamp != 0;
+            continue;
+        }
+        TU_CHECK(mr->id == spans[i].seq_id && mr->n <= nb &&
+                     memcmp(mr->blocks, table, mr->n * sizeof *table) == 0,
+                 "span %u (seq %" PRIu64 "): the copy of seq %" PRIu64 " under slot %u stamp %"
+                 PRIu64 " (%u blocks) is not a prefix of its %u blocks",
+                 i, spans[i].seq_id, mr->id, slot, stamp, mr->n, nb);
+        (*kept)++;
+    }
+}
+
+/* After a commit: the copies of the spans' tables as they are now. */
+static void take_mirrors(const kvc_t *c, mirror_t *mir, const kvc_span_t *spans, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot, nb;
+        uint64_t stamp;
+        kvc_append_ident(c, i, &slot, &stamp);
+        const uint32_t *table = kvc_append_table(c, i, &nb);
+        mir[slot] = (mirror_t){.stamp = stamp, .id = spans[i].seq_id, .n = nb};
+        memcpy(mir[slot].blocks, table, nb * sizeof *table);
+    }
+}
+
 /* How often each outcome happened over all runs, so the test can show it exercised them all. */
 typedef struct outcomes {
     uint32_t ok_commit;
@@ -495,6 +544,8 @@ typedef struct outcomes {
     uint32_t past_end;
     uint32_t release;
     uint32_t rollback;
+    uint32_t kept;    /* a consumer's table copy still valid by its stamp */
+    uint32_t renewed; /* one made stale (new stamp or another sequence in its slot) */
 } outcomes_t;
 
 static void random_run(uint64_t seed, uint32_t run, outcomes_t *seen) {
@@ -505,6 +556,8 @@ static void random_run(uint64_t seed, uint32_t run, outcomes_t *seen) {
     const uint32_t bs = 1u << tu_rng_range(&r, 3, 5); /* 8..32 */
     const uint32_t nb = tu_rng_range(&r, 3, 24);
     kvc_t *c = make(layers, bs, nb, &m);
+    static mirror_t mir[M_MAX_SEQS];
+    memset(mir, 0, sizeof mir);
     const uint32_t ops = 400;
     for (uint32_t op = 0; op < ops; op++) {
         tu_where_set("seed %" PRIu64 " (ATTND_TEST_SEED=%" PRIu64 "), run %u, op %u (layers %u,"
@@ -577,11 +630,14 @@ static void random_run(uint64_t seed, uint32_t run, outcomes_t *seen) {
         }
         uint32_t tables[4][M_MAX_BLOCKS], nbs[4];
         check_begun_tables(c, &m, layer, spans, n, tables, nbs);
+        check_mirrors(c, mir, spans, n, &seen->kept, &seen->renewed);
         if (tu_rng_chance(&r, 1, 5)) {
             kvc_append_abort(c);
             seen->ok_abort++;
         } else {
             seen->ok_commit++;
+            /* copied as begun, as a backend does; a commit that returns blocks renews the stamp */
+            take_mirrors(c, mir, spans, n);
             kvc_append_commit(c);
             m_commit(&m, layer, spans, n, tables, nbs);
         }
@@ -597,11 +653,11 @@ static void test_kvc_random_ops_match_the_model(void **state) {
     for (uint32_t run = 0; run < 40; run++)
         random_run(tu_sub_seed(g_seed, run), run, &seen);
     print_message("random ops: %u commits, %u aborts, %u KV_FULL, %u KV_PAST_END, %u releases,"
-                  " %u rollbacks\n",
+                  " %u rollbacks, %u table copies kept, %u renewed\n",
                   seen.ok_commit, seen.ok_abort, seen.full, seen.past_end, seen.release,
-                  seen.rollback);
+                  seen.rollback, seen.kept, seen.renewed);
     TU_CHECK(seen.ok_commit > 0 && seen.ok_abort > 0 && seen.full > 0 && seen.past_end > 0 &&
-                 seen.release > 0 && seen.rollback > 0,
+                 seen.release > 0 && seen.rollback > 0 && seen.kept > 0 && seen.renewed > 0,
              "the random sequence missed an outcome");
 }
 
