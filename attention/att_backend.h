@@ -37,6 +37,11 @@ typedef struct att_batch_chunk {
     uint32_t num_tokens;
     uint32_t num_blocks;
     const uint32_t *blocks; /* borrowed for the run; [num_blocks] block numbers of the sequence */
+    /* The table's identity (kvc_append_ident): a backend that keeps a copy of the table made
+     * under the same (table_slot, table_stamp) may take it as a prefix of blocks. Stamp 0: no
+     * identity (the backend takes the whole table from blocks). */
+    uint32_t table_slot;
+    uint64_t table_stamp;
     const void *q;          /* borrowed; [num_tokens, Hq, D]; NULL when the batch only appends */
     const void *k;          /* borrowed; [num_tokens, Hkv, D] */
     const void *v;          /* borrowed; [num_tokens, Hkv, D] */

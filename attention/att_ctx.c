@@ -115,6 +115,7 @@ static void add_chunks(att_ctx_t *ctx, const att_call_t *call, int attend, uint3
         bc->start_pos = call->chunks[i].start_pos;
         bc->num_tokens = call->chunks[i].num_tokens;
         bc->blocks = kvc_append_table(ctx->kvc, first + i, &bc->num_blocks);
+        kvc_append_ident(ctx->kvc, first + i, &bc->table_slot, &bc->table_stamp);
         bc->q = attend ? (const uint8_t *)call->q + rows * q_row : NULL;
         bc->out = attend ? (uint8_t *)call->out + rows * q_row : NULL;
         bc->k = (const uint8_t *)call->k + rows * kv_row;

@@ -7,15 +7,15 @@
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the primary context current on its thread first.
  *
- * A run, on the session's stream: one upload of the metadata (chunks, block table, items,
- * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
- * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds,
- * the wide ones on the session's side stream, forked and joined by events), one download of
- * out; then the stream is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
- * att_cuda_plan_default at creation, then whatever set_tuning chose (the tuner calls it before
- * every batch, so it is cheap: a session keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per
- * tile kind and config, and a switch to a loaded one only changes two slot numbers and the
- * thresholds).
+ * A run, on the session's stream: one upload of the metadata (chunks, the table entries the
+ * session's device-resident block tables lack, items, merges), one upload per tensor (from pinned
+ * staging, or straight from registered memory), the attention launches (one per tile kind, whose
+ * split tiles merge themselves; with both kinds, the wide ones on the session's side stream,
+ * forked and joined by events), one download of out; then the stream is synchronized and out
+ * copied into place. Tiles and thresholds come from the session's plan: att_cuda_plan_default at
+ * creation, then whatever set_tuning chose (the tuner calls it before every batch, so it is
+ * cheap: a session keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config,
+ * and a switch to a loaded one only changes two slot numbers and the thresholds).
  *
  * Compiles never run on a call's path. set_tuning takes images only from the compile cache and
  * answers AT_ERR_NOT_READY otherwise, after queueing the compile; prepare_tuning queues
@@ -85,6 +85,9 @@ struct att_kv {
     size_t stage_cap;
     CUdeviceptr counters_d; /* [counters_cap] uint32 arrivals of split parts, zero between calls */
     size_t counters_cap;
+    CUdeviceptr tables_d;  /* [tables_cap] uint32: the sequences' block tables (att_gpu_tables_t) */
+    uint32_t tables_cap;
+    att_gpu_tables_t tables;
     att_gpu_work_t work;
 };
 
@@ -217,6 +220,26 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
     return AT_OK;
 }
 
+/* Places the call's block tables in the session's table arena; when they do not fit an empty
+ * one, replaces it with one twice their size (the previous call is complete, so the old one is
+ * idle; what it held is forgotten). */
+static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b) {
+    cuda_backend_t *be = kv->be;
+    uint32_t need;
+    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+    if (e != AT_OK || need == 0)
+        return e;
+    if ((e = CU(cuMemFree(kv->tables_d))) != AT_OK)
+        return e;
+    kv->tables_d = 0;
+    kv->tables_cap = 0;
+    const uint32_t cap = need < UINT32_MAX / 2 ? 2 * need : UINT32_MAX;
+    if ((e = CU(cuMemAlloc(&kv->tables_d, (size_t)cap * 4))) != AT_OK)
+        return e;
+    kv->tables_cap = cap;
+    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+}
+
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
  * Runs of chunks whose host rows are adjacent become one copy. Registered memory is copied
  * directly; other runs go through the stage at stage_off (same offsets): gathered before the
@@ -273,12 +296,14 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, occ, b, &pl)) != AT_OK)
         return e;
+    if ((e = place_tables(kv, b)) != AT_OK)
+        return e;
     att_gpu_layout_t lo;
-    att_gpu_layout(m, b, &pl, tile_rows, &lo);
+    att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
     if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK ||
         (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
-    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->work, &pl);
+    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
     bool staged;
@@ -290,7 +315,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
     att_kparams_t p;
-    att_gpu_run_params(m, b, &lo, kv->io_d, kv->pool_d, kv->layer_half_bytes, &p);
+    att_gpu_run_params(m, b, &lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
     p.counters_d = kv->counters_d;
     kv->launch_stream = kv->stream;
     if (b->attend) {
@@ -315,6 +340,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
+    att_gpu_tables_commit(&kv->tables, b);
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = att_gpu_now_ns() - t0;
@@ -482,11 +508,14 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)CU(cuMemFree(kv->io_d));
         if (kv->counters_d != 0)
             (void)CU(cuMemFree(kv->counters_d));
+        if (kv->tables_d != 0)
+            (void)CU(cuMemFree(kv->tables_d));
         if (kv->stage_h != NULL)
             (void)CU(cuMemFreeHost(kv->stage_h));
     }
     lc_destroy(&kv->lc);
     att_gpu_work_fini(&kv->work);
+    att_gpu_tables_fini(&kv->tables);
     free(kv);
     *kvp = NULL;
 }
@@ -532,8 +561,11 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         (e = CU(cuEventCreate(&kv->ev_fork, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_join, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_begin, CU_EVENT_DEFAULT))) != AT_OK ||
-        (e = CU(cuEventCreate(&kv->ev_end, CU_EVENT_DEFAULT))) != AT_OK)
+        (e = CU(cuEventCreate(&kv->ev_end, CU_EVENT_DEFAULT))) != AT_OK ||
+        (e = CU(cuMemAlloc(&kv->tables_d, (size_t)att_gpu_tables_initial(num_blocks) * 4))) !=
+            AT_OK)
         goto out_kv;
+    kv->tables_cap = att_gpu_tables_initial(num_blocks);
     float *consts_h;
     size_t consts_n;
     if ((e = att_gpu_consts(m, &consts_h, &consts_n)) != AT_OK)

@@ -42,6 +42,7 @@ static void patch_call(att_kparams_t *p, const att_kparams_t *base) {
     p->v_cache_d = base->v_cache_d;
     p->chunks_d = base->chunks_d;
     p->block_table_d = base->block_table_d;
+    p->new_table_d = base->new_table_d;
     p->num_chunks = base->num_chunks;
 }
 
@@ -94,19 +95,118 @@ at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_
 
 /* ---- a run's buffers ---- */
 
+/* ---- a session's device-resident block tables ---- */
+
+uint32_t att_gpu_tables_initial(uint32_t num_blocks) {
+    const uint64_t n = (uint64_t)num_blocks * 4 + 1024;
+    return n < UINT32_MAX / 2 ? (uint32_t)n : UINT32_MAX / 2;
+}
+
+void att_gpu_tables_fini(att_gpu_tables_t *t) {
+    free(t->seq);
+    free(t->call);
+    memset(t, 0, sizeof *t);
+}
+
+void att_gpu_tables_reset(att_gpu_tables_t *t) {
+    if (t->seq != NULL)
+        memset(t->seq, 0, t->cap_seq * sizeof *t->seq);
+    t->top = 0;
+}
+
+/* Room for a table of nb entries and the blocks it will append: twice nb, whole 64-byte lines. */
+static uint64_t region_entries(uint32_t nb) { return ((uint64_t)nb * 2 + 15) / 16 * 16; }
+
+/* Grows t->seq to hold slot (new entries: no copy). */
+static at_err_t tables_reserve(att_gpu_tables_t *t, uint32_t slot) {
+    if (slot < t->cap_seq)
+        return AT_OK;
+    uint32_t cap = t->cap_seq != 0 ? t->cap_seq : 64;
+    while (cap <= slot)
+        cap = cap > UINT32_MAX / 2 ? UINT32_MAX : cap * 2;
+    att_gpu_seqtab_t *p = realloc(t->seq, (size_t)cap * sizeof *p);
+    if (p == NULL)
+        return AT_ERR_NOMEM;
+    memset(p + t->cap_seq, 0, (size_t)(cap - t->cap_seq) * sizeof *p);
+    t->seq = p;
+    t->cap_seq = cap;
+    return AT_OK;
+}
+
+at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
+                              uint32_t arena_cap, uint32_t *need) {
+    *need = 0;
+    if (b->num_chunks > t->cap_call) {
+        att_gpu_chunktab_t *p = realloc(t->call, (size_t)b->num_chunks * sizeof *p);
+        if (p == NULL)
+            return AT_ERR_NOMEM;
+        t->call = p;
+        t->cap_call = b->num_chunks;
+    }
+    bool was_reset = false;
+place:
+    t->new_entries = 0;
+    for (uint32_t c = 0; c < b->num_chunks; c++) {
+        const att_batch_chunk_t *ch = &b->chunks[c];
+        att_gpu_chunktab_t *ct = &t->call[c];
+        const uint32_t nb = ch->num_blocks;
+        *ct = (att_gpu_chunktab_t){0, 0, 0};
+        t->new_entries += nb;
+        if (ch->table_stamp == 0 || nb == 0)
+            continue;
+        at_err_t e = tables_reserve(t, ch->table_slot);
+        if (e != AT_OK)
+            return e;
+        att_gpu_seqtab_t *s = &t->seq[ch->table_slot];
+        /* The kernels read cached keys' entries from the copy whenever it holds any. */
+        const uint32_t cached = (uint32_t)(((uint64_t)ch->start_pos + block_size - 1) / block_size);
+        if (s->stamp == ch->table_stamp && nb <= s->cap && s->n <= nb &&
+            (s->n == 0 || s->n >= cached)) {
+            *ct = (att_gpu_chunktab_t){s->off, s->n, s->n < nb ? ATT_KCHUNK_KEEP_TABLE : 0u};
+            t->new_entries -= s->n;
+            continue;
+        }
+        const uint64_t cap = region_entries(nb);
+        if (cap > (uint64_t)arena_cap - t->top) {
+            if (!was_reset) {
+                att_gpu_tables_reset(t);
+                was_reset = true;
+                goto place;
+            }
+            uint64_t total = 0;
+            for (uint32_t d = 0; d < b->num_chunks; d++)
+                total += b->chunks[d].table_stamp != 0 ? region_entries(b->chunks[d].num_blocks)
+                                                       : 0;
+            att_gpu_tables_reset(t);
+            *need = total < UINT32_MAX ? (uint32_t)total : UINT32_MAX;
+            return AT_OK;
+        }
+        *s = (att_gpu_seqtab_t){.stamp = ch->table_stamp, .off = t->top, .cap = (uint32_t)cap};
+        t->top += (uint32_t)cap;
+        *ct = (att_gpu_chunktab_t){s->off, 0, ATT_KCHUNK_KEEP_TABLE};
+    }
+    return AT_OK;
+}
+
+void att_gpu_tables_commit(att_gpu_tables_t *t, const att_batch_t *b) {
+    for (uint32_t c = 0; c < b->num_chunks; c++)
+        if (t->call[c].flags & ATT_KCHUNK_KEEP_TABLE)
+            t->seq[b->chunks[c].table_slot].n = b->chunks[c].num_blocks;
+}
+
+/* ---- a run's buffers ---- */
+
 void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_counts_t *pl,
-                    const uint32_t tile_rows[ATT_TILE_KINDS], att_gpu_layout_t *out) {
+                    const uint32_t tile_rows[ATT_TILE_KINDS], size_t new_entries,
+                    att_gpu_layout_t *out) {
     const size_t es = att_dtype_bytes(m->dtype);
     const size_t q_row = (size_t)m->num_query_heads * m->head_dim * es;
     const size_t kv_row = (size_t)m->num_kv_heads * m->head_dim * es;
     const size_t T = b->total_tokens;
-    size_t table_n = 0;
-    for (uint32_t c = 0; c < b->num_chunks; c++)
-        table_n += b->chunks[c].num_blocks;
     att_gpu_layout_t *o = out;
     o->o_chunks = 0;
     o->o_table = att_gpu_align_up(o->o_chunks + b->num_chunks * sizeof(att_kchunk_t), 16);
-    o->o_items = att_gpu_align_up(o->o_table + table_n * sizeof(uint32_t), 16);
+    o->o_items = att_gpu_align_up(o->o_table + new_entries * sizeof(uint32_t), 16);
     o->o_merges = att_gpu_align_up(o->o_items + pl->total_items * sizeof(att_kitem_t), 16);
     o->meta_end = o->o_merges + pl->total_merges * sizeof(att_kmerge_t);
     o->o_q = att_gpu_align_up(o->meta_end, 256);
@@ -124,23 +224,27 @@ void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_co
 }
 
 void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_batch_t *b,
-                       const att_gpu_work_t *w, const att_gpu_counts_t *pl) {
+                       const att_gpu_tables_t *t, const att_gpu_work_t *w,
+                       const att_gpu_counts_t *pl) {
     att_kchunk_t *kc = (att_kchunk_t *)(stage + lo->o_chunks);
     uint32_t *table = (uint32_t *)(stage + lo->o_table);
     uint32_t t_off = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
-        kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, t_off};
-        memcpy(table + t_off, ch->blocks, ch->num_blocks * sizeof(uint32_t));
-        t_off += ch->num_blocks;
+        const att_gpu_chunktab_t *ct = &t->call[c];
+        const uint32_t sent = ch->num_blocks - ct->mirrored;
+        kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, ct->off,
+                               ct->mirrored, t_off, ch->num_blocks, ct->flags};
+        memcpy(table + t_off, ch->blocks + ct->mirrored, sent * sizeof(uint32_t));
+        t_off += sent;
     }
     memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
     memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));
 }
 
 void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gpu_layout_t *lo,
-                        uint64_t io_d, uint64_t pool_d, size_t layer_half_bytes,
-                        att_kparams_t *out) {
+                        uint64_t io_d, uint64_t tables_d, uint64_t pool_d,
+                        size_t layer_half_bytes, att_kparams_t *out) {
     const uint64_t layer_k = pool_d + 2 * (uint64_t)b->layer * layer_half_bytes;
     att_kparams_t *p = out;
     memset(p, 0, sizeof *p);
@@ -151,7 +255,8 @@ void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gp
     p->k_cache_d = layer_k;
     p->v_cache_d = layer_k + layer_half_bytes;
     p->chunks_d = io_d + lo->o_chunks;
-    p->block_table_d = io_d + lo->o_table;
+    p->block_table_d = tables_d;
+    p->new_table_d = io_d + lo->o_table;
     p->window = m->window[b->layer];
     p->num_chunks = b->num_chunks;
 }

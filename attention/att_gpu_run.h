@@ -36,6 +36,56 @@ static inline size_t att_gpu_align_up(size_t x, size_t a) { return (x + a - 1) /
 /* The kernels of a module (the first part of a launch-cache key). */
 enum { ATT_GPU_K_ATTEND = 1, ATT_GPU_K_KV_WRITE = 3 };
 
+/* ---- a session's device-resident block tables ---- */
+
+/* The session's copy of one sequence's table in its table arena (a device array of uint32_t the
+ * backend owns): region [off, off + cap), whose first n entries hold the table of stamp. */
+typedef struct att_gpu_seqtab {
+    uint64_t stamp; /* 0: none */
+    uint32_t off, cap, n;
+    uint32_t reserved;
+} att_gpu_seqtab_t;
+
+/* Where one chunk of the placed call takes its table from (see att_kchunk_t). */
+typedef struct att_gpu_chunktab {
+    uint32_t off;      /* its region in the arena */
+    uint32_t mirrored; /* entries taken from there; the call sends the rest */
+    uint32_t flags;    /* ATT_KCHUNK_KEEP_TABLE when the launch keeps the sent ones */
+} att_gpu_chunktab_t;
+
+/* What a session knows of its table arena. Sequences are found by their kvc slot; a region is
+ * handed out from the top of the arena and never reused until a call finds the arena full, which
+ * forgets every copy (the call then sends whole tables once). So a sequence's table crosses to
+ * the device once, plus the blocks it appends (and once more each time it outgrows its region,
+ * which doubles). */
+typedef struct att_gpu_tables {
+    att_gpu_seqtab_t *seq;    /* owned; [cap_seq], by slot */
+    uint32_t cap_seq;
+    att_gpu_chunktab_t *call; /* owned; [cap_call], the placed call's chunks */
+    uint32_t cap_call;
+    uint32_t top;             /* arena entries handed out */
+    size_t new_entries;       /* table entries the placed call sends */
+} att_gpu_tables_t;
+
+/* The entries of a new session's table arena for a pool of num_blocks blocks: room for every
+ * sequence's table twice, so a full arena is rare. */
+uint32_t att_gpu_tables_initial(uint32_t num_blocks);
+
+void att_gpu_tables_fini(att_gpu_tables_t *t);
+
+/* Forgets every copy: the arena was replaced (or the caller cannot tell what it holds). */
+void att_gpu_tables_reset(att_gpu_tables_t *t);
+
+/* Chooses where each chunk of b (cache blocks of block_size tokens) takes its table from, in an
+ * arena of arena_cap entries, and counts the entries the call must send (new_entries). *need is
+ * 0 when placed; else the call's tables do not fit even an empty arena, and the caller replaces
+ * the arena with one of at least *need entries, resets and places again. AT_ERR_NOMEM. */
+at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
+                              uint32_t arena_cap, uint32_t *need);
+
+/* Once the launches of the placed call b are queued: the copies now hold its whole tables. */
+void att_gpu_tables_commit(att_gpu_tables_t *t, const att_batch_t *b);
+
 /* ---- a run's buffers ---- */
 
 /* Byte offsets of one call's data: the same in the pinned stage and the device buffer, except
@@ -47,20 +97,25 @@ typedef struct att_gpu_layout {
     size_t end;                                            /* device bytes */
 } att_gpu_layout_t;
 
-/* The layout of batch b of model m planned as pl, each kind's tiles having tile_rows rows. */
+/* The layout of batch b of model m planned as pl, each kind's tiles having tile_rows rows, that
+ * sends new_entries table entries. */
 void att_gpu_layout(const att_model_t *m, const att_batch_t *b, const att_gpu_counts_t *pl,
-                    const uint32_t tile_rows[ATT_TILE_KINDS], att_gpu_layout_t *out);
+                    const uint32_t tile_rows[ATT_TILE_KINDS], size_t new_entries,
+                    att_gpu_layout_t *out);
 
-/* Writes the metadata (chunks, the flat block table, w's items and merges) into stage. */
+/* Writes the metadata (chunks, the table entries placed as t says, w's items and merges) into
+ * stage. */
 void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_batch_t *b,
-                       const att_gpu_work_t *w, const att_gpu_counts_t *pl);
+                       const att_gpu_tables_t *t, const att_gpu_work_t *w,
+                       const att_gpu_counts_t *pl);
 
 /* The parameters every launch of batch b takes (the prepared launches' templates get them
- * patched in): its tensors and metadata in the device buffer io_d laid out as lo, its layer of
- * the KV pool pool_d ([num_layers][k|v] halves of layer_half_bytes) and the layer's window. */
+ * patched in): its tensors and metadata in the device buffer io_d laid out as lo, the session's
+ * table arena tables_d, its layer of the KV pool pool_d ([num_layers][k|v] halves of
+ * layer_half_bytes) and the layer's window. */
 void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gpu_layout_t *lo,
-                        uint64_t io_d, uint64_t pool_d, size_t layer_half_bytes,
-                        att_kparams_t *out);
+                        uint64_t io_d, uint64_t tables_d, uint64_t pool_d,
+                        size_t layer_half_bytes, att_kparams_t *out);
 
 /* ---- launches ---- */
 

@@ -12,12 +12,13 @@
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the device current on its thread first.
  *
- * A run, on the session's stream: one upload of the metadata (chunks, block table, items,
- * merges), one upload per tensor (from pinned staging, or straight from registered memory), the
- * attention launches (one per tile kind, whose split tiles merge themselves; with both kinds,
- * the wide ones on the session's side stream, forked and joined by events), one download of
- * out; then the stream is synchronized and out copied into place. Tiles and thresholds come from the session's plan:
- * att_hip_plan_default at creation, then whatever set_tuning chose from tun_space_hip_unified.
+ * A run, on the session's stream: one upload of the metadata (chunks, the table entries the
+ * session's device-resident block tables lack, items, merges), one upload per tensor (from pinned
+ * staging, or straight from registered memory), the attention launches (one per tile kind, whose
+ * split tiles merge themselves; with both kinds, the wide ones on the session's side stream,
+ * forked and joined by events), one download of out; then the stream is synchronized and out
+ * copied into place. Tiles and thresholds come from the session's plan: att_hip_plan_default at
+ * creation, then whatever set_tuning chose from tun_space_hip_unified.
  *
  * Tuning is att_cuda.c's: compiles never run on a call's path (set_tuning answers
  * AT_ERR_NOT_READY and queues them on the backend's compile threads), a session keeps up to
@@ -86,6 +87,9 @@ struct att_kv {
     size_t stage_cap;
     uint64_t counters_d; /* [counters_cap] uint32 arrivals of split parts, zero between calls */
     size_t counters_cap;
+    uint64_t tables_d;   /* [tables_cap] uint32: the sequences' block tables (att_gpu_tables_t) */
+    uint32_t tables_cap;
+    att_gpu_tables_t tables;
     att_gpu_work_t work;
 };
 
@@ -229,6 +233,28 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
     return AT_OK;
 }
 
+/* Places the call's block tables in the session's table arena; when they do not fit an empty
+ * one, replaces it with one twice their size (the previous call is complete, so the old one is
+ * idle; what it held is forgotten). */
+static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b) {
+    hip_backend_t *be = kv->be;
+    uint32_t need;
+    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+    if (e != AT_OK || need == 0)
+        return e;
+    if ((e = HIP(hipFree(dptr(kv->tables_d)))) != AT_OK)
+        return e;
+    kv->tables_d = 0;
+    kv->tables_cap = 0;
+    const uint32_t cap = need < UINT32_MAX / 2 ? 2 * need : UINT32_MAX;
+    void *d = NULL;
+    if ((e = HIP(hipMalloc(&d, (size_t)cap * 4))) != AT_OK)
+        return e;
+    kv->tables_d = (uintptr_t)d;
+    kv->tables_cap = cap;
+    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+}
+
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
  * Runs of chunks whose host rows are adjacent become one copy. Registered memory is copied
  * directly; other runs go through the stage at stage_off (same offsets): gathered before the
@@ -285,12 +311,14 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, occ, b, &pl)) != AT_OK)
         return e;
+    if ((e = place_tables(kv, b)) != AT_OK)
+        return e;
     att_gpu_layout_t lo;
-    att_gpu_layout(m, b, &pl, tile_rows, &lo);
+    att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
     if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK ||
         (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
-    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->work, &pl);
+    att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     if ((e = HIP(hipMemcpyHtoDAsync(dptr(kv->io_d), kv->stage_h, lo.meta_end, kv->stream))) !=
         AT_OK)
         goto out_drain;
@@ -303,7 +331,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
     att_kparams_t p;
-    att_gpu_run_params(m, b, &lo, kv->io_d, kv->pool_d, kv->layer_half_bytes, &p);
+    att_gpu_run_params(m, b, &lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
     p.counters_d = kv->counters_d;
     kv->cur = kv->stream;
     if (b->attend) {
@@ -328,6 +356,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
     }
+    att_gpu_tables_commit(&kv->tables, b);
     if ((be->timing || kv->timing) && (e = HIP(hipEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = att_gpu_now_ns() - t0;
@@ -491,11 +520,14 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)HIP(hipFree(dptr(kv->io_d)));
         if (kv->counters_d != 0)
             (void)HIP(hipFree(dptr(kv->counters_d)));
+        if (kv->tables_d != 0)
+            (void)HIP(hipFree(dptr(kv->tables_d)));
         if (kv->stage_h != NULL)
             (void)HIP(hipHostFree(kv->stage_h));
     }
     lc_destroy(&kv->lc);
     att_gpu_work_fini(&kv->work);
+    att_gpu_tables_fini(&kv->tables);
     free(kv);
     *kvp = NULL;
 }
@@ -545,6 +577,11 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
         (e = HIP(hipEventCreateWithFlags(&kv->ev_begin, hipEventDefault))) != AT_OK ||
         (e = HIP(hipEventCreateWithFlags(&kv->ev_end, hipEventDefault))) != AT_OK)
         goto out_kv;
+    void *tables = NULL;
+    if ((e = HIP(hipMalloc(&tables, (size_t)att_gpu_tables_initial(num_blocks) * 4))) != AT_OK)
+        goto out_kv;
+    kv->tables_d = (uintptr_t)tables;
+    kv->tables_cap = att_gpu_tables_initial(num_blocks);
     float *consts_h;
     size_t consts_n;
     if ((e = att_gpu_consts(m, &consts_h, &consts_n)) != AT_OK)

@@ -15,9 +15,10 @@
  * log2 units, denominator) to slot `part`, and the last of a row tile's parts to finish combines
  * the tile's slots into out (no second launch).
  *
- * Who fills what: the host (a plan from tun_, later) builds chunks, the flat block table, items
- * and merges, uploads them, patches the pointers here and launches. The kernels only read these
- * arrays; they write out, the parts and the new K/V rows of the cache. */
+ * Who fills what: the host (att_gpu_run.c) builds chunks, the table entries the
+ * session's device-resident tables lack, items and merges, uploads them, patches the pointers
+ * here and launches. The kernels only read these arrays; they write out, the parts, the new K/V
+ * rows of the cache and the new table entries into the session's tables. */
 #ifndef AT_ATTENTION_ATT_KPARAMS_H
 #define AT_ATTENTION_ATT_KPARAMS_H
 
@@ -41,12 +42,25 @@ typedef unsigned long long uint64_t;
  * on exactly one split of each row tile, so that every new (token, KV head) row is written once. */
 #define ATT_KITEM_WRITE_KV 1u
 
-/* One chunk of the batch: a span of one sequence. */
+/* att_kchunk_t.flags: the chunk's table entries from `mirrored` on, which this call sends in
+ * new_table_d, are to be kept in the session's table at table_offset + mirrored (written by the
+ * launch's one block with ATT_KITEM_WRITE_KV, row_begin 0 and KV head 0, or att_k_kv_write's
+ * KV head 0), so the next call sends none of them again. */
+#define ATT_KCHUNK_KEEP_TABLE 1u
+
+/* One chunk of the batch: a span of one sequence. Its block table (num_blocks entries) comes from
+ * two places: entries below `mirrored` from the session's device-resident table at table_offset,
+ * the rest from the call's new_table_d at new_offset. Readers of cached keys (positions below
+ * start_pos) need only the first: when mirrored is not 0 it covers them. */
 typedef struct att_kchunk {
     uint32_t token_offset; /* first row of q, k, v and out that belongs to this chunk */
     uint32_t start_pos;    /* position of the chunk's first token; keys below it are cached */
     uint32_t num_tokens;
     uint32_t table_offset; /* index of the sequence's first block number in block_table_d */
+    uint32_t mirrored;     /* entries valid at table_offset when the launch starts */
+    uint32_t new_offset;   /* index in new_table_d of entry `mirrored` */
+    uint32_t num_blocks;
+    uint32_t flags;        /* ATT_KCHUNK_* */
 } att_kchunk_t;
 
 /* One tile of work, run for every KV head. Keys of the item are those of its rows' causal
@@ -81,7 +95,8 @@ typedef struct att_kparams {
     uint64_t k_cache_d;     /* [num_blocks, Hkv, BS, D] keys of the call's layer */
     uint64_t v_cache_d;     /* [num_blocks, Hkv, BS, D] values of the call's layer */
     uint64_t chunks_d;      /* [num_chunks] att_kchunk_t */
-    uint64_t block_table_d; /* [sum of the chunks' table lengths] uint32_t block numbers */
+    uint64_t block_table_d; /* the session's device-resident block tables (uint32_t entries) */
+    uint64_t new_table_d;   /* the call's table entries the session's tables lack (uint32_t) */
     uint64_t items_d;       /* [num_items] att_kitem_t, longest first */
     uint64_t merges_d;      /* [num_merges] att_kmerge_t; 0 when nothing is split */
     uint64_t part_o_d;      /* [num_parts, Hkv, ATT_TILE_ROWS, D] f32 unnormalized outputs */
@@ -100,10 +115,10 @@ typedef struct att_kparams {
     uint32_t reserved;
 } att_kparams_t;
 
-ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 16, "att_kchunk_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 32, "att_kchunk_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_kitem_t) == 32, "att_kitem_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_kmerge_t) == 16, "att_kmerge_t layout");
-ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 152, "att_kparams_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_kparams_t) == 160, "att_kparams_t layout");
 
 /* The module exports its tile configuration as `att_k_info` (a __constant__ uint32_t array),
  * read by the host with cuModuleGetGlobal, so the host plans with exactly the numbers the

@@ -29,8 +29,8 @@
 
 static const char k_ceiling_src[] =
     "extern \"C\" __global__ void empty(void) {}\n"
-    "struct p152 { unsigned long long w[19]; };\n"
-    "extern \"C\" __global__ void empty_p152(p152 p) { if (p.w[18] == 1) p.w[0] = 0; }\n"
+    "struct p160 { unsigned long long w[20]; };\n"
+    "extern \"C\" __global__ void empty_p160(p160 p) { if (p.w[19] == 1) p.w[0] = 0; }\n"
     "extern \"C\" __global__ void read_only(const uint4 *p, unsigned long long n, uint4 *sink) {\n"
     "  uint4 acc = make_uint4(0, 0, 0, 0);\n"
     "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
@@ -48,7 +48,7 @@ typedef struct gpu {
     CUcontext ctx;
     CUdevice dev;
     CUmodule mod;
-    CUfunction f_empty, f_empty_p152, f_read, f_copy;
+    CUfunction f_empty, f_empty_p160, f_read, f_copy;
     int sms;
 } gpu_t;
 
@@ -95,7 +95,7 @@ static int gpu_init(gpu_t *g, const char *arch) {
     int rc = CK(cuModuleLoadData(&g->mod, img));
     free(img);
     if (rc || CK(cuModuleGetFunction(&g->f_empty, g->mod, "empty")) ||
-        CK(cuModuleGetFunction(&g->f_empty_p152, g->mod, "empty_p152")) ||
+        CK(cuModuleGetFunction(&g->f_empty_p160, g->mod, "empty_p160")) ||
         CK(cuModuleGetFunction(&g->f_read, g->mod, "read_only")) ||
         CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")))
         return -1;
@@ -106,10 +106,10 @@ typedef struct ceilings {
     double read_gbs;
     double copy_gbs;
     double empty_launch_ns;
-    /* Median host time of one launch of an empty kernel with a 152-byte parameter block (the
+    /* Median host time of one launch of an empty kernel with a 160-byte parameter block (the
      * attention kernels' att_kparams_t) on a non-blocking stream: back to back, after the stream
      * was synchronized, and where a call launches (after an upload from pinned memory as well). */
-    double p152_b2b_ns, p152_synced_ns, call_launch_ns;
+    double p160_b2b_ns, p160_synced_ns, call_launch_ns;
     double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
     double call_launch_4_ns;    /* after the four uploads of a Llama decode call instead of one */
     double call_launch_4t_ns;   /* the same after writing 512 KiB on the host (a block table) */
@@ -120,7 +120,7 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The median host time of a launch of the 152-byte empty kernel (ceilings_t), preceded by
+/* The median host time of a launch of the 160-byte empty kernel (ceilings_t), preceded by
  * `uploads` copies from pinned memory (1: a call's 16 KiB of metadata; 4: also the q, k and v of
  * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), before them a host memcpy of `touch`
  * bytes into the pinned buffer (as a call writes its metadata into the stage), the stream
@@ -135,7 +135,7 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
     CUdeviceptr d = 0;
     void *h = NULL;
     double *t = calloc(N, sizeof *t);
-    unsigned long long p[19] = {0};
+    unsigned long long p[20] = {0};
     _Static_assert(sizeof p == sizeof(att_kparams_t), "the attention kernels' parameter block");
     void *args[] = {p};
     int rc = t == NULL || (touch != 0 && src == NULL) || touch > total ||
@@ -148,7 +148,7 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
         for (uint32_t u = 0; u < uploads && rc == 0; off += sizes[u], u++)
             rc = CK(cuMemcpyHtoDAsync(d + off, (uint8_t *)h + off, sizes[u], st));
         const uint64_t t0 = now_ns();
-        rc = rc || CK(cuLaunchKernel(g->f_empty_p152, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
+        rc = rc || CK(cuLaunchKernel(g->f_empty_p160, 1, 1, 1, 32, 1, 1, smem, st, args, NULL));
         const uint64_t t1 = now_ns();
         rc = rc || (sync && CK(cuStreamSynchronize(st)));
         if (i >= 0)
@@ -213,12 +213,12 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
     const int smem = 80 << 10;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, 0, &c->p152_b2b_ns) ||
-        measure_launch(g, 0, true, 0, 0, &c->p152_synced_ns) ||
+    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, 0, &c->p160_b2b_ns) ||
+        measure_launch(g, 0, true, 0, 0, &c->p160_synced_ns) ||
         measure_launch(g, 1, true, 0, 0, &c->call_launch_ns) ||
         measure_launch(g, 4, true, 0, 0, &c->call_launch_4_ns) ||
         measure_launch(g, 4, true, 0, 512 << 10, &c->call_launch_4t_ns) ||
-        CK(cuFuncSetAttribute(g->f_empty_p152, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        CK(cuFuncSetAttribute(g->f_empty_p160, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               smem)) ||
         measure_launch(g, 1, true, (uint32_t)smem, 0, &c->call_launch_smem_ns))
         return -1;
@@ -598,12 +598,12 @@ int bench_gpu_main(int argc, char **argv) {
     printf("ceilings: read-only %.0f GB/s, device copy %.0f GB/s (read + write), "
            "bare cuLaunchKernel %.2f us of host time (mean, back to back), bf16 matmul %.0f "
            "TFLOP/s (torch)\n"
-           "bare launch with 152 bytes of parameters, median: %.2f us back to back, %.2f us on a "
+           "bare launch with 160 bytes of parameters, median: %.2f us back to back, %.2f us on a "
            "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
            "there with 80 KiB of dynamic shared memory, %.2f us after a decode call's four "
            "uploads, %.2f us after those and a 512 KiB memcpy on the host\n",
-           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p152_b2b_ns / 1e3,
-           c.p152_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
+           c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p160_b2b_ns / 1e3,
+           c.p160_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
            c.call_launch_4_ns / 1e3, c.call_launch_4t_ns / 1e3);
     pattern_init();
     if (!plain_host) {
@@ -640,11 +640,11 @@ int bench_gpu_main(int argc, char **argv) {
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
-                    "\"empty_launch_us\": %.3f, \"p152_b2b_us\": %.3f, "
-                    "\"p152_synced_us\": %.3f, \"call_launch_us\": %.3f, "
+                    "\"empty_launch_us\": %.3f, \"p160_b2b_us\": %.3f, "
+                    "\"p160_synced_us\": %.3f, \"call_launch_us\": %.3f, "
                     "\"matmul_tflops\": %.1f, \"cases\": [",
                 att_cuda_describe(be), c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3,
-                c.p152_b2b_ns / 1e3, c.p152_synced_ns / 1e3, c.call_launch_ns / 1e3,
+                c.p160_b2b_ns / 1e3, c.p160_synced_ns / 1e3, c.call_launch_ns / 1e3,
                 matmul_tflops);
     for (int i = 0; i < n; i++) {
         const result_t *r = &res[i];

@@ -260,7 +260,7 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
                                            uint32_t kt_end, uint32_t pt) {
     const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
     const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
-    const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
+    const uint32_t *table = cached_table(p, t.ch);
     const uint32_t cc = pt % kCPR, q = pt / kCPR;
     bool held = false; /* stage n - 1 is issued and not yet released */
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {

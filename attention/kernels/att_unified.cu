@@ -266,6 +266,34 @@ __device__ __forceinline__ void store_vec(elem_t *dst, const float *v) {
 #endif
 }
 
+/* Entry i of chunk ch's block table: the session's tables hold those below ch.mirrored, the call
+ * sent the rest. */
+__device__ __forceinline__ uint32_t table_entry(const att_kparams_t &p, const att_kchunk_t &ch,
+                                                uint32_t i) {
+    return i < ch.mirrored ? ((const uint32_t *)p.block_table_d)[ch.table_offset + i]
+                           : ((const uint32_t *)p.new_table_d)[ch.new_offset + i - ch.mirrored];
+}
+
+/* The table entries of ch's cached keys (positions below start_pos) in one array: the session's
+ * copy covers them whenever it holds any entry (the host sees to it). */
+__device__ __forceinline__ const uint32_t *cached_table(const att_kparams_t &p,
+                                                        const att_kchunk_t &ch) {
+    return ch.mirrored != 0 ? (const uint32_t *)p.block_table_d + ch.table_offset
+                            : (const uint32_t *)p.new_table_d + ch.new_offset;
+}
+
+/* Writes the table entries the call sent into the session's tables (ATT_KCHUNK_KEEP_TABLE), past
+ * the entries that the launch's readers take from there. */
+__device__ __forceinline__ void keep_table(const att_kparams_t &p, const att_kchunk_t &ch,
+                                           uint32_t tid, uint32_t nthreads) {
+    if (!(ch.flags & ATT_KCHUNK_KEEP_TABLE))
+        return;
+    uint32_t *dst = (uint32_t *)p.block_table_d + ch.table_offset + ch.mirrored;
+    const uint32_t *src = (const uint32_t *)p.new_table_d + ch.new_offset;
+    for (uint32_t i = tid; i < ch.num_blocks - ch.mirrored; i += nthreads)
+        dst[i] = src[i];
+}
+
 /* Copies the new k and v rows of tokens [t_begin, t_end) of a chunk, KV head h, into the cache.
  * 16-byte accesses spread over the block's threads. */
 __device__ __forceinline__ void copy_new_kv(const att_kparams_t &p, const att_kchunk_t &ch,
@@ -273,12 +301,11 @@ __device__ __forceinline__ void copy_new_kv(const att_kparams_t &p, const att_kc
                                             uint32_t tid, uint32_t nthreads) {
     const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
     elem_t *kc = (elem_t *)p.k_cache_d, *vc = (elem_t *)p.v_cache_d;
-    const uint32_t *table = (const uint32_t *)p.block_table_d + ch.table_offset;
     const uint32_t n = (t_end > t_begin ? t_end - t_begin : 0) * kCPR;
     for (uint32_t i = tid; i < n; i += nthreads) {
         const uint32_t t = t_begin + i / kCPR, c = i % kCPR;
         const uint32_t pos = ch.start_pos + t;
-        const uint64_t blk = table[pos / kBS];
+        const uint64_t blk = table_entry(p, ch, pos / kBS);
         const uint64_t src = ((uint64_t)(ch.token_offset + t) * kHkv + h) * kD + c * kVec;
         const uint64_t dst = ((blk * kHkv + h) * kBS + pos % kBS) * kD + c * kVec;
         *(uint4 *)(kc + dst) = *(const uint4 *)(kn + src);
@@ -310,12 +337,15 @@ __device__ __forceinline__ tile_t tile_of(const att_kparams_t &p) {
 }
 
 /* The tokens whose first row (head 0 of the group) lies in the tile: each new row is written
- * by exactly one tile per KV head. */
+ * by exactly one tile per KV head. The one of the chunk's first rows at KV head 0 also keeps the
+ * table entries the call sent. */
 __device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_t &t) {
     if (!(t.it.flags & ATT_KITEM_WRITE_KV))
         return;
     const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
     copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
+    if (t.h == 0 && t.it.row_begin == 0)
+        keep_table(p, t.ch, threadIdx.x, blockDim.x);
 }
 
 /* ---- split-KV merge (flash-decoding's second pass) ---- */
@@ -556,7 +586,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
                           (const elem_t *)p.v_cache_d,
                           (const elem_t *)p.k_d,
                           (const elem_t *)p.v_d,
-                          (const uint32_t *)p.block_table_d + t.ch.table_offset,
+                          cached_table(p, t.ch),
                           t.ch.start_pos,
                           t.ch.token_offset,
                           t.ke,
@@ -899,7 +929,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
     const elem_t *qg = (const elem_t *)p.q_d;
     const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
     const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
-    const uint32_t *table = (const uint32_t *)p.block_table_d + t.ch.table_offset;
+    const uint32_t *table = cached_table(p, t.ch);
     const float scale2 = p.scale * kLog2e;
 
     for (uint32_t r = warp; r < kRows; r += kWarps) {
@@ -993,4 +1023,6 @@ __constant__ uint32_t att_k_info[ATT_KINFO_COUNT] = {
 extern "C" __global__ void __launch_bounds__(kKvwThreads) att_k_kv_write(const att_kparams_t p) {
     const att_kchunk_t ch = ((const att_kchunk_t *)p.chunks_d)[blockIdx.x / kHkv];
     copy_new_kv(p, ch, blockIdx.x % kHkv, 0, ch.num_tokens, threadIdx.x, kKvwThreads);
+    if (blockIdx.x % kHkv == 0)
+        keep_table(p, ch, threadIdx.x, kKvwThreads);
 }

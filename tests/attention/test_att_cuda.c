@@ -287,6 +287,65 @@ static void test_att_cuda_append_then_attend(void **state) {
     att_rig_fini(&rig);
 }
 
+/* ---- the session's device-resident block tables ---- */
+
+/* Six sequences decode across many block boundaries (blocks of 8) while others are released
+ * (the remaining ones change kvc slots), one rolls back (its table shrinks: a new stamp), one is
+ * appended to without attention (the KV-write kernel keeps its new entries), and a released id
+ * comes back as a new sequence: each call's output must still match the CPU backend's, so every
+ * table entry the kernels read, kept from earlier calls or sent by this one, is right. */
+static void test_att_cuda_tables_follow_the_cache(void **state) {
+    (void)state;
+    NEED_GPU();
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 45000u));
+    tu_where_set("tables: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 2, 16, 4, 128, 8);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &s, 4096, 1, tu_rng_next(&r));
+    uint32_t len[6];
+    att_chunk_t c[6];
+    for (uint32_t i = 0; i < 6; i++) {
+        len[i] = 5 + 7 * i;
+        c[i] = (att_chunk_t){100 + i, 0, len[i]};
+    }
+    att_rig_attend_layers(&rig, c, 6);
+    for (uint32_t step = 0; step < 40; step++) {
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < 6; i++) {
+            if (len[i] == 0)
+                continue; /* released */
+            c[n++] = (att_chunk_t){100 + i, len[i], 1};
+            len[i]++;
+        }
+        att_rig_attend_layers(&rig, c, n);
+        if (step == 10) { /* the others move to lower slots */
+            const uint64_t ids[] = {100, 102};
+            att_rig_release(&rig, ids, 2, 2);
+            len[0] = len[2] = 0;
+        }
+        if (step == 20) { /* B rolls back 20 tokens: fewer blocks, then new ones */
+            len[1] -= 20;
+            const att_chunk_t back[] = {{101, len[1], 3}};
+            att_rig_attend_layers(&rig, back, 1);
+            len[1] += 3;
+        }
+        if (step == 25) { /* append only, then attention over it */
+            const att_chunk_t app[] = {{103, len[3], 17}};
+            for (uint32_t l = 0; l < 2; l++)
+                att_rig_append(&rig, l, app, 1);
+            len[3] += 17;
+        }
+        if (step == 30) { /* a released id is a new sequence */
+            const att_chunk_t fresh[] = {{100, 0, 30}};
+            att_rig_attend_layers(&rig, fresh, 1);
+            len[0] = 30;
+        }
+    }
+    att_rig_fini(&rig);
+}
+
 /* ---- merged calls (separate buffers per chunk) and registered host memory ---- */
 
 static void test_att_cuda_merged_calls_and_registered_memory(void **state) {
@@ -434,7 +493,7 @@ int main(void) {
     } groups[] = {{"g1", 4, 4}, {"g4", 8, 2}, {"g8", 16, 2}, {"mqa", 6, 1}};
     static const uint32_t dims[] = {64, 128, 256, 80, 24};
     static const uint32_t blocks[] = {16, 64, 8, 256};
-    enum { N = 3 * 4 * 5, EXTRA = 6 };
+    enum { N = 3 * 4 * 5, EXTRA = 7 };
     static mcase_t cases[N];
     static struct CMUnitTest tests[N + EXTRA];
     uint32_t n = 0;
@@ -458,6 +517,7 @@ int main(void) {
 #endif
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_models_interleaved);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_append_then_attend);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_tables_follow_the_cache);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_compile_cache);
     /* ATTND_TEST_FILTER=pattern (cmocka's * and ?) runs a subset: the sanitizer runs use it */
