@@ -2,8 +2,9 @@
  *
  * Thread model: the backend's fields are set at creation and read-only afterwards, except `lost`
  * (atomic: set once by whichever thread sees a sticky fault; relaxed is enough, since it only
- * makes later calls fail early and carries no data), the registered host regions and the
- * compile queue (each with its own mutex).
+ * makes later calls fail early and carries no data), the registered host regions, the
+ * compile queue (each with its own mutex) and the SM partitions (parts_mu: the cache of green
+ * contexts, and the creation of sessions' streams in them; an entry never changes once made).
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the primary context current on its thread first.
  *
@@ -11,11 +12,13 @@
  * session's device-resident block tables lack, items, merges), one upload per tensor (from pinned
  * staging, or straight from registered memory), the attention launches (one per tile kind, whose
  * split tiles merge themselves; with both kinds, the wide ones on the session's side stream,
- * forked and joined by events), one download of out; then the stream is synchronized and out
- * copied into place. Tiles and thresholds come from the session's plan: att_cuda_plan_default at
- * creation, then whatever set_tuning chose (the tuner calls it before every batch, so it is
- * cheap: a session keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config,
- * and a switch to a loaded one only changes two slot numbers and the thresholds).
+ * forked and joined by events; or, when the plan asks for an SM partition (mixed_wide_sms), each
+ * kind on the session's stream in its own green context, both forked and joined), one download
+ * of out; then the stream is synchronized and out copied into place. Tiles and thresholds come
+ * from the session's plan: att_cuda_plan_default at creation, then whatever set_tuning chose (the
+ * tuner calls it before every batch, so it is cheap: a session keeps up to ATT_GPU_MOD_SLOTS
+ * loaded modules, one per tile kind and config, and a switch to a loaded one only changes two
+ * slot numbers and the thresholds).
  *
  * Compiles never run on a call's path. set_tuning takes images only from the compile cache and
  * answers AT_ERR_NOT_READY otherwise, after queueing the compile; prepare_tuning queues
@@ -24,6 +27,7 @@
  * are att_gpu_tune.c's, shared with the HIP backend; the module loads and unloads are here. */
 #include "attention/att_cuda.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +42,14 @@
 #include "cache/lc.h"
 #include "common/at_base.h"
 #include "common/at_log.h"
+
+/* The SM partition of one mixed_wide_sms (after the driver's rounding): a green context for each
+ * tile kind, over disjoint SMs. Made on first use, kept until the backend goes. */
+#define CUDA_MAX_PARTS 4u
+typedef struct cuda_part {
+    uint32_t sms[ATT_TILE_KINDS]; /* SMs of each kind's green context; sms[ATT_TILE_WIDE] keys it */
+    CUgreenCtx green[ATT_TILE_KINDS];
+} cuda_part_t;
 
 typedef struct cuda_backend {
     att_backend_t base;
@@ -57,6 +69,10 @@ typedef struct cuda_backend {
     atomic_int lost;
     att_gpu_cq_t cq; /* tuning candidates' compiles; initialized once jit exists */
     att_gpu_regions_t regs; /* host memory registered for DMA */
+    pthread_mutex_t parts_mu;
+    /* green contexts are per device: sessions asking for the same partition share them */
+    cuda_part_t parts[CUDA_MAX_PARTS] AT_GUARDED_BY(parts_mu);
+    uint32_t num_parts AT_GUARDED_BY(parts_mu);
 } cuda_backend_t;
 
 struct att_kv {
@@ -71,7 +87,13 @@ struct att_kv {
     /* A mixed batch's wide tiles run on `side`, forked from and joined back into `stream`, so
      * they overlap the narrow (decode) tiles instead of following them. */
     CUstream side;
-    CUevent ev_fork, ev_join;
+    CUevent ev_fork, ev_join[ATT_TILE_KINDS]; /* a join per stream forked to, by tile kind */
+    /* With an SM partition (plan.mixed_wide_sms): a mixed batch's kinds run instead on
+     * part_stream[kind], a stream in that kind's green context, forked and joined the same way.
+     * Made when the plan first asks for it (creation, set_tuning), never per call. */
+    const cuda_part_t *part; /* borrowed from the backend's cache; NULL: none (or it failed) */
+    uint32_t part_asked;     /* the mixed_wide_sms that part answers; 0: none asked yet */
+    CUstream part_stream[ATT_TILE_KINDS];
     CUstream launch_stream; /* the stream launch_cb launches on */
     CUevent ev_begin, ev_end;
     att_gpu_mods_t mods;   /* the loaded tile modules, each kind's current one */
@@ -272,6 +294,104 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
     return AT_OK;
 }
 
+/* ---- SM partitions (green contexts) for mixed batches ---- */
+
+/* The partition whose wide part has about `want` SMs: the cached one of the same rounded size,
+ * else two new green contexts (the driver's split of the device's SMs: its group of at least
+ * `want` for the wide tiles, the remainder for the narrow ones). AT_ERR_UNSUPPORTED (diag says
+ * why) when the driver has no green contexts, the split leaves no SMs for the narrow tiles or
+ * the cache is full; AT_ERR_DEVICE when the driver refuses. */
+static at_err_t part_get(cuda_backend_t *be, uint32_t want, const cuda_part_t **out,
+                         at_diag_t *diag) AT_REQUIRES(be->parts_mu) {
+    if (!be->drv->has_green)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED, "the driver has no green contexts");
+    CUdevResource all, split[ATT_TILE_KINDS];
+    memset(&all, 0, sizeof all);
+    memset(split, 0, sizeof split);
+    unsigned int groups = 1;
+    at_err_t e;
+    if ((e = CU(cuDeviceGetDevResource(be->dev, &all, CU_DEV_RESOURCE_TYPE_SM))) != AT_OK)
+        return at_diag_set(diag, e, "the driver lists no SMs");
+    if (want < all.sm.smCount &&
+        (e = CU(cuDevSmResourceSplitByCount(&split[ATT_TILE_WIDE], &groups, &all,
+                                            &split[ATT_TILE_NARROW], 0, want))) != AT_OK)
+        return at_diag_set(diag, e, "the driver cannot split %u SMs off", want);
+    const uint32_t wide = split[ATT_TILE_WIDE].sm.smCount, rest = split[ATT_TILE_NARROW].sm.smCount;
+    if (groups != 1 || wide == 0 || rest == 0)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                           "%u SMs for the wide tiles leave none of %u for the narrow ones", want,
+                           all.sm.smCount);
+    for (uint32_t i = 0; i < be->num_parts; i++)
+        if (be->parts[i].sms[ATT_TILE_WIDE] == wide) {
+            *out = &be->parts[i];
+            return AT_OK;
+        }
+    if (be->num_parts == CUDA_MAX_PARTS)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED, "%u partitions exist already",
+                           CUDA_MAX_PARTS);
+    cuda_part_t p;
+    memset(&p, 0, sizeof p);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        CUdevResourceDesc desc;
+        p.sms[k] = split[k].sm.smCount;
+        if ((e = CU(cuDevResourceGenerateDesc(&desc, &split[k], 1))) != AT_OK ||
+            (e = CU(cuGreenCtxCreate(&p.green[k], desc, be->dev, CU_GREEN_CTX_DEFAULT_STREAM))) !=
+                AT_OK) {
+            if (k != 0)
+                (void)CU(cuGreenCtxDestroy(p.green[0]));
+            return at_diag_set(diag, e, "cannot make a green context of %u SMs", p.sms[k]);
+        }
+    }
+    at_log(AT_LOG_INFO, "cuda", "cuda:%d: mixed batches' wide tiles on %u SMs, narrow on %u",
+           be->ordinal, p.sms[ATT_TILE_WIDE], p.sms[ATT_TILE_NARROW]);
+    be->parts[be->num_parts] = p;
+    *out = &be->parts[be->num_parts++];
+    return AT_OK;
+}
+
+static void part_drop(att_kv_t *kv) {
+    cuda_backend_t *be = kv->be;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        if (kv->part_stream[k] != NULL) {
+            (void)CU(cuStreamDestroy(kv->part_stream[k]));
+            kv->part_stream[k] = NULL;
+        }
+    kv->part = NULL;
+}
+
+/* Gives the session the streams of its plan's partition the first time the plan asks for it
+ * (or for another size). A partition that cannot be had leaves the session on the side-stream
+ * path, with a log line: a missing feature, never a failed call. No run is in flight (runs,
+ * set_tuning and creation of one session are serialized). */
+static void part_ensure(att_kv_t *kv) {
+    cuda_backend_t *be = kv->be;
+    const uint32_t want = kv->plan.mixed_wide_sms;
+    if (want == 0 || want == kv->part_asked)
+        return;
+    part_drop(kv);
+    kv->part_asked = want;
+    at_diag_t diag = {{0}};
+    const cuda_part_t *p = NULL;
+    /* under the lock: a green context has no locking of its own, and two sessions' workers may
+     * make streams in the same one at once */
+    pthread_mutex_lock(&be->parts_mu);
+    at_err_t e = part_get(be, want, &p, &diag);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS && e == AT_OK; k++)
+        if ((e = CU(cuGreenCtxStreamCreate(&kv->part_stream[k], p->green[k],
+                                           CU_STREAM_NON_BLOCKING, 0))) != AT_OK)
+            at_diag_set(&diag, e, "cannot make a stream in a green context");
+    pthread_mutex_unlock(&be->parts_mu);
+    if (e != AT_OK) {
+        at_log(AT_LOG_WARN, "cuda",
+               "cuda:%d: no SM partition for mixed_wide_sms=%u (%s): the session runs mixed "
+               "batches on every SM",
+               be->ordinal, want, diag.msg);
+        part_drop(kv);
+        return;
+    }
+    kv->part = p;
+}
+
 /* ---- run ---- */
 
 static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b) {
@@ -293,8 +413,11 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         tile_keys[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_KEYS];
         occ[k] = att_gpu_mods_cur(&kv->mods, k)->occupancy;
     }
+    /* part_ensure ran for the current plan: part is its partition, or NULL when it failed */
+    const cuda_part_t *part = kv->plan.mixed_wide_sms != 0 ? kv->part : NULL;
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
-                                             be->num_sms, occ, b, &pl)) != AT_OK)
+                                             be->num_sms, part != NULL ? part->sms : NULL, occ,
+                                             b, &pl)) != AT_OK)
         return e;
     if ((e = place_tables(kv, b)) != AT_OK)
         return e;
@@ -320,22 +443,32 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     kv->launch_stream = kv->stream;
     if (b->attend) {
         /* Both kinds: the wide tiles (bound by arithmetic) run on the side stream, concurrent
-         * with the narrow ones (decode, bound by memory), in the plan's launch order; the side
-         * stream is joined back before out is read. */
+         * with the narrow ones (decode, bound by memory) on the session's, in the plan's launch
+         * order; with a partition each kind runs in its own green context instead, so neither
+         * takes the other's SMs. Every stream forked to is joined back before out is read. */
         const bool fork = pl.num_items[ATT_TILE_NARROW] != 0 && pl.num_items[ATT_TILE_WIDE] != 0;
-        if (fork && ((e = CU(cuEventRecord(kv->ev_fork, kv->stream))) != AT_OK ||
-                     (e = CU(cuStreamWaitEvent(kv->side, kv->ev_fork, 0))) != AT_OK))
-            goto out_drain;
+        CUstream to[ATT_TILE_KINDS] = {kv->stream, kv->stream};
+        if (fork) {
+            to[ATT_TILE_WIDE] = part != NULL ? kv->part_stream[ATT_TILE_WIDE] : kv->side;
+            to[ATT_TILE_NARROW] = part != NULL ? kv->part_stream[ATT_TILE_NARROW] : kv->stream;
+            if ((e = CU(cuEventRecord(kv->ev_fork, kv->stream))) != AT_OK)
+                goto out_drain;
+        }
+        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+            if (to[k] != kv->stream && (e = CU(cuStreamWaitEvent(to[k], kv->ev_fork, 0))) != AT_OK)
+                goto out_drain;
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
             const uint32_t k = att_gpu_launch_order(&kv->plan, i);
-            kv->launch_stream = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
+            kv->launch_stream = to[k];
             if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k)) != AT_OK)
                 goto out_drain;
         }
         kv->launch_stream = kv->stream;
-        if (fork && ((e = CU(cuEventRecord(kv->ev_join, kv->side))) != AT_OK ||
-                     (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join, 0))) != AT_OK))
-            goto out_drain;
+        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+            if (to[k] != kv->stream &&
+                ((e = CU(cuEventRecord(kv->ev_join[k], to[k]))) != AT_OK ||
+                 (e = CU(cuStreamWaitEvent(kv->stream, kv->ev_join[k], 0))) != AT_OK))
+                goto out_drain;
     } else {
         if ((e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks)) != AT_OK)
             goto out_drain;
@@ -362,6 +495,9 @@ out_drain:
     /* Copies or kernels of this call may be queued ahead of the failed step: wait for them before
      * the caller reuses the stage, the io buffers or the arena regions they read and write. The
      * results are not checked: e already says why the call failed. */
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        if (kv->part_stream[k] != NULL)
+            (void)be->drv->cuStreamSynchronize(kv->part_stream[k]);
     (void)be->drv->cuStreamSynchronize(kv->side);
     (void)be->drv->cuStreamSynchronize(kv->stream);
     return e;
@@ -460,8 +596,11 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
     att_cuda_plan_t plan;
     cuda_tun_device(be, &d);
     session_plan(be, kv->m, &plan);
-    return att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
-                              att_cuda_plan_from_cfg, &plan, &kv->plan);
+    if ((e = att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
+                                att_cuda_plan_from_cfg, &plan, &kv->plan)) != AT_OK)
+        return e;
+    part_ensure(kv);
+    return AT_OK;
 }
 
 static at_err_t cuda_prepare_tuning(att_backend_t *base, const att_model_t *m,
@@ -491,10 +630,12 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
         }
         if (kv->side != NULL)
             (void)CU(cuStreamDestroy(kv->side));
+        part_drop(kv);
         if (kv->ev_fork != NULL)
             (void)CU(cuEventDestroy(kv->ev_fork));
-        if (kv->ev_join != NULL)
-            (void)CU(cuEventDestroy(kv->ev_join));
+        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+            if (kv->ev_join[k] != NULL)
+                (void)CU(cuEventDestroy(kv->ev_join[k]));
         if (kv->ev_begin != NULL)
             (void)CU(cuEventDestroy(kv->ev_begin));
         if (kv->ev_end != NULL)
@@ -559,7 +700,8 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         (e = CU(cuStreamCreate(&kv->stream, CU_STREAM_NON_BLOCKING))) != AT_OK ||
         (e = CU(cuStreamCreate(&kv->side, CU_STREAM_NON_BLOCKING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_fork, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
-        (e = CU(cuEventCreate(&kv->ev_join, CU_EVENT_DISABLE_TIMING))) != AT_OK ||
+        (e = CU(cuEventCreate(&kv->ev_join[ATT_TILE_WIDE], CU_EVENT_DISABLE_TIMING))) != AT_OK ||
+        (e = CU(cuEventCreate(&kv->ev_join[ATT_TILE_NARROW], CU_EVENT_DISABLE_TIMING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_begin, CU_EVENT_DEFAULT))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_end, CU_EVENT_DEFAULT))) != AT_OK ||
         (e = CU(cuMemAlloc(&kv->tables_d, (size_t)att_gpu_tables_initial(num_blocks) * 4))) !=
@@ -577,6 +719,7 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         if (e != AT_OK)
             goto out_kv;
     }
+    part_ensure(kv);
     *out = kv;
     return AT_OK;
 out_kv:
@@ -638,6 +781,15 @@ static void cuda_destroy(att_backend_t *base) {
         be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS)
         for (uint32_t i = 0; i < be->regs.n; i++)
             (void)CU(cuMemHostUnregister((void *)be->regs.begin[i]));
+    /* every session (and so every stream in these) is gone; each green context holds a
+     * reference to the primary context, so they go first, even after a fault */
+    pthread_mutex_lock(&be->parts_mu);
+    for (uint32_t i = 0; i < be->num_parts; i++)
+        for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+            (void)CU(cuGreenCtxDestroy(be->parts[i].green[k]));
+    be->num_parts = 0;
+    pthread_mutex_unlock(&be->parts_mu);
+    pthread_mutex_destroy(&be->parts_mu);
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
     att_jit_destroy(&be->jit);
     att_gpu_regions_fini(&be->regs);
@@ -726,6 +878,7 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
     snprintf(be->arch, sizeof be->arch, "sm_%d%d", major, minor);
     snprintf(be->desc, sizeof be->desc, "%s (%s, %d SMs, driver %d.%d)", name, be->arch, sms,
              drv->driver_version / 1000, drv->driver_version % 1000 / 10);
+    pthread_mutex_init(&be->parts_mu, NULL); /* from here on cuda_destroy undoes everything */
     char dir[512];
     if (cfg->kernel_cache_dir != NULL)
         snprintf(dir, sizeof dir, "%s", cfg->kernel_cache_dir);

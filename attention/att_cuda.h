@@ -25,7 +25,7 @@
 
 /* How a session's work is cut: the tile configuration of each kind's module (compile-time knobs,
  * att_jit.h) and the split-KV (flash-decoding) thresholds of the per-call plan. This is the whole
- * configuration space a tuner searches. */
+ * configuration space a tuner searches, but for mixed_wide_sms (not tuned yet). */
 typedef struct att_cuda_plan {
     att_tile_t tile[ATT_TILE_KINDS];
     uint32_t min_split_keys; /* a tile's keys are split only into parts of at least this many */
@@ -38,6 +38,13 @@ typedef struct att_cuda_plan {
      * as the decode ones; ATT_CUDA_NEVER: not split for that reason. */
     uint32_t mixed_split_keys;
     uint32_t mixed_order;    /* ATT_CUDA_NARROW_FIRST or ATT_CUDA_WIDE_FIRST */
+    /* A batch with both kinds: 0 runs both on every SM (the wide ones on a side stream); N > 0
+     * runs the wide tiles in a green context of about N SMs (the driver rounds: on sm_90 a
+     * multiple of 8, at least 8) and the narrow ones in one of the remaining SMs, so the
+     * compute-bound chunk and the memory-bound decode share the GPU in space, not in turns.
+     * Each kind's splits then count its own partition's SMs. Not in the tuning space (a
+     * tuned config has 0); the HIP backend ignores it. */
+    uint32_t mixed_wide_sms;
 } att_cuda_plan_t;
 
 #define ATT_CUDA_NEVER 0xffffffffu
@@ -50,7 +57,8 @@ typedef struct att_cuda_cfg {
     const char *kernel_cache_dir; /* NULL: att_jit_default_dir(); "": memory only */
     bool timing;                  /* measure each run's device time (benches; costs two events) */
     /* NULL: att_cuda_plan_default per model. Else every session takes from it each tile whose
-     * warps_m is not 0 and each split threshold that is not 0 (benches, tuning); copied. */
+     * warps_m is not 0 and each split threshold or mixed knob that is not 0 (benches, tuning);
+     * copied. */
     const att_cuda_plan_t *plan;
     /* Threads that compile tuning candidates in the background (0: one; a server's worker
      * leaves it so, `attnd tune` uses every CPU). Started on first use. */

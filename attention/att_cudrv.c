@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/at_log.h"
+
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
@@ -71,6 +73,18 @@ static void load_cuda(void) {
     }
     if (g_cuda.cuDriverGetVersion(&g_cuda.driver_version) != CUDA_SUCCESS)
         g_cuda.driver_version = 0;
+    /* all of the green functions or none: a partial set is treated as none */
+    const char *missing = NULL;
+#define LOAD_OPT_(f)                                                                             \
+    if ((g_cuda.f = (__typeof__(g_cuda.f))dlsym(h, STR(f))) == NULL && missing == NULL)          \
+        missing = STR(f);
+    ATT_CUDRV_GREEN_FUNCS(LOAD_OPT_)
+#undef LOAD_OPT_
+    g_cuda.has_green = missing == NULL;
+    if (missing != NULL)
+        at_log(AT_LOG_INFO, "cuda",
+               "the CUDA driver (%d.%d) lacks %s: no green contexts, so mixed_wide_sms is off",
+               g_cuda.driver_version / 1000, g_cuda.driver_version % 1000 / 10, missing);
     g_cuda_err = AT_OK;
 }
 

@@ -7,6 +7,9 @@
  * loader's search (LD_LIBRARY_PATH, the executable's RUNPATH, ld.so.cache) for libcuda.so.1 and
  * libnvrtc.so.13, then the toolkit's lib64 directory seen at build time (NVRTC only).
  *
+ * Green contexts (SM partitions, CUDA 12.5+ drivers) are optional: a driver without them loads
+ * with has_green false, which is logged once, and whatever would use them stays off.
+ *
  * Thread: att_cudrv_cuda() and att_cudrv_nvrtc() load once (pthread_once) and may be called
  * from any thread; the tables are immutable afterwards. */
 #ifndef AT_ATTENTION_ATT_CUDRV_H
@@ -14,6 +17,7 @@
 
 #include <cuda.h>
 #include <nvrtc.h>
+#include <stdbool.h>
 
 #include "common/at_err.h"
 
@@ -58,6 +62,16 @@
     X(cuEventElapsedTime)                                                                        \
     X(cuEventDestroy)
 
+/* Optional: green contexts (cuGreenCtxStreamCreate came last, with 12.5). The header maps none of
+ * these names to a versioned symbol. */
+#define ATT_CUDRV_GREEN_FUNCS(X)                                                                 \
+    X(cuDeviceGetDevResource)                                                                    \
+    X(cuDevSmResourceSplitByCount)                                                               \
+    X(cuDevResourceGenerateDesc)                                                                 \
+    X(cuGreenCtxCreate)                                                                          \
+    X(cuGreenCtxDestroy)                                                                         \
+    X(cuGreenCtxStreamCreate)
+
 #define ATT_NVRTC_FUNCS(X)                                                                       \
     X(nvrtcVersion)                                                                              \
     X(nvrtcGetErrorString)                                                                       \
@@ -75,6 +89,8 @@
 
 typedef struct att_cudrv {
     ATT_CUDRV_FUNCS(ATT_CUDRV_FIELD_)
+    ATT_CUDRV_GREEN_FUNCS(ATT_CUDRV_FIELD_) /* NULL unless has_green */
+    bool has_green;     /* every function of ATT_CUDRV_GREEN_FUNCS resolved */
     int driver_version; /* cuDriverGetVersion: 1000 * major + 10 * minor */
 } att_cudrv_t;
 

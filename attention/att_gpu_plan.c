@@ -38,6 +38,8 @@ void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
         out->mixed_split_keys = over->mixed_split_keys;
     if (over->mixed_order != 0)
         out->mixed_order = over->mixed_order;
+    if (over->mixed_wide_sms != 0)
+        out->mixed_wide_sms = over->mixed_wide_sms;
 }
 
 void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
@@ -106,6 +108,7 @@ static int cmp_item_keys_desc(const void *a, const void *b) {
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
                             const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
+                            const uint32_t mixed_sms[ATT_TILE_KINDS],
                             const uint32_t occupancy[ATT_TILE_KINDS], const att_batch_t *b,
                             att_gpu_counts_t *pl) {
     const uint32_t g = m->group, window = m->window[b->layer];
@@ -138,16 +141,17 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             longest[kind] = t->ke - t->kb > longest[kind] ? t->ke - t->kb : longest[kind];
         }
     }
-    /* Split (flash-decoding) when a kind's blocks would take few waves of the GPU. */
+    const bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
+    /* Split (flash-decoding) when a kind's blocks would take few waves of the SMs it runs on. */
     uint32_t want[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const uint64_t per_sm =
             plan->blocks_per_sm == ATT_CUDA_OCCUPANCY ? occupancy[k] : plan->blocks_per_sm;
+        const uint64_t sms = mixed && mixed_sms != NULL ? mixed_sms[k] : num_sms;
         const uint64_t most = longest[k] / plan->min_split_keys;
-        want[k] = wave_parts(blocks[k], longest[k], (uint64_t)num_sms * (per_sm ? per_sm : 1),
+        want[k] = wave_parts(blocks[k], longest[k], sms * (per_sm ? per_sm : 1),
                              most < plan->max_splits ? (uint32_t)most : plan->max_splits);
     }
-    const bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
     size_t ni = 0, nm = 0;
     for (size_t i = 0; i < nt; i++) {
         const uint32_t parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);

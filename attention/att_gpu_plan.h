@@ -51,13 +51,15 @@ void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t 
 
 /* Cuts batch b of model m into work items (w->items) and merges (w->merges) with plan: rows and
  * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info), occupancy
- * the blocks of its attend kernel one of the num_sms SMs runs at once. A kind's long tiles are
- * split when its blocks would take few waves (plan->blocks_per_sm per SM, or the occupancy),
- * into the part count whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps
- * what it had). */
+ * the blocks of its attend kernel one SM runs at once. A kind's blocks run on num_sms SMs, or,
+ * in a batch with both kinds when mixed_sms is not NULL, on mixed_sms[kind] (the SM partition
+ * the backend launches that kind in). A kind's long tiles are split when its blocks would take
+ * few waves of those SMs (plan->blocks_per_sm per SM, or the occupancy), into the part count
+ * whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps what it had). */
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
                             const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,
+                            const uint32_t mixed_sms[ATT_TILE_KINDS],
                             const uint32_t occupancy[ATT_TILE_KINDS], const att_batch_t *b,
                             att_gpu_counts_t *pl);
 

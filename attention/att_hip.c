@@ -308,8 +308,9 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         tile_keys[k] = att_gpu_mods_cur(&kv->mods, k)->info[ATT_KINFO_TILE_KEYS];
         occ[k] = att_gpu_mods_cur(&kv->mods, k)->occupancy;
     }
+    /* NULL: HIP has no green contexts, so mixed_wide_sms is ignored and every kind has every CU */
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
-                                             be->num_sms, occ, b, &pl)) != AT_OK)
+                                             be->num_sms, NULL, occ, b, &pl)) != AT_OK)
         return e;
     if ((e = place_tables(kv, b)) != AT_OK)
         return e;

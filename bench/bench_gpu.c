@@ -497,7 +497,8 @@ static int parse_tile(const char *s, att_cuda_plan_t *pl) {
     return 0;
 }
 
-/* "mixed_split_keys=512", "mixed_order=wide": one split threshold or the mixed launch order. */
+/* "mixed_split_keys=512", "mixed_order=wide", "mixed_wide_sms=32": one split threshold, the mixed
+ * launch order or the mixed batch's SM partition. */
 static int parse_plan(const char *s, att_cuda_plan_t *pl) {
     static const struct {
         const char *name;
@@ -514,6 +515,14 @@ static int parse_plan(const char *s, att_cuda_plan_t *pl) {
                           : strcmp(eq + 1, "narrow") == 0 ? ATT_CUDA_NARROW_FIRST
                                                           : 0;
         return pl->mixed_order != 0 ? 0 : -1;
+    }
+    if (strncmp(s, "mixed_wide_sms=", 15) == 0) { /* a count of SMs: no "never" or "occupancy" */
+        char *end = NULL;
+        const unsigned long v = strtoul(eq + 1, &end, 10);
+        if (end == eq + 1 || *end != '\0' || v == 0 || v > 0xffffu)
+            return -1;
+        pl->mixed_wide_sms = (uint32_t)v;
+        return 0;
     }
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         if ((size_t)(eq - s) == strlen(keys[i].name) && strncmp(s, keys[i].name, eq - s) == 0) {
@@ -576,7 +585,9 @@ int bench_gpu_main(int argc, char **argv) {
                     "  KIND wide or narrow: the tile instead of the plan's (att_cuda.h): warps\n"
                     "  over rows, m16 tiles per warp, warps over keys, keys per stage, stages\n"
                     "  KEY: min_split_keys, max_splits, blocks_per_sm (a number or occupancy),\n"
-                    "  mixed_split_keys (a number or never), mixed_order (narrow or wide)\n");
+                    "  mixed_split_keys (a number or never), mixed_order (narrow or wide),\n"
+                    "  mixed_wide_sms (N: a mixed batch's wide tiles on a green context of about\n"
+                    "  N SMs, its narrow ones on the rest; default 0, every SM for both)\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }

@@ -153,7 +153,9 @@ if has mixsweep; then
   note "plan sweep: mixed batch"
   for t in "" "--plan mixed_split_keys=never" "--plan mixed_order=narrow" \
            "--plan mixed_split_keys=256" "--plan mixed_split_keys=1024" \
-           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=never"; do
+           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=never" \
+           "--plan mixed_wide_sms=24" "--plan mixed_wide_sms=32" "--plan mixed_wide_sms=48" \
+           "--plan mixed_wide_sms=32 --plan mixed_split_keys=never"; do
     # shellcheck disable=SC2086
     sweep_run "^mixed|floor" "${t:-default}" --cases mixed $t ${mm:+--matmul-tflops $mm}
   done

@@ -2,7 +2,8 @@
  * inputs: every dtype x GQA group x head_dim family of the attention-core tests with random
  * features, mixed batches (decode, prefill, chunks over earlier context in one call),
  * rollback/retry, split-KV (few long sequences: flash-decoding and split prefill tiles), append
- * only, merged calls with separate buffers, registered host memory, three models of different
+ * only, merged calls with separate buffers, registered host memory, mixed batches on SM
+ * partitions (green contexts; the fallback without them), three models of different
  * head dims, dtypes and groups interleaved on one GPU (each session's launch cache), and the
  * compile cache (memory, disk, a damaged file).
  * Without a GPU or driver every test skips with one line saying why. Label: gpu.
@@ -143,6 +144,15 @@ static void test_att_cuda_split_kv(void **state) {
 }
 
 #ifndef ATT_TEST_HIP
+/* A CUDA backend of its own on cuda:0 whose sessions take plan's overrides (att_cuda_cfg_t). */
+static att_backend_t *backend_with_plan(const att_cuda_plan_t *plan) {
+    const att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = "", .plan = plan};
+    att_backend_t *be = NULL;
+    at_diag_t diag = {{0}};
+    TU_CHECK(att_cuda_create(&cc, &diag, &be) == AT_OK, "att_cuda_create: %s", diag.msg);
+    return be;
+}
+
 /* ---- both wide-tile bodies (CUDA) ---- */
 
 /* Prefill, chunks over earlier context and split tiles on a backend of its own whose plan forces
@@ -152,10 +162,7 @@ static void wide_body_case(const att_tile_t *wide, att_dtype_t dt, uint32_t hq, 
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     plan.tile[ATT_TILE_WIDE] = *wide;
-    const att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = "", .plan = &plan};
-    att_backend_t *be = NULL;
-    at_diag_t diag = {{0}};
-    TU_CHECK(att_cuda_create(&cc, &diag, &be) == AT_OK, "att_cuda_create: %s", diag.msg);
+    att_backend_t *be = backend_with_plan(&plan);
     const uint64_t seed = tu_sub_seed(g_seed, 60000u + index);
     tu_rng_t r;
     tu_rng_seed(&r, seed);
@@ -207,6 +214,65 @@ static void test_att_cuda_wide_bodies(void **state) {
     wide_body_case(&wg[3], ATT_DTYPE_F16, 6, 1, 128, 8, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 5);
     /* two warpgroups at 128 dims and 128 keys: the producer's registers shifted to them */
     wide_body_case(&wg[2], ATT_DTYPE_BF16, 32, 8, 128, 8, ATT_RIG_F_ALL, 6);
+}
+
+/* ---- a mixed batch on SM partitions (green contexts) ---- */
+
+/* Decode tokens next to a prefill chunk over cached context, on a backend of its own whose plan
+ * puts a mixed batch's wide tiles on about `wide_sms` SMs and its narrow ones on the rest,
+ * against the CPU backend and the oracle. A driver without green contexts runs the same batches
+ * on every SM (logged), and must give the same answers. */
+static void partition_case(uint32_t wide_sms, att_dtype_t dt, uint32_t hq, uint32_t hkv,
+                           unsigned feats, uint32_t index) {
+    att_cuda_plan_t plan;
+    memset(&plan, 0, sizeof plan);
+    plan.mixed_wide_sms = wide_sms;
+    att_backend_t *be = backend_with_plan(&plan);
+    const uint64_t seed = tu_sub_seed(g_seed, 70000u + index);
+    tu_rng_t r;
+    tu_rng_seed(&r, seed);
+    att_rig_spec_t spec;
+    att_rig_spec_init(&spec, dt, 1, hq, hkv, 128, 16);
+    att_rig_spec_features(&spec, feats, &r);
+    char desc[256];
+    tu_where_set("mixed_wide_sms %u: ATTND_TEST_SEED=%" PRIu64 " (seed %" PRIu64 "), %s",
+                 wide_sms, g_seed, seed, att_rig_spec_str(&spec, desc, sizeof desc));
+    print_message("mixed_wide_sms %u: %s\n", wide_sms, desc);
+    att_rig_t rig;
+    att_rig_init_with(&rig, &spec.cfg, 8192, CPU_BE, 1, &be, 1, tu_rng_next(&r));
+    /* 12 sequences' prompts, and a long one for the chunk (one kind each: every SM) */
+    enum { SEQS = 12 };
+    att_chunk_t ch[SEQS + 1];
+    for (uint32_t i = 0; i < SEQS; i++)
+        ch[i] = (att_chunk_t){100 + i, 0, 150 + 29 * i};
+    att_rig_attend(&rig, 0, ch, SEQS);
+    const att_chunk_t pre[] = {{99, 0, 700}};
+    att_rig_attend(&rig, 0, pre, 1);
+    /* three steps of a decode token per sequence next to a chunk of the long one: split
+     * narrow tiles and (split) wide tiles on their own partitions */
+    uint32_t pos = 700;
+    for (uint32_t step = 0; step < 3; step++) {
+        for (uint32_t i = 0; i < SEQS; i++)
+            ch[i] = (att_chunk_t){100 + i, 150 + 29 * i + step, 1};
+        const uint32_t n = step == 1 ? 45 : 300; /* a partial wide tile too */
+        ch[SEQS] = (att_chunk_t){99, pos, n};
+        pos += n;
+        att_rig_attend(&rig, 0, ch, SEQS + 1);
+    }
+    /* a decode-only batch after them: back on the session's stream */
+    for (uint32_t i = 0; i < SEQS; i++)
+        ch[i] = (att_chunk_t){100 + i, 150 + 29 * i + 3, 1};
+    att_rig_attend(&rig, 0, ch, SEQS);
+    att_rig_fini(&rig);
+    att_backend_destroy(&be);
+}
+
+static void test_att_cuda_mixed_on_partitions(void **state) {
+    (void)state;
+    NEED_GPU();
+    partition_case(32, ATT_DTYPE_BF16, 32, 8, 0, 0);
+    partition_case(32, ATT_DTYPE_F16, 16, 2, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
+    partition_case(20, ATT_DTYPE_BF16, 8, 2, ATT_RIG_F_ALL, 2); /* rounded up by the driver */
 }
 #endif
 
@@ -514,6 +580,7 @@ int main(void) {
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_split_kv);
 #ifndef ATT_TEST_HIP
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_wide_bodies);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_mixed_on_partitions);
 #endif
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_models_interleaved);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_append_then_attend);

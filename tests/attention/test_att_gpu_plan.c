@@ -5,7 +5,8 @@
  * choice of each batch family (many waves: none; few: the part count whose waves finish first;
  * a lone long sequence: the most parts) and the invariants the kernels rely on: every row tile
  * covered once, parts tiling its key range, exactly one part writing the new K/V, merge indices
- * relative to their kind's run. Label: unit. */
+ * relative to their kind's run; and in a mixed batch with SM partitions, each kind's split counted
+ * on its own partition. Label: unit. */
 #include "tests/test_util.h"
 
 #include <stdlib.h>
@@ -54,11 +55,14 @@ static void add_chunks(plan_rig_t *r, att_batch_t *b, uint32_t n, uint32_t ctx, 
     }
 }
 
-static void plan(plan_rig_t *r, const att_batch_t *b) {
-    TU_CHECK(att_gpu_plan_batch(&r->w, r->m, &r->plan, k_rows, k_keys, SMS, k_occ, b, &r->pl) ==
-                 AT_OK,
+/* Plans b on SMS SMs, or with mixed_sms (not NULL) each kind's SM partition in a mixed batch. */
+static void plan_on(plan_rig_t *r, const att_batch_t *b, const uint32_t *mixed_sms) {
+    TU_CHECK(att_gpu_plan_batch(&r->w, r->m, &r->plan, k_rows, k_keys, SMS, mixed_sms, k_occ, b,
+                                &r->pl) == AT_OK,
              "att_gpu_plan_batch");
 }
+
+static void plan(plan_rig_t *r, const att_batch_t *b) { plan_on(r, b, NULL); }
 
 /* The fewest parts of a split tile of kind k (0 when none is split). */
 static uint32_t parts_of(const plan_rig_t *r, uint32_t k) {
@@ -202,12 +206,47 @@ static void test_att_gpu_plan_mixed_batch_merges_index_their_kind(void **state) 
     rig_fini(&r);
 }
 
+static void test_att_gpu_plan_partitions_split_by_their_own_sms(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    r.plan.mixed_split_keys = ATT_CUDA_NEVER; /* only the wave count decides */
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 63, 2048, 1);
+    add_chunks(&r, &b, 1, 1536, 512);
+    /* every SM for both kinds: 504 narrow blocks on 396 slots take 3 parts; 128 wide blocks on
+     * 264 slots, 2 */
+    plan(&r, &b);
+    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 3 && parts_of(&r, ATT_TILE_WIDE) == 2,
+             "whole GPU: narrow in %u parts, wide in %u", parts_of(&r, ATT_TILE_NARROW),
+             parts_of(&r, ATT_TILE_WIDE));
+    check_cover(&r, &b);
+    /* wide on 32 SMs (64 slots: 2 waves whole, 4 in halves) and narrow on the other 100 (300
+     * slots: 2 waves whole, 4 in halves): both stay whole */
+    const uint32_t part[ATT_TILE_KINDS] = {32, 100};
+    plan_on(&r, &b, part);
+    TU_CHECK(r.pl.total_merges == 0 && r.pl.num_items[ATT_TILE_WIDE] == 16 &&
+                 r.pl.num_items[ATT_TILE_NARROW] == 63,
+             "partitions 32 + 100: %u merges, %u wide and %u narrow items", r.pl.total_merges,
+             r.pl.num_items[ATT_TILE_WIDE], r.pl.num_items[ATT_TILE_NARROW]);
+    check_cover(&r, &b);
+    /* a batch of one kind runs on every SM whatever the partitions: the decode alone splits */
+    att_batch_t d = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &d, 63, 2048, 1);
+    plan_on(&r, &d, part);
+    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 3, "decode alone: %u parts",
+             parts_of(&r, ATT_TILE_NARROW));
+    check_cover(&r, &d);
+    rig_fini(&r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_att_gpu_plan_many_waves_stay_whole),
         cmocka_unit_test(test_att_gpu_plan_few_waves_split_to_fill_them),
         cmocka_unit_test(test_att_gpu_plan_lone_sequence_takes_the_most_parts),
         cmocka_unit_test(test_att_gpu_plan_mixed_batch_merges_index_their_kind),
+        cmocka_unit_test(test_att_gpu_plan_partitions_split_by_their_own_sms),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
