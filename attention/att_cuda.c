@@ -304,7 +304,8 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
 static at_err_t part_get(cuda_backend_t *be, uint32_t want, const cuda_part_t **out,
                          at_diag_t *diag) AT_REQUIRES(be->parts_mu) {
     if (!be->drv->has_green)
-        return at_diag_set(diag, AT_ERR_UNSUPPORTED, "the driver has no green contexts");
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                           "the driver has no green contexts (CUDA 12.4 or newer has)");
     CUdevResource all, split[ATT_TILE_KINDS];
     memset(&all, 0, sizeof all);
     memset(split, 0, sizeof split);

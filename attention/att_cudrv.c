@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/at_log.h"
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -80,11 +79,7 @@ static void load_cuda(void) {
         missing = STR(f);
     ATT_CUDRV_GREEN_FUNCS(LOAD_OPT_)
 #undef LOAD_OPT_
-    g_cuda.has_green = missing == NULL;
-    if (missing != NULL)
-        at_log(AT_LOG_INFO, "cuda",
-               "the CUDA driver (%d.%d) lacks %s: no green contexts, so mixed_wide_sms is off",
-               g_cuda.driver_version / 1000, g_cuda.driver_version % 1000 / 10, missing);
+    g_cuda.has_green = missing == NULL; /* a session asking for a partition logs its absence */
     g_cuda_err = AT_OK;
 }
 
