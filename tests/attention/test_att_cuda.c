@@ -559,7 +559,20 @@ int main(void) {
     } groups[] = {{"g1", 4, 4}, {"g4", 8, 2}, {"g8", 16, 2}, {"mqa", 6, 1}};
     static const uint32_t dims[] = {64, 128, 256, 80, 24};
     static const uint32_t blocks[] = {16, 64, 8, 256};
-    enum { N = 3 * 4 * 5, EXTRA = 7 };
+    /* after the matrix's cases; the array is sized from this list */
+    static const struct CMUnitTest extra[] = {
+        cmocka_unit_test(test_att_cuda_split_kv),
+#ifndef ATT_TEST_HIP
+        cmocka_unit_test(test_att_cuda_wide_bodies),
+        cmocka_unit_test(test_att_cuda_mixed_on_partitions),
+#endif
+        cmocka_unit_test(test_att_cuda_models_interleaved),
+        cmocka_unit_test(test_att_cuda_append_then_attend),
+        cmocka_unit_test(test_att_cuda_tables_follow_the_cache),
+        cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory),
+        cmocka_unit_test(test_att_cuda_compile_cache),
+    };
+    enum { N = 3 * 4 * 5, EXTRA = sizeof extra / sizeof extra[0] };
     static mcase_t cases[N];
     static struct CMUnitTest tests[N + EXTRA];
     uint32_t n = 0;
@@ -577,16 +590,8 @@ int main(void) {
                          att_dtype_name(c->dtype), groups[g].name, c->d, c->block);
                 tests[n] = (struct CMUnitTest){c->name, run_matrix_case, NULL, NULL, c};
             }
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_split_kv);
-#ifndef ATT_TEST_HIP
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_wide_bodies);
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_mixed_on_partitions);
-#endif
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_models_interleaved);
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_append_then_attend);
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_tables_follow_the_cache);
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory);
-    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_att_cuda_compile_cache);
+    for (size_t i = 0; i < EXTRA; i++)
+        tests[n++] = extra[i];
     /* ATTND_TEST_FILTER=pattern (cmocka's * and ?) runs a subset: the sanitizer runs use it */
     const char *filter = getenv("ATTND_TEST_FILTER");
     if (filter != NULL && filter[0] != '\0')
