@@ -38,6 +38,10 @@ static const char k_ceiling_src[] =
     "    uint4 v = __ldcs(p + i); acc.x ^= v.x; acc.y ^= v.y; acc.z ^= v.z; acc.w ^= v.w; }\n"
     "  if ((acc.x & acc.y & acc.z & acc.w) == 0x12345678u) sink[threadIdx.x] = acc;\n"
     "}\n"
+    "extern \"C\" __global__ void spin(long long ns) {\n"
+    "  long long t0; asm volatile(\"mov.u64 %0, %%globaltimer;\" : \"=l\"(t0));\n"
+    "  for (long long t = t0; t - t0 < ns;) asm volatile(\"mov.u64 %0, %%globaltimer;\" : \"=l\"(t));\n"
+    "}\n"
     "extern \"C\" __global__ void copy(const uint4 *s, uint4 *d, unsigned long long n) {\n"
     "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
     "       i < n; i += (unsigned long long)gridDim.x * blockDim.x) d[i] = __ldcs(s + i);\n"
@@ -48,7 +52,7 @@ typedef struct gpu {
     CUcontext ctx;
     CUdevice dev;
     CUmodule mod;
-    CUfunction f_empty, f_empty_p160, f_read, f_copy;
+    CUfunction f_empty, f_empty_p160, f_read, f_copy, f_spin;
     int sms;
 } gpu_t;
 
@@ -97,7 +101,8 @@ static int gpu_init(gpu_t *g, const char *arch) {
     if (rc || CK(cuModuleGetFunction(&g->f_empty, g->mod, "empty")) ||
         CK(cuModuleGetFunction(&g->f_empty_p160, g->mod, "empty_p160")) ||
         CK(cuModuleGetFunction(&g->f_read, g->mod, "read_only")) ||
-        CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")))
+        CK(cuModuleGetFunction(&g->f_copy, g->mod, "copy")) ||
+        CK(cuModuleGetFunction(&g->f_spin, g->mod, "spin")))
         return -1;
     return 0;
 }
@@ -113,6 +118,9 @@ typedef struct ceilings {
     double call_launch_smem_ns; /* the same with 80 KiB of dynamic shared memory, as a tile has */
     double call_launch_4_ns;    /* after the four uploads of a Llama decode call instead of one */
     double call_launch_4t_ns;   /* the same after writing 512 KiB on the host (a block table) */
+    /* the four uploads' launch when the stream was synchronized after a kernel of 0.3 ms (a
+     * Llama decode call at 1K) or 2 ms (at 8K), not an empty stream: the host waited that long */
+    double call_launch_busy_ns[2];
 } ceilings_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -123,11 +131,12 @@ static int cmp_double(const void *a, const void *b) {
 /* The median host time of a launch of the 160-byte empty kernel (ceilings_t), preceded by
  * `uploads` copies from pinned memory (1: a call's 16 KiB of metadata; 4: also the q, k and v of
  * the Llama decode case, 2 MiB, 512 KiB and 512 KiB), before them a host memcpy of `touch`
- * bytes into the pinned buffer (as a call writes its metadata into the stage), the stream
- * synchronized after each when `sync`. */
+ * bytes into the pinned buffer (as a call writes its metadata into the stage), and before that
+ * a kernel that keeps the GPU busy for busy_ns and a synchronize (as the previous call's), the
+ * stream synchronized after each when `sync`. */
 static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, size_t touch,
-                          double *ns) {
-    enum { N = 2000 };
+                          long long busy_ns, double *ns) {
+    enum { N = 1000 };
     static const size_t sizes[4] = {16 << 10, 2 << 20, 512 << 10, 512 << 10};
     const size_t total = sizes[0] + sizes[1] + sizes[2] + sizes[3];
     uint8_t *src = touch != 0 ? calloc(1, touch) : NULL;
@@ -141,7 +150,11 @@ static int measure_launch(gpu_t *g, uint32_t uploads, bool sync, uint32_t smem, 
     int rc = t == NULL || (touch != 0 && src == NULL) || touch > total ||
              CK(cuStreamCreate(&st, CU_STREAM_NON_BLOCKING)) || CK(cuMemAlloc(&d, total)) ||
              CK(cuMemHostAlloc(&h, total, 0));
+    void *sargs[] = {&busy_ns};
     for (int i = -100; i < N && rc == 0; i++) {
+        if (busy_ns != 0)
+            rc = CK(cuLaunchKernel(g->f_spin, 1, 1, 1, 32, 1, 1, 0, st, sargs, NULL)) ||
+                 CK(cuStreamSynchronize(st));
         if (touch != 0)
             memcpy(h, src, touch);
         size_t off = 0;
@@ -213,14 +226,16 @@ static int measure_ceilings(gpu_t *g, ceilings_t *c) {
             return -1;
     c->empty_launch_ns = (double)(now_ns() - t0) / launches;
     const int smem = 80 << 10;
-    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, 0, &c->p160_b2b_ns) ||
-        measure_launch(g, 0, true, 0, 0, &c->p160_synced_ns) ||
-        measure_launch(g, 1, true, 0, 0, &c->call_launch_ns) ||
-        measure_launch(g, 4, true, 0, 0, &c->call_launch_4_ns) ||
-        measure_launch(g, 4, true, 0, 512 << 10, &c->call_launch_4t_ns) ||
+    if (CK(cuCtxSynchronize()) || measure_launch(g, 0, false, 0, 0, 0, &c->p160_b2b_ns) ||
+        measure_launch(g, 0, true, 0, 0, 0, &c->p160_synced_ns) ||
+        measure_launch(g, 1, true, 0, 0, 0, &c->call_launch_ns) ||
+        measure_launch(g, 4, true, 0, 0, 0, &c->call_launch_4_ns) ||
+        measure_launch(g, 4, true, 0, 512 << 10, 0, &c->call_launch_4t_ns) ||
+        measure_launch(g, 4, true, 0, 0, 300000, &c->call_launch_busy_ns[0]) ||
+        measure_launch(g, 4, true, 0, 0, 2000000, &c->call_launch_busy_ns[1]) ||
         CK(cuFuncSetAttribute(g->f_empty_p160, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               smem)) ||
-        measure_launch(g, 1, true, (uint32_t)smem, 0, &c->call_launch_smem_ns))
+        measure_launch(g, 1, true, (uint32_t)smem, 0, 0, &c->call_launch_smem_ns))
         return -1;
     CK(cuMemFree(a));
     CK(cuMemFree(b));
@@ -612,10 +627,12 @@ int bench_gpu_main(int argc, char **argv) {
            "bare launch with 160 bytes of parameters, median: %.2f us back to back, %.2f us on a "
            "synchronized stream, %.2f us after an upload too (a call's position), %.2f us "
            "there with 80 KiB of dynamic shared memory, %.2f us after a decode call's four "
-           "uploads, %.2f us after those and a 512 KiB memcpy on the host\n",
+           "uploads, %.2f us after those and a 512 KiB memcpy on the host; after the four "
+           "uploads and a kernel of 0.3 ms / 2 ms the host waited for: %.2f / %.2f us\n",
            c.read_gbs, c.copy_gbs, c.empty_launch_ns / 1e3, matmul_tflops, c.p160_b2b_ns / 1e3,
            c.p160_synced_ns / 1e3, c.call_launch_ns / 1e3, c.call_launch_smem_ns / 1e3,
-           c.call_launch_4_ns / 1e3, c.call_launch_4t_ns / 1e3);
+           c.call_launch_4_ns / 1e3, c.call_launch_4t_ns / 1e3, c.call_launch_busy_ns[0] / 1e3,
+           c.call_launch_busy_ns[1] / 1e3);
     pattern_init();
     if (!plain_host) {
         /* registered memory must outlive the backend: freed after it */
