@@ -185,11 +185,28 @@ void att_cuda_plan_default(const att_model_t *m, const char *arch, uint32_t smem
     att_cuda_plan_from_cfg(&h, out);
 }
 
+/* Sets plan's mixed_wide_sms from the device: 4/11 of the SMs in whole groups of 8 (48 of the
+ * H200's 132, the best of 16..64 for the bench's mixed batch: docs/BENCHMARKS.md) where that was
+ * measured, sm_90 with the wgmma wide tile and a driver with green contexts; else 0. Then the
+ * backend's override, if any (ATT_CUDA_NEVER: 0). */
+static void plan_wide_sms(const cuda_backend_t *be, att_cuda_plan_t *plan) {
+    const uint32_t n = be->num_sms * 4 / 11 / 8 * 8;
+    plan->mixed_wide_sms = be->drv->has_green && strcmp(be->arch, "sm_90") == 0 &&
+                                   plan->tile[ATT_TILE_WIDE].mma != 0 && n >= 8
+                               ? n
+                               : 0;
+    if (be->has_plan && be->plan.mixed_wide_sms != 0)
+        plan->mixed_wide_sms = be->plan.mixed_wide_sms;
+    if (plan->mixed_wide_sms == ATT_CUDA_NEVER)
+        plan->mixed_wide_sms = 0;
+}
+
 /* The session's plan: the default, with the backend's overrides. */
 static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cuda_plan_t *out) {
     att_cuda_plan_default(m, be->arch, be->smem_optin, out);
     if (be->has_plan)
         att_gpu_plan_override(out, &be->plan);
+    plan_wide_sms(be, out);
 }
 
 /* ---- buffers ---- */
@@ -450,8 +467,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         const bool fork = pl.num_items[ATT_TILE_NARROW] != 0 && pl.num_items[ATT_TILE_WIDE] != 0;
         CUstream to[ATT_TILE_KINDS] = {kv->stream, kv->stream};
         if (fork) {
-            to[ATT_TILE_WIDE] = part != NULL ? kv->part_stream[ATT_TILE_WIDE] : kv->side;
-            to[ATT_TILE_NARROW] = part != NULL ? kv->part_stream[ATT_TILE_NARROW] : kv->stream;
+            to[ATT_TILE_WIDE] = pl.partitioned ? kv->part_stream[ATT_TILE_WIDE] : kv->side;
+            to[ATT_TILE_NARROW] = pl.partitioned ? kv->part_stream[ATT_TILE_NARROW] : kv->stream;
             if ((e = CU(cuEventRecord(kv->ev_fork, kv->stream))) != AT_OK)
                 goto out_drain;
         }
@@ -600,6 +617,7 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
     if ((e = att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
                                 att_cuda_plan_from_cfg, &plan, &kv->plan)) != AT_OK)
         return e;
+    plan_wide_sms(be, &kv->plan); /* a config has none: the device's, as at creation */
     part_ensure(kv);
     return AT_OK;
 }

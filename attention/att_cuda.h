@@ -41,10 +41,16 @@ typedef struct att_cuda_plan {
     /* A batch with both kinds: 0 runs both on every SM (the wide ones on a side stream); N > 0
      * runs the wide tiles in a green context of about N SMs (the driver rounds: on sm_90 a
      * multiple of 8, at least 8) and the narrow ones in one of the remaining SMs, so the
-     * compute-bound chunk and the memory-bound decode share the GPU in space, not in turns.
-     * Each kind's splits then count its own partition's SMs. Not in the tuning space (a
-     * tuned config has 0); the HIP backend ignores it. */
+     * compute-bound chunk and the memory-bound decode share the GPU in space, not in turns,
+     * when the batch's proportions suit it (att_gpu_plan_batch). Each kind's splits then count
+     * its own partition's SMs. Not in the tuning space: the backend sets it from the device
+     * (48 of an H200's 132 SMs with the wgmma wide tile; else 0) for the default and for tuned
+     * configs alike. In overrides (att_cuda_cfg_t.plan) ATT_CUDA_NEVER means 0. The HIP backend
+     * ignores it. */
     uint32_t mixed_wide_sms;
+    /* Tests and benches: every batch with both kinds takes the partition, whatever its
+     * proportions. */
+    bool mixed_part_always;
 } att_cuda_plan_t;
 
 #define ATT_CUDA_NEVER 0xffffffffu

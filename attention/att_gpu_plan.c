@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention/att_dtype.h"
+
 /* Grows a host array to hold n elements of size sz. */
 static at_err_t grow(void **p, size_t *cap, size_t n, size_t sz) {
     if (n <= *cap)
@@ -40,6 +42,8 @@ void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
         out->mixed_order = over->mixed_order;
     if (over->mixed_wide_sms != 0)
         out->mixed_wide_sms = over->mixed_wide_sms;
+    if (over->mixed_part_always)
+        out->mixed_part_always = true;
 }
 
 void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
@@ -58,7 +62,7 @@ static uint32_t window_lo(uint32_t pos, uint32_t window) {
 }
 
 /* Parts of a tile's key range: up to `want` of at least min_split_keys each; a wide tile of a
- * mixed batch also into parts of about mixed_split_keys. */
+ * mixed batch on shared SMs (`mixed`) also into parts of about mixed_split_keys. */
 static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, uint32_t want,
                            bool mixed) {
     const uint32_t keys = t->ke - t->kb;
@@ -98,6 +102,27 @@ static uint32_t wave_parts(uint64_t blocks, uint64_t keys, uint64_t slots, uint3
     return best;
 }
 
+/* When an SM partition suits a mixed batch: rates of the H200 (2026-11-30, BENCHMARKS.md), the
+ * one GPU whose plan asks for a partition by default. The wgmma wide tile does about 2 TFLOP/s
+ * per SM (260 on 132); decode tiles read about 3.4 TB/s on most of the GPU's SMs. */
+#define PART_WIDE_FLOP_PER_SM_US 2.0e6
+#define PART_NARROW_BYTES_PER_US 3.4e6
+
+/* True when the wide tiles' arithmetic (wide_row_keys row x key products per KV head) on
+ * wide_sms SMs takes from half to 1.25 times as long as the narrow tiles' KV reads (narrow_keys
+ * keys per KV head): then both parts finish together and neither idles SMs for long. A batch
+ * whose chunk is small next to its decodes keeps every SM for the decodes; one whose chunk is
+ * large keeps them for the chunk. */
+static bool partition_suits(const att_model_t *m, uint64_t wide_row_keys, uint64_t narrow_keys,
+                            uint32_t wide_sms) {
+    const double flop = 4.0 * m->head_dim * m->num_kv_heads * (double)wide_row_keys;
+    const double bytes =
+        2.0 * m->head_dim * att_dtype_bytes(m->dtype) * m->num_kv_heads * (double)narrow_keys;
+    const double t_wide = flop / (PART_WIDE_FLOP_PER_SM_US * wide_sms);
+    const double t_narrow = bytes / PART_NARROW_BYTES_PER_US;
+    return t_wide >= 0.5 * t_narrow && t_wide <= 1.25 * t_narrow;
+}
+
 /* Items by key count, most first (`reserved` holds the count while the items are sorted). */
 static int cmp_item_keys_desc(const void *a, const void *b) {
     const att_kitem_t *x = a, *y = b;
@@ -123,8 +148,10 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     if (e != AT_OK)
         return e;
     nt = 0;
-    /* per kind: blocks (tiles x KV heads) and the longest tile's keys, for the split choice */
+    /* per kind: blocks (tiles x KV heads) and the longest tile's keys, for the split choice; the
+     * wide tiles' row x key products and the narrow tiles' keys, for the partition choice */
     uint64_t blocks[ATT_TILE_KINDS] = {0, 0}, longest[ATT_TILE_KINDS] = {0, 0};
+    uint64_t wide_row_keys = 0, narrow_keys = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         const uint32_t r = ch->num_tokens * g;
@@ -139,15 +166,24 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             t->ke = ch->start_pos + (re - 1) / g + 1;
             blocks[kind] += m->num_kv_heads;
             longest[kind] = t->ke - t->kb > longest[kind] ? t->ke - t->kb : longest[kind];
+            if (kind == ATT_TILE_WIDE)
+                wide_row_keys += (uint64_t)(re - rb) * (t->ke - t->kb);
+            else
+                narrow_keys += t->ke - t->kb;
         }
     }
-    const bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
+    bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
+    pl->partitioned =
+        mixed && mixed_sms != NULL &&
+        (plan->mixed_part_always ||
+         partition_suits(m, wide_row_keys, narrow_keys, mixed_sms[ATT_TILE_WIDE]));
+    mixed = mixed && !pl->partitioned; /* the kinds share SMs */
     /* Split (flash-decoding) when a kind's blocks would take few waves of the SMs it runs on. */
     uint32_t want[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const uint64_t per_sm =
             plan->blocks_per_sm == ATT_CUDA_OCCUPANCY ? occupancy[k] : plan->blocks_per_sm;
-        const uint64_t sms = mixed && mixed_sms != NULL ? mixed_sms[k] : num_sms;
+        const uint64_t sms = pl->partitioned ? mixed_sms[k] : num_sms;
         const uint64_t most = longest[k] / plan->min_split_keys;
         want[k] = wave_parts(blocks[k], longest[k], sms * (per_sm ? per_sm : 1),
                              most < plan->max_splits ? (uint32_t)most : plan->max_splits);

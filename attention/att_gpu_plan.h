@@ -38,6 +38,7 @@ typedef struct att_gpu_counts {
     uint32_t num_merges[ATT_TILE_KINDS];
     uint32_t num_parts[ATT_TILE_KINDS];
     uint32_t total_items, total_merges;
+    bool partitioned; /* the kinds run on the mixed_sms partition (see att_gpu_plan_batch) */
 } att_gpu_counts_t;
 
 /* The plan's fields that are not 0 in over replace those of out (tiles: where warps_m != 0). */
@@ -52,10 +53,13 @@ void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t 
 /* Cuts batch b of model m into work items (w->items) and merges (w->merges) with plan: rows and
  * tile_k are each kind's rows per tile and keys per stage (the module's att_k_info), occupancy
  * the blocks of its attend kernel one SM runs at once. A kind's blocks run on num_sms SMs, or,
- * in a batch with both kinds when mixed_sms is not NULL, on mixed_sms[kind] (the SM partition
- * the backend launches that kind in). A kind's long tiles are split when its blocks would take
- * few waves of those SMs (plan->blocks_per_sm per SM, or the occupancy), into the part count
- * whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps what it had). */
+ * when mixed_sms is not NULL and the batch has both kinds in proportions the partition suits
+ * (pl->partitioned: the wide tiles' arithmetic on mixed_sms[wide] SMs takes about as long as
+ * the narrow tiles' KV reads), on mixed_sms[kind] (the SM partition the backend then launches
+ * each kind in; mixed_split_keys does not apply). A kind's long tiles are split when its blocks
+ * would take few waves of those SMs (plan->blocks_per_sm per SM, or the occupancy), into the
+ * part count whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps what it
+ * had). */
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
                             const uint32_t tile_k[ATT_TILE_KINDS], uint32_t num_sms,

@@ -531,12 +531,19 @@ static int parse_plan(const char *s, att_cuda_plan_t *pl) {
                                                           : 0;
         return pl->mixed_order != 0 ? 0 : -1;
     }
-    if (strncmp(s, "mixed_wide_sms=", 15) == 0) { /* a count of SMs: no "never" or "occupancy" */
+    if (strcmp(s, "mixed_part=always") == 0) {
+        pl->mixed_part_always = true;
+        return 0;
+    }
+    if (strncmp(s, "mixed_wide_sms=", 15) == 0) { /* a count of SMs, or off */
         char *end = NULL;
         const unsigned long v = strtoul(eq + 1, &end, 10);
-        if (end == eq + 1 || *end != '\0' || v == 0 || v > 0xffffu)
+        if (strcmp(eq + 1, "off") == 0)
+            pl->mixed_wide_sms = ATT_CUDA_NEVER;
+        else if (end == eq + 1 || *end != '\0' || v == 0 || v > 0xffffu)
             return -1;
-        pl->mixed_wide_sms = (uint32_t)v;
+        else
+            pl->mixed_wide_sms = (uint32_t)v;
         return 0;
     }
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
@@ -602,7 +609,9 @@ int bench_gpu_main(int argc, char **argv) {
                     "  KEY: min_split_keys, max_splits, blocks_per_sm (a number or occupancy),\n"
                     "  mixed_split_keys (a number or never), mixed_order (narrow or wide),\n"
                     "  mixed_wide_sms (N: a mixed batch's wide tiles on a green context of about\n"
-                    "  N SMs, its narrow ones on the rest; default 0, every SM for both)\n");
+                    "  N SMs, its narrow ones on the rest, when its proportions suit; off: every\n"
+                    "  SM for both; default: the device's, 48 on an H200), mixed_part=always\n"
+                    "  (every mixed batch on the partition, whatever its proportions)\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }

@@ -93,13 +93,16 @@ fi
 
 if has sanitize; then
   export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
+  # split-KV (the merge in the kernel), the device-resident block tables, the SM partitions
   for tool in memcheck racecheck; do
-    note "compute-sanitizer $tool"
-    ATTND_TEST_FILTER='*split_kv*' timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      dist/gpu/bin/test_att_cuda > "$out/sanitizer_$tool.log" 2>&1
-    rc=$?
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer_$tool.log" | head
-    [ $rc -eq 0 ] || { note "$tool rc=$rc"; head -40 "$out/sanitizer_$tool.log"; status=1; }
+    for f in split_kv tables_follow mixed_on_partitions; do
+      note "compute-sanitizer $tool on *$f*"
+      ATTND_TEST_FILTER="*$f*" timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        dist/gpu/bin/test_att_cuda > "$out/sanitizer_${tool}_$f.log" 2>&1
+      rc=$?
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer_${tool}_$f.log" | head
+      [ $rc -eq 0 ] || { note "$tool rc=$rc"; head -40 "$out/sanitizer_${tool}_$f.log"; status=1; }
+    done
   done
   unset LD_LIBRARY_PATH
 fi
@@ -151,11 +154,15 @@ fi
 
 if has mixsweep; then
   note "plan sweep: mixed batch"
-  for t in "" "--plan mixed_split_keys=never" "--plan mixed_order=narrow" \
-           "--plan mixed_split_keys=256" "--plan mixed_split_keys=1024" \
-           "--tile narrow=1,1,4,64,3" "--tile narrow=1,1,4,64,3 --plan mixed_split_keys=never" \
-           "--plan mixed_wide_sms=24" "--plan mixed_wide_sms=32" "--plan mixed_wide_sms=48" \
-           "--plan mixed_wide_sms=32 --plan mixed_split_keys=never"; do
+  # the default (on an H200: the 48-SM partition), every SM for both kinds, and other partitions
+  # (mixed_part=always: taken whatever the batch's proportions)
+  for t in "" "--plan mixed_wide_sms=off" "--plan mixed_wide_sms=off --plan mixed_split_keys=never" \
+           "--plan mixed_wide_sms=off --plan mixed_order=narrow" \
+           "--plan mixed_wide_sms=off --tile narrow=1,1,4,64,3" \
+           "--plan mixed_part=always --plan mixed_wide_sms=32" \
+           "--plan mixed_part=always --plan mixed_wide_sms=40" \
+           "--plan mixed_part=always --plan mixed_wide_sms=56" \
+           "--tile narrow=1,1,4,64,3"; do
     # shellcheck disable=SC2086
     sweep_run "^mixed|floor" "${t:-default}" --cases mixed $t ${mm:+--matmul-tflops $mm}
   done

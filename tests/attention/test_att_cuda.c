@@ -227,6 +227,7 @@ static void partition_case(uint32_t wide_sms, att_dtype_t dt, uint32_t hq, uint3
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     plan.mixed_wide_sms = wide_sms;
+    plan.mixed_part_always = true; /* these batches are far too small to suit one otherwise */
     att_backend_t *be = backend_with_plan(&plan);
     const uint64_t seed = tu_sub_seed(g_seed, 70000u + index);
     tu_rng_t r;

@@ -217,24 +217,50 @@ static void test_att_gpu_plan_partitions_split_by_their_own_sms(void **state) {
     /* every SM for both kinds: 504 narrow blocks on 396 slots take 3 parts; 128 wide blocks on
      * 264 slots, 2 */
     plan(&r, &b);
-    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 3 && parts_of(&r, ATT_TILE_WIDE) == 2,
+    TU_CHECK(!r.pl.partitioned && parts_of(&r, ATT_TILE_NARROW) == 3 &&
+                 parts_of(&r, ATT_TILE_WIDE) == 2,
              "whole GPU: narrow in %u parts, wide in %u", parts_of(&r, ATT_TILE_NARROW),
              parts_of(&r, ATT_TILE_WIDE));
     check_cover(&r, &b);
-    /* wide on 32 SMs (64 slots: 2 waves whole, 4 in halves) and narrow on the other 100 (300
-     * slots: 2 waves whole, 4 in halves): both stay whole */
-    const uint32_t part[ATT_TILE_KINDS] = {32, 100};
+    /* the bench's mixed batch suits 48 + 84 (its chunk's 15 GFLOP on 48 SMs take about as long
+     * as its decodes' 528 MB): wide on 96 slots (3 parts: 4 waves of a third), narrow on 252
+     * (2 waves whole); mixed_split_keys does not apply there */
+    const uint32_t part[ATT_TILE_KINDS] = {48, 84};
+    r.plan.mixed_split_keys = 128;
     plan_on(&r, &b, part);
-    TU_CHECK(r.pl.total_merges == 0 && r.pl.num_items[ATT_TILE_WIDE] == 16 &&
-                 r.pl.num_items[ATT_TILE_NARROW] == 63,
-             "partitions 32 + 100: %u merges, %u wide and %u narrow items", r.pl.total_merges,
-             r.pl.num_items[ATT_TILE_WIDE], r.pl.num_items[ATT_TILE_NARROW]);
+    TU_CHECK(r.pl.partitioned && parts_of(&r, ATT_TILE_WIDE) == 3 &&
+                 r.pl.num_merges[ATT_TILE_NARROW] == 0 && r.pl.num_items[ATT_TILE_NARROW] == 63,
+             "partitions 48 + 84: partitioned %d, wide in %u parts, %u narrow merges and %u "
+             "items",
+             r.pl.partitioned, parts_of(&r, ATT_TILE_WIDE), r.pl.num_merges[ATT_TILE_NARROW],
+             r.pl.num_items[ATT_TILE_NARROW]);
     check_cover(&r, &b);
+    /* on 32 SMs the chunk would take half as long again as the decodes: every SM for both */
+    const uint32_t small[ATT_TILE_KINDS] = {32, 100};
+    plan_on(&r, &b, small);
+    TU_CHECK(!r.pl.partitioned, "partitions 32 + 100 taken");
+    r.plan.mixed_part_always = true; /* unless the plan says always */
+    plan_on(&r, &b, small);
+    TU_CHECK(r.pl.partitioned, "partitions 32 + 100 not taken with mixed_part_always");
+    check_cover(&r, &b);
+    r.plan.mixed_part_always = false;
+    /* a chunk small next to its decodes (255 x 2K and 64 tokens over 1K) keeps every SM for the
+     * decodes, and so does a large one (4 x 2K prefills and 8 decodes) for the chunk */
+    att_batch_t c = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &c, 255, 2048, 1);
+    add_chunks(&r, &c, 1, 1024, 64);
+    plan_on(&r, &c, part);
+    TU_CHECK(!r.pl.partitioned, "a small chunk took the partition");
+    att_batch_t e = {.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &e, 8, 2048, 1);
+    add_chunks(&r, &e, 4, 0, 2048);
+    plan_on(&r, &e, part);
+    TU_CHECK(!r.pl.partitioned, "large chunks took the partition");
     /* a batch of one kind runs on every SM whatever the partitions: the decode alone splits */
     att_batch_t d = {.attend = 1, .chunks = r.ch};
     add_chunks(&r, &d, 63, 2048, 1);
     plan_on(&r, &d, part);
-    TU_CHECK(parts_of(&r, ATT_TILE_NARROW) == 3, "decode alone: %u parts",
+    TU_CHECK(!r.pl.partitioned && parts_of(&r, ATT_TILE_NARROW) == 3, "decode alone: %u parts",
              parts_of(&r, ATT_TILE_NARROW));
     check_cover(&r, &d);
     rig_fini(&r);
