@@ -17,12 +17,7 @@
 #include <unistd.h>
 
 #include "attention/att_cpu.h"
-#ifdef AT_HAVE_CUDA
-#include "attention/att_cuda.h"
-#endif
-#ifdef AT_HAVE_HIP
-#include "attention/att_hip.h"
-#endif
+#include "attention/att_gpu_open.h"
 #include "attention/att_model.h"
 #include "attention/att_tune.h"
 #include "bench/ab_preset.h"
@@ -224,28 +219,6 @@ static int model_from(const ab_model_t *p, att_model_t **m) {
     return e == AT_OK ? 0 : -1;
 }
 
-/* The backend of "cuda:N" or "hip:N" (hip), compiling candidates on every CPU. */
-static at_err_t gpu_create(const char *device, bool hip, at_diag_t *d, att_backend_t **out) {
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    const uint32_t threads = cpus > 0 ? (uint32_t)cpus : 1;
-    (void)threads; /* both unused in a build without one of the backends */
-    (void)out;
-    if (hip) {
-#ifdef AT_HAVE_HIP
-        att_hip_cfg_t hc = {.device = atoi(device + 4), .compile_threads = threads};
-        return att_hip_create(&hc, d, out);
-#else
-        return at_diag_set(d, AT_ERR_UNSUPPORTED, "built without HIP");
-#endif
-    }
-#ifdef AT_HAVE_CUDA
-    att_cuda_cfg_t cc = {.device = atoi(device + 5), .compile_threads = threads};
-    return att_cuda_create(&cc, d, out);
-#else
-    return at_diag_set(d, AT_ERR_UNSUPPORTED, "built without CUDA");
-#endif
-}
-
 int bench_tune_main(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},   {"device", required_argument, NULL, 'd'},
@@ -308,7 +281,8 @@ int bench_tune_main(int argc, char **argv) {
     if (model_from(&preset, &m) != 0)
         goto out;
     if (gpu) {
-        if (gpu_create(device, hip, &d, &be) != AT_OK) {
+        const long cpus = sysconf(_SC_NPROCESSORS_ONLN); /* candidates compile on every CPU */
+        if (att_gpu_open(device, cpus > 0 ? (uint32_t)cpus : 1, &d, &be) != AT_OK) {
             fprintf(stderr, "attnd tune: %s: %s\n", device, d.msg);
             goto out;
         }

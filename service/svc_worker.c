@@ -29,6 +29,7 @@
 #include "attention/att_hip.h"
 #endif
 #include "attention/att_ctx.h"
+#include "attention/att_gpu_open.h"
 #include "attention/att_tune.h"
 #include "common/at_log.h"
 #include "service/svc_arena.h"
@@ -359,41 +360,10 @@ static void worker_fini(worker_t *w) {
         zmq_close(w->sock);
 }
 
-/* The backend of a GPU device "cuda:N" or "hip:N" (ordinal N). */
-static at_err_t gpu_create(const char *device, bool hip, int ordinal, att_backend_t **out,
-                           at_diag_t *d) {
-    (void)device; /* named only in the messages of a build without one of the backends */
-    if (hip) {
-#ifdef AT_HAVE_HIP
-        att_hip_cfg_t hc = {.device = ordinal, .kernel_cache_dir = NULL};
-        return att_hip_create(&hc, d, out);
-#else
-        (void)ordinal;
-        (void)out;
-        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without HIP", device);
-#endif
-    }
-#ifdef AT_HAVE_CUDA
-    att_cuda_cfg_t cc = {.device = ordinal, .kernel_cache_dir = NULL};
-    return att_cuda_create(&cc, d, out);
-#else
-    (void)ordinal;
-    (void)out;
-    return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: built without CUDA", device);
-#endif
-}
-
 /* A GPU device "cuda:N" or "hip:N": its backend, the arena, and the arena registered with the
  * driver so tensors move between it and the GPU by DMA with no staging copy. */
 static at_err_t gpu_backend(const svc_worker_cfg_t *cfg, worker_t *w, at_diag_t *d) {
-    const bool hip = strncmp(cfg->device, "hip:", 4) == 0;
-    const char *num = cfg->device + (hip ? 4 : 5);
-    char *end = NULL;
-    long ordinal = strtol(num, &end, 10);
-    if (end == num || *end != '\0' || ordinal < 0 || ordinal > 1024)
-        return at_diag_set(d, AT_ERR_DEVICE_UNKNOWN, "device %s: expected %s", cfg->device,
-                           hip ? "hip:N" : "cuda:N");
-    at_err_t e = gpu_create(cfg->device, hip, (int)ordinal, &w->be, d);
+    at_err_t e = att_gpu_open(cfg->device, 0, d, &w->be);
     if (e != AT_OK)
         return e;
     if ((e = svc_arena_attach(cfg->arena_name, cfg->arena_bytes, d, &w->arena)) != AT_OK)
