@@ -716,6 +716,8 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
     }
     if ((e = cu_check(be, r, "cuMemAlloc(pool)", __FILE__, __LINE__)) != AT_OK ||
         (e = CU(cuMemsetD8(kv->pool_d, 0, pool))) != AT_OK ||
+        /* done before the session's (non-blocking) streams can run anything */
+        (e = CU(cuStreamSynchronize(NULL))) != AT_OK ||
         (e = CU(cuStreamCreate(&kv->stream, CU_STREAM_NON_BLOCKING))) != AT_OK ||
         (e = CU(cuStreamCreate(&kv->side, CU_STREAM_NON_BLOCKING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_fork, CU_EVENT_DISABLE_TIMING))) != AT_OK ||

@@ -571,6 +571,8 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
     kv->pool_d = (uintptr_t)pool_p;
     if ((e = hip_check(be, r, "hipMalloc(pool)", __FILE__, __LINE__)) != AT_OK ||
         (e = HIP(hipMemsetD8(dptr(kv->pool_d), 0, pool))) != AT_OK ||
+        /* done before the session's (non-blocking) streams can run anything */
+        (e = HIP(hipStreamSynchronize(NULL))) != AT_OK ||
         (e = HIP(hipStreamCreateWithFlags(&kv->stream, hipStreamNonBlocking))) != AT_OK ||
         (e = HIP(hipStreamCreateWithFlags(&kv->side, hipStreamNonBlocking))) != AT_OK ||
         (e = HIP(hipEventCreateWithFlags(&kv->ev_fork, hipEventDisableTiming))) != AT_OK ||
