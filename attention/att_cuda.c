@@ -322,7 +322,7 @@ static at_err_t part_get(cuda_backend_t *be, uint32_t want, const cuda_part_t **
                          at_diag_t *diag) AT_REQUIRES(be->parts_mu) {
     if (!be->drv->has_green)
         return at_diag_set(diag, AT_ERR_UNSUPPORTED,
-                           "the driver has no green contexts (CUDA 12.4 or newer has)");
+                           "the driver lacks green-context streams (CUDA 12.5 or newer has them)");
     CUdevResource all, split[ATT_TILE_KINDS];
     memset(&all, 0, sizeof all);
     memset(split, 0, sizeof split);

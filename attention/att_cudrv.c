@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 #define STR_(x) #x
 #define STR(x) STR_(x)
 

@@ -8,7 +8,8 @@
  * libnvrtc.so.13, then the toolkit's lib64 directory seen at build time (NVRTC only).
  *
  * Green contexts (SM partitions, CUDA 12.5+ drivers) are optional: a driver without them loads
- * with has_green false, which is logged once, and whatever would use them stays off.
+ * with has_green false and whatever would use them stays off (a session whose plan asks for a
+ * partition logs why it has none).
  *
  * Thread: att_cudrv_cuda() and att_cudrv_nvrtc() load once (pthread_once) and may be called
  * from any thread; the tables are immutable afterwards. */

@@ -93,8 +93,6 @@ at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_
     return lc_launch(lc, l, num_chunks, &q);
 }
 
-/* ---- a run's buffers ---- */
-
 /* ---- a session's device-resident block tables ---- */
 
 uint32_t att_gpu_tables_initial(uint32_t num_blocks) {
@@ -178,7 +176,11 @@ place:
                 total += b->chunks[d].table_stamp != 0 ? region_entries(b->chunks[d].num_blocks)
                                                        : 0;
             att_gpu_tables_reset(t);
-            *need = total < UINT32_MAX ? (uint32_t)total : UINT32_MAX;
+            /* past 32-bit offsets no arena can take them; else one of *need always does, so
+             * the caller's second placement cannot leave call[] half filled */
+            if (total > UINT32_MAX)
+                return AT_ERR_INTERNAL;
+            *need = (uint32_t)total;
             return AT_OK;
         }
         *s = (att_gpu_seqtab_t){.stamp = ch->table_stamp, .off = t->top, .cap = (uint32_t)cap};

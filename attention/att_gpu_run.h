@@ -2,7 +2,8 @@
  * templates of a session's launch cache, a run's kernel parameters and the per-call values
  * patched into them, the tile kinds' launch order, the buffer layout and metadata of a run, the
  * copy runs of a tensor, the registered host regions, a session's constants and statistics, the
- * blocks and rows read back from the cache, and fetching a new session's two kernel images. Each
+ * blocks and rows read back from the cache, fetching a new session's two kernel images, and
+ * where a session's device-resident block tables go in its table arena. Each
  * backend keeps only its runtime's calls, so the two read as one design.
  *
  * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
@@ -79,7 +80,9 @@ void att_gpu_tables_reset(att_gpu_tables_t *t);
 /* Chooses where each chunk of b (cache blocks of block_size tokens) takes its table from, in an
  * arena of arena_cap entries, and counts the entries the call must send (new_entries). *need is
  * 0 when placed; else the call's tables do not fit even an empty arena, and the caller replaces
- * the arena with one of at least *need entries, resets and places again. AT_ERR_NOMEM. */
+ * the arena with one of at least *need entries, resets and places again (which then places
+ * every chunk). AT_ERR_NOMEM; AT_ERR_INTERNAL when the tables would need more than UINT32_MAX
+ * entries. */
 at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
                               uint32_t arena_cap, uint32_t *need);
 

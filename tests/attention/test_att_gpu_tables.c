@@ -4,7 +4,7 @@
  * them. A real kvc drives random appends, rollbacks, aborts and releases; after each placement
  * every chunk's table as the kernels would see it must equal kvc's, the cached keys' entries must
  * be one array, and the regions the call uses must not overlap. A steady decode must send only
- * the blocks it appends. Label: unit. */
+ * the blocks it appends, and tables past an arena's 32-bit offsets are refused. Label: unit. */
 #include "tests/test_util.h"
 
 #include <inttypes.h>
@@ -268,12 +268,38 @@ static void test_a_steady_decode_sends_only_appended_blocks(void **state) {
     rig_fini(&r);
 }
 
+/* Tables past an arena's 32-bit offsets are refused, not half placed; just below, the arena the
+ * call asks for places every chunk. Placement reads only the chunks' identities and lengths, so
+ * no table of that size exists here. */
+static void test_tables_past_32_bits_are_refused(void **state) {
+    (void)state;
+    att_gpu_tables_t t;
+    memset(&t, 0, sizeof t);
+    att_batch_chunk_t ch[2] = {
+        {.start_pos = 0, .num_tokens = 1, .table_slot = 0, .table_stamp = 1},
+        {.start_pos = 0, .num_tokens = 1, .table_slot = 1, .table_stamp = 2}};
+    att_batch_t b = {.chunks = ch, .num_chunks = 2, .total_tokens = 2};
+    ch[0].num_blocks = 0x40000000u; /* two regions of 2^31 entries: one more than fits */
+    ch[1].num_blocks = 0x40000000u;
+    uint32_t need = 0;
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, 1024, &need) == AT_ERR_INTERNAL,
+             "2^32 entries placed (need %u)", need);
+    ch[1].num_blocks = 0x3ffffff8u;
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, 1024, &need) == AT_OK && need == 0xfffffff0u,
+             "need %u for 2^32 - 16 entries", need);
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, &need) == AT_OK && need == 0 &&
+                 t.call[0].flags == ATT_KCHUNK_KEEP_TABLE && t.call[1].off == 0x80000000u,
+             "not placed in the largest arena: need %u", need);
+    att_gpu_tables_fini(&t);
+}
+
 int main(void) {
     g_seed = tu_base_seed("test_att_gpu_tables");
     tu_where_set("seed %" PRIu64, g_seed);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tables_match_kvc_over_random_calls),
         cmocka_unit_test(test_a_steady_decode_sends_only_appended_blocks),
+        cmocka_unit_test(test_tables_past_32_bits_are_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
