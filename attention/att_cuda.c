@@ -5,6 +5,8 @@
  * makes later calls fail early and carries no data), the registered host regions, the
  * compile queue (each with its own mutex) and the SM partitions (parts_mu: the cache of green
  * contexts, and the creation of sessions' streams in them; an entry never changes once made).
+ * A green context is never made current (the driver lets one be current on one thread at a
+ * time): sessions only launch into their own streams in it, with the primary context current.
  * A session's att_kv_t is used by one thread at a time (att_ctx's caller). Every entry point
  * makes the primary context current on its thread first.
  *
@@ -185,11 +187,12 @@ void att_cuda_plan_default(const att_model_t *m, const char *arch, uint32_t smem
     att_cuda_plan_from_cfg(&h, out);
 }
 
-/* Sets plan's mixed_wide_sms from the device: 4/11 of the SMs in whole groups of 8 (48 of the
- * H200's 132, the best of 16..64 for the bench's mixed batch: docs/BENCHMARKS.md) where that was
- * measured, sm_90 with the wgmma wide tile and a driver with green contexts; else 0. Then the
- * backend's override, if any (ATT_CUDA_NEVER: 0). */
-static void plan_wide_sms(const cuda_backend_t *be, att_cuda_plan_t *plan) {
+/* Sets plan's mixed-batch partition from the device: mixed_wide_sms 4/11 of the SMs in whole
+ * groups of 8 (48 of the H200's 132, the best of 16..64 for the bench's mixed batch:
+ * docs/BENCHMARKS.md) where that was measured, sm_90 with the wgmma wide tile and a driver with
+ * green contexts; else 0. Then the backend's overrides, if any (ATT_CUDA_NEVER: 0), of it and of
+ * mixed_part_always: a tuning config carries neither. */
+static void plan_partition(const cuda_backend_t *be, att_cuda_plan_t *plan) {
     const uint32_t n = be->num_sms * 4 / 11 / 8 * 8;
     plan->mixed_wide_sms = be->drv->has_green && strcmp(be->arch, "sm_90") == 0 &&
                                    plan->tile[ATT_TILE_WIDE].mma != 0 && n >= 8
@@ -199,6 +202,7 @@ static void plan_wide_sms(const cuda_backend_t *be, att_cuda_plan_t *plan) {
         plan->mixed_wide_sms = be->plan.mixed_wide_sms;
     if (plan->mixed_wide_sms == ATT_CUDA_NEVER)
         plan->mixed_wide_sms = 0;
+    plan->mixed_part_always = be->has_plan && be->plan.mixed_part_always;
 }
 
 /* The session's plan: the default, with the backend's overrides. */
@@ -206,7 +210,7 @@ static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cud
     att_cuda_plan_default(m, be->arch, be->smem_optin, out);
     if (be->has_plan)
         att_gpu_plan_override(out, &be->plan);
-    plan_wide_sms(be, out);
+    plan_partition(be, out);
 }
 
 /* ---- buffers ---- */
@@ -617,7 +621,7 @@ static at_err_t cuda_set_tuning(att_backend_t *base, att_kv_t *kv, const tun_cfg
     if ((e = att_gpu_set_tuning(&kv->mods, &be->cq, &tun_space_cuda_unified, &d, kv->m, cfg,
                                 att_cuda_plan_from_cfg, &plan, &kv->plan)) != AT_OK)
         return e;
-    plan_wide_sms(be, &kv->plan); /* a config has none: the device's, as at creation */
+    plan_partition(be, &kv->plan); /* a config has none: the device's, as at creation */
     part_ensure(kv);
     return AT_OK;
 }
