@@ -263,13 +263,15 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
     return AT_OK;
 }
 
-/* Places the call's block tables in the session's table arena; when they do not fit an empty
- * one, replaces it with one twice their size (the previous call is complete, so the old one is
- * idle; what it held is forgotten). */
-static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b) {
+/* Places the call's block tables in the session's table arena (keep_tokens: as
+ * att_gpu_tables_place takes it); when they do not fit an empty one, replaces it with one twice
+ * their size (the previous call is complete, so the old one is idle; what it held is
+ * forgotten). */
+static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b, uint32_t keep_tokens) {
     cuda_backend_t *be = kv->be;
     uint32_t need;
-    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens,
+                                      kv->tables_cap, &need);
     if (e != AT_OK || need == 0)
         return e;
     if ((e = CU(cuMemFree(kv->tables_d))) != AT_OK)
@@ -280,7 +282,8 @@ static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b) {
     if ((e = CU(cuMemAlloc(&kv->tables_d, (size_t)cap * 4))) != AT_OK)
         return e;
     kv->tables_cap = cap;
-    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, kv->tables_cap, &need);
+    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens, kv->tables_cap,
+                                &need);
 }
 
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
@@ -441,7 +444,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
                                              be->num_sms, part != NULL ? part->sms : NULL, occ,
                                              b, &pl)) != AT_OK)
         return e;
-    if ((e = place_tables(kv, b)) != AT_OK)
+    if ((e = place_tables(kv, b, att_gpu_tables_keep_tokens(m, b, tile_rows[ATT_TILE_NARROW]))) !=
+        AT_OK)
         return e;
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);

@@ -131,8 +131,13 @@ static at_err_t tables_reserve(att_gpu_tables_t *t, uint32_t slot) {
     return AT_OK;
 }
 
+uint32_t att_gpu_tables_keep_tokens(const att_model_t *m, const att_batch_t *b,
+                                    uint32_t narrow_rows) {
+    return b->attend ? narrow_rows / m->group : UINT32_MAX;
+}
+
 at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
-                              uint32_t arena_cap, uint32_t *need) {
+                              uint32_t keep_tokens, uint32_t arena_cap, uint32_t *need) {
     *need = 0;
     if (b->num_chunks > t->cap_call) {
         att_gpu_chunktab_t *p = realloc(t->call, (size_t)b->num_chunks * sizeof *p);
@@ -141,6 +146,7 @@ at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_
         t->call = p;
         t->cap_call = b->num_chunks;
     }
+    t->block_size = block_size;
     bool was_reset = false;
 place:
     t->new_entries = 0;
@@ -152,6 +158,9 @@ place:
         t->new_entries += nb;
         if (ch->table_stamp == 0 || nb == 0)
             continue;
+        /* sent with the kept ones: from the first new position's block on (the KV write's) */
+        const uint32_t first_new = ch->start_pos / block_size;
+        const uint32_t keep = ch->num_tokens <= keep_tokens ? ATT_KCHUNK_KEEP_TABLE : 0u;
         at_err_t e = tables_reserve(t, ch->table_slot);
         if (e != AT_OK)
             return e;
@@ -160,8 +169,8 @@ place:
         const uint32_t cached = (uint32_t)(((uint64_t)ch->start_pos + block_size - 1) / block_size);
         if (s->stamp == ch->table_stamp && nb <= s->cap && s->n <= nb &&
             (s->n == 0 || s->n >= cached)) {
-            *ct = (att_gpu_chunktab_t){s->off, s->n, s->n < nb ? ATT_KCHUNK_KEEP_TABLE : 0u};
-            t->new_entries -= s->n;
+            *ct = (att_gpu_chunktab_t){s->off, s->n, s->n < nb ? keep : 0u};
+            t->new_entries -= s->n < first_new ? s->n : first_new;
             continue;
         }
         const uint64_t cap = region_entries(nb);
@@ -185,7 +194,7 @@ place:
         }
         *s = (att_gpu_seqtab_t){.stamp = ch->table_stamp, .off = t->top, .cap = (uint32_t)cap};
         t->top += (uint32_t)cap;
-        *ct = (att_gpu_chunktab_t){s->off, 0, ATT_KCHUNK_KEEP_TABLE};
+        *ct = (att_gpu_chunktab_t){s->off, 0, keep};
     }
     return AT_OK;
 }
@@ -234,11 +243,12 @@ void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_bat
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         const att_gpu_chunktab_t *ct = &t->call[c];
-        const uint32_t sent = ch->num_blocks - ct->mirrored;
+        const uint32_t first_new = ch->start_pos / t->block_size;
+        const uint32_t from = ct->mirrored < first_new ? ct->mirrored : first_new;
         kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, ct->off,
                                ct->mirrored, t_off, ch->num_blocks, ct->flags};
-        memcpy(table + t_off, ch->blocks + ct->mirrored, sent * sizeof(uint32_t));
-        t_off += sent;
+        memcpy(table + t_off, ch->blocks + from, (ch->num_blocks - from) * sizeof(uint32_t));
+        t_off += ch->num_blocks - from;
     }
     memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
     memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));

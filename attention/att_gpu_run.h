@@ -65,6 +65,7 @@ typedef struct att_gpu_tables {
     att_gpu_chunktab_t *call; /* owned; [cap_call], the placed call's chunks */
     uint32_t cap_call;
     uint32_t top;             /* arena entries handed out */
+    uint32_t block_size;      /* the placed call's, tokens per cache block */
     size_t new_entries;       /* table entries the placed call sends */
 } att_gpu_tables_t;
 
@@ -78,13 +79,20 @@ void att_gpu_tables_fini(att_gpu_tables_t *t);
 void att_gpu_tables_reset(att_gpu_tables_t *t);
 
 /* Chooses where each chunk of b (cache blocks of block_size tokens) takes its table from, in an
- * arena of arena_cap entries, and counts the entries the call must send (new_entries). *need is
- * 0 when placed; else the call's tables do not fit even an empty arena, and the caller replaces
- * the arena with one of at least *need entries, resets and places again (which then places
- * every chunk). AT_ERR_NOMEM; AT_ERR_INTERNAL when the tables would need more than UINT32_MAX
- * entries. */
+ * arena of arena_cap entries, and counts the entries the call must send (new_entries). Only
+ * chunks of at most keep_tokens tokens have the launch keep what they send (the callers' rule:
+ * those on narrow tiles, whose body keeps them, or any chunk of an append-only batch, which
+ * att_k_kv_write writes); the others send it again next time. *need is 0 when placed; else the
+ * call's tables do not fit even an empty arena, and the caller replaces the arena with one of at
+ * least *need entries, resets and places again (which then places every chunk). AT_ERR_NOMEM;
+ * AT_ERR_INTERNAL when the tables would need more than UINT32_MAX entries. */
 at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
-                              uint32_t arena_cap, uint32_t *need);
+                              uint32_t keep_tokens, uint32_t arena_cap, uint32_t *need);
+
+/* The keep_tokens of att_gpu_tables_place for batch b of model m whose narrow tiles have
+ * narrow_rows rows: a narrow tile's tokens, or every chunk of an append-only batch. */
+uint32_t att_gpu_tables_keep_tokens(const att_model_t *m, const att_batch_t *b,
+                                    uint32_t narrow_rows);
 
 /* Once the launches of the placed call b are queued: the copies now hold its whole tables. */
 void att_gpu_tables_commit(att_gpu_tables_t *t, const att_batch_t *b);

@@ -50,15 +50,17 @@ typedef unsigned long long uint64_t;
 
 /* One chunk of the batch: a span of one sequence. Its block table (num_blocks entries) comes from
  * two places: entries below `mirrored` from the session's device-resident table at table_offset,
- * the rest from the call's new_table_d at new_offset. Readers of cached keys (positions below
- * start_pos) need only the first: when mirrored is not 0 it covers them. */
+ * and the entries from S = min(mirrored, start_pos / BS) on from the call's new_table_d at
+ * new_offset (entry S there), so the KV write (positions from start_pos on) reads one array and
+ * readers of cached keys (positions below start_pos) another: the session's table when
+ * mirrored is not 0 (it then covers them), else the call's (S is then 0). */
 typedef struct att_kchunk {
     uint32_t token_offset; /* first row of q, k, v and out that belongs to this chunk */
     uint32_t start_pos;    /* position of the chunk's first token; keys below it are cached */
     uint32_t num_tokens;
     uint32_t table_offset; /* index of the sequence's first block number in block_table_d */
     uint32_t mirrored;     /* entries valid at table_offset when the launch starts */
-    uint32_t new_offset;   /* index in new_table_d of entry `mirrored` */
+    uint32_t new_offset;   /* index in new_table_d of entry min(mirrored, start_pos / BS) */
     uint32_t num_blocks;
     uint32_t flags;        /* ATT_KCHUNK_* */
 } att_kchunk_t;

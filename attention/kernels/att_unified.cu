@@ -266,14 +266,6 @@ __device__ __forceinline__ void store_vec(elem_t *dst, const float *v) {
 #endif
 }
 
-/* Entry i of chunk ch's block table: the session's tables hold those below ch.mirrored, the call
- * sent the rest. */
-__device__ __forceinline__ uint32_t table_entry(const att_kparams_t &p, const att_kchunk_t &ch,
-                                                uint32_t i) {
-    return i < ch.mirrored ? ((const uint32_t *)p.block_table_d)[ch.table_offset + i]
-                           : ((const uint32_t *)p.new_table_d)[ch.new_offset + i - ch.mirrored];
-}
-
 /* The table entries of ch's cached keys (positions below start_pos) in one array: the session's
  * copy covers them whenever it holds any entry (the host sees to it). */
 __device__ __forceinline__ const uint32_t *cached_table(const att_kparams_t &p,
@@ -289,7 +281,8 @@ __device__ __forceinline__ void keep_table(const att_kparams_t &p, const att_kch
     if (!(ch.flags & ATT_KCHUNK_KEEP_TABLE))
         return;
     uint32_t *dst = (uint32_t *)p.block_table_d + ch.table_offset + ch.mirrored;
-    const uint32_t *src = (const uint32_t *)p.new_table_d + ch.new_offset;
+    const uint32_t *src = (const uint32_t *)p.new_table_d + ch.new_offset + ch.mirrored -
+                          umin(ch.mirrored, ch.start_pos / kBS);
     for (uint32_t i = tid; i < ch.num_blocks - ch.mirrored; i += nthreads)
         dst[i] = src[i];
 }
@@ -301,11 +294,15 @@ __device__ __forceinline__ void copy_new_kv(const att_kparams_t &p, const att_kc
                                             uint32_t tid, uint32_t nthreads) {
     const elem_t *kn = (const elem_t *)p.k_d, *vn = (const elem_t *)p.v_d;
     elem_t *kc = (elem_t *)p.k_cache_d, *vc = (elem_t *)p.v_cache_d;
+    /* the call sends the table from the block of the first new position (or from `mirrored`,
+     * if lower) on: entry j is table[j + base] (base may wrap; the sum does not) */
+    const uint32_t *table = (const uint32_t *)p.new_table_d;
+    const uint32_t base = ch.new_offset - umin(ch.mirrored, ch.start_pos / kBS);
     const uint32_t n = (t_end > t_begin ? t_end - t_begin : 0) * kCPR;
     for (uint32_t i = tid; i < n; i += nthreads) {
         const uint32_t t = t_begin + i / kCPR, c = i % kCPR;
         const uint32_t pos = ch.start_pos + t;
-        const uint64_t blk = table_entry(p, ch, pos / kBS);
+        const uint64_t blk = table[base + pos / kBS];
         const uint64_t src = ((uint64_t)(ch.token_offset + t) * kHkv + h) * kD + c * kVec;
         const uint64_t dst = ((blk * kHkv + h) * kBS + pos % kBS) * kD + c * kVec;
         *(uint4 *)(kc + dst) = *(const uint4 *)(kn + src);
@@ -338,14 +335,19 @@ __device__ __forceinline__ tile_t tile_of(const att_kparams_t &p) {
 
 /* The tokens whose first row (head 0 of the group) lies in the tile: each new row is written
  * by exactly one tile per KV head. The one of the chunk's first rows at KV head 0 also keeps the
- * table entries the call sent. */
+ * table entries the call sent, where the host asks (ATT_KCHUNK_KEEP_TABLE: decode chunks, which
+ * run on narrow tiles). The wgmma body never keeps any: the host never asks it to, and the
+ * copy's mere presence in that kernel cost 1.3% of its prefill rate on the H200 (303.9-305.6
+ * TFLOP/s without it, 299.6-301.3 with it, the same call). */
 __device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_t &t) {
     if (!(t.it.flags & ATT_KITEM_WRITE_KV))
         return;
     const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
     copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
+#if !ATT_WGMMA
     if (t.h == 0 && t.it.row_begin == 0)
         keep_table(p, t.ch, threadIdx.x, blockDim.x);
+#endif
 }
 
 /* ---- split-KV merge (flash-decoding's second pass) ---- */

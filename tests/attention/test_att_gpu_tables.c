@@ -53,9 +53,10 @@ static void rig_fini(rig_t *r) {
 
 /* The backend's place_tables: places, and replaces the arena when the call's tables do not fit
  * an empty one. */
-static void place(rig_t *r, const att_batch_t *b) {
+static void place(rig_t *r, const att_batch_t *b, uint32_t keep_tokens) {
     uint32_t need = 0;
-    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, r->arena_cap, &need) == AT_OK,
+    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, keep_tokens, r->arena_cap,
+                                  &need) == AT_OK,
              "place");
     if (need == 0)
         return;
@@ -67,15 +68,16 @@ static void place(rig_t *r, const att_batch_t *b) {
     memset(r->arena, 0xee, (size_t)r->arena_cap * 4);
     r->grown++;
     att_gpu_tables_reset(&r->t);
-    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, r->arena_cap, &need) == AT_OK &&
+    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, keep_tokens, r->arena_cap,
+                                  &need) == AT_OK &&
                  need == 0,
              "place after growing the arena to %u", r->arena_cap);
 }
 
 /* Fills the call's metadata as a backend does and checks each chunk as the kernels read it; then
  * writes the sent entries into the arena as the kernels do. */
-static void run_call(rig_t *r, const att_batch_t *b) {
-    place(r, b);
+static void run_call(rig_t *r, const att_batch_t *b, uint32_t keep_tokens) {
+    place(r, b, keep_tokens);
     att_gpu_work_t w;
     att_gpu_counts_t pl;
     memset(&w, 0, sizeof w);
@@ -99,24 +101,25 @@ static void run_call(rig_t *r, const att_batch_t *b) {
         TU_CHECK(k->num_blocks == ch->num_blocks && k->mirrored <= k->num_blocks &&
                      k->start_pos == ch->start_pos && k->num_tokens == ch->num_tokens,
                  "chunk %u: %u of %u blocks mirrored", c, k->mirrored, k->num_blocks);
-        sent_total += k->num_blocks - k->mirrored;
         const bool in_arena = k->mirrored != 0 || (k->flags & ATT_KCHUNK_KEEP_TABLE);
         if (in_arena)
             TU_CHECK((uint64_t)k->table_offset + k->num_blocks <= r->arena_cap,
                      "chunk %u: region at %u of %u blocks past the arena's %u", c,
                      k->table_offset, k->num_blocks, r->arena_cap);
-        for (uint32_t i = 0; i < k->num_blocks; i++) {
-            const uint32_t e = i < k->mirrored ? r->arena[k->table_offset + i]
-                                               : sent[k->new_offset + i - k->mirrored];
-            TU_CHECK(e == ch->blocks[i], "chunk %u entry %u: the kernel reads %u, kvc has %u", c,
-                     i, e, ch->blocks[i]);
-        }
+        /* the KV write's entries (from the first new position's block on) from the call's */
+        const uint32_t bs = r->m->block_size, first_new = ch->start_pos / bs;
+        const uint32_t from = k->mirrored < first_new ? k->mirrored : first_new;
+        for (uint32_t i = first_new; i < k->num_blocks; i++)
+            TU_CHECK(sent[k->new_offset + i - from] == ch->blocks[i],
+                     "chunk %u entry %u: the KV write reads %u, kvc has %u", c, i,
+                     sent[k->new_offset + i - from], ch->blocks[i]);
+        /* the cached keys' entries from the session's copy, or the call's when it has none */
         const uint32_t *cached = k->mirrored != 0 ? r->arena + k->table_offset
                                                   : sent + k->new_offset;
-        const uint32_t bs = r->m->block_size;
         for (uint32_t i = 0; i < (ch->start_pos + bs - 1) / bs; i++)
             TU_CHECK(cached[i] == ch->blocks[i], "chunk %u cached entry %u: %u, kvc has %u", c, i,
                      cached[i], ch->blocks[i]);
+        sent_total += k->num_blocks - from;
         for (uint32_t d = 0; d < c && in_arena; d++) {
             const att_kchunk_t *o = &kc[d];
             if (o->mirrored == 0 && !(o->flags & ATT_KCHUNK_KEEP_TABLE))
@@ -128,10 +131,15 @@ static void run_call(rig_t *r, const att_batch_t *b) {
     }
     TU_CHECK(sent_total == r->t.new_entries, "sent %zu entries, placed %zu", sent_total,
              r->t.new_entries);
-    for (uint32_t c = 0; c < b->num_chunks; c++) /* keep_table */
-        if (kc[c].flags & ATT_KCHUNK_KEEP_TABLE)
-            for (uint32_t i = 0; i < kc[c].num_blocks - kc[c].mirrored; i++)
-                r->arena[kc[c].table_offset + kc[c].mirrored + i] = sent[kc[c].new_offset + i];
+    for (uint32_t c = 0; c < b->num_chunks; c++) { /* keep_table */
+        const att_kchunk_t *k = &kc[c];
+        const uint32_t first_new = k->start_pos / r->m->block_size;
+        const uint32_t from = k->mirrored < first_new ? k->mirrored : first_new;
+        if (k->flags & ATT_KCHUNK_KEEP_TABLE)
+            for (uint32_t i = 0; i < k->num_blocks - k->mirrored; i++)
+                r->arena[k->table_offset + k->mirrored + i] =
+                    sent[k->new_offset + k->mirrored - from + i];
+    }
 }
 
 /* Begins an append of spans and makes the batch att_ctx would; false when kvc refuses it. */
@@ -200,7 +208,8 @@ static void test_tables_match_kvc_over_random_calls(void **state) {
             att_batch_t b;
             if (!begin(&r, layer, spans, n, ch, &b))
                 continue;
-            run_call(&r, &b);
+            /* short chunks keep what they send (those on narrow tiles), or all (append-only) */
+            run_call(&r, &b, tu_rng_chance(&g, 1, 4) ? UINT32_MAX : 2);
             for (uint32_t c = 0; c < n; c++) {
                 kept += r.t.call[c].mirrored != 0;
                 sent_whole += r.t.call[c].mirrored == 0;
@@ -230,9 +239,11 @@ static void test_tables_match_kvc_over_random_calls(void **state) {
              "the random calls missed an outcome");
 }
 
-/* 8 sequences decoding one token a step from contexts of 100..107 tokens, blocks of 16: after the
- * first call, a call sends one entry per sequence that starts a block, and nothing else (100
- * steps stay within the regions, which hold twice the first table). */
+/* 8 sequences decoding one token a step after prompts of 100..107 tokens, blocks of 16, decode
+ * chunks keeping what they send: the prompts' calls keep nothing (they run on wide tiles), so
+ * the first decode call sends whole tables; after that a call sends one entry per sequence, the
+ * block its new token goes to, and nothing else (100 steps stay within the regions, which hold
+ * twice the first table). */
 static void test_a_steady_decode_sends_only_appended_blocks(void **state) {
     (void)state;
     rig_t r;
@@ -247,7 +258,7 @@ static void test_a_steady_decode_sends_only_appended_blocks(void **state) {
         len[i] = 100 + i;
     }
     TU_CHECK(begin(&r, 0, spans, SEQS, ch, &b), "prefill");
-    run_call(&r, &b);
+    run_call(&r, &b, 1);
     att_gpu_tables_commit(&r.t, &b);
     kvc_append_commit(r.kvc);
     for (uint32_t step = 0; step < 100; step++) {
@@ -255,11 +266,11 @@ static void test_a_steady_decode_sends_only_appended_blocks(void **state) {
         size_t want = 0;
         for (uint32_t i = 0; i < SEQS; i++) {
             spans[i] = (kvc_span_t){i + 1, len[i], 1};
-            want += len[i] % 16 == 0; /* the new token opens a block */
+            want += step == 0 ? (len[i] + 1 + 15) / 16 : 1;
             len[i]++;
         }
         TU_CHECK(begin(&r, 0, spans, SEQS, ch, &b), "decode");
-        run_call(&r, &b);
+        run_call(&r, &b, 1);
         TU_CHECK(r.t.new_entries == want, "sent %zu table entries, want %zu", r.t.new_entries,
                  want);
         att_gpu_tables_commit(&r.t, &b);
@@ -282,12 +293,12 @@ static void test_tables_past_32_bits_are_refused(void **state) {
     ch[0].num_blocks = 0x40000000u; /* two regions of 2^31 entries: one more than fits */
     ch[1].num_blocks = 0x40000000u;
     uint32_t need = 0;
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, 1024, &need) == AT_ERR_INTERNAL,
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, 1024, &need) == AT_ERR_INTERNAL,
              "2^32 entries placed (need %u)", need);
     ch[1].num_blocks = 0x3ffffff8u;
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, 1024, &need) == AT_OK && need == 0xfffffff0u,
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, 1024, &need) == AT_OK && need == 0xfffffff0u,
              "need %u for 2^32 - 16 entries", need);
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, &need) == AT_OK && need == 0 &&
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, UINT32_MAX, &need) == AT_OK && need == 0 &&
                  t.call[0].flags == ATT_KCHUNK_KEEP_TABLE && t.call[1].off == 0x80000000u,
              "not placed in the largest arena: need %u", need);
     att_gpu_tables_fini(&t);
