@@ -45,7 +45,8 @@ typedef unsigned long long uint64_t;
 /* att_kchunk_t.flags: the chunk's table entries from `mirrored` on, which this call sends in
  * new_table_d, are to be kept in the session's table at table_offset + mirrored (written by the
  * launch's one block with ATT_KITEM_WRITE_KV, row_begin 0 and KV head 0, or att_k_kv_write's
- * KV head 0), so the next call sends none of them again. */
+ * KV head 0), so the next call sends none of them again. Set only on chunks of narrow tiles and
+ * of append-only batches: the wgmma body does not keep tables. */
 #define ATT_KCHUNK_KEEP_TABLE 1u
 
 /* One chunk of the batch: a span of one sequence. Its block table (num_blocks entries) comes from
