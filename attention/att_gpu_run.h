@@ -3,8 +3,8 @@
  * patched into them, the tile kinds' launch order, the buffer layout and metadata of a run, the
  * copy runs of a tensor, the registered host regions, a session's constants and statistics, the
  * blocks and rows read back from the cache, fetching a new session's two kernel images, and
- * where a session's device-resident block tables go in its table arena. Each
- * backend keeps only its runtime's calls, so the two read as one design.
+ * where a session's device-resident block tables go in its table arena. Each backend keeps only
+ * its runtime's calls, so the two read as one design.
  *
  * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
  * on one session's data, used by one thread at a time. */
@@ -56,9 +56,10 @@ typedef struct att_gpu_chunktab {
 
 /* What a session knows of its table arena. Sequences are found by their kvc slot; a region is
  * handed out from the top of the arena and never reused until a call finds the arena full, which
- * forgets every copy (the call then sends whole tables once). So a sequence's table crosses to
- * the device once, plus the blocks it appends (and once more each time it outgrows its region,
- * which doubles). */
+ * forgets every copy (the call then sends whole tables once). So a decoding sequence's table
+ * crosses to the device once, then one entry a call (the block its new token goes to), and
+ * whole once more each time it outgrows its region, which doubles. A prefill chunk's crosses
+ * each call (see att_gpu_tables_place). */
 typedef struct att_gpu_tables {
     att_gpu_seqtab_t *seq;    /* owned; [cap_seq], by slot */
     uint32_t cap_seq;
@@ -94,7 +95,8 @@ at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_
 uint32_t att_gpu_tables_keep_tokens(const att_model_t *m, const att_batch_t *b,
                                     uint32_t narrow_rows);
 
-/* Once the launches of the placed call b are queued: the copies now hold its whole tables. */
+/* Once the launches of the placed call b are queued: the copies of the chunks that keep what
+ * they send now hold their whole tables. */
 void att_gpu_tables_commit(att_gpu_tables_t *t, const att_batch_t *b);
 
 /* ---- a run's buffers ---- */
