@@ -250,8 +250,11 @@ void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_bat
         memcpy(table + t_off, ch->blocks + from, (ch->num_blocks - from) * sizeof(uint32_t));
         t_off += ch->num_blocks - from;
     }
-    memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
-    memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));
+    /* an append-only batch plans nothing: a session that has not attended yet has no arrays */
+    if (pl->total_items != 0)
+        memcpy(stage + lo->o_items, w->items, pl->total_items * sizeof(att_kitem_t));
+    if (pl->total_merges != 0)
+        memcpy(stage + lo->o_merges, w->merges, pl->total_merges * sizeof(att_kmerge_t));
 }
 
 void att_gpu_run_params(const att_model_t *m, const att_batch_t *b, const att_gpu_layout_t *lo,
