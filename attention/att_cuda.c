@@ -263,27 +263,15 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
     return AT_OK;
 }
 
-/* Places the call's block tables in the session's table arena (keep_tokens: as
- * att_gpu_tables_place takes it); when they do not fit an empty one, replaces it with one twice
- * their size (the previous call is complete, so the old one is idle; what it held is
- * forgotten). */
-static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b, uint32_t keep_tokens) {
+/* The session's att_gpu_arena_fn: a table arena of `entries` entries in place of the old one. */
+static at_err_t replace_tables(void *user, uint32_t entries) {
+    att_kv_t *kv = user;
     cuda_backend_t *be = kv->be;
-    uint32_t need;
-    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens,
-                                      kv->tables_cap, &need);
-    if (e != AT_OK || need == 0)
-        return e;
-    if ((e = CU(cuMemFree(kv->tables_d))) != AT_OK)
+    at_err_t e;
+    if (kv->tables_d != 0 && (e = CU(cuMemFree(kv->tables_d))) != AT_OK)
         return e;
     kv->tables_d = 0;
-    kv->tables_cap = 0;
-    const uint32_t cap = need < UINT32_MAX / 2 ? 2 * need : UINT32_MAX;
-    if ((e = CU(cuMemAlloc(&kv->tables_d, (size_t)cap * 4))) != AT_OK)
-        return e;
-    kv->tables_cap = cap;
-    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens, kv->tables_cap,
-                                &need);
+    return CU(cuMemAlloc(&kv->tables_d, (size_t)entries * 4));
 }
 
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
@@ -444,8 +432,9 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
                                              be->num_sms, part != NULL ? part->sms : NULL, occ,
                                              b, &pl)) != AT_OK)
         return e;
-    if ((e = place_tables(kv, b, att_gpu_tables_keep_tokens(m, b, tile_rows[ATT_TILE_NARROW]))) !=
-        AT_OK)
+    if ((e = att_gpu_tables_place(&kv->tables, b, m->block_size,
+                                  att_gpu_tables_keep_tokens(m, b, tile_rows[ATT_TILE_NARROW]),
+                                  &kv->tables_cap, replace_tables, kv)) != AT_OK)
         return e;
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
@@ -733,8 +722,7 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
         (e = CU(cuEventCreate(&kv->ev_join[ATT_TILE_NARROW], CU_EVENT_DISABLE_TIMING))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_begin, CU_EVENT_DEFAULT))) != AT_OK ||
         (e = CU(cuEventCreate(&kv->ev_end, CU_EVENT_DEFAULT))) != AT_OK ||
-        (e = CU(cuMemAlloc(&kv->tables_d, (size_t)att_gpu_tables_initial(num_blocks) * 4))) !=
-            AT_OK)
+        (e = replace_tables(kv, att_gpu_tables_initial(num_blocks))) != AT_OK)
         goto out_kv;
     kv->tables_cap = att_gpu_tables_initial(num_blocks);
     float *consts_h;

@@ -136,17 +136,11 @@ uint32_t att_gpu_tables_keep_tokens(const att_model_t *m, const att_batch_t *b,
     return b->attend ? narrow_rows / m->group : UINT32_MAX;
 }
 
-at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
-                              uint32_t keep_tokens, uint32_t arena_cap, uint32_t *need) {
+/* Places b's tables in an arena of arena_cap entries (see att_gpu_tables_place). *need is 0 when
+ * placed; else the entries they take in an empty arena, and the copies are forgotten. */
+static at_err_t place_in(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
+                         uint32_t keep_tokens, uint32_t arena_cap, uint32_t *need) {
     *need = 0;
-    if (b->num_chunks > t->cap_call) {
-        att_gpu_chunktab_t *p = realloc(t->call, (size_t)b->num_chunks * sizeof *p);
-        if (p == NULL)
-            return AT_ERR_NOMEM;
-        t->call = p;
-        t->cap_call = b->num_chunks;
-    }
-    t->block_size = block_size;
     bool was_reset = false;
 place:
     t->new_entries = 0;
@@ -154,7 +148,7 @@ place:
         const att_batch_chunk_t *ch = &b->chunks[c];
         att_gpu_chunktab_t *ct = &t->call[c];
         const uint32_t nb = ch->num_blocks;
-        *ct = (att_gpu_chunktab_t){0, 0, 0};
+        *ct = (att_gpu_chunktab_t){0, 0, 0, 0};
         t->new_entries += nb;
         if (ch->table_stamp == 0 || nb == 0)
             continue;
@@ -169,8 +163,9 @@ place:
         const uint32_t cached = (uint32_t)(((uint64_t)ch->start_pos + block_size - 1) / block_size);
         if (s->stamp == ch->table_stamp && nb <= s->cap && s->n <= nb &&
             (s->n == 0 || s->n >= cached)) {
-            *ct = (att_gpu_chunktab_t){s->off, s->n, s->n < nb ? keep : 0u};
-            t->new_entries -= s->n < first_new ? s->n : first_new;
+            const uint32_t from = s->n < first_new ? s->n : first_new;
+            *ct = (att_gpu_chunktab_t){s->off, s->n, from, s->n < nb ? keep : 0u};
+            t->new_entries -= from;
             continue;
         }
         const uint64_t cap = region_entries(nb);
@@ -185,8 +180,8 @@ place:
                 total += b->chunks[d].table_stamp != 0 ? region_entries(b->chunks[d].num_blocks)
                                                        : 0;
             att_gpu_tables_reset(t);
-            /* past 32-bit offsets no arena can take them; else one of *need always does, so
-             * the caller's second placement cannot leave call[] half filled */
+            /* past 32-bit offsets no arena can take them; else an arena of *need holds them
+             * all, so the second placement cannot leave call[] half filled */
             if (total > UINT32_MAX)
                 return AT_ERR_INTERNAL;
             *need = (uint32_t)total;
@@ -194,9 +189,32 @@ place:
         }
         *s = (att_gpu_seqtab_t){.stamp = ch->table_stamp, .off = t->top, .cap = (uint32_t)cap};
         t->top += (uint32_t)cap;
-        *ct = (att_gpu_chunktab_t){s->off, 0, keep};
+        *ct = (att_gpu_chunktab_t){s->off, 0, 0, keep};
     }
     return AT_OK;
+}
+
+at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
+                              uint32_t keep_tokens, uint32_t *arena_cap, att_gpu_arena_fn replace,
+                              void *user) {
+    if (b->num_chunks > t->cap_call) {
+        att_gpu_chunktab_t *p = realloc(t->call, (size_t)b->num_chunks * sizeof *p);
+        if (p == NULL)
+            return AT_ERR_NOMEM;
+        t->call = p;
+        t->cap_call = b->num_chunks;
+    }
+    uint32_t need;
+    at_err_t e = place_in(t, b, block_size, keep_tokens, *arena_cap, &need);
+    if (e != AT_OK || need == 0)
+        return e;
+    const uint32_t cap = need < UINT32_MAX / 2 ? 2 * need : UINT32_MAX;
+    *arena_cap = 0;
+    if ((e = replace(user, cap)) != AT_OK)
+        return e;
+    *arena_cap = cap;
+    /* an empty arena that holds them all: every chunk is placed */
+    return place_in(t, b, block_size, keep_tokens, cap, &need);
 }
 
 void att_gpu_tables_commit(att_gpu_tables_t *t, const att_batch_t *b) {
@@ -243,12 +261,11 @@ void att_gpu_fill_meta(uint8_t *stage, const att_gpu_layout_t *lo, const att_bat
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         const att_gpu_chunktab_t *ct = &t->call[c];
-        const uint32_t first_new = ch->start_pos / t->block_size;
-        const uint32_t from = ct->mirrored < first_new ? ct->mirrored : first_new;
         kc[c] = (att_kchunk_t){ch->token_offset, ch->start_pos, ch->num_tokens, ct->off,
                                ct->mirrored, t_off, ch->num_blocks, ct->flags};
-        memcpy(table + t_off, ch->blocks + from, (ch->num_blocks - from) * sizeof(uint32_t));
-        t_off += ch->num_blocks - from;
+        memcpy(table + t_off, ch->blocks + ct->from,
+               (ch->num_blocks - ct->from) * sizeof(uint32_t));
+        t_off += ch->num_blocks - ct->from;
     }
     /* an append-only batch plans nothing: a session that has not attended yet has no arrays */
     if (pl->total_items != 0)

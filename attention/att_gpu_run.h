@@ -50,7 +50,8 @@ typedef struct att_gpu_seqtab {
 /* Where one chunk of the placed call takes its table from (see att_kchunk_t). */
 typedef struct att_gpu_chunktab {
     uint32_t off;      /* its region in the arena */
-    uint32_t mirrored; /* entries taken from there; the call sends the rest */
+    uint32_t mirrored; /* entries taken from there by the readers of cached keys */
+    uint32_t from;     /* the first entry the call sends: min(mirrored, start_pos / BS) */
     uint32_t flags;    /* ATT_KCHUNK_KEEP_TABLE when the launch keeps the sent ones */
 } att_gpu_chunktab_t;
 
@@ -66,7 +67,6 @@ typedef struct att_gpu_tables {
     att_gpu_chunktab_t *call; /* owned; [cap_call], the placed call's chunks */
     uint32_t cap_call;
     uint32_t top;             /* arena entries handed out */
-    uint32_t block_size;      /* the placed call's, tokens per cache block */
     size_t new_entries;       /* table entries the placed call sends */
 } att_gpu_tables_t;
 
@@ -79,16 +79,22 @@ void att_gpu_tables_fini(att_gpu_tables_t *t);
 /* Forgets every copy: the arena was replaced (or the caller cannot tell what it holds). */
 void att_gpu_tables_reset(att_gpu_tables_t *t);
 
-/* Chooses where each chunk of b (cache blocks of block_size tokens) takes its table from, in an
- * arena of arena_cap entries, and counts the entries the call must send (new_entries). Only
+/* A backend's replacement of its table arena (att_gpu_tables_place): frees the old one, which
+ * no launch uses any more, and allocates one of `entries` uint32 entries. */
+typedef at_err_t (*att_gpu_arena_fn)(void *user, uint32_t entries);
+
+/* Chooses where each chunk of b (cache blocks of block_size tokens) takes its table from, in the
+ * arena of *arena_cap entries, and counts the entries the call must send (new_entries). Only
  * chunks of at most keep_tokens tokens have the launch keep what they send (the callers' rule:
  * those on narrow tiles, whose body keeps them, or any chunk of an append-only batch, which
- * att_k_kv_write writes); the others send it again next time. *need is 0 when placed; else the
- * call's tables do not fit even an empty arena, and the caller replaces the arena with one of at
- * least *need entries, resets and places again (which then places every chunk). AT_ERR_NOMEM;
- * AT_ERR_INTERNAL when the tables would need more than UINT32_MAX entries. */
+ * att_k_kv_write writes); the others send it again next time. When the call's tables do not fit
+ * even an empty arena, the copies are forgotten, `replace` makes one twice their size (*arena_cap
+ * is 0 until it succeeds, then that size) and every chunk is placed there. AT_ERR_NOMEM;
+ * AT_ERR_INTERNAL when the tables would need more than UINT32_MAX entries; what replace
+ * returns. */
 at_err_t att_gpu_tables_place(att_gpu_tables_t *t, const att_batch_t *b, uint32_t block_size,
-                              uint32_t keep_tokens, uint32_t arena_cap, uint32_t *need);
+                              uint32_t keep_tokens, uint32_t *arena_cap, att_gpu_arena_fn replace,
+                              void *user);
 
 /* The keep_tokens of att_gpu_tables_place for batch b of model m whose narrow tiles have
  * narrow_rows rows: a narrow tile's tokens, or every chunk of an append-only batch. */

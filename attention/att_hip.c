@@ -233,29 +233,19 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
     return AT_OK;
 }
 
-/* Places the call's block tables in the session's table arena (keep_tokens: as
- * att_gpu_tables_place takes it); when they do not fit an empty one, replaces it with one twice
- * their size (the previous call is complete, so the old one is idle; what it held is
- * forgotten). */
-static at_err_t place_tables(att_kv_t *kv, const att_batch_t *b, uint32_t keep_tokens) {
+/* The session's att_gpu_arena_fn: a table arena of `entries` entries in place of the old one. */
+static at_err_t replace_tables(void *user, uint32_t entries) {
+    att_kv_t *kv = user;
     hip_backend_t *be = kv->be;
-    uint32_t need;
-    at_err_t e = att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens,
-                                      kv->tables_cap, &need);
-    if (e != AT_OK || need == 0)
-        return e;
-    if ((e = HIP(hipFree(dptr(kv->tables_d)))) != AT_OK)
+    at_err_t e;
+    if (kv->tables_d != 0 && (e = HIP(hipFree(dptr(kv->tables_d)))) != AT_OK)
         return e;
     kv->tables_d = 0;
-    kv->tables_cap = 0;
-    const uint32_t cap = need < UINT32_MAX / 2 ? 2 * need : UINT32_MAX;
     void *d = NULL;
-    if ((e = HIP(hipMalloc(&d, (size_t)cap * 4))) != AT_OK)
+    if ((e = HIP(hipMalloc(&d, (size_t)entries * 4))) != AT_OK)
         return e;
     kv->tables_d = (uintptr_t)d;
-    kv->tables_cap = cap;
-    return att_gpu_tables_place(&kv->tables, b, kv->m->block_size, keep_tokens, kv->tables_cap,
-                                &need);
+    return AT_OK;
 }
 
 /* Moves one tensor of the batch between host and device region dev_off (row_bytes per token).
@@ -315,8 +305,9 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
     if (b->attend && (e = att_gpu_plan_batch(&kv->work, m, &kv->plan, tile_rows, tile_keys,
                                              be->num_sms, NULL, occ, b, &pl)) != AT_OK)
         return e;
-    if ((e = place_tables(kv, b, att_gpu_tables_keep_tokens(m, b, tile_rows[ATT_TILE_NARROW]))) !=
-        AT_OK)
+    if ((e = att_gpu_tables_place(&kv->tables, b, m->block_size,
+                                  att_gpu_tables_keep_tokens(m, b, tile_rows[ATT_TILE_NARROW]),
+                                  &kv->tables_cap, replace_tables, kv)) != AT_OK)
         return e;
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
@@ -584,10 +575,8 @@ static at_err_t hip_kv_create(att_backend_t *base, const att_model_t *m, uint32_
         (e = HIP(hipEventCreateWithFlags(&kv->ev_begin, hipEventDefault))) != AT_OK ||
         (e = HIP(hipEventCreateWithFlags(&kv->ev_end, hipEventDefault))) != AT_OK)
         goto out_kv;
-    void *tables = NULL;
-    if ((e = HIP(hipMalloc(&tables, (size_t)att_gpu_tables_initial(num_blocks) * 4))) != AT_OK)
+    if ((e = replace_tables(kv, att_gpu_tables_initial(num_blocks))) != AT_OK)
         goto out_kv;
-    kv->tables_d = (uintptr_t)tables;
     kv->tables_cap = att_gpu_tables_initial(num_blocks);
     float *consts_h;
     size_t consts_n;

@@ -51,27 +51,24 @@ static void rig_fini(rig_t *r) {
     free(r->stage);
 }
 
-/* The backend's place_tables: places, and replaces the arena when the call's tables do not fit
- * an empty one. */
-static void place(rig_t *r, const att_batch_t *b, uint32_t keep_tokens) {
-    uint32_t need = 0;
-    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, keep_tokens, r->arena_cap,
-                                  &need) == AT_OK,
-             "place");
-    if (need == 0)
-        return;
-    TU_CHECK(need > r->arena_cap, "need %u with an arena of %u", need, r->arena_cap);
+/* The rig's att_gpu_arena_fn, as a backend's: a new arena of `entries`, holding garbage. */
+static at_err_t replace_arena(void *user, uint32_t entries) {
+    rig_t *r = user;
     free(r->arena);
-    r->arena_cap = 2 * need;
-    r->arena = malloc((size_t)r->arena_cap * 4);
-    TU_CHECK(r->arena != NULL, "arena");
-    memset(r->arena, 0xee, (size_t)r->arena_cap * 4);
+    r->arena = malloc((size_t)entries * 4);
+    if (r->arena == NULL)
+        return AT_ERR_NOMEM;
+    memset(r->arena, 0xee, (size_t)entries * 4);
     r->grown++;
-    att_gpu_tables_reset(&r->t);
-    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, keep_tokens, r->arena_cap,
-                                  &need) == AT_OK &&
-                 need == 0,
-             "place after growing the arena to %u", r->arena_cap);
+    return AT_OK;
+}
+
+static void place(rig_t *r, const att_batch_t *b, uint32_t keep_tokens) {
+    const uint32_t before = r->arena_cap;
+    TU_CHECK(att_gpu_tables_place(&r->t, b, r->m->block_size, keep_tokens, &r->arena_cap,
+                                  replace_arena, r) == AT_OK,
+             "place");
+    TU_CHECK(r->arena_cap >= before, "the arena shrank from %u to %u", before, r->arena_cap);
 }
 
 /* Fills the call's metadata as a backend does and checks each chunk as the kernels read it; then
@@ -279,6 +276,12 @@ static void test_a_steady_decode_sends_only_appended_blocks(void **state) {
     rig_fini(&r);
 }
 
+/* An att_gpu_arena_fn that only records the size asked for (user: a uint32_t). */
+static at_err_t record_arena(void *user, uint32_t entries) {
+    *(uint32_t *)user = entries;
+    return AT_OK;
+}
+
 /* Tables past an arena's 32-bit offsets are refused, not half placed; just below, the arena the
  * call asks for places every chunk. Placement reads only the chunks' identities and lengths, so
  * no table of that size exists here. */
@@ -292,15 +295,17 @@ static void test_tables_past_32_bits_are_refused(void **state) {
     att_batch_t b = {.chunks = ch, .num_chunks = 2, .total_tokens = 2};
     ch[0].num_blocks = 0x40000000u; /* two regions of 2^31 entries: one more than fits */
     ch[1].num_blocks = 0x40000000u;
-    uint32_t need = 0;
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, 1024, &need) == AT_ERR_INTERNAL,
-             "2^32 entries placed (need %u)", need);
+    uint32_t cap = 1024, asked = 0;
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, &cap, record_arena, &asked) ==
+                     AT_ERR_INTERNAL &&
+                 asked == 0,
+             "2^32 entries placed (an arena of %u asked for)", asked);
     ch[1].num_blocks = 0x3ffffff8u;
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, 1024, &need) == AT_OK && need == 0xfffffff0u,
-             "need %u for 2^32 - 16 entries", need);
-    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, UINT32_MAX, &need) == AT_OK && need == 0 &&
+    cap = 1024;
+    TU_CHECK(att_gpu_tables_place(&t, &b, 16, UINT32_MAX, &cap, record_arena, &asked) == AT_OK &&
+                 asked == UINT32_MAX && cap == UINT32_MAX &&
                  t.call[0].flags == ATT_KCHUNK_KEEP_TABLE && t.call[1].off == 0x80000000u,
-             "not placed in the largest arena: need %u", need);
+             "2^32 - 16 entries: an arena of %u asked for, chunk 1 at %u", asked, t.call[1].off);
     att_gpu_tables_fini(&t);
 }
 
