@@ -190,8 +190,8 @@ void att_cuda_plan_default(const att_model_t *m, const char *arch, uint32_t smem
 /* Sets plan's mixed-batch partition from the device: mixed_wide_sms 4/11 of the SMs in whole
  * groups of 8 (48 of the H200's 132, the best of 16..64 for the bench's mixed batch:
  * docs/BENCHMARKS.md) where that was measured, sm_90 with the wgmma wide tile and a driver with
- * green contexts; else 0. Then the backend's overrides, if any (ATT_CUDA_NEVER: 0), of it and of
- * mixed_part_always: a tuning config carries neither. */
+ * green contexts; else 0. Then the backend's overrides, if any (ATT_CUDA_NEVER: 0), of it, of
+ * mixed_part_always and of tail_unsplit: a tuning config carries none of them. */
 static void plan_partition(const cuda_backend_t *be, att_cuda_plan_t *plan) {
     const uint32_t n = be->num_sms * 4 / 11 / 8 * 8;
     plan->mixed_wide_sms = be->drv->has_green && strcmp(be->arch, "sm_90") == 0 &&
@@ -203,6 +203,7 @@ static void plan_partition(const cuda_backend_t *be, att_cuda_plan_t *plan) {
     if (plan->mixed_wide_sms == ATT_CUDA_NEVER)
         plan->mixed_wide_sms = 0;
     plan->mixed_part_always = be->has_plan && be->plan.mixed_part_always;
+    plan->tail_unsplit = be->has_plan && be->plan.tail_unsplit;
 }
 
 /* The session's plan: the default, with the backend's overrides. */

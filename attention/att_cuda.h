@@ -51,6 +51,8 @@ typedef struct att_cuda_plan {
     /* Tests and benches: every batch with both kinds takes the partition, whatever its
      * proportions. */
     bool mixed_part_always;
+    /* Benches: a kind's last, partial wave keeps its tiles whole (att_gpu_plan_batch). */
+    bool tail_unsplit;
 } att_cuda_plan_t;
 
 #define ATT_CUDA_NEVER 0xffffffffu

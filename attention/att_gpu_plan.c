@@ -44,6 +44,8 @@ void att_gpu_plan_override(att_cuda_plan_t *out, const att_cuda_plan_t *over) {
         out->mixed_wide_sms = over->mixed_wide_sms;
     if (over->mixed_part_always)
         out->mixed_part_always = true;
+    if (over->tail_unsplit)
+        out->tail_unsplit = true;
 }
 
 void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t blocks_per_sm,
@@ -102,6 +104,47 @@ static uint32_t wave_parts(uint64_t blocks, uint64_t keys, uint64_t slots, uint3
     return best;
 }
 
+/* A last wave at most this share full (1 / TAIL_SHARE) is filled with parts of its tiles. Its
+ * few blocks would each stream only what its own pipeline keeps in flight, while the other
+ * SM slots idle; the parts stream at the rate of a full wave. A fuller last wave already
+ * keeps enough bytes in flight. */
+#define TAIL_SHARE 2u
+
+static int cmp_u64(const void *a, const void *b) {
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The tiles of one kind that the last wave would hold, split into parts that fill that wave:
+ * `blocks` blocks of heads blocks per tile, `slots` of them at once. The last wave holds the
+ * kind's shortest tiles (items run longest first); each is split into up to its keys /
+ * min_split_keys parts. w->order must hold the kind's tiles. Returns how many were split. */
+static uint32_t split_tail(att_gpu_work_t *w, size_t nt, uint32_t kind, const att_cuda_plan_t *plan,
+                           uint64_t blocks, uint32_t heads, uint64_t slots) {
+    if (slots == 0 || blocks <= slots || blocks % slots == 0 ||
+        blocks % slots * TAIL_SHARE > slots)
+        return 0;
+    const uint64_t r = blocks % slots;
+    const uint64_t tail = (r + heads - 1) / heads;
+    uint64_t parts = slots / (tail * heads);
+    parts = parts < plan->max_splits ? parts : plan->max_splits;
+    if (parts < 2)
+        return 0;
+    size_t n = 0;
+    for (size_t i = 0; i < nt; i++)
+        if (w->tiles[i].kind == kind)
+            w->order[n++] = (uint64_t)(w->tiles[i].ke - w->tiles[i].kb) << 32 | i;
+    qsort(w->order, n, sizeof *w->order, cmp_u64);
+    uint32_t split = 0;
+    for (size_t i = 0; i < n && i < tail; i++) {
+        att_gpu_tile_t *t = &w->tiles[(uint32_t)w->order[i]];
+        const uint64_t most = (t->ke - t->kb) / plan->min_split_keys;
+        t->parts = (uint32_t)(parts < most ? parts : most);
+        split += t->parts >= 2;
+    }
+    return split;
+}
+
 /* When an SM partition suits a mixed batch: rates of the H200 (2026-11-30, BENCHMARKS.md), the
  * one GPU whose plan asks for a partition by default. The wgmma wide tile does about 2 TFLOP/s
  * per SM (260 on 132); decode tiles read about 3.4 TB/s on most of the GPU's SMs. */
@@ -145,6 +188,8 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         nt += (r + rows[kind] - 1) / rows[kind];
     }
     at_err_t e = grow((void **)&w->tiles, &w->cap_tiles, nt, sizeof *w->tiles);
+    if (e == AT_OK)
+        e = grow((void **)&w->order, &w->cap_order, nt, sizeof *w->order);
     if (e != AT_OK)
         return e;
     nt = 0;
@@ -180,17 +225,25 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     mixed = mixed && !pl->partitioned; /* the kinds share SMs */
     /* Split (flash-decoding) when a kind's blocks would take few waves of the SMs it runs on. */
     uint32_t want[ATT_TILE_KINDS];
+    uint64_t slots[ATT_TILE_KINDS];
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         const uint64_t per_sm =
             plan->blocks_per_sm == ATT_CUDA_OCCUPANCY ? occupancy[k] : plan->blocks_per_sm;
         const uint64_t sms = pl->partitioned ? mixed_sms[k] : num_sms;
         const uint64_t most = longest[k] / plan->min_split_keys;
-        want[k] = wave_parts(blocks[k], longest[k], sms * (per_sm ? per_sm : 1),
+        slots[k] = sms * (per_sm ? per_sm : 1);
+        want[k] = wave_parts(blocks[k], longest[k], slots[k],
                              most < plan->max_splits ? (uint32_t)most : plan->max_splits);
     }
+    for (size_t i = 0; i < nt; i++)
+        w->tiles[i].parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
+    /* the last wave's tiles; not where the kinds share SMs (neither kind's waves are its own) */
+    for (uint32_t k = 0; k < ATT_TILE_KINDS && !mixed && !plan->tail_unsplit; k++)
+        if (want[k] == 1 && plan->min_split_keys != ATT_CUDA_NEVER)
+            pl->tail_tiles[k] = split_tail(w, nt, k, plan, blocks[k], m->num_kv_heads, slots[k]);
     size_t ni = 0, nm = 0;
     for (size_t i = 0; i < nt; i++) {
-        const uint32_t parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
+        const uint32_t parts = w->tiles[i].parts;
         ni += parts >= 2 ? parts : 1;
         nm += parts >= 2;
     }
@@ -204,7 +257,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             const att_gpu_tile_t *t = &w->tiles[i];
             if (t->kind != kind)
                 continue;
-            const uint32_t keys = t->ke - t->kb, parts = tile_parts(plan, t, want[kind], mixed);
+            const uint32_t keys = t->ke - t->kb, parts = t->parts;
             if (parts < 2) {
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
                                                .row_begin = t->row_begin,
@@ -248,6 +301,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
 
 void att_gpu_work_fini(att_gpu_work_t *w) {
     free(w->tiles);
+    free(w->order);
     free(w->items);
     free(w->merges);
     memset(w, 0, sizeof *w);

@@ -19,6 +19,7 @@ typedef struct att_gpu_tile {
     uint32_t row_begin;
     uint32_t kind;
     uint32_t kb, ke; /* keys any row of the tile needs */
+    uint32_t parts;  /* the key range's parts (1: not split) */
 } att_gpu_tile_t;
 
 /* A session's per-call planning arrays, grown when a call needs more (never shrunk). Zero it to
@@ -26,6 +27,8 @@ typedef struct att_gpu_tile {
 typedef struct att_gpu_work {
     att_gpu_tile_t *tiles;
     size_t cap_tiles;
+    uint64_t *order; /* [tiles]: a kind's tiles by key count (key count << 32 | tile) */
+    size_t cap_order;
     att_kitem_t *items; /* [total_items]: wide kind first, longest first within a kind */
     size_t cap_items;
     att_kmerge_t *merges; /* [total_merges], in the same kind order */
@@ -37,6 +40,7 @@ typedef struct att_gpu_counts {
     uint32_t num_items[ATT_TILE_KINDS];
     uint32_t num_merges[ATT_TILE_KINDS];
     uint32_t num_parts[ATT_TILE_KINDS];
+    uint32_t tail_tiles[ATT_TILE_KINDS]; /* tiles split to fill the last wave (see below) */
     uint32_t total_items, total_merges;
     bool partitioned; /* the kinds run on the mixed_sms partition (see att_gpu_plan_batch) */
 } att_gpu_counts_t;
@@ -58,7 +62,10 @@ void att_gpu_plan_knobs(att_cuda_plan_t *out, uint32_t min_split_keys, uint32_t 
  * the narrow tiles' KV reads), on mixed_sms[kind] (the SM partition the backend then launches
  * each kind in; mixed_split_keys does not apply). A kind's long tiles are split when its blocks
  * would take few waves of those SMs (plan->blocks_per_sm per SM, or the occupancy), into the
- * part count whose waves finish first. AT_ERR_NOMEM when an array cannot grow (w keeps what it
+ * part count whose waves finish first. A kind of more waves whose last wave would run at most
+ * half full has its shortest tiles, those of that wave, split instead (unless
+ * plan->tail_unsplit): into parts that fill the wave, so it streams at the rate of a full
+ * one instead of a few blocks'. AT_ERR_NOMEM when an array cannot grow (w keeps what it
  * had). */
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],

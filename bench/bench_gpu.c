@@ -429,8 +429,8 @@ static int session(att_backend_t *be, const shape_t *s, uint64_t capacity, att_c
 
 static double kv_row_bytes(const shape_t *s) { return 2.0 * s->hkv * s->d * 2; /* k + v */ }
 
-static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t ctx_tokens, result_t *r) {
-    const uint32_t seqs = 256;
+static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t seqs, uint32_t ctx_tokens,
+                        result_t *r) {
     att_ctx_t *ctx = NULL;
     if (session(be, s, (uint64_t)seqs * (ctx_tokens + 16), &ctx) != 0)
         return -1;
@@ -438,7 +438,10 @@ static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t ctx_tokens
     int rc = fill_kv(ctx, att_ctx_model(ctx), seqs, 0, ctx_tokens);
     for (uint32_t i = 0; i < seqs; i++)
         ch[i] = (att_chunk_t){i, ctx_tokens, 1};
-    snprintf(r->name, sizeof r->name, "decode %s 256 x %uK", s->name, ctx_tokens / 1024);
+    if (ctx_tokens % 1024 == 0)
+        snprintf(r->name, sizeof r->name, "decode %s %u x %uK", s->name, seqs, ctx_tokens / 1024);
+    else
+        snprintf(r->name, sizeof r->name, "decode %s %u x %u", s->name, seqs, ctx_tokens);
     r->kv_gb = (double)seqs * (ctx_tokens + 1) * kv_row_bytes(s) / 1e9;
     r->tflop = (double)seqs * s->hq * (ctx_tokens + 1) * s->d * 4 / 1e12;
     if (rc == 0)
@@ -531,6 +534,10 @@ static int parse_plan(const char *s, att_cuda_plan_t *pl) {
                                                           : 0;
         return pl->mixed_order != 0 ? 0 : -1;
     }
+    if (strcmp(s, "tail=whole") == 0) {
+        pl->tail_unsplit = true;
+        return 0;
+    }
     if (strcmp(s, "mixed_part=always") == 0) {
         pl->mixed_part_always = true;
         return 0;
@@ -559,6 +566,28 @@ static int parse_plan(const char *s, att_cuda_plan_t *pl) {
     return -1;
 }
 
+/* A list option's values, "256" or "128,256,512": whole numbers from 1 to 1 << 20, at most
+ * BENCH_LIST of them. */
+#define BENCH_LIST 8
+typedef struct count_list {
+    uint32_t n, v[BENCH_LIST];
+} count_list_t;
+
+static bool count_list(const char *s, count_list_t *out) {
+    out->n = 0;
+    for (const char *p = s;; p++) {
+        char *end = NULL;
+        const unsigned long v = strtoul(p, &end, 10);
+        if (end == p || v == 0 || v > (1ul << 20) || out->n == BENCH_LIST ||
+            (*end != '\0' && *end != ','))
+            return false;
+        out->v[out->n++] = (uint32_t)v;
+        if (*end == '\0')
+            return true;
+        p = end;
+    }
+}
+
 static bool has_case(const char *cases, const char *name) {
     if (cases == NULL)
         return true;
@@ -575,8 +604,15 @@ int bench_gpu_main(int argc, char **argv) {
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     bool has_plan = false, plain_host = false, timing = true;
+    const char *only_shape = NULL;
+    count_list_t seqs = {1, {256}}, ctxs = {2, {1024, 8192}};
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--plain-host") == 0)
+        if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc)
+            only_shape = argv[++i];
+        else if ((strcmp(argv[i], "--seqs") == 0 || strcmp(argv[i], "--ctx") == 0) &&
+                 i + 1 < argc && count_list(argv[i + 1], argv[i][2] == 's' ? &seqs : &ctxs))
+            i++;
+        else if (strcmp(argv[i], "--plain-host") == 0)
             plain_host = true;
         else if (strcmp(argv[i], "--no-timing") == 0)
             timing = false;
@@ -594,7 +630,10 @@ int bench_gpu_main(int argc, char **argv) {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
                     "                       [--tile KIND=WM,MT,WN,TK,ST[,B]]... [--plan KEY=V]...\n"
-                    "                       [--plain-host] [--no-timing]\n"
+                    "                       [--plain-host] [--no-timing] [--shape NAME]\n"
+                    "                       [--seqs N] [--ctx N]\n"
+                    "  --shape: only llama3-8b or h8-d64; --seqs, --ctx: the decode cases'\n"
+                    "  sequences (default 256) and contexts (1024,8192), each a list of up to 8\n"
                     "  --no-timing: no events around a call's kernels (no device times; host\n"
                     "  times as in the server, which records none)\n"
                     "  --plain-host: the calls' tensors in plain memory, staged through pinned\n"
@@ -611,7 +650,8 @@ int bench_gpu_main(int argc, char **argv) {
                     "  mixed_wide_sms (N: a mixed batch's wide tiles on a green context of about\n"
                     "  N SMs, its narrow ones on the rest, when its proportions suit; off: every\n"
                     "  SM for both; default: the device's, 48 on an H200), mixed_part=always\n"
-                    "  (every mixed batch on the partition, whatever its proportions)\n");
+                    "  (every mixed batch on the partition, whatever its proportions),\n"
+                    "  tail=whole (a last wave at most half full keeps its tiles whole)\n");
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }
@@ -657,20 +697,22 @@ int bench_gpu_main(int argc, char **argv) {
     printf("tensors: %s\n", plain_host ? "plain memory, staged through pinned buffers"
                                        : "one registered host region (as the server's arena)");
     static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
-    result_t res[12];
+    result_t res[2 * BENCH_LIST * BENCH_LIST + 5];
     memset(res, 0, sizeof res);
     int n = 0, rc = 0;
     for (int s = 0; s < 2 && rc == 0; s++) {
-        if (has_case(cases, "decode")) {
-            rc |= bench_decode(be, &shapes[s], 1024, &res[n++]);
-            rc |= bench_decode(be, &shapes[s], 8192, &res[n++]);
-        }
+        if (only_shape != NULL && strcmp(only_shape, shapes[s].name) != 0)
+            continue;
+        for (uint32_t a = 0; a < seqs.n && rc == 0 && has_case(cases, "decode"); a++)
+            for (uint32_t x = 0; x < ctxs.n && rc == 0; x++)
+                rc |= bench_decode(be, &shapes[s], seqs.v[a], ctxs.v[x], &res[n++]);
         if (has_case(cases, "prefill"))
             rc |= bench_prefill(be, &shapes[s], &res[n++]);
     }
-    if (rc == 0 && has_case(cases, "mixed"))
+    const bool llama = only_shape == NULL || strcmp(only_shape, shapes[0].name) == 0;
+    if (rc == 0 && llama && has_case(cases, "mixed"))
         rc |= bench_mixed(be, &shapes[0], 0, &res[n++]);
-    for (int part = 1; part <= 2 && rc == 0 && has_case(cases, "mixparts"); part++)
+    for (int part = 1; part <= 2 && rc == 0 && llama && has_case(cases, "mixparts"); part++)
         rc |= bench_mixed(be, &shapes[0], part, &res[n++]);
     printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
            "KV GB/s", "of read", "TFLOP/s", "host us", "mean us", "enq us", "launch");

@@ -3,9 +3,9 @@
  * features, mixed batches (decode, prefill, chunks over earlier context in one call),
  * rollback/retry, split-KV (few long sequences: flash-decoding and split prefill tiles), append
  * only, merged calls with separate buffers, registered host memory, mixed batches on SM
- * partitions (green contexts; the fallback without them), three models of different
- * head dims, dtypes and groups interleaved on one GPU (each session's launch cache), and the
- * compile cache (memory, disk, a damaged file).
+ * partitions (green contexts; the fallback without them), a last wave's tiles split, three
+ * models of different head dims, dtypes and groups interleaved on one GPU (each session's launch
+ * cache), and the compile cache (memory, disk, a damaged file).
  * Without a GPU or driver every test skips with one line saying why. Label: gpu.
  *
  * Built twice: test_att_cuda (the CUDA backend on cuda:0) and, with ATT_TEST_HIP, test_att_hip:
@@ -274,6 +274,56 @@ static void test_att_cuda_mixed_on_partitions(void **state) {
     partition_case(32, ATT_DTYPE_BF16, 32, 8, 0, 0);
     partition_case(32, ATT_DTYPE_F16, 16, 2, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
     partition_case(20, ATT_DTYPE_BF16, 8, 2, ATT_RIG_F_ALL, 2); /* rounded up by the driver */
+}
+
+/* ---- the last wave's tiles split (att_gpu_plan_batch) ---- */
+
+/* Decode batches of a model of 8 KV heads (8 blocks per sequence) on a backend whose plan counts
+ * one block per SM as a wave: 2 waves and up to 8 blocks more, so the last sequence's tiles are
+ * split into parts that fill the third wave, and merged; then 2 waves and about 3/4 of one
+ * more, a last wave too full to split. Against the CPU backend and the oracle. */
+static void test_att_cuda_tail_split(void **state) {
+    (void)state;
+    NEED_GPU();
+    att_cuda_plan_t plan;
+    memset(&plan, 0, sizeof plan);
+    plan.blocks_per_sm = 1;
+    att_backend_t *be = backend_with_plan(&plan);
+    tun_device_t dev;
+    const char *hash = NULL;
+    att_cuda_tune_device(be, &dev, &hash);
+    const uint32_t first = 2 * dev.threads / 8 + 1, seqs = first + dev.threads / 12;
+    if (seqs > ATT_RIG_MAX_SEQS) {
+        printf("SKIP the tail split: %u SMs need %u sequences, the rig holds %u\n", dev.threads,
+               seqs, ATT_RIG_MAX_SEQS);
+        att_backend_destroy(&be);
+        return;
+    }
+    const uint64_t seed = tu_sub_seed(g_seed, 80000u);
+    tu_rng_t r;
+    tu_rng_seed(&r, seed);
+    att_rig_spec_t spec;
+    att_rig_spec_init(&spec, ATT_DTYPE_BF16, 1, 16, 8, 128, 16);
+    att_rig_spec_features(&spec, ATT_RIG_F_SINKS | ATT_RIG_F_SOFT_CAP, &r);
+    char desc[256];
+    tu_where_set("tail split on %u SMs: ATTND_TEST_SEED=%" PRIu64 " (seed %" PRIu64 "), %s",
+                 dev.threads, g_seed, seed, att_rig_spec_str(&spec, desc, sizeof desc));
+    print_message("tail split on %u SMs: %s\n", dev.threads, desc);
+    att_rig_t rig;
+    att_rig_init_with(&rig, &spec.cfg, (uint64_t)seqs * 1200, CPU_BE, 1, &be, 1,
+                      tu_rng_next(&r));
+    att_chunk_t ch[ATT_RIG_MAX_SEQS];
+    for (uint32_t i = 0; i < seqs; i++) /* contexts of 1000 to 1063 tokens: up to 3 parts */
+        ch[i] = (att_chunk_t){i, 0, 1000 + i};
+    att_rig_append(&rig, 0, ch, seqs);
+    for (uint32_t step = 0; step < 2; step++) {
+        const uint32_t n = step == 0 ? first : seqs;
+        for (uint32_t i = 0; i < n; i++) /* the second step: the first's sequences one longer */
+            ch[i] = (att_chunk_t){i, 1000 + i + (step == 1 && i < first), 1};
+        att_rig_attend(&rig, 0, ch, n);
+    }
+    att_rig_fini(&rig);
+    att_backend_destroy(&be);
 }
 #endif
 
@@ -566,6 +616,7 @@ int main(void) {
 #ifndef ATT_TEST_HIP
         cmocka_unit_test(test_att_cuda_wide_bodies),
         cmocka_unit_test(test_att_cuda_mixed_on_partitions),
+        cmocka_unit_test(test_att_cuda_tail_split),
 #endif
         cmocka_unit_test(test_att_cuda_models_interleaved),
         cmocka_unit_test(test_att_cuda_append_then_attend),

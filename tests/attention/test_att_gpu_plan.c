@@ -2,7 +2,8 @@
  * split parts and merges, for the Llama-3.1-8B shape (32 query heads, 8 KV heads, D 128) on an
  * H200's 132 SMs, with the mma.sync tiles (wide 128 rows, 32 keys per stage; narrow 16 rows, 64
  * keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split
- * choice of each batch family (many waves: none; few: the part count whose waves finish first;
+ * choice of each batch family (many waves: only the tiles of a last wave at most half full, into
+ * parts that fill it; few: the part count whose waves finish first;
  * a lone long sequence: the most parts) and the invariants the kernels rely on: every row tile
  * covered once, parts tiling its key range, exactly one part writing the new K/V, merge indices
  * relative to their kind's run; and in a mixed batch with SM partitions, each kind's split counted
@@ -127,15 +128,58 @@ static void check_cover(const plan_rig_t *r, const att_batch_t *b) {
     TU_CHECK(seen_rows == want_rows, "%u rows covered of %u", seen_rows, want_rows);
 }
 
-static void test_att_gpu_plan_many_waves_stay_whole(void **state) {
+static void test_att_gpu_plan_many_waves_fill_the_last(void **state) {
     (void)state;
     plan_rig_t r;
     rig_init(&r);
+    /* 256 x 1K decode: 2048 narrow blocks, 5 waves of 396 and a last one of 68 blocks, 9 tiles.
+     * Those are split into 4 parts (of at least 256 keys; 5 would fill the wave), 288 blocks,
+     * run last; the others stay whole. */
     att_batch_t b = {.attend = 1, .chunks = r.ch};
-    add_chunks(&r, &b, 256, 1024, 1); /* 2048 narrow blocks: 5.2 waves of 396 */
+    add_chunks(&r, &b, 256, 1024, 1);
     plan(&r, &b);
-    TU_CHECK(r.pl.total_merges == 0 && r.pl.num_items[ATT_TILE_NARROW] == 256,
-             "256 x 1K decode: %u merges, %u items", r.pl.total_merges, r.pl.total_items);
+    TU_CHECK(r.pl.tail_tiles[ATT_TILE_NARROW] == 9 && r.pl.total_merges == 9 &&
+                 parts_of(&r, ATT_TILE_NARROW) == 4 && r.pl.total_items == 247 + 9 * 4,
+             "256 x 1K decode: %u tail tiles, %u merges, %u items",
+             r.pl.tail_tiles[ATT_TILE_NARROW], r.pl.total_merges, r.pl.total_items);
+    for (uint32_t i = 0; i < r.pl.total_items; i++)
+        TU_CHECK((r.w.items[i].part == ATT_KPART_NONE) == (i < 247),
+                 "item %u: the whole tiles must run before the parts", i);
+    check_cover(&r, &b);
+
+    /* the shortest tiles are the last wave's: 250 at 1K and 6 at 512 keys split those 6 and 3
+     * more of the longest (9 in all) */
+    b = (att_batch_t){.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 250, 1024, 1);
+    add_chunks(&r, &b, 6, 512, 1);
+    plan(&r, &b);
+    uint32_t short_split = 0;
+    for (uint32_t i = 0; i < r.pl.num_merges[ATT_TILE_NARROW]; i++)
+        short_split += r.w.merges[i].chunk >= 250;
+    TU_CHECK(r.pl.tail_tiles[ATT_TILE_NARROW] == 9 && short_split == 6,
+             "250 x 1K + 6 x 512: %u tail tiles, %u of them the short ones",
+             r.pl.tail_tiles[ATT_TILE_NARROW], short_split);
+    check_cover(&r, &b);
+
+    /* a last wave more than half full stays whole: 280 x 1K, 2240 blocks, 260 in the last */
+    b = (att_batch_t){.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 280, 1024, 1);
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 0 && r.pl.total_items == 280, "280 x 1K decode: %u merges",
+             r.pl.total_merges);
+
+    /* tail_unsplit keeps them whole; so does splitting off */
+    b = (att_batch_t){.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 256, 1024, 1);
+    r.plan.tail_unsplit = true;
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 0 && r.pl.total_items == 256, "tail_unsplit: %u merges",
+             r.pl.total_merges);
+    r.plan.tail_unsplit = false;
+    r.plan.min_split_keys = ATT_CUDA_NEVER;
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 0 && r.pl.total_items == 256, "splitting off: %u merges",
+             r.pl.total_merges);
     check_cover(&r, &b);
     rig_fini(&r);
 }
@@ -268,7 +312,7 @@ static void test_att_gpu_plan_partitions_split_by_their_own_sms(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_att_gpu_plan_many_waves_stay_whole),
+        cmocka_unit_test(test_att_gpu_plan_many_waves_fill_the_last),
         cmocka_unit_test(test_att_gpu_plan_few_waves_split_to_fill_them),
         cmocka_unit_test(test_att_gpu_plan_lone_sequence_takes_the_most_parts),
         cmocka_unit_test(test_att_gpu_plan_mixed_batch_merges_index_their_kind),
