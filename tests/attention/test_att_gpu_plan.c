@@ -1,13 +1,13 @@
 /* The GPU backends' work planner (att_gpu_plan.c) without a GPU: how a batch is cut into tiles,
  * split parts and merges, for the Llama-3.1-8B shape (32 query heads, 8 KV heads, D 128) on an
  * H200's 132 SMs, with the mma.sync tiles (wide 128 rows, 32 keys per stage; narrow 16 rows, 64
- * keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split
- * choice of each batch family (many waves: only the tiles of a last wave at most half full, into
- * parts that fill it; few: the part count whose waves finish first;
- * a lone long sequence: the most parts) and the invariants the kernels rely on: every row tile
- * covered once, parts tiling its key range, exactly one part writing the new K/V, merge indices
- * relative to their kind's run; and in a mixed batch with SM partitions, each kind's split counted
- * on its own partition. Label: unit. */
+ * keys) and their occupancy there (2 wide, 3 narrow blocks per SM). Checks the split choice of
+ * each batch family (many waves: only the tiles of a last wave at most half full, into parts
+ * that fill it; few: the part count whose waves finish first; a lone long sequence: the most
+ * parts) and the invariants the kernels rely on: every row tile covered once, parts tiling its
+ * key range, exactly one part writing the new K/V, merge indices relative to their kind's run,
+ * items longest first (equal ones in order); and in a mixed batch with SM partitions, each
+ * kind's split counted on its own partition. Label: unit. */
 #include "tests/test_util.h"
 
 #include <stdlib.h>
@@ -184,6 +184,40 @@ static void test_att_gpu_plan_many_waves_fill_the_last(void **state) {
     rig_fini(&r);
 }
 
+/* Decode items run longest first, equal ones in chunk order: random contexts (up to 3 bytes of
+ * key count, so every pass of the radix sort runs), with the last wave's tiles split. */
+static void test_att_gpu_plan_items_run_longest_first(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init(&r);
+    tu_rng_t rng;
+    tu_rng_seed(&rng, 7);
+    for (uint32_t round = 0; round < 20; round++) {
+        att_batch_t b = {.attend = 1, .chunks = r.ch};
+        const uint32_t n = 200 + tu_rng_below(&rng, 100);
+        for (uint32_t i = 0; i < n; i++) {
+            const uint32_t ctx = round % 2 == 0 ? 1 + tu_rng_below(&rng, 4000)
+                                                : 1 + tu_rng_below(&rng, 3) * 70000;
+            add_chunks(&r, &b, 1, ctx, 1);
+        }
+        plan(&r, &b);
+        check_cover(&r, &b);
+        uint32_t prev_keys = UINT32_MAX, prev_chunk = 0;
+        for (uint32_t i = 0; i < r.pl.total_items; i++) {
+            const att_kitem_t *it = &r.w.items[i];
+            const uint32_t keys = it->part == ATT_KPART_NONE ? b.chunks[it->chunk].start_pos + 1
+                                                             : it->key_end - it->key_begin;
+            TU_CHECK(keys < prev_keys || (keys == prev_keys && (it->part != ATT_KPART_NONE ||
+                                                                it->chunk > prev_chunk)),
+                     "round %u, item %u: %u keys (chunk %u) after %u (chunk %u)", round, i, keys,
+                     it->chunk, prev_keys, prev_chunk);
+            prev_keys = keys;
+            prev_chunk = it->chunk;
+        }
+    }
+    rig_fini(&r);
+}
+
 static void test_att_gpu_plan_few_waves_split_to_fill_them(void **state) {
     (void)state;
     plan_rig_t r;
@@ -313,6 +347,7 @@ static void test_att_gpu_plan_partitions_split_by_their_own_sms(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_att_gpu_plan_many_waves_fill_the_last),
+        cmocka_unit_test(test_att_gpu_plan_items_run_longest_first),
         cmocka_unit_test(test_att_gpu_plan_few_waves_split_to_fill_them),
         cmocka_unit_test(test_att_gpu_plan_lone_sequence_takes_the_most_parts),
         cmocka_unit_test(test_att_gpu_plan_mixed_batch_merges_index_their_kind),
