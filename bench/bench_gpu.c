@@ -7,11 +7,12 @@
  * stream: what the attention launches are compared with). The bf16
  * matrix rate comes from torch (tools/gpu_torch_bench.py) and is passed in with --matmul-tflops.
  * Cases, through att_ctx on the CUDA backend (device time of a call's kernels from events, median
- * of the repeats; every call rolls its sequences back to the same positions, so the shape stays):
- * decode of 256 sequences at 1K and 8K context for the Llama-3.1-8B shape (Hq 32, Hkv 8, D 128,
- * block 16, bf16) and an 8-head D-64 model; prefill 8 x 2048 causal for both; a mixed batch of
- * 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens of context, and its two
- * parts alone.
+ * of the repeats): decode of 256 sequences at 1K and 8K context for the Llama-3.1-8B shape (Hq 32,
+ * Hkv 8, D 128, block 16, bf16) and an 8-head D-64 model, each call a decode step (a token
+ * appended to every sequence; the repeats' contexts centred on 1K or 8K); prefill 8 x 2048 causal
+ * for both; a mixed batch of 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens
+ * of context, and its two parts alone (prefill and mixed calls roll their sequences back to the
+ * same positions, so the shape stays).
  * Thread: single-threaded. */
 #include <inttypes.h>
 #include <math.h>
@@ -352,9 +353,14 @@ static void call_free(void *p) {
         free(p);
 }
 
-/* Repeats one call (the same chunks: each rewrites its positions) and takes medians. */
-static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch, uint32_t n,
-                     int reps, result_t *r) {
+/* Warm-up calls before the timed repeats of time_call. */
+#define WARM_CALLS 3
+
+/* Repeats one call and takes medians: the same chunks, each rewriting its positions, or with
+ * `advance` each call one step further, as decode steps are (every chunk starts where its
+ * previous call ended). */
+static int time_call(att_ctx_t *ctx, const att_model_t *m, att_chunk_t *ch, uint32_t n, int reps,
+                     bool advance, result_t *r) {
     uint32_t t = 0;
     for (uint32_t i = 0; i < n; i++)
         t += ch[i].num_tokens;
@@ -373,7 +379,7 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
     att_ctx_info_t i0, i1, before;
     att_ctx_get_info(ctx, &before);
     int rc = 0;
-    for (int rep = -3; rep < reps && rc == 0; rep++) {
+    for (int rep = -WARM_CALLS; rep < reps && rc == 0; rep++) {
         if (rep == 0)
             att_ctx_get_info(ctx, &i0);
         at_diag_t d = {{0}};
@@ -393,6 +399,8 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, const att_chunk_t *ch
             host[rep] = (double)(ii.kv_stats.launch_host_ns - before.kv_stats.launch_host_ns);
         }
         att_ctx_get_info(ctx, &before);
+        for (uint32_t i = 0; i < n && advance; i++)
+            ch[i].start_pos += ch[i].num_tokens;
     }
     if (rc == 0) {
         att_ctx_get_info(ctx, &i1);
@@ -431,13 +439,23 @@ static double kv_row_bytes(const shape_t *s) { return 2.0 * s->hkv * s->d * 2; /
 
 static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t seqs, uint32_t ctx_tokens,
                         result_t *r) {
+    /* Each call is a decode step: it appends a token to every sequence, and its tables grow by
+     * appending, as in a server. The timed calls' contexts are centred on ctx_tokens: they start
+     * half their count below it, after the warm-up calls. */
+    const int reps = 20;
+    if (ctx_tokens <= WARM_CALLS + reps / 2) {
+        fprintf(stderr, "bench-gpu: decode contexts start at %d tokens\n",
+                WARM_CALLS + reps / 2 + 1);
+        return -1;
+    }
     att_ctx_t *ctx = NULL;
     if (session(be, s, (uint64_t)seqs * (ctx_tokens + 16), &ctx) != 0)
         return -1;
+    const uint32_t first = ctx_tokens - WARM_CALLS - reps / 2;
     att_chunk_t *ch = calloc(seqs, sizeof *ch);
-    int rc = fill_kv(ctx, att_ctx_model(ctx), seqs, 0, ctx_tokens);
+    int rc = fill_kv(ctx, att_ctx_model(ctx), seqs, 0, first);
     for (uint32_t i = 0; i < seqs; i++)
-        ch[i] = (att_chunk_t){i, ctx_tokens, 1};
+        ch[i] = (att_chunk_t){i, first, 1};
     if (ctx_tokens % 1024 == 0)
         snprintf(r->name, sizeof r->name, "decode %s %u x %uK", s->name, seqs, ctx_tokens / 1024);
     else
@@ -445,7 +463,7 @@ static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t seqs, uint
     r->kv_gb = (double)seqs * (ctx_tokens + 1) * kv_row_bytes(s) / 1e9;
     r->tflop = (double)seqs * s->hq * (ctx_tokens + 1) * s->d * 4 / 1e12;
     if (rc == 0)
-        rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, 20, r);
+        rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, reps, true, r);
     free(ch);
     att_ctx_destroy(&ctx);
     return rc;
@@ -462,7 +480,7 @@ static int bench_prefill(att_backend_t *be, const shape_t *s, result_t *r) {
     snprintf(r->name, sizeof r->name, "prefill %s 8 x 2048", s->name);
     r->kv_gb = (double)seqs * len * kv_row_bytes(s) / 1e9;
     r->tflop = (double)seqs * s->hq * ((double)len * (len + 1) / 2) * s->d * 4 / 1e12;
-    int rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, 10, r);
+    int rc = time_call(ctx, att_ctx_model(ctx), ch, seqs, 10, false, r);
     att_ctx_destroy(&ctx);
     return rc;
 }
@@ -490,7 +508,7 @@ static int bench_mixed(att_backend_t *be, const shape_t *s, int part, result_t *
     r->tflop = (part != 2 ? dec_tf : 0) + (part != 1 ? chunk_tf : 0);
     if (rc == 0)
         rc = time_call(ctx, att_ctx_model(ctx), part == 2 ? &ch[63] : ch,
-                       part == 0 ? 64 : part == 1 ? 63 : 1, 20, r);
+                       part == 0 ? 64 : part == 1 ? 63 : 1, 20, false, r);
     att_ctx_destroy(&ctx);
     return rc;
 }
