@@ -25,7 +25,8 @@
 
 /* How a session's work is cut: the tile configuration of each kind's module (compile-time knobs,
  * att_jit.h) and the split-KV (flash-decoding) thresholds of the per-call plan. This is the whole
- * configuration space a tuner searches, but for mixed_wide_sms (not tuned yet). */
+ * configuration space a tuner searches, but for mixed_wide_sms (not tuned yet) and the test and
+ * bench switches mixed_part_always and tail_unsplit. */
 typedef struct att_cuda_plan {
     att_tile_t tile[ATT_TILE_KINDS];
     uint32_t min_split_keys; /* a tile's keys are split only into parts of at least this many */

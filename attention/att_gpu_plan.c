@@ -79,9 +79,9 @@ static uint32_t tile_parts(const att_cuda_plan_t *p, const att_gpu_tile_t *t, ui
 /* A block's fixed cost (start, copy pipeline fill, partial rows stored and merged) in keys of
  * streaming: what a part must be worth to pay for itself. */
 #define PART_COST_KEYS 128u
-/* Splitting is considered below this many waves of unsplit blocks. With more, blocks finish at
- * scattered times and the last wave's gap mostly closes by itself (H200, 2026-11-30: 256 x 1K
- * decode, 5.2 waves, lost 5% when split in two). */
+/* Every long tile is split below this many waves of unsplit blocks. With more, splitting them
+ * all costs more than it saves (H200, 2026-11-30: 256 x 1K decode, 5.2 waves, lost 5% when split
+ * in two); only a last wave at most half full has its tiles split (split_tail). */
 #define SPLIT_WAVES 2u
 
 /* Parts per tile for a kind of `blocks` unsplit blocks of up to `keys` keys each, when `slots`
@@ -110,11 +110,41 @@ static uint32_t wave_parts(uint64_t blocks, uint64_t keys, uint64_t slots, uint3
  * keeps enough bytes in flight. */
 #define TAIL_SHARE 2u
 
+/* Sorts n entries (count << 32 | index) by count, fewest first or (most_first) most first,
+ * equal ones kept in order: a stable LSD radix sort over the counts' bytes (as many as the
+ * largest count has), through tmp. Planning runs on every call, and a comparison sort of a few
+ * hundred entries cost more than the rest of it (qsort of the items: 9 of 12.6 us for 256
+ * decode sequences on the CI machine). */
+static void sort_by_count(uint64_t *e, uint64_t *tmp, size_t n, bool most_first) {
+    uint32_t most = 0;
+    for (size_t i = 0; i < n; i++)
+        most = (uint32_t)(e[i] >> 32) > most ? (uint32_t)(e[i] >> 32) : most;
+    uint64_t *src = e, *dst = tmp;
+    for (uint32_t shift = 32; shift < 64 && most >> (shift - 32) != 0; shift += 8) {
+        size_t at[257] = {0};
+        for (size_t i = 0; i < n; i++) {
+            const uint32_t d = (uint32_t)(src[i] >> shift & 0xffu);
+            at[(most_first ? 255 - d : d) + 1]++;
+        }
+        for (size_t d = 1; d <= 256; d++)
+            at[d] += at[d - 1];
+        for (size_t i = 0; i < n; i++) {
+            const uint32_t d = (uint32_t)(src[i] >> shift & 0xffu);
+            dst[at[most_first ? 255 - d : d]++] = src[i];
+        }
+        uint64_t *x = src;
+        src = dst;
+        dst = x;
+    }
+    if (src != e)
+        memcpy(e, src, n * sizeof *e);
+}
+
 /* The tiles of one kind that the last wave would hold, split into parts that fill that wave:
  * `blocks` blocks of heads blocks per tile, `slots` of them at once. The last wave holds the
  * kind's shortest tiles (items run longest first), and of equally long ones the later (the
- * item sort is stable); each is split into up to its keys / min_split_keys parts. w->order
- * must hold as many entries as the kind has tiles. Returns how many were split. */
+ * item sort is stable); each is split into up to its keys / min_split_keys parts. Uses
+ * w->order and w->order_tmp (at least the kind's tiles each). Returns how many were split. */
 static uint32_t split_tail(att_gpu_work_t *w, size_t nt, uint32_t kind, const att_cuda_plan_t *plan,
                            uint64_t blocks, uint32_t heads, uint64_t slots) {
     if (slots == 0 || blocks <= slots || blocks % slots == 0 ||
@@ -126,25 +156,14 @@ static uint32_t split_tail(att_gpu_work_t *w, size_t nt, uint32_t kind, const at
     parts = parts < plan->max_splits ? parts : plan->max_splits;
     if (parts < 2)
         return 0;
-    /* the `tail` shortest in w->order (key count << 32 | tile), from the last tile back; `top`
-     * is the entry of the most keys, replaced only by a tile of fewer */
-    size_t n = 0, top = 0;
-    for (size_t i = nt; i-- > 0;) {
-        const att_gpu_tile_t *t = &w->tiles[i];
-        if (t->kind != kind)
-            continue;
-        const uint64_t e = (uint64_t)(t->ke - t->kb) << 32 | i;
-        if (n < tail) {
-            top = n == 0 || e >> 32 > w->order[top] >> 32 ? n : top;
-            w->order[n++] = e;
-        } else if (e >> 32 < w->order[top] >> 32) {
-            w->order[top] = e;
-            for (size_t j = 0; j < n; j++)
-                top = w->order[j] >> 32 > w->order[top] >> 32 ? j : top;
-        }
-    }
+    /* the kind's tiles from the last back, then by key count, fewest first: the first `tail` */
+    size_t n = 0;
+    for (size_t i = nt; i-- > 0;)
+        if (w->tiles[i].kind == kind)
+            w->order[n++] = (uint64_t)(w->tiles[i].ke - w->tiles[i].kb) << 32 | i;
+    sort_by_count(w->order, w->order_tmp, n, false);
     uint32_t split = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && i < tail; i++) {
         att_gpu_tile_t *t = &w->tiles[(uint32_t)w->order[i]];
         const uint64_t most = (t->ke - t->kb) / plan->min_split_keys;
         t->parts = (uint32_t)(parts < most ? parts : most);
@@ -174,31 +193,6 @@ static bool partition_suits(const att_model_t *m, uint64_t wide_row_keys, uint64
     return t_wide >= 0.5 * t_narrow && t_wide <= 1.25 * t_narrow;
 }
 
-/* Sorts n items by key count (held in `reserved`), most first, equal ones kept in order: a
- * stable LSD radix sort over the counts' bytes (as many as the largest count has), through tmp.
- * Planning runs on every call, and a comparison sort of a few hundred items cost more than the
- * rest of it (qsort: 9 of 13 us for 256 decode sequences on the CI machine). */
-static void sort_items_desc(att_kitem_t *items, att_kitem_t *tmp, size_t n) {
-    uint32_t most = 0;
-    for (size_t i = 0; i < n; i++)
-        most = items[i].reserved > most ? items[i].reserved : most;
-    att_kitem_t *src = items, *dst = tmp;
-    for (uint32_t shift = 0; shift < 32 && most >> shift != 0; shift += 8) {
-        size_t at[257] = {0};
-        for (size_t i = 0; i < n; i++)
-            at[256 - (src[i].reserved >> shift & 0xffu)]++;
-        for (size_t d = 1; d <= 256; d++)
-            at[d] += at[d - 1];
-        for (size_t i = 0; i < n; i++)
-            dst[at[255 - (src[i].reserved >> shift & 0xffu)]++] = src[i];
-        att_kitem_t *x = src;
-        src = dst;
-        dst = x;
-    }
-    if (src != items)
-        memcpy(items, src, n * sizeof *items);
-}
-
 /* Items of kind k are written as a run (wide first: kind order), longest first within a kind. */
 at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_cuda_plan_t *plan,
                             const uint32_t rows[ATT_TILE_KINDS],
@@ -217,6 +211,8 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     at_err_t e = grow((void **)&w->tiles, &w->cap_tiles, nt, sizeof *w->tiles);
     if (e == AT_OK)
         e = grow((void **)&w->order, &w->cap_order, nt, sizeof *w->order);
+    if (e == AT_OK)
+        e = grow((void **)&w->order_tmp, &w->cap_order_tmp, nt, sizeof *w->order_tmp);
     if (e != AT_OK)
         return e;
     nt = 0;
@@ -276,6 +272,8 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     }
     if ((e = grow((void **)&w->items, &w->cap_items, ni, sizeof *w->items)) != AT_OK ||
         (e = grow((void **)&w->scratch, &w->cap_scratch, ni, sizeof *w->scratch)) != AT_OK ||
+        (e = grow((void **)&w->order, &w->cap_order, ni, sizeof *w->order)) != AT_OK ||
+        (e = grow((void **)&w->order_tmp, &w->cap_order_tmp, ni, sizeof *w->order_tmp)) != AT_OK ||
         (e = grow((void **)&w->merges, &w->cap_merges, nm, sizeof *w->merges)) != AT_OK)
         return e;
     ni = nm = 0;
@@ -318,7 +316,14 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         }
         pl->num_items[kind] = (uint32_t)(ni - first_item);
         pl->num_merges[kind] = (uint32_t)(nm - first_merge);
-        sort_items_desc(w->items + first_item, w->scratch, ni - first_item);
+        /* longest first, equal ones in the order written */
+        const size_t run = ni - first_item;
+        for (size_t i = 0; i < run; i++)
+            w->order[i] = (uint64_t)w->items[first_item + i].reserved << 32 | i;
+        sort_by_count(w->order, w->order_tmp, run, true);
+        for (size_t i = 0; i < run; i++)
+            w->scratch[i] = w->items[first_item + (uint32_t)w->order[i]];
+        memcpy(w->items + first_item, w->scratch, run * sizeof *w->items);
     }
     for (size_t i = 0; i < ni; i++)
         w->items[i].reserved = 0;
@@ -330,6 +335,7 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
 void att_gpu_work_fini(att_gpu_work_t *w) {
     free(w->tiles);
     free(w->order);
+    free(w->order_tmp);
     free(w->items);
     free(w->scratch);
     free(w->merges);

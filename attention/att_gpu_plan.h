@@ -27,11 +27,12 @@ typedef struct att_gpu_tile {
 typedef struct att_gpu_work {
     att_gpu_tile_t *tiles;
     size_t cap_tiles;
-    uint64_t *order; /* [tiles]: the last wave's tiles (key count << 32 | tile) */
-    size_t cap_order;
+    /* [tiles or items, the more]: (key count << 32 | index) entries and their sort's buffer */
+    uint64_t *order, *order_tmp;
+    size_t cap_order, cap_order_tmp;
     att_kitem_t *items; /* [total_items]: wide kind first, longest first within a kind */
     size_t cap_items;
-    att_kitem_t *scratch; /* [total_items]: the item sort's */
+    att_kitem_t *scratch; /* [total_items]: items gathered in sorted order */
     size_t cap_scratch;
     att_kmerge_t *merges; /* [total_merges], in the same kind order */
     size_t cap_merges;

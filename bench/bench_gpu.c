@@ -448,8 +448,9 @@ static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t seqs, uint
                 WARM_CALLS + reps / 2 + 1);
         return -1;
     }
+    /* the last call ends 10 tokens past ctx_tokens, in at most one more block */
     att_ctx_t *ctx = NULL;
-    if (session(be, s, (uint64_t)seqs * (ctx_tokens + 16), &ctx) != 0)
+    if (session(be, s, (uint64_t)seqs * (ctx_tokens + 32), &ctx) != 0)
         return -1;
     const uint32_t first = ctx_tokens - WARM_CALLS - reps / 2;
     att_chunk_t *ch = calloc(seqs, sizeof *ch);
@@ -673,6 +674,13 @@ int bench_gpu_main(int argc, char **argv) {
             return strcmp(argv[i], "--help") == 0 ? 0 : 2;
         }
     }
+    static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
+    if (only_shape != NULL && strcmp(only_shape, shapes[0].name) != 0 &&
+        strcmp(only_shape, shapes[1].name) != 0) {
+        fprintf(stderr, "bench-gpu: --shape is %s or %s, not %s\n", shapes[0].name,
+                shapes[1].name, only_shape);
+        return 2;
+    }
     att_backend_t *be = NULL;
     at_diag_t d = {{0}};
     att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = timing,
@@ -714,7 +722,6 @@ int bench_gpu_main(int argc, char **argv) {
     }
     printf("tensors: %s\n", plain_host ? "plain memory, staged through pinned buffers"
                                        : "one registered host region (as the server's arena)");
-    static const shape_t shapes[] = {{"llama3-8b", 32, 8, 128}, {"h8-d64", 8, 8, 64}};
     result_t res[2 * BENCH_LIST * BENCH_LIST + 5];
     memset(res, 0, sizeof res);
     int n = 0, rc = 0;

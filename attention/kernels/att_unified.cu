@@ -516,7 +516,8 @@ __device__ __forceinline__ int warp_max(int v) {
  * block of the launch reads them again, so they are loaded evict-first and the L2 keeps what
  * every block starts from instead (items, chunks, block tables, q). H200, 2026-11-30, 256 x 1K
  * decode: D 64 88.0-88.3% -> 89.1-89.8% of the read-only bandwidth, Llama 91.9 -> 92.6-92.9
- * (docs/BENCHMARKS.md). Wide tiles share K/V tiles between their row tiles through the L2. */
+ * (docs/BENCHMARKS.md). Wide tiles (at least 32 rows: the tuning space's warps_m is 2 to 8)
+ * share K/V tiles between their row tiles through the L2. */
 constexpr bool kStreamKV = kRows == 16;
 
 /* Where a tile's K/V rows come from: the cache through the block table for positions before

@@ -279,9 +279,10 @@ static void test_att_cuda_mixed_on_partitions(void **state) {
 /* ---- the last wave's tiles split (att_gpu_plan_batch) ---- */
 
 /* Decode batches of a model of 8 KV heads (8 blocks per sequence) on a backend whose plan counts
- * one block per SM as a wave: 2 waves and up to 8 blocks more, so the last sequence's tiles are
- * split into parts that fill the third wave, and merged; then 2 waves and about 3/4 of one
- * more, a last wave too full to split. Against the CPU backend and the oracle. */
+ * one block per SM as a wave: 2 waves and up to 8 blocks more, so the shortest sequence's tile
+ * (sequence 0's) is split into parts that fill the third wave, and merged; then 2 waves and
+ * about 3/4 of one more, a last wave too full to split. Against the CPU backend and the oracle.
+ * The backend does not report its plan: test_att_gpu_plan checks these choices. */
 static void test_att_cuda_tail_split(void **state) {
     (void)state;
     NEED_GPU();
@@ -313,7 +314,7 @@ static void test_att_cuda_tail_split(void **state) {
     att_rig_init_with(&rig, &spec.cfg, (uint64_t)seqs * 1200, CPU_BE, 1, &be, 1,
                       tu_rng_next(&r));
     att_chunk_t ch[ATT_RIG_MAX_SEQS];
-    for (uint32_t i = 0; i < seqs; i++) /* contexts of 1000 to 1063 tokens: up to 3 parts */
+    for (uint32_t i = 0; i < seqs; i++) /* contexts from 1000 tokens: up to 3 parts */
         ch[i] = (att_chunk_t){i, 0, 1000 + i};
     att_rig_append(&rig, 0, ch, seqs);
     for (uint32_t step = 0; step < 2; step++) {

@@ -161,6 +161,20 @@ static void test_att_gpu_plan_many_waves_fill_the_last(void **state) {
              r.pl.tail_tiles[ATT_TILE_NARROW], short_split);
     check_cover(&r, &b);
 
+    /* of equally long tiles the later ones: 101 sequences, the second shorter, make 2 waves and
+     * 16 blocks; the last wave holds the short one and the last of the others */
+    b = (att_batch_t){.attend = 1, .chunks = r.ch};
+    add_chunks(&r, &b, 1, 1024, 1);
+    add_chunks(&r, &b, 1, 600, 1);
+    add_chunks(&r, &b, 99, 1024, 1);
+    plan(&r, &b);
+    TU_CHECK(r.pl.total_merges == 2 &&
+                 ((r.w.merges[0].chunk == 1 && r.w.merges[1].chunk == 100) ||
+                  (r.w.merges[0].chunk == 100 && r.w.merges[1].chunk == 1)),
+             "101 sequences: %u tiles split, chunks %u and %u", r.pl.total_merges,
+             r.w.merges[0].chunk, r.pl.total_merges > 1 ? r.w.merges[1].chunk : 0);
+    check_cover(&r, &b);
+
     /* a last wave more than half full stays whole: 280 x 1K, 2240 blocks, 260 in the last */
     b = (att_batch_t){.attend = 1, .chunks = r.ch};
     add_chunks(&r, &b, 280, 1024, 1);
