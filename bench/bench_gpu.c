@@ -443,16 +443,16 @@ static int bench_decode(att_backend_t *be, const shape_t *s, uint32_t seqs, uint
      * appending, as in a server. The timed calls' contexts are centred on ctx_tokens: they start
      * half their count below it, after the warm-up calls. */
     const int reps = 20;
-    if (ctx_tokens <= WARM_CALLS + reps / 2) {
-        fprintf(stderr, "bench-gpu: decode contexts start at %d tokens\n",
-                WARM_CALLS + reps / 2 + 1);
+    const uint32_t below = WARM_CALLS + reps / 2; /* the first call's position below ctx_tokens */
+    if (ctx_tokens <= below) {
+        fprintf(stderr, "bench-gpu: decode contexts start at %u tokens\n", below + 1);
         return -1;
     }
     /* the last call ends 10 tokens past ctx_tokens, in at most one more block */
     att_ctx_t *ctx = NULL;
     if (session(be, s, (uint64_t)seqs * (ctx_tokens + 32), &ctx) != 0)
         return -1;
-    const uint32_t first = ctx_tokens - WARM_CALLS - reps / 2;
+    const uint32_t first = ctx_tokens - below;
     att_chunk_t *ch = calloc(seqs, sizeof *ch);
     int rc = fill_kv(ctx, att_ctx_model(ctx), seqs, 0, first);
     for (uint32_t i = 0; i < seqs; i++)
