@@ -316,14 +316,20 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         }
         pl->num_items[kind] = (uint32_t)(ni - first_item);
         pl->num_merges[kind] = (uint32_t)(nm - first_merge);
-        /* longest first, equal ones in the order written */
+        /* longest first, equal ones in the order written; a run already so (a decode batch of
+         * equal contexts, its last wave's parts written last) is left as it is */
         const size_t run = ni - first_item;
-        for (size_t i = 0; i < run; i++)
+        bool sorted = true;
+        for (size_t i = 0; i < run; i++) {
             w->order[i] = (uint64_t)w->items[first_item + i].reserved << 32 | i;
-        sort_by_count(w->order, w->order_tmp, run, true);
-        for (size_t i = 0; i < run; i++)
-            w->scratch[i] = w->items[first_item + (uint32_t)w->order[i]];
-        memcpy(w->items + first_item, w->scratch, run * sizeof *w->items);
+            sorted = sorted && (i == 0 || w->order[i] >> 32 <= w->order[i - 1] >> 32);
+        }
+        if (!sorted) {
+            sort_by_count(w->order, w->order_tmp, run, true);
+            for (size_t i = 0; i < run; i++)
+                w->scratch[i] = w->items[first_item + (uint32_t)w->order[i]];
+            memcpy(w->items + first_item, w->scratch, run * sizeof *w->items);
+        }
     }
     for (size_t i = 0; i < ni; i++)
         w->items[i].reserved = 0;
