@@ -7,7 +7,8 @@
 # xz-compressed (109 MB raw) and unpacked by dist/gpu/run on first use. With the HIP backend built
 # (Debian's libamdhip64-dev here), test_att_hip, test_att_hip_tune and the HIP test double
 # (lib/libattnd_hip_on_cuda_testdouble.so: HIP on CUDA, test-only) come too: `gpu_run.sh hip`.
-# With nvcc here, bin/wgmma_check too (tools/wgmma_check.cu: `gpu_run.sh wgmma`).
+# With nvcc here, bin/wgmma_check too (tools/wgmma_check.cu: `gpu_run.sh wgmma`); always
+# bin/launch_probe (tools/launch_probe.c: `gpu_run.sh launch`).
 # Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,9 @@ if [ -x "$nvcc" ]; then
 else
   echo "no nvcc: dist/gpu has no wgmma_check"
 fi
+# The bare launch's host time by wait (gpu_run.sh launch): the driver only, through its stub.
+cc -O2 -std=c11 -Wall -Wextra -Werror -I"${AT_CUDA_ROOT:-/usr/local/cuda}/include" \
+  -o "$out/bin/launch_probe" tools/launch_probe.c -L"$cuda_lib/stubs" -lcuda
 if [ "$hip" = 1 ]; then
   cp "$build/tests/libattnd_hip_on_cuda_testdouble.so" "$out/lib.new/"
 fi

@@ -1,0 +1,193 @@
+/* The host time of a bare cuLaunchKernel (an empty kernel, no parameters) on this machine, by
+ * how long the host waited before it and how it waited: what bounds the attention calls' host
+ * time (docs/BENCHMARKS.md, "Host time per call"). One line per run:
+ *   b2b     the mean of 5000 launches back to back (the driver's best case);
+ *   synced  each launch after the stream was waited for (one empty kernel before it);
+ *   W ms    each launch after a kernel that kept the GPU busy for W ms (0.3, 2, 8), waited for
+ *           by cuStreamSynchronize ("sync") or by polling cuStreamQuery ("poll"),
+ * medians and 90th percentiles of 60 launches each (300 for synced);
+ *   copies  the host time of a Llama decode call's four uploads from pinned memory (16 KiB,
+ *           2 MiB, 512 KiB, 512 KiB) as four cuMemcpyHtoDAsync calls, and of the same bytes as
+ *           two (16 KiB, then the rest in one), medians of 300 on a synchronized stream.
+ * With --cpu N the thread is
+ * pinned to CPU N first. Host times move between processes, so run it several times.
+ *
+ * Build (tools/gpu_bundle.sh does): cc -O2 -std=c11 -I<cuda>/include tools/launch_probe.c
+ * -L<cuda>/lib64/stubs -lcuda. Needs only the driver; the kernels are PTX the driver compiles.
+ * Thread: main's. */
+#define _GNU_SOURCE
+#include <cuda.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
+                            ".visible .entry empty() { ret; }\n"
+                            ".visible .entry spin(.param .u64 ns) {\n"
+                            "  .reg .u64 %t0, %t, %n, %d;\n  .reg .pred %p;\n"
+                            "  ld.param.u64 %n, [ns];\n  mov.u64 %t0, %globaltimer;\n"
+                            "LOOP:\n  mov.u64 %t, %globaltimer;\n  sub.u64 %d, %t, %t0;\n"
+                            "  setp.lt.u64 %p, %d, %n;\n  @%p bra LOOP;\n  ret;\n}\n";
+
+static unsigned long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int check(CUresult r, const char *what) {
+    if (r == CUDA_SUCCESS)
+        return 0;
+    const char *name = NULL;
+    if (cuGetErrorName(r, &name) != CUDA_SUCCESS || name == NULL)
+        name = "unknown";
+    fprintf(stderr, "launch_probe: %s: %s\n", what, name);
+    return -1;
+}
+
+#define CK(call) check(call, #call)
+
+typedef struct probe {
+    CUfunction empty, spin;
+    CUstream st;
+} probe_t;
+
+static int wait_for(const probe_t *p, int poll) {
+    if (!poll)
+        return CK(cuStreamSynchronize(p->st));
+    CUresult r;
+    while ((r = cuStreamQuery(p->st)) == CUDA_ERROR_NOT_READY)
+        continue;
+    return check(r, "cuStreamQuery");
+}
+
+/* Median and 90th percentile (us) of n launches of the empty kernel, each after a kernel of
+ * busy_ns (none when 0) waited for as `poll` says. */
+static int after_wait(const probe_t *p, long long busy_ns, int poll, int n, double *p50,
+                      double *p90) {
+    double *t = calloc((size_t)n, sizeof *t);
+    if (t == NULL)
+        return -1;
+    void *args[] = {&busy_ns};
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        rc = busy_ns != 0 ? CK(cuLaunchKernel(p->spin, 1, 1, 1, 32, 1, 1, 0, p->st, args, NULL))
+                          : CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
+        rc = rc || wait_for(p, poll);
+        const unsigned long long t0 = now_ns();
+        rc = rc || CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
+        t[i] = (double)(now_ns() - t0) / 1e3;
+        rc = rc || wait_for(p, poll);
+    }
+    if (rc == 0) {
+        qsort(t, (size_t)n, sizeof *t, cmp_double);
+        *p50 = t[n / 2];
+        *p90 = t[n * 9 / 10];
+    }
+    free(t);
+    return rc;
+}
+
+/* Median host time (us) of a decode call's uploads as four copy calls and as two. */
+static int upload_calls(const probe_t *p, double *four, double *two) {
+    enum { N = 300 };
+    static const size_t sizes[4] = {16 << 10, 2 << 20, 512 << 10, 512 << 10};
+    const size_t total = sizes[0] + sizes[1] + sizes[2] + sizes[3];
+    void *h = NULL;
+    CUdeviceptr d = 0;
+    double *t = calloc(2 * N, sizeof *t);
+    int rc = t == NULL || CK(cuMemHostAlloc(&h, total, 0)) || CK(cuMemAlloc(&d, total));
+    for (int i = 0; i < 2 * N && rc == 0; i++) {
+        const int merged = i % 2; /* alternate, so both see the same conditions */
+        const unsigned long long t0 = now_ns();
+        if (merged) {
+            rc = CK(cuMemcpyHtoDAsync(d, h, sizes[0], p->st)) ||
+                 CK(cuMemcpyHtoDAsync(d + sizes[0], (char *)h + sizes[0], total - sizes[0], p->st));
+        } else {
+            size_t off = 0;
+            for (int u = 0; u < 4 && rc == 0; off += sizes[u], u++)
+                rc = CK(cuMemcpyHtoDAsync(d + off, (char *)h + off, sizes[u], p->st));
+        }
+        t[merged * N + i / 2] = (double)(now_ns() - t0) / 1e3;
+        rc = rc || CK(cuStreamSynchronize(p->st));
+    }
+    if (rc == 0) {
+        qsort(t, N, sizeof *t, cmp_double);
+        qsort(t + N, N, sizeof *t, cmp_double);
+        *four = t[N / 2];
+        *two = t[N + N / 2];
+    }
+    if (d != 0)
+        CK(cuMemFree(d));
+    if (h != NULL)
+        CK(cuMemFreeHost(h));
+    free(t);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    int cpu = -1;
+    if (argc == 3 && strcmp(argv[1], "--cpu") == 0) {
+        cpu = atoi(argv[2]);
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        if (sched_setaffinity(0, sizeof set, &set) != 0) {
+            perror("launch_probe: sched_setaffinity");
+            return 1;
+        }
+    } else if (argc != 1) {
+        fprintf(stderr, "usage: launch_probe [--cpu N]\n");
+        return 2;
+    }
+    CUdevice dev;
+    CUcontext ctx;
+    CUmodule mod;
+    probe_t p;
+    if (CK(cuInit(0)) || CK(cuDeviceGet(&dev, 0)) || CK(cuDevicePrimaryCtxRetain(&ctx, dev)) ||
+        CK(cuCtxSetCurrent(ctx)) || CK(cuModuleLoadData(&mod, k_ptx)) ||
+        CK(cuModuleGetFunction(&p.empty, mod, "empty")) ||
+        CK(cuModuleGetFunction(&p.spin, mod, "spin")) ||
+        CK(cuStreamCreate(&p.st, CU_STREAM_NON_BLOCKING)))
+        return 1;
+    const int cpu_first = sched_getcpu();
+    for (int i = 0; i < 200; i++)
+        if (CK(cuLaunchKernel(p.empty, 1, 1, 1, 32, 1, 1, 0, p.st, NULL, NULL)))
+            return 1;
+    if (CK(cuStreamSynchronize(p.st)))
+        return 1;
+    enum { B2B = 5000 };
+    const unsigned long long t0 = now_ns();
+    for (int i = 0; i < B2B; i++)
+        if (CK(cuLaunchKernel(p.empty, 1, 1, 1, 32, 1, 1, 0, p.st, NULL, NULL)))
+            return 1;
+    const double b2b = (double)(now_ns() - t0) / B2B / 1e3;
+    double s50, s90;
+    if (CK(cuStreamSynchronize(p.st)) || after_wait(&p, 0, 0, 300, &s50, &s90) != 0)
+        return 1;
+    printf("cpu %2d->%2d  b2b %.2f  synced %.2f/%.2f", cpu_first, sched_getcpu(), b2b, s50, s90);
+    static const long long waits[] = {300000, 2000000, 8000000};
+    for (int w = 0; w < 3; w++)
+        for (int poll = 0; poll < 2; poll++) {
+            double a, b;
+            if (after_wait(&p, waits[w], poll, 60, &a, &b) != 0)
+                return 1;
+            printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, poll ? "poll" : "sync", a, b);
+        }
+    double four, two;
+    if (upload_calls(&p, &four, &two) != 0)
+        return 1;
+    printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
+           cpu >= 0 ? "; pinned" : "");
+    return CK(cuStreamDestroy(p.st)) || CK(cuModuleUnload(mod)) ||
+                   CK(cuDevicePrimaryCtxRelease(dev))
+               ? 1
+               : 0;
+}
