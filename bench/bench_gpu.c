@@ -261,7 +261,8 @@ typedef struct result {
     double tflop;       /* attention FLOPs (QK and PV, 2 per multiply-add), TFLOP */
     double host_us;     /* host time of the call's launches on a launch-cache hit, median */
     double host_mean_us;
-    double enqueue_us;  /* host time from entry to the last launch (staging included) */
+    double enqueue_us;  /* host time from entry to the last launch (staging included), median */
+    double host_p90_us; /* the 90th percentile of host_us's per-call times */
     uint64_t launches;  /* per call */
 } result_t;
 
@@ -375,10 +376,10 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, att_chunk_t *ch, uint
     att_call_t c = {.layer = 0, .chunks = ch, .num_chunks = n, .q = q, .q_bytes = qb, .k = k,
                     .k_bytes = kb, .v = v, .v_bytes = kb, .out = out, .out_bytes = qb};
     double *dev = calloc((size_t)reps, sizeof *dev), *wall = calloc((size_t)reps, sizeof *wall);
-    double *host = calloc((size_t)reps, sizeof *host);
+    double *host = calloc((size_t)reps, sizeof *host), *enq = calloc((size_t)reps, sizeof *enq);
     att_ctx_info_t i0, i1, before;
     att_ctx_get_info(ctx, &before);
-    int rc = 0;
+    int rc = dev == NULL || wall == NULL || host == NULL || enq == NULL ? -1 : 0;
     for (int rep = -WARM_CALLS; rep < reps && rc == 0; rep++) {
         if (rep == 0)
             att_ctx_get_info(ctx, &i0);
@@ -397,6 +398,7 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, att_chunk_t *ch, uint
             dev[rep] = ii.kv_stats.last_device_ns / 1e6;
             wall[rep] = (t1 - t0) / 1e6;
             host[rep] = (double)(ii.kv_stats.launch_host_ns - before.kv_stats.launch_host_ns);
+            enq[rep] = (double)ii.kv_stats.last_host_ns;
         }
         att_ctx_get_info(ctx, &before);
         for (uint32_t i = 0; i < n && advance; i++)
@@ -407,17 +409,20 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, att_chunk_t *ch, uint
         qsort(dev, (size_t)reps, sizeof *dev, cmp_double);
         qsort(wall, (size_t)reps, sizeof *wall, cmp_double);
         qsort(host, (size_t)reps, sizeof *host, cmp_double);
+        qsort(enq, (size_t)reps, sizeof *enq, cmp_double);
         r->device_ms = dev[reps / 2];
         r->call_ms = wall[reps / 2];
         r->launches = (i1.kv_stats.launches - i0.kv_stats.launches) / (uint64_t)reps;
         r->host_us = host[reps / 2] / 1e3;
+        r->host_p90_us = host[reps * 9 / 10] / 1e3;
         r->host_mean_us =
             (double)(i1.kv_stats.launch_host_ns - i0.kv_stats.launch_host_ns) / reps / 1e3;
-        r->enqueue_us = i1.kv_stats.last_host_ns / 1e3;
+        r->enqueue_us = enq[reps / 2] / 1e3;
     }
     free(dev);
     free(wall);
     free(host);
+    free(enq);
     call_free(q);
     call_free(k);
     call_free(v);
@@ -739,8 +744,8 @@ int bench_gpu_main(int argc, char **argv) {
         rc |= bench_mixed(be, &shapes[0], 0, &res[n++]);
     for (int part = 1; part <= 2 && rc == 0 && llama && has_case(cases, "mixparts"); part++)
         rc |= bench_mixed(be, &shapes[0], part, &res[n++]);
-    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
-           "KV GB/s", "of read", "TFLOP/s", "host us", "mean us", "enq us", "launch");
+    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
+           "KV GB/s", "of read", "TFLOP/s", "host us", "p90 us", "mean us", "enq us", "launch");
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
@@ -755,9 +760,9 @@ int bench_gpu_main(int argc, char **argv) {
         /* without timing (--no-timing) there are no device times, so no rates */
         const double gbs = r->device_ms > 0 ? r->kv_gb / (r->device_ms / 1e3) : 0.0;
         const double tfs = r->device_ms > 0 ? r->tflop / (r->device_ms / 1e3) : 0.0;
-        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
+        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
                r->name, r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
-               r->host_mean_us, r->enqueue_us, r->launches);
+               r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches);
         if (strncmp(r->name, "mixed", 5) == 0 && strstr(r->name, "part)") == NULL &&
             r->device_ms > 0) {
             const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
@@ -769,10 +774,10 @@ int bench_gpu_main(int argc, char **argv) {
         if (js != NULL)
             fprintf(js, "%s{\"case\": \"%s\", \"device_ms\": %.4f, \"call_ms\": %.4f, "
                         "\"kv_gb\": %.4f, \"tflop\": %.4f, \"host_us\": %.3f, "
-                        "\"host_mean_us\": %.3f, \"enqueue_us\": %.3f, \"launches\": %" PRIu64
-                        "}",
+                        "\"host_p90_us\": %.3f, \"host_mean_us\": %.3f, \"enqueue_us\": %.3f, "
+                        "\"launches\": %" PRIu64 "}",
                     i ? ", " : "", r->name, r->device_ms, r->call_ms, r->kv_gb, r->tflop,
-                    r->host_us, r->host_mean_us, r->enqueue_us, r->launches);
+                    r->host_us, r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches);
     }
     if (js != NULL) {
         fprintf(js, "]}\n");
