@@ -4,7 +4,9 @@
  *   b2b     the mean of 5000 launches back to back (the driver's best case);
  *   synced  each launch after the stream was waited for (one empty kernel before it);
  *   W ms    each launch after a kernel that kept the GPU busy for W ms (0.3, 2, 8), waited for
- *           by cuStreamSynchronize ("sync") or by polling cuStreamQuery ("poll"),
+ *           by cuStreamSynchronize ("sync"), by polling cuStreamQuery ("poll"), polling with an
+ *           event recorded on an idle stream every 200 us ("warm"), or polling while the kernel
+ *           writes host memory every 100 us ("touch"),
  * medians and 90th percentiles of 60 launches each (300 for synced);
  *   copies  the host time of a Llama decode call's four uploads from pinned memory (16 KiB,
  *           2 MiB, 512 KiB, 512 KiB) as four cuMemcpyHtoDAsync calls, and of the same bytes as
@@ -29,7 +31,18 @@ static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
                             "  .reg .u64 %t0, %t, %n, %d;\n  .reg .pred %p;\n"
                             "  ld.param.u64 %n, [ns];\n  mov.u64 %t0, %globaltimer;\n"
                             "LOOP:\n  mov.u64 %t, %globaltimer;\n  sub.u64 %d, %t, %t0;\n"
-                            "  setp.lt.u64 %p, %d, %n;\n  @%p bra LOOP;\n  ret;\n}\n";
+                            "  setp.lt.u64 %p, %d, %n;\n  @%p bra LOOP;\n  ret;\n}\n"
+                            ".visible .entry spin_touch(.param .u64 ns, .param .u64 dst) {\n"
+                            "  .reg .u64 %t0, %t, %n, %d, %last, %e, %dst;\n"
+                            "  .reg .u32 %one;\n  .reg .pred %p, %q;\n"
+                            "  ld.param.u64 %n, [ns];\n  ld.param.u64 %dst, [dst];\n"
+                            "  mov.u32 %one, 1;\n  mov.u64 %t0, %globaltimer;\n"
+                            "  mov.u64 %last, %t0;\n"
+                            "LOOP:\n  mov.u64 %t, %globaltimer;\n  sub.u64 %e, %t, %last;\n"
+                            "  setp.lt.u64 %q, %e, 100000;\n  @%q bra SKIP;\n"
+                            "  st.volatile.global.u32 [%dst], %one;\n  mov.u64 %last, %t;\n"
+                            "SKIP:\n  sub.u64 %d, %t, %t0;\n  setp.lt.u64 %p, %d, %n;\n"
+                            "  @%p bra LOOP;\n  ret;\n}\n";
 
 static unsigned long long now_ns(void) {
     struct timespec ts;
@@ -55,36 +68,52 @@ static int check(CUresult r, const char *what) {
 #define CK(call) check(call, #call)
 
 typedef struct probe {
-    CUfunction empty, spin;
-    CUstream st;
+    CUfunction empty, spin, spin_touch;
+    CUstream st, side; /* side: the warm submissions' stream */
+    CUevent ev;
+    CUdeviceptr touch_d; /* a word of mapped host memory spin_touch writes */
 } probe_t;
 
-static int wait_for(const probe_t *p, int poll) {
-    if (!poll)
+/* How the host waits for the busy kernel: cuStreamSynchronize; polling cuStreamQuery; polling
+ * and recording an event on an idle stream every 200 us (a submission that keeps the driver's
+ * submission path in use); polling while the kernel writes a word of host memory every 100 us
+ * (traffic from the GPU to the host on the link, no submission). */
+enum { WAIT_SYNC, WAIT_POLL, WAIT_WARM, WAIT_TOUCH, WAIT_MODES };
+static const char *const k_wait_names[WAIT_MODES] = {"sync", "poll", "warm", "touch"};
+
+static int wait_for(const probe_t *p, int mode) {
+    if (mode == WAIT_SYNC)
         return CK(cuStreamSynchronize(p->st));
+    unsigned long long last = now_ns();
     CUresult r;
     while ((r = cuStreamQuery(p->st)) == CUDA_ERROR_NOT_READY)
-        continue;
+        if (mode == WAIT_WARM && now_ns() - last > 200000) {
+            if (CK(cuEventRecord(p->ev, p->side)))
+                return -1;
+            last = now_ns();
+        }
     return check(r, "cuStreamQuery");
 }
 
 /* Median and 90th percentile (us) of n launches of the empty kernel, each after a kernel of
- * busy_ns (none when 0) waited for as `poll` says. */
-static int after_wait(const probe_t *p, long long busy_ns, int poll, int n, double *p50,
+ * busy_ns (none when 0) waited for as `mode` says. */
+static int after_wait(const probe_t *p, long long busy_ns, int mode, int n, double *p50,
                       double *p90) {
     double *t = calloc((size_t)n, sizeof *t);
     if (t == NULL)
         return -1;
-    void *args[] = {&busy_ns};
+    CUdeviceptr dst = p->touch_d;
+    void *args[] = {&busy_ns, &dst};
+    const CUfunction busy = mode == WAIT_TOUCH ? p->spin_touch : p->spin;
     int rc = 0;
     for (int i = 0; i < n && rc == 0; i++) {
-        rc = busy_ns != 0 ? CK(cuLaunchKernel(p->spin, 1, 1, 1, 32, 1, 1, 0, p->st, args, NULL))
+        rc = busy_ns != 0 ? CK(cuLaunchKernel(busy, 1, 1, 1, 32, 1, 1, 0, p->st, args, NULL))
                           : CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
-        rc = rc || wait_for(p, poll);
+        rc = rc || wait_for(p, mode);
         const unsigned long long t0 = now_ns();
         rc = rc || CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
         t[i] = (double)(now_ns() - t0) / 1e3;
-        rc = rc || wait_for(p, poll);
+        rc = rc || wait_for(p, mode == WAIT_SYNC ? WAIT_SYNC : WAIT_POLL);
     }
     if (rc == 0) {
         qsort(t, (size_t)n, sizeof *t, cmp_double);
@@ -151,11 +180,17 @@ int main(int argc, char **argv) {
     CUcontext ctx;
     CUmodule mod;
     probe_t p;
+    void *touch_h = NULL;
     if (CK(cuInit(0)) || CK(cuDeviceGet(&dev, 0)) || CK(cuDevicePrimaryCtxRetain(&ctx, dev)) ||
         CK(cuCtxSetCurrent(ctx)) || CK(cuModuleLoadData(&mod, k_ptx)) ||
         CK(cuModuleGetFunction(&p.empty, mod, "empty")) ||
         CK(cuModuleGetFunction(&p.spin, mod, "spin")) ||
-        CK(cuStreamCreate(&p.st, CU_STREAM_NON_BLOCKING)))
+        CK(cuModuleGetFunction(&p.spin_touch, mod, "spin_touch")) ||
+        CK(cuStreamCreate(&p.st, CU_STREAM_NON_BLOCKING)) ||
+        CK(cuStreamCreate(&p.side, CU_STREAM_NON_BLOCKING)) ||
+        CK(cuEventCreate(&p.ev, CU_EVENT_DISABLE_TIMING)) ||
+        CK(cuMemHostAlloc(&touch_h, 64, CU_MEMHOSTALLOC_DEVICEMAP)) ||
+        CK(cuMemHostGetDevicePointer(&p.touch_d, touch_h, 0)))
         return 1;
     const int cpu_first = sched_getcpu();
     for (int i = 0; i < 200; i++)
@@ -175,18 +210,19 @@ int main(int argc, char **argv) {
     printf("cpu %2d->%2d  b2b %.2f  synced %.2f/%.2f", cpu_first, sched_getcpu(), b2b, s50, s90);
     static const long long waits[] = {300000, 2000000, 8000000};
     for (int w = 0; w < 3; w++)
-        for (int poll = 0; poll < 2; poll++) {
+        for (int mode = 0; mode < WAIT_MODES; mode++) {
             double a, b;
-            if (after_wait(&p, waits[w], poll, 60, &a, &b) != 0)
+            if (after_wait(&p, waits[w], mode, 60, &a, &b) != 0)
                 return 1;
-            printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, poll ? "poll" : "sync", a, b);
+            printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, k_wait_names[mode], a, b);
         }
     double four, two;
     if (upload_calls(&p, &four, &two) != 0)
         return 1;
     printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
            cpu >= 0 ? "; pinned" : "");
-    return CK(cuStreamDestroy(p.st)) || CK(cuModuleUnload(mod)) ||
+    return CK(cuStreamDestroy(p.st)) || CK(cuStreamDestroy(p.side)) || CK(cuEventDestroy(p.ev)) ||
+                   CK(cuMemFreeHost(touch_h)) || CK(cuModuleUnload(mod)) ||
                    CK(cuDevicePrimaryCtxRelease(dev))
                ? 1
                : 0;
