@@ -307,6 +307,26 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
     return AT_OK;
 }
 
+/* Uploads the call's q, k and v: one copy where the host holds them together in registered
+ * memory (att_gpu_qkv_span, which then places k and v in lo), else a copy per run of chunks. */
+static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
+                              size_t q_row, size_t kv_row) {
+    cuda_backend_t *be = kv->be;
+    size_t n = 0;
+    const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
+    if (qkv != NULL)
+        return CU(cuMemcpyHtoDAsync(kv->io_d + lo->o_q, qkv, n, kv->stream));
+    bool staged;
+    at_err_t e = AT_OK;
+    if (b->attend)
+        e = move_tensor(kv, b, 0, q_row, lo->o_q, lo->o_q, &staged);
+    if (e == AT_OK)
+        e = move_tensor(kv, b, 1, kv_row, lo->o_k, lo->o_k, &staged);
+    if (e == AT_OK)
+        e = move_tensor(kv, b, 2, kv_row, lo->o_v, lo->o_v, &staged);
+    return e;
+}
+
 /* ---- SM partitions (green contexts) for mixed batches ---- */
 
 /* The partition whose wide part has about `want` SMs: the cached one of the same rounded size,
@@ -445,10 +465,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
-    bool staged;
-    if ((b->attend && (e = move_tensor(kv, b, 0, q_row, lo.o_q, lo.o_q, &staged)) != AT_OK) ||
-        (e = move_tensor(kv, b, 1, kv_row, lo.o_k, lo.o_k, &staged)) != AT_OK ||
-        (e = move_tensor(kv, b, 2, kv_row, lo.o_v, lo.o_v, &staged)) != AT_OK)
+    if ((e = upload_inputs(kv, b, &lo, q_row, kv_row)) != AT_OK)
         goto out_drain;
 
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)

@@ -354,6 +354,29 @@ bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n) {
     return found;
 }
 
+const uint8_t *att_gpu_qkv_span(const att_batch_t *b, size_t q_row, size_t kv_row,
+                                att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes) {
+    if (!b->attend || b->num_chunks == 0)
+        return NULL;
+    const uint8_t *p[3];
+    size_t n[3], off;
+    const size_t rows[3] = {q_row, kv_row, kv_row};
+    for (int w = 0; w < 3; w++)
+        if (att_gpu_tensor_run(b, w, rows[w], 0, &p[w], &n[w], &off) != b->num_chunks || off != 0)
+            return NULL;
+    const uintptr_t q = (uintptr_t)p[0], k = (uintptr_t)p[1], v = (uintptr_t)p[2];
+    if (k < q + n[0] || v < k + n[1])
+        return NULL;
+    const size_t dk = k - q, dv = v - q, span = dv + n[2];
+    if (dk % 16 != 0 || dv % 16 != 0 || span > lo->o_out - lo->o_q ||
+        !att_gpu_regions_contain(r, p[0], span))
+        return NULL;
+    lo->o_k = lo->o_q + dk;
+    lo->o_v = lo->o_q + dv;
+    *bytes = span;
+    return p[0];
+}
+
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
                         att_gpu_regions_t *regs) {
     for (uint32_t c = 0; c < b->num_chunks; c++) {

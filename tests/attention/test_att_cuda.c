@@ -46,7 +46,7 @@ typedef att_cuda_cfg_t be_cfg_t;
 static uint64_t g_seed;
 static att_backend_t *g_cuda;
 static at_diag_t g_why;
-static void *g_registered;
+static void *g_registered[2]; /* registered with g_cuda: freed after it */
 
 static const att_cpu_cfg_t CPU_BE[] = {{.num_threads = 0}};
 
@@ -532,7 +532,57 @@ static void test_att_cuda_merged_calls_and_registered_memory(void **state) {
     TU_CHECK(info.backend_runs == 1, "the three calls ran as %" PRIu64 " runs", info.backend_runs);
     att_rig_check_cache(&rig);
     att_rig_fini(&rig);
-    g_registered = reg; /* registered for the backend's lifetime: freed after it */
+    g_registered[0] = reg;
+}
+
+/* A call whose q, k, v and out lie one after another in registered memory, each rounded up to
+ * 64 bytes as the server's arena places them: the CUDA backend uploads q, k and v in one copy
+ * (att_gpu_qkv_span) and its kernels find k and v at the host's distances. Prefill chunks, then
+ * decode steps next to a chunk over earlier context, against the oracle. */
+static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
+    (void)state;
+    NEED_GPU();
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 61000u));
+    tu_where_set("adjacent: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, 8, 2, 64, 16);
+    att_rig_t rig;
+    rig_on_gpu(&rig, &s, 4096, 0, tu_rng_next(&r));
+    const size_t q_row = 8 * 64 * 2, kv_row = 2 * 64 * 2, region = 1u << 20;
+    uint8_t *reg = NULL;
+    TU_CHECK(posix_memalign((void **)&reg, 4096, region) == 0, "posix_memalign");
+    TU_CHECK(g_cuda->ops->register_host(g_cuda, reg, region) == AT_OK, "register_host");
+    g_registered[1] = reg;
+    const att_chunk_t calls[2][3] = {{{31, 0, 37}, {32, 0, 5}, {33, 0, 20}},
+                                     {{31, 37, 1}, {32, 5, 1}, {33, 20, 30}}};
+    for (int i = 0; i < 2; i++) {
+        const uint32_t t = att_rig_tokens(calls[i], 3);
+        const size_t qb = t * q_row, kb = t * kv_row;
+        uint8_t *q = reg, *k = q + (qb + 63) / 64 * 64, *v = k + (kb + 63) / 64 * 64;
+        uint8_t *out = v + (kb + 63) / 64 * 64;
+        TU_CHECK(out + qb <= reg + region, "call %d does not fit the region", i);
+        void *src[3] = {att_rig_random_q(&rig, t), att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE),
+                        att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE)};
+        memcpy(q, src[0], qb);
+        memcpy(k, src[1], kb);
+        memcpy(v, src[2], kb);
+        for (int j = 0; j < 3; j++)
+            free(src[j]);
+        memset(out, 0xff, qb);
+        double *ref = tu_xcalloc((size_t)t * 8 * 64, sizeof(double));
+        for (int c = 0; c < 3; c++)
+            att_rig_note_id(&rig, calls[i][c].seq_id);
+        TU_CHECK(att_oracle_run(rig.oracle, 0, calls[i], 3, q, k, v, ref) == AT_OK, "oracle");
+        const att_call_t c = att_rig_call(&rig, 0, calls[i], 3, q, k, v, out);
+        at_diag_t d = {{0}};
+        const at_err_t e = att_ctx_attend(rig.ctx[0], &c, &d);
+        TU_CHECK(e == AT_OK, "call %d: %s (%s)", i, at_err_name(e), d.msg);
+        att_rig_compare(&rig, 0, 0, calls[i], 3, out, ref);
+        free(ref);
+    }
+    att_rig_check_cache(&rig);
+    att_rig_fini(&rig);
 }
 
 /* ---- the compile cache: memory, disk, and a damaged file ---- */
@@ -598,7 +648,8 @@ static int setup(void **state) {
 static int teardown(void **state) {
     (void)state;
     att_backend_destroy(&g_cuda);
-    free(g_registered);
+    free(g_registered[0]);
+    free(g_registered[1]);
     return 0;
 }
 
@@ -623,6 +674,7 @@ int main(void) {
         cmocka_unit_test(test_att_cuda_append_then_attend),
         cmocka_unit_test(test_att_cuda_tables_follow_the_cache),
         cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory),
+        cmocka_unit_test(test_att_cuda_adjacent_tensors_in_registered_memory),
         cmocka_unit_test(test_att_cuda_compile_cache),
     };
     enum { N = 3 * 4 * 5, EXTRA = sizeof extra / sizeof extra[0] };
