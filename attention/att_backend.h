@@ -63,6 +63,7 @@ typedef struct att_kv_stats {
     uint64_t compiles;        /* kernels compiled for this session (0 when all came from cache) */
     uint64_t launches;
     uint64_t launch_host_ns;  /* host time spent launching, summed */
+    uint64_t uploads;         /* host-to-device copy calls, summed */
     uint64_t last_host_ns;    /* the last run: host time from entry to its last launch enqueued */
     uint64_t last_device_ns;  /* the last run's device time (kernels only), when timing is on */
 } att_kv_stats_t;

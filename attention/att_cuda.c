@@ -11,16 +11,17 @@
  * makes the primary context current on its thread first.
  *
  * A run, on the session's stream: one upload of the metadata (chunks, the table entries the
- * session's device-resident block tables lack, items, merges), one upload per tensor (from pinned
- * staging, or straight from registered memory), the attention launches (one per tile kind, whose
- * split tiles merge themselves; with both kinds, the wide ones on the session's side stream,
- * forked and joined by events; or, when the plan asks for an SM partition (mixed_wide_sms), each
- * kind on the session's stream in its own green context, both forked and joined), one download
- * of out; then the stream is synchronized and out copied into place. Tiles and thresholds come
- * from the session's plan: att_cuda_plan_default at creation, then whatever set_tuning chose (the
- * tuner calls it before every batch, so it is cheap: a session keeps up to ATT_GPU_MOD_SLOTS
- * loaded modules, one per tile kind and config, and a switch to a loaded one only changes two
- * slot numbers and the thresholds).
+ * session's device-resident block tables lack, items, merges), one upload per tensor run (from
+ * pinned staging, or straight from registered memory) or one for q, k and v together where they
+ * lie one after another in a registered region (att_gpu_qkv_span), the attention launches (one
+ * per tile kind, whose split tiles merge themselves; with both kinds, the wide ones on the
+ * session's side stream, forked and joined by events; or, when the plan asks for an SM partition
+ * (mixed_wide_sms), each kind on the session's stream in its own green context, both forked and
+ * joined), one download of out; then the stream is synchronized and out copied into place.
+ * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
+ * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
+ * keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config, and a switch to a
+ * loaded one only changes two slot numbers and the thresholds).
  *
  * Compiles never run on a call's path. set_tuning takes images only from the compile cache and
  * answers AT_ERR_NOT_READY otherwise, after queueing the compile; prepare_tuning queues
@@ -101,6 +102,7 @@ struct att_kv {
     att_gpu_mods_t mods;   /* the loaded tile modules, each kind's current one */
     bool timing;           /* record device time even when the backend's timing is off */
     lc_t *lc;              /* owned: this session's launch cache */
+    uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
     CUdeviceptr io_d;      /* [meta | q | k | v | out | parts] of the current call */
@@ -296,6 +298,7 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
             if (!direct)
                 memcpy(st, p, n);
             e = CU(cuMemcpyHtoDAsync(dev, direct ? p : st, n, kv->stream));
+            kv->uploads++;
         } else {
             e = CU(cuMemcpyDtoHAsync(direct ? (void *)p : st, dev, n, kv->stream));
         }
@@ -314,8 +317,10 @@ static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     cuda_backend_t *be = kv->be;
     size_t n = 0;
     const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
-    if (qkv != NULL)
+    if (qkv != NULL) {
+        kv->uploads++;
         return CU(cuMemcpyHtoDAsync(kv->io_d + lo->o_q, qkv, n, kv->stream));
+    }
     bool staged;
     at_err_t e = AT_OK;
     if (b->attend)
@@ -463,6 +468,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
+    kv->uploads++;
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
     if ((e = upload_inputs(kv, b, &lo, q_row, kv_row)) != AT_OK)
@@ -793,7 +799,7 @@ static at_err_t cuda_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
 
 static void cuda_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t *out) {
     (void)base;
-    att_gpu_kv_stats(kv->lc, kv->last_host_ns, kv->last_device_ns, out);
+    att_gpu_kv_stats(kv->lc, kv->uploads, kv->last_host_ns, kv->last_device_ns, out);
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {

@@ -430,8 +430,8 @@ at_err_t att_gpu_consts(const att_model_t *m, float **out, size_t *bytes) {
     return AT_OK;
 }
 
-void att_gpu_kv_stats(const lc_t *lc, uint64_t last_host_ns, uint64_t last_device_ns,
-                      att_kv_stats_t *out) {
+void att_gpu_kv_stats(const lc_t *lc, uint64_t uploads, uint64_t last_host_ns,
+                      uint64_t last_device_ns, att_kv_stats_t *out) {
     lc_stats_t s;
     lc_get_stats(lc, &s);
     out->lc_hits = s.hits;
@@ -439,6 +439,7 @@ void att_gpu_kv_stats(const lc_t *lc, uint64_t last_host_ns, uint64_t last_devic
     out->compiles = s.compiles;
     out->launches = s.launches;
     out->launch_host_ns = s.launch_host_ns;
+    out->uploads = uploads;
     out->last_host_ns = last_host_ns;
     out->last_device_ns = last_device_ns;
 }

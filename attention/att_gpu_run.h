@@ -4,7 +4,8 @@
  * copy runs of a tensor, the registered host regions, a session's constants and statistics, the
  * blocks and rows read back from the cache, fetching a new session's two kernel images, and
  * where a session's device-resident block tables go in its table arena. Each backend keeps only
- * its runtime's calls, so the two read as one design.
+ * its runtime's calls, so the two read as one design (one difference: only CUDA uploads q, k
+ * and v in one copy where it can, att_gpu_qkv_span).
  *
  * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
  * on one session's data, used by one thread at a time. */
@@ -202,8 +203,9 @@ bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n);
  * room before o_out: moves lo->o_k and lo->o_v to q's distances from lo->o_q and returns q's
  * host address, *bytes the span from q's first byte to v's last, which can go in one copy to
  * lo->o_q (the bytes between the tensors go too: nothing reads them). Else NULL, lo unchanged.
- * As in the server's arena and the benches, where a call's tensors are allocated one after
- * another; the copy calls are microseconds of host time each (docs/BENCHMARKS.md). Any thread. */
+ * The server's arena allocates a call's tensors first fit, so they lie so whenever one free
+ * range holds them (a batch merged from several calls never does); the benches place them so.
+ * Each copy call saved is microseconds of host time (docs/BENCHMARKS.md). Any thread. */
 const uint8_t *att_gpu_qkv_span(const att_batch_t *b, size_t q_row, size_t kv_row,
                                 att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes);
 
@@ -230,9 +232,10 @@ void att_gpu_scatter_kv(const att_model_t *m, const uint8_t *stage, size_t block
  * caller's to free. AT_ERR_NOMEM. */
 at_err_t att_gpu_consts(const att_model_t *m, float **out, size_t *bytes);
 
-/* A session's kv_stats: its launch cache lc's figures and its last run's times. */
-void att_gpu_kv_stats(const lc_t *lc, uint64_t last_host_ns, uint64_t last_device_ns,
-                      att_kv_stats_t *out);
+/* A session's kv_stats: its launch cache lc's figures, its copy calls to the device and its
+ * last run's times. */
+void att_gpu_kv_stats(const lc_t *lc, uint64_t uploads, uint64_t last_host_ns,
+                      uint64_t last_device_ns, att_kv_stats_t *out);
 
 /* ---- a new session's images ---- */
 

@@ -79,6 +79,7 @@ struct att_kv {
     att_gpu_mods_t mods; /* the loaded tile modules, each kind's current one */
     bool timing;         /* record device time even when the backend's timing is off */
     lc_t *lc;            /* owned: this session's launch cache */
+    uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
     uint64_t io_d; /* [meta | q | k | v | out | parts] of the current call */
@@ -269,6 +270,7 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
             if (!direct)
                 memcpy(st, p, n);
             e = HIP(hipMemcpyHtoDAsync(dptr(dev), direct ? (void *)p : st, n, kv->stream));
+            kv->uploads++;
         } else {
             e = HIP(hipMemcpyDtoHAsync(direct ? (void *)p : st, dptr(dev), n, kv->stream));
         }
@@ -315,6 +317,7 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
+    kv->uploads++;
     if ((e = HIP(hipMemcpyHtoDAsync(dptr(kv->io_d), kv->stage_h, lo.meta_end, kv->stream))) !=
         AT_OK)
         goto out_drain;
@@ -630,7 +633,7 @@ static at_err_t hip_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
 
 static void hip_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t *out) {
     (void)base;
-    att_gpu_kv_stats(kv->lc, kv->last_host_ns, kv->last_device_ns, out);
+    att_gpu_kv_stats(kv->lc, kv->uploads, kv->last_host_ns, kv->last_device_ns, out);
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {

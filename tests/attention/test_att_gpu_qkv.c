@@ -122,10 +122,10 @@ static void test_other_arrangements_are_refused(void **state) {
     uint8_t *q = r.region + 4096;
     place(&r, q, q + r.qb + 4096, q + r.qb + 4096 + r.kb);
     expect_refused(&r, "a gap the layout has no room for");
-    place(&r, q, q + r.qb + 8, q + r.qb + 8 + r.kb);
-    expect_refused(&r, "k 8 bytes after q");
     place(&r, q + r.kb, q, q + r.kb + r.qb);
     expect_refused(&r, "k before q");
+    place(&r, q, q + r.qb + r.kb, q + r.qb);
+    expect_refused(&r, "v before k");
     place(&r, q, q + r.qb, q + r.qb + r.kb);
     r.ch[1].q = q + r.qb + r.kb + r.kb + 4096; /* chunk 1's q rows elsewhere */
     expect_refused(&r, "q in two runs");
@@ -138,8 +138,27 @@ static void test_other_arrangements_are_refused(void **state) {
     expect_refused(&r, "unregistered memory");
     free(heap);
     place(&r, q, q + r.qb, q + r.qb + r.kb);
+    for (uint32_t c = 0; c < CHUNKS; c++)
+        r.ch[c].token_offset += 1; /* the tensors' first row belongs to no chunk */
+    expect_refused(&r, "rows from token 1 on");
+    place(&r, q, q + r.qb, q + r.qb + r.kb);
+    r.b.num_chunks = 0;
+    expect_refused(&r, "no chunks");
+    r.b.num_chunks = CHUNKS;
     r.b.attend = 0;
     expect_refused(&r, "an append-only batch");
+    rig_fini(&r);
+    /* 96-byte tensors leave the layout room for a gap, so only alignment refuses these */
+    rig_init(&r, 1, 1, 8);
+    q = r.region + 4096;
+    place(&r, q, q + r.qb + 8, q + r.qb + 8 + r.kb + 8);
+    expect_refused(&r, "k 8 bytes after q");
+    place(&r, q, q + r.qb, q + r.qb + r.kb + 8);
+    expect_refused(&r, "v 8 bytes after k");
+    place(&r, q, q + r.qb + 16, q + r.qb + 16 + r.kb + 16);
+    size_t bytes = 0;
+    TU_CHECK(att_gpu_qkv_span(&r.b, r.q_row, r.kv_row, &r.regs, &r.lo, &bytes) == q,
+             "16-byte gaps with room for them: refused");
     rig_fini(&r);
 }
 
