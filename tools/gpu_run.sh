@@ -7,8 +7,8 @@
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
 # (four sessions' calls through one worker thread, then two), launch (tools/launch_probe.c: a
-# bare launch's host time by how long and how the host waited before it), tune (attnd tune on cuda:0 for
-# llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
+# bare launch's host time by how long and how the host waited before it), tune (attnd tune on
+# cuda:0 for llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
 # 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP backend on hip:0,
 # run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0), wgmma
 # (the sm_90a wide tile: wgmma_check, the layouts alone; the GPU suite's prefill cases on both
@@ -132,12 +132,12 @@ if has launch; then
   # The bare launch's host time by how long and how the host waited before it, in several
   # processes (it moves between them), then pinned to CPUs 0, 5 and 10.
   note "launch_probe: bare launch host time after waits (us, median/p90)"
-  for i in 1 2 3 4 5 6; do
-    timeout 60 dist/gpu/bin/launch_probe || status=1
-  done 2>&1 | tee "$out/launch_probe.log"
-  for c in 0 5 10; do
-    timeout 60 dist/gpu/bin/launch_probe --cpu $c || status=1
-  done 2>&1 | tee -a "$out/launch_probe.log"
+  : > "$out/launch_probe.log"
+  for a in "" "" "" "" "" "" "--cpu 0" "--cpu 5" "--cpu 10"; do
+    # shellcheck disable=SC2086
+    timeout 60 dist/gpu/bin/launch_probe $a >> "$out/launch_probe.log" 2>&1 || status=1
+  done
+  cat "$out/launch_probe.log"
 fi
 
 # One bench-gpu run of a sweep: its rows matching $1, labelled $2, on stdout; its log appended

@@ -1,6 +1,6 @@
 /* The host time of a bare cuLaunchKernel (an empty kernel, no parameters) on this machine, by
  * how long the host waited before it and how it waited: what bounds the attention calls' host
- * time (docs/BENCHMARKS.md, "Host time per call"). One line per run:
+ * time (docs/BENCHMARKS.md, "Targets": host time per call). One line per run:
  *   b2b     the mean of 5000 launches back to back (the driver's best case);
  *   synced  each launch after the stream was waited for (one empty kernel before it);
  *   W ms    each launch after a kernel that kept the GPU busy for W ms (0.3, 2, 8), waited for
@@ -11,8 +11,8 @@
  *   copies  the host time of a Llama decode call's four uploads from pinned memory (16 KiB,
  *           2 MiB, 512 KiB, 512 KiB) as four cuMemcpyHtoDAsync calls, and of the same bytes as
  *           two (16 KiB, then the rest in one), medians of 300 on a synchronized stream.
- * With --cpu N the thread is
- * pinned to CPU N first. Host times move between processes, so run it several times.
+ * With --cpu N the thread is pinned to CPU N first. Host times move between processes, so run it
+ * several times.
  *
  * Build (tools/gpu_bundle.sh does): cc -O2 -std=c11 -I<cuda>/include tools/launch_probe.c
  * -L<cuda>/lib64/stubs -lcuda. Needs only the driver; the kernels are PTX the driver compiles.
@@ -161,10 +161,50 @@ static int upload_calls(const probe_t *p, double *four, double *two) {
     return rc;
 }
 
+/* Measures and prints one line of figures (see the top). */
+static int measure(const probe_t *p, int pinned) {
+    const int cpu_first = sched_getcpu();
+    for (int i = 0; i < 200; i++)
+        if (CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL)))
+            return -1;
+    if (CK(cuStreamSynchronize(p->st)))
+        return -1;
+    enum { B2B = 5000 };
+    const unsigned long long t0 = now_ns();
+    for (int i = 0; i < B2B; i++)
+        if (CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL)))
+            return -1;
+    const double b2b = (double)(now_ns() - t0) / B2B / 1e3;
+    double s50, s90;
+    if (CK(cuStreamSynchronize(p->st)) || after_wait(p, 0, 0, 300, &s50, &s90) != 0)
+        return -1;
+    printf("cpu %2d->%2d  b2b %.2f  synced %.2f/%.2f", cpu_first, sched_getcpu(), b2b, s50, s90);
+    static const long long waits[] = {300000, 2000000, 8000000};
+    for (int w = 0; w < 3; w++)
+        for (int mode = 0; mode < WAIT_MODES; mode++) {
+            double a, b;
+            if (after_wait(p, waits[w], mode, 60, &a, &b) != 0)
+                return -1;
+            printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, k_wait_names[mode], a, b);
+        }
+    double four, two;
+    if (upload_calls(p, &four, &two) != 0)
+        return -1;
+    printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
+           pinned ? "; pinned" : "");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int cpu = -1;
     if (argc == 3 && strcmp(argv[1], "--cpu") == 0) {
-        cpu = atoi(argv[2]);
+        char *end = NULL;
+        const long v = strtol(argv[2], &end, 10);
+        if (argv[2][0] == '\0' || *end != '\0' || v < 0 || v >= CPU_SETSIZE) {
+            fprintf(stderr, "launch_probe: --cpu takes a CPU number, not %s\n", argv[2]);
+            return 2;
+        }
+        cpu = (int)v;
         cpu_set_t set;
         CPU_ZERO(&set);
         CPU_SET(cpu, &set);
@@ -181,6 +221,7 @@ int main(int argc, char **argv) {
     CUmodule mod;
     probe_t p;
     void *touch_h = NULL;
+    /* a failed set-up exits: the process's end releases what the driver holds for it */
     if (CK(cuInit(0)) || CK(cuDeviceGet(&dev, 0)) || CK(cuDevicePrimaryCtxRetain(&ctx, dev)) ||
         CK(cuCtxSetCurrent(ctx)) || CK(cuModuleLoadData(&mod, k_ptx)) ||
         CK(cuModuleGetFunction(&p.empty, mod, "empty")) ||
@@ -192,38 +233,10 @@ int main(int argc, char **argv) {
         CK(cuMemHostAlloc(&touch_h, 64, CU_MEMHOSTALLOC_DEVICEMAP)) ||
         CK(cuMemHostGetDevicePointer(&p.touch_d, touch_h, 0)))
         return 1;
-    const int cpu_first = sched_getcpu();
-    for (int i = 0; i < 200; i++)
-        if (CK(cuLaunchKernel(p.empty, 1, 1, 1, 32, 1, 1, 0, p.st, NULL, NULL)))
-            return 1;
-    if (CK(cuStreamSynchronize(p.st)))
-        return 1;
-    enum { B2B = 5000 };
-    const unsigned long long t0 = now_ns();
-    for (int i = 0; i < B2B; i++)
-        if (CK(cuLaunchKernel(p.empty, 1, 1, 1, 32, 1, 1, 0, p.st, NULL, NULL)))
-            return 1;
-    const double b2b = (double)(now_ns() - t0) / B2B / 1e3;
-    double s50, s90;
-    if (CK(cuStreamSynchronize(p.st)) || after_wait(&p, 0, 0, 300, &s50, &s90) != 0)
-        return 1;
-    printf("cpu %2d->%2d  b2b %.2f  synced %.2f/%.2f", cpu_first, sched_getcpu(), b2b, s50, s90);
-    static const long long waits[] = {300000, 2000000, 8000000};
-    for (int w = 0; w < 3; w++)
-        for (int mode = 0; mode < WAIT_MODES; mode++) {
-            double a, b;
-            if (after_wait(&p, waits[w], mode, 60, &a, &b) != 0)
-                return 1;
-            printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, k_wait_names[mode], a, b);
-        }
-    double four, two;
-    if (upload_calls(&p, &four, &two) != 0)
-        return 1;
-    printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
-           cpu >= 0 ? "; pinned" : "");
-    return CK(cuStreamDestroy(p.st)) || CK(cuStreamDestroy(p.side)) || CK(cuEventDestroy(p.ev)) ||
-                   CK(cuMemFreeHost(touch_h)) || CK(cuModuleUnload(mod)) ||
-                   CK(cuDevicePrimaryCtxRelease(dev))
-               ? 1
-               : 0;
+    const int rc = measure(&p, cpu >= 0);
+    const int down = CK(cuCtxSynchronize()) | CK(cuStreamDestroy(p.st)) |
+                     CK(cuStreamDestroy(p.side)) | CK(cuEventDestroy(p.ev)) |
+                     CK(cuMemFreeHost(touch_h)) | CK(cuModuleUnload(mod)) |
+                     CK(cuDevicePrimaryCtxRelease(dev));
+    return rc != 0 || down != 0 ? 1 : 0;
 }
