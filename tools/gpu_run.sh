@@ -8,9 +8,10 @@
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
 # (four sessions' calls through one worker thread, then two), launch (tools/launch_probe.c: a
 # bare launch's host time by how long and how the host waited before it), tune (attnd tune on
-# cuda:0 for llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same for the bench's
-# 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP backend on hip:0,
-# run on this NVIDIA GPU by the HIP test double, then a short attnd tune --device hip:0), wgmma
+# cuda:0 for llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same
+# for the bench's 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP
+# backend on hip:0, run on this NVIDIA GPU by the HIP test double, then a short attnd tune
+# --device hip:0), wgmma
 # (the sm_90a wide tile: wgmma_check, the layouts alone; the GPU suite's prefill cases on both
 # wide bodies; then prefill through bench-gpu with the wgmma tiles and the mma.sync one side by
 # side).
