@@ -96,9 +96,9 @@ fi
 if has sanitize; then
   export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
   # split-KV (the merge in the kernel), the device-resident block tables, the SM partitions, the
-  # last wave's split tiles
+  # last wave's split tiles, q, k and v uploaded in one copy
   for tool in memcheck racecheck; do
-    for f in split_kv tables_follow mixed_on_partitions tail_split; do
+    for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors; do
       note "compute-sanitizer $tool on *$f*"
       ATTND_TEST_FILTER="*$f*" timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         dist/gpu/bin/test_att_cuda > "$out/sanitizer_${tool}_$f.log" 2>&1

@@ -6,11 +6,17 @@
  *   W ms    each launch after a kernel that kept the GPU busy for W ms (0.3, 2, 8), waited for
  *           by cuStreamSynchronize ("sync"), by polling cuStreamQuery ("poll"), polling with an
  *           event recorded on an idle stream every 200 us ("warm"), or polling while the kernel
- *           writes host memory every 100 us ("touch"),
+ *           writes host memory every 100 us ("touch"), or by cuStreamSynchronize with the
+ *           launch going to another, idle stream ("other"),
  * medians and 90th percentiles of 60 launches each (300 for synced);
  *   copies  the host time of a Llama decode call's four uploads from pinned memory (16 KiB,
  *           2 MiB, 512 KiB, 512 KiB) as four cuMemcpyHtoDAsync calls, and of the same bytes as
- *           two (16 KiB, then the rest in one), medians of 300 on a synchronized stream.
+ *           two (16 KiB, then the rest in one), medians of 300 on a synchronized stream;
+ *   mbox    a launch-free submission: a resident kernel polls mapped host memory for a job,
+ *           after none or 0.3, 2, 8 ms of busy jobs: the host's time to submit an empty job
+ *           (two stores), its round trip until the host sees it done, and beside it an empty
+ *           kernel's launch plus cuStreamSynchronize after a busy kernel as long, medians of
+ *           60 (what a resident attention kernel would cost the host and add in latency).
  * With --cpu N the thread is pinned to CPU N first. Host times move between processes, so run it
  * several times.
  *
@@ -42,7 +48,25 @@ static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
                             "  setp.lt.u64 %q, %e, 100000;\n  @%q bra SKIP;\n"
                             "  st.volatile.global.u32 [%dst], %one;\n  mov.u64 %last, %t;\n"
                             "SKIP:\n  sub.u64 %d, %t, %t0;\n  setp.lt.u64 %p, %d, %n;\n"
-                            "  @%p bra LOOP;\n  ret;\n}\n";
+                            "  @%p bra LOOP;\n  ret;\n}\n"
+                            /* mailbox(in, out): resident; waits for in[0] (a u32 sequence
+                             * number) to change, keeps the GPU busy for in[1] ns (u64 at byte
+                             * 8), then writes the number to out; ~0u ends it */
+                            ".visible .entry mailbox(.param .u64 in, .param .u64 out) {\n"
+                            "  .reg .u64 %in, %out, %ns, %t0, %t, %d;\n"
+                            "  .reg .u32 %seq, %last;\n  .reg .pred %p;\n"
+                            "  ld.param.u64 %in, [in];\n  ld.param.u64 %out, [out];\n"
+                            "  mov.u32 %last, 0;\n"
+                            "WAIT:\n  ld.volatile.global.u32 %seq, [%in];\n"
+                            "  setp.eq.u32 %p, %seq, %last;\n  @%p bra WAIT;\n"
+                            "  setp.eq.u32 %p, %seq, 0xffffffff;\n  @%p bra END;\n"
+                            "  ld.volatile.global.u64 %ns, [%in+8];\n"
+                            "  mov.u64 %t0, %globaltimer;\n"
+                            "SPIN:\n  mov.u64 %t, %globaltimer;\n  sub.u64 %d, %t, %t0;\n"
+                            "  setp.lt.u64 %p, %d, %ns;\n  @%p bra SPIN;\n"
+                            "  membar.sys;\n  st.volatile.global.u32 [%out], %seq;\n"
+                            "  mov.u32 %last, %seq;\n  bra WAIT;\n"
+                            "END:\n  ret;\n}\n";
 
 static unsigned long long now_ns(void) {
     struct timespec ts;
@@ -68,21 +92,26 @@ static int check(CUresult r, const char *what) {
 #define CK(call) check(call, #call)
 
 typedef struct probe {
-    CUfunction empty, spin, spin_touch;
-    CUstream st, side; /* side: the warm submissions' stream */
+    CUfunction empty, spin, spin_touch, mailbox;
+    CUstream st, side; /* side: the warm submissions' stream, and the other stream's */
+    CUstream res;      /* the resident mailbox kernel's */
     CUevent ev;
     CUdeviceptr touch_d; /* a word of mapped host memory spin_touch writes */
+    /* mapped host memory of the mailbox: in [u32 seq, pad, u64 ns], out [u32 seq] */
+    volatile unsigned *in_h, *out_h;
+    CUdeviceptr in_d, out_d;
 } probe_t;
 
 /* How the host waits for the busy kernel: cuStreamSynchronize; polling cuStreamQuery; polling
  * and recording an event on an idle stream every 200 us (a submission that keeps the driver's
  * submission path in use); polling while the kernel writes a word of host memory every 100 us
- * (traffic from the GPU to the host on the link, no submission). */
-enum { WAIT_SYNC, WAIT_POLL, WAIT_WARM, WAIT_TOUCH, WAIT_MODES };
-static const char *const k_wait_names[WAIT_MODES] = {"sync", "poll", "warm", "touch"};
+ * (traffic from the GPU to the host on the link, no submission); or cuStreamSynchronize, the
+ * measured launch then going to another stream, one that was idle ("other"). */
+enum { WAIT_SYNC, WAIT_POLL, WAIT_WARM, WAIT_TOUCH, WAIT_OTHER, WAIT_MODES };
+static const char *const k_wait_names[WAIT_MODES] = {"sync", "poll", "warm", "touch", "other"};
 
 static int wait_for(const probe_t *p, int mode) {
-    if (mode == WAIT_SYNC)
+    if (mode == WAIT_SYNC || mode == WAIT_OTHER)
         return CK(cuStreamSynchronize(p->st));
     unsigned long long last = now_ns();
     CUresult r;
@@ -110,10 +139,12 @@ static int after_wait(const probe_t *p, long long busy_ns, int mode, int n, doub
         rc = busy_ns != 0 ? CK(cuLaunchKernel(busy, 1, 1, 1, 32, 1, 1, 0, p->st, args, NULL))
                           : CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
         rc = rc || wait_for(p, mode);
+        const CUstream to = mode == WAIT_OTHER ? p->side : p->st;
         const unsigned long long t0 = now_ns();
-        rc = rc || CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL));
+        rc = rc || CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, to, NULL, NULL));
         t[i] = (double)(now_ns() - t0) / 1e3;
-        rc = rc || wait_for(p, mode == WAIT_SYNC ? WAIT_SYNC : WAIT_POLL);
+        rc = rc || (mode == WAIT_OTHER ? CK(cuStreamSynchronize(p->side))
+                                      : wait_for(p, mode == WAIT_SYNC ? WAIT_SYNC : WAIT_POLL));
     }
     if (rc == 0) {
         qsort(t, (size_t)n, sizeof *t, cmp_double);
@@ -161,8 +192,81 @@ static int upload_calls(const probe_t *p, double *four, double *two) {
     return rc;
 }
 
+/* Hands the resident mailbox kernel a job of ns busy nanoseconds: the host's whole part of a
+ * submission, two stores to mapped memory (the sequence number last, seen after ns). */
+static void mbox_submit(probe_t *p, unsigned seq, unsigned long long ns) {
+    *(volatile unsigned long long *)(p->in_h + 2) = ns;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    p->in_h[0] = seq;
+}
+
+/* Round trips after a busy time w (ns; 0: none) that the host waited for: through the resident
+ * mailbox kernel (the host spins on out) and through a launch (cuStreamSynchronize). Medians of
+ * n: the submission's host time (*sub), its round trip until the host sees the empty job done
+ * (*rt), and an empty kernel's launch plus synchronize after a busy kernel of w (*lrt). A
+ * resident kernel that never answers leaves the host spinning: gpu_run.sh runs the probe under
+ * a timeout. */
+static int round_trips(probe_t *p, long long w, int n, unsigned *seq, double *sub, double *rt,
+                       double *lrt) {
+    double *t = calloc((size_t)n * 3, sizeof *t);
+    int rc = t == NULL ? -1 : 0;
+    void *args[] = {&w};
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (w != 0) {
+            mbox_submit(p, ++*seq, (unsigned long long)w);
+            while (p->out_h[0] != *seq)
+                ;
+        }
+        unsigned long long t0 = now_ns();
+        mbox_submit(p, ++*seq, 0);
+        const unsigned long long t1 = now_ns();
+        while (p->out_h[0] != *seq)
+            ;
+        t[i] = (double)(t1 - t0) / 1e3;
+        t[n + i] = (double)(now_ns() - t0) / 1e3;
+        if (w != 0)
+            rc = CK(cuLaunchKernel(p->spin, 1, 1, 1, 32, 1, 1, 0, p->st, args, NULL)) ||
+                 CK(cuStreamSynchronize(p->st));
+        t0 = now_ns();
+        rc = rc || CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL)) ||
+             CK(cuStreamSynchronize(p->st));
+        t[2 * n + i] = (double)(now_ns() - t0) / 1e3;
+    }
+    if (rc == 0) {
+        double *out[3] = {sub, rt, lrt};
+        for (int k = 0; k < 3; k++) {
+            qsort(t + (size_t)k * n, (size_t)n, sizeof *t, cmp_double);
+            *out[k] = t[(size_t)k * n + (size_t)n / 2];
+        }
+    }
+    free(t);
+    return rc;
+}
+
+/* The mailbox figures after each wait (see the top), with the resident kernel running on its
+ * own stream for the duration. */
+static int mailbox(probe_t *p) {
+    unsigned seq = 0;
+    p->in_h[0] = 0;
+    p->out_h[0] = 0;
+    void *args[] = {&p->in_d, &p->out_d};
+    if (CK(cuLaunchKernel(p->mailbox, 1, 1, 1, 32, 1, 1, 0, p->res, args, NULL)))
+        return -1;
+    static const long long waits[] = {0, 300000, 2000000, 8000000};
+    int rc = 0;
+    for (int w = 0; w < 4 && rc == 0; w++) {
+        double sub, rt, lrt;
+        rc = round_trips(p, waits[w], 60, &seq, &sub, &rt, &lrt);
+        if (rc == 0)
+            printf("  mbox %.1f ms: submit %.2f rt %.2f / launch+sync %.2f", waits[w] / 1e6, sub,
+                   rt, lrt);
+    }
+    mbox_submit(p, ~0u, 0);
+    return CK(cuStreamSynchronize(p->res)) || rc;
+}
+
 /* Measures and prints one line of figures (see the top). */
-static int measure(const probe_t *p, int pinned) {
+static int measure(probe_t *p, int pinned) {
     const int cpu_first = sched_getcpu();
     for (int i = 0; i < 200; i++)
         if (CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL)))
@@ -188,7 +292,7 @@ static int measure(const probe_t *p, int pinned) {
             printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, k_wait_names[mode], a, b);
         }
     double four, two;
-    if (upload_calls(p, &four, &two) != 0)
+    if (upload_calls(p, &four, &two) != 0 || mailbox(p) != 0)
         return -1;
     printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
            pinned ? "; pinned" : "");
@@ -220,23 +324,31 @@ int main(int argc, char **argv) {
     CUcontext ctx;
     CUmodule mod;
     probe_t p;
-    void *touch_h = NULL;
+    void *touch_h = NULL, *mbox_h = NULL;
     /* a failed set-up exits: the process's end releases what the driver holds for it */
     if (CK(cuInit(0)) || CK(cuDeviceGet(&dev, 0)) || CK(cuDevicePrimaryCtxRetain(&ctx, dev)) ||
         CK(cuCtxSetCurrent(ctx)) || CK(cuModuleLoadData(&mod, k_ptx)) ||
         CK(cuModuleGetFunction(&p.empty, mod, "empty")) ||
         CK(cuModuleGetFunction(&p.spin, mod, "spin")) ||
         CK(cuModuleGetFunction(&p.spin_touch, mod, "spin_touch")) ||
+        CK(cuModuleGetFunction(&p.mailbox, mod, "mailbox")) ||
+        CK(cuStreamCreate(&p.res, CU_STREAM_NON_BLOCKING)) ||
         CK(cuStreamCreate(&p.st, CU_STREAM_NON_BLOCKING)) ||
         CK(cuStreamCreate(&p.side, CU_STREAM_NON_BLOCKING)) ||
         CK(cuEventCreate(&p.ev, CU_EVENT_DISABLE_TIMING)) ||
         CK(cuMemHostAlloc(&touch_h, 64, CU_MEMHOSTALLOC_DEVICEMAP)) ||
-        CK(cuMemHostGetDevicePointer(&p.touch_d, touch_h, 0)))
+        CK(cuMemHostGetDevicePointer(&p.touch_d, touch_h, 0)) ||
+        CK(cuMemHostAlloc(&mbox_h, 128, CU_MEMHOSTALLOC_DEVICEMAP)) ||
+        CK(cuMemHostGetDevicePointer(&p.in_d, mbox_h, 0)))
         return 1;
+    p.in_h = mbox_h;
+    p.out_h = (volatile unsigned *)((char *)mbox_h + 64);
+    p.out_d = p.in_d + 64;
     const int rc = measure(&p, cpu >= 0);
     const int down = CK(cuCtxSynchronize()) | CK(cuStreamDestroy(p.st)) |
-                     CK(cuStreamDestroy(p.side)) | CK(cuEventDestroy(p.ev)) |
-                     CK(cuMemFreeHost(touch_h)) | CK(cuModuleUnload(mod)) |
+                     CK(cuStreamDestroy(p.side)) | CK(cuStreamDestroy(p.res)) |
+                     CK(cuEventDestroy(p.ev)) | CK(cuMemFreeHost(touch_h)) |
+                     CK(cuMemFreeHost(mbox_h)) | CK(cuModuleUnload(mod)) |
                      CK(cuDevicePrimaryCtxRelease(dev));
     return rc != 0 || down != 0 ? 1 : 0;
 }
