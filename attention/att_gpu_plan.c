@@ -140,6 +140,9 @@ static void sort_by_count(uint64_t *e, uint64_t *tmp, size_t n, bool most_first)
         memcpy(e, src, n * sizeof *e);
 }
 
+/* The most last-wave tiles split_tail selects without sorting them all. */
+#define SELECT_MOST 32u
+
 /* The tiles of one kind that the last wave would hold, split into parts that fill that wave:
  * `blocks` blocks of heads blocks per tile, `slots` of them at once. The last wave holds the
  * kind's shortest tiles (items run longest first), and of equally long ones the later (the
@@ -156,14 +159,33 @@ static uint32_t split_tail(att_gpu_work_t *w, size_t nt, uint32_t kind, const at
     parts = parts < plan->max_splits ? parts : plan->max_splits;
     if (parts < 2)
         return 0;
-    /* the kind's tiles from the last back, then by key count, fewest first: the first `tail` */
+    /* the kind's tiles from the last back, then by key count, fewest first: the first `tail`.
+     * A last wave of a few tiles (Llama's at 256 x 1K: 9) is selected: w->order keeps the
+     * fewest seen so far in that order (a later tile of as many keys does not displace an
+     * earlier-seen one), which costs a pass over the tiles instead of the sort's (1.7 of 5 us
+     * on the development VM). More are sorted, which bounds the cost. */
     size_t n = 0;
-    for (size_t i = nt; i-- > 0;)
-        if (w->tiles[i].kind == kind)
-            w->order[n++] = (uint64_t)(w->tiles[i].ke - w->tiles[i].kb) << 32 | i;
-    sort_by_count(w->order, w->order_tmp, n, false);
+    if (tail <= SELECT_MOST) {
+        for (size_t i = nt; i-- > 0;) {
+            if (w->tiles[i].kind != kind)
+                continue;
+            const uint64_t e = (uint64_t)(w->tiles[i].ke - w->tiles[i].kb) << 32 | i;
+            if (n == tail && e >> 32 >= w->order[n - 1] >> 32)
+                continue;
+            size_t at = n < tail ? n++ : n - 1;
+            for (; at > 0 && e >> 32 < w->order[at - 1] >> 32; at--)
+                w->order[at] = w->order[at - 1];
+            w->order[at] = e;
+        }
+    } else {
+        for (size_t i = nt; i-- > 0;)
+            if (w->tiles[i].kind == kind)
+                w->order[n++] = (uint64_t)(w->tiles[i].ke - w->tiles[i].kb) << 32 | i;
+        sort_by_count(w->order, w->order_tmp, n, false);
+        n = n < tail ? n : tail;
+    }
     uint32_t split = 0;
-    for (size_t i = 0; i < n && i < tail; i++) {
+    for (size_t i = 0; i < n; i++) {
         att_gpu_tile_t *t = &w->tiles[(uint32_t)w->order[i]];
         const uint64_t most = (t->ke - t->kb) / plan->min_split_keys;
         t->parts = (uint32_t)(parts < most ? parts : most);
@@ -202,11 +224,15 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
                             att_gpu_counts_t *pl) {
     const uint32_t g = m->group, window = m->window[b->layer];
     memset(pl, 0, sizeof *pl);
+    /* Planning runs on every call, and a decode batch's hundreds of chunks each make one narrow
+     * tile: that case is taken without a division (the H200's host spent 10-17 us planning 256
+     * decodes, docs/BENCHMARKS.md). */
     size_t nt = 0;
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const uint32_t r = b->chunks[c].num_tokens * g;
-        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
-        nt += (r + rows[kind] - 1) / rows[kind];
+        nt += r <= rows[ATT_TILE_NARROW]
+                  ? (r != 0)
+                  : (r + rows[ATT_TILE_WIDE] - 1) / rows[ATT_TILE_WIDE];
     }
     at_err_t e = grow((void **)&w->tiles, &w->cap_tiles, nt, sizeof *w->tiles);
     if (e == AT_OK)
@@ -223,6 +249,20 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
     for (uint32_t c = 0; c < b->num_chunks; c++) {
         const att_batch_chunk_t *ch = &b->chunks[c];
         const uint32_t r = ch->num_tokens * g;
+        if (r != 0 && r <= rows[ATT_TILE_NARROW]) { /* one narrow tile, to the last token */
+            att_gpu_tile_t *t = &w->tiles[nt++];
+            t->chunk = c;
+            t->row_begin = 0;
+            t->kind = ATT_TILE_NARROW;
+            t->kb = window_lo(ch->start_pos, window);
+            t->ke = ch->start_pos + ch->num_tokens;
+            blocks[ATT_TILE_NARROW] += m->num_kv_heads;
+            longest[ATT_TILE_NARROW] = t->ke - t->kb > longest[ATT_TILE_NARROW]
+                                           ? t->ke - t->kb
+                                           : longest[ATT_TILE_NARROW];
+            narrow_keys += t->ke - t->kb;
+            continue;
+        }
         const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
         for (uint32_t rb = 0; rb < r; rb += rows[kind]) {
             const uint32_t re = rb + rows[kind] < r ? rb + rows[kind] : r;
@@ -258,8 +298,15 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         want[k] = wave_parts(blocks[k], longest[k], slots[k],
                              most < plan->max_splits ? (uint32_t)most : plan->max_splits);
     }
+    /* a kind that splits nothing (want 1, and no mixed-batch split of the wide tiles) needs no
+     * per-tile choice */
+    bool whole[ATT_TILE_KINDS];
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        whole[k] = want[k] <= 1 && !(mixed && k == ATT_TILE_WIDE);
     for (size_t i = 0; i < nt; i++)
-        w->tiles[i].parts = tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
+        w->tiles[i].parts = whole[w->tiles[i].kind]
+                                ? 1
+                                : tile_parts(plan, &w->tiles[i], want[w->tiles[i].kind], mixed);
     /* the last wave's tiles; not where the kinds share SMs (neither kind's waves are its own) */
     for (uint32_t k = 0; k < ATT_TILE_KINDS && !mixed && !plan->tail_unsplit; k++)
         if (want[k] == 1 && plan->min_split_keys != ATT_CUDA_NEVER)
@@ -285,13 +332,13 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
                 continue;
             const uint32_t keys = t->ke - t->kb, parts = t->parts;
             if (parts < 2) {
+                w->order[ni - first_item] = (uint64_t)keys << 32 | (ni - first_item);
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
                                                .row_begin = t->row_begin,
                                                .key_begin = 0,
                                                .key_end = 0xffffffffu,
                                                .part = ATT_KPART_NONE,
-                                               .flags = ATT_KITEM_WRITE_KV,
-                                               .reserved = keys};
+                                               .flags = ATT_KITEM_WRITE_KV};
                 continue;
             }
             const uint32_t tk = tile_k[kind];
@@ -302,14 +349,14 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             uint32_t n_parts = 0;
             for (uint32_t kb = start; kb < t->ke; kb += span, n_parts++) {
                 const uint32_t ke = t->ke - kb > span ? kb + span : t->ke;
+                w->order[ni - first_item] = (uint64_t)(ke - kb) << 32 | (ni - first_item);
                 w->items[ni++] = (att_kitem_t){.chunk = t->chunk,
                                                .row_begin = t->row_begin,
                                                .key_begin = kb,
                                                .key_end = ke,
                                                .part = part_begin + n_parts,
                                                .flags = n_parts == 0 ? ATT_KITEM_WRITE_KV : 0u,
-                                               .merge = (uint32_t)(nm - first_merge),
-                                               .reserved = ke - kb};
+                                               .merge = (uint32_t)(nm - first_merge)};
             }
             pl->num_parts[kind] += n_parts;
             w->merges[nm++] = (att_kmerge_t){t->chunk, t->row_begin, part_begin, n_parts};
@@ -317,13 +364,11 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
         pl->num_items[kind] = (uint32_t)(ni - first_item);
         pl->num_merges[kind] = (uint32_t)(nm - first_merge);
         /* longest first, equal ones in the order written; a run already so (a decode batch of
-         * equal contexts, its last wave's parts written last) is left as it is */
+         * equal contexts and no split) is left as it is */
         const size_t run = ni - first_item;
         bool sorted = true;
-        for (size_t i = 0; i < run; i++) {
-            w->order[i] = (uint64_t)w->items[first_item + i].reserved << 32 | i;
-            sorted = sorted && (i == 0 || w->order[i] >> 32 <= w->order[i - 1] >> 32);
-        }
+        for (size_t i = 1; i < run && sorted; i++)
+            sorted = w->order[i] >> 32 <= w->order[i - 1] >> 32;
         if (!sorted) {
             sort_by_count(w->order, w->order_tmp, run, true);
             for (size_t i = 0; i < run; i++)
@@ -331,8 +376,6 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             memcpy(w->items + first_item, w->scratch, run * sizeof *w->items);
         }
     }
-    for (size_t i = 0; i < ni; i++)
-        w->items[i].reserved = 0;
     pl->total_items = (uint32_t)ni;
     pl->total_merges = (uint32_t)nm;
     return AT_OK;

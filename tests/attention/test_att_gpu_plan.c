@@ -30,16 +30,20 @@ typedef struct plan_rig {
     uint32_t blocks[64]; /* a block table every chunk shares: planning never reads it */
 } plan_rig_t;
 
-static void rig_init(plan_rig_t *r) {
+/* The rig for a model whose layers attend to the last `window` keys (0: all). */
+static void rig_init_window(plan_rig_t *r, uint32_t window) {
     memset(r, 0, sizeof *r);
     const att_model_cfg_t cfg = {.num_layers = 1, .num_query_heads = 32, .num_kv_heads = 8,
-                                 .head_dim = 128, .dtype = ATT_DTYPE_BF16, .block_size = 16};
+                                 .head_dim = 128, .dtype = ATT_DTYPE_BF16, .block_size = 16,
+                                 .sliding_window = window};
     at_diag_t d = {{0}};
     TU_CHECK(att_model_create(&cfg, &d, &r->m) == AT_OK, "model: %s", d.msg);
     r->plan.tile[ATT_TILE_WIDE] = (att_tile_t){4, 2, 1, 32, 3, 0};
     r->plan.tile[ATT_TILE_NARROW] = (att_tile_t){1, 1, 4, 64, 2, 0};
     att_gpu_plan_knobs(&r->plan, 256, 0, 512, ATT_CUDA_WIDE_FIRST);
 }
+
+static void rig_init(plan_rig_t *r) { rig_init_window(r, 0); }
 
 static void rig_fini(plan_rig_t *r) {
     att_gpu_work_fini(&r->w);
@@ -280,6 +284,43 @@ static void test_att_gpu_plan_lone_sequence_takes_the_most_parts(void **state) {
     rig_fini(&r);
 }
 
+/* Chunks of one to four tokens (16 rows at most: one narrow tile each, as speculative decoding
+ * sends) under a sliding window, few enough to be split: each tile's parts start at the stage
+ * holding its first row's oldest visible key and end after its last token (check_cover); a
+ * five-token chunk (20 rows) goes to the wide tiles. */
+static void test_att_gpu_plan_short_chunks_keep_their_window(void **state) {
+    (void)state;
+    plan_rig_t r;
+    rig_init_window(&r, 700);
+    att_batch_t b = {.attend = 1, .chunks = r.ch};
+    for (uint32_t i = 0; i < 10; i++)
+        add_chunks(&r, &b, 1, 2000 + 37 * i, 1 + i % 4);
+    add_chunks(&r, &b, 1, 3000, 5);
+    plan(&r, &b);
+    check_cover(&r, &b);
+    TU_CHECK(r.pl.num_merges[ATT_TILE_NARROW] == 10 && parts_of(&r, ATT_TILE_NARROW) == 2,
+             "10 short chunks, 80 blocks of 396 slots: %u split, into %u parts",
+             r.pl.num_merges[ATT_TILE_NARROW], parts_of(&r, ATT_TILE_NARROW));
+    uint32_t wide_items = 0;
+    for (uint32_t i = 0; i < r.pl.total_items; i++) {
+        const att_kitem_t *it = &r.w.items[i];
+        const att_batch_chunk_t *ch = &b.chunks[it->chunk];
+        TU_CHECK((i < r.pl.num_items[ATT_TILE_WIDE]) == (it->chunk == 10),
+                 "item %u: chunk %u of %u tokens in the wrong kind", i, it->chunk,
+                 ch->num_tokens);
+        wide_items += it->chunk == 10;
+        if (it->part == ATT_KPART_NONE || it->flags == 0)
+            continue; /* the first part of a narrow tile writes the KV */
+        const uint32_t lo = ch->start_pos + 1 - 700;
+        TU_CHECK(it->chunk == 10 || it->key_begin == lo - lo % k_keys[ATT_TILE_NARROW],
+                 "chunk %u at %u: first part from key %u, window from %u", it->chunk,
+                 ch->start_pos, it->key_begin, lo);
+    }
+    TU_CHECK(wide_items == r.pl.num_items[ATT_TILE_WIDE] && wide_items != 0,
+             "%u wide items of %u", wide_items, r.pl.num_items[ATT_TILE_WIDE]);
+    rig_fini(&r);
+}
+
 static void test_att_gpu_plan_mixed_batch_merges_index_their_kind(void **state) {
     (void)state;
     plan_rig_t r;
@@ -364,6 +405,7 @@ int main(void) {
         cmocka_unit_test(test_att_gpu_plan_items_run_longest_first),
         cmocka_unit_test(test_att_gpu_plan_few_waves_split_to_fill_them),
         cmocka_unit_test(test_att_gpu_plan_lone_sequence_takes_the_most_parts),
+        cmocka_unit_test(test_att_gpu_plan_short_chunks_keep_their_window),
         cmocka_unit_test(test_att_gpu_plan_mixed_batch_merges_index_their_kind),
         cmocka_unit_test(test_att_gpu_plan_partitions_split_by_their_own_sms),
     };
