@@ -287,14 +287,15 @@ static void test_att_gpu_plan_lone_sequence_takes_the_most_parts(void **state) {
 /* Chunks of one to four tokens (16 rows at most: one narrow tile each, as speculative decoding
  * sends) under a sliding window, few enough to be split: each tile's parts start at the stage
  * holding its first row's oldest visible key and end after its last token (check_cover); a
- * five-token chunk (20 rows) goes to the wide tiles. */
+ * five-token chunk (20 rows) goes to the wide tiles. Every first row's window starts on a
+ * stage's last key, so a later row's would start a stage further. */
 static void test_att_gpu_plan_short_chunks_keep_their_window(void **state) {
     (void)state;
     plan_rig_t r;
     rig_init_window(&r, 700);
     att_batch_t b = {.attend = 1, .chunks = r.ch};
     for (uint32_t i = 0; i < 10; i++)
-        add_chunks(&r, &b, 1, 2000 + 37 * i, 1 + i % 4);
+        add_chunks(&r, &b, 1, 2042 + 64 * i, 1 + i % 4);
     add_chunks(&r, &b, 1, 3000, 5);
     plan(&r, &b);
     check_cover(&r, &b);
