@@ -14,9 +14,10 @@
  *           two (16 KiB, then the rest in one), medians of 300 on a synchronized stream;
  *   mbox    a launch-free submission: a resident kernel polls mapped host memory for a job,
  *           after none or 0.3, 2, 8 ms of busy jobs: the host's time to submit an empty job
- *           (two stores), its round trip until the host sees it done, and beside it an empty
- *           kernel's launch plus cuStreamSynchronize after a busy kernel as long, medians of
- *           60 (what a resident attention kernel would cost the host and add in latency).
+ *           (two stores), its round trip until the host sees it done, and beside it (while the
+ *           resident kernel holds its one thread's SM slot) an empty kernel's launch plus
+ *           cuStreamSynchronize after a busy kernel as long, medians of 60 (what a resident
+ *           attention kernel would cost the host and add in latency).
  * With --cpu N the thread is pinned to CPU N first. Host times move between processes, so run it
  * several times.
  *
@@ -26,6 +27,7 @@
 #define _GNU_SOURCE
 #include <cuda.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,22 +51,23 @@ static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
                             "  st.volatile.global.u32 [%dst], %one;\n  mov.u64 %last, %t;\n"
                             "SKIP:\n  sub.u64 %d, %t, %t0;\n  setp.lt.u64 %p, %d, %n;\n"
                             "  @%p bra LOOP;\n  ret;\n}\n"
-                            /* mailbox(in, out): resident; waits for in[0] (a u32 sequence
-                             * number) to change, keeps the GPU busy for in[1] ns (u64 at byte
-                             * 8), then writes the number to out; ~0u ends it */
+                            /* mailbox(in, out): resident, one thread; waits for in's u32
+                             * sequence number to change (an acquire load: the job's u64 ns at
+                             * byte 8 was stored before it), keeps the GPU busy for ns, then
+                             * writes the number to out; ~0u ends it */
                             ".visible .entry mailbox(.param .u64 in, .param .u64 out) {\n"
                             "  .reg .u64 %in, %out, %ns, %t0, %t, %d;\n"
                             "  .reg .u32 %seq, %last;\n  .reg .pred %p;\n"
                             "  ld.param.u64 %in, [in];\n  ld.param.u64 %out, [out];\n"
                             "  mov.u32 %last, 0;\n"
-                            "WAIT:\n  ld.volatile.global.u32 %seq, [%in];\n"
+                            "WAIT:\n  ld.acquire.sys.global.u32 %seq, [%in];\n"
                             "  setp.eq.u32 %p, %seq, %last;\n  @%p bra WAIT;\n"
                             "  setp.eq.u32 %p, %seq, 0xffffffff;\n  @%p bra END;\n"
-                            "  ld.volatile.global.u64 %ns, [%in+8];\n"
+                            "  ld.relaxed.sys.global.u64 %ns, [%in+8];\n"
                             "  mov.u64 %t0, %globaltimer;\n"
                             "SPIN:\n  mov.u64 %t, %globaltimer;\n  sub.u64 %d, %t, %t0;\n"
                             "  setp.lt.u64 %p, %d, %ns;\n  @%p bra SPIN;\n"
-                            "  membar.sys;\n  st.volatile.global.u32 [%out], %seq;\n"
+                            "  st.release.sys.global.u32 [%out], %seq;\n"
                             "  mov.u32 %last, %seq;\n  bra WAIT;\n"
                             "END:\n  ret;\n}\n";
 
@@ -93,12 +96,13 @@ static int check(CUresult r, const char *what) {
 
 typedef struct probe {
     CUfunction empty, spin, spin_touch, mailbox;
-    CUstream st, side; /* side: the warm submissions' stream, and the other stream's */
+    CUstream st, side; /* side: the warm submissions' stream, also where "other" launches */
     CUstream res;      /* the resident mailbox kernel's */
     CUevent ev;
     CUdeviceptr touch_d; /* a word of mapped host memory spin_touch writes */
-    /* mapped host memory of the mailbox: in [u32 seq, pad, u64 ns], out [u32 seq] */
-    volatile unsigned *in_h, *out_h;
+    /* mapped host memory of the mailbox: in [u32 seq, pad, u64 ns], out [u32 seq] 64 bytes on */
+    _Atomic unsigned *in_seq, *out_seq;
+    _Atomic unsigned long long *in_ns;
     CUdeviceptr in_d, out_d;
 } probe_t;
 
@@ -193,35 +197,50 @@ static int upload_calls(const probe_t *p, double *four, double *two) {
 }
 
 /* Hands the resident mailbox kernel a job of ns busy nanoseconds: the host's whole part of a
- * submission, two stores to mapped memory (the sequence number last, seen after ns). */
-static void mbox_submit(probe_t *p, unsigned seq, unsigned long long ns) {
-    *(volatile unsigned long long *)(p->in_h + 2) = ns;
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-    p->in_h[0] = seq;
+ * submission, two stores to mapped memory. The sequence number's store is a release, so the
+ * kernel, which loads it with acquire, reads this job's ns after it. */
+static void mbox_submit(const probe_t *p, unsigned seq, unsigned long long ns) {
+    atomic_store_explicit(p->in_ns, ns, memory_order_relaxed);
+    atomic_store_explicit(p->in_seq, seq, memory_order_release);
+}
+
+/* Spins until the kernel reports job seq done (an acquire load, pairing with its release store).
+ * After 2 s past the job's busy time (ns) it gives up, saying what the kernel's stream reports:
+ * a resident kernel that faulted or ended never answers. */
+static int mbox_wait(const probe_t *p, unsigned seq, unsigned long long ns) {
+    const unsigned long long deadline = now_ns() + ns + 2000000000ull;
+    for (unsigned i = 1; atomic_load_explicit(p->out_seq, memory_order_acquire) != seq; i++)
+        if (i % 4096 == 0 && now_ns() > deadline) {
+            const CUresult r = cuStreamQuery(p->res);
+            fprintf(stderr, "launch_probe: the resident kernel did not answer job %u (%s)\n", seq,
+                    r == CUDA_ERROR_NOT_READY ? "still running" : "its stream reports an error");
+            if (r != CUDA_ERROR_NOT_READY)
+                check(r, "cuStreamQuery");
+            return -1;
+        }
+    return 0;
 }
 
 /* Round trips after a busy time w (ns; 0: none) that the host waited for: through the resident
  * mailbox kernel (the host spins on out) and through a launch (cuStreamSynchronize). Medians of
  * n: the submission's host time (*sub), its round trip until the host sees the empty job done
- * (*rt), and an empty kernel's launch plus synchronize after a busy kernel of w (*lrt). A
- * resident kernel that never answers leaves the host spinning: gpu_run.sh runs the probe under
- * a timeout. */
-static int round_trips(probe_t *p, long long w, int n, unsigned *seq, double *sub, double *rt,
-                       double *lrt) {
+ * (*rt), and an empty kernel's launch plus synchronize after a busy kernel of w (*lrt). */
+static int round_trips(const probe_t *p, long long w, int n, unsigned *seq, double *sub,
+                       double *rt, double *lrt) {
     double *t = calloc((size_t)n * 3, sizeof *t);
     int rc = t == NULL ? -1 : 0;
     void *args[] = {&w};
     for (int i = 0; i < n && rc == 0; i++) {
         if (w != 0) {
             mbox_submit(p, ++*seq, (unsigned long long)w);
-            while (p->out_h[0] != *seq)
-                ;
+            if ((rc = mbox_wait(p, *seq, (unsigned long long)w)) != 0)
+                break;
         }
         unsigned long long t0 = now_ns();
         mbox_submit(p, ++*seq, 0);
         const unsigned long long t1 = now_ns();
-        while (p->out_h[0] != *seq)
-            ;
+        if ((rc = mbox_wait(p, *seq, 0)) != 0)
+            break;
         t[i] = (double)(t1 - t0) / 1e3;
         t[n + i] = (double)(now_ns() - t0) / 1e3;
         if (w != 0)
@@ -243,14 +262,15 @@ static int round_trips(probe_t *p, long long w, int n, unsigned *seq, double *su
     return rc;
 }
 
-/* The mailbox figures after each wait (see the top), with the resident kernel running on its
- * own stream for the duration. */
-static int mailbox(probe_t *p) {
+/* The mailbox figures after each busy time (see the top), with the resident kernel running on
+ * its own stream for the duration (the launches beside it share the GPU with its one thread). */
+static int mailbox(const probe_t *p) {
     unsigned seq = 0;
-    p->in_h[0] = 0;
-    p->out_h[0] = 0;
-    void *args[] = {&p->in_d, &p->out_d};
-    if (CK(cuLaunchKernel(p->mailbox, 1, 1, 1, 32, 1, 1, 0, p->res, args, NULL)))
+    atomic_store_explicit(p->in_seq, 0, memory_order_relaxed); /* before the kernel starts */
+    atomic_store_explicit(p->out_seq, 0, memory_order_relaxed);
+    CUdeviceptr in_d = p->in_d, out_d = p->out_d;
+    void *args[] = {&in_d, &out_d};
+    if (CK(cuLaunchKernel(p->mailbox, 1, 1, 1, 1, 1, 1, 0, p->res, args, NULL)))
         return -1;
     static const long long waits[] = {0, 300000, 2000000, 8000000};
     int rc = 0;
@@ -266,7 +286,7 @@ static int mailbox(probe_t *p) {
 }
 
 /* Measures and prints one line of figures (see the top). */
-static int measure(probe_t *p, int pinned) {
+static int measure(const probe_t *p, int pinned) {
     const int cpu_first = sched_getcpu();
     for (int i = 0; i < 200; i++)
         if (CK(cuLaunchKernel(p->empty, 1, 1, 1, 32, 1, 1, 0, p->st, NULL, NULL)))
@@ -287,15 +307,19 @@ static int measure(probe_t *p, int pinned) {
     for (int w = 0; w < 3; w++)
         for (int mode = 0; mode < WAIT_MODES; mode++) {
             double a, b;
-            if (after_wait(p, waits[w], mode, 60, &a, &b) != 0)
+            if (after_wait(p, waits[w], mode, 60, &a, &b) != 0) {
+                printf("\n");
                 return -1;
+            }
             printf("  %.1f ms %s %.2f/%.2f", waits[w] / 1e6, k_wait_names[mode], a, b);
         }
-    double four, two;
-    if (upload_calls(p, &four, &two) != 0 || mailbox(p) != 0)
+    double four = 0.0, two = 0.0;
+    if (upload_calls(p, &four, &two) != 0 || mailbox(p) != 0) {
+        printf("\n");
         return -1;
-    printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, copies median%s)\n", four, two,
-           pinned ? "; pinned" : "");
+    }
+    printf("  copies 4: %.2f, 2: %.2f  (us; waits median/p90, mbox and copies median%s)\n", four,
+           two, pinned ? "; pinned" : "");
     return 0;
 }
 
@@ -341,8 +365,9 @@ int main(int argc, char **argv) {
         CK(cuMemHostAlloc(&mbox_h, 128, CU_MEMHOSTALLOC_DEVICEMAP)) ||
         CK(cuMemHostGetDevicePointer(&p.in_d, mbox_h, 0)))
         return 1;
-    p.in_h = mbox_h;
-    p.out_h = (volatile unsigned *)((char *)mbox_h + 64);
+    p.in_seq = (_Atomic unsigned *)mbox_h;
+    p.in_ns = (_Atomic unsigned long long *)((char *)mbox_h + 8);
+    p.out_seq = (_Atomic unsigned *)((char *)mbox_h + 64);
     p.out_d = p.in_d + 64;
     const int rc = measure(&p, cpu >= 0);
     const int down = CK(cuCtxSynchronize()) | CK(cuStreamDestroy(p.st)) |
