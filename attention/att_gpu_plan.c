@@ -263,21 +263,20 @@ at_err_t att_gpu_plan_batch(att_gpu_work_t *w, const att_model_t *m, const att_c
             narrow_keys += t->ke - t->kb;
             continue;
         }
-        const uint32_t kind = r <= rows[ATT_TILE_NARROW] ? ATT_TILE_NARROW : ATT_TILE_WIDE;
-        for (uint32_t rb = 0; rb < r; rb += rows[kind]) {
-            const uint32_t re = rb + rows[kind] < r ? rb + rows[kind] : r;
+        /* the rest are cut into wide tiles (a chunk of no rows makes none) */
+        const uint32_t wr = rows[ATT_TILE_WIDE];
+        for (uint32_t rb = 0; rb < r; rb += wr) {
+            const uint32_t re = rb + wr < r ? rb + wr : r;
             att_gpu_tile_t *t = &w->tiles[nt++];
             t->chunk = c;
             t->row_begin = rb;
-            t->kind = kind;
+            t->kind = ATT_TILE_WIDE;
             t->kb = window_lo(ch->start_pos + rb / g, window);
             t->ke = ch->start_pos + (re - 1) / g + 1;
-            blocks[kind] += m->num_kv_heads;
-            longest[kind] = t->ke - t->kb > longest[kind] ? t->ke - t->kb : longest[kind];
-            if (kind == ATT_TILE_WIDE)
-                wide_row_keys += (uint64_t)(re - rb) * (t->ke - t->kb);
-            else
-                narrow_keys += t->ke - t->kb;
+            blocks[ATT_TILE_WIDE] += m->num_kv_heads;
+            longest[ATT_TILE_WIDE] =
+                t->ke - t->kb > longest[ATT_TILE_WIDE] ? t->ke - t->kb : longest[ATT_TILE_WIDE];
+            wide_row_keys += (uint64_t)(re - rb) * (t->ke - t->kb);
         }
     }
     bool mixed = blocks[ATT_TILE_WIDE] != 0 && blocks[ATT_TILE_NARROW] != 0;
