@@ -8,7 +8,8 @@
 # (Debian's libamdhip64-dev here), test_att_hip, test_att_hip_tune and the HIP test double
 # (lib/libattnd_hip_on_cuda_testdouble.so: HIP on CUDA, test-only) come too: `gpu_run.sh hip`.
 # With nvcc here, bin/wgmma_check too (tools/wgmma_check.cu: `gpu_run.sh wgmma`); always
-# bin/launch_probe (tools/launch_probe.c: `gpu_run.sh launch`).
+# bin/launch_probe (tools/launch_probe.c: `gpu_run.sh launch`) and bin/cdp_probe
+# (tools/cdp_probe.c: `gpu_run.sh cdp`, with lib/libcudadevrt.a).
 # Usage: tools/gpu_bundle.sh            then carry dist/gpu (see tools/gpu_run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,10 @@ fi
 # The bare launch's host time by wait (gpu_run.sh launch): the driver only, through its stub.
 cc -O2 -std=c11 -Wall -Wextra -Werror -I"${AT_CUDA_ROOT:-/usr/local/cuda}/include" \
   -o "$out/bin/launch_probe" tools/launch_probe.c -L"$cuda_lib/stubs" -lcuda
+# A launch-free call through device-side launches (gpu_run.sh cdp): NVRTC, the driver's linker
+# and the device runtime's library, which the probe links its module with on the GPU machine.
+cc -O2 -std=c11 -Wall -Wextra -Werror -I"${AT_CUDA_ROOT:-/usr/local/cuda}/include" \
+  -o "$out/bin/cdp_probe" tools/cdp_probe.c -L"$cuda_lib/stubs" -lcuda -L"$cuda_lib" -lnvrtc
 if [ "$hip" = 1 ]; then
   cp "$build/tests/libattnd_hip_on_cuda_testdouble.so" "$out/lib.new/"
 fi
@@ -51,7 +56,7 @@ done | sort -u | while read -r lib; do
   name=$(basename "$lib")
   [[ "$name" =~ $skip ]] || cp -L "$lib" "$out/lib.new/$name"
 done
-cp -L "$cuda_lib/libnvrtc-builtins.so.13.0" "$out/lib.new/"
+cp -L "$cuda_lib/libnvrtc-builtins.so.13.0" "$cuda_lib/libcudadevrt.a" "$out/lib.new/"
 # xz of libnvrtc takes minutes: reuse it while the library is unchanged
 src="$cuda_lib/libnvrtc.so.13"
 stamp="$(stat -L -c '%s %Y' "$src")"
@@ -76,6 +81,8 @@ if [ ! -f "$nv/libnvrtc.so.13" ]; then
   mv "$nv/libnvrtc.so.13.tmp" "$nv/libnvrtc.so.13"
 fi
 export LD_LIBRARY_PATH="$here/lib:$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# the device runtime library that device-launched calls link with (attention/att_cudl.h)
+export ATTND_CUDADEVRT="${ATTND_CUDADEVRT:-$here/lib/libcudadevrt.a}"
 prog="$1"
 shift
 exec "$here/bin/$prog" "$@"
