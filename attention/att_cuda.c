@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention/att_cudl.h"
 #include "attention/att_cudrv.h"
 #include "attention/att_gpu_plan.h"
 #include "attention/att_gpu_run.h"
@@ -69,6 +70,8 @@ typedef struct cuda_backend {
     bool has_plan;
     att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
+    att_cudl_t *dl; /* owned: the device-launched calls' module; NULL: every call launches from
+                       the host (att_cudl.h says when) */
     atomic_int lost;
     att_gpu_cq_t cq; /* tuning candidates' compiles; initialized once jit exists */
     att_gpu_regions_t regs; /* host memory registered for DMA */
@@ -102,12 +105,15 @@ struct att_kv {
     att_gpu_mods_t mods;   /* the loaded tile modules, each kind's current one */
     bool timing;           /* record device time even when the backend's timing is off */
     lc_t *lc;              /* owned: this session's launch cache */
+    att_cudl_sess_t *dl;   /* owned: its launcher and job graphs; NULL: host launches only */
+    bool dl_recording;     /* launch_cb hands launches to dl (a device-launched call) */
     uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
     CUdeviceptr io_d;      /* [meta | q | k | v | out | parts] of the current call */
     size_t io_cap;
-    uint8_t *stage_h;      /* pinned, [meta | q | k | v | out] */
+    uint8_t *stage_h;    /* pinned and mapped, [meta | q | k | v | out] */
+    CUdeviceptr stage_d; /* stage_h's device address */
     size_t stage_cap;
     CUdeviceptr counters_d; /* [counters_cap] uint32 arrivals of split parts, zero between calls */
     size_t counters_cap;
@@ -134,6 +140,11 @@ static at_err_t cu_check(cuda_backend_t *be, CUresult r, const char *call, const
 
 #define CU(call) cu_check(be, be->drv->call, #call, __FILE__, __LINE__)
 
+/* cu_check for att_cudl (its att_cudl_check_fn). */
+static at_err_t dl_check(void *user, CUresult r, const char *call, const char *file, int line) {
+    return cu_check(user, r, call, file, line);
+}
+
 static at_err_t enter(cuda_backend_t *be) {
     if (atomic_load_explicit(&be->lost, memory_order_relaxed))
         return AT_ERR_DEVICE;
@@ -145,6 +156,8 @@ static at_err_t enter(cuda_backend_t *be) {
 static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, void *params) {
     att_kv_t *kv = user;
     cuda_backend_t *be = kv->be;
+    if (kv->dl_recording)
+        return att_cudl_launch(kv->dl, l, grid_x, params);
     void *args[] = {params};
     return CU(cuLaunchKernel((CUfunction)l->fn, grid_x, 1, 1, l->block_x, 1, 1, l->smem_bytes,
                              kv->launch_stream, args, NULL));
@@ -238,10 +251,12 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
         kv->stage_h = NULL;
         kv->stage_cap = 0;
         void *p = NULL;
-        if ((e = CU(cuMemHostAlloc(&p, cap, 0))) != AT_OK)
+        if ((e = CU(cuMemHostAlloc(&p, cap, CU_MEMHOSTALLOC_DEVICEMAP))) != AT_OK)
             return e;
         kv->stage_h = p;
         kv->stage_cap = cap;
+        if ((e = CU(cuMemHostGetDevicePointer(&kv->stage_d, p, 0))) != AT_OK)
+            return e;
     }
     return AT_OK;
 }
@@ -330,6 +345,104 @@ static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     if (e == AT_OK)
         e = move_tensor(kv, b, 2, kv_row, lo->o_v, lo->o_v, &staged);
     return e;
+}
+
+/* ---- device-launched calls (att_cudl.h) ---- */
+
+/* The copy ranges of one tensor's runs (which: 0..2 q, k, v in; 3 out) for a device-launched
+ * call: registered runs straight from or to where they lie (the device uses their host address),
+ * the others through the stage at the same offsets (gathered here on the way in, scattered by
+ * att_gpu_finish_out on the way out: *staged). False when the copy node has no room left. */
+static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
+                      size_t dev_off, bool *staged) {
+    cuda_backend_t *be = kv->be;
+    const bool out = which == 3;
+    for (uint32_t c = 0; c < b->num_chunks;) {
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
+        const uint64_t dev = kv->io_d + dev_off + off;
+        const bool direct = att_gpu_regions_contain(&be->regs, p, n);
+        const uint64_t host = direct ? (uint64_t)(uintptr_t)p : kv->stage_d + dev_off + off;
+        if (!out && !direct)
+            memcpy(kv->stage_h + dev_off + off, p, n);
+        if (!att_cudl_copy(kv->dl, out, out ? host : dev, out ? dev : host, n))
+            return false;
+        *staged |= !direct;
+        c = d;
+    }
+    return true;
+}
+
+/* Whether the device should launch the call: one launch (one tile kind: a mixed batch launches
+ * its two from the host, in green contexts or forked; or an append), no timing events, and at
+ * most ATT_CUDL_MAX_COPY_BYTES to move, where the SMs copy as fast as the copy engine (above it,
+ * an 8 x 2048 prefill's 335 MB, the SMs' copies made the call 6-7% slower, and a launch's few us
+ * of host time are nothing beside the milliseconds of the copies: docs/BENCHMARKS.md). */
+static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
+                     const att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
+    if (kv->dl == NULL || kv->be->timing || kv->timing || b->num_chunks == 0)
+        return false;
+    const uint64_t rows = b->attend ? 2 * q_row + 2 * kv_row : 2 * kv_row;
+    if (lo->meta_end + (uint64_t)b->total_tokens * rows > ATT_CUDL_MAX_COPY_BYTES)
+        return false;
+    return !b->attend ||
+           (pl->num_items[ATT_TILE_WIDE] != 0) != (pl->num_items[ATT_TILE_NARROW] != 0);
+}
+
+/* The call from the device, once its metadata is in the stage: the copy ranges, then the launch
+ * (launch_cb hands it to the session's att_cudl), then the wait. *taken false: the ranges did
+ * not fit, or the job graph could not be made (the session then launches from the host from now
+ * on); nothing was submitted and the host path runs the call. */
+static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
+                              const att_gpu_counts_t *pl, size_t q_row, size_t kv_row, uint64_t t0,
+                              bool *taken) {
+    cuda_backend_t *be = kv->be;
+    *taken = false;
+    att_cudl_begin(kv->dl);
+    bool ok = att_cudl_copy(kv->dl, false, kv->io_d, kv->stage_d, lo->meta_end);
+    size_t n = 0;
+    bool in_staged = false, out_staged = false;
+    const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
+    if (qkv != NULL)
+        ok = ok && att_cudl_copy(kv->dl, false, kv->io_d + lo->o_q, (uint64_t)(uintptr_t)qkv, n);
+    else
+        ok = ok && (!b->attend || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
+             dl_tensor(kv, b, 1, kv_row, lo->o_k, &in_staged) &&
+             dl_tensor(kv, b, 2, kv_row, lo->o_v, &in_staged);
+    ok = ok && (!b->attend || dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
+    if (!ok)
+        return AT_OK;
+    att_kparams_t p;
+    att_gpu_run_params(kv->m, b, lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
+    p.counters_d = kv->counters_d;
+    kv->dl_recording = true;
+    at_err_t e;
+    if (b->attend)
+        e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d,
+                                pl->num_items[ATT_TILE_WIDE] != 0 ? ATT_TILE_WIDE
+                                                                  : ATT_TILE_NARROW);
+    else
+        e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks);
+    kv->dl_recording = false;
+    if (e != AT_OK) {
+        if (atomic_load_explicit(&be->lost, memory_order_relaxed))
+            return e;
+        at_log(AT_LOG_WARN, "cuda",
+               "cuda:%d: a session's job graph failed (%s); its calls "
+               "launch from the host from now on",
+               be->ordinal, at_err_name(e));
+        att_cudl_sess_destroy(&kv->dl, false);
+        return AT_OK;
+    }
+    *taken = true;
+    att_gpu_tables_commit(&kv->tables, b);
+    kv->last_host_ns = att_gpu_now_ns() - t0;
+    if ((e = att_cudl_wait(kv->dl)) != AT_OK)
+        return e;
+    if (out_staged)
+        att_gpu_finish_out(b, q_row, kv->stage_h + lo->o_out, &be->regs);
+    return AT_OK;
 }
 
 /* ---- SM partitions (green contexts) for mixed batches ---- */
@@ -468,6 +581,11 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
+    if (dl_suits(kv, b, &pl, &lo, q_row, kv_row)) {
+        bool taken;
+        if ((e = run_on_device(kv, b, &lo, &pl, q_row, kv_row, t0, &taken)) != AT_OK || taken)
+            return e;
+    }
     kv->uploads++;
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
@@ -593,6 +711,8 @@ out_unload:
 
 static void unload_mod(att_kv_t *kv, void *mod) {
     cuda_backend_t *be = kv->be;
+    if (kv->dl != NULL) /* its job graphs hold the module's functions */
+        att_cudl_sess_forget(kv->dl);
     (void)CU(cuModuleUnload((CUmodule)mod));
 }
 
@@ -659,11 +779,13 @@ static void cuda_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
         return;
     cuda_backend_t *be = (cuda_backend_t *)base;
     att_kv_t *kv = *kvp;
+    const bool lost = atomic_load_explicit(&be->lost, memory_order_relaxed) ||
+                      be->drv->cuCtxSetCurrent(be->ctx) != CUDA_SUCCESS;
+    att_cudl_sess_destroy(&kv->dl, lost);
     /* Teardown errors are logged by CU and otherwise ignored: there is nothing left to undo.
      * After a sticky fault every call would fail (and log) the same error; the driver frees the
      * context's resources with the context, so nothing is asked of it then. */
-    if (!atomic_load_explicit(&be->lost, memory_order_relaxed) &&
-        be->drv->cuCtxSetCurrent(be->ctx) == CUDA_SUCCESS) {
+    if (!lost) {
         if (kv->stream != NULL) {
             (void)CU(cuStreamSynchronize(kv->stream));
             (void)CU(cuStreamDestroy(kv->stream));
@@ -761,6 +883,14 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
             goto out_kv;
     }
     part_ensure(kv);
+    if (be->dl != NULL && (e = att_cudl_sess_create(be->dl, &kv->dl)) != AT_OK) {
+        if (atomic_load_explicit(&be->lost, memory_order_relaxed))
+            goto out_kv;
+        at_log(AT_LOG_WARN, "cuda",
+               "cuda:%d: a session's launcher failed (%s); its calls launch "
+               "from the host",
+               be->ordinal, at_err_name(e));
+    }
     *out = kv;
     return AT_OK;
 out_kv:
@@ -800,11 +930,17 @@ static at_err_t cuda_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
 static void cuda_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t *out) {
     (void)base;
     att_gpu_kv_stats(kv->lc, kv->uploads, kv->last_host_ns, kv->last_device_ns, out);
+    if (kv->dl != NULL) {
+        att_cudl_stats_t d;
+        att_cudl_sess_stats(kv->dl, &d);
+        out->device_calls = d.calls;
+    }
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {
     cuda_backend_t *be = user;
-    return CU(cuMemHostRegister(p, bytes, CU_MEMHOSTREGISTER_PORTABLE));
+    return CU(
+        cuMemHostRegister(p, bytes, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP));
 }
 
 static at_err_t cuda_register_host(att_backend_t *base, void *p, size_t bytes) {
@@ -831,6 +967,7 @@ static void cuda_destroy(att_backend_t *base) {
     be->num_parts = 0;
     pthread_mutex_unlock(&be->parts_mu);
     pthread_mutex_destroy(&be->parts_mu);
+    att_cudl_destroy(&be->dl, atomic_load_explicit(&be->lost, memory_order_relaxed));
     (void)CU(cuDevicePrimaryCtxRelease(be->dev));
     att_jit_destroy(&be->jit);
     att_gpu_regions_fini(&be->regs);
@@ -930,6 +1067,16 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         return e;
     }
     att_gpu_cq_init(&be->cq, be->jit, be->arch, cuda_opts, be, cfg->compile_threads);
+    const char *launch = getenv("ATTND_CUDA_LAUNCH");
+    if (cfg->host_launches || (launch != NULL && strcmp(launch, "host") == 0)) {
+        at_log(AT_LOG_INFO, "cuda", "cuda:%d: calls launch from the host (as asked)", be->ordinal);
+    } else {
+        at_diag_t dd = {{0}};
+        if (enter(be) != AT_OK || att_cudl_create(drv, be->dev, be->arch, be->num_sms, dl_check, be,
+                                                  &dd, &be->dl) != AT_OK)
+            at_log(AT_LOG_INFO, "cuda", "cuda:%d: calls launch from the host: %s", be->ordinal,
+                   dd.msg);
+    }
     *out = &be->base;
     return AT_OK;
 }

@@ -72,6 +72,9 @@ typedef struct att_cuda_cfg {
     /* Threads that compile tuning candidates in the background (0: one; a server's worker
      * leaves it so, `attnd tune` uses every CPU). Started on first use. */
     uint32_t compile_threads;
+    /* Every call launches from the host, none from the device (attention/att_cudl.h): tests and
+     * comparisons. The environment's ATTND_CUDA_LAUNCH=host asks the same of every backend. */
+    bool host_launches;
 } att_cuda_cfg_t;
 
 /* The plan for model m on a device of architecture arch ("sm_90": the wgmma wide tile where the

@@ -77,8 +77,11 @@ static void load_cuda(void) {
     if ((g_cuda.f = (__typeof__(g_cuda.f))dlsym(h, STR(f))) == NULL && missing == NULL)          \
         missing = STR(f);
     ATT_CUDRV_GREEN_FUNCS(LOAD_OPT_)
-#undef LOAD_OPT_
     g_cuda.has_green = missing == NULL; /* a session asking for a partition logs its absence */
+    missing = NULL;
+    ATT_CUDRV_DL_FUNCS(LOAD_OPT_)
+#undef LOAD_OPT_
+    g_cuda.has_dl = missing == NULL && g_cuda.driver_version >= 12040;
     g_cuda_err = AT_OK;
 }
 

@@ -9,7 +9,7 @@
  *
  * Green contexts (SM partitions, CUDA 12.5+ drivers) are optional: a driver without them loads
  * with has_green false and whatever would use them stays off (a session whose plan asks for a
- * partition logs why it has none).
+ * partition logs why it has none). So are the functions of device-launched calls (has_dl).
  *
  * Thread: att_cudrv_cuda() and att_cudrv_nvrtc() load once (pthread_once) and may be called
  * from any thread; the tables are immutable afterwards. */
@@ -22,45 +22,47 @@
 
 #include "common/at_err.h"
 
-#define ATT_CUDRV_FUNCS(X)                                                                       \
-    X(cuInit)                                                                                    \
-    X(cuDriverGetVersion)                                                                        \
-    X(cuGetErrorName)                                                                            \
-    X(cuDeviceGetCount)                                                                          \
-    X(cuDeviceGet)                                                                               \
-    X(cuDeviceGetName)                                                                           \
-    X(cuDeviceGetAttribute)                                                                      \
-    X(cuDeviceTotalMem)                                                                          \
-    X(cuDevicePrimaryCtxRetain)                                                                  \
-    X(cuDevicePrimaryCtxRelease)                                                                 \
-    X(cuCtxSetCurrent)                                                                           \
-    X(cuCtxSynchronize)                                                                          \
-    X(cuMemAlloc)                                                                                \
-    X(cuMemFree)                                                                                 \
-    X(cuMemsetD8)                                                                                \
-    X(cuMemHostAlloc)                                                                            \
-    X(cuMemFreeHost)                                                                             \
-    X(cuMemHostRegister)                                                                         \
-    X(cuMemHostUnregister)                                                                       \
-    X(cuMemcpyHtoD)                                                                              \
-    X(cuMemcpyDtoH)                                                                              \
-    X(cuMemcpyHtoDAsync)                                                                         \
-    X(cuMemcpyDtoHAsync)                                                                         \
-    X(cuStreamCreate)                                                                            \
-    X(cuStreamDestroy)                                                                           \
-    X(cuStreamSynchronize)                                                                       \
-    X(cuStreamWaitEvent)                                                                         \
-    X(cuModuleLoadData)                                                                          \
-    X(cuModuleUnload)                                                                            \
-    X(cuModuleGetFunction)                                                                       \
-    X(cuModuleGetGlobal)                                                                         \
-    X(cuFuncSetAttribute)                                                                        \
-    X(cuOccupancyMaxActiveBlocksPerMultiprocessor)                                               \
-    X(cuLaunchKernel)                                                                            \
-    X(cuEventCreate)                                                                             \
-    X(cuEventRecord)                                                                             \
-    X(cuEventSynchronize)                                                                        \
-    X(cuEventElapsedTime)                                                                        \
+#define ATT_CUDRV_FUNCS(X)                                                                         \
+    X(cuInit)                                                                                      \
+    X(cuDriverGetVersion)                                                                          \
+    X(cuGetErrorName)                                                                              \
+    X(cuDeviceGetCount)                                                                            \
+    X(cuDeviceGet)                                                                                 \
+    X(cuDeviceGetName)                                                                             \
+    X(cuDeviceGetAttribute)                                                                        \
+    X(cuDeviceTotalMem)                                                                            \
+    X(cuDevicePrimaryCtxRetain)                                                                    \
+    X(cuDevicePrimaryCtxRelease)                                                                   \
+    X(cuCtxSetCurrent)                                                                             \
+    X(cuCtxSynchronize)                                                                            \
+    X(cuMemAlloc)                                                                                  \
+    X(cuMemFree)                                                                                   \
+    X(cuMemsetD8)                                                                                  \
+    X(cuMemHostAlloc)                                                                              \
+    X(cuMemFreeHost)                                                                               \
+    X(cuMemHostRegister)                                                                           \
+    X(cuMemHostUnregister)                                                                         \
+    X(cuMemHostGetDevicePointer)                                                                   \
+    X(cuMemcpyHtoD)                                                                                \
+    X(cuMemcpyDtoH)                                                                                \
+    X(cuMemcpyHtoDAsync)                                                                           \
+    X(cuMemcpyDtoHAsync)                                                                           \
+    X(cuStreamCreate)                                                                              \
+    X(cuStreamDestroy)                                                                             \
+    X(cuStreamSynchronize)                                                                         \
+    X(cuStreamQuery)                                                                               \
+    X(cuStreamWaitEvent)                                                                           \
+    X(cuModuleLoadData)                                                                            \
+    X(cuModuleUnload)                                                                              \
+    X(cuModuleGetFunction)                                                                         \
+    X(cuModuleGetGlobal)                                                                           \
+    X(cuFuncSetAttribute)                                                                          \
+    X(cuOccupancyMaxActiveBlocksPerMultiprocessor)                                                 \
+    X(cuLaunchKernel)                                                                              \
+    X(cuEventCreate)                                                                               \
+    X(cuEventRecord)                                                                               \
+    X(cuEventSynchronize)                                                                          \
+    X(cuEventElapsedTime)                                                                          \
     X(cuEventDestroy)
 
 /* Optional: green contexts (cuGreenCtxStreamCreate came last, with 12.5). The header maps none of
@@ -73,15 +75,35 @@
     X(cuGreenCtxDestroy)                                                                         \
     X(cuGreenCtxStreamCreate)
 
-#define ATT_NVRTC_FUNCS(X)                                                                       \
-    X(nvrtcVersion)                                                                              \
-    X(nvrtcGetErrorString)                                                                       \
-    X(nvrtcCreateProgram)                                                                        \
-    X(nvrtcCompileProgram)                                                                       \
-    X(nvrtcGetProgramLogSize)                                                                    \
-    X(nvrtcGetProgramLog)                                                                        \
-    X(nvrtcGetCUBINSize)                                                                         \
-    X(nvrtcGetCUBIN)                                                                             \
+/* Optional: device-launched calls (attention/att_cudl.h): the linker, device-launchable graphs
+ * with device-updatable kernel nodes (CUDA 12.4+), mapped host memory. */
+#define ATT_CUDRV_DL_FUNCS(X)                                                                      \
+    X(cuLinkCreate)                                                                                \
+    X(cuLinkAddData)                                                                               \
+    X(cuLinkAddFile)                                                                               \
+    X(cuLinkComplete)                                                                              \
+    X(cuLinkDestroy)                                                                               \
+    X(cuGraphCreate)                                                                               \
+    X(cuGraphAddKernelNode)                                                                        \
+    X(cuGraphKernelNodeSetAttribute)                                                               \
+    X(cuGraphKernelNodeGetAttribute)                                                               \
+    X(cuGraphInstantiateWithFlags)                                                                 \
+    X(cuGraphUpload)                                                                               \
+    X(cuGraphLaunch)                                                                               \
+    X(cuGraphExecDestroy)                                                                          \
+    X(cuGraphDestroy)
+
+#define ATT_NVRTC_FUNCS(X)                                                                         \
+    X(nvrtcVersion)                                                                                \
+    X(nvrtcGetErrorString)                                                                         \
+    X(nvrtcCreateProgram)                                                                          \
+    X(nvrtcCompileProgram)                                                                         \
+    X(nvrtcGetProgramLogSize)                                                                      \
+    X(nvrtcGetProgramLog)                                                                          \
+    X(nvrtcGetCUBINSize)                                                                           \
+    X(nvrtcGetCUBIN)                                                                               \
+    X(nvrtcGetPTXSize)                                                                             \
+    X(nvrtcGetPTX)                                                                                 \
     X(nvrtcDestroyProgram)
 
 /* The pointer for f is named f, e.g. drv->cuMemAlloc(...): the header's macro turns the field
@@ -91,7 +113,9 @@
 typedef struct att_cudrv {
     ATT_CUDRV_FUNCS(ATT_CUDRV_FIELD_)
     ATT_CUDRV_GREEN_FUNCS(ATT_CUDRV_FIELD_) /* NULL unless has_green */
+    ATT_CUDRV_DL_FUNCS(ATT_CUDRV_FIELD_)    /* NULL unless has_dl */
     bool has_green;     /* every function of ATT_CUDRV_GREEN_FUNCS resolved */
+    bool has_dl;        /* every function of ATT_CUDRV_DL_FUNCS resolved, driver 12.4+ */
     int driver_version; /* cuDriverGetVersion: 1000 * major + 10 * minor */
 } att_cudrv_t;
 

@@ -1,4 +1,5 @@
-# Embeds the kernel source and the three headers it includes as C arrays, so attnd compiles its
+# Embeds the kernel source and the three headers it includes (and the device-launched calls'
+# kernels, attention/att_cudl.h, with their header) as C arrays, so attnd compiles its
 # kernels from what it was built with and never reads the source tree at run time.
 #   cmake -DOUT=<file.c> -DSRC=<repo root> -P embed_kernels.cmake
 function(embed var file)
@@ -12,4 +13,6 @@ embed(att_kernel_unified_cu ${SRC}/attention/kernels/att_unified.cu)
 embed(att_kernel_kparams_h ${SRC}/attention/att_kparams.h)
 embed(att_kernel_port_h ${SRC}/attention/kernels/att_port.h)
 embed(att_kernel_sm90_cuh ${SRC}/attention/kernels/att_sm90.cuh)
+embed(att_kernel_launch_cu ${SRC}/attention/kernels/att_launch.cu)
+embed(att_kernel_dl_h ${SRC}/attention/att_dl.h)
 file(RENAME ${OUT}.tmp ${OUT})

@@ -13,6 +13,9 @@
  * for both; a mixed batch of 63 decode sequences at 2K plus one 512-token chunk over 1536 tokens
  * of context, and its two parts alone (prefill and mixed calls roll their sequences back to the
  * same positions, so the shape stays).
+ * Host time ("host us") is the call's launches through its launch cache; a call launched from the
+ * device (attention/att_cudl.h: untimed calls of one launch, as the server makes them; column
+ * "from") has none, and its figure is the writing of the job record and its number instead.
  * Thread: single-threaded. */
 #include <inttypes.h>
 #include <math.h>
@@ -264,6 +267,7 @@ typedef struct result {
     double enqueue_us;  /* host time from entry to the last launch (staging included), median */
     double host_p90_us; /* the 90th percentile of host_us's per-call times */
     uint64_t launches;  /* per call */
+    double from_device; /* share of the calls launched from the device (attention/att_cudl.h) */
 } result_t;
 
 static uint8_t *g_pattern; /* random bytes, reused for every tensor */
@@ -413,6 +417,7 @@ static int time_call(att_ctx_t *ctx, const att_model_t *m, att_chunk_t *ch, uint
         r->device_ms = dev[reps / 2];
         r->call_ms = wall[reps / 2];
         r->launches = (i1.kv_stats.launches - i0.kv_stats.launches) / (uint64_t)reps;
+        r->from_device = (double)(i1.kv_stats.device_calls - i0.kv_stats.device_calls) / reps;
         r->host_us = host[reps / 2] / 1e3;
         r->host_p90_us = host[reps * 9 / 10] / 1e3;
         r->host_mean_us =
@@ -744,8 +749,9 @@ int bench_gpu_main(int argc, char **argv) {
         rc |= bench_mixed(be, &shapes[0], 0, &res[n++]);
     for (int part = 1; part <= 2 && rc == 0 && llama && has_case(cases, "mixparts"); part++)
         rc |= bench_mixed(be, &shapes[0], part, &res[n++]);
-    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %8s %5s\n", "case", "device ms", "call ms",
-           "KV GB/s", "of read", "TFLOP/s", "host us", "p90 us", "mean us", "enq us", "launch");
+    printf("%-40s %9s %9s %10s %9s %9s %8s %8s %8s %8s %5s %4s\n", "case", "device ms", "call ms",
+           "KV GB/s", "of read", "TFLOP/s", "host us", "p90 us", "mean us", "enq us", "launch",
+           "from");
     FILE *js = json_path != NULL ? fopen(json_path, "w") : NULL;
     if (js != NULL)
         fprintf(js, "{\"gpu\": \"%s\", \"read_gbs\": %.1f, \"copy_gbs\": %.1f, "
@@ -760,9 +766,12 @@ int bench_gpu_main(int argc, char **argv) {
         /* without timing (--no-timing) there are no device times, so no rates */
         const double gbs = r->device_ms > 0 ? r->kv_gb / (r->device_ms / 1e3) : 0.0;
         const double tfs = r->device_ms > 0 ? r->tflop / (r->device_ms / 1e3) : 0.0;
-        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.2f %8.1f %5" PRIu64 "\n",
+        printf("%-40s %9.3f %9.3f %10.0f %8.1f%% %9.1f %8.2f %8.2f %8.2f %8.1f %5" PRIu64 " %4s\n",
                r->name, r->device_ms, r->call_ms, gbs, 100.0 * gbs / c.read_gbs, tfs, r->host_us,
-               r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches);
+               r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches,
+               r->from_device >= 1.0 ? "dev"
+               : r->from_device > 0  ? "some"
+                                     : "host");
         if (strncmp(r->name, "mixed", 5) == 0 && strstr(r->name, "part)") == NULL &&
             r->device_ms > 0) {
             const double floor_ms = fmax(r->kv_gb / c.read_gbs * 1e3,
@@ -772,12 +781,14 @@ int bench_gpu_main(int argc, char **argv) {
                    r->device_ms / floor_ms);
         }
         if (js != NULL)
-            fprintf(js, "%s{\"case\": \"%s\", \"device_ms\": %.4f, \"call_ms\": %.4f, "
-                        "\"kv_gb\": %.4f, \"tflop\": %.4f, \"host_us\": %.3f, "
-                        "\"host_p90_us\": %.3f, \"host_mean_us\": %.3f, \"enqueue_us\": %.3f, "
-                        "\"launches\": %" PRIu64 "}",
+            fprintf(js,
+                    "%s{\"case\": \"%s\", \"device_ms\": %.4f, \"call_ms\": %.4f, "
+                    "\"kv_gb\": %.4f, \"tflop\": %.4f, \"host_us\": %.3f, "
+                    "\"host_p90_us\": %.3f, \"host_mean_us\": %.3f, \"enqueue_us\": %.3f, "
+                    "\"launches\": %" PRIu64 ", \"from_device\": %.2f}",
                     i ? ", " : "", r->name, r->device_ms, r->call_ms, r->kv_gb, r->tflop,
-                    r->host_us, r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches);
+                    r->host_us, r->host_p90_us, r->host_mean_us, r->enqueue_us, r->launches,
+                    r->from_device);
     }
     if (js != NULL) {
         fprintf(js, "]}\n");

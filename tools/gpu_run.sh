@@ -2,12 +2,14 @@
 # Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
 # default tests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
+# hosttests (test_att_cuda again with every call launched from the host),
 # sanitize (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
 # serve (attnd-bench against a spawned attnd: decode on cuda:0 and on the null device), overlap
 # (four sessions' calls through one worker thread, then two), launch (tools/launch_probe.c: a
-# bare launch's host time by how long and how the host waited before it), tune (attnd tune on
+# bare launch's host time by how long and how the host waited before it), cdp
+# (tools/cdp_probe.c: a launch-free call's parts through device-side launches), tune (attnd tune on
 # cuda:0 for llama-3.1-8b over the GPU bench's shapes, into a fresh store), tune64 (the same
 # for the bench's 8-head D-64 shape), hip (the GPU suite and the tuning tests through the HIP
 # backend on hip:0, run on this NVIDIA GPU by the HIP test double, then a short attnd tune
@@ -46,10 +48,16 @@ gpu_test() { # name timeout-s
 }
 
 if has tests; then
-  note "test_att_cuda"
-  gpu_test test_att_cuda 480
+  note "test_att_cuda (calls of one launch launched from the device)"
+  gpu_test test_att_cuda 300
   note "test_att_cuda_tune"
   gpu_test test_att_cuda_tune 300
+fi
+
+if has hosttests; then
+  note "test_att_cuda with ATTND_CUDA_LAUNCH=host (every call launched from the host)"
+  cp "$out/test_att_cuda.log" "$out/test_att_cuda_device.log" 2>/dev/null
+  ATTND_CUDA_LAUNCH=host gpu_test test_att_cuda 300
 fi
 
 if has wgmma; then
@@ -95,10 +103,12 @@ fi
 
 if has sanitize; then
   export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
+  export ATTND_CUDADEVRT="$here/dist/gpu/lib/libcudadevrt.a"
   # split-KV (the merge in the kernel), the device-resident block tables, the SM partitions, the
   # last wave's split tiles, q, k and v uploaded in one copy
   for tool in memcheck racecheck; do
-    for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors; do
+    for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors \
+             device_launched; do
       note "compute-sanitizer $tool on *$f*"
       ATTND_TEST_FILTER="*$f*" timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         dist/gpu/bin/test_att_cuda > "$out/sanitizer_${tool}_$f.log" 2>&1
@@ -107,7 +117,7 @@ if has sanitize; then
       [ $rc -eq 0 ] || { note "$tool rc=$rc"; head -40 "$out/sanitizer_${tool}_$f.log"; status=1; }
     done
   done
-  unset LD_LIBRARY_PATH
+  unset LD_LIBRARY_PATH ATTND_CUDADEVRT
 fi
 
 if has bench; then
@@ -123,10 +133,17 @@ if has bench; then
   timeout 120 "$R" attnd bench-gpu --plain-host --cases decode > "$out/bench_gpu_plain.log" 2>&1 ||
     status=1
   grep -E "^tensors|^case|^decode" "$out/bench_gpu_plain.log"
-  note "attnd bench-gpu --no-timing (no events around the kernels, as in the server): host times"
-  timeout 120 "$R" attnd bench-gpu --no-timing --cases decode,mixed > "$out/bench_gpu_nt.log" 2>&1 ||
-    status=1
-  grep -E "^case|^decode|^mixed" "$out/bench_gpu_nt.log"
+  # Timed runs launch from the host (events around the kernels); untimed ones, as the server's,
+  # launch calls of one launch from the device. Then the same from the host, side by side.
+  for mode in device host; do
+    note "attnd bench-gpu --no-timing (no events around the kernels, as in the server), $mode"
+    if [ "$mode" = host ]; then export ATTND_CUDA_LAUNCH=host; fi
+    timeout 120 "$R" attnd bench-gpu --no-timing --cases decode,prefill,mixed \
+      > "$out/bench_gpu_nt.log" 2>&1 || status=1
+    unset ATTND_CUDA_LAUNCH
+    grep -E "^case|^decode|^prefill|^mixed|launch from" "$out/bench_gpu_nt.log"
+    cat "$out/bench_gpu_nt.log" >> "$out/bench_gpu_nt_all.log"
+  done
 fi
 
 if has launch; then
@@ -139,6 +156,16 @@ if has launch; then
     timeout 60 dist/gpu/bin/launch_probe $a >> "$out/launch_probe.log" 2>&1 || status=1
   done
   cat "$out/launch_probe.log"
+fi
+
+if has cdp; then
+  # A launch-free call's parts through device-side launches, in three processes.
+  note "cdp_probe: device-side launches from a resident kernel (us)"
+  : > "$out/cdp_probe.log"
+  for _ in 1 2 3; do
+    timeout 120 "$R" cdp_probe >> "$out/cdp_probe.log" 2>&1 || status=1
+  done
+  cat "$out/cdp_probe.log"
 fi
 
 # One bench-gpu run of a sweep: its rows matching $1, labelled $2, on stdout; its log appended

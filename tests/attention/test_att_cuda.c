@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "tests/attention/att_rig.h"
@@ -584,9 +585,11 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
         TU_CHECK(e == AT_OK, "call %d: %s (%s)", i, at_err_name(e), d.msg);
         att_ctx_get_info(rig.ctx[0], &after);
 #ifndef ATT_TEST_HIP
-        TU_CHECK(after.kv_stats.uploads - before.kv_stats.uploads == 2,
-                 "call %d: %" PRIu64 " copy calls to the device, not 2", i,
-                 after.kv_stats.uploads - before.kv_stats.uploads);
+        /* launched from the device, the call makes no copy calls at all */
+        const uint64_t want = after.kv_stats.device_calls != before.kv_stats.device_calls ? 0 : 2;
+        TU_CHECK(after.kv_stats.uploads - before.kv_stats.uploads == want,
+                 "call %d: %" PRIu64 " copy calls to the device, not %" PRIu64, i,
+                 after.kv_stats.uploads - before.kv_stats.uploads, want);
 #endif
         att_rig_compare(&rig, 0, 0, calls[i], 3, out, ref);
         free(ref);
@@ -594,6 +597,94 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
     att_rig_check_cache(&rig);
     att_rig_fini(&rig);
 }
+
+#ifndef ATT_TEST_HIP
+/* ---- device-launched calls (attention/att_cudl.h) ---- */
+
+static uint64_t device_calls(att_ctx_t *ctx) {
+    att_ctx_info_t info;
+    att_ctx_get_info(ctx, &info);
+    return info.kv_stats.device_calls;
+}
+
+/* The same calls on the suite's backend, which launches calls of one launch from the device,
+ * and on one that launches every call from the host: a prefill (wide tiles alone), decode steps
+ * (narrow alone), an append, a mixed batch (both kinds: launched from the host on both). Each
+ * output must be the host-launched one's to the bit and match the oracle, and only the calls of
+ * one launch may count as launched from the device. Then a pause longer than the launcher's idle
+ * spell, after which it has ended and the next call must launch it again. */
+static void test_att_cuda_device_launched_calls(void **state) {
+    (void)state;
+    NEED_GPU();
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, 8, 2, 128, 16);
+    att_rig_t probe;
+    rig_on_gpu(&probe, &s, 1024, 0, 1);
+    const att_chunk_t one[] = {{1, 0, 1}};
+    att_rig_attend(&probe, 0, one, 1);
+    const bool on = device_calls(probe.ctx[0]) == 1;
+    att_rig_fini(&probe);
+    if (!on) {
+        printf("SKIP: this backend launches every call from the host (ATTND_CUDA_LAUNCH=host, or "
+               "see its log)\n");
+        skip();
+    }
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 62000u));
+    tu_where_set("device-launched: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    const att_cuda_cfg_t hc = {.device = 0, .kernel_cache_dir = "", .host_launches = true};
+    att_backend_t *host = NULL;
+    at_diag_t d = {{0}};
+    TU_CHECK(att_cuda_create(&hc, &d, &host) == AT_OK, "att_cuda_create: %s", d.msg);
+    att_backend_t *const both[2] = {g_cuda, host};
+    att_rig_t rig;
+    att_rig_init_with(&rig, &s.cfg, 8192, CPU_BE, 0, both, 2, tu_rng_next(&r));
+    const att_chunk_t prefill[] = {{1, 0, 300}, {2, 0, 17}};
+    const att_chunk_t decode[] = {{1, 300, 1}, {2, 17, 1}};
+    const att_chunk_t decode2[] = {{1, 301, 1}, {2, 18, 1}};
+    const att_chunk_t mixed[] = {{1, 302, 1}, {2, 19, 40}};
+    const struct {
+        const att_chunk_t *c;
+        uint32_t n, from_device;
+    } steps[] = {{prefill, 2, 1}, {decode, 2, 1}, {decode2, 2, 1}, {mixed, 2, 0}};
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        const uint32_t t = att_rig_tokens(steps[i].c, steps[i].n);
+        void *q = att_rig_random_q(&rig, t), *k = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE),
+             *v = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+        const uint64_t before[2] = {device_calls(rig.ctx[0]), device_calls(rig.ctx[1])};
+        void *out[2] = {NULL, NULL};
+        att_rig_attend_with(&rig, 0, steps[i].c, steps[i].n, q, k, v, out);
+        TU_CHECK(device_calls(rig.ctx[0]) - before[0] == steps[i].from_device,
+                 "step %zu: %" PRIu64 " calls launched from the device, not %u", i,
+                 device_calls(rig.ctx[0]) - before[0], steps[i].from_device);
+        TU_CHECK(device_calls(rig.ctx[1]) == before[1],
+                 "step %zu: the host-launch backend "
+                 "launched from the device",
+                 i);
+        const size_t bytes = (size_t)t * 8 * 128 * 2;
+        TU_CHECK(memcmp(out[0], out[1], bytes) == 0,
+                 "step %zu: device- and host-launched outputs differ", i);
+        free(out[0]);
+        free(out[1]);
+        free(q);
+        free(k);
+        free(v);
+    }
+    const att_chunk_t append[] = {{1, 303, 7}};
+    const uint64_t before = device_calls(rig.ctx[0]);
+    att_rig_append(&rig, 0, append, 1);
+    TU_CHECK(device_calls(rig.ctx[0]) - before == 1, "the append was not launched from the "
+                                                     "device");
+    /* past the launcher's idle spell (ATT_CUDL_IDLE_NS): it has ended; the call relaunches it */
+    const struct timespec pause = {0, 3 * 1000 * 1000};
+    nanosleep(&pause, NULL);
+    const att_chunk_t after_pause[] = {{1, 310, 1}, {2, 59, 1}};
+    att_rig_attend(&rig, 0, after_pause, 2);
+    att_rig_check_cache(&rig);
+    att_rig_fini(&rig);
+    att_backend_destroy(&host);
+}
+#endif
 
 /* ---- the compile cache: memory, disk, and a damaged file ---- */
 
@@ -685,6 +776,9 @@ int main(void) {
         cmocka_unit_test(test_att_cuda_tables_follow_the_cache),
         cmocka_unit_test(test_att_cuda_merged_calls_and_registered_memory),
         cmocka_unit_test(test_att_cuda_adjacent_tensors_in_registered_memory),
+#ifndef ATT_TEST_HIP
+        cmocka_unit_test(test_att_cuda_device_launched_calls),
+#endif
         cmocka_unit_test(test_att_cuda_compile_cache),
     };
     enum { N = 3 * 4 * 5, EXTRA = sizeof extra / sizeof extra[0] };

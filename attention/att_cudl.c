@@ -1,0 +1,467 @@
+/* Device-launched calls of the CUDA backend (see att_cudl.h). */
+#include "attention/att_cudl.h"
+
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attention/att_jit.h"
+#include "common/at_log.h"
+
+/* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
+extern const unsigned char att_kernel_launch_cu[];
+extern const unsigned char att_kernel_dl_h[];
+extern const unsigned char att_kernel_kparams_h[];
+
+#define COPY_THREADS 256u
+#define MAX_GRAPHS LC_MAX_ENTRIES
+
+struct att_cudl {
+    const att_cudrv_t *drv; /* borrowed: process-wide */
+    att_cudl_check_fn check;
+    void *user;
+    uint32_t num_sms;
+    CUmodule mod;
+    CUfunction launcher, copy;
+};
+
+/* One prepared launch's job graph: copy in -> the launch -> copy out (which reports the job
+ * done). */
+typedef struct job_graph {
+    const lc_launch_t *l; /* borrowed from the session's launch cache; with fn, the key */
+    void *fn;
+    CUgraph g;
+    CUgraphExec exec;
+    CUgraphDeviceNode node[ATT_DL_MAX_UPDATES]; /* copy in, the launch, copy out */
+} job_graph_t;
+
+struct att_cudl_sess {
+    att_cudl_t *dl;  /* borrowed: outlives its sessions */
+    CUstream stream; /* the launcher's */
+    /* where graphs are uploaded: not behind the launcher, which may be polling on `stream` */
+    CUstream upload;
+    void *host; /* mapped: the job record, then the state */
+    att_dl_job_t *job;
+    att_dl_state_t *st;
+    CUdeviceptr job_d, st_d, dev_d; /* dev_d: the att_dl_dev_t (device memory) */
+    CUgraph lgraph;
+    CUgraphExec lexec;
+    job_graph_t graphs[MAX_GRAPHS];
+    uint32_t num_graphs;
+    att_dl_copy_t copies[2]; /* this call's: in, out */
+    uint32_t seq;
+    att_cudl_stats_t stats;
+};
+
+#define CK(dl, call) (dl)->check((dl)->user, (dl)->drv->call, #call, __FILE__, __LINE__)
+
+const char *att_cudl_devrt_path(void) {
+    const char *p = getenv("ATTND_CUDADEVRT");
+    if (p != NULL && p[0] != '\0')
+        return p;
+#ifdef ATT_CUDA_LIBDIR
+    return ATT_CUDA_LIBDIR "/libcudadevrt.a";
+#else
+    return "libcudadevrt.a";
+#endif
+}
+
+at_err_t att_cudl_compile_ptx(const char *arch, char **ptx, size_t *n, at_diag_t *diag) {
+    const att_nvrtc_t *nv;
+    at_err_t e = att_cudrv_nvrtc(&nv, diag);
+    if (e != AT_OK)
+        return e;
+    const char *headers[] = {(const char *)att_kernel_dl_h, (const char *)att_kernel_kparams_h};
+    const char *names[] = {"att_dl.h", "att_kparams.h"};
+    nvrtcProgram prog;
+    nvrtcResult r = nv->nvrtcCreateProgram(&prog, (const char *)att_kernel_launch_cu,
+                                           "att_launch.cu", 2, headers, names);
+    if (r != NVRTC_SUCCESS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "nvrtcCreateProgram: %s",
+                           nv->nvrtcGetErrorString(r));
+    char arch_opt[48];
+    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
+    const char *opts[] = {arch_opt, "--relocatable-device-code=true", "--std=c++17"};
+    r = nv->nvrtcCompileProgram(prog, 3, opts);
+    if (r != NVRTC_SUCCESS) {
+        size_t log_n = 0;
+        char *log = NULL;
+        if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
+            (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
+            free(log);
+            log = NULL;
+        }
+        e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
+        free(log);
+    } else if (nv->nvrtcGetPTXSize(prog, n) != NVRTC_SUCCESS || *n == 0 ||
+               (*ptx = malloc(*n)) == NULL) {
+        e = at_diag_set(diag, AT_ERR_NOMEM, "no PTX from NVRTC for the launcher");
+    } else if (nv->nvrtcGetPTX(prog, *ptx) != NVRTC_SUCCESS) {
+        free(*ptx);
+        *ptx = NULL;
+        e = at_diag_set(diag, AT_ERR_INTERNAL, "nvrtcGetPTX failed");
+    }
+    nv->nvrtcDestroyProgram(&prog);
+    return e;
+}
+
+/* Links ptx with the device runtime and loads the result into the current context. */
+static at_err_t link_load(att_cudl_t *dl, const char *ptx, size_t n, at_diag_t *diag) {
+    const att_cudrv_t *drv = dl->drv;
+    const char *devrt = att_cudl_devrt_path();
+    if (access(devrt, R_OK) != 0)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                           "no device runtime library at %s (set ATTND_CUDADEVRT)", devrt);
+    char log[2048] = "";
+    CUjit_option o[] = {CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+    void *ov[] = {log, (void *)(uintptr_t)sizeof log};
+    CUlinkState link;
+    if (drv->cuLinkCreate(2, o, ov, &link) != CUDA_SUCCESS)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED, "cuLinkCreate failed");
+    void *img = NULL;
+    size_t img_n = 0;
+    const CUresult r1 =
+        drv->cuLinkAddData(link, CU_JIT_INPUT_PTX, (void *)ptx, n, "att_launch.ptx", 0, NULL, NULL);
+    const CUresult r2 = r1 != CUDA_SUCCESS
+                            ? r1
+                            : drv->cuLinkAddFile(link, CU_JIT_INPUT_LIBRARY, devrt, 0, NULL, NULL);
+    const CUresult r3 = r2 != CUDA_SUCCESS ? r2 : drv->cuLinkComplete(link, &img, &img_n);
+    at_err_t e = AT_OK;
+    if (r3 != CUDA_SUCCESS)
+        e = at_diag_set(diag, AT_ERR_UNSUPPORTED, "linking the launcher with %s failed: %s (%s)",
+                        devrt, att_cudrv_err_name(drv, r3), log[0] != '\0' ? log : "no log");
+    else
+        e = CK(dl, cuModuleLoadData(&dl->mod, img));
+    (void)drv->cuLinkDestroy(link);
+    return e;
+}
+
+at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch, uint32_t num_sms,
+                         att_cudl_check_fn check, void *user, at_diag_t *diag, att_cudl_t **out) {
+    if (!drv->has_dl)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                           "the driver lacks device-updatable graphs (CUDA 12.4 or newer)");
+    int host_ptr = 0;
+    if (drv->cuDeviceGetAttribute(&host_ptr,
+                                  CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+                                  dev) != CUDA_SUCCESS ||
+        !host_ptr)
+        return at_diag_set(diag, AT_ERR_UNSUPPORTED,
+                           "the device cannot use registered memory at its host address");
+    att_cudl_t *dl = calloc(1, sizeof *dl);
+    if (dl == NULL)
+        return AT_ERR_NOMEM;
+    *dl = (att_cudl_t){.drv = drv, .check = check, .user = user, .num_sms = num_sms};
+    char *ptx = NULL;
+    size_t n = 0;
+    at_err_t e = att_cudl_compile_ptx(arch, &ptx, &n, diag);
+    if (e == AT_OK)
+        e = link_load(dl, ptx, n, diag);
+    free(ptx);
+    if (e == AT_OK &&
+        ((e = CK(dl, cuModuleGetFunction(&dl->launcher, dl->mod, "att_dl_launcher"))) != AT_OK ||
+         (e = CK(dl, cuModuleGetFunction(&dl->copy, dl->mod, "att_dl_copy"))) != AT_OK))
+        at_diag_set(diag, e, "the launcher module lacks its kernels");
+    if (e != AT_OK) {
+        att_cudl_destroy(&dl, false);
+        return e;
+    }
+    *out = dl;
+    return AT_OK;
+}
+
+void att_cudl_destroy(att_cudl_t **dlp, bool lost) {
+    att_cudl_t *dl = *dlp;
+    if (dl == NULL)
+        return;
+    if (dl->mod != NULL && !lost)
+        (void)CK(dl, cuModuleUnload(dl->mod));
+    free(dl);
+    *dlp = NULL;
+}
+
+/* ---- graphs ---- */
+
+/* Adds a kernel node of f (grid x threads, smem bytes, args) after dep (NULL: none) to g. */
+static at_err_t add_node(att_cudl_t *dl, CUgraph g, CUgraphNode *node, const CUgraphNode *dep,
+                         CUfunction f, uint32_t threads, uint32_t smem, void **args) {
+    CUDA_KERNEL_NODE_PARAMS kp;
+    memset(&kp, 0, sizeof kp);
+    kp.func = f;
+    kp.gridDimX = kp.gridDimY = kp.gridDimZ = 1;
+    kp.blockDimX = threads;
+    kp.blockDimY = kp.blockDimZ = 1;
+    kp.sharedMemBytes = smem;
+    kp.kernelParams = args;
+    return CK(dl, cuGraphAddKernelNode(node, g, dep, dep != NULL ? 1 : 0, &kp));
+}
+
+/* Makes node device-updatable and returns its device handle. */
+static at_err_t updatable(att_cudl_t *dl, CUgraphNode node, CUgraphDeviceNode *out) {
+    CUlaunchAttributeValue v;
+    memset(&v, 0, sizeof v);
+    v.deviceUpdatableKernelNode.deviceUpdatable = 1;
+    at_err_t e = CK(dl, cuGraphKernelNodeSetAttribute(
+                            node, CU_LAUNCH_ATTRIBUTE_DEVICE_UPDATABLE_KERNEL_NODE, &v));
+    if (e == AT_OK)
+        e = CK(dl, cuGraphKernelNodeGetAttribute(
+                       node, CU_LAUNCH_ATTRIBUTE_DEVICE_UPDATABLE_KERNEL_NODE, &v));
+    *out = v.deviceUpdatableKernelNode.devNode;
+    return e;
+}
+
+static void graph_free(att_cudl_t *dl, CUgraph *g, CUgraphExec *exec) {
+    if (*exec != NULL)
+        (void)CK(dl, cuGraphExecDestroy(*exec));
+    if (*g != NULL)
+        (void)CK(dl, cuGraphDestroy(*g));
+    *exec = NULL;
+    *g = NULL;
+}
+
+/* Instantiates g for launches from the device and uploads it: done before the host returns, so
+ * the launcher never launches a graph whose upload is still queued. */
+static at_err_t instantiate(att_cudl_sess_t *s, CUgraph g, CUgraphExec *exec) {
+    at_err_t e =
+        CK(s->dl, cuGraphInstantiateWithFlags(exec, g, CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH));
+    if (e == AT_OK)
+        e = CK(s->dl, cuGraphUpload(*exec, s->upload));
+    if (e == AT_OK)
+        e = CK(s->dl, cuStreamSynchronize(s->upload));
+    return e;
+}
+
+/* The job graph of l, built on its first call. */
+static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *l, job_graph_t **out) {
+    att_cudl_t *dl = s->dl;
+    for (uint32_t i = 0; i < s->num_graphs; i++)
+        if (s->graphs[i].l == l && s->graphs[i].fn == l->fn) {
+            *out = &s->graphs[i];
+            return AT_OK;
+        }
+    if (s->num_graphs == MAX_GRAPHS)
+        att_cudl_sess_forget(s);
+    job_graph_t *j = &s->graphs[s->num_graphs];
+    memset(j, 0, sizeof *j);
+    att_dl_copy_t none;
+    memset(&none, 0, sizeof none);
+    alignas(16) uint8_t params[LC_MAX_PARAM_BYTES];
+    memcpy(params, l->params, l->param_bytes);
+    void *copy_args[] = {&none};
+    void *launch_args[] = {params};
+    CUgraphNode in, k, outn;
+    at_err_t e = CK(dl, cuGraphCreate(&j->g, 0));
+    if (e == AT_OK)
+        e = add_node(dl, j->g, &in, NULL, dl->copy, COPY_THREADS, 0, copy_args);
+    if (e == AT_OK)
+        e = add_node(dl, j->g, &k, &in, (CUfunction)l->fn, l->block_x, l->smem_bytes, launch_args);
+    if (e == AT_OK)
+        e = add_node(dl, j->g, &outn, &k, dl->copy, COPY_THREADS, 0, copy_args);
+    if (e == AT_OK)
+        e = updatable(dl, in, &j->node[0]);
+    if (e == AT_OK)
+        e = updatable(dl, k, &j->node[1]);
+    if (e == AT_OK)
+        e = updatable(dl, outn, &j->node[2]);
+    if (e == AT_OK)
+        e = instantiate(s, j->g, &j->exec);
+    if (e != AT_OK) {
+        graph_free(dl, &j->g, &j->exec);
+        return e;
+    }
+    j->l = l;
+    j->fn = l->fn;
+    s->num_graphs++;
+    *out = j;
+    return AT_OK;
+}
+
+void att_cudl_sess_forget(att_cudl_sess_t *s) {
+    for (uint32_t i = 0; i < s->num_graphs; i++)
+        graph_free(s->dl, &s->graphs[i].g, &s->graphs[i].exec);
+    s->num_graphs = 0;
+}
+
+/* ---- sessions ---- */
+
+static uint32_t load_acquire(const uint32_t *p) {
+    return atomic_load_explicit((const _Atomic uint32_t *)p, memory_order_acquire);
+}
+
+static void store_release(uint32_t *p, uint32_t v) {
+    atomic_store_explicit((_Atomic uint32_t *)p, v, memory_order_release);
+}
+
+/* Launches the launcher graph from the host (it ended, or never ran). */
+static at_err_t relaunch(att_cudl_sess_t *s) {
+    store_release(&s->st->running, 1);
+    s->stats.relaunches++;
+    return CK(s->dl, cuGraphLaunch(s->lexec, s->stream));
+}
+
+at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
+    att_cudl_sess_t *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return AT_ERR_NOMEM;
+    s->dl = dl;
+    const size_t job_bytes = (sizeof(att_dl_job_t) + 63) / 64 * 64;
+    unsigned long long idle = ATT_CUDL_IDLE_NS;
+    at_err_t e = CK(dl, cuStreamCreate(&s->stream, CU_STREAM_NON_BLOCKING));
+    if (e == AT_OK)
+        e = CK(dl, cuStreamCreate(&s->upload, CU_STREAM_NON_BLOCKING));
+    if (e == AT_OK)
+        e = CK(dl, cuMemHostAlloc(&s->host, job_bytes + sizeof(att_dl_state_t),
+                                  CU_MEMHOSTALLOC_DEVICEMAP));
+    if (e == AT_OK) {
+        memset(s->host, 0, job_bytes + sizeof(att_dl_state_t));
+        s->job = s->host;
+        s->st = (att_dl_state_t *)((uint8_t *)s->host + job_bytes);
+        e = CK(dl, cuMemHostGetDevicePointer(&s->job_d, s->host, 0));
+    }
+    if (e == AT_OK) {
+        s->st_d = s->job_d + job_bytes;
+        e = CK(dl, cuMemAlloc(&s->dev_d, sizeof(att_dl_dev_t)));
+    }
+    if (e == AT_OK)
+        e = CK(dl, cuMemsetD8(s->dev_d, 0, sizeof(att_dl_dev_t)));
+    if (e == AT_OK) /* the memset is on the legacy stream: done before the launcher reads */
+        e = CK(dl, cuStreamSynchronize(NULL));
+    void *args[] = {&s->job_d, &s->st_d, &s->dev_d, &idle};
+    CUgraphNode n;
+    if (e == AT_OK)
+        e = CK(dl, cuGraphCreate(&s->lgraph, 0));
+    if (e == AT_OK)
+        e = add_node(dl, s->lgraph, &n, NULL, dl->launcher, 32, 0, args);
+    if (e == AT_OK)
+        e = instantiate(s, s->lgraph, &s->lexec);
+    if (e != AT_OK) {
+        att_cudl_sess_destroy(&s, false);
+        return e;
+    }
+    *out = s;
+    return AT_OK;
+}
+
+void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
+    att_cudl_sess_t *s = *sp;
+    if (s == NULL)
+        return;
+    att_cudl_t *dl = s->dl;
+    if (lost) {
+        /* the driver frees the faulted context's objects with it: ask nothing of it */
+        free(s);
+        *sp = NULL;
+        return;
+    }
+    if (s->st != NULL && load_acquire(&s->st->running)) {
+        store_release(&s->job->seq, ATT_DL_QUIT);
+        (void)CK(dl, cuStreamSynchronize(s->stream));
+    }
+    att_cudl_sess_forget(s);
+    graph_free(dl, &s->lgraph, &s->lexec);
+    if (s->dev_d != 0)
+        (void)CK(dl, cuMemFree(s->dev_d));
+    if (s->host != NULL)
+        (void)CK(dl, cuMemFreeHost(s->host));
+    if (s->stream != NULL)
+        (void)CK(dl, cuStreamDestroy(s->stream));
+    if (s->upload != NULL)
+        (void)CK(dl, cuStreamDestroy(s->upload));
+    free(s);
+    *sp = NULL;
+}
+
+void att_cudl_sess_stats(const att_cudl_sess_t *s, att_cudl_stats_t *out) { *out = s->stats; }
+
+/* ---- calls ---- */
+
+void att_cudl_begin(att_cudl_sess_t *s) {
+    memset(s->copies, 0, sizeof s->copies);
+    s->copies[1].dev = s->dev_d; /* the copy out reports the job done */
+    s->copies[1].state = s->st_d;
+}
+
+bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes) {
+    att_dl_copy_t *c = &s->copies[out ? 1 : 0];
+    if (bytes == 0)
+        return true;
+    const uint32_t k = c->n - 1;
+    if (c->n != 0 && c->src[k] + c->bytes[k] == src && c->dst[k] + c->bytes[k] == dst) {
+        c->bytes[k] += bytes; /* adjacent on both sides: one range */
+        return true;
+    }
+    if (c->n == ATT_DL_MAX_SEGS)
+        return false;
+    c->src[c->n] = src;
+    c->dst[c->n] = dst;
+    c->bytes[c->n] = bytes;
+    c->n++;
+    return true;
+}
+
+/* A copy node's update: its ranges, and blocks enough for them (at most 4 per SM). */
+static void copy_update(const att_cudl_t *dl, const att_dl_copy_t *c, CUgraphDeviceNode node,
+                        att_dl_update_t *u) {
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < c->n; i++)
+        bytes += c->bytes[i];
+    const uint64_t want = (bytes / 16 + COPY_THREADS - 1) / COPY_THREADS;
+    const uint64_t cap = (uint64_t)dl->num_sms * 4;
+    u->node = (uint64_t)(uintptr_t)node;
+    u->grid_x = (uint32_t)(want == 0 ? 1 : want < cap ? want : cap);
+    u->bytes = (uint32_t)sizeof *c;
+    memcpy(u->params, c, sizeof *c);
+}
+
+at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
+                         const void *params) {
+    job_graph_t *j;
+    const uint32_t graphs = s->num_graphs;
+    at_err_t e = job_graph(s, l, &j);
+    if (e != AT_OK)
+        return e;
+    att_dl_job_t *job = s->job;
+    job->fresh = s->num_graphs != graphs ? 1u : 0u; /* a graph was made (maybe after a forget) */
+    copy_update(s->dl, &s->copies[0], j->node[0], &job->upd[0]);
+    job->upd[1].node = (uint64_t)(uintptr_t)j->node[1];
+    job->upd[1].grid_x = grid_x;
+    job->upd[1].bytes = l->param_bytes;
+    memcpy(job->upd[1].params, params, l->param_bytes);
+    copy_update(s->dl, &s->copies[1], j->node[2], &job->upd[2]);
+    job->n_upd = ATT_DL_MAX_UPDATES;
+    job->graph = (uint64_t)(uintptr_t)j->exec;
+    if (!load_acquire(&s->st->running) && (e = relaunch(s)) != AT_OK)
+        return e;
+    if (++s->seq == ATT_DL_QUIT || s->seq == 0)
+        s->seq = 1;
+    store_release(&job->seq, s->seq);
+    s->stats.calls++;
+    return AT_OK;
+}
+
+at_err_t att_cudl_wait(att_cudl_sess_t *s) {
+    att_cudl_t *dl = s->dl;
+    for (uint32_t i = 1; load_acquire(&s->st->done) != s->seq; i++) {
+        if (i % 4096 != 0)
+            continue;
+        /* the launcher ended (idle) before it saw the job: launch it again */
+        if (!load_acquire(&s->st->running)) {
+            at_err_t e = relaunch(s);
+            if (e != AT_OK)
+                return e;
+            continue;
+        }
+        const CUresult r = dl->drv->cuStreamQuery(s->stream);
+        if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY)
+            return dl->check(dl->user, r, "cuStreamQuery", __FILE__, __LINE__);
+    }
+    if (s->st->failed == s->seq && s->st->launch_err != 0) {
+        at_log(AT_LOG_ERROR, "cuda", "the launcher could not launch job %u: cudaError %u", s->seq,
+               s->st->launch_err);
+        return AT_ERR_DEVICE;
+    }
+    return AT_OK;
+}

@@ -1,0 +1,103 @@
+/* Device-launched calls of the CUDA backend: a call whose host part ends in a few stores to mapped
+ * memory instead of copy calls and a cuLaunchKernel.
+ *
+ * Why: on the machines measured, one cuLaunchKernel costs the host 3-5 us back to back and up to
+ * 28 us after the host waited for the GPU, and a call's two upload calls as much again, whatever
+ * attnd does around them (docs/BENCHMARKS.md, "Targets"). A store to mapped memory costs 0.03 us.
+ *
+ * How: each session has a launcher graph whose one kernel (one warp, attention/kernels/
+ * att_launch.cu) polls the session's job record in mapped host memory, and one job graph per
+ * prepared launch of its launch cache (cache/lc.h): copy in -> the attention launch -> copy out,
+ * whose last block reports the job done. The copies run on SMs from mapped host memory (the stage,
+ * the registered arena) at the link's rate, as the copy engine's calls did. A call writes the three
+ * kernels' parameter blocks and grids into the job record and its number last; the launcher applies
+ * them to the job graph's device-updatable nodes, launches that graph and comes back when it has
+ * finished; the host spins on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher
+ * ends, holding no SM slot; the next call launches it again from the host first.
+ *
+ * Which calls: those of one launch (decode or prefill alone, or an append), without timing
+ * events, that move at most ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way
+ * (the caller, att_cuda.c, decides). A mixed batch keeps its two
+ * launches in green contexts from the host: a graph of green-context streams cannot be made
+ * launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200, docs/BENCHMARKS.md).
+ *
+ * Needs: a driver of CUDA 12.4+ (has_dl), the device runtime library libcudadevrt.a (the
+ * toolkit's; $ATTND_CUDADEVRT names it, else the toolkit seen at build time), and registered
+ * memory usable at its host address (CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM).
+ * Without them att_cudl_create says why and every call launches from the host.
+ *
+ * Thread: an att_cudl_t is shared by the backend's sessions (read-only after creation); a
+ * session's att_cudl_sess_t is used by the thread running that session's call. */
+#ifndef AT_ATTENTION_ATT_CUDL_H
+#define AT_ATTENTION_ATT_CUDL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "attention/att_cudrv.h"
+#include "attention/att_dl.h"
+#include "cache/lc.h"
+#include "common/at_err.h"
+
+/* How long an idle launcher polls before it ends (ns): longer than the gap between a model's
+ * layers, shorter than a human notices a spinning thread. */
+#define ATT_CUDL_IDLE_NS 2000000ull
+
+/* The most bytes (in and out) a device-launched call moves. The SMs copy between mapped host
+ * memory and the device at the link's rate, as the copy engine does, up to some MiB; beyond,
+ * the copy engine is faster (docs/BENCHMARKS.md) and a launch's host time does not matter. */
+#define ATT_CUDL_MAX_COPY_BYTES (32ull << 20)
+
+/* The backend's check of a driver result (its one CUresult -> at_err_t mapping, which also
+ * marks the device lost after a sticky fault). */
+typedef at_err_t (*att_cudl_check_fn)(void *user, CUresult r, const char *call, const char *file,
+                                      int line);
+
+typedef struct att_cudl att_cudl_t;
+typedef struct att_cudl_sess att_cudl_sess_t;
+
+typedef struct att_cudl_stats {
+    uint64_t calls;      /* calls launched from the device */
+    uint64_t relaunches; /* launcher graphs launched from the host (the first and after idling) */
+} att_cudl_stats_t;
+
+/* Compiles the launcher module for arch with NVRTC (-rdc=true), links it with the device runtime
+ * and loads it into the current context (the device's primary one, which the caller keeps
+ * current). AT_ERR_UNSUPPORTED with diag saying what is missing (driver, library, attribute,
+ * compile or link); AT_ERR_DEVICE from check. drv is borrowed (process-wide); user is passed to
+ * check. On success *out is the caller's (att_cudl_destroy, after every session's). */
+at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch, uint32_t num_sms,
+                         att_cudl_check_fn check, void *user, at_diag_t *diag, att_cudl_t **out);
+/* lost: the device faulted; its context took the module, so only the host memory goes. */
+void att_cudl_destroy(att_cudl_t **dl, bool lost);
+
+/* A session's launcher, job record and stream; *out is the caller's (att_cudl_sess_destroy). */
+at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out);
+/* Ends the launcher and frees the session's graphs; with lost (a faulted device) only the host
+ * memory, asking nothing of the driver. */
+void att_cudl_sess_destroy(att_cudl_sess_t **s, bool lost);
+/* Drops the job graphs: the session's modules (so its launch cache's functions) changed. */
+void att_cudl_sess_forget(att_cudl_sess_t *s);
+void att_cudl_sess_stats(const att_cudl_sess_t *s, att_cudl_stats_t *out);
+
+/* A call: begin, then the copies (dst, src: device addresses, mapped host memory included; a
+ * range adjacent to the last one on both sides extends it; false when the direction already has
+ * ATT_DL_MAX_SEGS ranges: the call must then launch from the host), then launch (submits the job:
+ * the attention launch l with grid_x blocks and params, l->param_bytes of them), then wait. */
+void att_cudl_begin(att_cudl_sess_t *s);
+bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes);
+at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
+                         const void *params);
+/* Spins until the job is done; AT_ERR_DEVICE (through check) when the context faults or the
+ * launcher could not launch the job's graph. */
+at_err_t att_cudl_wait(att_cudl_sess_t *s);
+
+/* NVRTC's PTX of the launcher module (attention/kernels/att_launch.cu, embedded) for arch, with
+ * -rdc=true: *ptx malloc'd, the caller's. Needs no GPU (tests compile it in CI). */
+at_err_t att_cudl_compile_ptx(const char *arch, char **ptx, size_t *n, at_diag_t *diag);
+
+/* Where the device runtime library is looked for: $ATTND_CUDADEVRT, else the toolkit's lib64
+ * seen at build time. */
+const char *att_cudl_devrt_path(void);
+
+#endif
