@@ -17,7 +17,10 @@
  * per tile kind, whose split tiles merge themselves; with both kinds, the wide ones on the
  * session's side stream, forked and joined by events; or, when the plan asks for an SM partition
  * (mixed_wide_sms), each kind on the session's stream in its own green context, both forked and
- * joined), one download of out; then the stream is synchronized and out copied into place.
+ * joined), one download of out; then the stream is synchronized and out copied into place. A
+ * run of one launch that moves at most ATT_CUDL_MAX_COPY_BYTES and is not timed is instead
+ * launched from the device (att_cudl.h: the copies and the launch are a job graph that the
+ * session's launcher starts when the host writes the job into mapped memory).
  * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
  * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
  * keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config, and a switch to a
@@ -107,6 +110,8 @@ struct att_kv {
     lc_t *lc;              /* owned: this session's launch cache */
     att_cudl_sess_t *dl;   /* owned: its launcher and job graphs; NULL: host launches only */
     bool dl_recording;     /* launch_cb hands launches to dl (a device-launched call) */
+    bool dl_failed;        /* dl's own step failed in launch_cb (not the launch cache's) */
+    uint64_t device_calls; /* runs launched from the device (kv_stats) */
     uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
@@ -156,8 +161,11 @@ static at_err_t enter(cuda_backend_t *be) {
 static at_err_t launch_cb(void *user, const lc_launch_t *l, uint32_t grid_x, void *params) {
     att_kv_t *kv = user;
     cuda_backend_t *be = kv->be;
-    if (kv->dl_recording)
-        return att_cudl_launch(kv->dl, l, grid_x, params);
+    if (kv->dl_recording) {
+        const at_err_t e = att_cudl_launch(kv->dl, l, grid_x, params);
+        kv->dl_failed = e != AT_OK;
+        return e;
+    }
     void *args[] = {params};
     return CU(cuLaunchKernel((CUfunction)l->fn, grid_x, 1, 1, l->block_x, 1, 1, l->smem_bytes,
                              kv->launch_stream, args, NULL));
@@ -251,12 +259,16 @@ static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
         kv->stage_h = NULL;
         kv->stage_cap = 0;
         void *p = NULL;
+        CUdeviceptr d = 0;
         if ((e = CU(cuMemHostAlloc(&p, cap, CU_MEMHOSTALLOC_DEVICEMAP))) != AT_OK)
             return e;
-        kv->stage_h = p;
-        kv->stage_cap = cap;
-        if ((e = CU(cuMemHostGetDevicePointer(&kv->stage_d, p, 0))) != AT_OK)
+        if ((e = CU(cuMemHostGetDevicePointer(&d, p, 0))) != AT_OK) {
+            (void)CU(cuMemFreeHost(p));
             return e;
+        }
+        kv->stage_h = p;
+        kv->stage_d = d;
+        kv->stage_cap = cap;
     }
     return AT_OK;
 }
@@ -352,7 +364,10 @@ static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
 /* The copy ranges of one tensor's runs (which: 0..2 q, k, v in; 3 out) for a device-launched
  * call: registered runs straight from or to where they lie (the device uses their host address),
  * the others through the stage at the same offsets (gathered here on the way in, scattered by
- * att_gpu_finish_out on the way out: *staged). False when the copy node has no room left. */
+ * att_gpu_finish_out on the way out: *staged). An input run that finds the copy node's ranges
+ * taken goes through the stage too, where runs lie one after another and so join the last range
+ * (a batch merged from several calls has a run per call and tensor). False when a range is still
+ * missing. */
 static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
                       size_t dev_off, bool *staged) {
     cuda_backend_t *be = kv->be;
@@ -363,10 +378,16 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
         const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
         const uint64_t dev = kv->io_d + dev_off + off;
         const bool direct = att_gpu_regions_contain(&be->regs, p, n);
-        const uint64_t host = direct ? (uint64_t)(uintptr_t)p : kv->stage_d + dev_off + off;
+        const uint64_t staged_at = kv->stage_d + dev_off + off;
+        const uint64_t host = direct ? (uint64_t)(uintptr_t)p : staged_at;
         if (!out && !direct)
             memcpy(kv->stage_h + dev_off + off, p, n);
-        if (!att_cudl_copy(kv->dl, out, out ? host : dev, out ? dev : host, n))
+        bool ok = att_cudl_copy(kv->dl, out, out ? host : dev, out ? dev : host, n);
+        if (!ok && !out && direct) {
+            memcpy(kv->stage_h + dev_off + off, p, n);
+            ok = att_cudl_copy(kv->dl, false, dev, staged_at, n);
+        }
+        if (!ok)
             return false;
         *staged |= !direct;
         c = d;
@@ -391,9 +412,10 @@ static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_cou
 }
 
 /* The call from the device, once its metadata is in the stage: the copy ranges, then the launch
- * (launch_cb hands it to the session's att_cudl), then the wait. *taken false: the ranges did
- * not fit, or the job graph could not be made (the session then launches from the host from now
- * on); nothing was submitted and the host path runs the call. */
+ * (launch_cb hands it to the session's att_cudl), then the wait; the block tables are committed
+ * once the job has run. *taken false: the ranges did not fit, or att_cudl could not make or
+ * submit the job (the session then launches from the host from now on); nothing was submitted
+ * and the host path runs the call. */
 static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
                               const att_gpu_counts_t *pl, size_t q_row, size_t kv_row, uint64_t t0,
                               bool *taken) {
@@ -417,6 +439,7 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     att_gpu_run_params(kv->m, b, lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
     p.counters_d = kv->counters_d;
     kv->dl_recording = true;
+    kv->dl_failed = false;
     at_err_t e;
     if (b->attend)
         e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d,
@@ -426,20 +449,21 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
         e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks);
     kv->dl_recording = false;
     if (e != AT_OK) {
-        if (atomic_load_explicit(&be->lost, memory_order_relaxed))
+        if (!kv->dl_failed || atomic_load_explicit(&be->lost, memory_order_relaxed))
             return e;
         at_log(AT_LOG_WARN, "cuda",
-               "cuda:%d: a session's job graph failed (%s); its calls "
-               "launch from the host from now on",
+               "cuda:%d: a session's device-launched call could not be submitted (%s); its "
+               "calls launch from the host from now on",
                be->ordinal, at_err_name(e));
         att_cudl_sess_destroy(&kv->dl, false);
         return AT_OK;
     }
     *taken = true;
-    att_gpu_tables_commit(&kv->tables, b);
     kv->last_host_ns = att_gpu_now_ns() - t0;
     if ((e = att_cudl_wait(kv->dl)) != AT_OK)
         return e;
+    att_gpu_tables_commit(&kv->tables, b);
+    kv->device_calls++;
     if (out_staged)
         att_gpu_finish_out(b, q_row, kv->stage_h + lo->o_out, &be->regs);
     return AT_OK;
@@ -930,11 +954,7 @@ static at_err_t cuda_read_kv(att_backend_t *base, att_kv_t *kv, uint32_t layer,
 static void cuda_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_t *out) {
     (void)base;
     att_gpu_kv_stats(kv->lc, kv->uploads, kv->last_host_ns, kv->last_device_ns, out);
-    if (kv->dl != NULL) {
-        att_cudl_stats_t d;
-        att_cudl_sess_stats(kv->dl, &d);
-        out->device_calls = d.calls;
-    }
+    out->device_calls = kv->device_calls;
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {
@@ -1072,9 +1092,12 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         at_log(AT_LOG_INFO, "cuda", "cuda:%d: calls launch from the host (as asked)", be->ordinal);
     } else {
         at_diag_t dd = {{0}};
-        if (enter(be) != AT_OK || att_cudl_create(drv, be->dev, be->arch, be->num_sms, dl_check, be,
-                                                  &dd, &be->dl) != AT_OK)
-            at_log(AT_LOG_INFO, "cuda", "cuda:%d: calls launch from the host: %s", be->ordinal,
+        if ((e = enter(be)) != AT_OK)
+            at_diag_set(&dd, e, "cannot make the device's context current");
+        else
+            e = att_cudl_create(drv, be->dev, be->arch, be->num_sms, dl_check, be, &dd, &be->dl);
+        if (e != AT_OK)
+            at_log(AT_LOG_WARN, "cuda", "cuda:%d: calls launch from the host: %s", be->ordinal,
                    dd.msg);
     }
     *out = &be->base;

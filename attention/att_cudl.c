@@ -1,14 +1,12 @@
 /* Device-launched calls of the CUDA backend (see att_cudl.h). */
 #include "attention/att_cudl.h"
 
-#include <limits.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "attention/att_jit.h"
 #include "common/at_log.h"
 
 /* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
@@ -25,7 +23,8 @@ struct att_cudl {
     void *user;
     uint32_t num_sms;
     CUmodule mod;
-    CUfunction launcher, copy;
+    CUfunction launcher; /* att_k_launcher */
+    CUfunction copy;     /* att_k_copy */
 };
 
 /* One prepared launch's job graph: copy in -> the launch -> copy out (which reports the job
@@ -46,17 +45,20 @@ struct att_cudl_sess {
     void *host; /* mapped: the job record, then the state */
     att_dl_job_t *job;
     att_dl_state_t *st;
-    CUdeviceptr job_d, st_d, dev_d; /* dev_d: the att_dl_dev_t (device memory) */
+    CUdeviceptr job_d; /* job's device address */
+    CUdeviceptr st_d;  /* st's device address */
+    CUdeviceptr dev_d; /* the session's att_dl_dev_t (device memory) */
     CUgraph lgraph;
     CUgraphExec lexec;
     job_graph_t graphs[MAX_GRAPHS];
     uint32_t num_graphs;
     att_dl_copy_t copies[2]; /* this call's: in, out */
     uint32_t seq;
-    att_cudl_stats_t stats;
 };
 
 #define CK(dl, call) (dl)->check((dl)->user, (dl)->drv->call, #call, __FILE__, __LINE__)
+
+_Static_assert(ATT_DL_PARAM_BYTES >= LC_MAX_PARAM_BYTES, "a launch's params fit an update");
 
 const char *att_cudl_devrt_path(void) {
     const char *p = getenv("ATTND_CUDADEVRT");
@@ -86,18 +88,10 @@ at_err_t att_cudl_compile_ptx(const char *arch, char **ptx, size_t *n, at_diag_t
     snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
     const char *opts[] = {arch_opt, "--relocatable-device-code=true", "--std=c++17"};
     r = nv->nvrtcCompileProgram(prog, 3, opts);
-    if (r != NVRTC_SUCCESS) {
-        size_t log_n = 0;
-        char *log = NULL;
-        if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
-            (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
-            free(log);
-            log = NULL;
-        }
-        e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
-        free(log);
-    } else if (nv->nvrtcGetPTXSize(prog, n) != NVRTC_SUCCESS || *n == 0 ||
-               (*ptx = malloc(*n)) == NULL) {
+    if (r != NVRTC_SUCCESS)
+        e = att_cudrv_nvrtc_failed(nv, prog, r, arch, diag);
+    else if (nv->nvrtcGetPTXSize(prog, n) != NVRTC_SUCCESS || *n == 0 ||
+             (*ptx = malloc(*n)) == NULL) {
         e = at_diag_set(diag, AT_ERR_NOMEM, "no PTX from NVRTC for the launcher");
     } else if (nv->nvrtcGetPTX(prog, *ptx) != NVRTC_SUCCESS) {
         free(*ptx);
@@ -162,10 +156,12 @@ at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch,
         e = link_load(dl, ptx, n, diag);
     free(ptx);
     if (e == AT_OK &&
-        ((e = CK(dl, cuModuleGetFunction(&dl->launcher, dl->mod, "att_dl_launcher"))) != AT_OK ||
-         (e = CK(dl, cuModuleGetFunction(&dl->copy, dl->mod, "att_dl_copy"))) != AT_OK))
+        ((e = CK(dl, cuModuleGetFunction(&dl->launcher, dl->mod, "att_k_launcher"))) != AT_OK ||
+         (e = CK(dl, cuModuleGetFunction(&dl->copy, dl->mod, "att_k_copy"))) != AT_OK))
         at_diag_set(diag, e, "the launcher module lacks its kernels");
     if (e != AT_OK) {
+        if (diag != NULL && diag->msg[0] == '\0') /* a driver call failed: CK logged it */
+            at_diag_set(diag, e, "a driver call failed loading the launcher (see the log)");
         att_cudl_destroy(&dl, false);
         return e;
     }
@@ -279,7 +275,26 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *l, job_graph_t 
     return AT_OK;
 }
 
+/* Memory orders: the host's stores of a job's fields happen before its release store of
+ * job.seq, which the launcher's acquire load of it pairs with; the device's writes of a job's
+ * output happen before its release store of state.done, which the host's acquire load of it
+ * pairs with. state.running: a release store by the device when it ends, acquire loads here; the
+ * host's own store of 1 needs no order (it only keeps the host from relaunching twice). */
+static uint32_t running(const att_cudl_sess_t *s) {
+    return atomic_load_explicit(&s->st->running, memory_order_acquire);
+}
+
+/* Ends the launcher (if running) and waits for its stream: nothing of a job graph runs after. */
+static void quiesce(att_cudl_sess_t *s) {
+    if (running(s))
+        atomic_store_explicit(&s->job->seq, ATT_DL_QUIT, memory_order_release);
+    (void)CK(s->dl, cuStreamSynchronize(s->stream));
+}
+
 void att_cudl_sess_forget(att_cudl_sess_t *s) {
+    if (s->num_graphs == 0)
+        return;
+    quiesce(s); /* a graph's last blocks may still run after its job is reported done */
     for (uint32_t i = 0; i < s->num_graphs; i++)
         graph_free(s->dl, &s->graphs[i].g, &s->graphs[i].exec);
     s->num_graphs = 0;
@@ -287,19 +302,13 @@ void att_cudl_sess_forget(att_cudl_sess_t *s) {
 
 /* ---- sessions ---- */
 
-static uint32_t load_acquire(const uint32_t *p) {
-    return atomic_load_explicit((const _Atomic uint32_t *)p, memory_order_acquire);
-}
-
-static void store_release(uint32_t *p, uint32_t v) {
-    atomic_store_explicit((_Atomic uint32_t *)p, v, memory_order_release);
-}
-
 /* Launches the launcher graph from the host (it ended, or never ran). */
 static at_err_t relaunch(att_cudl_sess_t *s) {
-    store_release(&s->st->running, 1);
-    s->stats.relaunches++;
-    return CK(s->dl, cuGraphLaunch(s->lexec, s->stream));
+    atomic_store_explicit(&s->st->running, 1, memory_order_relaxed);
+    const at_err_t e = CK(s->dl, cuGraphLaunch(s->lexec, s->stream));
+    if (e != AT_OK) /* none runs: the next call tries again */
+        atomic_store_explicit(&s->st->running, 0, memory_order_relaxed);
+    return e;
 }
 
 at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
@@ -356,10 +365,8 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
         *sp = NULL;
         return;
     }
-    if (s->st != NULL && load_acquire(&s->st->running)) {
-        store_release(&s->job->seq, ATT_DL_QUIT);
-        (void)CK(dl, cuStreamSynchronize(s->stream));
-    }
+    if (s->st != NULL && s->stream != NULL)
+        quiesce(s);
     att_cudl_sess_forget(s);
     graph_free(dl, &s->lgraph, &s->lexec);
     if (s->dev_d != 0)
@@ -374,14 +381,12 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
     *sp = NULL;
 }
 
-void att_cudl_sess_stats(const att_cudl_sess_t *s, att_cudl_stats_t *out) { *out = s->stats; }
-
 /* ---- calls ---- */
 
 void att_cudl_begin(att_cudl_sess_t *s) {
     memset(s->copies, 0, sizeof s->copies);
-    s->copies[1].dev = s->dev_d; /* the copy out reports the job done */
-    s->copies[1].state = s->st_d;
+    s->copies[1].dev_d = s->dev_d; /* the copy out reports the job done */
+    s->copies[1].state_d = s->st_d;
 }
 
 bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes) {
@@ -389,14 +394,14 @@ bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uin
     if (bytes == 0)
         return true;
     const uint32_t k = c->n - 1;
-    if (c->n != 0 && c->src[k] + c->bytes[k] == src && c->dst[k] + c->bytes[k] == dst) {
+    if (c->n != 0 && c->src_d[k] + c->bytes[k] == src && c->dst_d[k] + c->bytes[k] == dst) {
         c->bytes[k] += bytes; /* adjacent on both sides: one range */
         return true;
     }
     if (c->n == ATT_DL_MAX_SEGS)
         return false;
-    c->src[c->n] = src;
-    c->dst[c->n] = dst;
+    c->src_d[c->n] = src;
+    c->dst_d[c->n] = dst;
     c->bytes[c->n] = bytes;
     c->n++;
     return true;
@@ -433,30 +438,37 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
     copy_update(s->dl, &s->copies[1], j->node[2], &job->upd[2]);
     job->n_upd = ATT_DL_MAX_UPDATES;
     job->graph = (uint64_t)(uintptr_t)j->exec;
-    if (!load_acquire(&s->st->running) && (e = relaunch(s)) != AT_OK)
+    if (!running(s) && (e = relaunch(s)) != AT_OK)
         return e;
     if (++s->seq == ATT_DL_QUIT || s->seq == 0)
         s->seq = 1;
-    store_release(&job->seq, s->seq);
-    s->stats.calls++;
+    atomic_store_explicit(&job->seq, s->seq, memory_order_release);
     return AT_OK;
 }
 
 at_err_t att_cudl_wait(att_cudl_sess_t *s) {
     att_cudl_t *dl = s->dl;
-    for (uint32_t i = 1; load_acquire(&s->st->done) != s->seq; i++) {
+    for (uint32_t i = 1; atomic_load_explicit(&s->st->done, memory_order_acquire) != s->seq; i++) {
         if (i % 4096 != 0)
             continue;
-        /* the launcher ended (idle) before it saw the job: launch it again */
-        if (!load_acquire(&s->st->running)) {
+        /* the launcher ended (idle, or it could not launch itself again) before it took the
+         * job: launch it again (it takes the job unless it took it already) */
+        if (!running(s)) {
             at_err_t e = relaunch(s);
             if (e != AT_OK)
                 return e;
             continue;
         }
         const CUresult r = dl->drv->cuStreamQuery(s->stream);
-        if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY)
+        if (r == CUDA_SUCCESS &&
+            atomic_load_explicit(&s->st->done, memory_order_acquire) != s->seq) {
+            /* nothing runs on the stream, yet running says 1: no launcher exists */
+            at_err_t e = relaunch(s);
+            if (e != AT_OK)
+                return e;
+        } else if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
             return dl->check(dl->user, r, "cuStreamQuery", __FILE__, __LINE__);
+        }
     }
     if (s->st->failed == s->seq && s->st->launch_err != 0) {
         at_log(AT_LOG_ERROR, "cuda", "the launcher could not launch job %u: cudaError %u", s->seq,

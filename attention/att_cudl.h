@@ -17,9 +17,9 @@
  *
  * Which calls: those of one launch (decode or prefill alone, or an append), without timing
  * events, that move at most ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way
- * (the caller, att_cuda.c, decides). A mixed batch keeps its two
- * launches in green contexts from the host: a graph of green-context streams cannot be made
- * launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200, docs/BENCHMARKS.md).
+ * (the caller, att_cuda.c, decides). A mixed batch keeps its two launches from the host: in
+ * green contexts, whose streams' graphs cannot be made launchable from the device
+ * (CUDA_ERROR_INVALID_VALUE on the H200, docs/BENCHMARKS.md), or forked onto a side stream.
  *
  * Needs: a driver of CUDA 12.4+ (has_dl), the device runtime library libcudadevrt.a (the
  * toolkit's; $ATTND_CUDADEVRT names it, else the toolkit seen at build time), and registered
@@ -56,11 +56,6 @@ typedef at_err_t (*att_cudl_check_fn)(void *user, CUresult r, const char *call, 
 typedef struct att_cudl att_cudl_t;
 typedef struct att_cudl_sess att_cudl_sess_t;
 
-typedef struct att_cudl_stats {
-    uint64_t calls;      /* calls launched from the device */
-    uint64_t relaunches; /* launcher graphs launched from the host (the first and after idling) */
-} att_cudl_stats_t;
-
 /* Compiles the launcher module for arch with NVRTC (-rdc=true), links it with the device runtime
  * and loads it into the current context (the device's primary one, which the caller keeps
  * current). AT_ERR_UNSUPPORTED with diag saying what is missing (driver, library, attribute,
@@ -73,12 +68,14 @@ void att_cudl_destroy(att_cudl_t **dl, bool lost);
 
 /* A session's launcher, job record and stream; *out is the caller's (att_cudl_sess_destroy). */
 at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out);
-/* Ends the launcher and frees the session's graphs; with lost (a faulted device) only the host
- * memory, asking nothing of the driver. */
+/* Ends the launcher, waits for its stream and frees the session's graphs and memory; with lost
+ * (a faulted device, whose context takes its objects along) only the struct, asking nothing of
+ * the driver. */
 void att_cudl_sess_destroy(att_cudl_sess_t **s, bool lost);
-/* Drops the job graphs: the session's modules (so its launch cache's functions) changed. */
+/* Drops the job graphs (ending the launcher first, since a graph's last blocks may still run
+ * after its job is reported done): the session's modules, so its launch cache's functions,
+ * changed. */
 void att_cudl_sess_forget(att_cudl_sess_t *s);
-void att_cudl_sess_stats(const att_cudl_sess_t *s, att_cudl_stats_t *out);
 
 /* A call: begin, then the copies (dst, src: device addresses, mapped host memory included; a
  * range adjacent to the last one on both sides extends it; false when the direction already has

@@ -5,32 +5,43 @@
  * Plain C that the host's C11 compiler and NVRTC both accept (as att_kparams.h): fixed-width
  * fields, device addresses as uint64_t, explicit padding, sizes checked below.
  *
- * Protocol: the host fills job.upd[0, n_upd) and job.graph, then stores job.seq (a new number)
- * with release. The launcher, which polls job.seq with acquire loads, applies each update to its
- * device-updatable graph node (the kernel's whole parameter block and its grid; an update equal
- * to the one the node last had is skipped), launches job.graph and, once that graph has finished
- * (the last block of its last node stores seq into state.done with release), takes the next job.
- * After idle_ns without a job it stores 0 into state.running and ends; the host then launches it
- * again before its next job. ATT_DL_QUIT ends it for good. */
+ * Protocol: the host fills job.upd[0, n_upd), job.graph and job.fresh, then stores job.seq (a
+ * new number) with release. The launcher, which polls job.seq with acquire loads, applies each
+ * update to its device-updatable graph node (the kernel's whole parameter block and its grid; an
+ * update equal to the one the node last had is skipped unless job.fresh), launches job.graph and,
+ * once that graph has finished (the last block of its last node stores seq into state.done with
+ * release), takes the next job. After idle_ns without a job, or when it cannot launch itself
+ * again, it stores 0 into state.running and ends; the host, seeing running 0 (or the launcher's
+ * stream empty) before the job is done, launches it again. ATT_DL_QUIT ends it for good.
+ *
+ * The fields both sides race on (seq, done, running) are C11 atomics on the host, where the C
+ * compiler reads this; the same 32 bits on the device. */
 #ifndef AT_ATTENTION_ATT_DL_H
 #define AT_ATTENTION_ATT_DL_H
 
 #include "att_kparams.h"
 
+#if defined(__CUDACC_RTC__) || defined(__cplusplus)
+#define ATT_DL_ATOMIC_U32 uint32_t
+#else
+#include <stdatomic.h>
+#define ATT_DL_ATOMIC_U32 _Atomic uint32_t
+#endif
+
 #define ATT_DL_QUIT 0xffffffffu
-#define ATT_DL_MAX_SEGS 6u      /* copy segments per copy node */
+#define ATT_DL_MAX_SEGS 9u      /* copy segments per copy node */
 #define ATT_DL_MAX_UPDATES 3u   /* the copy-in node, the attention launch, the copy-out node */
 #define ATT_DL_PARAM_BYTES 256u /* at least LC_MAX_PARAM_BYTES */
 
-/* The parameter block of att_dl_copy: n byte ranges from src to dst (device addresses; mapped
- * host memory counts). With dev and state set (the copy out, the job graph's last node), the last
- * of its blocks to finish reports the job done. */
+/* The parameter block of att_k_copy: n byte ranges from src_d to dst_d (device addresses;
+ * mapped host memory counts). With dev_d and state_d set (the copy out, the job graph's last
+ * node), the last of its blocks to finish reports the job done. */
 typedef struct att_dl_copy {
-    uint64_t src[ATT_DL_MAX_SEGS];
-    uint64_t dst[ATT_DL_MAX_SEGS];
+    uint64_t src_d[ATT_DL_MAX_SEGS]; /* [bytes[i]] bytes each */
+    uint64_t dst_d[ATT_DL_MAX_SEGS]; /* [bytes[i]] bytes each */
     uint64_t bytes[ATT_DL_MAX_SEGS];
-    uint64_t dev;   /* att_dl_dev_t *, or 0 */
-    uint64_t state; /* att_dl_state_t * (mapped), or 0 */
+    uint64_t dev_d;   /* the session's att_dl_dev_t, or 0 */
+    uint64_t state_d; /* the session's att_dl_state_t (mapped host memory), or 0 */
     uint32_t n;
     uint32_t reserved;
 } att_dl_copy_t;
@@ -45,7 +56,7 @@ typedef struct att_dl_update {
 
 /* Written by the host. */
 typedef struct att_dl_job {
-    uint32_t seq; /* stored last, with release */
+    ATT_DL_ATOMIC_U32 seq; /* stored last, with release */
     uint32_t n_upd;
     uint64_t graph; /* cudaGraphExec_t: the call's graph */
     uint32_t fresh; /* 1: the graph is new, apply every update (its nodes may reuse old handles) */
@@ -64,13 +75,13 @@ typedef struct att_dl_dev {
 
 /* Written by the device. */
 typedef struct att_dl_state {
-    uint32_t done;       /* seq of the last finished job */
-    uint32_t running;    /* 0 once the launcher has ended (idle or quit); the host sets it to 1 */
+    ATT_DL_ATOMIC_U32 done;    /* seq of the last finished job */
+    ATT_DL_ATOMIC_U32 running; /* 0 once the launcher has ended; the host sets it to 1 */
     uint32_t launch_err; /* a cudaError_t from launching job `failed`; 0 when none */
     uint32_t failed;
 } att_dl_state_t;
 
-ATT_KSTATIC_ASSERT(sizeof(att_dl_copy_t) == 168, "att_dl_copy_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_dl_copy_t) == 240, "att_dl_copy_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_dl_update_t) == 272, "att_dl_update_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_dl_job_t) == 24 + 3 * 272, "att_dl_job_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_dl_copy_t) <= ATT_DL_PARAM_BYTES, "copy params fit an update");

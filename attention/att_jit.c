@@ -511,15 +511,7 @@ static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *o
     at_err_t e = AT_OK;
     r = nv->nvrtcCompileProgram(prog, (int)n_opts + 1, all);
     if (r != NVRTC_SUCCESS) {
-        size_t log_n = 0;
-        char *log = NULL;
-        if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
-            (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
-            free(log);
-            log = NULL;
-        }
-        e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
-        free(log);
+        e = att_cudrv_nvrtc_failed(nv, prog, r, arch, diag);
         goto out_destroy;
     }
     size_t n = 0;

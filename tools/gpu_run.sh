@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
-# default tests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
+# default tests,hosttests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
 # hosttests (test_att_cuda again with every call launched from the host),
 # sanitize (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
@@ -19,7 +19,7 @@
 # side).
 # Logs go to $OUT (the device tool's folder), a summary to stdout.
 set -uo pipefail
-phases="${1:-tests,sanitize}"
+phases="${1:-tests,hosttests,sanitize}"
 out="${OUT:-/tmp/attnd-gpu-out}"
 mkdir -p "$out"
 here="$(pwd)"

@@ -1,19 +1,21 @@
 /* The kernels of a device-launched call (attention/att_cudl.h; the records: attention/att_dl.h).
  * Compiled once per device by NVRTC with -rdc=true and linked with the CUDA device runtime
- * (libcudadevrt.a), which provides the device-side graph calls.
+ * (libcudadevrt.a), which provides the device-side graph calls: the one kernel file that calls a
+ * runtime API (the device's), and whose image is not cached (it takes 30-250 ms per device, once;
+ * the attention kernels' caching is att_jit.h's).
  *
- *   att_dl_launcher  one warp, the one node of the session's launcher graph: takes one job,
+ *   att_k_launcher   one warp, the one node of the session's launcher graph: takes one job,
  *                    applies its node updates, launches the job's graph fire-and-forget and
  *                    tail-launches its own graph, which runs again once the job's graph has
  *                    finished (so the launcher holds no SM while a call runs).
- *   att_dl_copy      the call's byte ranges between mapped host memory and device memory, 16
+ *   att_k_copy       the call's byte ranges between mapped host memory and device memory, 16
  *                    bytes per thread and step where all three of a range's numbers allow; as
  *                    the job graph's last node (the copy out) its last block reports the job
  *                    done.
  *
  * The host-side protocol is in att_dl.h. Only the launcher reads the job record (mapped host
- * memory, each read a trip over the link), all of it at once; the copy kernels get their ranges
- * as parameters. */
+ * memory, each read a trip over the link), its warp's reads in flight together; the copy kernels
+ * get their ranges as parameters. */
 #include "att_dl.h"
 
 static __device__ __forceinline__ unsigned long long att_dl_now() {
@@ -38,17 +40,17 @@ static __device__ __forceinline__ void att_dl_store_release(unsigned *p, unsigne
 static __device__ bool att_dl_same(const att_dl_update_t *u, const att_dl_update_t *prev) {
     if (u->node != prev->node || u->grid_x != prev->grid_x || u->bytes != prev->bytes)
         return false;
-    for (unsigned i = 0; i < u->bytes / 8; i++)
+    for (unsigned i = 0; i < (u->bytes + 7) / 8; i++)
         if (u->params[i] != prev->params[i])
             return false;
     return true;
 }
 
 /* One warp, the one node of the session's launcher graph. Lane 0 polls; then the warp reads the
- * job record from mapped host memory at once (one trip over the link instead of one per field)
- * into shared memory, and lane 0 applies the updates from there. */
-extern "C" __global__ void att_dl_launcher(const att_dl_job_t *job, att_dl_state_t *st,
-                                           att_dl_dev_t *dev, unsigned long long idle_ns) {
+ * job record from mapped host memory together (its lanes' reads in flight at once, not one trip
+ * over the link per field) into shared memory, and lane 0 applies the updates from there. */
+extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_t *st,
+                                          att_dl_dev_t *dev, unsigned long long idle_ns) {
     __shared__ uint4 sh[ATT_DL_JOB_VECS];
     __shared__ unsigned seq;
     if (threadIdx.x == 0) {
@@ -102,36 +104,38 @@ extern "C" __global__ void att_dl_launcher(const att_dl_job_t *job, att_dl_state
         __threadfence_system();
         att_dl_store_release(&st->done, seq);
     }
-    cudaGraphLaunch(cudaGetCurrentGraphExec(), cudaStreamGraphTailLaunch);
+    /* the next job's run; without it there is no launcher: say so, and the host launches one */
+    if (cudaGraphLaunch(cudaGetCurrentGraphExec(), cudaStreamGraphTailLaunch) != cudaSuccess)
+        att_dl_store_release(&st->running, 0);
 }
 
-extern "C" __global__ void att_dl_copy(att_dl_copy_t c) {
+extern "C" __global__ void att_k_copy(att_dl_copy_t c) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     const unsigned long long first = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     for (unsigned s = 0; s < c.n && s < ATT_DL_MAX_SEGS; s++) {
-        if (((c.src[s] | c.dst[s] | c.bytes[s]) & 15) == 0) {
-            const uint4 *src = (const uint4 *)c.src[s];
-            uint4 *dst = (uint4 *)c.dst[s];
+        if (((c.src_d[s] | c.dst_d[s] | c.bytes[s]) & 15) == 0) {
+            const uint4 *src = (const uint4 *)c.src_d[s];
+            uint4 *dst = (uint4 *)c.dst_d[s];
             for (unsigned long long i = first; i < c.bytes[s] / 16; i += stride)
                 dst[i] = src[i];
         } else {
-            const unsigned char *src = (const unsigned char *)c.src[s];
-            unsigned char *dst = (unsigned char *)c.dst[s];
+            const unsigned char *src = (const unsigned char *)c.src_d[s];
+            unsigned char *dst = (unsigned char *)c.dst_d[s];
             for (unsigned long long i = first; i < c.bytes[s]; i += stride)
                 dst[i] = src[i];
         }
     }
-    if (c.state == 0)
+    if (c.state_d == 0)
         return;
     /* the last block to finish reports the job done, after every block's writes */
     __syncthreads();
     if (threadIdx.x != 0)
         return;
-    att_dl_dev_t *dev = (att_dl_dev_t *)c.dev;
+    att_dl_dev_t *dev = (att_dl_dev_t *)c.dev_d;
     __threadfence_system();
     if (atomicAdd(&dev->arrived, 1u) != gridDim.x - 1)
         return;
     dev->arrived = 0;
     __threadfence_system();
-    att_dl_store_release(&((att_dl_state_t *)c.state)->done, dev->cur);
+    att_dl_store_release(&((att_dl_state_t *)c.state_d)->done, dev->cur);
 }

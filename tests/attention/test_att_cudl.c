@@ -17,8 +17,8 @@ static void test_att_cudl_launcher_compiles(void **state) {
     (void)state;
     static const char *const archs[] = {"sm_80", "sm_90"};
     static const char *const wanted[] = {
-        ".entry att_dl_launcher",        ".entry att_dl_copy", "cudaGraphKernelNodeSetParam",
-        "cudaGraphKernelNodeSetGridDim", "cudaGraphLaunch",    "%current_graph_exec"};
+        ".entry att_k_launcher",         ".entry att_k_copy", "cudaGraphKernelNodeSetParam",
+        "cudaGraphKernelNodeSetGridDim", "cudaGraphLaunch",   "%current_graph_exec"};
     for (size_t a = 0; a < sizeof archs / sizeof archs[0]; a++) {
         char *ptx = NULL;
         size_t n = 0;
