@@ -14,7 +14,6 @@ extern const unsigned char att_kernel_launch_cu[];
 extern const unsigned char att_kernel_dl_h[];
 extern const unsigned char att_kernel_kparams_h[];
 
-#define COPY_THREADS 256u
 #define MAX_GRAPHS LC_MAX_ENTRIES
 
 struct att_cudl {
@@ -251,11 +250,11 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *l, job_graph_t 
     CUgraphNode in, k, outn;
     at_err_t e = CK(dl, cuGraphCreate(&j->g, 0));
     if (e == AT_OK)
-        e = add_node(dl, j->g, &in, NULL, dl->copy, COPY_THREADS, 0, copy_args);
+        e = add_node(dl, j->g, &in, NULL, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
     if (e == AT_OK)
         e = add_node(dl, j->g, &k, &in, (CUfunction)l->fn, l->block_x, l->smem_bytes, launch_args);
     if (e == AT_OK)
-        e = add_node(dl, j->g, &outn, &k, dl->copy, COPY_THREADS, 0, copy_args);
+        e = add_node(dl, j->g, &outn, &k, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
     if (e == AT_OK)
         e = updatable(dl, in, &j->node[0]);
     if (e == AT_OK)
@@ -390,7 +389,10 @@ void att_cudl_begin(att_cudl_sess_t *s) {
 }
 
 bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes) {
-    att_dl_copy_t *c = &s->copies[out ? 1 : 0];
+    return att_cudl_range_add(&s->copies[out ? 1 : 0], dst, src, bytes);
+}
+
+bool att_cudl_range_add(att_dl_copy_t *c, uint64_t dst, uint64_t src, uint64_t bytes) {
     if (bytes == 0)
         return true;
     const uint32_t k = c->n - 1;
@@ -407,16 +409,20 @@ bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uin
     return true;
 }
 
-/* A copy node's update: its ranges, and blocks enough for them (at most 4 per SM). */
-static void copy_update(const att_cudl_t *dl, const att_dl_copy_t *c, CUgraphDeviceNode node,
-                        att_dl_update_t *u) {
+uint32_t att_cudl_copy_grid(const att_dl_copy_t *c, uint32_t num_sms) {
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < c->n; i++)
         bytes += c->bytes[i];
-    const uint64_t want = (bytes / 16 + COPY_THREADS - 1) / COPY_THREADS;
-    const uint64_t cap = (uint64_t)dl->num_sms * 4;
+    const uint64_t want = (bytes / 16 + ATT_CUDL_COPY_THREADS - 1) / ATT_CUDL_COPY_THREADS;
+    const uint64_t cap = (uint64_t)num_sms * 4;
+    return (uint32_t)(want == 0 ? 1 : want < cap ? want : cap);
+}
+
+/* A copy node's update: its ranges and grid. */
+static void copy_update(const att_cudl_t *dl, const att_dl_copy_t *c, CUgraphDeviceNode node,
+                        att_dl_update_t *u) {
     u->node = (uint64_t)(uintptr_t)node;
-    u->grid_x = (uint32_t)(want == 0 ? 1 : want < cap ? want : cap);
+    u->grid_x = att_cudl_copy_grid(c, dl->num_sms);
     u->bytes = (uint32_t)sizeof *c;
     memcpy(u->params, c, sizeof *c);
 }

@@ -89,6 +89,18 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
  * launcher could not launch the job's graph. */
 at_err_t att_cudl_wait(att_cudl_sess_t *s);
 
+/* Threads per block of the copy kernels. */
+#define ATT_CUDL_COPY_THREADS 256u
+
+/* Adds the range [src, src + bytes) -> [dst, ...) to c: into its last range when adjacent to it
+ * on both sides, else as a new one. False, c unchanged, when that needs a range past
+ * ATT_DL_MAX_SEGS. Nothing for 0 bytes. Pure (tests use it without a GPU). */
+bool att_cudl_range_add(att_dl_copy_t *c, uint64_t dst, uint64_t src, uint64_t bytes);
+
+/* Blocks of ATT_CUDL_COPY_THREADS for c's ranges: one per 16 bytes per thread, at least 1, at
+ * most 4 per SM. Pure. */
+uint32_t att_cudl_copy_grid(const att_dl_copy_t *c, uint32_t num_sms);
+
 /* NVRTC's PTX of the launcher module (attention/kernels/att_launch.cu, embedded) for arch, with
  * -rdc=true: *ptx malloc'd, the caller's. Needs no GPU (tests compile it in CI). */
 at_err_t att_cudl_compile_ptx(const char *arch, char **ptx, size_t *n, at_diag_t *diag);
