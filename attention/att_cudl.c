@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "attention/att_jit.h"
 #include "common/at_log.h"
 
 /* Generated at build time from attention/kernels/ (see attention/CMakeLists.txt). */
@@ -88,7 +89,7 @@ at_err_t att_cudl_compile_ptx(const char *arch, char **ptx, size_t *n, at_diag_t
     const char *opts[] = {arch_opt, "--relocatable-device-code=true", "--std=c++17"};
     r = nv->nvrtcCompileProgram(prog, 3, opts);
     if (r != NVRTC_SUCCESS)
-        e = att_cudrv_nvrtc_failed(nv, prog, r, arch, diag);
+        e = att_jit_nvrtc_failed(nv, prog, r, arch, diag);
     else if (nv->nvrtcGetPTXSize(prog, n) != NVRTC_SUCCESS || *n == 0 ||
              (*ptx = malloc(*n)) == NULL) {
         e = at_diag_set(diag, AT_ERR_NOMEM, "no PTX from NVRTC for the launcher");

@@ -9,8 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attention/att_jit.h"
-
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
@@ -161,18 +159,4 @@ int att_cudrv_err_sticky(CUresult r) {
     default:
         return 0;
     }
-}
-
-at_err_t att_cudrv_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
-                                const char *arch, at_diag_t *diag) {
-    size_t log_n = 0;
-    char *log = NULL;
-    if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
-        (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
-        free(log);
-        log = NULL;
-    }
-    const at_err_t e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
-    free(log);
-    return e;
 }

@@ -132,11 +132,6 @@ at_err_t att_cudrv_cuda(const att_cudrv_t **out, at_diag_t *diag);
 /* The NVRTC table; AT_ERR_UNSUPPORTED with diag when libnvrtc cannot be loaded. Needs no GPU. */
 at_err_t att_cudrv_nvrtc(const att_nvrtc_t **out, at_diag_t *diag);
 
-/* A failed nvrtcCompileProgram (r) of prog for arch: fetches NVRTC's log and hands it to
- * att_jit_compile_failed (attention/att_jit.h), whose result it returns. */
-at_err_t att_cudrv_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
-                                const char *arch, at_diag_t *diag);
-
 /* The driver's name for r ("CUDA_ERROR_ILLEGAL_ADDRESS"), or "CUDA_ERROR_<n>". Any thread. */
 const char *att_cudrv_err_name(const att_cudrv_t *drv, CUresult r);
 

@@ -490,6 +490,20 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
 /* ---- NVRTC ---- */
 
 /* The embedded source with its headers, for arch ("sm_90"). */
+at_err_t att_jit_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
+                              const char *arch, at_diag_t *diag) {
+    size_t log_n = 0;
+    char *log = NULL;
+    if (nv->nvrtcGetProgramLogSize(prog, &log_n) != NVRTC_SUCCESS || log_n == 0 ||
+        (log = malloc(log_n)) == NULL || nv->nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) {
+        free(log);
+        log = NULL;
+    }
+    const at_err_t e = att_jit_compile_failed("NVRTC", arch, log, nv->nvrtcGetErrorString(r), diag);
+    free(log);
+    return e;
+}
+
 static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *opts,
                               uint32_t n_opts, void **image, size_t *bytes, at_diag_t *diag) {
     const att_nvrtc_t *nv = user;
@@ -511,7 +525,7 @@ static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *o
     at_err_t e = AT_OK;
     r = nv->nvrtcCompileProgram(prog, (int)n_opts + 1, all);
     if (r != NVRTC_SUCCESS) {
-        e = att_cudrv_nvrtc_failed(nv, prog, r, arch, diag);
+        e = att_jit_nvrtc_failed(nv, prog, r, arch, diag);
         goto out_destroy;
     }
     size_t n = 0;

@@ -102,6 +102,14 @@ void att_jit_kernel_source(att_jit_source_t *out);
 at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const char *log,
                                 const char *why, at_diag_t *diag);
 
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cudrv.h"
+/* A failed nvrtcCompileProgram (r) of prog for arch: fetches NVRTC's log and hands it to
+ * att_jit_compile_failed, whose result it returns. */
+at_err_t att_jit_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
+                              const char *arch, at_diag_t *diag);
+#endif
+
 /* A run-time compiler. compile() builds the embedded source (att_jit_kernel_source) for arch with
  * opts into *image (malloc'd; the caller's) of *bytes; a source that does not compile is
  * AT_ERR_UNSUPPORTED with the first error line in diag and the log at ERROR level. Called from
