@@ -26,9 +26,11 @@
  * kernel's pick-up to the work's first block, and that block to the signal.
  *
  * Usage: cdp_probe [DEVRT]  (DEVRT: the path of libcudadevrt.a; default lib/ beside bin/)
- * Build (tools/gpu_bundle.sh does): cc -O2 -std=c11 -I<cuda>/include tools/cdp_probe.c
- * -L<cuda>/lib64/stubs -lcuda -L<cuda>/lib64 -lnvrtc. Thread: main's. */
+ * Built by tools/CMakeLists.txt with the CUDA backend (the driver's stub library and libnvrtc);
+ * tools/gpu_bundle.sh ships it. Thread: main's. */
+#ifndef _GNU_SOURCE /* the project's build defines it */
 #define _GNU_SOURCE
+#endif
 #include <cuda.h>
 #include <libgen.h>
 #include <limits.h>

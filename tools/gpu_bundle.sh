@@ -17,7 +17,8 @@ build=build-cuda
 out=dist/gpu
 cuda_lib=${AT_CUDA_ROOT:-/usr/local/cuda}/lib64
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DAT_WITH_CUDA=ON -DAT_WERROR=ON >/dev/null
-targets=(attnd attnd-bench test_att_cuda test_att_cuda_tune test_lc test_svc_e2e_gpu)
+targets=(attnd attnd-bench test_att_cuda test_att_cuda_tune test_lc test_svc_e2e_gpu
+         launch_probe cdp_probe)
 bins=("$build/service/attnd" "$build/bench/attnd-bench" "$build/tests/test_att_cuda"
       "$build/tests/test_att_cuda_tune" "$build/tests/test_lc" "$build/tests/test_svc_e2e_gpu")
 hip=$(grep -q '^AT_HAVE_HIP:INTERNAL=ON' "$build/CMakeCache.txt" && echo 1 || echo 0)
@@ -37,13 +38,9 @@ if [ -x "$nvcc" ]; then
 else
   echo "no nvcc: dist/gpu has no wgmma_check"
 fi
-# The bare launch's host time by wait (gpu_run.sh launch): the driver only, through its stub.
-cc -O2 -std=c11 -Wall -Wextra -Werror -I"${AT_CUDA_ROOT:-/usr/local/cuda}/include" \
-  -o "$out/bin/launch_probe" tools/launch_probe.c -L"$cuda_lib/stubs" -lcuda
-# A launch-free call through device-side launches (gpu_run.sh cdp): NVRTC, the driver's linker
-# and the device runtime's library, which the probe links its module with on the GPU machine.
-cc -O2 -std=c11 -Wall -Wextra -Werror -I"${AT_CUDA_ROOT:-/usr/local/cuda}/include" \
-  -o "$out/bin/cdp_probe" tools/cdp_probe.c -L"$cuda_lib/stubs" -lcuda -L"$cuda_lib" -lnvrtc
+# The probes (tools/CMakeLists.txt): the bare launch's host time by wait (gpu_run.sh launch) and
+# device-side launches (gpu_run.sh cdp, with lib/libcudadevrt.a below).
+cp "$build/tools/launch_probe" "$build/tools/cdp_probe" "$out/bin/"
 if [ "$hip" = 1 ]; then
   cp "$build/tests/libattnd_hip_on_cuda_testdouble.so" "$out/lib.new/"
 fi

@@ -21,10 +21,12 @@
  * With --cpu N the thread is pinned to CPU N first. Host times move between processes, so run it
  * several times.
  *
- * Build (tools/gpu_bundle.sh does): cc -O2 -std=c11 -I<cuda>/include tools/launch_probe.c
- * -L<cuda>/lib64/stubs -lcuda. Needs only the driver; the kernels are PTX the driver compiles.
+ * Built by tools/CMakeLists.txt with the CUDA backend (linked with the driver's stub library);
+ * tools/gpu_bundle.sh ships it. Needs only the driver; the kernels are PTX the driver compiles.
  * Thread: main's. */
+#ifndef _GNU_SOURCE /* the project's build defines it */
 #define _GNU_SOURCE
+#endif
 #include <cuda.h>
 #include <sched.h>
 #include <stdatomic.h>
