@@ -242,6 +242,8 @@ static void session_plan(const cuda_backend_t *be, const att_model_t *m, att_cud
 static at_err_t ensure_io(att_kv_t *kv, size_t dev_bytes, size_t stage_bytes) {
     cuda_backend_t *be = kv->be;
     at_err_t e;
+    if (kv->dl != NULL && (dev_bytes > kv->io_cap || stage_bytes > kv->stage_cap))
+        att_cudl_sess_quiesce(kv->dl); /* frees wait for a polling launcher */
     if (dev_bytes > kv->io_cap) {
         size_t cap = att_gpu_align_up(dev_bytes + dev_bytes / 2, 1u << 20);
         if (kv->io_d != 0 && (e = CU(cuMemFree(kv->io_d))) != AT_OK)
@@ -281,6 +283,8 @@ static at_err_t ensure_counters(att_kv_t *kv, size_t n) {
         return AT_OK;
     const size_t cap = n + n / 2 > 1024 ? n + n / 2 : 1024;
     at_err_t e;
+    if (kv->dl != NULL)
+        att_cudl_sess_quiesce(kv->dl); /* frees wait for a polling launcher */
     if (kv->counters_d != 0 && (e = CU(cuMemFree(kv->counters_d))) != AT_OK)
         return e;
     kv->counters_d = 0;
@@ -298,6 +302,8 @@ static at_err_t replace_tables(void *user, uint32_t entries) {
     att_kv_t *kv = user;
     cuda_backend_t *be = kv->be;
     at_err_t e;
+    if (kv->dl != NULL)
+        att_cudl_sess_quiesce(kv->dl); /* frees wait for a polling launcher */
     if (kv->tables_d != 0 && (e = CU(cuMemFree(kv->tables_d))) != AT_OK)
         return e;
     kv->tables_d = 0;
@@ -364,35 +370,38 @@ static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
 /* The copy ranges of one tensor's runs (which: 0..2 q, k, v in; 3 out) for a device-launched
  * call: registered runs straight from or to where they lie (the device uses their host address),
  * the others through the stage at the same offsets (gathered here on the way in, scattered by
- * att_gpu_finish_out on the way out: *staged). An input run that finds the copy node's ranges
- * taken goes through the stage too, where runs lie one after another and so join the last range
- * (a batch merged from several calls has a run per call and tensor). False when a range is still
+ * att_gpu_finish_out on the way out: *staged). An input whose runs do not all find a range goes
+ * through the stage as a whole, where its runs lie one after another and join into one range (a
+ * batch merged from several calls has a run per call and tensor). False when a range is still
  * missing. */
 static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
                       size_t dev_off, bool *staged) {
     cuda_backend_t *be = kv->be;
     const bool out = which == 3;
-    for (uint32_t c = 0; c < b->num_chunks;) {
-        const uint8_t *p;
-        size_t n, off;
-        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
-        const uint64_t dev = kv->io_d + dev_off + off;
-        const bool direct = att_gpu_regions_contain(&be->regs, p, n);
-        const uint64_t staged_at = kv->stage_d + dev_off + off;
-        const uint64_t host = direct ? (uint64_t)(uintptr_t)p : staged_at;
-        if (!out && !direct)
-            memcpy(kv->stage_h + dev_off + off, p, n);
-        bool ok = att_cudl_copy(kv->dl, out, out ? host : dev, out ? dev : host, n);
-        if (!ok && !out && direct) {
-            memcpy(kv->stage_h + dev_off + off, p, n);
-            ok = att_cudl_copy(kv->dl, false, dev, staged_at, n);
+    att_dl_copy_t *ranges = att_cudl_copies(kv->dl, out);
+    const att_dl_copy_t before = *ranges;
+    for (int pass = 0; pass < 2; pass++) {
+        bool ok = true;
+        for (uint32_t c = 0; c < b->num_chunks && ok;) {
+            const uint8_t *p;
+            size_t n, off;
+            const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
+            const uint64_t dev = kv->io_d + dev_off + off;
+            const bool direct = pass == 0 && att_gpu_regions_contain(&be->regs, p, n);
+            const uint64_t host = direct ? (uint64_t)(uintptr_t)p : kv->stage_d + dev_off + off;
+            if (!out && !direct)
+                memcpy(kv->stage_h + dev_off + off, p, n);
+            ok = att_cudl_range_add(ranges, out ? host : dev, out ? dev : host, n);
+            *staged |= !direct;
+            c = d;
         }
-        if (!ok)
+        if (ok)
+            return true;
+        *ranges = before;
+        if (out) /* att_gpu_finish_out scatters only unregistered runs: no second pass */
             return false;
-        *staged |= !direct;
-        c = d;
     }
-    return true;
+    return false;
 }
 
 /* Whether the device should launch the call: one launch (one tile kind: a mixed batch launches
@@ -422,12 +431,14 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     cuda_backend_t *be = kv->be;
     *taken = false;
     att_cudl_begin(kv->dl);
-    bool ok = att_cudl_copy(kv->dl, false, kv->io_d, kv->stage_d, lo->meta_end);
+    bool ok =
+        att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d, kv->stage_d, lo->meta_end);
     size_t n = 0;
     bool in_staged = false, out_staged = false;
     const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
     if (qkv != NULL)
-        ok = ok && att_cudl_copy(kv->dl, false, kv->io_d + lo->o_q, (uint64_t)(uintptr_t)qkv, n);
+        ok = ok && att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d + lo->o_q,
+                                      (uint64_t)(uintptr_t)qkv, n);
     else
         ok = ok && (!b->attend || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
              dl_tensor(kv, b, 1, kv_row, lo->o_k, &in_staged) &&
@@ -458,10 +469,20 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
         att_cudl_sess_destroy(&kv->dl, false);
         return AT_OK;
     }
-    *taken = true;
     kv->last_host_ns = att_gpu_now_ns() - t0;
-    if ((e = att_cudl_wait(kv->dl)) != AT_OK)
-        return e;
+    if ((e = att_cudl_wait(kv->dl)) != AT_OK) {
+        if (atomic_load_explicit(&be->lost, memory_order_relaxed))
+            return e;
+        /* the job did not run (its graph or the launcher could not be launched): the host path
+         * runs the call, after the launcher is ended and waited for */
+        at_log(AT_LOG_WARN, "cuda",
+               "cuda:%d: a session's device-launched call did not run; its calls launch from "
+               "the host from now on",
+               be->ordinal);
+        att_cudl_sess_destroy(&kv->dl, false);
+        return AT_OK;
+    }
+    *taken = true;
     att_gpu_tables_commit(&kv->tables, b);
     kv->device_calls++;
     if (out_staged)

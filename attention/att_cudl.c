@@ -284,8 +284,7 @@ static uint32_t running(const att_cudl_sess_t *s) {
     return atomic_load_explicit(&s->st->running, memory_order_acquire);
 }
 
-/* Ends the launcher (if running) and waits for its stream: nothing of a job graph runs after. */
-static void quiesce(att_cudl_sess_t *s) {
+void att_cudl_sess_quiesce(att_cudl_sess_t *s) {
     if (running(s))
         atomic_store_explicit(&s->job->seq, ATT_DL_QUIT, memory_order_release);
     (void)CK(s->dl, cuStreamSynchronize(s->stream));
@@ -294,7 +293,8 @@ static void quiesce(att_cudl_sess_t *s) {
 void att_cudl_sess_forget(att_cudl_sess_t *s) {
     if (s->num_graphs == 0)
         return;
-    quiesce(s); /* a graph's last blocks may still run after its job is reported done */
+    att_cudl_sess_quiesce(
+        s); /* a graph's last blocks may still run after its job is reported done */
     for (uint32_t i = 0; i < s->num_graphs; i++)
         graph_free(s->dl, &s->graphs[i].g, &s->graphs[i].exec);
     s->num_graphs = 0;
@@ -366,7 +366,7 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
         return;
     }
     if (s->st != NULL && s->stream != NULL)
-        quiesce(s);
+        att_cudl_sess_quiesce(s);
     att_cudl_sess_forget(s);
     graph_free(dl, &s->lgraph, &s->lexec);
     if (s->dev_d != 0)
@@ -389,9 +389,7 @@ void att_cudl_begin(att_cudl_sess_t *s) {
     s->copies[1].state_d = s->st_d;
 }
 
-bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes) {
-    return att_cudl_range_add(&s->copies[out ? 1 : 0], dst, src, bytes);
-}
+att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out) { return &s->copies[out ? 1 : 0]; }
 
 bool att_cudl_range_add(att_dl_copy_t *c, uint64_t dst, uint64_t src, uint64_t bytes) {
     if (bytes == 0)
@@ -445,11 +443,13 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
     copy_update(s->dl, &s->copies[1], j->node[2], &job->upd[2]);
     job->n_upd = ATT_DL_MAX_UPDATES;
     job->graph = (uint64_t)(uintptr_t)j->exec;
-    if (!running(s) && (e = relaunch(s)) != AT_OK)
-        return e;
+    /* the number first, then a launcher if none runs: one launched before the store could
+     * take a job left in job.seq by a failed relaunch, with this job's record */
     if (++s->seq == ATT_DL_QUIT || s->seq == 0)
         s->seq = 1;
     atomic_store_explicit(&job->seq, s->seq, memory_order_release);
+    if (!running(s) && (e = relaunch(s)) != AT_OK)
+        return e;
     return AT_OK;
 }
 

@@ -72,21 +72,27 @@ at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out);
  * (a faulted device, whose context takes its objects along) only the struct, asking nothing of
  * the driver. */
 void att_cudl_sess_destroy(att_cudl_sess_t **s, bool lost);
+/* Ends the launcher (if running) and waits for its stream: nothing of the session runs on the
+ * device afterwards, and a cuMemFree need not wait for its polling (the driver's frees wait for
+ * the device's work, a polling launcher included, up to its idle spell). The next call launches
+ * it again. */
+void att_cudl_sess_quiesce(att_cudl_sess_t *s);
 /* Drops the job graphs (ending the launcher first, since a graph's last blocks may still run
  * after its job is reported done): the session's modules, so its launch cache's functions,
  * changed. */
 void att_cudl_sess_forget(att_cudl_sess_t *s);
 
-/* A call: begin, then the copies (dst, src: device addresses, mapped host memory included; a
- * range adjacent to the last one on both sides extends it; false when the direction already has
- * ATT_DL_MAX_SEGS ranges: the call must then launch from the host), then launch (submits the job:
- * the attention launch l with grid_x blocks and params, l->param_bytes of them), then wait. */
+/* A call: begin, then the copies (att_cudl_range_add to att_cudl_copies: dst, src device
+ * addresses, mapped host memory included), then launch (submits the job: the attention launch l
+ * with grid_x blocks and params, l->param_bytes of them), then wait. */
 void att_cudl_begin(att_cudl_sess_t *s);
-bool att_cudl_copy(att_cudl_sess_t *s, bool out, uint64_t dst, uint64_t src, uint64_t bytes);
+/* This call's ranges in (out false) or out; borrowed until the session goes. */
+att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out);
 at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
                          const void *params);
-/* Spins until the job is done; AT_ERR_DEVICE (through check) when the context faults or the
- * launcher could not launch the job's graph. */
+/* Spins until the job is done. AT_ERR_DEVICE (through check) when the context faults (the
+ * device is then lost), or when the job's graph or the launcher could not be launched (then the
+ * job did not run: the caller may run the call from the host). */
 at_err_t att_cudl_wait(att_cudl_sess_t *s);
 
 /* Threads per block of the copy kernels. */
