@@ -42,6 +42,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define PROBE_NAME "cdp_probe"
+#include "tools/probe_util.h"
+
 /* The job record in mapped host memory; the kernel side declares the same layout. */
 typedef struct {
     _Atomic unsigned seq; /* stored last, with release; ~0u ends the resident kernel */
@@ -159,27 +162,6 @@ typedef struct {
     unsigned busy_kind; /* the job kind that keeps the GPU busy before a measured job */
     int sms;
 } probe_t;
-
-static unsigned long long now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static int check(CUresult r, const char *what) {
-    if (r == CUDA_SUCCESS)
-        return 0;
-    const char *s = NULL;
-    cuGetErrorString(r, &s);
-    fprintf(stderr, "cdp_probe: %s: %s\n", what, s != NULL ? s : "unknown error");
-    return -1;
-}
-#define CK(call) check((call), #call)
 
 /* NVRTC with -rdc=true, then the driver's linker with the device runtime: *img is the linked
  * cubin, owned by *link (destroy it after loading). */

@@ -35,6 +35,9 @@
 #include <string.h>
 #include <time.h>
 
+#define PROBE_NAME "launch_probe"
+#include "tools/probe_util.h"
+
 static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
                             ".visible .entry empty() { ret; }\n"
                             ".visible .entry spin(.param .u64 ns) {\n"
@@ -72,29 +75,6 @@ static const char k_ptx[] = ".version 8.0\n.target sm_80\n.address_size 64\n"
                             "  st.release.sys.global.u32 [%out], %seq;\n"
                             "  mov.u32 %last, %seq;\n  bra WAIT;\n"
                             "END:\n  ret;\n}\n";
-
-static unsigned long long now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static int check(CUresult r, const char *what) {
-    if (r == CUDA_SUCCESS)
-        return 0;
-    const char *name = NULL;
-    if (cuGetErrorName(r, &name) != CUDA_SUCCESS || name == NULL)
-        name = "unknown";
-    fprintf(stderr, "launch_probe: %s: %s\n", what, name);
-    return -1;
-}
-
-#define CK(call) check(call, #call)
 
 typedef struct probe {
     CUfunction empty, spin, spin_touch, mailbox;
