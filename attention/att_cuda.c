@@ -407,7 +407,7 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
 /* Whether the device should launch the call: one launch (one tile kind: a mixed batch launches
  * its two from the host, in green contexts or forked; or an append), no timing events, and at
  * most ATT_CUDL_MAX_COPY_BYTES to move, where the SMs copy as fast as the copy engine (above it,
- * an 8 x 2048 prefill's 335 MB, the SMs' copies made the call 6-7% slower, and a launch's few us
+ * an 8 x 2048 prefill's 335 MB, the SMs' copies made the call 5-9% slower, and a launch's few us
  * of host time are nothing beside the milliseconds of the copies: docs/BENCHMARKS.md). */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
                      const att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
