@@ -293,8 +293,8 @@ void att_cudl_sess_quiesce(att_cudl_sess_t *s) {
 void att_cudl_sess_forget(att_cudl_sess_t *s) {
     if (s->num_graphs == 0)
         return;
-    att_cudl_sess_quiesce(
-        s); /* a graph's last blocks may still run after its job is reported done */
+    /* a graph's last blocks may still run after its job is reported done */
+    att_cudl_sess_quiesce(s);
     for (uint32_t i = 0; i < s->num_graphs; i++)
         graph_free(s->dl, &s->graphs[i].g, &s->graphs[i].exec);
     s->num_graphs = 0;
