@@ -489,7 +489,6 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
 #ifdef AT_HAVE_CUDA
 /* ---- NVRTC ---- */
 
-/* The embedded source with its headers, for arch ("sm_90"). */
 at_err_t att_jit_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
                               const char *arch, at_diag_t *diag) {
     size_t log_n = 0;
@@ -504,6 +503,7 @@ at_err_t att_jit_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcRes
     return e;
 }
 
+/* The embedded source with its headers, for arch ("sm_90"). */
 static at_err_t nvrtc_compile(void *user, const char *arch, const char *const *opts,
                               uint32_t n_opts, void **image, size_t *bytes, at_diag_t *diag) {
     const att_nvrtc_t *nv = user;

@@ -20,6 +20,9 @@
 #include <stdint.h>
 
 #include "attention/att_model.h"
+#ifdef AT_HAVE_CUDA
+#include "attention/att_cudrv.h"
+#endif
 #include "common/at_err.h"
 
 typedef struct att_jit att_jit_t;
@@ -103,7 +106,6 @@ at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const ch
                                 const char *why, at_diag_t *diag);
 
 #ifdef AT_HAVE_CUDA
-#include "attention/att_cudrv.h"
 /* A failed nvrtcCompileProgram (r) of prog for arch: fetches NVRTC's log and hands it to
  * att_jit_compile_failed, whose result it returns. */
 at_err_t att_jit_nvrtc_failed(const att_nvrtc_t *nv, nvrtcProgram prog, nvrtcResult r,
