@@ -420,6 +420,16 @@ static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_cou
            (pl->num_items[ATT_TILE_WIDE] != 0) != (pl->num_items[ATT_TILE_NARROW] != 0);
 }
 
+/* After a device-launched call could not run (why): the session's calls launch from the host
+ * from now on, its launcher ended and waited for first. */
+static void dl_off(att_kv_t *kv, const char *why) {
+    at_log(AT_LOG_WARN, "cuda",
+           "cuda:%d: a session's device-launched call %s; its calls launch "
+           "from the host from now on",
+           kv->be->ordinal, why);
+    att_cudl_sess_destroy(&kv->dl, false);
+}
+
 /* The call from the device, once its metadata is in the stage: the copy ranges, then the launch
  * (launch_cb hands it to the session's att_cudl), then the wait; the block tables are committed
  * once the job has run. *taken false: the ranges did not fit, or att_cudl could not make or
@@ -462,24 +472,15 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     if (e != AT_OK) {
         if (!kv->dl_failed || atomic_load_explicit(&be->lost, memory_order_relaxed))
             return e;
-        at_log(AT_LOG_WARN, "cuda",
-               "cuda:%d: a session's device-launched call could not be submitted (%s); its "
-               "calls launch from the host from now on",
-               be->ordinal, at_err_name(e));
-        att_cudl_sess_destroy(&kv->dl, false);
+        dl_off(kv, "could not be submitted");
         return AT_OK;
     }
     kv->last_host_ns = att_gpu_now_ns() - t0;
     if ((e = att_cudl_wait(kv->dl)) != AT_OK) {
         if (atomic_load_explicit(&be->lost, memory_order_relaxed))
             return e;
-        /* the job did not run (its graph or the launcher could not be launched): the host path
-         * runs the call, after the launcher is ended and waited for */
-        at_log(AT_LOG_WARN, "cuda",
-               "cuda:%d: a session's device-launched call did not run; its calls launch from "
-               "the host from now on",
-               be->ordinal);
-        att_cudl_sess_destroy(&kv->dl, false);
+        /* its graph or the launcher could not be launched: the host path runs the call */
+        dl_off(kv, "did not run");
         return AT_OK;
     }
     *taken = true;
