@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, over the bundle of tools/gpu_bundle.sh
 # (carried as dist/gpu): checks the bundle loads, then the phases named in $1 (comma-separated;
-# default tests,hosttests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache unit test),
-# hosttests (test_att_cuda again with every call launched from the host),
+# default tests,hosttests,sanitize): tests (the GPU suites, tuning's too, and the launch-cache
+# unit test), hosttests (test_att_cuda again with every call launched from the host),
 # sanitize (compute-sanitizer memcheck and racecheck on a representative subset), bench (attnd bench-gpu
 # plus the torch yardsticks), sweep (tiles side by side through bench-gpu --tile), mixsweep
 # (the mixed batch's plan knobs through --plan), e2e (attnd serve on cuda:0 and the C client),
@@ -49,7 +49,7 @@ gpu_test() { # name timeout-s
 
 if has tests; then
   note "test_att_cuda (calls of one launch launched from the device)"
-  gpu_test test_att_cuda 300
+  gpu_test test_att_cuda 480
   note "test_att_cuda_tune"
   gpu_test test_att_cuda_tune 300
 fi
@@ -57,7 +57,7 @@ fi
 if has hosttests; then
   note "test_att_cuda with ATTND_CUDA_LAUNCH=host (every call launched from the host)"
   cp "$out/test_att_cuda.log" "$out/test_att_cuda_device.log" 2>/dev/null
-  ATTND_CUDA_LAUNCH=host gpu_test test_att_cuda 300
+  ATTND_CUDA_LAUNCH=host gpu_test test_att_cuda 480
 fi
 
 if has wgmma; then
