@@ -53,6 +53,7 @@ extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_
                                           att_dl_dev_t *dev, unsigned long long idle_ns) {
     __shared__ uint4 sh[ATT_DL_JOB_VECS];
     __shared__ unsigned seq;
+    __shared__ bool take; /* lane 0's decision, so no lane reads dev->last while it changes */
     if (threadIdx.x == 0) {
         const unsigned last = dev->last;
         const unsigned long long t0 = att_dl_now();
@@ -62,15 +63,15 @@ extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_
         while ((s = att_dl_load_acquire(&job->seq)) == last && att_dl_now() - t0 <= idle_ns)
             __nanosleep(100);
         seq = s;
-    }
-    __syncthreads();
-    if (seq == dev->last || seq == ATT_DL_QUIT) {
-        if (threadIdx.x == 0) {
-            dev->last = seq;
+        take = s != last && s != ATT_DL_QUIT;
+        if (!take) {
+            dev->last = s;
             att_dl_store_release(&st->running, 0); /* idle, or told to quit: end */
         }
-        return;
     }
+    __syncthreads();
+    if (!take)
+        return;
     const volatile uint4 *src = (const volatile uint4 *)job;
     for (unsigned i = threadIdx.x; i < ATT_DL_JOB_VECS; i += blockDim.x)
         sh[i] = make_uint4(src[i].x, src[i].y, src[i].z, src[i].w);
