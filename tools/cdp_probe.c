@@ -21,6 +21,12 @@
  *   g-green the mixed batch's two kinds in two green contexts (64 SMs and the rest), a graph
  *           captured from their streams: can it be launched from the device, and which SMs
  *           do the kinds' blocks run on (and from the host).
+ *   split   the same two kinds without green contexts, split by SM id inside the kernels: the
+ *           narrow kind's blocks on the wide kind's SMs leave at once, and the wide kind's grid
+ *           follows the narrow one through a programmatic edge from its launch-order port (all
+ *           its blocks have begun), or with no edge: can such a graph be launched from the
+ *           device, and which SMs does each kind get.
+ * Then large copies launched from the host: the copy engine against copy kernels (big copy).
  * For each job: the host's time to submit (median), the round trip until the host sees it done
  * (median, after 0 and 2 ms of busy jobs), and from the device's clock the hops: the resident
  * kernel's pick-up to the work's first block, and that block to the signal.
@@ -125,9 +131,41 @@ static const char k_src[] =
     "extern \"C\" __global__ void gcopy(const uint4 *src, uint4 *dst, unsigned long long n) {\n"
     "  for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < n;\n"
     "       i += (unsigned long long)gridDim.x * blockDim.x) dst[i] = src[i];\n}\n"
+    /* the same with four loads in flight per thread before their stores */
+    "extern \"C\" __global__ void gcopy4(const uint4 *src, uint4 *dst, unsigned long long n) {\n"
+    "  const unsigned long long s = (unsigned long long)gridDim.x * blockDim.x;\n"
+    "  unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  for (; i + 3 * s < n; i += 4 * s) {\n"
+    "    uint4 v[4];\n"
+    "    for (int k = 0; k < 4; k++) v[k] = src[i + k * s];\n"
+    "    for (int k = 0; k < 4; k++) dst[i + k * s] = v[k]; }\n"
+    "  for (; i < n; i += s) dst[i] = src[i];\n}\n"
+    /* the SM split inside the kernels: a grid of the narrow kind on every SM, whose blocks on
+     * the wide kind's SMs (ids below split) leave at once but the last to start; the wide
+     * kind's grid after it */
+    "extern \"C\" __global__ void gpart(unsigned *smids, unsigned long long *t, unsigned split,\n"
+    "                                  unsigned long long ns, unsigned *ticket) {\n"
+    "  __shared__ bool stay;\n"
+    "  if (threadIdx.x == 0) {\n"
+    "    unsigned sm; asm volatile(\"mov.u32 %0, %%smid;\" : \"=r\"(sm));\n"
+    "    const unsigned k = atomicAdd(ticket, 1u);\n"
+    "    if (k == gridDim.x - 1) *ticket = 0;\n"
+    "    stay = sm >= split || k == gridDim.x - 1;\n"
+    "    smids[blockIdx.x] = stay ? sm : 0xffffffffu; t[blockIdx.x] = now(); }\n"
+    "  __syncthreads();\n"
+    "  if (!stay) return;\n"
+    "  const unsigned long long t0 = now();\n  while (now() - t0 < ns) {}\n}\n"
+    "extern \"C\" __global__ void gwide(unsigned *smids, unsigned long long *t,\n"
+    "                                  unsigned long long ns) {\n"
+    "  extern __shared__ unsigned char big[];\n"
+    "  if (threadIdx.x == 0) {\n"
+    "    unsigned sm; asm volatile(\"mov.u32 %0, %%smid;\" : \"=r\"(sm));\n"
+    "    smids[blockIdx.x] = sm; t[blockIdx.x] = now(); big[0] = 1; }\n"
+    "  const unsigned long long t0 = now();\n  while (now() - t0 < ns) {}\n}\n"
     "extern \"C\" __global__ void glauncher(const job *in, unsigned long long *ts,\n"
     "    cudaGraphExec_t one, cudaGraphExec_t two, cudaGraphExec_t three, cudaGraphExec_t four,\n"
-    "    cudaGraphExec_t five, cudaGraphDeviceNode_t read) {\n"
+    "    cudaGraphExec_t five, cudaGraphExec_t six, cudaGraphExec_t seven,\n"
+    "    cudaGraphDeviceNode_t read) {\n"
     "  unsigned seq;\n"
     "  do asm volatile(\"ld.acquire.sys.global.u32 %0, [%1];\" : \"=r\"(seq) : \"l\"(&in->seq)\n"
     "                  : \"memory\");\n"
@@ -142,7 +180,8 @@ static const char k_src[] =
     "  }\n"
     "  ts[6] = now();\n"
     "  ts[7] = cudaGraphLaunch(kind == 10 ? one : kind == 11 ? two : kind == 12 ? three :\n"
-    "                          kind == 13 ? four : five, cudaStreamGraphFireAndForget);\n"
+    "                          kind == 13 ? four : kind == 14 ? five : kind == 15 ? six : seven,\n"
+    "                          cudaStreamGraphFireAndForget);\n"
     "  cudaGraphLaunch(cudaGetCurrentGraphExec(), cudaStreamGraphTailLaunch);\n}\n";
 
 /* The whole-call job's bytes: q, k and v in, out back, the KV cache read (Llama 1K decode) */
@@ -150,13 +189,16 @@ enum { COPY_IN = 3 << 20, COPY_OUT = 2 << 20 };
 #define KV_BYTES (1ull << 30)
 
 typedef struct {
-    CUfunction resident, work, copy, gsignal, gwork, glauncher, gread, gcopy, gsm;
+    CUfunction resident, work, copy, gsignal, gwork, glauncher, gread, gcopy, gsm, gpart, gwide;
+    CUfunction gcopy4;
     CUstream res, st;
     job_t *job;                      /* mapped host memory */
     _Atomic unsigned *out_seq;       /* mapped, written by the signal grid */
     volatile unsigned long long *ts; /* mapped: pick-up, work's first block, signal */
     CUdeviceptr job_d, out_d, ts_d, host_d, dev_d, kv_d, out_dev_d, smids_d;
     unsigned *smids; /* mapped: the SM of each block of the green job's two kernels */
+    unsigned long long *starts; /* mapped: each block's start (the split jobs) */
+    CUdeviceptr starts_d, ticket_d;
     void *host_h;
     unsigned seq;
     unsigned busy_kind; /* the job kind that keeps the GPU busy before a measured job */
@@ -425,11 +467,101 @@ static int green_runs(probe_t *p, CUgraphExec e, const unsigned *grids, int from
     return rc;
 }
 
+/* The SM split inside the kernels (jobs 15 and 16), the mixed batch's two kinds without green
+ * contexts: the narrow kind's stand-in (gpart: 4 blocks of 128 threads and 16 KiB of shared
+ * memory per SM, 100 us; its blocks on SMs below SPLIT leave at once, the last to start
+ * excepted) and the wide kind's (gwide: 2 x SPLIT blocks of 384 threads and 200 KiB, 20 us
+ * each, so none fits beside the narrow blocks), the wide one after the narrow one through a
+ * programmatic edge from its launch-order port (all its blocks have begun; job 15) or with no
+ * edge (job 16). Then a signal after both. */
+enum { SPLIT = 48, NARROW_SMEM = 16 << 10, WIDE_SMEM = 200 << 10 };
+
+static int split_graph(probe_t *p, CUgraph g, int edge) {
+    CUgraphNode n[2], sig;
+    unsigned split = SPLIT;
+    unsigned long long narrow_ns = 100000, wide_ns = 20000;
+    CUdeviceptr smids_b = p->smids_d + 4096 * sizeof *p->smids;
+    CUdeviceptr starts_b = p->starts_d + 4096 * sizeof *p->starts;
+    void *na[] = {&p->smids_d, &p->starts_d, &split, &narrow_ns, &p->ticket_d};
+    void *wa[] = {&smids_b, &starts_b, &wide_ns};
+    void *sa[] = {&p->job_d, &p->out_d, &p->ts_d};
+    CUDA_KERNEL_NODE_PARAMS kp;
+    memset(&kp, 0, sizeof kp);
+    kp.gridDimY = kp.gridDimZ = kp.blockDimY = kp.blockDimZ = 1;
+    kp.func = p->gpart;
+    kp.gridDimX = (unsigned)p->sms * 4;
+    kp.blockDimX = 128;
+    kp.sharedMemBytes = NARROW_SMEM;
+    kp.kernelParams = na;
+    int rc = CK(cuGraphAddKernelNode(&n[0], g, NULL, 0, &kp));
+    kp.func = p->gwide;
+    kp.gridDimX = 2 * SPLIT;
+    kp.blockDimX = 384;
+    kp.sharedMemBytes = WIDE_SMEM;
+    kp.kernelParams = wa;
+    rc = rc || CK(cuGraphAddKernelNode(&n[1], g, NULL, 0, &kp));
+    if (rc == 0 && edge) {
+        CUgraphEdgeData ed;
+        memset(&ed, 0, sizeof ed);
+        ed.from_port = CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER;
+        ed.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
+        rc = CK(cuGraphAddDependencies(g, &n[0], &n[1], &ed, 1));
+    }
+    kp.func = p->gsignal;
+    kp.gridDimX = kp.blockDimX = 1;
+    kp.sharedMemBytes = 0;
+    kp.kernelParams = sa;
+    return rc || CK(cuGraphAddKernelNode(&sig, g, n, 2, &kp));
+}
+
+/* Runs split job `kind` (graph e) three times from the device (where it could be instantiated
+ * for that) and once from the host, printing where each kind's blocks ran and when. */
+static int split_runs(probe_t *p, CUgraphExec e, unsigned kind, int from_device) {
+    const unsigned na = (unsigned)p->sms * 4, nw = 2 * SPLIT;
+    int rc = 0;
+    for (int i = from_device ? 0 : 3; i < 4 && rc == 0; i++) {
+        memset(p->smids, 0xff, 8192 * sizeof *p->smids);
+        memset(p->starts, 0, 8192 * sizeof *p->starts);
+        const unsigned long long t0 = now_ns();
+        if (i < 3) {
+            submit(p, kind, 0, 0, 0, 0, 0, 0);
+            rc = wait_done(p);
+        } else {
+            rc = CK(cuGraphLaunch(e, p->st)) || CK(cuStreamSynchronize(p->st));
+        }
+        const double us = (double)(now_ns() - t0) / 1e3;
+        unsigned stayed = 0, stayed_low = 0, wide_high = 0, top = 0;
+        unsigned long long a0 = ~0ull, a1 = 0, w0 = ~0ull, w1 = 0;
+        for (unsigned j = 0; j < na; j++) {
+            stayed += p->smids[j] != ~0u;
+            stayed_low += p->smids[j] < SPLIT;
+            top = p->smids[j] != ~0u && p->smids[j] > top ? p->smids[j] : top;
+            a0 = p->starts[j] < a0 ? p->starts[j] : a0;
+            a1 = p->starts[j] > a1 ? p->starts[j] : a1;
+        }
+        for (unsigned j = 0; j < nw; j++) {
+            wide_high += p->smids[4096 + j] >= SPLIT;
+            w0 = p->starts[4096 + j] < w0 ? p->starts[4096 + j] : w0;
+            w1 = p->starts[4096 + j] > w1 ? p->starts[4096 + j] : w1;
+        }
+        unsigned sa, sw, shared;
+        sm_sets(p->smids, na, p->smids + 4096, nw, &sa, &sw, &shared);
+        printf("cdp split %s, %s launch: rt %.2f us; narrow: %u of %u blocks stayed (%u below "
+               "SM %u) on %u SMs (ids up to %u), starts over %.2f us; wide: on %u SMs (%u blocks "
+               "at or above "
+               "SM %u, %u SMs shared), first start %.2f us after the narrow's, last %.2f\n",
+               kind == 15 ? "edge" : "no edge", i < 3 ? "device" : "host", us, stayed, na,
+               stayed_low, SPLIT, sa, top, (double)(a1 - a0) / 1e3, sw, wide_high, SPLIT, shared,
+               ((double)w0 - (double)a0) / 1e3, ((double)w1 - (double)a0) / 1e3);
+    }
+    return rc;
+}
+
 /* The same jobs through device graph launches: the launcher graph (its one kernel takes a job,
  * launches the job's graph fire-and-forget and tail-launches its own graph) and three job graphs:
  * the signal alone, one work block then the signal, the full work grid then the signal. */
 static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t n_kinds) {
-    enum { N = 6 };
+    enum { N = 8 }; /* jobs 10-16 (graphs 0-6), the launcher's graph */
     CUgraph g[N] = {NULL};
     CUgraphExec e[N] = {NULL};
     CUgraphNode a, b, c, d;
@@ -449,6 +581,7 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
     for (int i = 0; i < N && rc == 0; i++)
         if (i != 4) /* the green job's graph is a capture */
             rc = CK(cuGraphCreate(&g[i], 0));
+    rc = rc || split_graph(p, g[5], 1) || split_graph(p, g[6], 0);
     rc = rc || add_kernel(g[0], &a, NULL, p->gsignal, 1, 1, sig_args) ||
          add_kernel(g[1], &a, NULL, p->gwork, 1, 32, work_args) ||
          add_kernel(g[1], &b, &a, p->gsignal, 1, 1, sig_args) ||
@@ -465,9 +598,22 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
     unsigned grids[2] = {0, 0};
     const int green_ok = rc == 0 && green_graph(p, dev, &g[4], grids) == 0 && g[4] != NULL;
     int green_dev = 0; /* the green graph instantiated for launches from the device */
-    for (int i = 0; i < N - 1 && rc == 0; i++)
-        if (i != 4)
-            rc = device_graph(g[i], &e[i], p->res);
+    for (int i = 0; i < 4 && rc == 0; i++)
+        rc = device_graph(g[i], &e[i], p->res);
+    int split_dev[2] = {0, 0};
+    for (int i = 0; i < 2 && rc == 0; i++) {
+        const CUresult r =
+            cuGraphInstantiate(&e[5 + i], g[5 + i], CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH);
+        const char *why = NULL;
+        cuGetErrorString(r, &why);
+        printf("cdp split %s: instantiated for device launch: %s\n", i == 0 ? "edge" : "no edge",
+               r == CUDA_SUCCESS ? "yes"
+               : why != NULL     ? why
+                                 : "no");
+        split_dev[i] = r == CUDA_SUCCESS;
+        rc = r == CUDA_SUCCESS ? CK(cuGraphUpload(e[5 + i], p->res))
+                               : CK(cuGraphInstantiate(&e[5 + i], g[5 + i], 0));
+    }
     if (rc == 0 && green_ok) {
         const CUresult r =
             cuGraphInstantiate(&e[4], g[4], CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH);
@@ -481,7 +627,8 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
             rc = CK(cuGraphInstantiate(&e[4], g[4], 0));
     }
     CUgraphDeviceNode read_node = upd.deviceUpdatableKernelNode.devNode;
-    void *l_args[] = {&p->job_d, &p->ts_d, &e[0], &e[1], &e[2], &e[3], &e[4], &read_node};
+    void *l_args[] = {&p->job_d, &p->ts_d, &e[0], &e[1], &e[2],
+                      &e[3],     &e[4],    &e[5], &e[6], &read_node};
     rc = rc || add_kernel(g[N - 1], &a, NULL, p->glauncher, 1, 1, l_args) ||
          device_graph(g[N - 1], &e[N - 1], p->res) || CK(cuStreamSynchronize(p->res));
     if (rc == 0) {
@@ -496,6 +643,8 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
                    (double)(p->ts[6] - p->ts[5]) / 1e3);
             if (rc == 0 && green_ok)
                 rc = green_runs(p, e[4], grids, green_dev);
+            for (int i = 0; i < 2 && rc == 0; i++)
+                rc = split_runs(p, e[5 + i], 15 + (unsigned)i, split_dev[i]);
             atomic_store_explicit(&p->job->seq, ~0u, memory_order_release);
             rc = CK(cuStreamSynchronize(p->res)) || rc;
         }
@@ -506,6 +655,53 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
         if (g[i] != NULL)
             rc = CK(cuGraphDestroy(g[i])) || rc;
     }
+    return rc;
+}
+
+/* Large copies between mapped host memory and the device, launched from the host: the copy
+ * engine (cuMemcpy*Async) against the SMs (gcopy: one load in flight per thread; gcopy4: four;
+ * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included). */
+static int big_copies(probe_t *p) {
+    static const size_t sizes[] = {32u << 20, 256u << 20};
+    void *h = NULL;
+    CUdeviceptr h_d = 0, d = 0;
+    int rc = CK(cuMemHostAlloc(&h, sizes[1], CU_MEMHOSTALLOC_DEVICEMAP)) ||
+             CK(cuMemHostGetDevicePointer(&h_d, h, 0)) || CK(cuMemAlloc(&d, sizes[1]));
+    if (rc == 0)
+        memset(h, 3, sizes[1]);
+    for (size_t si = 0; si < 2 && rc == 0; si++) {
+        const size_t n = sizes[si];
+        for (int dir = 0; dir < 2 && rc == 0; dir++) { /* 0: in, 1: out */
+            double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30};
+            for (int way = 0; way < 5 && rc == 0; way++)
+                for (int rep = 0; rep < 5 && rc == 0; rep++) {
+                    CUdeviceptr src = dir == 0 ? h_d : d, dst = dir == 0 ? d : h_d;
+                    unsigned long long n16 = n / 16;
+                    void *args[] = {&src, &dst, &n16};
+                    const unsigned grid = (unsigned)p->sms * (way == 1 || way == 3 ? 4 : 8);
+                    const unsigned long long t0 = now_ns();
+                    if (way == 0)
+                        rc = dir == 0 ? CK(cuMemcpyHtoDAsync(d, h, n, p->st))
+                                      : CK(cuMemcpyDtoHAsync(h, d, n, p->st));
+                    else
+                        rc = CK(cuLaunchKernel(way <= 2 ? p->gcopy : p->gcopy4, grid, 1, 1, 256, 1,
+                                               1, 0, p->st, args, NULL));
+                    rc = rc || CK(cuStreamSynchronize(p->st));
+                    const double us = (double)(now_ns() - t0) / 1e3;
+                    best[way] = us < best[way] ? us : best[way];
+                }
+            if (rc == 0)
+                printf("big copy %s %zu MiB (GB/s): copy engine %.1f; SMs x4 %.1f, x8 %.1f; four "
+                       "in flight x4 %.1f, x8 %.1f\n",
+                       dir == 0 ? "in" : "out", n >> 20, (double)n / best[0] / 1e3,
+                       (double)n / best[1] / 1e3, (double)n / best[2] / 1e3,
+                       (double)n / best[3] / 1e3, (double)n / best[4] / 1e3);
+        }
+    }
+    if (d != 0)
+        rc = CK(cuMemFree(d)) || rc;
+    if (h != NULL)
+        rc = CK(cuMemFreeHost(h)) || rc;
     return rc;
 }
 
@@ -559,6 +755,11 @@ int main(int argc, char **argv) {
         CK(cuModuleGetFunction(&p.gread, mod, "gread")) ||
         CK(cuModuleGetFunction(&p.gcopy, mod, "gcopy")) ||
         CK(cuModuleGetFunction(&p.gsm, mod, "gsm")) ||
+        CK(cuModuleGetFunction(&p.gpart, mod, "gpart")) ||
+        CK(cuModuleGetFunction(&p.gcopy4, mod, "gcopy4")) ||
+        CK(cuModuleGetFunction(&p.gwide, mod, "gwide")) ||
+        CK(cuFuncSetAttribute(p.gwide, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                              WIDE_SMEM)) ||
         CK(cuStreamCreate(&p.res, CU_STREAM_NON_BLOCKING)) ||
         CK(cuStreamCreate(&p.st, CU_STREAM_NON_BLOCKING)) ||
         CK(cuMemHostAlloc(&mbox_h, 256, CU_MEMHOSTALLOC_DEVICEMAP)) ||
@@ -567,9 +768,12 @@ int main(int argc, char **argv) {
         CK(cuMemHostGetDevicePointer(&p.host_d, p.host_h, 0)) ||
         CK(cuMemHostAlloc((void **)&p.smids, 8192 * sizeof *p.smids, CU_MEMHOSTALLOC_DEVICEMAP)) ||
         CK(cuMemHostGetDevicePointer(&p.smids_d, p.smids, 0)) ||
-        CK(cuMemAlloc(&p.dev_d, COPY_IN)) || CK(cuMemAlloc(&p.out_dev_d, COPY_OUT)) ||
-        CK(cuMemAlloc(&p.kv_d, KV_BYTES)) || CK(cuMemsetD8(p.kv_d, 0, KV_BYTES)) ||
-        CK(cuMemsetD8(p.out_dev_d, 2, COPY_OUT)))
+        CK(cuMemHostAlloc((void **)&p.starts, 8192 * sizeof *p.starts,
+                          CU_MEMHOSTALLOC_DEVICEMAP)) ||
+        CK(cuMemHostGetDevicePointer(&p.starts_d, p.starts, 0)) || CK(cuMemAlloc(&p.ticket_d, 4)) ||
+        CK(cuMemsetD8(p.ticket_d, 0, 4)) || CK(cuMemAlloc(&p.dev_d, COPY_IN)) ||
+        CK(cuMemAlloc(&p.out_dev_d, COPY_OUT)) || CK(cuMemAlloc(&p.kv_d, KV_BYTES)) ||
+        CK(cuMemsetD8(p.kv_d, 0, KV_BYTES)) || CK(cuMemsetD8(p.out_dev_d, 2, COPY_OUT)))
         return 1;
     memset(mbox_h, 0, 256);
     memset(p.host_h, 1, COPY_IN);
@@ -621,10 +825,12 @@ int main(int argc, char **argv) {
         {"g-call", 13, (unsigned)p.sms * 8, 256, 0, 0, 0},
     };
     rc = rc || graph_jobs(&p, dev, gkinds, sizeof gkinds / sizeof gkinds[0]);
+    rc = rc || big_copies(&p);
     const int down =
         CK(cuCtxSynchronize()) | CK(cuStreamDestroy(p.st)) | CK(cuStreamDestroy(p.res)) |
         CK(cuMemFree(p.dev_d)) | CK(cuMemFree(p.out_dev_d)) | CK(cuMemFree(p.kv_d)) |
-        CK(cuMemFreeHost(p.host_h)) | CK(cuMemFreeHost(p.smids)) | CK(cuMemFreeHost(mbox_h)) |
-        CK(cuModuleUnload(mod)) | CK(cuDevicePrimaryCtxRelease(dev));
+        CK(cuMemFreeHost(p.host_h)) | CK(cuMemFreeHost(p.smids)) | CK(cuMemFreeHost(p.starts)) |
+        CK(cuMemFree(p.ticket_d)) | CK(cuMemFreeHost(mbox_h)) | CK(cuModuleUnload(mod)) |
+        CK(cuDevicePrimaryCtxRelease(dev));
     return rc != 0 || down != 0 ? 1 : 0;
 }
