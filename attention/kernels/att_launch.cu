@@ -30,6 +30,17 @@ static __device__ __forceinline__ unsigned att_dl_load_acquire(const unsigned *p
     return v;
 }
 
+/* 16 bytes the host wrote before its release store of the job's number, which this thread's
+ * warp saw through an acquire load: a strong load (not from a stale L1 line). */
+static __device__ __forceinline__ uint4 att_dl_load16(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.relaxed.sys.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
 static __device__ __forceinline__ void att_dl_store_release(unsigned *p, unsigned v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -47,8 +58,9 @@ static __device__ bool att_dl_same(const att_dl_update_t *u, const att_dl_update
 }
 
 /* One warp, the one node of the session's launcher graph. Lane 0 polls; then the warp reads the
- * job record from mapped host memory together (its lanes' reads in flight at once, not one trip
- * over the link per field) into shared memory, and lane 0 applies the updates from there. */
+ * job record from mapped host memory together (all its lanes' reads in flight at once: one trip
+ * over the link, not one per field or per pass) into shared memory, and lane 0 applies the
+ * updates from there. */
 extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_t *st,
                                           att_dl_dev_t *dev, unsigned long long idle_ns) {
     __shared__ uint4 sh[ATT_DL_JOB_VECS];
@@ -72,9 +84,21 @@ extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_
     __syncthreads();
     if (!take)
         return;
-    const volatile uint4 *src = (const volatile uint4 *)job;
-    for (unsigned i = threadIdx.x; i < ATT_DL_JOB_VECS; i += blockDim.x)
-        sh[i] = make_uint4(src[i].x, src[i].y, src[i].z, src[i].w);
+    /* every lane's loads issued before any is used: one trip over the link, not one a pass */
+    constexpr unsigned kPerLane = (ATT_DL_JOB_VECS + 31) / 32;
+    uint4 v[kPerLane];
+#pragma unroll
+    for (unsigned k = 0; k < kPerLane; k++) {
+        const unsigned i = threadIdx.x + 32 * k;
+        if (i < ATT_DL_JOB_VECS)
+            v[k] = att_dl_load16((const uint4 *)job + i);
+    }
+#pragma unroll
+    for (unsigned k = 0; k < kPerLane; k++) {
+        const unsigned i = threadIdx.x + 32 * k;
+        if (i < ATT_DL_JOB_VECS)
+            sh[i] = v[k];
+    }
     __syncthreads();
     if (threadIdx.x != 0)
         return;
