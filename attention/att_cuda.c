@@ -404,8 +404,10 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
     return false;
 }
 
-/* Whether the device should launch the call: one launch (one tile kind: a mixed batch launches
- * its two from the host, in green contexts or forked; or an append), no timing events, and at
+/* Whether the device should launch the call: one launch (one tile kind, or an append), or a
+ * mixed batch the plan partitions (its narrow kind's persistent grid first, which leaves the wide
+ * kind its SMs: att_cudl.h; mixed batches on shared SMs launch from the host), no timing events,
+ * and at
  * most ATT_CUDL_MAX_COPY_BYTES to move, where the SMs copy as fast as the copy engine (above it,
  * an 8 x 2048 prefill's 335 MB, the SMs' copies made the call 5-9% slower, and a launch's few us
  * of host time are nothing beside the milliseconds of the copies: docs/BENCHMARKS.md). */
@@ -416,8 +418,9 @@ static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_cou
     const uint64_t rows = b->attend ? 2 * q_row + 2 * kv_row : 2 * kv_row;
     if (lo->meta_end + (uint64_t)b->total_tokens * rows > ATT_CUDL_MAX_COPY_BYTES)
         return false;
-    return !b->attend ||
-           (pl->num_items[ATT_TILE_WIDE] != 0) != (pl->num_items[ATT_TILE_NARROW] != 0);
+    const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
+    const bool narrow = pl->num_items[ATT_TILE_NARROW] != 0;
+    return !b->attend || wide != narrow || (pl->partitioned && att_cudl_pairs(kv->dl));
 }
 
 /* After a device-launched call could not run (why): the session's calls launch from the host
@@ -462,13 +465,30 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     kv->dl_recording = true;
     kv->dl_failed = false;
     at_err_t e;
-    if (b->attend)
-        e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d,
-                                pl->num_items[ATT_TILE_WIDE] != 0 ? ATT_TILE_WIDE
-                                                                  : ATT_TILE_NARROW);
-    else
+    const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
+    const bool narrow = pl->num_items[ATT_TILE_NARROW] != 0;
+    if (!b->attend) {
         e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks);
+    } else if (wide && narrow) {
+        /* the narrow kind's persistent grid on every SM, leaving the wide kind's part (the
+         * first mixed_sms[wide] SM ids, as a green context's would be) to the wide grid after */
+        const uint32_t occ = att_gpu_mods_cur(&kv->mods, ATT_TILE_NARROW)->occupancy;
+        e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d, ATT_TILE_NARROW,
+                                kv->part->sms[ATT_TILE_WIDE], be->num_sms * (occ != 0 ? occ : 1));
+        if (e == AT_OK)
+            e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d, ATT_TILE_WIDE, 0,
+                                    0);
+    } else {
+        e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d,
+                                wide ? ATT_TILE_WIDE : ATT_TILE_NARROW, 0, 0);
+    }
     kv->dl_recording = false;
+    if (e == AT_OK) {
+        e = att_cudl_submit(kv->dl);
+        if (e == AT_ERR_UNSUPPORTED) /* no graph of two launches: nothing was submitted */
+            return AT_OK;
+        kv->dl_failed = e != AT_OK;
+    }
     if (e != AT_OK) {
         if (!kv->dl_failed || atomic_load_explicit(&be->lost, memory_order_relaxed))
             return e;
@@ -624,7 +644,7 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
     if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK ||
-        (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads)) != AT_OK)
+        (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads + 3)) != AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     if (dl_suits(kv, b, &pl, &lo, q_row, kv_row)) {
@@ -663,7 +683,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
             const uint32_t k = att_gpu_launch_order(&kv->plan, i);
             kv->launch_stream = to[k];
-            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k)) != AT_OK)
+            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k, 0, 0)) !=
+                AT_OK)
                 goto out_drain;
         }
         kv->launch_stream = kv->stream;

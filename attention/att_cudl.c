@@ -27,14 +27,18 @@ struct att_cudl {
     CUfunction copy;     /* att_k_copy */
 };
 
-/* One prepared launch's job graph: copy in -> the launch -> copy out (which reports the job
- * done). */
+/* The job graph of one prepared launch, or of two (a mixed batch's kinds): copy in -> the
+ * launch(es) -> copy out (which reports the job done). Of two, the second starts once every
+ * block of the first has begun (a programmatic edge from its launch-order port), so the first,
+ * a persistent grid, holds its SMs before the second's blocks look for some (att_unified.cu,
+ * take_unit). */
 typedef struct job_graph {
-    const lc_launch_t *l; /* borrowed from the session's launch cache; with fn, the key */
-    void *fn;
+    const lc_launch_t *l[2]; /* borrowed from the session's launch cache; with fn, the key */
+    void *fn[2];
+    uint32_t n_launch;
     CUgraph g;
     CUgraphExec exec;
-    CUgraphDeviceNode node[ATT_DL_MAX_UPDATES]; /* copy in, the launch, copy out */
+    CUgraphDeviceNode node[ATT_DL_MAX_UPDATES]; /* copy in, the launch(es), copy out */
 } job_graph_t;
 
 struct att_cudl_sess {
@@ -52,7 +56,10 @@ struct att_cudl_sess {
     CUgraphExec lexec;
     job_graph_t graphs[MAX_GRAPHS];
     uint32_t num_graphs;
+    bool no_pairs;           /* a graph of two launches could not be made: calls of one only */
     att_dl_copy_t copies[2]; /* this call's: in, out */
+    const lc_launch_t *pending[2]; /* this call's launches (att_cudl_launch), in order */
+    uint32_t num_pending;
     uint32_t seq;
 };
 
@@ -181,9 +188,10 @@ void att_cudl_destroy(att_cudl_t **dlp, bool lost) {
 
 /* ---- graphs ---- */
 
-/* Adds a kernel node of f (grid x threads, smem bytes, args) after dep (NULL: none) to g. */
+/* Adds a kernel node of f (grid x threads, smem bytes, args) after the n_dep nodes of dep to
+ * g. */
 static at_err_t add_node(att_cudl_t *dl, CUgraph g, CUgraphNode *node, const CUgraphNode *dep,
-                         CUfunction f, uint32_t threads, uint32_t smem, void **args) {
+                         size_t n_dep, CUfunction f, uint32_t threads, uint32_t smem, void **args) {
     CUDA_KERNEL_NODE_PARAMS kp;
     memset(&kp, 0, sizeof kp);
     kp.func = f;
@@ -192,7 +200,7 @@ static at_err_t add_node(att_cudl_t *dl, CUgraph g, CUgraphNode *node, const CUg
     kp.blockDimY = kp.blockDimZ = 1;
     kp.sharedMemBytes = smem;
     kp.kernelParams = args;
-    return CK(dl, cuGraphAddKernelNode(node, g, dep, dep != NULL ? 1 : 0, &kp));
+    return CK(dl, cuGraphAddKernelNode(node, g, dep, n_dep, &kp));
 }
 
 /* Makes node device-updatable and returns its device handle. */
@@ -230,11 +238,22 @@ static at_err_t instantiate(att_cudl_sess_t *s, CUgraph g, CUgraphExec *exec) {
     return e;
 }
 
-/* The job graph of l, built on its first call. */
-static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *l, job_graph_t **out) {
+/* Whether j is the graph of the n launches l. */
+static bool graph_is(const job_graph_t *j, const lc_launch_t *const *l, uint32_t n) {
+    if (j->n_launch != n)
+        return false;
+    for (uint32_t i = 0; i < n; i++)
+        if (j->l[i] != l[i] || j->fn[i] != l[i]->fn)
+            return false;
+    return true;
+}
+
+/* The job graph of the n launches l (1 or 2), built on their first call. */
+static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint32_t n,
+                          job_graph_t **out) {
     att_cudl_t *dl = s->dl;
     for (uint32_t i = 0; i < s->num_graphs; i++)
-        if (s->graphs[i].l == l && s->graphs[i].fn == l->fn) {
+        if (graph_is(&s->graphs[i], l, n)) {
             *out = &s->graphs[i];
             return AT_OK;
         }
@@ -244,32 +263,44 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *l, job_graph_t 
     memset(j, 0, sizeof *j);
     att_dl_copy_t none;
     memset(&none, 0, sizeof none);
-    alignas(16) uint8_t params[LC_MAX_PARAM_BYTES];
-    memcpy(params, l->params, l->param_bytes);
+    alignas(16) uint8_t params[2][LC_MAX_PARAM_BYTES];
     void *copy_args[] = {&none};
-    void *launch_args[] = {params};
-    CUgraphNode in, k, outn;
+    void *launch_args[2][1] = {{params[0]}, {params[1]}};
+    CUgraphNode in, k[2], outn;
     at_err_t e = CK(dl, cuGraphCreate(&j->g, 0));
     if (e == AT_OK)
-        e = add_node(dl, j->g, &in, NULL, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
+        e = add_node(dl, j->g, &in, NULL, 0, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
+    for (uint32_t i = 0; i < n && e == AT_OK; i++) {
+        memcpy(params[i], l[i]->params, l[i]->param_bytes);
+        e = add_node(dl, j->g, &k[i], &in, 1, (CUfunction)l[i]->fn, l[i]->block_x, l[i]->smem_bytes,
+                     launch_args[i]);
+    }
+    if (e == AT_OK && n == 2) {
+        CUgraphEdgeData edge;
+        memset(&edge, 0, sizeof edge);
+        edge.from_port = CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER;
+        edge.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
+        e = CK(dl, cuGraphAddDependencies(j->g, &k[0], &k[1], &edge, 1));
+    }
     if (e == AT_OK)
-        e = add_node(dl, j->g, &k, &in, (CUfunction)l->fn, l->block_x, l->smem_bytes, launch_args);
-    if (e == AT_OK)
-        e = add_node(dl, j->g, &outn, &k, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
+        e = add_node(dl, j->g, &outn, k, n, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
     if (e == AT_OK)
         e = updatable(dl, in, &j->node[0]);
+    for (uint32_t i = 0; i < n && e == AT_OK; i++)
+        e = updatable(dl, k[i], &j->node[1 + i]);
     if (e == AT_OK)
-        e = updatable(dl, k, &j->node[1]);
-    if (e == AT_OK)
-        e = updatable(dl, outn, &j->node[2]);
+        e = updatable(dl, outn, &j->node[1 + n]);
     if (e == AT_OK)
         e = instantiate(s, j->g, &j->exec);
     if (e != AT_OK) {
         graph_free(dl, &j->g, &j->exec);
         return e;
     }
-    j->l = l;
-    j->fn = l->fn;
+    for (uint32_t i = 0; i < n; i++) {
+        j->l[i] = l[i];
+        j->fn[i] = l[i]->fn;
+    }
+    j->n_launch = n;
     s->num_graphs++;
     *out = j;
     return AT_OK;
@@ -343,7 +374,7 @@ at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
     if (e == AT_OK)
         e = CK(dl, cuGraphCreate(&s->lgraph, 0));
     if (e == AT_OK)
-        e = add_node(dl, s->lgraph, &n, NULL, dl->launcher, 32, 0, args);
+        e = add_node(dl, s->lgraph, &n, NULL, 0, dl->launcher, 32, 0, args);
     if (e == AT_OK)
         e = instantiate(s, s->lgraph, &s->lexec);
     if (e != AT_OK) {
@@ -384,6 +415,7 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
 /* ---- calls ---- */
 
 void att_cudl_begin(att_cudl_sess_t *s) {
+    s->num_pending = 0;
     memset(s->copies, 0, sizeof s->copies);
     s->copies[1].dev_d = s->dev_d; /* the copy out reports the job done */
     s->copies[1].state_d = s->st_d;
@@ -428,20 +460,43 @@ static void copy_update(const att_cudl_t *dl, const att_dl_copy_t *c, CUgraphDev
 
 at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
                          const void *params) {
+    if (s->num_pending == 2)
+        return AT_ERR_INTERNAL;
+    att_dl_update_t *u = &s->job->upd[1 + s->num_pending];
+    u->grid_x = grid_x;
+    u->bytes = l->param_bytes;
+    memcpy(u->params, params, l->param_bytes);
+    s->pending[s->num_pending++] = l;
+    return AT_OK;
+}
+
+bool att_cudl_pairs(const att_cudl_sess_t *s) { return !s->no_pairs; }
+
+at_err_t att_cudl_submit(att_cudl_sess_t *s) {
+    const uint32_t n = s->num_pending;
+    if (n == 0)
+        return AT_ERR_INTERNAL;
+    if (n == 2 && s->no_pairs)
+        return AT_ERR_UNSUPPORTED;
     job_graph_t *j;
     const uint32_t graphs = s->num_graphs;
-    at_err_t e = job_graph(s, l, &j);
+    at_err_t e = job_graph(s, s->pending, n, &j);
+    if (e != AT_OK && n == 2 && !s->no_pairs) {
+        at_log(AT_LOG_WARN, "cuda",
+               "a graph of a mixed batch's two launches cannot be launched from the device: "
+               "the session's mixed batches launch from the host");
+        s->no_pairs = true;
+        return AT_ERR_UNSUPPORTED;
+    }
     if (e != AT_OK)
         return e;
     att_dl_job_t *job = s->job;
     job->fresh = s->num_graphs != graphs ? 1u : 0u; /* a graph was made (maybe after a forget) */
     copy_update(s->dl, &s->copies[0], j->node[0], &job->upd[0]);
-    job->upd[1].node = (uint64_t)(uintptr_t)j->node[1];
-    job->upd[1].grid_x = grid_x;
-    job->upd[1].bytes = l->param_bytes;
-    memcpy(job->upd[1].params, params, l->param_bytes);
-    copy_update(s->dl, &s->copies[1], j->node[2], &job->upd[2]);
-    job->n_upd = ATT_DL_MAX_UPDATES;
+    for (uint32_t i = 0; i < n; i++)
+        job->upd[1 + i].node = (uint64_t)(uintptr_t)j->node[1 + i];
+    copy_update(s->dl, &s->copies[1], j->node[1 + n], &job->upd[1 + n]);
+    job->n_upd = n + 2;
     job->graph = (uint64_t)(uintptr_t)j->exec;
     /* the number first, then a launcher if none runs: one launched before the store could
      * take a job left in job.seq by a failed relaunch, with this job's record */

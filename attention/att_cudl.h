@@ -7,19 +7,26 @@
  *
  * How: each session has a launcher graph whose one kernel (one warp, attention/kernels/
  * att_launch.cu) polls the session's job record in mapped host memory, and one job graph per
- * prepared launch of its launch cache (cache/lc.h): copy in -> the attention launch -> copy out,
- * whose last block reports the job done. The copies run on SMs from mapped host memory (the stage,
- * the registered arena) at the link's rate, as the copy engine's calls did. A call writes the three
- * kernels' parameter blocks and grids into the job record and its number last; the launcher applies
- * them to the job graph's device-updatable nodes, launches that graph and comes back when it has
- * finished; the host spins on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher
- * ends, holding no SM slot; the next call launches it again from the host first.
+ * prepared launch of its launch cache (cache/lc.h), or pair of them: copy in -> the attention
+ * launch(es) -> copy out, whose last block reports the job done. The copies run on SMs from mapped
+ * host memory (the stage, the registered arena), a little slower than the copy engine (on the
+ * H200 50 GB/s in and 52 out against its 54-55, whatever the grid or loads in flight:
+ * docs/BENCHMARKS.md). A call writes the kernels' parameter blocks (three or four) and grids into
+ * the job record and its number last; the launcher applies them to the job graph's
+ * device-updatable nodes, launches that graph and comes back when it has finished; the host spins
+ * on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher ends, holding no SM slot;
+ * the next call launches it again from the host first.
  *
- * Which calls: those of one launch (decode or prefill alone, or an append), without timing
- * events, that move at most ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way
- * (the caller, att_cuda.c, decides). A mixed batch keeps its two launches from the host: in
- * green contexts, whose streams' graphs cannot be made launchable from the device
- * (CUDA_ERROR_INVALID_VALUE on the H200, docs/BENCHMARKS.md), or forked onto a side stream.
+ * Which calls: those of one launch (decode or prefill alone, or an append), and mixed batches
+ * that the plan splits between the SMs, without timing events, that move at most
+ * ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way (the caller, att_cuda.c,
+ * decides). From the host such a batch runs its two kinds in two green contexts, whose streams'
+ * graphs cannot be made launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200,
+ * docs/BENCHMARKS.md). From the device, its narrow kind runs first as a persistent grid whose
+ * blocks leave the wide kind's SMs (att_kparams_t.sm_split), and its wide kind's grid starts once
+ * every narrow block has begun (a programmatic edge), so it finds those SMs free. Mixed batches
+ * on shared SMs launch from the host. Where a graph of two launches cannot be made (an older
+ * driver), the session's mixed batches launch from the host (att_cudl_pairs).
  *
  * Needs: a driver of CUDA 12.4+ (has_dl), the device runtime library libcudadevrt.a (the
  * toolkit's; $ATTND_CUDADEVRT names it, else the toolkit seen at build time), and registered
@@ -44,8 +51,9 @@
 #define ATT_CUDL_IDLE_NS 2000000ull
 
 /* The most bytes (in and out) a device-launched call moves. The SMs copy between mapped host
- * memory and the device at the link's rate, as the copy engine does, up to some MiB; beyond,
- * the copy engine is faster (docs/BENCHMARKS.md) and a launch's host time does not matter. */
+ * memory and the device 5-8% slower than the copy engine (docs/BENCHMARKS.md): a few us on a
+ * decode call's few MiB, as much as a launch saves; hundreds on a large prefill's, where a
+ * launch's host time does not matter. */
 #define ATT_CUDL_MAX_COPY_BYTES (32ull << 20)
 
 /* The backend's check of a driver result (its one CUresult -> at_err_t mapping, which also
@@ -83,13 +91,23 @@ void att_cudl_sess_quiesce(att_cudl_sess_t *s);
 void att_cudl_sess_forget(att_cudl_sess_t *s);
 
 /* A call: begin, then the copies (att_cudl_range_add to att_cudl_copies: dst, src device
- * addresses, mapped host memory included), then launch (submits the job: the attention launch l
- * with grid_x blocks and params, l->param_bytes of them), then wait. */
+ * addresses, mapped host memory included), then one or two launches (att_cudl_launch: the
+ * attention launch l with grid_x blocks and params, l->param_bytes of them; of two, the first is
+ * a persistent grid the second starts beside), then submit (the job), then wait. */
 void att_cudl_begin(att_cudl_sess_t *s);
 /* This call's ranges in (out false) or out; borrowed until the session goes. */
 att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out);
+/* Records a launch (l is borrowed from the session's launch cache until the call's wait);
+ * AT_ERR_INTERNAL for a third. */
 at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
                          const void *params);
+/* Submits the recorded launches as a job, making their job graph on their first call.
+ * AT_ERR_UNSUPPORTED, nothing submitted, when a graph of two launches cannot be made (the
+ * caller runs the call from the host; att_cudl_pairs is false from then on); AT_ERR_DEVICE
+ * through check. */
+at_err_t att_cudl_submit(att_cudl_sess_t *s);
+/* Whether a call of two launches may come from the device. */
+bool att_cudl_pairs(const att_cudl_sess_t *s);
 /* Spins until the job is done. AT_ERR_DEVICE (through check) when the context faults (the
  * device is then lost), or when the job's graph or the launcher could not be launched (then the
  * job did not run: the caller may run the call from the host). */

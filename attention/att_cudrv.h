@@ -76,7 +76,7 @@
     X(cuGreenCtxStreamCreate)
 
 /* Optional: device-launched calls (attention/att_cudl.h): the linker, device-launchable graphs
- * with device-updatable kernel nodes (CUDA 12.4+), mapped host memory. */
+ * with device-updatable kernel nodes (CUDA 12.4+) and programmatic edges, mapped host memory. */
 #define ATT_CUDRV_DL_FUNCS(X)                                                                      \
     X(cuLinkCreate)                                                                                \
     X(cuLinkAddData)                                                                               \
@@ -85,6 +85,7 @@
     X(cuLinkDestroy)                                                                               \
     X(cuGraphCreate)                                                                               \
     X(cuGraphAddKernelNode)                                                                        \
+    X(cuGraphAddDependencies)                                                                      \
     X(cuGraphKernelNodeSetAttribute)                                                               \
     X(cuGraphKernelNodeGetAttribute)                                                               \
     X(cuGraphInstantiateWithFlags)                                                                 \

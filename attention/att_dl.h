@@ -30,7 +30,7 @@
 
 #define ATT_DL_QUIT 0xffffffffu
 #define ATT_DL_MAX_SEGS 9u      /* copy segments per copy node */
-#define ATT_DL_MAX_UPDATES 3u   /* the copy-in node, the attention launch, the copy-out node */
+#define ATT_DL_MAX_UPDATES 4u   /* the copy-in node, one or two launches, the copy-out node */
 #define ATT_DL_PARAM_BYTES 256u /* at least LC_MAX_PARAM_BYTES */
 
 /* The parameter block of att_k_copy: n byte ranges from src_d to dst_d (device addresses;
@@ -83,7 +83,7 @@ typedef struct att_dl_state {
 
 ATT_KSTATIC_ASSERT(sizeof(att_dl_copy_t) == 240, "att_dl_copy_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_dl_update_t) == 272, "att_dl_update_t layout");
-ATT_KSTATIC_ASSERT(sizeof(att_dl_job_t) == 24 + 3 * 272, "att_dl_job_t layout");
+ATT_KSTATIC_ASSERT(sizeof(att_dl_job_t) == 24 + ATT_DL_MAX_UPDATES * 272, "att_dl_job_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_dl_copy_t) <= ATT_DL_PARAM_BYTES, "copy params fit an update");
 
 #endif

@@ -54,7 +54,8 @@ uint32_t att_gpu_launch_order(const att_cuda_plan_t *plan, uint32_t i) {
 
 at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
                              const att_kparams_t *base, const att_gpu_counts_t *pl,
-                             const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind) {
+                             const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind,
+                             uint32_t sm_split, uint32_t blocks) {
     if (pl->num_items[kind] == 0)
         return AT_OK;
     const uint32_t split = pl->num_merges[kind] != 0;
@@ -78,7 +79,10 @@ at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *k
     p.part_o_d = io_d + lo->o_po[kind];
     p.part_ml_d = io_d + lo->o_pml[kind];
     p.counters_d = base->counters_d + before_merges * l->grid_per_unit * sizeof(uint32_t);
-    return lc_launch(lc, l, p.num_items, &p);
+    p.sm_split = sm_split;
+    const uint32_t units =
+        sm_split == 0 ? p.num_items : (blocks + l->grid_per_unit - 1) / l->grid_per_unit;
+    return lc_launch(lc, l, units, &p);
 }
 
 at_err_t att_gpu_launch_kv_write(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,

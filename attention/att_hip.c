@@ -344,7 +344,8 @@ static at_err_t hip_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b)
         for (uint32_t i = 0; i < ATT_TILE_KINDS; i++) {
             const uint32_t k = att_gpu_launch_order(&kv->plan, i);
             kv->cur = fork && k == ATT_TILE_WIDE ? kv->side : kv->stream;
-            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k)) != AT_OK)
+            if ((e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, &pl, &lo, kv->io_d, k, 0, 0)) !=
+                AT_OK)
                 goto out_drain;
         }
         kv->cur = kv->stream;

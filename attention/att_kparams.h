@@ -8,7 +8,8 @@
  *
  * One launch covers a whole batch: chunks (decode tokens, prefill chunks, chunks over earlier
  * context) become work items, each a tile of ATT_TILE_ROWS query rows of one chunk against one
- * KV head (blockIdx.x = item * Hkv + kv_head). A tile's rows are token x query head within the
+ * KV head (a unit: blockIdx.x = item * Hkv + kv_head, or taken in turn, see sm_split). A
+ * tile's rows are token x query head within the
  * KV head's group: row r of a chunk is token r / group, query head kv_head * group + r % group,
  * so the query heads that share a KV head share each K/V tile read. An item may be limited to a
  * key range (split-KV): it then writes a partial result (unnormalized output, running max in
@@ -115,7 +116,10 @@ typedef struct att_kparams {
     uint32_t num_items;
     uint32_t num_merges;
     uint32_t num_blocks;    /* blocks in each cache pool */
-    uint32_t reserved;
+    uint32_t sm_split;      /* 0: one unit a block (blockIdx.x = item * Hkv + KV head); else a
+                               persistent grid (att_k_attend's narrow kind, a mixed batch
+                               launched from the device): its blocks on SMs with ids below
+                               sm_split leave, the others take units in turn */
 } att_kparams_t;
 
 ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 32, "att_kchunk_t layout");

@@ -52,6 +52,17 @@ template <typename T> __device__ __forceinline__ T att_shfl_xor(T v, int mask) {
 #endif
 }
 
+/* The id of the SM (CU) the calling block runs on. */
+__device__ __forceinline__ unsigned att_smid() {
+#if ATT_HIP
+    return __smid();
+#else
+    unsigned v;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(v));
+    return v;
+#endif
+}
+
 /* 2^x and 1/x at the hardware's speed: exp2(-inf) is 0, rcp(inf) is 0. */
 __device__ __forceinline__ float att_ex2(float x) {
 #if ATT_HIP

@@ -330,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(kAttendThreads, 1)
 att_k_attend(const att_kparams_t p) {
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) uint64_t bars[2 * kStages]; /* full[kStages], then empty[kStages] */
-    const tile_t t = tile_of(p);
+    const tile_t t = tile_of(p, blockIdx.x);
     /* The warp index broadcast from lane 0: ptxas then knows the producer / consumer branch is
      * warp-uniform; with tid >> 5 it serializes every wgmma (C7518, "divergent path"). */
     const uint32_t tid = threadIdx.x, lane = tid & 31;

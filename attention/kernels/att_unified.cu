@@ -6,9 +6,10 @@
  * parameter block and the per-call arrays are in attention/att_kparams.h.
  *
  * Entry points (all take one att_kparams_t by value):
- *   att_k_attend    grid num_items * Hkv, block ATT_KINFO_THREADS, dynamic smem
- *                   ATT_KINFO_SMEM_BYTES. One work item (a tile of query rows of one chunk, maybe
- *                   limited to a key range) against one KV head. Writes out, or a partial result
+ *   att_k_attend    grid num_items * Hkv (or a persistent grid: p.sm_split, take_unit), block
+ *                   ATT_KINFO_THREADS, dynamic smem ATT_KINFO_SMEM_BYTES. Per unit: one work
+ *                   item (a tile of query rows of one chunk, maybe limited to a key range)
+ *                   against one KV head. Writes out, or a partial result
  *                   when the item is a split; the last split of a row tile to finish merges the
  *                   tile's partials into out (flash-decoding's second pass, without a second
  *                   launch). Items flagged ATT_KITEM_WRITE_KV also copy their tokens' new k/v
@@ -310,7 +311,8 @@ __device__ __forceinline__ void copy_new_kv(const att_kparams_t &p, const att_kc
     }
 }
 
-/* What every attend variant derives from its item: the chunk, the tile's rows and keys. */
+/* What every attend variant derives from its unit (item * Hkv + KV head): the chunk, the tile's
+ * rows and keys. */
 struct tile_t {
     att_kitem_t it;
     att_kchunk_t ch;
@@ -319,10 +321,10 @@ struct tile_t {
     uint32_t kb, ke;    /* keys [kb, ke) any row of the tile may need, within the item's range */
 };
 
-__device__ __forceinline__ tile_t tile_of(const att_kparams_t &p) {
+__device__ __forceinline__ tile_t tile_of(const att_kparams_t &p, uint32_t unit) {
     tile_t t;
-    const uint32_t item = blockIdx.x / kHkv;
-    t.h = blockIdx.x % kHkv;
+    const uint32_t item = unit / kHkv;
+    t.h = unit % kHkv;
     t.it = ((const att_kitem_t *)p.items_d)[item];
     t.ch = ((const att_kchunk_t *)p.chunks_d)[t.it.chunk];
     t.row_end = umin(t.it.row_begin + kRows, t.ch.num_tokens * kG);
@@ -429,6 +431,50 @@ __device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_
     if (s_last) {
         __threadfence();
         merge_parts(p, t.it.merge, t.h, tid, nthreads);
+    }
+}
+
+/* ---- a persistent grid (p.sm_split != 0) ----
+ * A mixed batch launched from the device (attention/att_cudl.h) runs its narrow kind's grid first
+ * on every SM, then its wide kind's, which must find the SMs with ids below sm_split free (green
+ * contexts, which would keep the kinds apart, cannot be launched from the device). So the narrow
+ * grid fills each SM once; its blocks on those SMs leave at once, all but the last block to
+ * start (so one stays whatever the scheduler did), and the others take units (item * Hkv + KV
+ * head, longest items first) in turn until none is left. Three counters after the kind's merge
+ * counters: blocks started, units taken, blocks finished; the last block to finish sets them
+ * back to 0, so, like the merge counters, they are zero between launches. */
+__device__ __forceinline__ uint32_t *unit_counters(const att_kparams_t &p) {
+    return (uint32_t *)p.counters_d + (uint64_t)p.num_merges * kHkv;
+}
+
+/* The block's next unit, the same in every thread; num_items * Hkv or more: none. first: its
+ * first, where it leaves an SM of the wide kind. */
+__device__ __forceinline__ uint32_t take_unit(const att_kparams_t &p, bool first) {
+    __shared__ uint32_t s_unit;
+    uint32_t *c = unit_counters(p);
+#if ATT_TC
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+    __syncthreads(); /* every thread is done with the last unit's shared memory, and s_unit */
+    if (threadIdx.x == 0) {
+        bool stay = true;
+        if (first) {
+            const bool last = atomicAdd(&c[0], 1u) == gridDim.x - 1;
+            stay = last || att_smid() >= p.sm_split;
+        }
+        s_unit = stay ? atomicAdd(&c[1], 1u) : 0xffffffffu;
+    }
+    __syncthreads();
+    return s_unit;
+}
+
+/* A block of a persistent grid is done: the last to finish zeroes the counters. */
+__device__ __forceinline__ void units_done(const att_kparams_t &p) {
+    uint32_t *c = unit_counters(p);
+    if (threadIdx.x == 0 && atomicAdd(&c[2], 1u) == gridDim.x - 1) {
+        c[0] = 0;
+        c[1] = 0;
+        c[2] = 0;
     }
 }
 
@@ -573,9 +619,10 @@ __device__ __forceinline__ void kv_issue(const kv_src_t &s, uint32_t j0, uint32_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
+/* One unit of att_k_attend. */
+__device__ __forceinline__ void attend_unit(const att_kparams_t &p, uint32_t unit) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const tile_t t = tile_of(p);
+    const tile_t t = tile_of(p, unit);
     const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const uint32_t wm = warp % kWarpsM, wn = warp / kWarpsM;
     const uint32_t g = lane >> 2, t4 = lane & 3;
@@ -949,8 +996,9 @@ __device__ __forceinline__ uint64_t kv_row_off(const att_kchunk_t &ch, const uin
     return (((uint64_t)table[j / kBS] * kHkv + h) * kBS + j % kBS) * kD;
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
-    const tile_t t = tile_of(p);
+/* One unit of att_k_attend. */
+__device__ __forceinline__ void attend_unit(const att_kparams_t &p, uint32_t unit) {
+    const tile_t t = tile_of(p, unit);
     write_own_kv(p, t);
     const uint32_t lane = threadIdx.x % kWave, warp = threadIdx.x / kWave;
     const elem_t *qg = (const elem_t *)p.q_d;
@@ -1034,6 +1082,22 @@ extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kp
     }
     if (t.it.part != ATT_KPART_NONE)
         finish_split<block_sync>(p, t, threadIdx.x, blockDim.x);
+}
+#endif
+
+#if !(ATT_TC && ATT_WGMMA)
+/* A unit a block, or a persistent grid (see take_unit). */
+extern "C" __global__ void __launch_bounds__(kThreads) att_k_attend(const att_kparams_t p) {
+    const uint32_t units = p.num_items * kHkv;
+    uint32_t unit = p.sm_split == 0 ? blockIdx.x : take_unit(p, true);
+    while (unit < units) {
+        attend_unit(p, unit);
+        if (p.sm_split == 0)
+            return;
+        unit = take_unit(p, false);
+    }
+    if (p.sm_split != 0)
+        units_done(p);
 }
 #endif
 

@@ -635,42 +635,45 @@ static uint64_t device_calls(att_ctx_t *ctx) {
     return info.kv_stats.device_calls;
 }
 
-/* The same calls on the suite's backend, which launches calls of one launch from the device
- * (where the device runtime library is, unless ATTND_CUDA_LAUNCH=host: then it skips), and on
- * one that launches every call from the host: a prefill (wide tiles alone), decode steps
- * (narrow alone), an append, a mixed batch (both kinds: launched from the host on both). Each
- * output must be the host-launched one's to the bit and match the oracle, and only the calls of
- * one launch may count as launched from the device. Then a pause longer than the launcher's idle
+/* The same calls on a backend that launches calls from the device (where the device runtime
+ * library is, unless ATTND_CUDA_LAUNCH=host: then it skips) and on one that launches every call
+ * from the host, both with plan: a prefill (wide tiles alone), decode
+ * steps (narrow alone), a mixed batch (both kinds), an append. Each output must be the
+ * host-launched one's to the bit and match the oracle; mixed_from_device says whether the mixed
+ * batch must launch from the device (a partitioned plan: the narrow kind's persistent grid, then
+ * the wide kind's) or from the host (shared SMs). Then a pause longer than the launcher's idle
  * spell, after which it has ended and the next call must launch it again. */
-static void test_att_cuda_device_launched_calls(void **state) {
-    (void)state;
-    NEED_GPU();
-    const char *why = NULL;
-    if (!device_launches(&why)) {
-        printf("SKIP: %s: every call launches from the host\n", why);
-        skip();
-    }
+static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_from_device,
+                                 uint32_t index) {
     enum { HQ = 8, HKV = 2, D = 128 }; /* bf16 */
     att_rig_spec_t s;
     att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
     tu_rng_t r;
-    tu_rng_seed(&r, tu_sub_seed(g_seed, 62000u));
-    tu_where_set("device-launched: ATTND_TEST_SEED=%" PRIu64, g_seed);
-    const att_cuda_cfg_t hc = {.device = 0, .kernel_cache_dir = "", .host_launches = true};
-    att_backend_t *host = NULL;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 62000u + index));
+    tu_where_set("device-launched, case %u: ATTND_TEST_SEED=%" PRIu64, index, g_seed);
+    const att_cuda_cfg_t dc = {.device = 0, .kernel_cache_dir = "", .plan = plan};
+    const att_cuda_cfg_t hc = {
+        .device = 0, .kernel_cache_dir = "", .plan = plan, .host_launches = true};
+    att_backend_t *dev = NULL, *host = NULL;
     at_diag_t d = {{0}};
+    TU_CHECK(att_cuda_create(&dc, &d, &dev) == AT_OK, "att_cuda_create: %s", d.msg);
     TU_CHECK(att_cuda_create(&hc, &d, &host) == AT_OK, "att_cuda_create: %s", d.msg);
-    att_backend_t *const both[2] = {g_cuda, host};
+    att_backend_t *const both[2] = {dev, host};
     att_rig_t rig;
     att_rig_init_with(&rig, &s.cfg, 8192, CPU_BE, 0, both, 2, tu_rng_next(&r));
     const att_chunk_t prefill[] = {{1, 0, 300}, {2, 0, 17}};
     const att_chunk_t decode[] = {{1, 300, 1}, {2, 17, 1}};
     const att_chunk_t decode2[] = {{1, 301, 1}, {2, 18, 1}};
     const att_chunk_t mixed[] = {{1, 302, 1}, {2, 19, 40}};
+    const att_chunk_t mixed2[] = {{1, 303, 1}, {2, 59, 200}};
     const struct {
         const att_chunk_t *c;
         uint32_t n, from_device;
-    } steps[] = {{prefill, 2, 1}, {decode, 2, 1}, {decode2, 2, 1}, {mixed, 2, 0}};
+    } steps[] = {{prefill, 2, 1},
+                 {decode, 2, 1},
+                 {decode2, 2, 1},
+                 {mixed, 2, mixed_from_device},
+                 {mixed2, 2, mixed_from_device}};
     for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
         const uint32_t t = att_rig_tokens(steps[i].c, steps[i].n);
         void *q = att_rig_random_q(&rig, t), *k = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE),
@@ -694,7 +697,7 @@ static void test_att_cuda_device_launched_calls(void **state) {
         free(k);
         free(v);
     }
-    const att_chunk_t append[] = {{1, 303, 7}};
+    const att_chunk_t append[] = {{1, 304, 7}};
     const uint64_t before = device_calls(rig.ctx[0]);
     att_rig_append(&rig, 0, append, 1);
     TU_CHECK(device_calls(rig.ctx[0]) - before == 1, "the append was not launched from the "
@@ -702,14 +705,35 @@ static void test_att_cuda_device_launched_calls(void **state) {
     /* past the launcher's idle spell (ATT_CUDL_IDLE_NS): it has ended; the call relaunches it */
     const struct timespec pause = {0, 3 * 1000 * 1000};
     nanosleep(&pause, NULL);
-    const att_chunk_t after_pause[] = {{1, 310, 1}, {2, 59, 1}};
+    const att_chunk_t after_pause[] = {{1, 311, 1}, {2, 259, 1}};
     const uint64_t before_pause = device_calls(rig.ctx[0]);
     att_rig_attend(&rig, 0, after_pause, 2);
     TU_CHECK(device_calls(rig.ctx[0]) - before_pause == 1,
              "the call after the pause was not launched from the device");
     att_rig_check_cache(&rig);
     att_rig_fini(&rig);
+    att_backend_destroy(&dev);
     att_backend_destroy(&host);
+}
+
+/* A plan without SM partitions (mixed batches share the SMs: from the host), then one that
+ * splits every mixed batch's SMs (from the device, where the driver has green contexts for the
+ * host's side to compare with). */
+static void test_att_cuda_device_launched_calls(void **state) {
+    (void)state;
+    NEED_GPU();
+    const char *why = NULL;
+    if (!device_launches(&why)) {
+        printf("SKIP: %s: every call launches from the host\n", why);
+        skip();
+    }
+    att_cuda_plan_t plan;
+    memset(&plan, 0, sizeof plan);
+    plan.mixed_wide_sms = ATT_CUDA_NEVER;
+    device_launched_case(&plan, 0, 0);
+    plan.mixed_wide_sms = 32;
+    plan.mixed_part_always = true; /* these batches are far too small to suit one otherwise */
+    device_launched_case(&plan, 1, 1);
 }
 #endif
 
