@@ -18,9 +18,11 @@
  * session's side stream, forked and joined by events; or, when the plan asks for an SM partition
  * (mixed_wide_sms), each kind on the session's stream in its own green context, both forked and
  * joined), one download of out; then the stream is synchronized and out copied into place. A
- * run of one launch that moves at most ATT_CUDL_MAX_COPY_BYTES and is not timed is instead
- * launched from the device (att_cudl.h: the copies and the launch are a job graph that the
- * session's launcher starts when the host writes the job into mapped memory).
+ * run of one launch, or a mixed one the plan partitions, that moves at most
+ * ATT_CUDL_MAX_COPY_BYTES and is not timed is instead launched from the device (att_cudl.h: the
+ * copies and the launches are a job graph that the session's launcher starts when the host
+ * writes the job into mapped memory; a partitioned mixed batch splits the SMs inside its
+ * kernels, not by green contexts).
  * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
  * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
  * keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config, and a switch to a

@@ -14,8 +14,9 @@
  * of context, and its two parts alone (prefill and mixed calls roll their sequences back to the
  * same positions, so the shape stays).
  * Host time ("host us") is the call's launches through its launch cache; a call launched from the
- * device (attention/att_cudl.h: untimed calls of one launch, as the server makes them; column
- * "from") has none, and its figure is the writing of the job record and its number instead.
+ * device (attention/att_cudl.h: untimed calls of one launch or a partitioned mixed batch, as the
+ * server makes them; column "from") has none, and its figure is the writing of the job record
+ * and its number instead.
  * Thread: single-threaded. */
 #include <inttypes.h>
 #include <math.h>

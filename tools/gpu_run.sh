@@ -48,7 +48,7 @@ gpu_test() { # name timeout-s
 }
 
 if has tests; then
-  note "test_att_cuda (calls of one launch launched from the device)"
+  note "test_att_cuda (calls launched from the device where they can be)"
   gpu_test test_att_cuda 480
   note "test_att_cuda_tune"
   gpu_test test_att_cuda_tune 300
@@ -134,7 +134,8 @@ if has bench; then
     status=1
   grep -E "^tensors|^case|^decode" "$out/bench_gpu_plain.log"
   # Timed runs launch from the host (events around the kernels); untimed ones, as the server's,
-  # launch calls of one launch from the device. Then the same from the host, side by side.
+  # launch calls of one launch and partitioned mixed batches from the device. Then the same
+  # from the host, side by side.
   for mode in device host; do
     note "attnd bench-gpu --no-timing (no events around the kernels, as in the server), $mode"
     if [ "$mode" = host ]; then export ATTND_CUDA_LAUNCH=host; fi
