@@ -122,7 +122,8 @@ struct att_kv {
     uint8_t *stage_h;    /* pinned and mapped, [meta | q | k | v | out] */
     CUdeviceptr stage_d; /* stage_h's device address */
     size_t stage_cap;
-    CUdeviceptr counters_d; /* [counters_cap] uint32 arrivals of split parts, zero between calls */
+    CUdeviceptr counters_d; /* [counters_cap] uint32 arrivals of split parts, then a persistent
+                               grid's ATT_KUNIT_COUNTERS; zero between calls */
     size_t counters_cap;
     CUdeviceptr tables_d;  /* [tables_cap] uint32: the sequences' block tables (att_gpu_tables_t) */
     uint32_t tables_cap;
@@ -408,11 +409,11 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
 
 /* Whether the device should launch the call: one launch (one tile kind, or an append), or a
  * mixed batch the plan partitions (its narrow kind's persistent grid first, which leaves the wide
- * kind its SMs: att_cudl.h; mixed batches on shared SMs launch from the host), no timing events,
- * and at
- * most ATT_CUDL_MAX_COPY_BYTES to move, where the SMs copy as fast as the copy engine (above it,
- * an 8 x 2048 prefill's 335 MB, the SMs' copies made the call 5-9% slower, and a launch's few us
- * of host time are nothing beside the milliseconds of the copies: docs/BENCHMARKS.md). */
+ * kind its SMs: att_cudl.h; the wgmma body has no persistent grid, and mixed batches on shared
+ * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES to move (the
+ * SMs copy 5-8% slower than the copy engine: above it, an 8 x 2048 prefill's 335 MB, the call
+ * was 5-9% slower, and a launch's few us of host time are nothing beside the milliseconds of
+ * the copies: docs/BENCHMARKS.md). */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
                      const att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
     if (kv->dl == NULL || kv->be->timing || kv->timing || b->num_chunks == 0)
@@ -422,7 +423,9 @@ static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_cou
         return false;
     const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
     const bool narrow = pl->num_items[ATT_TILE_NARROW] != 0;
-    return !b->attend || wide != narrow || (pl->partitioned && att_cudl_pairs(kv->dl));
+    return !b->attend || wide != narrow ||
+           (pl->partitioned && att_cudl_pairs(kv->dl) &&
+            att_gpu_mods_cur(&kv->mods, ATT_TILE_NARROW)->tile.mma == 0);
 }
 
 /* After a device-launched call could not run (why): the session's calls launch from the host
@@ -435,11 +438,12 @@ static void dl_off(att_kv_t *kv, const char *why) {
     att_cudl_sess_destroy(&kv->dl, false);
 }
 
-/* The call from the device, once its metadata is in the stage: the copy ranges, then the launch
- * (launch_cb hands it to the session's att_cudl), then the wait; the block tables are committed
- * once the job has run. *taken false: the ranges did not fit, or att_cudl could not make or
- * submit the job (the session then launches from the host from now on); nothing was submitted
- * and the host path runs the call. */
+/* The call from the device, once its metadata is in the stage: the copy ranges, then the
+ * launches (launch_cb hands them to the session's att_cudl), the submission and the wait; the
+ * block tables are committed once the job has run. *taken false: the ranges did not fit, the
+ * driver cannot make a graph of two launches (the session's mixed batches then launch from the
+ * host), or att_cudl could not make or submit the job (all of the session's calls then launch
+ * from the host); nothing was submitted and the host path runs the call. */
 static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
                               const att_gpu_counts_t *pl, size_t q_row, size_t kv_row, uint64_t t0,
                               bool *taken) {
@@ -472,8 +476,8 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     if (!b->attend) {
         e = att_gpu_launch_kv_write(kv->lc, prepared, kv, &p, b->num_chunks);
     } else if (wide && narrow) {
-        /* the narrow kind's persistent grid on every SM, leaving the wide kind's part (the
-         * first mixed_sms[wide] SM ids, as a green context's would be) to the wide grid after */
+        /* the narrow kind's persistent grid on every SM, leaving the SMs with ids below
+         * mixed_sms[wide] (the H200's run 0 to 131: docs/BENCHMARKS.md) to the wide grid */
         const uint32_t occ = att_gpu_mods_cur(&kv->mods, ATT_TILE_NARROW)->occupancy;
         e = att_gpu_launch_kind(kv->lc, prepared, kv, &p, pl, lo, kv->io_d, ATT_TILE_NARROW,
                                 kv->part->sms[ATT_TILE_WIDE], be->num_sms * (occ != 0 ? occ : 1));
@@ -488,7 +492,7 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     if (e == AT_OK) {
         e = att_cudl_submit(kv->dl);
         if (e == AT_ERR_UNSUPPORTED) /* no graph of two launches: nothing was submitted */
-            return AT_OK;
+            return atomic_load_explicit(&be->lost, memory_order_relaxed) ? AT_ERR_DEVICE : AT_OK;
         kv->dl_failed = e != AT_OK;
     }
     if (e != AT_OK) {
@@ -646,7 +650,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     att_gpu_layout_t lo;
     att_gpu_layout(m, b, &pl, tile_rows, kv->tables.new_entries, &lo);
     if ((e = ensure_io(kv, lo.end, lo.stage_end)) != AT_OK ||
-        (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads + 3)) != AT_OK)
+        (e = ensure_counters(kv, (size_t)pl.total_merges * m->num_kv_heads + ATT_KUNIT_COUNTERS)) !=
+            AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     if (dl_suits(kv, b, &pl, &lo, q_row, kv_row)) {

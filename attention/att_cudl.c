@@ -21,6 +21,7 @@ struct att_cudl {
     const att_cudrv_t *drv; /* borrowed: process-wide */
     att_cudl_check_fn check;
     void *user;
+    int ordinal; /* the device's, for the log */
     uint32_t num_sms;
     CUmodule mod;
     CUfunction launcher; /* att_k_launcher */
@@ -35,7 +36,7 @@ struct att_cudl {
 typedef struct job_graph {
     const lc_launch_t *l[2]; /* borrowed from the session's launch cache; with fn, the key */
     void *fn[2];
-    uint32_t n_launch;
+    uint32_t n_launch; /* 1 or 2 */
     CUgraph g;
     CUgraphExec exec;
     CUgraphDeviceNode node[ATT_DL_MAX_UPDATES]; /* copy in, the launch(es), copy out */
@@ -155,7 +156,8 @@ at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch,
     att_cudl_t *dl = calloc(1, sizeof *dl);
     if (dl == NULL)
         return AT_ERR_NOMEM;
-    *dl = (att_cudl_t){.drv = drv, .check = check, .user = user, .num_sms = num_sms};
+    *dl = (att_cudl_t){
+        .drv = drv, .check = check, .user = user, .ordinal = (int)dev, .num_sms = num_sms};
     char *ptx = NULL;
     size_t n = 0;
     at_err_t e = att_cudl_compile_ptx(arch, &ptx, &n, diag);
@@ -226,11 +228,28 @@ static void graph_free(att_cudl_t *dl, CUgraph *g, CUgraphExec *exec) {
     *g = NULL;
 }
 
-/* Instantiates g for launches from the device and uploads it: done before the host returns, so
- * the launcher never launches a graph whose upload is still queued. */
-static at_err_t instantiate(att_cudl_sess_t *s, CUgraph g, CUgraphExec *exec) {
+/* The result r of a step that only a graph of two launches takes (its programmatic edge, its
+ * instantiation): a driver that refuses it (an invalid value, not supported) gives
+ * AT_ERR_UNSUPPORTED, logged here; any other goes through check. */
+static at_err_t pair_step(att_cudl_t *dl, CUresult r, const char *call) {
+    if (r != CUDA_ERROR_INVALID_VALUE && r != CUDA_ERROR_NOT_SUPPORTED)
+        return dl->check(dl->user, r, call, __FILE__, __LINE__);
+    at_log(AT_LOG_WARN, "cuda",
+           "cuda:%d: %s: %s: a graph of a mixed batch's two launches cannot be launched from "
+           "the device; the session's mixed batches launch from the host",
+           dl->ordinal, call, att_cudrv_err_name(dl->drv, r));
+    return AT_ERR_UNSUPPORTED;
+}
+
+/* Instantiates g (pair: a graph of two launches) for launches from the device and uploads it:
+ * done before the host returns, so the launcher never launches a graph whose upload is still
+ * queued. */
+static at_err_t instantiate(att_cudl_sess_t *s, CUgraph g, bool pair, CUgraphExec *exec) {
+    const CUresult r =
+        s->dl->drv->cuGraphInstantiateWithFlags(exec, g, CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH);
     at_err_t e =
-        CK(s->dl, cuGraphInstantiateWithFlags(exec, g, CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH));
+        pair ? pair_step(s->dl, r, "cuGraphInstantiateWithFlags")
+             : s->dl->check(s->dl->user, r, "cuGraphInstantiateWithFlags", __FILE__, __LINE__);
     if (e == AT_OK)
         e = CK(s->dl, cuGraphUpload(*exec, s->upload));
     if (e == AT_OK)
@@ -280,7 +299,8 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
         memset(&edge, 0, sizeof edge);
         edge.from_port = CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER;
         edge.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
-        e = CK(dl, cuGraphAddDependencies(j->g, &k[0], &k[1], &edge, 1));
+        e = pair_step(dl, dl->drv->cuGraphAddDependencies(j->g, &k[0], &k[1], &edge, 1),
+                      "cuGraphAddDependencies");
     }
     if (e == AT_OK)
         e = add_node(dl, j->g, &outn, k, n, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
@@ -291,7 +311,7 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
     if (e == AT_OK)
         e = updatable(dl, outn, &j->node[1 + n]);
     if (e == AT_OK)
-        e = instantiate(s, j->g, &j->exec);
+        e = instantiate(s, j->g, n == 2, &j->exec);
     if (e != AT_OK) {
         graph_free(dl, &j->g, &j->exec);
         return e;
@@ -376,7 +396,7 @@ at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
     if (e == AT_OK)
         e = add_node(dl, s->lgraph, &n, NULL, 0, dl->launcher, 32, 0, args);
     if (e == AT_OK)
-        e = instantiate(s, s->lgraph, &s->lexec);
+        e = instantiate(s, s->lgraph, false, &s->lexec);
     if (e != AT_OK) {
         att_cudl_sess_destroy(&s, false);
         return e;
@@ -481,13 +501,7 @@ at_err_t att_cudl_submit(att_cudl_sess_t *s) {
     job_graph_t *j;
     const uint32_t graphs = s->num_graphs;
     at_err_t e = job_graph(s, s->pending, n, &j);
-    if (e != AT_OK && n == 2 && !s->no_pairs) {
-        at_log(AT_LOG_WARN, "cuda",
-               "a graph of a mixed batch's two launches cannot be launched from the device: "
-               "the session's mixed batches launch from the host");
-        s->no_pairs = true;
-        return AT_ERR_UNSUPPORTED;
-    }
+    s->no_pairs = s->no_pairs || e == AT_ERR_UNSUPPORTED; /* pair_step logged why */
     if (e != AT_OK)
         return e;
     att_dl_job_t *job = s->job;

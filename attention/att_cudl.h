@@ -102,9 +102,10 @@ att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out);
 at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
                          const void *params);
 /* Submits the recorded launches as a job, making their job graph on their first call.
- * AT_ERR_UNSUPPORTED, nothing submitted, when a graph of two launches cannot be made (the
- * caller runs the call from the host; att_cudl_pairs is false from then on); AT_ERR_DEVICE
- * through check. */
+ * AT_ERR_UNSUPPORTED, nothing submitted, when the driver refuses a graph of two launches (its
+ * programmatic edge or its instantiation for the device: an invalid value or not supported;
+ * logged): the caller runs the call from the host, and att_cudl_pairs is false from then on.
+ * Other failures through check (AT_ERR_DEVICE, AT_ERR_NOMEM, ...). */
 at_err_t att_cudl_submit(att_cudl_sess_t *s);
 /* Whether a call of two launches may come from the device. */
 bool att_cudl_pairs(const att_cudl_sess_t *s);

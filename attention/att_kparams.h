@@ -9,9 +9,9 @@
  * One launch covers a whole batch: chunks (decode tokens, prefill chunks, chunks over earlier
  * context) become work items, each a tile of ATT_TILE_ROWS query rows of one chunk against one
  * KV head (a unit: blockIdx.x = item * Hkv + kv_head, or taken in turn, see sm_split). A
- * tile's rows are token x query head within the
- * KV head's group: row r of a chunk is token r / group, query head kv_head * group + r % group,
- * so the query heads that share a KV head share each K/V tile read. An item may be limited to a
+ * tile's rows are token x query head within the KV head's group: row r of a chunk is token
+ * r / group, query head kv_head * group + r % group, so the query heads that share a KV head
+ * share each K/V tile read. An item may be limited to a
  * key range (split-KV): it then writes a partial result (unnormalized output, running max in
  * log2 units, denominator) to slot `part`, and the last of a row tile's parts to finish combines
  * the tile's slots into out (no second launch).
@@ -117,10 +117,15 @@ typedef struct att_kparams {
     uint32_t num_merges;
     uint32_t num_blocks;    /* blocks in each cache pool */
     uint32_t sm_split;      /* 0: one unit a block (blockIdx.x = item * Hkv + KV head); else a
-                               persistent grid (att_k_attend's narrow kind, a mixed batch
-                               launched from the device): its blocks on SMs with ids below
-                               sm_split leave, the others take units in turn */
+                               persistent grid (att_k_attend's narrow kind, non-wgmma bodies
+                               only, a mixed batch launched from the device): its blocks on SMs
+                               with ids below sm_split leave (all of them unless none is on the
+                               others), the rest take units in turn, counted by the
+                               ATT_KUNIT_COUNTERS words after the kind's merge counters */
 } att_kparams_t;
+
+/* The words a persistent grid counts its blocks and units with (att_kparams_t.sm_split). */
+#define ATT_KUNIT_COUNTERS 4u
 
 ATT_KSTATIC_ASSERT(sizeof(att_kchunk_t) == 32, "att_kchunk_t layout");
 ATT_KSTATIC_ASSERT(sizeof(att_kitem_t) == 32, "att_kitem_t layout");

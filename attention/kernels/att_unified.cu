@@ -9,11 +9,11 @@
  *   att_k_attend    grid num_items * Hkv (or a persistent grid: p.sm_split, take_unit), block
  *                   ATT_KINFO_THREADS, dynamic smem ATT_KINFO_SMEM_BYTES. Per unit: one work
  *                   item (a tile of query rows of one chunk, maybe limited to a key range)
- *                   against one KV head. Writes out, or a partial result
- *                   when the item is a split; the last split of a row tile to finish merges the
- *                   tile's partials into out (flash-decoding's second pass, without a second
- *                   launch). Items flagged ATT_KITEM_WRITE_KV also copy their tokens' new k/v
- *                   rows into the cache (fused: no extra launch in a step).
+ *                   against one KV head. Writes out, or a partial result when the item is a
+ *                   split; the last split of a row tile to finish merges the tile's partials
+ *                   into out (flash-decoding's second pass, without a second launch). Items
+ *                   flagged ATT_KITEM_WRITE_KV also copy their tokens' new k/v rows into the
+ *                   cache (fused: no extra launch in a step).
  *   att_k_kv_write  grid num_chunks * Hkv, block ATT_KINFO_KVW_THREADS. Only writes k/v into the
  *                   cache: for append-only batches, which have no queries.
  *
@@ -438,17 +438,19 @@ __device__ __forceinline__ void finish_split(const att_kparams_t &p, const tile_
  * A mixed batch launched from the device (attention/att_cudl.h) runs its narrow kind's grid first
  * on every SM, then its wide kind's, which must find the SMs with ids below sm_split free (green
  * contexts, which would keep the kinds apart, cannot be launched from the device). So the narrow
- * grid fills each SM once; its blocks on those SMs leave at once, all but the last block to
- * start (so one stays whatever the scheduler did), and the others take units (item * Hkv + KV
- * head, longest items first) in turn until none is left. Three counters after the kind's merge
- * counters: blocks started, units taken, blocks finished; the last block to finish sets them
- * back to 0, so, like the merge counters, they are zero between launches. */
+ * grid fills each SM once; its blocks on those SMs leave at once, and the others take units
+ * (item * Hkv + KV head, longest items first) in turn until none is left. Should no block land
+ * on the other SMs, the last block to start stays wherever it is, so the units always run.
+ * Counters (ATT_KUNIT_COUNTERS words after the kind's merge counters): blocks staying, blocks
+ * started, units taken, blocks finished; the last block to finish sets them back to 0, so, like
+ * the merge counters, they are zero between launches. */
 __device__ __forceinline__ uint32_t *unit_counters(const att_kparams_t &p) {
     return (uint32_t *)p.counters_d + (uint64_t)p.num_merges * kHkv;
 }
 
 /* The block's next unit, the same in every thread; num_items * Hkv or more: none. first: its
- * first, where it leaves an SM of the wide kind. */
+ * first, where it may leave. A block that stays counts itself before it takes its start ticket
+ * (a fence between), so the last to start sees every other block's choice. */
 __device__ __forceinline__ uint32_t take_unit(const att_kparams_t &p, bool first) {
     __shared__ uint32_t s_unit;
     uint32_t *c = unit_counters(p);
@@ -459,22 +461,34 @@ __device__ __forceinline__ uint32_t take_unit(const att_kparams_t &p, bool first
     if (threadIdx.x == 0) {
         bool stay = true;
         if (first) {
-            const bool last = atomicAdd(&c[0], 1u) == gridDim.x - 1;
-            stay = last || att_smid() >= p.sm_split;
+            stay = att_smid() >= p.sm_split;
+            if (stay)
+                atomicAdd(&c[0], 1u);
+            __threadfence();
+            if (atomicAdd(&c[1], 1u) == gridDim.x - 1 && !stay) {
+                __threadfence();
+                stay = atomicAdd(&c[0], 0u) == 0; /* no block stayed: this one runs them all */
+            }
         }
-        s_unit = stay ? atomicAdd(&c[1], 1u) : 0xffffffffu;
+        s_unit = stay ? atomicAdd(&c[2], 1u) : 0xffffffffu;
     }
     __syncthreads();
     return s_unit;
 }
 
-/* A block of a persistent grid is done: the last to finish zeroes the counters. */
+/* A block of a persistent grid is done. Every block has taken its last unit before it counts
+ * itself here (the fence orders the two), so the last to finish may set the counters back. */
 __device__ __forceinline__ void units_done(const att_kparams_t &p) {
     uint32_t *c = unit_counters(p);
-    if (threadIdx.x == 0 && atomicAdd(&c[2], 1u) == gridDim.x - 1) {
+    if (threadIdx.x != 0)
+        return;
+    __threadfence();
+    if (atomicAdd(&c[3], 1u) == gridDim.x - 1) {
+        __threadfence();
         c[0] = 0;
         c[1] = 0;
         c[2] = 0;
+        c[3] = 0;
     }
 }
 

@@ -156,6 +156,35 @@ static att_backend_t *backend_with_plan(const att_cuda_plan_t *plan) {
     return be;
 }
 
+/* Whether a CUDA backend launches calls from the device where it can (attention/att_cudl.h), or
+ * why not (*why, for a SKIP line). */
+static bool device_launches(const char **why) {
+    const char *launch = getenv("ATTND_CUDA_LAUNCH");
+    const att_cudrv_t *drv = NULL;
+    if (launch != NULL && strcmp(launch, "host") == 0)
+        *why = "ATTND_CUDA_LAUNCH=host";
+    else if (access(att_cudl_devrt_path(), R_OK) != 0)
+        *why = "no device runtime library where attnd looks (ATTND_CUDADEVRT)";
+    else if (att_cudrv_cuda(&drv, NULL) != AT_OK || !drv->has_dl)
+        *why = "the driver lacks device-updatable graphs (CUDA 12.4+)";
+    else
+        return true;
+    return false;
+}
+
+/* Whether a CUDA backend can split a mixed batch's SMs with green contexts (for its host path). */
+static bool has_green(void) {
+    const att_cudrv_t *drv = NULL;
+    return att_cudrv_cuda(&drv, NULL) == AT_OK && drv->has_green;
+}
+
+/* Calls of the session that launched from the device so far. */
+static uint64_t device_calls(att_ctx_t *ctx) {
+    att_ctx_info_t info;
+    att_ctx_get_info(ctx, &info);
+    return info.kv_stats.device_calls;
+}
+
 /* ---- both wide-tile bodies (CUDA) ---- */
 
 /* Prefill, chunks over earlier context and split tiles on a backend of its own whose plan forces
@@ -223,8 +252,10 @@ static void test_att_cuda_wide_bodies(void **state) {
 
 /* Decode tokens next to a prefill chunk over cached context, on a backend of its own whose plan
  * puts a mixed batch's wide tiles on about `wide_sms` SMs and its narrow ones on the rest,
- * against the CPU backend and the oracle. A driver without green contexts runs the same batches
- * on every SM (logged), and must give the same answers. */
+ * against the CPU backend and the oracle. Where calls launch from the device, the three mixed
+ * batches must (their SMs split inside the kernels: the narrow kind's persistent grid, its
+ * splits merged there too); else they run in green contexts. A driver without green contexts
+ * runs the same batches on every SM (logged), and must give the same answers. */
 static void partition_case(uint32_t wide_sms, att_dtype_t dt, uint32_t hq, uint32_t hkv,
                            unsigned feats, uint32_t index) {
     att_cuda_plan_t plan;
@@ -255,6 +286,7 @@ static void partition_case(uint32_t wide_sms, att_dtype_t dt, uint32_t hq, uint3
     /* three steps of a decode token per sequence next to a chunk of the long one: split
      * narrow tiles and (split) wide tiles on their own partitions */
     uint32_t pos = 700;
+    const uint64_t before = device_calls(rig.ctx[1]);
     for (uint32_t step = 0; step < 3; step++) {
         for (uint32_t i = 0; i < SEQS; i++)
             ch[i] = (att_chunk_t){100 + i, 150 + 29 * i + step, 1};
@@ -263,6 +295,11 @@ static void partition_case(uint32_t wide_sms, att_dtype_t dt, uint32_t hq, uint3
         pos += n;
         att_rig_attend(&rig, 0, ch, SEQS + 1);
     }
+    const char *why = NULL;
+    const uint64_t want = device_launches(&why) && has_green() ? 3 : 0;
+    TU_CHECK(device_calls(rig.ctx[1]) - before == want,
+             "%" PRIu64 " of the mixed batches launched from the device, not %" PRIu64,
+             device_calls(rig.ctx[1]) - before, want);
     /* a decode-only batch after them: back on the session's stream */
     for (uint32_t i = 0; i < SEQS; i++)
         ch[i] = (att_chunk_t){100 + i, 150 + 29 * i + 3, 1};
@@ -277,6 +314,7 @@ static void test_att_cuda_mixed_on_partitions(void **state) {
     partition_case(32, ATT_DTYPE_BF16, 32, 8, 0, 0);
     partition_case(32, ATT_DTYPE_F16, 16, 2, ATT_RIG_F_WINDOW | ATT_RIG_F_SINKS, 1);
     partition_case(20, ATT_DTYPE_BF16, 8, 2, ATT_RIG_F_ALL, 2); /* rounded up by the driver */
+    partition_case(32, ATT_DTYPE_F32, 8, 2, ATT_RIG_F_SOFT_CAP, 3); /* the FMA bodies */
 }
 
 /* ---- the last wave's tiles split (att_gpu_plan_batch) ---- */
@@ -538,33 +576,16 @@ static void test_att_cuda_merged_calls_and_registered_memory(void **state) {
     g_registered[0] = reg;
 }
 
-#ifndef ATT_TEST_HIP
-/* Whether the suite's backend launches calls of one launch from the device (attention/att_cudl.h),
- * or why not (*why, for a SKIP line). */
-static bool device_launches(const char **why) {
-    const char *launch = getenv("ATTND_CUDA_LAUNCH");
-    const att_cudrv_t *drv = NULL;
-    if (launch != NULL && strcmp(launch, "host") == 0)
-        *why = "ATTND_CUDA_LAUNCH=host";
-    else if (access(att_cudl_devrt_path(), R_OK) != 0)
-        *why = "no device runtime library where attnd looks (ATTND_CUDADEVRT)";
-    else if (att_cudrv_cuda(&drv, NULL) != AT_OK || !drv->has_dl)
-        *why = "the driver lacks device-updatable graphs (CUDA 12.4+)";
-    else
-        return true;
-    return false;
-}
-#endif
-
 /* A call whose q, k, v and out lie one after another in registered memory, each rounded up to
  * 64 bytes as the server's arena places them: the CUDA backend uploads q, k and v in one copy
  * (att_gpu_qkv_span: two copy calls with the metadata) and its kernels find k and v at the host's
  * distances, which differ from the layout's own (k's bytes, an odd number of 128-byte rows, are
  * not a multiple of its 256-byte alignment); the HIP backend copies each tensor. Prefill
  * chunks, then decode steps next to a chunk over earlier context (both calls have narrow and
- * wide tiles, so on CUDA they launch from the host: the two copy calls), then decode steps
- * alone, a call of one launch, which CUDA launches from the device where it can (no copy calls
- * then: the span is one copy range); each against the oracle. */
+ * wide tiles on shared SMs: the default plan splits no SMs for batches this small, so CUDA
+ * launches them from the host, with the two copy calls), then decode steps alone, a call of
+ * one launch, which CUDA launches from the device where it can (no copy calls then: the span
+ * is one copy range); each against the oracle. */
 static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
     (void)state;
     NEED_GPU();
@@ -628,12 +649,6 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
 
 #ifndef ATT_TEST_HIP
 /* ---- device-launched calls (attention/att_cudl.h) ---- */
-
-static uint64_t device_calls(att_ctx_t *ctx) {
-    att_ctx_info_t info;
-    att_ctx_get_info(ctx, &info);
-    return info.kv_stats.device_calls;
-}
 
 /* The same calls on a backend that launches calls from the device (where the device runtime
  * library is, unless ATTND_CUDA_LAUNCH=host: then it skips) and on one that launches every call
@@ -731,6 +746,10 @@ static void test_att_cuda_device_launched_calls(void **state) {
     memset(&plan, 0, sizeof plan);
     plan.mixed_wide_sms = ATT_CUDA_NEVER;
     device_launched_case(&plan, 0, 0);
+    if (!has_green()) {
+        printf("SKIP the partitioned case: the driver has no green contexts for the host side\n");
+        return;
+    }
     plan.mixed_wide_sms = 32;
     plan.mixed_part_always = true; /* these batches are far too small to suit one otherwise */
     device_launched_case(&plan, 1, 1);
