@@ -229,11 +229,12 @@ static void graph_free(att_cudl_t *dl, CUgraph *g, CUgraphExec *exec) {
 }
 
 /* The result r of a step that only a graph of two launches takes (its programmatic edge, its
- * instantiation): a driver that refuses it (an invalid value, not supported) gives
- * AT_ERR_UNSUPPORTED, logged here; any other goes through check. */
-static at_err_t pair_step(att_cudl_t *dl, CUresult r, const char *call) {
+ * instantiation), made by call at file:line: a driver that refuses it (an invalid value, not
+ * supported) gives AT_ERR_UNSUPPORTED, logged here; any other goes through check. */
+static at_err_t pair_step(att_cudl_t *dl, CUresult r, const char *call, const char *file,
+                          int line) {
     if (r != CUDA_ERROR_INVALID_VALUE && r != CUDA_ERROR_NOT_SUPPORTED)
-        return dl->check(dl->user, r, call, __FILE__, __LINE__);
+        return dl->check(dl->user, r, call, file, line);
     at_log(AT_LOG_WARN, "cuda",
            "cuda:%d: %s: %s: a graph of a mixed batch's two launches cannot be launched from "
            "the device; the session's mixed batches launch from the host",
@@ -248,7 +249,7 @@ static at_err_t instantiate(att_cudl_sess_t *s, CUgraph g, bool pair, CUgraphExe
     const CUresult r =
         s->dl->drv->cuGraphInstantiateWithFlags(exec, g, CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH);
     at_err_t e =
-        pair ? pair_step(s->dl, r, "cuGraphInstantiateWithFlags")
+        pair ? pair_step(s->dl, r, "cuGraphInstantiateWithFlags", __FILE__, __LINE__)
              : s->dl->check(s->dl->user, r, "cuGraphInstantiateWithFlags", __FILE__, __LINE__);
     if (e == AT_OK)
         e = CK(s->dl, cuGraphUpload(*exec, s->upload));
@@ -300,7 +301,7 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
         edge.from_port = CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER;
         edge.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
         e = pair_step(dl, dl->drv->cuGraphAddDependencies(j->g, &k[0], &k[1], &edge, 1),
-                      "cuGraphAddDependencies");
+                      "cuGraphAddDependencies", __FILE__, __LINE__);
     }
     if (e == AT_OK)
         e = add_node(dl, j->g, &outn, k, n, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);

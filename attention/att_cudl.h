@@ -105,7 +105,7 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
  * AT_ERR_UNSUPPORTED, nothing submitted, when the driver refuses a graph of two launches (its
  * programmatic edge or its instantiation for the device: an invalid value or not supported;
  * logged): the caller runs the call from the host, and att_cudl_pairs is false from then on.
- * Other failures through check (AT_ERR_DEVICE, AT_ERR_NOMEM, ...). */
+ * Other failures through check (AT_ERR_DEVICE). */
 at_err_t att_cudl_submit(att_cudl_sess_t *s);
 /* Whether a call of two launches may come from the device. */
 bool att_cudl_pairs(const att_cudl_sess_t *s);

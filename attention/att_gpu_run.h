@@ -158,8 +158,8 @@ uint32_t att_gpu_launch_order(const att_cuda_plan_t *plan, uint32_t i);
  * and KV head) and the kind's arrays in the device buffer io_d laid out as lo: its part of the
  * call's items and merges, its split parts, its part of the counters. sm_split 0: a block a
  * unit (item and KV head); else a persistent grid of at least `blocks` blocks that leaves the SMs
- * with ids below sm_split (att_kparams_t.sm_split; the kind's three unit counters follow its
- * merge counters). */
+ * with ids below sm_split (att_kparams_t.sm_split; the kind's ATT_KUNIT_COUNTERS unit counters
+ * follow its merge counters). */
 at_err_t att_gpu_launch_kind(lc_t *lc, att_gpu_prepared_fn prepared, att_kv_t *kv,
                              const att_kparams_t *base, const att_gpu_counts_t *pl,
                              const att_gpu_layout_t *lo, uint64_t io_d, uint32_t kind,
