@@ -11,10 +11,10 @@
  * KV head (a unit: blockIdx.x = item * Hkv + kv_head, or taken in turn, see sm_split). A
  * tile's rows are token x query head within the KV head's group: row r of a chunk is token
  * r / group, query head kv_head * group + r % group, so the query heads that share a KV head
- * share each K/V tile read. An item may be limited to a
- * key range (split-KV): it then writes a partial result (unnormalized output, running max in
- * log2 units, denominator) to slot `part`, and the last of a row tile's parts to finish combines
- * the tile's slots into out (no second launch).
+ * share each K/V tile read. An item may be limited to a key range (split-KV): it then writes a
+ * partial result (unnormalized output, running max in log2 units, denominator) to slot `part`,
+ * and the last of a row tile's parts to finish combines the tile's slots into out (no second
+ * launch).
  *
  * Who fills what: the host (att_gpu_run.c) builds chunks, the table entries the
  * session's device-resident tables lack, items and merges, uploads them, patches the pointers
