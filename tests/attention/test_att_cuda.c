@@ -654,10 +654,10 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
  * library is, unless ATTND_CUDA_LAUNCH=host: then it skips) and on one that launches every call
  * from the host, both with plan: a prefill (wide tiles alone), decode steps (narrow alone), two
  * mixed batches (both kinds), an append. Each output must be the host-launched one's to the bit
- * and match the oracle; mixed_from_device says whether the mixed
- * batch must launch from the device (a partitioned plan: the narrow kind's persistent grid, then
- * the wide kind's) or from the host (shared SMs). Then a pause longer than the launcher's idle
- * spell, after which it has ended and the next call must launch it again. */
+ * and match the oracle; mixed_from_device says whether the mixed batches must launch from the
+ * device (a partitioned plan: the narrow kind's persistent grid, then the wide kind's) or from
+ * the host (shared SMs). Then a pause longer than the launcher's idle spell, after which it has
+ * ended and the next call must launch it again. */
 static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_from_device,
                                  uint32_t index) {
     enum { HQ = 8, HKV = 2, D = 128 }; /* bf16 */
