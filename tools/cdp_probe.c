@@ -26,7 +26,8 @@
  *           follows the narrow one through a programmatic edge from its launch-order port (all
  *           its blocks have begun), or with no edge: can such a graph be launched from the
  *           device, and which SMs does each kind get.
- * Then large copies launched from the host: the copy engine against copy kernels (big copy).
+ * Then large copies launched from the host: the copy engine against copy kernels (big copy), and
+ * an attention epilogue's 4-byte stores straight into mapped host memory (fragment stores).
  * For each job: the host's time to submit (median), the round trip until the host sees it done
  * (median, after 0 and 2 ms of busy jobs), and from the device's clock the hops: the resident
  * kernel's pick-up to the work's first block, and that block to the signal.
@@ -140,6 +141,16 @@ static const char k_src[] =
     "    for (int k = 0; k < 4; k++) v[k] = src[i + k * s];\n"
     "    for (int k = 0; k < 4; k++) dst[i + k * s] = v[k]; }\n"
     "  for (; i < n; i += s) dst[i] = src[i];\n}\n"
+    /* stores as an mma.sync or wgmma tile's epilogue makes them: a warp holds 16 rows of 256
+     * bytes; lane (g, t4) stores 4 bytes of rows g and g + 8 at column 16 d + 4 t4, d < 16 */
+    "extern \"C\" __global__ void gfrag(unsigned *dst, unsigned long long rows) {\n"
+    "  const unsigned lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;\n"
+    "  const unsigned long long warps = (unsigned long long)gridDim.x * blockDim.x / 32;\n"
+    "  for (unsigned long long w = (blockIdx.x * blockDim.x + threadIdx.x) / 32; w * 16 < rows;\n"
+    "       w += warps)\n"
+    "    for (int ri = 0; ri < 2; ri++) {\n"
+    "      unsigned *row = dst + (w * 16 + g + 8 * ri) * 64;\n"
+    "      for (int d = 0; d < 16; d++) row[d * 4 + t4] = (unsigned)w ^ d; }\n}\n"
     /* the SM split inside the kernels: a grid of the narrow kind on every SM, whose blocks on
      * the wide kind's SMs (ids below split) leave at once but the last to start; the wide
      * kind's grid after it */
@@ -190,7 +201,7 @@ enum { COPY_IN = 3 << 20, COPY_OUT = 2 << 20 };
 
 typedef struct {
     CUfunction resident, work, copy, gsignal, gwork, glauncher, gread, gcopy, gsm, gpart, gwide;
-    CUfunction gcopy4;
+    CUfunction gcopy4, gfrag;
     CUstream res, st;
     job_t *job;                      /* mapped host memory */
     _Atomic unsigned *out_seq;       /* mapped, written by the signal grid */
@@ -660,7 +671,8 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
 
 /* Large copies between mapped host memory and the device, launched from the host: the copy
  * engine (cuMemcpy*Async) against the SMs (gcopy: one load in flight per thread; gcopy4: four;
- * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included). */
+ * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included); then gfrag's
+ * stores out. */
 static int big_copies(probe_t *p) {
     static const size_t sizes[] = {32u << 20, 256u << 20};
     void *h = NULL;
@@ -698,6 +710,21 @@ static int big_copies(probe_t *p) {
                        (double)n / best[3] / 1e3, (double)n / best[4] / 1e3);
         }
     }
+    /* an attention tile's epilogue writing out straight into mapped host memory (gfrag) */
+    double frag = 1e30;
+    for (int rep = 0; rep < 5 && rc == 0; rep++) {
+        unsigned long long rows = sizes[1] / 256;
+        void *args[] = {&h_d, &rows};
+        const unsigned long long t0 = now_ns();
+        rc = CK(cuLaunchKernel(p->gfrag, (unsigned)p->sms * 4, 1, 1, 256, 1, 1, 0, p->st, args,
+                               NULL)) ||
+             CK(cuStreamSynchronize(p->st));
+        const double us = (double)(now_ns() - t0) / 1e3;
+        frag = us < frag ? us : frag;
+    }
+    if (rc == 0)
+        printf("fragment stores out %zu MiB (GB/s): SMs x4 %.1f\n", sizes[1] >> 20,
+               (double)sizes[1] / frag / 1e3);
     if (d != 0)
         rc = CK(cuMemFree(d)) || rc;
     if (h != NULL)
@@ -757,6 +784,7 @@ int main(int argc, char **argv) {
         CK(cuModuleGetFunction(&p.gsm, mod, "gsm")) ||
         CK(cuModuleGetFunction(&p.gpart, mod, "gpart")) ||
         CK(cuModuleGetFunction(&p.gcopy4, mod, "gcopy4")) ||
+        CK(cuModuleGetFunction(&p.gfrag, mod, "gfrag")) ||
         CK(cuModuleGetFunction(&p.gwide, mod, "gwide")) ||
         CK(cuFuncSetAttribute(p.gwide, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               WIDE_SMEM)) ||
