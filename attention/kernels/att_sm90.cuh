@@ -550,35 +550,54 @@ att_k_attend(const att_kparams_t p) {
         release(kt);
     }
 
-    /* Epilogue, straight from the accumulators: this thread's two rows, two columns per n8 tile.
-     * A split item writes its unnormalized f32 rows and (max, sum); the last part merges. */
+    /* Epilogue. A split item writes its unnormalized f32 rows and (max, sum) straight from the
+     * accumulators (two columns per n8 tile of rows g and g + 8); the last part merges. A whole
+     * item rounds its rows into the warpgroup's own Q rows of shared memory (no longer read:
+     * its last wgmma was waited for) and stores them whole, 16 bytes a thread along each row:
+     * out may be host memory (att_cuda.c, direct I/O), where the accumulators' scattered 4-byte
+     * stores run at a quarter of the link's speed (docs/BENCHMARKS.md). */
+    float l_all[2];
 #pragma unroll
     for (int ri = 0; ri < 2; ri++) {
-        float l = l_run[ri];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const uint32_t r = wg * 64 + wi * 16 + g + 8 * ri, R = t.it.row_begin + r;
-        if (R >= t.row_end)
-            continue;
-        if (t.it.part != ATT_KPART_NONE) {
+        l_all[ri] = l_run[ri] + __shfl_xor_sync(0xffffffffu, l_run[ri], 1);
+        l_all[ri] += __shfl_xor_sync(0xffffffffu, l_all[ri], 2);
+    }
+    if (t.it.part != ATT_KPART_NONE) {
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            const uint32_t r = wg * 64 + wi * 16 + g + 8 * ri, R = t.it.row_begin + r;
+            if (R >= t.row_end)
+                continue;
             const uint64_t prow = ((uint64_t)t.it.part * kHkv + t.h) * kRows + r;
             float *po = (float *)p.part_o_d + prow * kD + 2 * t4;
 #pragma unroll
             for (uint32_t d = 0; d < kDT; d++)
                 *(float2 *)(po + d * 8) = make_float2(o[d * 4 + 2 * ri], o[d * 4 + 2 * ri + 1]);
             if (t4 == 0)
-                *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m_run[ri], l);
-        } else {
-            const uint32_t qh = t.h * kG + R % kG;
-            const float sc = out_scale(p, qh, m_run[ri], l);
-            elem_t *dst = (elem_t *)p.out_d +
-                          ((uint64_t)(t.ch.token_offset + R / kG) * kHq + qh) * kD + 2 * t4;
-#pragma unroll
-            for (uint32_t d = 0; d < kDT; d++)
-                *(uint32_t *)(dst + d * 8) =
-                    pack2(o[d * 4 + 2 * ri] * sc, o[d * 4 + 2 * ri + 1] * sc);
+                *(float2 *)((float *)p.part_ml_d + prow * 2) = make_float2(m_run[ri], l_all[ri]);
         }
-    }
-    if (t.it.part != ATT_KPART_NONE)
         finish_split<consumer_sync>(p, t, tid, kThreads);
+        return;
+    }
+    unsigned char *const q_gen = smem + (q_s - smem_addr(smem)); /* q_s as a generic pointer */
+    named_sync(1 + wg, 128); /* every warp of the warpgroup is past its last wgmma */
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        const uint32_t r = wg * 64 + wi * 16 + g + 8 * ri, R = t.it.row_begin + r;
+        if (R >= t.row_end)
+            continue;
+        const float sc = out_scale(p, t.h * kG + R % kG, m_run[ri], l_all[ri]);
+#pragma unroll
+        for (uint32_t d = 0; d < kDT; d++)
+            *(uint32_t *)(q_gen + sw128(kRows, r, d) + 4 * t4) =
+                pack2(o[d * 4 + 2 * ri] * sc, o[d * 4 + 2 * ri + 1] * sc);
+    }
+    named_sync(1 + wg, 128);
+    for (uint32_t c = wt; c < 64 * kCPR; c += 128) {
+        const uint32_t r = wg * 64 + c / kCPR, cc = c % kCPR, R = t.it.row_begin + r;
+        if (R < t.row_end)
+            *(uint4 *)((elem_t *)p.out_d +
+                       ((uint64_t)(t.ch.token_offset + R / kG) * kHq + t.h * kG + R % kG) * kD +
+                       cc * kVec) = *(const uint4 *)(q_gen + sw128(kRows, r, cc));
+    }
 }
