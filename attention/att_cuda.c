@@ -12,17 +12,18 @@
  *
  * A run, on the session's stream: one upload of the metadata (chunks, the table entries the
  * session's device-resident block tables lack, items, merges), one upload per tensor run (from
- * pinned staging, or straight from registered memory) or one for q, k and v together where they
- * lie one after another in a registered region (att_gpu_qkv_span), the attention launches (one
- * per tile kind, whose split tiles merge themselves; with both kinds, the wide ones on the
- * session's side stream, forked and joined by events; or, when the plan asks for an SM partition
- * (mixed_wide_sms), each kind on the session's stream in its own green context, both forked and
- * joined), one download of out; then the stream is synchronized and out copied into place. A
- * run of one launch, or a mixed one the plan partitions, that moves at most
- * ATT_CUDL_MAX_COPY_BYTES and is not timed is instead launched from the device (att_cudl.h: the
- * copies and the launches are a job graph that the session's launcher starts when the host
- * writes the job into mapped memory; a partitioned mixed batch splits the SMs inside its
- * kernels, not by green contexts).
+ * pinned staging, or straight from registered memory) or one for q (if copied), k and v together
+ * where they lie one after another in a registered region (att_gpu_qkv_span), the attention
+ * launches (one per tile kind, whose split tiles merge themselves; with both kinds, the wide ones
+ * on the session's side stream, forked and joined by events; or, when the plan asks for an SM
+ * partition (mixed_wide_sms), each kind on the session's stream in its own green context, both
+ * forked and joined), one download of out (if copied); then the stream is synchronized and out
+ * copied into place where it was staged. An untimed run's kernels read q and write out in host
+ * memory themselves where they can ("direct I/O" below): no copy of either. A run of one launch,
+ * or a mixed one the plan partitions, that copies at most ATT_CUDL_MAX_COPY_BYTES and is not
+ * timed is instead launched from the device (att_cudl.h: the copies and the launches are a job
+ * graph that the session's launcher starts when the host writes the job into mapped memory; a
+ * partitioned mixed batch splits the SMs inside its kernels, not by green contexts).
  * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
  * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
  * keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config, and a switch to a
@@ -72,6 +73,7 @@ typedef struct cuda_backend {
     char name[128];
     char desc[192];
     bool timing;
+    bool direct_io; /* untimed calls' kernels read q and write out in host memory (io_prepare) */
     bool has_plan;
     att_cuda_plan_t plan; /* overrides of att_cuda_cfg_t.plan (has_plan) */
     att_jit_t *jit; /* owned */
@@ -346,20 +348,97 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
     return AT_OK;
 }
 
-/* Uploads the call's q, k and v: one copy where the host holds them together in registered
- * memory (att_gpu_qkv_span, which then places k and v in lo), else a copy per run of chunks. */
-static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
-                              size_t q_row, size_t kv_row) {
+/* ---- direct I/O ---- */
+
+/* Where an attending call's q or out meets the kernels. Copied, a prefill's call waits for all
+ * of q to come in before its kernels start and for all of out to go back after them: on the
+ * H200 an 8 x 2048 Llama prefill moves 268 MB so, 5 ms beside its 0.9 ms of kernels. Read and
+ * written by the kernels in host memory instead, over the link as their blocks need them, the
+ * transfers overlap the work and each other (docs/BENCHMARKS.md). k and v are still copied: a
+ * prefill's tiles read the new keys once per row tile. */
+typedef enum {
+    IO_COPY,  /* through the call's device buffer (io_d): timed calls (their device time is the
+                 kernels' alone), direct I/O off, a batch merged from calls in registered
+                 memory (one run each: gathering them would cost the host a copy the DMA does
+                 now), or registered memory not 16-byte aligned (the kernels' vector accesses) */
+    IO_HOST,  /* where it lies: one run of every chunk's rows, in registered memory */
+    IO_STAGE, /* in the stage (mapped), gathered there before the call or scattered after it:
+                 no run of it is registered, so the host copies it either way */
+} io_way_t;
+
+typedef struct io {
+    io_way_t q, out;
+    uint64_t q_addr, out_addr; /* the kernels' addresses of a tensor not copied */
+} io_t;
+
+/* The way of tensor `which` (0 q, 3 out) and, when not IO_COPY, the kernels' address of it. */
+static io_way_t io_way(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
+                       size_t stage_off, uint64_t *addr) {
     cuda_backend_t *be = kv->be;
+    uint32_t runs = 0, registered = 0;
+    const uint8_t *first = NULL;
+    for (uint32_t c = 0; c < b->num_chunks;) {
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
+        if (runs++ == 0)
+            first = p;
+        registered += att_gpu_regions_contain(&be->regs, p, n) ? 1 : 0;
+        c = d;
+    }
+    if (registered == 0) {
+        *addr = kv->stage_d + stage_off;
+        return IO_STAGE;
+    }
+    if (runs == 1 && ((uintptr_t)first & 15u) == 0) {
+        *addr = (uint64_t)(uintptr_t)first; /* the device uses registered memory at its host
+                                               address (direct_io needs it) */
+        return IO_HOST;
+    }
+    return IO_COPY;
+}
+
+/* Chooses the ways of b's q and out and gathers a staged q into the stage. */
+static void io_prepare(att_kv_t *kv, const att_batch_t *b, const att_gpu_layout_t *lo, size_t q_row,
+                       io_t *io) {
+    memset(io, 0, sizeof *io);
+    if (!b->attend || !kv->be->direct_io || kv->be->timing || kv->timing)
+        return;
+    io->q = io_way(kv, b, 0, q_row, lo->o_q, &io->q_addr);
+    io->out = io_way(kv, b, 3, q_row, lo->o_out, &io->out_addr);
+    for (uint32_t c = 0; io->q == IO_STAGE && c < b->num_chunks;) {
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, 0, q_row, c, &p, &n, &off);
+        memcpy(kv->stage_h + lo->o_q + off, p, n);
+        c = d;
+    }
+}
+
+/* Points the kernels' parameters at the tensors not copied. */
+static void io_params(const io_t *io, att_kparams_t *p) {
+    if (io->q != IO_COPY)
+        p->q_d = io->q_addr;
+    if (io->out != IO_COPY)
+        p->out_d = io->out_addr;
+}
+
+/* Uploads the call's inputs but a q the kernels read in host memory (io): q (if copied), k and
+ * v in one copy where the host holds them together in registered memory (att_gpu_qkv_span, which
+ * then places k and v in lo), else a copy per run of chunks. */
+static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, const io_t *io,
+                              att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
+    cuda_backend_t *be = kv->be;
+    const bool q_in = b->attend && io->q == IO_COPY;
     size_t n = 0;
-    const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
-    if (qkv != NULL) {
+    const uint8_t *span = att_gpu_qkv_span(b, q_in ? 0 : 1, q_row, kv_row, &be->regs, lo, &n);
+    if (span != NULL) {
         kv->uploads++;
-        return CU(cuMemcpyHtoDAsync(kv->io_d + lo->o_q, qkv, n, kv->stream));
+        return CU(cuMemcpyHtoDAsync(kv->io_d + (q_in ? lo->o_q : lo->o_k), span, n, kv->stream));
     }
     bool staged;
     at_err_t e = AT_OK;
-    if (b->attend)
+    if (q_in)
         e = move_tensor(kv, b, 0, q_row, lo->o_q, lo->o_q, &staged);
     if (e == AT_OK)
         e = move_tensor(kv, b, 1, kv_row, lo->o_k, lo->o_k, &staged);
@@ -410,15 +489,17 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
 /* Whether the device should launch the call: one launch (one tile kind, or an append), or a
  * mixed batch the plan partitions (its narrow kind's persistent grid first, which leaves the wide
  * kind its SMs: att_cudl.h; the wgmma body has no persistent grid, and mixed batches on shared
- * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES to move (the
- * SMs copy 5-8% slower than the copy engine: above it, an 8 x 2048 prefill's 335 MB, the call
- * was 5-9% slower, and a launch's few us of host time are nothing beside the milliseconds of
- * the copies: docs/BENCHMARKS.md). */
+ * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES to copy: k
+ * and v, and q and out where io copies them (the SMs copy 5-8% slower than the copy engine; an
+ * 8 x 2048 prefill's 67 MB of k and v made its call 2-4% slower from the device, and a launch's
+ * few us of host time are nothing beside its milliseconds: docs/BENCHMARKS.md). */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
-                     const att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
+                     const att_gpu_layout_t *lo, const io_t *io, size_t q_row, size_t kv_row) {
     if (kv->dl == NULL || kv->be->timing || kv->timing || b->num_chunks == 0)
         return false;
-    const uint64_t rows = b->attend ? 2 * q_row + 2 * kv_row : 2 * kv_row;
+    uint64_t rows = 2 * kv_row;
+    if (b->attend)
+        rows += (io->q == IO_COPY ? q_row : 0) + (io->out == IO_COPY ? q_row : 0);
     if (lo->meta_end + (uint64_t)b->total_tokens * rows > ATT_CUDL_MAX_COPY_BYTES)
         return false;
     const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
@@ -445,28 +526,32 @@ static void dl_off(att_kv_t *kv, const char *why) {
  * host), or att_cudl could not make or submit the job (all of the session's calls then launch
  * from the host); nothing was submitted and the host path runs the call. */
 static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
-                              const att_gpu_counts_t *pl, size_t q_row, size_t kv_row, uint64_t t0,
-                              bool *taken) {
+                              const att_gpu_counts_t *pl, const io_t *io, size_t q_row,
+                              size_t kv_row, uint64_t t0, bool *taken) {
     cuda_backend_t *be = kv->be;
     *taken = false;
     att_cudl_begin(kv->dl);
     bool ok =
         att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d, kv->stage_d, lo->meta_end);
+    const bool q_in = b->attend && io->q == IO_COPY;
     size_t n = 0;
-    bool in_staged = false, out_staged = false;
-    const uint8_t *qkv = att_gpu_qkv_span(b, q_row, kv_row, &be->regs, lo, &n);
-    if (qkv != NULL)
-        ok = ok && att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d + lo->o_q,
-                                      (uint64_t)(uintptr_t)qkv, n);
+    bool in_staged = false, out_staged = b->attend && io->out == IO_STAGE;
+    const uint8_t *span = att_gpu_qkv_span(b, q_in ? 0 : 1, q_row, kv_row, &be->regs, lo, &n);
+    if (span != NULL)
+        ok = ok && att_cudl_range_add(att_cudl_copies(kv->dl, false),
+                                      kv->io_d + (q_in ? lo->o_q : lo->o_k),
+                                      (uint64_t)(uintptr_t)span, n);
     else
-        ok = ok && (!b->attend || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
+        ok = ok && (!q_in || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
              dl_tensor(kv, b, 1, kv_row, lo->o_k, &in_staged) &&
              dl_tensor(kv, b, 2, kv_row, lo->o_v, &in_staged);
-    ok = ok && (!b->attend || dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
+    ok = ok &&
+         (!b->attend || io->out != IO_COPY || dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
     if (!ok)
         return AT_OK;
     att_kparams_t p;
     att_gpu_run_params(kv->m, b, lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
+    io_params(io, &p);
     p.counters_d = kv->counters_d;
     kv->dl_recording = true;
     kv->dl_failed = false;
@@ -654,21 +739,24 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
             AT_OK)
         return e;
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
-    if (dl_suits(kv, b, &pl, &lo, q_row, kv_row)) {
+    io_t io;
+    io_prepare(kv, b, &lo, q_row, &io);
+    if (dl_suits(kv, b, &pl, &lo, &io, q_row, kv_row)) {
         bool taken;
-        if ((e = run_on_device(kv, b, &lo, &pl, q_row, kv_row, t0, &taken)) != AT_OK || taken)
+        if ((e = run_on_device(kv, b, &lo, &pl, &io, q_row, kv_row, t0, &taken)) != AT_OK || taken)
             return e;
     }
     kv->uploads++;
     if ((e = CU(cuMemcpyHtoDAsync(kv->io_d, kv->stage_h, lo.meta_end, kv->stream))) != AT_OK)
         goto out_drain;
-    if ((e = upload_inputs(kv, b, &lo, q_row, kv_row)) != AT_OK)
+    if ((e = upload_inputs(kv, b, &io, &lo, q_row, kv_row)) != AT_OK)
         goto out_drain;
 
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_begin, kv->stream))) != AT_OK)
         goto out_drain;
     att_kparams_t p;
     att_gpu_run_params(m, b, &lo, kv->io_d, kv->tables_d, kv->pool_d, kv->layer_half_bytes, &p);
+    io_params(&io, &p);
     p.counters_d = kv->counters_d;
     kv->launch_stream = kv->stream;
     if (b->attend) {
@@ -708,8 +796,9 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = att_gpu_now_ns() - t0;
-    bool out_staged = false;
-    if (b->attend && (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
+    bool out_staged = b->attend && io.out == IO_STAGE;
+    if (b->attend && io.out == IO_COPY &&
+        (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
         goto out_drain;
     if ((e = CU(cuStreamSynchronize(kv->stream))) != AT_OK)
         goto out_drain;
@@ -1137,6 +1226,20 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
         return e;
     }
     att_gpu_cq_init(&be->cq, be->jit, be->arch, cuda_opts, be, cfg->compile_threads);
+    const char *io = getenv("ATTND_CUDA_IO");
+    int host_ptr = 0;
+    if (cfg->staged_io || (io != NULL && strcmp(io, "staged") == 0))
+        at_log(AT_LOG_INFO, "cuda", "cuda:%d: q and out are copied (as asked)", be->ordinal);
+    else if (drv->cuDeviceGetAttribute(&host_ptr,
+                                       CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+                                       be->dev) != CUDA_SUCCESS ||
+             !host_ptr)
+        at_log(AT_LOG_WARN, "cuda",
+               "cuda:%d: q and out are copied: the device cannot use registered memory at its "
+               "host address",
+               be->ordinal);
+    else
+        be->direct_io = true;
     const char *launch = getenv("ATTND_CUDA_LAUNCH");
     if (cfg->host_launches || (launch != NULL && strcmp(launch, "host") == 0)) {
         at_log(AT_LOG_INFO, "cuda", "cuda:%d: calls launch from the host (as asked)", be->ordinal);

@@ -7,9 +7,10 @@
  * its launch cache (cache/lc.h) and its per-call buffers. A run uploads the call's
  * metadata and tensors, launches the attention (the KV write is fused into it; long contexts
  * over few sequences are split and merged), copies out back and returns when it is in host
- * memory. Every CUresult is checked (one macro: file:line and the driver's error name in the log,
- * AT_ERR_DEVICE to the caller); after a sticky fault (a kernel's illegal address, say) the
- * backend is marked lost and every later call fails fast with AT_ERR_DEVICE.
+ * memory; untimed runs' kernels read q and write out in host memory themselves where they can
+ * (att_cuda.c, "direct I/O"). Every CUresult is checked (one macro: file:line and the driver's
+ * error name in the log, AT_ERR_DEVICE to the caller); after a sticky fault (a kernel's illegal
+ * address, say) the backend is marked lost and every later call fails fast with AT_ERR_DEVICE.
  *
  * Thread: a backend may be used from several threads (each entry makes the device's primary
  * context current); run() and read_kv() of one att_kv_t are serialized by the caller. */
@@ -75,6 +76,10 @@ typedef struct att_cuda_cfg {
     /* Every call launches from the host, none from the device (attention/att_cudl.h): tests and
      * comparisons. The environment's ATTND_CUDA_LAUNCH=host asks the same of every backend. */
     bool host_launches;
+    /* Every call's q and out are copied between host and device memory around the kernels, as
+     * timed calls' always are (attention/att_cuda.c, "direct I/O"): tests and comparisons. The
+     * environment's ATTND_CUDA_IO=staged asks the same of every backend. */
+    bool staged_io;
 } att_cuda_cfg_t;
 
 /* The plan for model m on a device of architecture arch ("sm_90": the wgmma wide tile where the

@@ -11,8 +11,10 @@
  * launch(es) -> copy out, whose last block reports the job done. The copies run on SMs from mapped
  * host memory (the stage, the registered arena), a little slower than the copy engine (on the
  * H200 50 GB/s in and 52 out against its 54-55, whatever the grid or loads in flight:
- * docs/BENCHMARKS.md). A call writes the kernels' parameter blocks (three or four) and grids into
- * the job record and its number last; the launcher applies them to the job graph's
+ * docs/BENCHMARKS.md). Where the kernels read q and write out in host memory themselves
+ * (att_cuda.c, direct I/O), the copies carry only the metadata, k and v, and the copy out none:
+ * its one block only reports. A call writes the kernels' parameter blocks (three or four) and grids
+ * into the job record and its number last; the launcher applies them to the job graph's
  * device-updatable nodes, launches that graph and comes back when it has finished; the host spins
  * on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher ends, holding no SM slot;
  * the next call launches it again from the host first.
@@ -50,10 +52,10 @@
  * layers, shorter than a human notices a spinning thread. */
 #define ATT_CUDL_IDLE_NS 2000000ull
 
-/* The most bytes (in and out) a device-launched call moves. The SMs copy between mapped host
+/* The most bytes (in and out) a device-launched call copies. The SMs copy between mapped host
  * memory and the device 5-8% slower than the copy engine (docs/BENCHMARKS.md): a few us on a
- * decode call's few MiB, as much as a launch saves; hundreds on a large prefill's, where a
- * launch's host time does not matter. */
+ * decode call's few MiB, as much as a launch saves; a hundred on a large prefill's k and v, where
+ * a launch's host time does not matter. */
 #define ATT_CUDL_MAX_COPY_BYTES (32ull << 20)
 
 /* The backend's check of a driver result (its one CUresult -> at_err_t mapping, which also

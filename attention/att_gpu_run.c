@@ -358,27 +358,29 @@ bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n) {
     return found;
 }
 
-const uint8_t *att_gpu_qkv_span(const att_batch_t *b, size_t q_row, size_t kv_row,
+const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, size_t kv_row,
                                 att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes) {
-    if (!b->attend || b->num_chunks == 0)
+    if (b->num_chunks == 0 || first < 0 || first > 1 || (first == 0 && !b->attend))
         return NULL;
-    const uint8_t *p[3];
-    size_t n[3], off;
+    const uint8_t *p[3] = {NULL, NULL, NULL};
+    size_t n[3] = {0, 0, 0}, off;
     const size_t rows[3] = {q_row, kv_row, kv_row};
-    for (int w = 0; w < 3; w++)
+    for (int w = first; w < 3; w++)
         if (att_gpu_tensor_run(b, w, rows[w], 0, &p[w], &n[w], &off) != b->num_chunks || off != 0)
             return NULL;
-    const uintptr_t q = (uintptr_t)p[0], k = (uintptr_t)p[1], v = (uintptr_t)p[2];
-    if (k < q + n[0] || v < k + n[1])
+    for (int w = first + 1; w < 3; w++)
+        if ((uintptr_t)p[w] < (uintptr_t)p[w - 1] + n[w - 1] ||
+            ((uintptr_t)p[w] - (uintptr_t)p[first]) % 16 != 0)
+            return NULL;
+    const size_t base = first == 0 ? lo->o_q : lo->o_k;
+    const size_t dk = (uintptr_t)p[1] - (uintptr_t)p[first];
+    const size_t dv = (uintptr_t)p[2] - (uintptr_t)p[first], span = dv + n[2];
+    if (span > lo->o_out - base || !att_gpu_regions_contain(r, p[first], span))
         return NULL;
-    const size_t dk = k - q, dv = v - q, span = dv + n[2];
-    if (dk % 16 != 0 || dv % 16 != 0 || span > lo->o_out - lo->o_q ||
-        !att_gpu_regions_contain(r, p[0], span))
-        return NULL;
-    lo->o_k = lo->o_q + dk;
-    lo->o_v = lo->o_q + dv;
+    lo->o_k = base + dk;
+    lo->o_v = base + dv;
     *bytes = span;
-    return p[0];
+    return p[first];
 }
 
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,

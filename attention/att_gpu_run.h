@@ -201,16 +201,18 @@ at_err_t att_gpu_regions_add(att_gpu_regions_t *r, void *p, size_t bytes,
 /* True when [p, p + n) lies inside one registered region. Any thread. */
 bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n);
 
-/* One upload for an attending batch's q, k and v. When each of them is one run of every chunk's
- * rows (att_gpu_tensor_run), k lies after q and v after k in host memory, all inside one
- * registered region of r, and the distances from q keep k and v 16-byte aligned and fit lo's
- * room before o_out: moves lo->o_k and lo->o_v to q's distances from lo->o_q and returns q's
- * host address, *bytes the span from q's first byte to v's last, which can go in one copy to
- * lo->o_q (the bytes between the tensors go too: nothing reads them). Else NULL, lo unchanged.
- * The server's arena allocates a call's tensors first fit, so they lie so whenever one free
- * range holds them (a batch merged from several calls never does); the benches place them so.
- * Each copy call saved is microseconds of host time (docs/BENCHMARKS.md). Any thread. */
-const uint8_t *att_gpu_qkv_span(const att_batch_t *b, size_t q_row, size_t kv_row,
+/* One upload for a batch's q, k and v (first 0: an attending batch's), or k and v (first 1:
+ * where the kernels read q in host memory, or an append-only batch). When each of them is one run
+ * of every chunk's rows (att_gpu_tensor_run), each lies after the one before in host memory, all
+ * inside one registered region of r, and the distances from the first keep the others 16-byte
+ * aligned and fit lo's room before o_out: moves lo->o_k and lo->o_v to the first's distances
+ * from its own offset (lo->o_q, or lo->o_k) and returns the first's host address, *bytes the span
+ * from its first byte to v's last, which can go in one copy to that offset (the bytes between the
+ * tensors go too: nothing reads them). Else NULL, lo unchanged. The server's arena allocates a
+ * call's tensors first fit, so they lie so whenever one free range holds them (a batch merged
+ * from several calls never does); the benches place them so. Each copy call saved is
+ * microseconds of host time (docs/BENCHMARKS.md). Any thread. */
+const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, size_t kv_row,
                                 att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes);
 
 /* Copies out's staged rows (stage_out: the stage's out region) to each chunk's out that is not

@@ -105,9 +105,9 @@ if has sanitize; then
   export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
   export ATTND_CUDADEVRT="$here/dist/gpu/lib/libcudadevrt.a"
   # split-KV (the merge in the kernel), the device-resident block tables, the SM partitions, the
-  # last wave's split tiles, q, k and v uploaded in one copy
+  # last wave's split tiles, q, k and v uploaded in one copy, q and out in host memory
   for tool in memcheck racecheck; do
-    for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors \
+    for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors q_and_out \
              device_launched; do
       note "compute-sanitizer $tool on *$f*"
       ATTND_TEST_FILTER="*$f*" timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
@@ -133,15 +133,17 @@ if has bench; then
   timeout 120 "$R" attnd bench-gpu --plain-host --cases decode > "$out/bench_gpu_plain.log" 2>&1 ||
     status=1
   grep -E "^tensors|^case|^decode" "$out/bench_gpu_plain.log"
-  # Timed runs launch from the host (events around the kernels); untimed ones, as the server's,
-  # launch calls of one launch and partitioned mixed batches from the device. Then the same
-  # from the host, side by side.
-  for mode in device host; do
+  # Timed runs launch from the host (events around the kernels) and copy q and out; untimed
+  # ones, as the server's, launch calls of one launch and partitioned mixed batches from the
+  # device, and their kernels read q and write out in host memory. Then the same from the
+  # host, and with q and out copied, side by side.
+  for mode in device host staged; do
     note "attnd bench-gpu --no-timing (no events around the kernels, as in the server), $mode"
     if [ "$mode" = host ]; then export ATTND_CUDA_LAUNCH=host; fi
+    if [ "$mode" = staged ]; then export ATTND_CUDA_IO=staged; fi
     timeout 120 "$R" attnd bench-gpu --no-timing --cases decode,prefill,mixed \
       > "$out/bench_gpu_nt.log" 2>&1 || status=1
-    unset ATTND_CUDA_LAUNCH
+    unset ATTND_CUDA_LAUNCH ATTND_CUDA_IO
     grep -E "^case|^decode|^prefill|^mixed|launch from" "$out/bench_gpu_nt.log"
     cat "$out/bench_gpu_nt.log" >> "$out/bench_gpu_nt_all.log"
   done

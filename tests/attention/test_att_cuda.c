@@ -49,7 +49,7 @@ typedef att_cuda_cfg_t be_cfg_t;
 static uint64_t g_seed;
 static att_backend_t *g_cuda;
 static at_diag_t g_why;
-static void *g_registered[2]; /* registered with g_cuda: freed after it */
+static void *g_registered[3]; /* registered with g_cuda: freed after it */
 
 static const att_cpu_cfg_t CPU_BE[] = {{.num_threads = 0}};
 
@@ -731,6 +731,121 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
     att_backend_destroy(&host);
 }
 
+/* ---- q and out in host memory (att_cuda.c, "direct I/O") ---- */
+
+/* Runs calls[0..n) on the rig's context ctx as one backend run (merged when n is 2), asserting
+ * AT_OK and one run. */
+static void io_run(att_rig_t *rig, uint32_t ctx, const att_call_t *calls, uint32_t n) {
+    att_ctx_info_t before, after;
+    att_ctx_get_info(rig->ctx[ctx], &before);
+    at_err_t errs[2];
+    at_diag_t diags[2];
+    memset(diags, 0, sizeof diags);
+    att_ctx_run_many(rig->ctx[ctx], calls, n, 1, errs, diags);
+    for (uint32_t i = 0; i < n; i++)
+        TU_CHECK(errs[i] == AT_OK, "context %u, call %u: %s (%s)", ctx, i, at_err_name(errs[i]),
+                 diags[i].msg);
+    att_ctx_get_info(rig->ctx[ctx], &after);
+    TU_CHECK(after.backend_runs - before.backend_runs == 1, "context %u: %" PRIu64 " runs", ctx,
+             after.backend_runs - before.backend_runs);
+}
+
+/* Calls whose q and out lie each way the backend tells apart, on the shared backend and on one
+ * that copies q and out (staged_io): q and out each in one run of registered memory (the kernels
+ * use them where they lie), out 8 bytes off 16-byte alignment (copied back), both on the heap
+ * (the kernels use the stage), two calls merged into one run, each in registered memory (q and
+ * out in two runs: copied). Prefill, decode, a mixed batch, decode. Every output must match the
+ * oracle, and the copying backend's to the bit. */
+static void test_att_cuda_q_and_out_in_host_memory(void **state) {
+    (void)state;
+    NEED_GPU();
+    enum { HQ = 8, HKV = 2, D = 64, Q_ROW = HQ * D * 2 }; /* bf16 */
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 63000u));
+    tu_where_set("q and out in host memory: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    const att_cuda_cfg_t sc = {.device = 0, .kernel_cache_dir = "", .staged_io = true};
+    att_backend_t *staged = NULL;
+    at_diag_t d = {{0}};
+    TU_CHECK(att_cuda_create(&sc, &d, &staged) == AT_OK, "att_cuda_create: %s", d.msg);
+    att_backend_t *const both[2] = {g_cuda, staged};
+    /* a region for each backend: both use the device's primary context, where memory is
+     * registered once */
+    const size_t region = 1u << 20, half = region / 2;
+    uint8_t *reg[2] = {NULL, NULL};
+    for (int x = 0; x < 2; x++) {
+        TU_CHECK(posix_memalign((void **)&reg[x], 4096, region) == 0, "posix_memalign");
+        TU_CHECK(both[x]->ops->register_host(both[x], reg[x], region) == AT_OK, "register_host");
+    }
+    g_registered[2] = reg[0];
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
+    att_rig_t rig;
+    att_rig_init_with(&rig, &s.cfg, 4096, CPU_BE, 0, both, 2, tu_rng_next(&r));
+    const att_chunk_t steps[4][2] = {{{41, 0, 70}, {42, 0, 9}},
+                                     {{41, 70, 1}, {42, 9, 1}},
+                                     {{41, 71, 1}, {42, 10, 30}},
+                                     {{41, 72, 1}, {42, 40, 1}}};
+    for (int i = 0; i < 4; i++) {
+        const uint32_t n = i == 3 ? 2 : 1;   /* calls: step 3's chunks are two merged calls */
+        const uint32_t per = i == 3 ? 1 : 2; /* chunks per call */
+        void *qs[2], *k[2], *v[2], *heap_out[2], *saved[2];
+        double *ref[2];
+        size_t qb[2];
+        for (uint32_t c = 0; c < n; c++) {
+            const att_chunk_t *ch = &steps[i][c * per];
+            const uint32_t t = att_rig_tokens(ch, per);
+            qb[c] = (size_t)t * Q_ROW;
+            qs[c] = att_rig_random_q(&rig, t);
+            k[c] = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE);
+            v[c] = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+            heap_out[c] = tu_xmalloc(qb[c]);
+            saved[c] = tu_xmalloc(qb[c]);
+            ref[c] = tu_xcalloc((size_t)t * HQ * D, sizeof(double));
+            for (uint32_t j = 0; j < per; j++)
+                att_rig_note_id(&rig, ch[j].seq_id);
+            TU_CHECK(att_oracle_run(rig.oracle, 0, ch, per, qs[c], k[c], v[c], ref[c]) == AT_OK,
+                     "oracle");
+        }
+        for (uint32_t x = 0; x < 2; x++) {
+            att_call_t calls[2];
+            void *out[2];
+            for (uint32_t c = 0; c < n; c++) {
+                void *q = qs[c];
+                out[c] = heap_out[c];
+                if (i != 2) {
+                    q = reg[x] + c * 64 * 1024;
+                    out[c] = reg[x] + half + c * 64 * 1024 + (i == 1 ? 8 : 0);
+                    memcpy(q, qs[c], qb[c]);
+                }
+                memset(out[c], 0xff, qb[c]);
+                calls[c] = att_rig_call(&rig, 0, &steps[i][c * per], per, q, k[c], v[c], out[c]);
+            }
+            io_run(&rig, x, calls, n);
+            for (uint32_t c = 0; c < n; c++) {
+                att_rig_compare(&rig, x, 0, &steps[i][c * per], per, out[c], ref[c]);
+                if (x == 0)
+                    memcpy(saved[c], out[c], qb[c]);
+                else
+                    TU_CHECK(memcmp(saved[c], out[c], qb[c]) == 0,
+                             "step %d, call %u: the outputs differ from the copying backend's", i,
+                             c);
+            }
+        }
+        for (uint32_t c = 0; c < n; c++) {
+            free(qs[c]);
+            free(k[c]);
+            free(v[c]);
+            free(heap_out[c]);
+            free(saved[c]);
+            free(ref[c]);
+        }
+    }
+    att_rig_check_cache(&rig);
+    att_rig_fini(&rig);
+    att_backend_destroy(&staged);
+    free(reg[1]);
+}
+
 /* A plan without SM partitions (mixed batches share the SMs: from the host), then one that
  * splits every mixed batch's SMs (from the device, where the driver has green contexts for the
  * host's side to compare with). */
@@ -819,8 +934,8 @@ static int setup(void **state) {
 static int teardown(void **state) {
     (void)state;
     att_backend_destroy(&g_cuda);
-    free(g_registered[0]);
-    free(g_registered[1]);
+    for (size_t i = 0; i < sizeof g_registered / sizeof g_registered[0]; i++)
+        free(g_registered[i]);
     return 0;
 }
 
@@ -848,6 +963,7 @@ int main(void) {
         cmocka_unit_test(test_att_cuda_adjacent_tensors_in_registered_memory),
 #ifndef ATT_TEST_HIP
         cmocka_unit_test(test_att_cuda_device_launched_calls),
+        cmocka_unit_test(test_att_cuda_q_and_out_in_host_memory),
 #endif
         cmocka_unit_test(test_att_cuda_compile_cache),
     };

@@ -1,9 +1,9 @@
-/* One upload for a call's q, k and v (att_gpu_run.c's att_gpu_qkv_span) without a GPU: tensors
- * laid out as the server's arena lays them (one after another, 64-byte aligned) in a registered
- * region go as one span, and the layout's k and v move to the host's distances; every other
- * arrangement (gaps the layout has no room for, outside a region or across its end, out of
- * order, split runs, misaligned distances, an append-only batch) is refused and leaves the
- * layout as it was. Label: unit. */
+/* One upload for a call's q, k and v, or k and v alone (att_gpu_run.c's att_gpu_qkv_span),
+ * without a GPU: tensors laid out as the server's arena lays them (one after another, 64-byte
+ * aligned) in a registered region go as one span, and the layout's k and v move to the host's
+ * distances; every other arrangement (gaps the layout has no room for, outside a region or
+ * across its end, out of order, split runs, misaligned distances, q of an append-only batch) is
+ * refused and leaves the layout as it was. Label: unit. */
 #include "tests/test_util.h"
 
 #include <stdlib.h>
@@ -80,11 +80,11 @@ static void place(rig_t *r, uint8_t *q, uint8_t *k, uint8_t *v) {
     }
 }
 
-/* att_gpu_qkv_span must refuse r's placement and leave the layout alone. */
-static void expect_refused(rig_t *r, const char *why) {
+/* att_gpu_qkv_span from tensor `first` must refuse r's placement and leave the layout alone. */
+static void expect_refused(rig_t *r, const char *why, int first) {
     const att_gpu_layout_t before = r->lo;
     size_t bytes = 0;
-    TU_CHECK(att_gpu_qkv_span(&r->b, r->q_row, r->kv_row, &r->regs, &r->lo, &bytes) == NULL,
+    TU_CHECK(att_gpu_qkv_span(&r->b, first, r->q_row, r->kv_row, &r->regs, &r->lo, &bytes) == NULL,
              "%s: taken as one span", why);
     TU_CHECK(memcmp(&before, &r->lo, sizeof before) == 0, "%s: the layout changed", why);
 }
@@ -104,7 +104,7 @@ static void test_arena_neighbours_are_one_span(void **state) {
         place(&r, q, k, v);
         att_gpu_layout_t lo = r.lo;
         size_t bytes = 0;
-        const uint8_t *p = att_gpu_qkv_span(&r.b, r.q_row, r.kv_row, &r.regs, &lo, &bytes);
+        const uint8_t *p = att_gpu_qkv_span(&r.b, 0, r.q_row, r.kv_row, &r.regs, &lo, &bytes);
         TU_CHECK(p == q, "gap %zu: not one span", gap);
         TU_CHECK(bytes == (size_t)(v + r.kb - q), "gap %zu: %zu bytes", gap, bytes);
         TU_CHECK(lo.o_q == r.lo.o_q && lo.o_out == r.lo.o_out, "gap %zu: q or out moved", gap);
@@ -121,44 +121,81 @@ static void test_other_arrangements_are_refused(void **state) {
     rig_init(&r, 4, 2, 64);
     uint8_t *q = r.region + 4096;
     place(&r, q, q + r.qb + 4096, q + r.qb + 4096 + r.kb);
-    expect_refused(&r, "a gap the layout has no room for");
+    expect_refused(&r, "a gap the layout has no room for", 0);
     place(&r, q + r.kb, q, q + r.kb + r.qb);
-    expect_refused(&r, "k before q");
+    expect_refused(&r, "k before q", 0);
     place(&r, q, q + r.qb + r.kb, q + r.qb);
-    expect_refused(&r, "v before k");
+    expect_refused(&r, "v before k", 0);
     place(&r, q, q + r.qb, q + r.qb + r.kb);
     r.ch[1].q = q + r.qb + r.kb + r.kb + 4096; /* chunk 1's q rows elsewhere */
-    expect_refused(&r, "q in two runs");
+    expect_refused(&r, "q in two runs", 0);
     uint8_t *end = r.region + REGION - r.qb - r.kb - r.kb / 2;
     place(&r, end, end + r.qb, end + r.qb + r.kb);
-    expect_refused(&r, "v past the region's end");
+    expect_refused(&r, "v past the region's end", 0);
     uint8_t *heap = malloc(r.qb + 2 * r.kb);
     TU_CHECK(heap != NULL, "malloc");
     place(&r, heap, heap + r.qb, heap + r.qb + r.kb);
-    expect_refused(&r, "unregistered memory");
+    expect_refused(&r, "unregistered memory", 0);
     free(heap);
     place(&r, q, q + r.qb, q + r.qb + r.kb);
     for (uint32_t c = 0; c < CHUNKS; c++)
         r.ch[c].token_offset += 1; /* the tensors' first row belongs to no chunk */
-    expect_refused(&r, "rows from token 1 on");
+    expect_refused(&r, "rows from token 1 on", 0);
     place(&r, q, q + r.qb, q + r.qb + r.kb);
     r.b.num_chunks = 0;
-    expect_refused(&r, "no chunks");
+    expect_refused(&r, "no chunks", 0);
     r.b.num_chunks = CHUNKS;
     r.b.attend = 0;
-    expect_refused(&r, "an append-only batch");
+    expect_refused(&r, "an append-only batch", 0);
     rig_fini(&r);
     /* 96-byte tensors leave the layout room for a gap, so only alignment refuses these */
     rig_init(&r, 1, 1, 8);
     q = r.region + 4096;
     place(&r, q, q + r.qb + 8, q + r.qb + 8 + r.kb + 8);
-    expect_refused(&r, "k 8 bytes after q");
+    expect_refused(&r, "k 8 bytes after q", 0);
     place(&r, q, q + r.qb, q + r.qb + r.kb + 8);
-    expect_refused(&r, "v 8 bytes after k");
+    expect_refused(&r, "v 8 bytes after k", 0);
     place(&r, q, q + r.qb + 16, q + r.qb + 16 + r.kb + 16);
     size_t bytes = 0;
-    TU_CHECK(att_gpu_qkv_span(&r.b, r.q_row, r.kv_row, &r.regs, &r.lo, &bytes) == q,
+    TU_CHECK(att_gpu_qkv_span(&r.b, 0, r.q_row, r.kv_row, &r.regs, &r.lo, &bytes) == q,
              "16-byte gaps with room for them: refused");
+    rig_fini(&r);
+}
+
+/* From k (first 1: the kernels read q in host memory, or an append-only batch): k and v go as
+ * one span to o_k wherever q lies, and v moves to k's distance; the same rules refuse other
+ * arrangements of k and v. */
+static void test_k_and_v_alone_are_one_span(void **state) {
+    (void)state;
+    rig_t r;
+    rig_init(&r, 1, 1, 8); /* 96-byte k: the arena's v is 128 bytes on, the layout's 256 */
+    uint8_t *heap = malloc(r.qb);
+    TU_CHECK(heap != NULL, "malloc");
+    uint8_t *k = r.region + 4096, *v = k + round64(r.kb);
+    const uint32_t tile_rows[ATT_TILE_KINDS] = {16, 16};
+    att_gpu_counts_t pl;
+    memset(&pl, 0, sizeof pl);
+    for (int attend = 0; attend < 2; attend++) {
+        place(&r, heap, k, v); /* q unregistered */
+        r.b.attend = attend;
+        att_gpu_layout(r.m, &r.b, &pl, tile_rows, 0, &r.lo);
+        att_gpu_layout_t lo = r.lo;
+        size_t bytes = 0;
+        TU_CHECK(att_gpu_qkv_span(&r.b, 1, r.q_row, r.kv_row, &r.regs, &lo, &bytes) == k,
+                 "attend %d: k and v not one span", attend);
+        TU_CHECK(bytes == (size_t)(v + r.kb - k), "attend %d: %zu bytes", attend, bytes);
+        TU_CHECK(lo.o_q == r.lo.o_q && lo.o_k == r.lo.o_k && lo.o_out == r.lo.o_out,
+                 "attend %d: q, k or out moved", attend);
+        TU_CHECK(lo.o_v == lo.o_k + (size_t)(v - k), "attend %d: v at %zu from k", attend,
+                 lo.o_v - lo.o_k);
+    }
+    place(&r, heap, v, k);
+    expect_refused(&r, "from k: v before k", 1);
+    place(&r, heap, k, k + r.kb + 8);
+    expect_refused(&r, "from k: v 8 bytes after k", 1);
+    place(&r, heap, k, v);
+    expect_refused(&r, "from v", 2);
+    free(heap);
     rig_fini(&r);
 }
 
@@ -166,6 +203,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_arena_neighbours_are_one_span),
         cmocka_unit_test(test_other_arrangements_are_refused),
+        cmocka_unit_test(test_k_and_v_alone_are_one_span),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
