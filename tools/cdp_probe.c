@@ -26,8 +26,9 @@
  *           follows the narrow one through a programmatic edge from its launch-order port (all
  *           its blocks have begun), or with no edge: can such a graph be launched from the
  *           device, and which SMs does each kind get.
- * Then large copies launched from the host: the copy engine against copy kernels (big copy), and
- * an attention epilogue's 4-byte stores straight into mapped host memory (fragment stores).
+ * Then large copies launched from the host: the copy engine against copy kernels (big copy), an
+ * attention epilogue's 4-byte stores straight into mapped host memory (fragment stores), and
+ * the bulk copy engine (TMA) driven from a kernel (bulk copy).
  * For each job: the host's time to submit (median), the round trip until the host sees it done
  * (median, after 0 and 2 ms of busy jobs), and from the device's clock the hops: the resident
  * kernel's pick-up to the work's first block, and that block to the signal.
@@ -141,6 +142,44 @@ static const char k_src[] =
     "    for (int k = 0; k < 4; k++) v[k] = src[i + k * s];\n"
     "    for (int k = 0; k < 4; k++) dst[i + k * s] = v[k]; }\n"
     "  for (; i < n; i += s) dst[i] = src[i];\n}\n"
+    /* the bulk copy engine (TMA, sm_90) between global and shared memory: one thread a block
+     * moves chunks of ch bytes through two shared buffers, each loaded by cp.async.bulk (an
+     * mbarrier counts its bytes) and stored by cp.async.bulk while the next one loads */
+    "extern \"C\" __global__ void gbulk(const char *src, char *dst, unsigned long long n,\n"
+    "                                 unsigned ch) {\n"
+    "#if __CUDA_ARCH__ >= 900\n"
+    "  extern __shared__ __align__(128) unsigned char buf[];\n"
+    "  __shared__ __align__(8) unsigned long long bar[2];\n"
+    "  if (threadIdx.x != 0) return;\n"
+    "  const unsigned b0 = (unsigned)__cvta_generic_to_shared(buf);\n"
+    "  const unsigned m0 = (unsigned)__cvta_generic_to_shared(bar);\n"
+    "  for (int i = 0; i < 2; i++)\n"
+    "    asm volatile(\"mbarrier.init.shared::cta.b64 [%0], 1;\" :: \"r\"(m0 + 8 * i));\n"
+    "  asm volatile(\"fence.mbarrier_init.release.cluster;\" ::: \"memory\");\n"
+    "  unsigned phase[2] = {0, 0}, k = 0;\n"
+    "  for (unsigned long long off = (unsigned long long)blockIdx.x * ch; off < n;\n"
+    "       off += (unsigned long long)gridDim.x * ch, k ^= 1) {\n"
+    "    const unsigned bytes = n - off < ch ? (unsigned)(n - off) : ch;\n"
+    "    const unsigned sb = b0 + k * ch, mb = m0 + 8 * k;\n"
+    "    asm volatile(\"cp.async.bulk.wait_group.read 1;\" ::: \"memory\");\n"
+    "    asm volatile(\"mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\"\n"
+    "                 :: \"r\"(mb), \"r\"(bytes) : \"memory\");\n"
+    "    asm volatile(\"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes\"\n"
+    "                 \" [%0], [%1], %2, [%3];\" :: \"r\"(sb), \"l\"(src + off), \"r\"(bytes),\n"
+    "                 \"r\"(mb) : \"memory\");\n"
+    "    unsigned done = 0;\n"
+    "    while (!done)\n"
+    "      asm volatile(\"{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\"\n"
+    "                   \" selp.u32 %0, 1, 0, p; }\" : \"=r\"(done) : \"r\"(mb), \"r\"(phase[k])\n"
+    "                   : \"memory\");\n"
+    "    phase[k] ^= 1;\n"
+    "    asm volatile(\"cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\"\n"
+    "                 :: \"l\"(dst + off), \"r\"(sb), \"r\"(bytes) : \"memory\");\n"
+    "    asm volatile(\"cp.async.bulk.commit_group;\" ::: \"memory\");\n"
+    "  }\n"
+    "  asm volatile(\"cp.async.bulk.wait_group 0;\" ::: \"memory\");\n"
+    "#endif\n"
+    "}\n"
     /* stores as an mma.sync or wgmma tile's epilogue makes them: a warp holds 16 rows of 256
      * bytes; lane (g, t4) stores 4 bytes of rows g and g + 8 at column 16 d + 4 t4, d < 16 */
     "extern \"C\" __global__ void gfrag(unsigned *dst, unsigned long long rows) {\n"
@@ -195,13 +234,16 @@ static const char k_src[] =
     "                          cudaStreamGraphFireAndForget);\n"
     "  cudaGraphLaunch(cudaGetCurrentGraphExec(), cudaStreamGraphTailLaunch);\n}\n";
 
+/* The largest chunk gbulk moves at once (two of them in shared memory). */
+#define BULK_MAX_CHUNK (48u << 10)
+
 /* The whole-call job's bytes: q, k and v in, out back, the KV cache read (Llama 1K decode) */
 enum { COPY_IN = 3 << 20, COPY_OUT = 2 << 20 };
 #define KV_BYTES (1ull << 30)
 
 typedef struct {
     CUfunction resident, work, copy, gsignal, gwork, glauncher, gread, gcopy, gsm, gpart, gwide;
-    CUfunction gcopy4, gfrag;
+    CUfunction gcopy4, gfrag, gbulk;
     CUstream res, st;
     job_t *job;                      /* mapped host memory */
     _Atomic unsigned *out_seq;       /* mapped, written by the signal grid */
@@ -672,7 +714,7 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
 /* Large copies between mapped host memory and the device, launched from the host: the copy
  * engine (cuMemcpy*Async) against the SMs (gcopy: one load in flight per thread; gcopy4: four;
  * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included); then gfrag's
- * stores out. */
+ * stores out, and the bulk copy engine (gbulk) by chunk size and blocks per SM. */
 static int big_copies(probe_t *p) {
     static const size_t sizes[] = {32u << 20, 256u << 20};
     void *h = NULL;
@@ -725,6 +767,30 @@ static int big_copies(probe_t *p) {
     if (rc == 0)
         printf("fragment stores out %zu MiB (GB/s): SMs x4 %.1f\n", sizes[1] >> 20,
                (double)sizes[1] / frag / 1e3);
+    /* the bulk copy engine (gbulk): chunk sizes by blocks per SM, each way, 256 MiB */
+    static const unsigned chunks[] = {4096, 16384, BULK_MAX_CHUNK};
+    static const unsigned per_sm[] = {1, 4};
+    for (int dir = 0; dir < 2 && rc == 0 && p->sms > 0; dir++)
+        for (size_t ci = 0; ci < 3 && rc == 0; ci++)
+            for (size_t bi = 0; bi < 2 && rc == 0; bi++) {
+                CUdeviceptr src = dir == 0 ? h_d : d, dst = dir == 0 ? d : h_d;
+                unsigned long long n = sizes[1];
+                unsigned ch = chunks[ci];
+                void *args[] = {&src, &dst, &n, &ch};
+                double best = 1e30;
+                for (int rep = 0; rep < 5 && rc == 0; rep++) {
+                    const unsigned long long t0 = now_ns();
+                    rc = CK(cuLaunchKernel(p->gbulk, (unsigned)p->sms * per_sm[bi], 1, 1, 32, 1, 1,
+                                           2 * ch, p->st, args, NULL)) ||
+                         CK(cuStreamSynchronize(p->st));
+                    const double us = (double)(now_ns() - t0) / 1e3;
+                    best = us < best ? us : best;
+                }
+                if (rc == 0)
+                    printf("bulk copy %s %zu MiB, %u-byte chunks, %u blocks/SM (GB/s): %.1f\n",
+                           dir == 0 ? "in" : "out", sizes[1] >> 20, ch, per_sm[bi],
+                           (double)sizes[1] / best / 1e3);
+            }
     if (d != 0)
         rc = CK(cuMemFree(d)) || rc;
     if (h != NULL)
@@ -785,6 +851,9 @@ int main(int argc, char **argv) {
         CK(cuModuleGetFunction(&p.gpart, mod, "gpart")) ||
         CK(cuModuleGetFunction(&p.gcopy4, mod, "gcopy4")) ||
         CK(cuModuleGetFunction(&p.gfrag, mod, "gfrag")) ||
+        CK(cuModuleGetFunction(&p.gbulk, mod, "gbulk")) ||
+        CK(cuFuncSetAttribute(p.gbulk, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                              2 * BULK_MAX_CHUNK)) ||
         CK(cuModuleGetFunction(&p.gwide, mod, "gwide")) ||
         CK(cuFuncSetAttribute(p.gwide, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               WIDE_SMEM)) ||
