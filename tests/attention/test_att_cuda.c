@@ -751,11 +751,12 @@ static void io_run(att_rig_t *rig, uint32_t ctx, const att_call_t *calls, uint32
 }
 
 /* Calls whose q and out lie each way the backend tells apart, on the shared backend and on one
- * that copies q and out (staged_io): q and out each in one run of registered memory (the kernels
- * use them where they lie), out 8 bytes off 16-byte alignment (copied back), both on the heap
- * (the kernels use the stage), two calls merged into one run, each in registered memory (q and
- * out in two runs: copied). Prefill, decode, a mixed batch, decode. Every output must match the
- * oracle, and the copying backend's to the bit. */
+ * that copies them (staged_io): a prefill in registered memory (q and out used where they lie);
+ * decode steps there with out 8 bytes off 16-byte alignment (out copied back); a mixed batch on
+ * the heap (q and out in the stage); two decode calls merged into one run, each in registered
+ * memory (q and out in two runs: copied); decode steps on the heap; then an append and a decode
+ * over it. k and v are copied throughout, from registered memory or the heap. Every output must
+ * match the oracle, and the copying backend's to the bit, and the caches the oracle's. */
 static void test_att_cuda_q_and_out_in_host_memory(void **state) {
     (void)state;
     NEED_GPU();
@@ -781,44 +782,53 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
     att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
     att_rig_t rig;
     att_rig_init_with(&rig, &s.cfg, 4096, CPU_BE, 0, both, 2, tu_rng_next(&r));
-    const att_chunk_t steps[4][2] = {{{41, 0, 70}, {42, 0, 9}},
+    const att_chunk_t steps[5][2] = {{{41, 0, 70}, {42, 0, 9}},
                                      {{41, 70, 1}, {42, 9, 1}},
                                      {{41, 71, 1}, {42, 10, 30}},
-                                     {{41, 72, 1}, {42, 40, 1}}};
-    for (int i = 0; i < 4; i++) {
+                                     {{41, 72, 1}, {42, 40, 1}},
+                                     {{41, 73, 1}, {42, 41, 1}}};
+    enum { KV_ROW = HKV * D * 2 };
+    for (int i = 0; i < 5; i++) {
+        const bool heap = i == 2 || i == 4;
         const uint32_t n = i == 3 ? 2 : 1;   /* calls: step 3's chunks are two merged calls */
         const uint32_t per = i == 3 ? 1 : 2; /* chunks per call */
-        void *qs[2], *k[2], *v[2], *heap_out[2], *saved[2];
+        void *qs[2], *ks[2], *vs[2], *heap_out[2], *saved[2];
         double *ref[2];
-        size_t qb[2];
+        size_t qb[2], kb[2];
         for (uint32_t c = 0; c < n; c++) {
             const att_chunk_t *ch = &steps[i][c * per];
             const uint32_t t = att_rig_tokens(ch, per);
             qb[c] = (size_t)t * Q_ROW;
+            kb[c] = (size_t)t * KV_ROW;
             qs[c] = att_rig_random_q(&rig, t);
-            k[c] = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE);
-            v[c] = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+            ks[c] = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE);
+            vs[c] = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
             heap_out[c] = tu_xmalloc(qb[c]);
             saved[c] = tu_xmalloc(qb[c]);
             ref[c] = tu_xcalloc((size_t)t * HQ * D, sizeof(double));
             for (uint32_t j = 0; j < per; j++)
                 att_rig_note_id(&rig, ch[j].seq_id);
-            TU_CHECK(att_oracle_run(rig.oracle, 0, ch, per, qs[c], k[c], v[c], ref[c]) == AT_OK,
+            TU_CHECK(att_oracle_run(rig.oracle, 0, ch, per, qs[c], ks[c], vs[c], ref[c]) == AT_OK,
                      "oracle");
         }
         for (uint32_t x = 0; x < 2; x++) {
             att_call_t calls[2];
             void *out[2];
             for (uint32_t c = 0; c < n; c++) {
-                void *q = qs[c];
+                void *q = qs[c], *k = ks[c], *v = vs[c];
                 out[c] = heap_out[c];
-                if (i != 2) {
-                    q = reg[x] + c * 64 * 1024;
-                    out[c] = reg[x] + half + c * 64 * 1024 + (i == 1 ? 8 : 0);
+                if (!heap) { /* q, then k and v, at c * 256 KiB; out at half + c * 256 KiB */
+                    uint8_t *at = reg[x] + c * (256u << 10);
+                    q = at;
+                    k = at + (96u << 10);
+                    v = at + (128u << 10);
+                    out[c] = reg[x] + half + c * (256u << 10) + (i == 1 ? 8 : 0);
                     memcpy(q, qs[c], qb[c]);
+                    memcpy(k, ks[c], kb[c]);
+                    memcpy(v, vs[c], kb[c]);
                 }
                 memset(out[c], 0xff, qb[c]);
-                calls[c] = att_rig_call(&rig, 0, &steps[i][c * per], per, q, k[c], v[c], out[c]);
+                calls[c] = att_rig_call(&rig, 0, &steps[i][c * per], per, q, k, v, out[c]);
             }
             io_run(&rig, x, calls, n);
             for (uint32_t c = 0; c < n; c++) {
@@ -833,13 +843,17 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
         }
         for (uint32_t c = 0; c < n; c++) {
             free(qs[c]);
-            free(k[c]);
-            free(v[c]);
+            free(ks[c]);
+            free(vs[c]);
             free(heap_out[c]);
             free(saved[c]);
             free(ref[c]);
         }
     }
+    const att_chunk_t append[] = {{41, 74, 5}, {42, 42, 3}};
+    att_rig_append(&rig, 0, append, 2);
+    const att_chunk_t after[] = {{41, 79, 1}, {42, 45, 1}};
+    att_rig_attend(&rig, 0, after, 2);
     att_rig_check_cache(&rig);
     att_rig_fini(&rig);
     att_backend_destroy(&staged);
