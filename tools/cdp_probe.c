@@ -714,7 +714,8 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
 /* Large copies between mapped host memory and the device, launched from the host: the copy
  * engine (cuMemcpy*Async) against the SMs (gcopy: one load in flight per thread; gcopy4: four;
  * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included); then gfrag's
- * stores out, and the bulk copy engine (gbulk) by chunk size and blocks per SM. */
+ * stores out, both ways at once, and the bulk copy engine (gbulk) by chunk size and blocks per
+ * SM. */
 static int big_copies(probe_t *p) {
     static const size_t sizes[] = {32u << 20, 256u << 20};
     void *h = NULL;
@@ -767,6 +768,35 @@ static int big_copies(probe_t *p) {
     if (rc == 0)
         printf("fragment stores out %zu MiB (GB/s): SMs x4 %.1f\n", sizes[1] >> 20,
                (double)sizes[1] / frag / 1e3);
+    /* both ways at once, as a kernel reading q and writing out in host memory does: the SMs
+     * copying one half of mapped host memory to the other (gcopy), and the copy engines moving
+     * one half in while the other goes out (two streams) */
+    double duplex[2] = {1e30, 1e30};
+    CUstream other = NULL;
+    rc = rc || CK(cuStreamCreate(&other, CU_STREAM_NON_BLOCKING));
+    for (int way = 0; way < 2 && rc == 0; way++)
+        for (int rep = 0; rep < 5 && rc == 0; rep++) {
+            const size_t half = sizes[1] / 2;
+            CUdeviceptr src = h_d, dst = h_d + half;
+            unsigned long long n16 = half / 16;
+            void *args[] = {&src, &dst, &n16};
+            const unsigned long long t0 = now_ns();
+            if (way == 0)
+                rc = CK(cuLaunchKernel(p->gcopy, (unsigned)p->sms * 8, 1, 1, 256, 1, 1, 0, p->st,
+                                       args, NULL));
+            else
+                rc = CK(cuMemcpyHtoDAsync(d, h, half, p->st)) ||
+                     CK(cuMemcpyDtoHAsync((char *)h + half, d + half, half, other));
+            rc = rc || CK(cuStreamSynchronize(p->st)) || CK(cuStreamSynchronize(other));
+            const double us = (double)(now_ns() - t0) / 1e3;
+            duplex[way] = us < duplex[way] ? us : duplex[way];
+        }
+    if (other != NULL)
+        rc = CK(cuStreamDestroy(other)) || rc;
+    if (rc == 0)
+        printf("both ways at once, %zu MiB each (GB/s each way): SMs x8 %.1f; copy engines %.1f\n",
+               sizes[1] >> 21, (double)sizes[1] / 2 / duplex[0] / 1e3,
+               (double)sizes[1] / 2 / duplex[1] / 1e3);
     /* the bulk copy engine (gbulk): chunk sizes by blocks per SM, each way, 256 MiB */
     static const unsigned chunks[] = {4096, 16384, BULK_MAX_CHUNK};
     static const unsigned per_sm[] = {1, 4};
