@@ -350,63 +350,31 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
 
 /* ---- direct I/O ---- */
 
-/* Where an attending call's q or out meets the kernels. Copied, a prefill's call waits for all
- * of q to come in before its kernels start and for all of out to go back after them: on the
- * H200 an 8 x 2048 Llama prefill moves 268 MB so, 5 ms beside its 0.9 ms of kernels. Read and
- * written by the kernels in host memory instead, over the link as their blocks need them, the
- * transfers overlap the work and each other (docs/BENCHMARKS.md). k and v are still copied: a
- * prefill's tiles read the new keys once per row tile. */
-typedef enum {
-    IO_COPY,  /* through the call's device buffer (io_d): timed calls (their device time is the
-                 kernels' alone), direct I/O off, a batch merged from calls in registered
-                 memory (one run each: gathering them would cost the host a copy the DMA does
-                 now), or registered memory not 16-byte aligned (the kernels' vector accesses) */
-    IO_HOST,  /* where it lies: one run of every chunk's rows, in registered memory */
-    IO_STAGE, /* in the stage (mapped), gathered there before the call or scattered after it:
-                 no run of it is registered, so the host copies it either way */
-} io_way_t;
-
+/* Where an attending call's q and out meet the kernels (att_gpu_io_way). Copied, a prefill's
+ * call waits for all of q to come in before its kernels start and for all of out to go back
+ * after them: on the H200 an 8 x 2048 Llama prefill moves 268 MB so, 5 ms beside its 0.9 ms of
+ * kernels. Read and written by the kernels in host memory instead, over the link as their
+ * blocks need them, the transfers overlap the work and each other (docs/BENCHMARKS.md). k and v
+ * are still copied: a prefill's row tiles each read the chunk's new keys again, and a decode
+ * item's two reads of its new row over the link (the KV write, the attention) cost it more
+ * than a copy (run 4). Timed calls copy q and out too: their device time is the kernels'
+ * alone. */
 typedef struct io {
-    io_way_t q, out;
-    uint64_t q_addr, out_addr; /* the kernels' addresses of a tensor not copied */
+    att_gpu_io_t q, out;
+    uint64_t q_d;   /* [T, Hq, D] the kernels' address of q, unless copied */
+    uint64_t out_d; /* [T, Hq, D] the kernels' address of out, unless copied */
 } io_t;
-
-/* The way of tensor `which` (0 q, 3 out) and, when not IO_COPY, the kernels' address of it. */
-static io_way_t io_way(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
-                       size_t stage_off, uint64_t *addr) {
-    cuda_backend_t *be = kv->be;
-    uint32_t runs = 0, registered = 0;
-    const uint8_t *first = NULL;
-    for (uint32_t c = 0; c < b->num_chunks;) {
-        const uint8_t *p;
-        size_t n, off;
-        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
-        if (runs++ == 0)
-            first = p;
-        registered += att_gpu_regions_contain(&be->regs, p, n) ? 1 : 0;
-        c = d;
-    }
-    if (registered == 0) {
-        *addr = kv->stage_d + stage_off;
-        return IO_STAGE;
-    }
-    if (runs == 1 && ((uintptr_t)first & 15u) == 0) {
-        *addr = (uint64_t)(uintptr_t)first; /* the device uses registered memory at its host
-                                               address (direct_io needs it) */
-        return IO_HOST;
-    }
-    return IO_COPY;
-}
 
 /* Chooses the ways of b's q and out and gathers a staged q into the stage. */
 static void io_prepare(att_kv_t *kv, const att_batch_t *b, const att_gpu_layout_t *lo, size_t q_row,
                        io_t *io) {
+    cuda_backend_t *be = kv->be;
     memset(io, 0, sizeof *io);
-    if (!b->attend || !kv->be->direct_io || kv->be->timing || kv->timing)
+    if (!b->attend || !be->direct_io || be->timing || kv->timing)
         return;
-    io->q = io_way(kv, b, 0, q_row, lo->o_q, &io->q_addr);
-    io->out = io_way(kv, b, 3, q_row, lo->o_out, &io->out_addr);
-    for (uint32_t c = 0; io->q == IO_STAGE && c < b->num_chunks;) {
+    io->q = att_gpu_io_way(b, 0, q_row, &be->regs, kv->stage_d + lo->o_q, &io->q_d);
+    io->out = att_gpu_io_way(b, 3, q_row, &be->regs, kv->stage_d + lo->o_out, &io->out_d);
+    for (uint32_t c = 0; io->q == ATT_GPU_IO_STAGE && c < b->num_chunks;) {
         const uint8_t *p;
         size_t n, off;
         const uint32_t d = att_gpu_tensor_run(b, 0, q_row, c, &p, &n, &off);
@@ -417,10 +385,10 @@ static void io_prepare(att_kv_t *kv, const att_batch_t *b, const att_gpu_layout_
 
 /* Points the kernels' parameters at the tensors not copied. */
 static void io_params(const io_t *io, att_kparams_t *p) {
-    if (io->q != IO_COPY)
-        p->q_d = io->q_addr;
-    if (io->out != IO_COPY)
-        p->out_d = io->out_addr;
+    if (io->q != ATT_GPU_IO_COPY)
+        p->q_d = io->q_d;
+    if (io->out != ATT_GPU_IO_COPY)
+        p->out_d = io->out_d;
 }
 
 /* Uploads the call's inputs but a q the kernels read in host memory (io): q (if copied), k and
@@ -429,9 +397,9 @@ static void io_params(const io_t *io, att_kparams_t *p) {
 static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, const io_t *io,
                               att_gpu_layout_t *lo, size_t q_row, size_t kv_row) {
     cuda_backend_t *be = kv->be;
-    const bool q_in = b->attend && io->q == IO_COPY;
+    const bool q_in = b->attend && io->q == ATT_GPU_IO_COPY;
     size_t n = 0;
-    const uint8_t *span = att_gpu_qkv_span(b, q_in ? 0 : 1, q_row, kv_row, &be->regs, lo, &n);
+    const uint8_t *span = att_gpu_qkv_span(b, !q_in, q_row, kv_row, &be->regs, lo, &n);
     if (span != NULL) {
         kv->uploads++;
         return CU(cuMemcpyHtoDAsync(kv->io_d + (q_in ? lo->o_q : lo->o_k), span, n, kv->stream));
@@ -499,7 +467,7 @@ static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_cou
         return false;
     uint64_t rows = 2 * kv_row;
     if (b->attend)
-        rows += (io->q == IO_COPY ? q_row : 0) + (io->out == IO_COPY ? q_row : 0);
+        rows += (io->q == ATT_GPU_IO_COPY ? q_row : 0) + (io->out == ATT_GPU_IO_COPY ? q_row : 0);
     if (lo->meta_end + (uint64_t)b->total_tokens * rows > ATT_CUDL_MAX_COPY_BYTES)
         return false;
     const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
@@ -533,10 +501,10 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     att_cudl_begin(kv->dl);
     bool ok =
         att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d, kv->stage_d, lo->meta_end);
-    const bool q_in = b->attend && io->q == IO_COPY;
+    const bool q_in = b->attend && io->q == ATT_GPU_IO_COPY;
     size_t n = 0;
-    bool in_staged = false, out_staged = b->attend && io->out == IO_STAGE;
-    const uint8_t *span = att_gpu_qkv_span(b, q_in ? 0 : 1, q_row, kv_row, &be->regs, lo, &n);
+    bool in_staged = false, out_staged = b->attend && io->out == ATT_GPU_IO_STAGE;
+    const uint8_t *span = att_gpu_qkv_span(b, !q_in, q_row, kv_row, &be->regs, lo, &n);
     if (span != NULL)
         ok = ok && att_cudl_range_add(att_cudl_copies(kv->dl, false),
                                       kv->io_d + (q_in ? lo->o_q : lo->o_k),
@@ -545,8 +513,8 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
         ok = ok && (!q_in || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
              dl_tensor(kv, b, 1, kv_row, lo->o_k, &in_staged) &&
              dl_tensor(kv, b, 2, kv_row, lo->o_v, &in_staged);
-    ok = ok &&
-         (!b->attend || io->out != IO_COPY || dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
+    ok = ok && (!b->attend || io->out != ATT_GPU_IO_COPY ||
+                dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
     if (!ok)
         return AT_OK;
     att_kparams_t p;
@@ -796,8 +764,8 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     if ((be->timing || kv->timing) && (e = CU(cuEventRecord(kv->ev_end, kv->stream))) != AT_OK)
         goto out_drain;
     kv->last_host_ns = att_gpu_now_ns() - t0;
-    bool out_staged = b->attend && io.out == IO_STAGE;
-    if (b->attend && io.out == IO_COPY &&
+    bool out_staged = b->attend && io.out == ATT_GPU_IO_STAGE;
+    if (b->attend && io.out == ATT_GPU_IO_COPY &&
         (e = move_tensor(kv, b, 3, q_row, lo.o_out, lo.o_out, &out_staged)) != AT_OK)
         goto out_drain;
     if ((e = CU(cuStreamSynchronize(kv->stream))) != AT_OK)

@@ -358,9 +358,10 @@ bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n) {
     return found;
 }
 
-const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, size_t kv_row,
+const uint8_t *att_gpu_qkv_span(const att_batch_t *b, bool from_k, size_t q_row, size_t kv_row,
                                 att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes) {
-    if (b->num_chunks == 0 || first < 0 || first > 1 || (first == 0 && !b->attend))
+    const int first = from_k ? 1 : 0;
+    if (b->num_chunks == 0 || (!from_k && !b->attend))
         return NULL;
     const uint8_t *p[3] = {NULL, NULL, NULL};
     size_t n[3] = {0, 0, 0}, off;
@@ -372,7 +373,7 @@ const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, s
         if ((uintptr_t)p[w] < (uintptr_t)p[w - 1] + n[w - 1] ||
             ((uintptr_t)p[w] - (uintptr_t)p[first]) % 16 != 0)
             return NULL;
-    const size_t base = first == 0 ? lo->o_q : lo->o_k;
+    const size_t base = from_k ? lo->o_k : lo->o_q;
     const size_t dk = (uintptr_t)p[1] - (uintptr_t)p[first];
     const size_t dv = (uintptr_t)p[2] - (uintptr_t)p[first], span = dv + n[2];
     if (span > lo->o_out - base || !att_gpu_regions_contain(r, p[first], span))
@@ -383,13 +384,39 @@ const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, s
     return p[first];
 }
 
+att_gpu_io_t att_gpu_io_way(const att_batch_t *b, int which, size_t row_bytes, att_gpu_regions_t *r,
+                            uint64_t stage_addr, uint64_t *addr) {
+    uint32_t runs = 0, registered = 0;
+    const uint8_t *first = NULL;
+    for (uint32_t c = 0; c < b->num_chunks;) {
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
+        if (runs++ == 0)
+            first = p;
+        registered += att_gpu_regions_contain(r, p, n) ? 1 : 0;
+        c = d;
+    }
+    if (registered == 0) {
+        *addr = stage_addr;
+        return ATT_GPU_IO_STAGE;
+    }
+    if (runs == 1 && ((uintptr_t)first & 15u) == 0) {
+        *addr = (uint64_t)(uintptr_t)first;
+        return ATT_GPU_IO_HOST;
+    }
+    return ATT_GPU_IO_COPY;
+}
+
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
                         att_gpu_regions_t *regs) {
-    for (uint32_t c = 0; c < b->num_chunks; c++) {
-        const att_batch_chunk_t *ch = &b->chunks[c];
-        const size_t n = (size_t)ch->num_tokens * row_bytes;
-        if (!att_gpu_regions_contain(regs, ch->out, n))
-            memcpy(ch->out, stage_out + (size_t)ch->token_offset * row_bytes, n);
+    for (uint32_t c = 0; c < b->num_chunks;) {
+        const uint8_t *p;
+        size_t n, off;
+        const uint32_t d = att_gpu_tensor_run(b, 3, row_bytes, c, &p, &n, &off);
+        if (!att_gpu_regions_contain(regs, p, n))
+            memcpy((uint8_t *)p, stage_out + off, n);
+        c = d;
     }
 }
 

@@ -4,8 +4,9 @@
  * copy runs of a tensor, the registered host regions, a session's constants and statistics, the
  * blocks and rows read back from the cache, fetching a new session's two kernel images, and
  * where a session's device-resident block tables go in its table arena. Each backend keeps only
- * its runtime's calls, so the two read as one design (one difference: only CUDA uploads q, k
- * and v in one copy where it can, att_gpu_qkv_span).
+ * its runtime's calls, so the two read as one design (differences: only CUDA uploads q, k and
+ * v, or k and v, in one copy where it can, att_gpu_qkv_span, and lets its kernels read q and
+ * write out in host memory, att_gpu_io_way).
  *
  * Thread: the caller's. att_gpu_regions_t has its own mutex (any thread); everything else works
  * on one session's data, used by one thread at a time. */
@@ -201,22 +202,40 @@ at_err_t att_gpu_regions_add(att_gpu_regions_t *r, void *p, size_t bytes,
 /* True when [p, p + n) lies inside one registered region. Any thread. */
 bool att_gpu_regions_contain(att_gpu_regions_t *r, const void *p, size_t n);
 
-/* One upload for a batch's q, k and v (first 0: an attending batch's), or k and v (first 1:
- * where the kernels read q in host memory, or an append-only batch). When each of them is one run
- * of every chunk's rows (att_gpu_tensor_run), each lies after the one before in host memory, all
- * inside one registered region of r, and the distances from the first keep the others 16-byte
- * aligned and fit lo's room before o_out: moves lo->o_k and lo->o_v to the first's distances
- * from its own offset (lo->o_q, or lo->o_k) and returns the first's host address, *bytes the span
- * from its first byte to v's last, which can go in one copy to that offset (the bytes between the
- * tensors go too: nothing reads them). Else NULL, lo unchanged. The server's arena allocates a
- * call's tensors first fit, so they lie so whenever one free range holds them (a batch merged
- * from several calls never does); the benches place them so. Each copy call saved is
- * microseconds of host time (docs/BENCHMARKS.md). Any thread. */
-const uint8_t *att_gpu_qkv_span(const att_batch_t *b, int first, size_t q_row, size_t kv_row,
+/* One upload for a batch's q, k and v (from_k false: an attending batch's), or k and v
+ * (from_k: where the kernels read q in host memory, or an append-only batch). When each of them
+ * is one run of every chunk's rows (att_gpu_tensor_run), each lies after the one before in host
+ * memory, all inside one registered region of r, and the distances from the first keep the
+ * others 16-byte aligned and fit lo's room before o_out: moves lo->o_k and lo->o_v to the
+ * first's distances from its own offset (lo->o_q, or lo->o_k) and returns the first's host
+ * address, *bytes the span from its first byte to v's last, which can go in one copy to that
+ * offset (the bytes between the tensors go too: nothing reads them). Else NULL, lo unchanged.
+ * The server's arena allocates a call's tensors first fit, so they lie so whenever one free
+ * range holds them (a batch merged from several calls never does); the benches place them so.
+ * Each copy call saved is microseconds of host time (docs/BENCHMARKS.md). Any thread. */
+const uint8_t *att_gpu_qkv_span(const att_batch_t *b, bool from_k, size_t q_row, size_t kv_row,
                                 att_gpu_regions_t *r, att_gpu_layout_t *lo, size_t *bytes);
 
-/* Copies out's staged rows (stage_out: the stage's out region) to each chunk's out that is not
- * registered (those were copied by DMA). */
+/* Where a kernel can find a call's tensor in host memory itself (att_cuda.c, "direct I/O"). */
+typedef enum att_gpu_io {
+    ATT_GPU_IO_COPY,  /* it cannot: registered in several runs (a batch merged from calls:
+                         gathering them would cost the host a copy the DMA does now), or in part,
+                         or its one run is not 16-byte aligned (the kernels' vector accesses) */
+    ATT_GPU_IO_HOST,  /* where it lies: one run of every chunk's rows, in registered memory */
+    ATT_GPU_IO_STAGE, /* in the stage: none of it is registered, so the host copies it into the
+                         stage (or out of it, att_gpu_finish_out) either way */
+} att_gpu_io_t;
+
+/* The way of tensor `which` (att_gpu_tensor_run's) of b, whose rows are row_bytes, given the
+ * registered regions r; *addr, unless ATT_GPU_IO_COPY, the kernels' address of it: its host
+ * address (the device must use registered memory at it), or stage_addr (the tensor's place in
+ * the mapped stage). Any thread. */
+att_gpu_io_t att_gpu_io_way(const att_batch_t *b, int which, size_t row_bytes, att_gpu_regions_t *r,
+                            uint64_t stage_addr, uint64_t *addr);
+
+/* Copies out's staged rows (stage_out: the stage's out region) to each run of chunks
+ * (att_gpu_tensor_run) that does not lie in one registered region: the runs the backends'
+ * copies and att_gpu_io_way send through the stage, judged the same way. */
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
                         att_gpu_regions_t *regs);
 
