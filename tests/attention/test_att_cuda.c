@@ -577,9 +577,10 @@ static void test_att_cuda_merged_calls_and_registered_memory(void **state) {
 }
 
 /* A call whose q, k, v and out lie one after another in registered memory, each rounded up to
- * 64 bytes as the server's arena places them: the CUDA backend uploads q, k and v in one copy
- * (att_gpu_qkv_span: two copy calls with the metadata) and its kernels find k and v at the host's
- * distances, which differ from the layout's own (k's bytes, an odd number of 128-byte rows, are
+ * 64 bytes as the server's arena places them: the CUDA backend reads q in place and uploads k
+ * and v in one copy (att_gpu_qkv_span from k: two copy calls with the metadata; a backend with
+ * staged_io spans q, k and v, q_and_out_in_host_memory), and its kernels find v at the host's
+ * distance, which differs from the layout's own (k's bytes, an odd number of 128-byte rows, are
  * not a multiple of its 256-byte alignment); the HIP backend copies each tensor. Prefill
  * chunks, then decode steps next to a chunk over earlier context (both calls have narrow and
  * wide tiles on shared SMs: the default plan splits no SMs for batches this small, so CUDA
@@ -751,16 +752,19 @@ static void io_run(att_rig_t *rig, uint32_t ctx, const att_call_t *calls, uint32
 }
 
 /* Calls whose q and out lie each way the backend tells apart, on the shared backend and on one
- * that copies them (staged_io): a prefill in registered memory (q and out used where they lie);
- * decode steps there with out 8 bytes off 16-byte alignment (out copied back); a mixed batch on
- * the heap (q and out in the stage); two decode calls merged into one run, each in registered
- * memory (q and out in two runs: copied); decode steps on the heap; then an append and a decode
- * over it. k and v are copied throughout, from registered memory or the heap. Every output must
- * match the oracle, and the copying backend's to the bit, and the caches the oracle's. */
+ * that copies them (staged_io): a prefill in registered memory, its tensors one after another as
+ * the server's arena places them (q and out used where they lie; k and v in one copy); decode
+ * steps there with out 8 bytes off 16-byte alignment (out copied back); a mixed batch on the
+ * heap (q and out in the stage); two decode calls merged into one run, each in registered
+ * memory (every tensor in two runs: copied); decode steps on the heap; then an append from
+ * registered memory (k and v in one copy) and a decode over it. Every output must match the
+ * oracle, and the copying backend's to the bit; registered out's neighbouring bytes must be
+ * untouched; a call launched from the host must make the copy calls its ways imply (q copied
+ * or not), one from the device none; the caches must end as the oracle's. */
 static void test_att_cuda_q_and_out_in_host_memory(void **state) {
     (void)state;
     NEED_GPU();
-    enum { HQ = 8, HKV = 2, D = 64, Q_ROW = HQ * D * 2 }; /* bf16 */
+    enum { HQ = 8, HKV = 2, D = 64, Q_ROW = HQ * D * 2, KV_ROW = HKV * D * 2, GUARD = 64 };
     tu_rng_t r;
     tu_rng_seed(&r, tu_sub_seed(g_seed, 63000u));
     tu_where_set("q and out in host memory: ATTND_TEST_SEED=%" PRIu64, g_seed);
@@ -771,7 +775,7 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
     att_backend_t *const both[2] = {g_cuda, staged};
     /* a region for each backend: both use the device's primary context, where memory is
      * registered once */
-    const size_t region = 1u << 20, half = region / 2;
+    const size_t region = 1u << 20;
     uint8_t *reg[2] = {NULL, NULL};
     for (int x = 0; x < 2; x++) {
         TU_CHECK(posix_memalign((void **)&reg[x], 4096, region) == 0, "posix_memalign");
@@ -787,7 +791,6 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
                                      {{41, 71, 1}, {42, 10, 30}},
                                      {{41, 72, 1}, {42, 40, 1}},
                                      {{41, 73, 1}, {42, 41, 1}}};
-    enum { KV_ROW = HKV * D * 2 };
     for (int i = 0; i < 5; i++) {
         const bool heap = i == 2 || i == 4;
         const uint32_t n = i == 3 ? 2 : 1;   /* calls: step 3's chunks are two merged calls */
@@ -813,26 +816,44 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
         }
         for (uint32_t x = 0; x < 2; x++) {
             att_call_t calls[2];
-            void *out[2];
+            uint8_t *out[2];
             for (uint32_t c = 0; c < n; c++) {
                 void *q = qs[c], *k = ks[c], *v = vs[c];
                 out[c] = heap_out[c];
-                if (!heap) { /* q, then k and v, at c * 256 KiB; out at half + c * 256 KiB */
+                if (!heap) { /* q, k, v and out one after another from c * 256 KiB on */
                     uint8_t *at = reg[x] + c * (256u << 10);
                     q = at;
-                    k = at + (96u << 10);
-                    v = at + (128u << 10);
-                    out[c] = reg[x] + half + c * (256u << 10) + (i == 1 ? 8 : 0);
+                    k = at + (qb[c] + 63) / 64 * 64;
+                    v = (uint8_t *)k + (kb[c] + 63) / 64 * 64;
+                    out[c] = (uint8_t *)v + (kb[c] + 63) / 64 * 64 + GUARD + (i == 1 ? 8 : 0);
                     memcpy(q, qs[c], qb[c]);
                     memcpy(k, ks[c], kb[c]);
                     memcpy(v, vs[c], kb[c]);
+                    memset(out[c] - GUARD, 0x5a, qb[c] + 2 * GUARD);
                 }
                 memset(out[c], 0xff, qb[c]);
                 calls[c] = att_rig_call(&rig, 0, &steps[i][c * per], per, q, k, v, out[c]);
             }
+            att_ctx_info_t before, after;
+            att_ctx_get_info(rig.ctx[x], &before);
             io_run(&rig, x, calls, n);
+            att_ctx_get_info(rig.ctx[x], &after);
+            /* from the host: the metadata, then q (unless used in place), k and v, as one span
+             * where they lie together, else a copy per tensor and run */
+            const uint64_t want = after.kv_stats.device_calls != before.kv_stats.device_calls ? 0
+                                  : i == 3                                                    ? 7
+                                  : !heap                                                     ? 2
+                                  : x == 0                                                    ? 3
+                                                                                              : 4;
+            TU_CHECK(after.kv_stats.uploads - before.kv_stats.uploads == want,
+                     "step %d, backend %u: %" PRIu64 " copy calls to the device, not %" PRIu64, i,
+                     x, after.kv_stats.uploads - before.kv_stats.uploads, want);
             for (uint32_t c = 0; c < n; c++) {
                 att_rig_compare(&rig, x, 0, &steps[i][c * per], per, out[c], ref[c]);
+                for (size_t g = 0; !heap && g < GUARD; g++)
+                    TU_CHECK(out[c][-1 - (ptrdiff_t)g] == 0x5a && out[c][qb[c] + g] == 0x5a,
+                             "step %d, backend %u, call %u: a byte next to out was written", i, x,
+                             c);
                 if (x == 0)
                     memcpy(saved[c], out[c], qb[c]);
                 else
@@ -850,11 +871,34 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
             free(ref[c]);
         }
     }
+    /* an append from registered memory: k and v one after another, one copy from the host */
     const att_chunk_t append[] = {{41, 74, 5}, {42, 42, 3}};
-    att_rig_append(&rig, 0, append, 2);
+    const uint32_t at = att_rig_tokens(append, 2);
+    const size_t akb = (size_t)at * KV_ROW;
+    void *ak = att_rig_random_kv(&rig, at, ATT_RIG_QK_RANGE);
+    void *av = att_rig_random_kv(&rig, at, ATT_RIG_V_RANGE);
+    TU_CHECK(att_oracle_run(rig.oracle, 0, append, 2, NULL, ak, av, NULL) == AT_OK, "oracle");
+    for (uint32_t x = 0; x < 2; x++) {
+        uint8_t *k = reg[x] + (512u << 10), *v = k + (akb + 63) / 64 * 64;
+        memcpy(k, ak, akb);
+        memcpy(v, av, akb);
+        const att_call_t call = att_rig_call(&rig, 0, append, 2, NULL, k, v, NULL);
+        att_ctx_info_t before, after;
+        att_ctx_get_info(rig.ctx[x], &before);
+        at_diag_t ad = {{0}};
+        const at_err_t e = att_ctx_append(rig.ctx[x], &call, &ad);
+        TU_CHECK(e == AT_OK, "append, backend %u: %s (%s)", x, at_err_name(e), ad.msg);
+        att_ctx_get_info(rig.ctx[x], &after);
+        const uint64_t want = after.kv_stats.device_calls != before.kv_stats.device_calls ? 0 : 2;
+        TU_CHECK(after.kv_stats.uploads - before.kv_stats.uploads == want,
+                 "append, backend %u: %" PRIu64 " copy calls to the device, not %" PRIu64, x,
+                 after.kv_stats.uploads - before.kv_stats.uploads, want);
+    }
+    free(ak);
+    free(av);
+    att_rig_check_cache(&rig);
     const att_chunk_t after[] = {{41, 79, 1}, {42, 45, 1}};
     att_rig_attend(&rig, 0, after, 2);
-    att_rig_check_cache(&rig);
     att_rig_fini(&rig);
     att_backend_destroy(&staged);
     free(reg[1]);
