@@ -799,7 +799,7 @@ static int big_copies(probe_t *p) {
                (double)sizes[1] / 2 / duplex[1] / 1e3);
     /* the bulk copy engine (gbulk): chunk sizes by blocks per SM, each way, 256 MiB */
     static const unsigned chunks[] = {4096, 16384, BULK_MAX_CHUNK};
-    static const unsigned per_sm[] = {1, 4};
+    static const unsigned per_sm[] = {1, 2}; /* two 48 KiB chunks' buffers: two fit an SM */
     for (int dir = 0; dir < 2 && rc == 0 && p->sms > 0; dir++)
         for (size_t ci = 0; ci < 3 && rc == 0; ci++)
             for (size_t bi = 0; bi < 2 && rc == 0; bi++) {
