@@ -303,6 +303,8 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
         e = pair_step(dl, dl->drv->cuGraphAddDependencies(j->g, &k[0], &k[1], &edge, 1),
                       "cuGraphAddDependencies", __FILE__, __LINE__);
     }
+    /* full edges from every launch: the kernels' own writes of out into host memory (direct I/O,
+     * att_cuda.c) come before the copy out reports the job done; never a programmatic one */
     if (e == AT_OK)
         e = add_node(dl, j->g, &outn, k, n, dl->copy, ATT_CUDL_COPY_THREADS, 0, copy_args);
     if (e == AT_OK)
@@ -329,9 +331,11 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
 
 /* Memory orders: the host's stores of a job's fields happen before its release store of
  * job.seq, which the launcher's acquire load of it pairs with; the device's writes of a job's
- * output happen before its release store of state.done, which the host's acquire load of it
- * pairs with. state.running: a release store by the device when it ends, acquire loads here; the
- * host's own store of 1 needs no order (it only keeps the host from relaunching twice). */
+ * output (the copy out's, or the attention kernels' own in host memory, which the job graph's
+ * full edges order before the copy out) happen before its release store of state.done, which
+ * the host's acquire load of it pairs with. state.running: a release store by the device when it
+ * ends, acquire loads here; the host's own store of 1 needs no order (it only keeps the host from
+ * relaunching twice). */
 static uint32_t running(const att_cudl_sess_t *s) {
     return atomic_load_explicit(&s->st->running, memory_order_acquire);
 }

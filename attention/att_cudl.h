@@ -20,7 +20,7 @@
  * the next call launches it again from the host first.
  *
  * Which calls: those of one launch (decode or prefill alone, or an append), and mixed batches
- * that the plan splits between the SMs, without timing events, that move at most
+ * that the plan splits between the SMs, without timing events, that copy at most
  * ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way (the caller, att_cuda.c,
  * decides). From the host such a batch runs its two kinds in two green contexts, whose streams'
  * graphs cannot be made launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200,

@@ -152,7 +152,8 @@ extern "C" __global__ void att_k_copy(att_dl_copy_t c) {
     }
     if (c.state_d == 0)
         return;
-    /* the last block to finish reports the job done, after every block's writes */
+    /* the last block to finish reports the job done, after every block's writes (and the
+     * attention kernels' before this grid's, by the job graph's full edges) */
     __syncthreads();
     if (threadIdx.x != 0)
         return;
