@@ -357,12 +357,13 @@ static at_err_t move_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_
  * blocks need them, the transfers overlap the work and each other (docs/BENCHMARKS.md). k and v
  * are still copied: a prefill's row tiles each read the chunk's new keys again, and a decode
  * item's two reads of its new row over the link (the KV write, the attention) cost it more
- * than a copy (run 4). Timed calls copy q and out too: their device time is the kernels'
- * alone. */
+ * than a copy (docs/BENCHMARKS.md, the tenth session's run 4). Timed calls copy q and out too:
+ * their device time is the kernels' alone. */
 typedef struct io {
-    att_gpu_io_t q, out;
-    uint64_t q_d;   /* [T, Hq, D] the kernels' address of q, unless copied */
-    uint64_t out_d; /* [T, Hq, D] the kernels' address of out, unless copied */
+    att_gpu_io_t q;   /* q's way (att_gpu_io_way); ATT_GPU_IO_COPY when not attending */
+    att_gpu_io_t out; /* out's way, likewise */
+    uint64_t q_d;     /* [T, Hq, D] the kernels' address of q, unless copied */
+    uint64_t out_d;   /* [T, Hq, D] the kernels' address of out, unless copied */
 } io_t;
 
 /* Chooses the ways of b's q and out and gathers a staged q into the stage. */
@@ -459,7 +460,7 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
  * kind its SMs: att_cudl.h; the wgmma body has no persistent grid, and mixed batches on shared
  * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES to copy: k
  * and v, and q and out where io copies them (the SMs copy 5-8% slower than the copy engine; an
- * 8 x 2048 prefill's 67 MB of k and v made its call 2-4% slower from the device, and a launch's
+ * 8 x 2048 prefill's 67 MB of k and v made its call 2-3% slower from the device, and a launch's
  * few us of host time are nothing beside its milliseconds: docs/BENCHMARKS.md). */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
                      const att_gpu_layout_t *lo, const io_t *io, size_t q_row, size_t kv_row) {

@@ -385,24 +385,28 @@ const uint8_t *att_gpu_qkv_span(const att_batch_t *b, bool from_k, size_t q_row,
 }
 
 att_gpu_io_t att_gpu_io_way(const att_batch_t *b, int which, size_t row_bytes, att_gpu_regions_t *r,
-                            uint64_t stage_addr, uint64_t *addr) {
+                            uint64_t stage_d, uint64_t *addr_d) {
     uint32_t runs = 0, registered = 0;
     const uint8_t *first = NULL;
+    size_t first_off = 0;
     for (uint32_t c = 0; c < b->num_chunks;) {
         const uint8_t *p;
         size_t n, off;
         const uint32_t d = att_gpu_tensor_run(b, which, row_bytes, c, &p, &n, &off);
-        if (runs++ == 0)
+        if (runs++ == 0) {
             first = p;
+            first_off = off;
+        }
         registered += att_gpu_regions_contain(r, p, n) ? 1 : 0;
         c = d;
     }
     if (registered == 0) {
-        *addr = stage_addr;
+        *addr_d = stage_d;
         return ATT_GPU_IO_STAGE;
     }
-    if (runs == 1 && ((uintptr_t)first & 15u) == 0) {
-        *addr = (uint64_t)(uintptr_t)first;
+    /* the kernels index the tensor by token_offset, from 0 */
+    if (runs == 1 && first_off == 0 && ((uintptr_t)first & 15u) == 0) {
+        *addr_d = (uint64_t)(uintptr_t)first;
         return ATT_GPU_IO_HOST;
     }
     return ATT_GPU_IO_COPY;

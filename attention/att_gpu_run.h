@@ -221,21 +221,25 @@ typedef enum att_gpu_io {
     ATT_GPU_IO_COPY,  /* it cannot: registered in several runs (a batch merged from calls:
                          gathering them would cost the host a copy the DMA does now), or in part,
                          or its one run is not 16-byte aligned (the kernels' vector accesses) */
-    ATT_GPU_IO_HOST,  /* where it lies: one run of every chunk's rows, in registered memory */
-    ATT_GPU_IO_STAGE, /* in the stage: none of it is registered, so the host copies it into the
-                         stage (or out of it, att_gpu_finish_out) either way */
+    ATT_GPU_IO_HOST,  /* where it lies: one run of every chunk's rows, from token 0, inside one
+                         registered region */
+    ATT_GPU_IO_STAGE, /* in the stage: no run of it lies inside one registered region (one across
+                         two adjacent regions does not), so the host copies it into the stage (or
+                         out of it, att_gpu_finish_out) either way */
 } att_gpu_io_t;
 
 /* The way of tensor `which` (att_gpu_tensor_run's) of b, whose rows are row_bytes, given the
- * registered regions r; *addr, unless ATT_GPU_IO_COPY, the kernels' address of it: its host
- * address (the device must use registered memory at it), or stage_addr (the tensor's place in
- * the mapped stage). Any thread. */
+ * registered regions r; *addr_d ([T, H, D] of the tensor), unless ATT_GPU_IO_COPY, the kernels'
+ * address of it: its host address (the device must use registered memory there), or stage_d
+ * (its place in the mapped stage). Any thread. */
 att_gpu_io_t att_gpu_io_way(const att_batch_t *b, int which, size_t row_bytes, att_gpu_regions_t *r,
-                            uint64_t stage_addr, uint64_t *addr);
+                            uint64_t stage_d, uint64_t *addr_d);
 
 /* Copies out's staged rows (stage_out: the stage's out region) to each run of chunks
  * (att_gpu_tensor_run) that does not lie in one registered region: the runs the backends'
- * copies and att_gpu_io_way send through the stage, judged the same way. */
+ * copies and att_gpu_io_way send through the stage, judged the same way, so a region must not
+ * be added while a run that uses its memory is in flight (the server registers its arena when
+ * its worker starts). */
 void att_gpu_finish_out(const att_batch_t *b, size_t row_bytes, const uint8_t *stage_out,
                         att_gpu_regions_t *regs);
 

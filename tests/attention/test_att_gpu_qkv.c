@@ -214,7 +214,7 @@ static void test_k_and_v_alone_are_one_span(void **state) {
 
 /* Where the kernels find a tensor (att_gpu_io_way): one aligned registered run at its host
  * address; the stage when none of it is registered; copied when it is registered off 16-byte
- * alignment, in two runs, or only in part. */
+ * alignment, in several runs, only in part, or from a row past token 0. */
 static void test_io_ways(void **state) {
     (void)state;
     rig_t r;
@@ -237,12 +237,17 @@ static void test_io_ways(void **state) {
                  addr == stage,
              "on the heap: not in the stage");
     place(&r, q, k, v);
-    r.ch[1].q = q + r.qb + 4096; /* chunk 1's rows elsewhere in the region: two runs */
+    r.ch[1].q = q + r.qb + 4096; /* chunk 1's rows elsewhere in the region: three runs */
     TU_CHECK(att_gpu_io_way(&r.b, 0, r.q_row, &r.regs, stage, &addr) == ATT_GPU_IO_COPY,
-             "two registered runs: not copied");
-    r.ch[1].q = heap; /* one run registered, one not */
+             "three registered runs: not copied");
+    r.ch[1].q = heap; /* two runs registered, one not */
     TU_CHECK(att_gpu_io_way(&r.b, 0, r.q_row, &r.regs, stage, &addr) == ATT_GPU_IO_COPY,
              "partly registered: not copied");
+    place(&r, q, k, v);
+    for (uint32_t c = 0; c < CHUNKS; c++)
+        r.ch[c].token_offset += 1; /* the tensor's first row belongs to no chunk */
+    TU_CHECK(att_gpu_io_way(&r.b, 0, r.q_row, &r.regs, stage, &addr) == ATT_GPU_IO_COPY,
+             "rows from token 1 on: not copied");
     free(heap);
     rig_fini(&r);
 }
