@@ -1,6 +1,6 @@
 /* The sm_90a tensor-core body of att_k_attend (f16/bf16, head_dim 64 or 128): warpgroup MMA
  * (wgmma) with its operands in shared memory, chosen by ATT_WGMMA=1 for the wide (prefill) tile.
- * Included by att_unified.cu after its helpers (tile_of, copy_new_kv, logit2, head_slope2,
+ * Included by att_unified.cu after its helpers (tile_of, write_own_kv, logit2, head_slope2,
  * out_scale, pack2, window_lo, cp_async16, smem_addr); compiled only for sm_90a (NVRTC
  * --gpu-architecture=sm_90a), since wgmma exists on no other target.
  *
@@ -255,17 +255,6 @@ constexpr uint32_t kProducerRegs = 88, kConsumerRegs = 208;
 static_assert(!kRegShift || kProducerRegs + 2 * kConsumerRegs == 3 * 168,
               "setmaxnreg moves registers between warpgroups, it does not add any");
 
-/* The fused KV write (write_own_kv's rows), by the producer warpgroup alone while the consumers
- * compute: nothing in this launch reads the cache rows it writes (new positions come from
- * p.k_d / p.v_d), so it only has to end with the block. Done by every thread before the
- * consumers started, it held back their Q load and first stages by its table reads and copies. */
-__device__ __forceinline__ void wg_write_kv(const att_kparams_t &p, const tile_t &t, uint32_t pt) {
-    if (!(t.it.flags & ATT_KITEM_WRITE_KV))
-        return;
-    const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
-    copy_new_kv(p, t.ch, t.h, t0, t1, pt, kProducers);
-}
-
 __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t &t, uint32_t kv_s,
                                            uint32_t full, uint32_t empty, uint32_t kt_begin,
                                            uint32_t kt_end, uint32_t pt) {
@@ -274,7 +263,12 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
     const uint32_t *table = cached_table(p, t.ch);
     const uint32_t cc = pt % kCPR, q = pt / kCPR;
     bool held = false;    /* stage n - 1 is issued and not yet released */
-    bool written = false; /* the KV write is done: once the ring is full, before its first wait */
+    /* The fused KV write (write_own_kv), by this warpgroup alone while the consumers compute:
+     * nothing in the launch reads the cache rows it writes (new positions come from p.k_d /
+     * p.v_d), so it only has to end with the block. Done by every thread before the consumers
+     * started, it held back their Q load and first stages by its table reads and copies. It runs
+     * once the ring is full, before the first wait for a free slot (or after the last stage). */
+    bool written = false;
     for (uint32_t kt = kt_begin; kt < kt_end; kt++) {
         const uint32_t n = kt - kt_begin, slot = n % kStages;
         uint32_t bid[kPIters];
@@ -294,7 +288,7 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
                 held = false;
             }
             if (!written) {
-                wg_write_kv(p, t, pt);
+                write_own_kv(p, t, pt, kProducers);
                 written = true;
             }
             mbar_wait(empty + slot * 8, (n / kStages - 1) & 1);
@@ -335,7 +329,7 @@ __device__ __forceinline__ void wg_produce(const att_kparams_t &p, const tile_t 
         mbar_arrive(full + ((kt_end - 1 - kt_begin) % kStages) * 8);
     }
     if (!written)
-        wg_write_kv(p, t, pt);
+        write_own_kv(p, t, pt, kProducers);
 }
 
 /* Every consumer warp's barrier (named barrier 15; the warpgroups' own are 1 to 3): the

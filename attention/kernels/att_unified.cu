@@ -340,15 +340,17 @@ __device__ __forceinline__ tile_t tile_of(const att_kparams_t &p, uint32_t unit)
  * table entries the call sent, where the host asks (ATT_KCHUNK_KEEP_TABLE: decode chunks, which
  * run on narrow tiles). The wgmma body never keeps any: the host never asks it to, and the
  * copy's mere presence in that kernel cost 1.3% of its prefill rate on the H200 (303.9-305.6
- * TFLOP/s without it, 299.6-301.3 with it, the same call). */
-__device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_t &t) {
+ * TFLOP/s without it, 299.6-301.3 with it, the same call). Spread over threads tid, tid +
+ * nthreads, ... (the block's; the wgmma body's producer warpgroup alone). */
+__device__ __forceinline__ void write_own_kv(const att_kparams_t &p, const tile_t &t, uint32_t tid,
+                                             uint32_t nthreads) {
     if (!(t.it.flags & ATT_KITEM_WRITE_KV))
         return;
     const uint32_t t0 = (t.it.row_begin + kG - 1) / kG, t1 = (t.row_end - 1) / kG + 1;
-    copy_new_kv(p, t.ch, t.h, t0, t1, threadIdx.x, blockDim.x);
+    copy_new_kv(p, t.ch, t.h, t0, t1, tid, nthreads);
 #if !ATT_WGMMA
     if (t.h == 0 && t.it.row_begin == 0)
-        keep_table(p, t.ch, threadIdx.x, blockDim.x);
+        keep_table(p, t.ch, tid, nthreads);
 #endif
 }
 
@@ -697,7 +699,7 @@ __device__ __forceinline__ void attend_unit(const att_kparams_t &p, uint32_t uni
 
     /* The fused KV write overlaps the copies in flight; nothing in this launch reads the cache
      * rows it writes (new positions come from p.k_d / p.v_d). */
-    write_own_kv(p, t);
+    write_own_kv(p, t, threadIdx.x, blockDim.x);
 
     /* This thread's rows: g and g + 8 of each of its warp's kMT m16 tiles. Key bounds [jlo, jhi]
      * and the ALiBi slope; rows past the chunk get an empty range. */
@@ -1013,7 +1015,7 @@ __device__ __forceinline__ uint64_t kv_row_off(const att_kchunk_t &ch, const uin
 /* One unit of att_k_attend. */
 __device__ __forceinline__ void attend_unit(const att_kparams_t &p, uint32_t unit) {
     const tile_t t = tile_of(p, unit);
-    write_own_kv(p, t);
+    write_own_kv(p, t, threadIdx.x, blockDim.x);
     const uint32_t lane = threadIdx.x % kWave, warp = threadIdx.x / kWave;
     const elem_t *qg = (const elem_t *)p.q_d;
     const elem_t *kc = (const elem_t *)p.k_cache_d, *vc = (const elem_t *)p.v_cache_d;
