@@ -27,8 +27,10 @@
  *           its blocks have begun), or with no edge: can such a graph be launched from the
  *           device, and which SMs does each kind get.
  * Then large copies launched from the host: the copy engine against copy kernels (big copy), an
- * attention epilogue's 4-byte stores straight into mapped host memory (fragment stores), and
- * the bulk copy engine (TMA) driven from a kernel (bulk copy).
+ * attention epilogue's 4-byte stores straight into mapped host memory (fragment stores), both
+ * ways at once, copies in with hints for the link's requests (hinted copy), the same host bytes
+ * read once and eight times (reread: does the L2 keep host memory's lines), and the bulk copy
+ * engine (TMA) driven from a kernel (bulk copy).
  * For each job: the host's time to submit (median), the round trip until the host sees it done
  * (median, after 0 and 2 ms of busy jobs), and from the device's clock the hops: the resident
  * kernel's pick-up to the work's first block, and that block to the signal.
@@ -142,6 +144,59 @@ static const char k_src[] =
     "    for (int k = 0; k < 4; k++) v[k] = src[i + k * s];\n"
     "    for (int k = 0; k < 4; k++) dst[i + k * s] = v[k]; }\n"
     "  for (; i < n; i += s) dst[i] = src[i];\n}\n"
+    /* copies in from mapped host memory with hints for the requests the link sees (way): 0 a
+     * non-coherent load asking the L2 for 256-byte fetches; 1 the same, four in flight; 2 each
+     * block's 64 KiB slice prefetched into the L2 by the bulk copy engine one slice ahead, then
+     * plain loads; 3 64 contiguous bytes per thread (a warp's 2 KiB at once) */
+    "__device__ __forceinline__ uint4 ld256(const uint4 *p) {\n"
+    "  uint4 v;\n"
+    "  asm volatile(\"ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\"\n"
+    "               : \"=r\"(v.x), \"=r\"(v.y), \"=r\"(v.z), \"=r\"(v.w) : \"l\"(p));\n"
+    "  return v;\n}\n"
+    "extern \"C\" __global__ void ghint(const uint4 *src, uint4 *dst, unsigned long long n,\n"
+    "                                  unsigned way) {\n"
+    "  const unsigned long long s = (unsigned long long)gridDim.x * blockDim.x;\n"
+    "  unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  if (way == 0) { for (; i < n; i += s) dst[i] = ld256(src + i); return; }\n"
+    "  if (way == 1) {\n"
+    "    for (; i + 3 * s < n; i += 4 * s) {\n"
+    "      uint4 v[4];\n"
+    "      for (int k = 0; k < 4; k++) v[k] = ld256(src + i + k * s);\n"
+    "      for (int k = 0; k < 4; k++) dst[i + k * s] = v[k]; }\n"
+    "    for (; i < n; i += s) dst[i] = ld256(src + i);\n"
+    "    return; }\n"
+    "  if (way == 2) {\n"
+    "#if __CUDA_ARCH__ >= 900\n"
+    "    const unsigned long long sl = 4096;\n"
+    "    for (unsigned long long b = blockIdx.x; b * sl < n; b += gridDim.x) {\n"
+    "      if (threadIdx.x == 0) {\n"
+    "        const unsigned long long nb = b == blockIdx.x ? b : b + gridDim.x;\n"
+    "        for (unsigned long long q = nb; q <= b + gridDim.x && q * sl < n; q += gridDim.x) {\n"
+    "          const unsigned long long m = n - q * sl < sl ? n - q * sl : sl;\n"
+    "          asm volatile(\"cp.async.bulk.prefetch.L2.global [%0], %1;\"\n"
+    "                       :: \"l\"(src + q * sl), \"r\"((unsigned)(m * 16)) : \"memory\"); } }\n"
+    "      for (unsigned long long k = b * sl + threadIdx.x; k < (b + 1) * sl && k < n;\n"
+    "           k += blockDim.x) dst[k] = src[k];\n"
+    "    }\n"
+    "#endif\n"
+    "    return; }\n"
+    "  for (i *= 4; i + 3 < n; i += 4 * s) {\n"
+    "    uint4 v[4];\n"
+    "    for (int k = 0; k < 4; k++) v[k] = src[i + k];\n"
+    "    for (int k = 0; k < 4; k++) dst[i + k] = v[k]; }\n"
+    "  for (; i < n; i++) dst[i] = src[i];\n"
+    "}\n"
+    /* reads the first n 16-byte words of mapped host memory reps times over (L2-cached loads):
+     * whether the L2 keeps host memory's lines, so a second read stays off the link */
+    "extern \"C\" __global__ void greread(const uint4 *src, uint4 *dst, unsigned long long n,\n"
+    "                                    unsigned reps) {\n"
+    "  const unsigned long long s = (unsigned long long)gridDim.x * blockDim.x;\n"
+    "  uint4 acc = make_uint4(0, 0, 0, 0);\n"
+    "  for (unsigned r = 0; r < reps; r++)\n"
+    "    for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += s) {\n"
+    "      const uint4 v = __ldcg(src + i);\n"
+    "      acc.x ^= v.x; acc.y += v.y; acc.z ^= v.z + r; acc.w += v.w; }\n"
+    "  dst[blockIdx.x * blockDim.x + threadIdx.x] = acc;\n}\n"
     /* the bulk copy engine (TMA, sm_90) between global and shared memory: one thread a block
      * moves chunks of ch bytes through two shared buffers, each loaded by cp.async.bulk (an
      * mbarrier counts its bytes) and stored by cp.async.bulk while the next one loads */
@@ -243,7 +298,7 @@ enum { COPY_IN = 3 << 20, COPY_OUT = 2 << 20 };
 
 typedef struct {
     CUfunction resident, work, copy, gsignal, gwork, glauncher, gread, gcopy, gsm, gpart, gwide;
-    CUfunction gcopy4, gfrag, gbulk;
+    CUfunction gcopy4, gfrag, gbulk, ghint, greread;
     CUstream res, st;
     job_t *job;                      /* mapped host memory */
     _Atomic unsigned *out_seq;       /* mapped, written by the signal grid */
@@ -714,8 +769,8 @@ static int graph_jobs(probe_t *p, CUdevice dev, const job_kind_t *kinds, size_t 
 /* Large copies between mapped host memory and the device, launched from the host: the copy
  * engine (cuMemcpy*Async) against the SMs (gcopy: one load in flight per thread; gcopy4: four;
  * grids of 4 and 8 blocks of 256 threads per SM), GB/s, best of 5 (sync included); then gfrag's
- * stores out, both ways at once, and the bulk copy engine (gbulk) by chunk size and blocks per
- * SM. */
+ * stores out, both ways at once, ghint's ways in, greread's rereads, and the bulk copy engine
+ * (gbulk) by chunk size and blocks per SM. */
 static int big_copies(probe_t *p) {
     static const size_t sizes[] = {32u << 20, 256u << 20};
     void *h = NULL;
@@ -769,21 +824,22 @@ static int big_copies(probe_t *p) {
         printf("fragment stores out %zu MiB (GB/s): SMs x4 %.1f\n", sizes[1] >> 20,
                (double)sizes[1] / frag / 1e3);
     /* both ways at once, as a kernel reading q and writing out in host memory does: the SMs
-     * copying one half of mapped host memory to the other (gcopy), and the copy engines moving
-     * one half in while the other goes out (two streams) */
-    double duplex[2] = {1e30, 1e30};
+     * copying one half of mapped host memory to the other (gcopy, then ghint's way 0), and the
+     * copy engines moving one half in while the other goes out (two streams) */
+    double duplex[3] = {1e30, 1e30, 1e30};
     CUstream other = NULL;
     rc = rc || CK(cuStreamCreate(&other, CU_STREAM_NON_BLOCKING));
-    for (int way = 0; way < 2 && rc == 0; way++)
+    for (int way = 0; way < 3 && rc == 0; way++)
         for (int rep = 0; rep < 5 && rc == 0; rep++) {
             const size_t half = sizes[1] / 2;
             CUdeviceptr src = h_d, dst = h_d + half;
             unsigned long long n16 = half / 16;
-            void *args[] = {&src, &dst, &n16};
+            unsigned hint = 0;
+            void *args[] = {&src, &dst, &n16, &hint};
             const unsigned long long t0 = now_ns();
-            if (way == 0)
-                rc = CK(cuLaunchKernel(p->gcopy, (unsigned)p->sms * 8, 1, 1, 256, 1, 1, 0, p->st,
-                                       args, NULL));
+            if (way != 1)
+                rc = CK(cuLaunchKernel(way == 0 ? p->gcopy : p->ghint, (unsigned)p->sms * 8, 1, 1,
+                                       256, 1, 1, 0, p->st, args, NULL));
             else
                 rc = CK(cuMemcpyHtoDAsync(d, h, half, p->st)) ||
                      CK(cuMemcpyDtoHAsync((char *)h + half, d + half, half, other));
@@ -794,9 +850,50 @@ static int big_copies(probe_t *p) {
     if (other != NULL)
         rc = CK(cuStreamDestroy(other)) || rc;
     if (rc == 0)
-        printf("both ways at once, %zu MiB each (GB/s each way): SMs x8 %.1f; copy engines %.1f\n",
+        printf("both ways at once, %zu MiB each (GB/s each way): SMs x8 %.1f; copy engines %.1f; "
+               "SMs x8 with 256-byte fetches %.1f\n",
                sizes[1] >> 21, (double)sizes[1] / 2 / duplex[0] / 1e3,
-               (double)sizes[1] / 2 / duplex[1] / 1e3);
+               (double)sizes[1] / 2 / duplex[1] / 1e3, (double)sizes[1] / 2 / duplex[2] / 1e3);
+    /* copies in with request hints (ghint's ways), 256 MiB, grids of 4 and 8 blocks per SM */
+    for (unsigned way = 0; way < 4 && rc == 0; way++) {
+        double best[2] = {1e30, 1e30};
+        for (int gi = 0; gi < 2 && rc == 0; gi++)
+            for (int rep = 0; rep < 5 && rc == 0; rep++) {
+                unsigned long long n16 = sizes[1] / 16;
+                void *args[] = {&h_d, &d, &n16, &way};
+                const unsigned long long t0 = now_ns();
+                rc = CK(cuLaunchKernel(p->ghint, (unsigned)p->sms * (gi == 0 ? 4 : 8), 1, 1, 256, 1,
+                                       1, 0, p->st, args, NULL)) ||
+                     CK(cuStreamSynchronize(p->st));
+                const double us = (double)(now_ns() - t0) / 1e3;
+                best[gi] = us < best[gi] ? us : best[gi];
+            }
+        if (rc == 0)
+            printf("hinted copy in %zu MiB, way %u (GB/s): x4 %.1f, x8 %.1f\n", sizes[1] >> 20, way,
+                   (double)sizes[1] / best[0] / 1e3, (double)sizes[1] / best[1] / 1e3);
+    }
+    /* the same mapped host bytes read 1 and 8 times by one grid: 8, 32 and 128 MiB */
+    static const size_t reread[] = {8u << 20, 32u << 20, 128u << 20};
+    for (size_t ri = 0; ri < 3 && rc == 0; ri++) {
+        double best[2] = {1e30, 1e30};
+        for (int k = 0; k < 2 && rc == 0; k++)
+            for (int rep = 0; rep < 5 && rc == 0; rep++) {
+                unsigned long long n16 = reread[ri] / 16;
+                unsigned reps = k == 0 ? 1 : 8;
+                void *args[] = {&h_d, &d, &n16, &reps};
+                const unsigned long long t0 = now_ns();
+                rc = CK(cuLaunchKernel(p->greread, (unsigned)p->sms * 8, 1, 1, 256, 1, 1, 0, p->st,
+                                       args, NULL)) ||
+                     CK(cuStreamSynchronize(p->st));
+                const double us = (double)(now_ns() - t0) / 1e3;
+                best[k] = us < best[k] ? us : best[k];
+            }
+        if (rc == 0)
+            printf("reread host %zu MiB: once %.0f us (%.1f GB/s), 8 times %.0f us (%.1f GB/s "
+                   "counted 8 times)\n",
+                   reread[ri] >> 20, best[0], (double)reread[ri] / best[0] / 1e3, best[1],
+                   8.0 * (double)reread[ri] / best[1] / 1e3);
+    }
     /* the bulk copy engine (gbulk): chunk sizes by blocks per SM, each way, 256 MiB */
     static const unsigned chunks[] = {4096, 16384, BULK_MAX_CHUNK};
     static const unsigned per_sm[] = {1, 2}; /* two 48 KiB chunks' buffers: two fit an SM */
@@ -882,6 +979,8 @@ int main(int argc, char **argv) {
         CK(cuModuleGetFunction(&p.gcopy4, mod, "gcopy4")) ||
         CK(cuModuleGetFunction(&p.gfrag, mod, "gfrag")) ||
         CK(cuModuleGetFunction(&p.gbulk, mod, "gbulk")) ||
+        CK(cuModuleGetFunction(&p.ghint, mod, "ghint")) ||
+        CK(cuModuleGetFunction(&p.greread, mod, "greread")) ||
         CK(cuFuncSetAttribute(p.gbulk, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                               2 * BULK_MAX_CHUNK)) ||
         CK(cuModuleGetFunction(&p.gwide, mod, "gwide")) ||
