@@ -979,9 +979,11 @@ static at_err_t cuda_kv_create(att_backend_t *base, const att_model_t *m, uint32
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
         att_gpu_cq_opts(&be->cq, m, &kv->plan.tile[k], &f[k].opts);
     att_gpu_fetch_images(be->jit, be->arch, f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        if ((e = att_gpu_mods_load_first(&kv->mods, k, &kv->plan.tile[k], &f[k], diag)) != AT_OK)
-            goto out_kv;
+    for (uint32_t k = 0; k < ATT_TILE_KINDS && e == AT_OK; k++)
+        e = att_gpu_mods_load_first(&kv->mods, k, &kv->plan.tile[k], &f[k], diag);
+    att_gpu_fetch_release(f);
+    if (e != AT_OK)
+        goto out_kv;
     const size_t pool = kv->layer_half_bytes * 2 * m->num_layers;
     CUresult r = be->drv->cuMemAlloc(&kv->pool_d, pool);
     if (r == CUDA_ERROR_OUT_OF_MEMORY) {

@@ -509,3 +509,10 @@ void att_gpu_fetch_images(att_jit_t *jit, const char *arch, att_gpu_fetch_t f[AT
     else
         fetch_run(&a[ATT_TILE_NARROW]);
 }
+
+void att_gpu_fetch_release(att_gpu_fetch_t f[ATT_TILE_KINDS]) {
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+        free(f[k].img);
+        f[k].img = NULL;
+    }
+}

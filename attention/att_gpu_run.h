@@ -271,7 +271,7 @@ void att_gpu_kv_stats(const lc_t *lc, uint64_t uploads, uint64_t last_host_ns,
 /* One tile kind's image: the caller fills opts; att_gpu_fetch_images fills the rest. */
 typedef struct att_gpu_fetch {
     att_jit_opts_t opts;
-    const void *img; /* borrowed from the jit */
+    void *img; /* malloc'd, the caller's: att_gpu_fetch_release */
     size_t bytes;
     int compiled; /* the compiler ran (not a cache hit) */
     at_err_t err;
@@ -281,5 +281,7 @@ typedef struct att_gpu_fetch {
 /* Both kinds' images for arch from jit, the narrow one on a thread of its own so a new model's
  * two compiles overlap. */
 void att_gpu_fetch_images(att_jit_t *jit, const char *arch, att_gpu_fetch_t f[ATT_TILE_KINDS]);
+/* Frees both kinds' images (loaded by then, or not wanted). */
+void att_gpu_fetch_release(att_gpu_fetch_t f[ATT_TILE_KINDS]);
 
 #endif

@@ -5,6 +5,7 @@
  * att_gpu_cq_fini joins them. A module table is its session's, on one thread at a time. */
 #include "attention/att_gpu_tune.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "attention/att_tune.h"
@@ -25,10 +26,9 @@ static void *compiler_run(void *arg) {
         pthread_mutex_unlock(&q->mu);
         for (uint32_t i = 0; i < o.n; i++)
             o.ptr[i] = o.text[i];
-        const void *img;
         size_t bytes;
         /* a failure is logged by att_jit and remembered there: set_tuning then refuses it */
-        (void)att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img, &bytes, NULL,
+        (void)att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, NULL, &bytes, NULL,
                             NULL);
         pthread_mutex_lock(&q->mu);
     }
@@ -90,10 +90,10 @@ static void compile_later(att_gpu_cq_t *q, const att_jit_opts_t *o) {
     pthread_mutex_unlock(&q->mu);
 }
 
-/* The image of tile t for m from the compile cache; AT_ERR_NOT_READY after queueing its
- * compile, AT_ERR_UNSUPPORTED when an earlier compile of it failed. */
-static at_err_t cq_lookup(att_gpu_cq_t *q, const att_model_t *m, const att_tile_t *t,
-                          const void **img) {
+/* The image of tile t for m from the compile cache (*img malloc'd, the caller's; img NULL: none
+ * wanted); AT_ERR_NOT_READY after queueing its compile, AT_ERR_UNSUPPORTED when an earlier
+ * compile of it failed. */
+static at_err_t cq_lookup(att_gpu_cq_t *q, const att_model_t *m, const att_tile_t *t, void **img) {
     att_jit_opts_t o;
     size_t bytes;
     att_gpu_cq_opts(q, m, t, &o);
@@ -111,16 +111,15 @@ at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
         att_cuda_plan_t plan;
         from_cfg(&cfgs[i], &plan);
         for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
-            const void *img;
             if (!wait) {
-                (void)cq_lookup(q, m, &plan.tile[k], &img);
+                (void)cq_lookup(q, m, &plan.tile[k], NULL);
                 continue;
             }
             att_jit_opts_t o;
             size_t bytes;
             at_diag_t d = {{0}};
             att_gpu_cq_opts(q, m, &plan.tile[k], &o);
-            at_err_t e = att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, &img,
+            at_err_t e = att_jit_image(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, NULL,
                                        &bytes, NULL, &d);
             first = first == AT_OK ? e : first;
         }
@@ -203,7 +202,7 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
     /* Both kinds' images first, so a missing one leaves the session as it was; every missing
      * one is queued before answering NOT_READY, so both compile meanwhile. */
     uint32_t slot[ATT_TILE_KINDS];
-    const void *img[ATT_TILE_KINDS] = {NULL, NULL};
+    void *img[ATT_TILE_KINDS] = {NULL, NULL}; /* the images to load, ours */
     at_err_t missing = AT_OK;
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         if ((slot[k] = find_slot(s, k, &tiles[k])) != ATT_GPU_MOD_SLOTS)
@@ -212,9 +211,7 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
         if (e != AT_OK && missing != AT_ERR_CONFIG)
             missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
     }
-    if (missing != AT_OK)
-        return missing;
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
+    for (uint32_t k = 0; k < ATT_TILE_KINDS && missing == AT_OK; k++) {
         if (img[k] == NULL)
             continue;
         /* keep the other kind's slot: loaded just now, or found loaded but not current (an
@@ -222,8 +219,12 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
         slot[k] = free_slot(s, slot[1u - k]);
         at_err_t e = load_slot(s, slot[k], k, &tiles[k], img[k], NULL);
         if (e != AT_OK)
-            return e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
+            missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
     }
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        free(img[k]);
+    if (missing != AT_OK)
+        return missing;
     s->switches++;
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         s->cur[k] = slot[k];

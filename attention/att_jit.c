@@ -1,11 +1,12 @@
 /* Run-time compilation (NVRTC here; hiprtc through att_hip.c's compiler) and the content-keyed
  * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
- * Entries are read (image pointer and size copied out) only under mu, since an insert may move
- * the array. Two threads asking for the same new key may both compile; the first image inserted
- * wins and both return it. Images are never freed before att_jit_destroy, so borrowed pointers
- * stay valid. Users: a session's creation (two threads, one per tile kind), the CUDA backend's
- * compile threads (tuning candidates) and set_tuning (att_jit_lookup, which never compiles). */
+ * Entries are read only under mu, and callers get copies of their images: an insert may move the
+ * array and evict (free) the least recently used images once the cache holds more than its limit.
+ * Two threads asking for the same new key may both compile; the first image inserted wins and
+ * both return it. Users: a session's creation (two threads, one per tile kind), the CUDA
+ * backend's compile threads (tuning candidates) and set_tuning (att_jit_lookup, which never
+ * compiles). */
 #include "attention/att_jit.h"
 
 #include <errno.h>
@@ -44,6 +45,7 @@ typedef struct entry {
     uint8_t key[KEY_BYTES];
     void *image; /* owned; NULL: the key failed to compile (asking again fails at once) */
     size_t bytes;
+    uint64_t used; /* the cache's tick at its last use: the least recent goes first */
 } entry_t;
 
 struct att_jit {
@@ -54,6 +56,8 @@ struct att_jit {
     entry_t *entries AT_GUARDED_BY(mu);
     size_t num_entries AT_GUARDED_BY(mu);
     size_t cap_entries AT_GUARDED_BY(mu);
+    size_t limit AT_GUARDED_BY(mu);  /* image bytes kept in memory before evicting */
+    uint64_t tick AT_GUARDED_BY(mu); /* one more per use of an entry */
     att_jit_stats_t stats AT_GUARDED_BY(mu);
 };
 
@@ -198,6 +202,7 @@ at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir
     j->cc.name = j->name;
     if (cache_dir != NULL)
         snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
+    j->limit = ATT_JIT_MEMORY_BYTES;
     pthread_mutex_init(&j->mu, NULL);
     *out = j;
     return AT_OK;
@@ -213,6 +218,12 @@ void att_jit_destroy(att_jit_t **jp) {
     pthread_mutex_destroy(&j->mu);
     free(j);
     *jp = NULL;
+}
+
+void att_jit_set_memory_limit(att_jit_t *j, size_t bytes) {
+    pthread_mutex_lock(&j->mu);
+    j->limit = bytes;
+    pthread_mutex_unlock(&j->mu);
 }
 
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out) {
@@ -245,20 +256,42 @@ static int sha256_bytes(const void *p, size_t n, uint8_t out[KEY_BYTES]) {
     return EVP_Digest(p, n, out, &len, EVP_sha256(), NULL) == 1 && len == KEY_BYTES ? 0 : -1;
 }
 
-static const entry_t *find(const att_jit_t *j, const uint8_t key[KEY_BYTES]) AT_REQUIRES(j->mu) {
+static entry_t *find(att_jit_t *j, const uint8_t key[KEY_BYTES]) AT_REQUIRES(j->mu) {
     for (size_t i = 0; i < j->num_entries; i++)
         if (memcmp(j->entries[i].key, key, KEY_BYTES) == 0)
             return &j->entries[i];
     return NULL;
 }
 
-/* Inserts (taking image) unless the key is there already (then image is freed). Returns the
- * entry, or NULL on allocation failure (image freed). */
-static const entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image,
-                             size_t bytes) AT_REQUIRES(j->mu) {
-    const entry_t *have = find(j, key);
+/* Frees the least recently used images but keep's until the images fit the limit (keep stays,
+ * however large). Failed keys' entries hold no image and stay. */
+static void evict(att_jit_t *j, const uint8_t keep[KEY_BYTES]) AT_REQUIRES(j->mu) {
+    while (j->stats.memory_bytes > j->limit) {
+        size_t victim = j->num_entries;
+        for (size_t i = 0; i < j->num_entries; i++) {
+            const entry_t *e = &j->entries[i];
+            if (e->image == NULL || memcmp(e->key, keep, KEY_BYTES) == 0)
+                continue;
+            if (victim == j->num_entries || e->used < j->entries[victim].used)
+                victim = i;
+        }
+        if (victim == j->num_entries)
+            return;
+        j->stats.memory_bytes -= j->entries[victim].bytes;
+        j->stats.evictions++;
+        free(j->entries[victim].image);
+        j->entries[victim] = j->entries[--j->num_entries];
+    }
+}
+
+/* Inserts (taking image) unless the key is there already (then image is freed), then evicts
+ * others past the limit. Returns the entry, or NULL on allocation failure (image freed). */
+static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, size_t bytes)
+    AT_REQUIRES(j->mu) {
+    entry_t *have = find(j, key);
     if (have != NULL) {
         free(image);
+        have->used = ++j->tick;
         return have;
     }
     if (j->num_entries == j->cap_entries) {
@@ -274,8 +307,23 @@ static const entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *i
     entry_t *e = &j->entries[j->num_entries++];
     memcpy(e->key, key, KEY_BYTES);
     e->image = image;
-    e->bytes = bytes;
-    return e;
+    e->bytes = image != NULL ? bytes : 0;
+    e->used = ++j->tick;
+    j->stats.memory_bytes += e->bytes;
+    evict(j, key);
+    return find(j, key); /* the eviction may have moved it */
+}
+
+/* The caller's copy of e's image into *image (NULL: none wanted) and its size: AT_OK, or
+ * AT_ERR_NOMEM. */
+static at_err_t copy_out(const entry_t *e, void **image, size_t *bytes) {
+    *bytes = e->bytes;
+    if (image == NULL)
+        return AT_OK;
+    if ((*image = malloc(e->bytes)) == NULL)
+        return AT_ERR_NOMEM;
+    memcpy(*image, e->image, e->bytes);
+    return AT_OK;
 }
 
 static void key_hex(const uint8_t key[KEY_BYTES], char hex[2 * KEY_BYTES + 1]) {
@@ -379,26 +427,25 @@ static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts
     return AT_OK;
 }
 
-/* From memory: AT_OK (image set), AT_ERR_UNSUPPORTED (the key failed to compile before) or
- * AT_ERR_NOT_READY (absent). */
-static at_err_t memory_get(att_jit_t *j, const uint8_t key[KEY_BYTES], const void **image,
+/* From memory: AT_OK (a copy of the image in *image, as copy_out), AT_ERR_UNSUPPORTED (the key
+ * failed to compile before), AT_ERR_NOT_READY (absent) or AT_ERR_NOMEM. */
+static at_err_t memory_get(att_jit_t *j, const uint8_t key[KEY_BYTES], void **image,
                            size_t *bytes) {
     at_err_t e = AT_ERR_NOT_READY;
     pthread_mutex_lock(&j->mu);
-    const entry_t *hit = find(j, key);
+    entry_t *hit = find(j, key);
     if (hit != NULL) {
-        e = hit->image != NULL ? AT_OK : AT_ERR_UNSUPPORTED;
-        *image = hit->image;
-        *bytes = hit->bytes;
+        e = hit->image != NULL ? copy_out(hit, image, bytes) : AT_ERR_UNSUPPORTED;
+        hit->used = ++j->tick;
         j->stats.memory_hits += hit->image != NULL;
     }
     pthread_mutex_unlock(&j->mu);
     return e;
 }
 
-/* Inserts img (taken; NULL records a failed compile) and returns the entry's image. */
+/* Inserts img (taken; NULL records a failed compile) and returns a copy of the entry's image. */
 static at_err_t memory_put(att_jit_t *j, const uint8_t key[KEY_BYTES], void *img, size_t n,
-                           int from_disk, int damaged, uint64_t compile_ns, const void **image,
+                           int from_disk, int damaged, uint64_t compile_ns, void **image,
                            size_t *bytes) {
     pthread_mutex_lock(&j->mu);
     const entry_t *ent = insert(j, key, img, n);
@@ -409,11 +456,9 @@ static at_err_t memory_put(att_jit_t *j, const uint8_t key[KEY_BYTES], void *img
         j->stats.compile_ns += compile_ns;
     }
     j->stats.disk_rejects += (uint64_t)damaged;
-    at_err_t e = ent == NULL ? AT_ERR_NOMEM : ent->image != NULL ? AT_OK : AT_ERR_UNSUPPORTED;
-    if (ent != NULL) {
-        *image = ent->image;
-        *bytes = ent->bytes;
-    }
+    const at_err_t e = ent == NULL          ? AT_ERR_NOMEM
+                       : ent->image == NULL ? AT_ERR_UNSUPPORTED
+                                            : copy_out(ent, image, bytes);
     pthread_mutex_unlock(&j->mu);
     return e;
 }
@@ -435,7 +480,7 @@ static void *disk_get(att_jit_t *j, const uint8_t key[KEY_BYTES], char path[600]
 }
 
 at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                        const void **image, size_t *bytes) {
+                        void **image, size_t *bytes) {
     uint8_t key[KEY_BYTES];
     at_err_t e = make_key(j, arch, opts, n_opts, key, NULL);
     if (e != AT_OK || (e = memory_get(j, key, image, bytes)) != AT_ERR_NOT_READY)
@@ -450,7 +495,7 @@ at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts,
 }
 
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
+                       void **image, size_t *bytes, int *compiled, at_diag_t *diag) {
     uint8_t key[KEY_BYTES];
     at_err_t e = make_key(j, arch, opts, n_opts, key, diag);
     if (e != AT_OK)
@@ -472,9 +517,8 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
         e = j->cc.compile(j->cc.user, arch, opts, n_opts, &img, &n, diag);
         dt = now_ns() - t0 + 1;
         if (e == AT_ERR_UNSUPPORTED) { /* remembered: the options never compile */
-            const void *none;
             size_t zero;
-            (void)memory_put(j, key, NULL, 0, 0, damaged, dt, &none, &zero);
+            (void)memory_put(j, key, NULL, 0, 0, damaged, dt, NULL, &zero);
         }
         if (e != AT_OK)
             return e;

@@ -7,9 +7,11 @@
  * ("sm_90", "gfx90a:sramecc+:xnack-"). Images are cached under a content key: SHA-256 of the
  * source, its headers, every option, the architecture and the compiler's name and version. A key
  * names exactly one image, so the cache is safe to share between models and sessions (unlike a
- * launch cache keyed by less; see cache/lc.h). Cached in memory for the process, and on disk (one
- * file per key, written atomically: temporary file, fsync, rename, fsync of the directory); a file
- * that is truncated or whose checksum is wrong is recompiled and replaced, never loaded.
+ * launch cache keyed by less; see cache/lc.h). Cached in memory, the least recently used images
+ * dropped past a limit (ATT_JIT_MEMORY_BYTES: a server that tunes many models would otherwise
+ * keep every candidate it ever compiled), and on disk (one file per key, written atomically:
+ * temporary file, fsync, rename, fsync of the directory); a file that is truncated or whose
+ * checksum is wrong is recompiled and replaced, never loaded.
  *
  * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once;
  * see att_jit.c for who calls from which thread). */
@@ -58,7 +60,13 @@ typedef struct att_jit_stats {
     uint64_t disk_hits;
     uint64_t disk_rejects; /* files found damaged and recompiled */
     uint64_t compile_ns;   /* wall time inside the compiler */
+    uint64_t evictions;    /* images dropped from memory past the limit */
+    uint64_t memory_bytes; /* image bytes held in memory now */
 } att_jit_stats_t;
+
+/* The in-memory images' default limit in bytes: some 800 images (an att_k_attend cubin for sm_90
+ * is about 80 KB), every variant that a handful of models and their tuning use. */
+#define ATT_JIT_MEMORY_BYTES (64u << 20)
 
 /* Dynamic shared memory of att_k_attend with tile t for model m, in bytes (the kernel's own
  * figure, att_k_info, is the one used to launch; this one lets a plan check a tile fits). */
@@ -134,18 +142,25 @@ at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir
 at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out);
 void att_jit_destroy(att_jit_t **j);
 
-/* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is borrowed
- * until att_jit_destroy. A compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with
- * the first error line in diag and the whole log at ERROR level. *compiled (may be NULL) says
- * whether the compiler ran. */
+/* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is a copy,
+ * malloc'd and the caller's (free), since the cache may drop its own at any time; image NULL asks
+ * for none (to fill the cache ahead of use), *bytes is set either way. A compile error is
+ * AT_ERR_UNSUPPORTED (the variant cannot be built) with the first error line in diag and the
+ * whole log at ERROR level; AT_ERR_NOMEM when the copy cannot be made. *compiled (may be NULL)
+ * says whether the compiler ran. */
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                       const void **image, size_t *bytes, int *compiled, at_diag_t *diag);
+                       void **image, size_t *bytes, int *compiled, at_diag_t *diag);
 
 /* As att_jit_image, but never compiles: from memory, else from disk. AT_ERR_NOT_READY when
  * neither has it; AT_ERR_UNSUPPORTED when an earlier compile of it failed. For a call's path
  * (set_tuning), where a compile would stall the call for seconds. */
 at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
-                        const void **image, size_t *bytes);
+                        void **image, size_t *bytes);
+
+/* Sets the in-memory images' limit in bytes (ATT_JIT_MEMORY_BYTES until then); images past it
+ * are dropped from memory, the least recently used first, at the next insert. The disk cache
+ * keeps every image. */
+void att_jit_set_memory_limit(att_jit_t *j, size_t bytes);
 
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
 

@@ -293,7 +293,7 @@ static void *worker(void *arg) {
 #else
         att_jit_model_opts(j->m, &j->tile, &o);
 #endif
-        const void *img;
+        void *img = NULL;
         size_t n;
         j->err = att_jit_image(j->target->jit, att_jit_opts_arch(&o, j->target->arch), o.ptr,
                                o.n, &img, &n, NULL, &j->diag);
@@ -301,6 +301,7 @@ static void *worker(void *arg) {
             j->err = AT_ERR_INTERNAL; /* an image that small cannot hold three kernels */
         if (j->err == AT_OK && !cubin_k_info(img, n, j->info))
             j->err = at_diag_set(&j->diag, AT_ERR_INTERNAL, "no att_k_info in the image");
+        free(img);
     }
 }
 

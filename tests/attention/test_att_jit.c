@@ -1,0 +1,218 @@
+/* The compiled-image cache (att_jit) with a stand-in compiler, without a GPU: images come back as
+ * the caller's own copies; past its memory limit the cache drops the least recently used images
+ * (and only those), compiling or reading from disk again when they are asked for; a key that
+ * failed to compile stays failed; threads asking for keys while others are dropped get whole,
+ * right images. Label: unit. */
+#include "tests/test_util.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attention/att_jit.h"
+
+/* The stand-in compiler: options "-DID=<id>" and "-DBYTES=<n>" make an image of n bytes whose
+ * byte i is (id * 7 + i) & 255; "-DFAIL=1" makes the compile fail. */
+static atomic_uint g_compiles;
+
+static unsigned opt_value(const char *const *opts, uint32_t n, const char *name) {
+    const size_t len = strlen(name);
+    for (uint32_t i = 0; i < n; i++)
+        if (strncmp(opts[i], name, len) == 0)
+            return (unsigned)strtoul(opts[i] + len, NULL, 10);
+    return 0;
+}
+
+static at_err_t fake_compile(void *user, const char *arch, const char *const *opts, uint32_t n_opts,
+                             void **image, size_t *bytes, at_diag_t *diag) {
+    (void)user;
+    atomic_fetch_add(&g_compiles, 1u);
+    if (opt_value(opts, n_opts, "-DFAIL=") != 0)
+        return att_jit_compile_failed("fake", arch, NULL, "asked to fail", diag);
+    const unsigned id = opt_value(opts, n_opts, "-DID="), n = opt_value(opts, n_opts, "-DBYTES=");
+    uint8_t *img = malloc(n);
+    if (img == NULL)
+        return AT_ERR_NOMEM;
+    for (unsigned i = 0; i < n; i++)
+        img[i] = (uint8_t)(id * 7 + i);
+    *image = img;
+    *bytes = n;
+    return AT_OK;
+}
+
+static att_jit_t *make_jit(const char *dir) {
+    const att_jit_compiler_t cc = {"fake 1.0", "bin", fake_compile, NULL};
+    att_jit_t *j = NULL;
+    at_diag_t d = {{0}};
+    TU_CHECK(att_jit_create_with(&cc, dir, &d, &j) == AT_OK, "create: %s", d.msg);
+    return j;
+}
+
+/* Asks j for image id of n bytes (fail: a key that does not compile). Returns the result; *good
+ * says whether the answer was whole: on success the stand-in's bytes, on failure no image. */
+static at_err_t ask_quiet(att_jit_t *j, unsigned id, unsigned n, bool fail, int *compiled,
+                          bool *good) {
+    char o[3][40];
+    snprintf(o[0], sizeof o[0], "-DID=%u", id);
+    snprintf(o[1], sizeof o[1], "-DBYTES=%u", n);
+    snprintf(o[2], sizeof o[2], "-DFAIL=%u", fail ? 1u : 0u);
+    const char *opts[3] = {o[0], o[1], o[2]};
+    void *img = NULL;
+    size_t bytes = 0;
+    at_diag_t d = {{0}};
+    const at_err_t e = att_jit_image(j, "sm_90", opts, 3, &img, &bytes, compiled, &d);
+    *good = e == AT_OK ? img != NULL && bytes == n : img == NULL;
+    for (unsigned i = 0; e == AT_OK && *good && i < n; i++)
+        *good = ((uint8_t *)img)[i] == (uint8_t)(id * 7 + i);
+    if (img != NULL) /* the caller's own: scribbling on it changes no later answer */
+        memset(img, 0xee, bytes);
+    free(img);
+    return e;
+}
+
+/* ask_quiet, failing the test on an answer that is not whole. */
+static at_err_t ask(att_jit_t *j, unsigned id, unsigned n, bool fail, int *compiled) {
+    bool good = false;
+    const at_err_t e = ask_quiet(j, id, n, fail, compiled, &good);
+    TU_CHECK(good, "image %u (%u bytes): %s, not the stand-in's image", id, n, at_err_name(e));
+    return e;
+}
+
+static att_jit_stats_t stats(att_jit_t *j) {
+    att_jit_stats_t s;
+    att_jit_get_stats(j, &s);
+    return s;
+}
+
+static void test_att_jit_copies_and_hits(void **state) {
+    (void)state;
+    att_jit_t *j = make_jit(NULL);
+    int compiled = -1;
+    TU_CHECK(ask(j, 1, 5000, false, &compiled) == AT_OK && compiled == 1, "first ask compiles");
+    TU_CHECK(ask(j, 1, 5000, false, &compiled) == AT_OK && compiled == 0, "second ask hits");
+    att_jit_stats_t s = stats(j);
+    TU_CHECK(s.compiles == 1 && s.memory_hits == 1 && s.memory_bytes == 5000 && s.evictions == 0,
+             "compiles %llu hits %llu bytes %llu", (unsigned long long)s.compiles,
+             (unsigned long long)s.memory_hits, (unsigned long long)s.memory_bytes);
+    /* image NULL: cached, nothing copied; a later ask hits */
+    char o[3][40] = {"-DID=2", "-DBYTES=300", "-DFAIL=0"};
+    const char *opts[3] = {o[0], o[1], o[2]};
+    size_t bytes = 0;
+    TU_CHECK(att_jit_image(j, "sm_90", opts, 3, NULL, &bytes, NULL, NULL) == AT_OK && bytes == 300,
+             "fill without a copy: %zu", bytes);
+    void *img = NULL;
+    TU_CHECK(att_jit_lookup(j, "sm_90", opts, 3, &img, &bytes) == AT_OK && img != NULL &&
+                 bytes == 300 && ((uint8_t *)img)[5] == (uint8_t)(2 * 7 + 5),
+             "lookup after a fill");
+    free(img);
+    att_jit_destroy(&j);
+}
+
+static void test_att_jit_drops_least_recently_used(void **state) {
+    (void)state;
+    att_jit_t *j = make_jit(NULL);
+    att_jit_set_memory_limit(j, 25000);
+    const unsigned before = atomic_load(&g_compiles);
+    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK && ask(j, 2, 10000, false, NULL) == AT_OK,
+             "two images");
+    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK, "1 used again: 2 is the least recent");
+    TU_CHECK(ask(j, 3, 10000, false, NULL) == AT_OK, "a third image");
+    att_jit_stats_t s = stats(j);
+    TU_CHECK(s.evictions == 1 && s.memory_bytes == 20000, "evictions %llu bytes %llu",
+             (unsigned long long)s.evictions, (unsigned long long)s.memory_bytes);
+    int compiled = -1;
+    TU_CHECK(ask(j, 1, 10000, false, &compiled) == AT_OK && compiled == 0, "1 kept");
+    TU_CHECK(ask(j, 3, 10000, false, &compiled) == AT_OK && compiled == 0, "3 kept");
+    TU_CHECK(ask(j, 2, 10000, false, &compiled) == AT_OK && compiled == 1, "2 compiled again");
+    TU_CHECK(atomic_load(&g_compiles) - before == 4, "compiles %u",
+             atomic_load(&g_compiles) - before);
+    /* one image over the limit stays (it is the one asked for); every other goes */
+    TU_CHECK(ask(j, 4, 40000, false, &compiled) == AT_OK && compiled == 1, "a large image");
+    s = stats(j);
+    TU_CHECK(s.memory_bytes == 40000 && s.evictions == 4, "bytes %llu evictions %llu",
+             (unsigned long long)s.memory_bytes, (unsigned long long)s.evictions);
+    TU_CHECK(ask(j, 4, 40000, false, &compiled) == AT_OK && compiled == 0, "the large one hits");
+    att_jit_destroy(&j);
+}
+
+static void test_att_jit_failed_keys_stay_failed(void **state) {
+    (void)state;
+    att_jit_t *j = make_jit(NULL);
+    att_jit_set_memory_limit(j, 1000);
+    const unsigned before = atomic_load(&g_compiles);
+    TU_CHECK(ask(j, 9, 100, true, NULL) == AT_ERR_UNSUPPORTED, "a failing key");
+    for (unsigned id = 10; id < 20; id++) /* ten images through a limit that holds one */
+        TU_CHECK(ask(j, id, 800, false, NULL) == AT_OK, "image %u", id);
+    TU_CHECK(ask(j, 9, 100, true, NULL) == AT_ERR_UNSUPPORTED, "still failing");
+    TU_CHECK(atomic_load(&g_compiles) - before == 11, "the failed key compiled once: %u",
+             atomic_load(&g_compiles) - before);
+    att_jit_destroy(&j);
+}
+
+static void test_att_jit_dropped_images_come_from_disk(void **state) {
+    (void)state;
+    char dir[] = "/tmp/att_jit_test.XXXXXX";
+    TU_CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    att_jit_t *j = make_jit(dir);
+    att_jit_set_memory_limit(j, 15000);
+    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK && ask(j, 2, 10000, false, NULL) == AT_OK,
+             "two images, the first dropped");
+    int compiled = -1;
+    TU_CHECK(ask(j, 1, 10000, false, &compiled) == AT_OK && compiled == 0, "1 again, no compile");
+    const att_jit_stats_t s = stats(j);
+    TU_CHECK(s.compiles == 2 && s.disk_hits == 1 && s.evictions == 2,
+             "compiles %llu disk hits %llu evictions %llu", (unsigned long long)s.compiles,
+             (unsigned long long)s.disk_hits, (unsigned long long)s.evictions);
+    att_jit_destroy(&j);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    TU_CHECK(system(cmd) == 0, "%s", cmd);
+}
+
+/* Threads asking for 16 keys of different sizes through a limit that holds about four; the
+ * answers that were not whole are counted (cmocka's failures belong to the main thread). */
+enum { THREADS = 4, ROUNDS = 300 };
+static atomic_uint g_bad;
+
+static void *hammer(void *arg) {
+    att_jit_t *j = arg;
+    unsigned r = (unsigned)(uintptr_t)&r;
+    for (int i = 0; i < ROUNDS; i++) {
+        r = r * 1103515245u + 12345u;
+        const unsigned id = (r >> 16) % 16;
+        bool good = false;
+        if (ask_quiet(j, id, 1000 + id * 100, false, NULL, &good) != AT_OK || !good)
+            atomic_fetch_add(&g_bad, 1u);
+    }
+    return NULL;
+}
+
+static void test_att_jit_threads_while_dropping(void **state) {
+    (void)state;
+    att_jit_t *j = make_jit(NULL);
+    att_jit_set_memory_limit(j, 7000);
+    pthread_t t[THREADS];
+    for (int i = 0; i < THREADS; i++)
+        TU_CHECK(pthread_create(&t[i], NULL, hammer, j) == 0, "thread %d", i);
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
+    TU_CHECK(atomic_load(&g_bad) == 0, "%u answers not whole", atomic_load(&g_bad));
+    const att_jit_stats_t s = stats(j);
+    TU_CHECK(s.memory_bytes <= 7000 && s.evictions > 0, "bytes %llu evictions %llu",
+             (unsigned long long)s.memory_bytes, (unsigned long long)s.evictions);
+    att_jit_destroy(&j);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_att_jit_copies_and_hits),
+        cmocka_unit_test(test_att_jit_drops_least_recently_used),
+        cmocka_unit_test(test_att_jit_failed_keys_stay_failed),
+        cmocka_unit_test(test_att_jit_dropped_images_come_from_disk),
+        cmocka_unit_test(test_att_jit_threads_while_dropping),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
