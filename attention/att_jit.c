@@ -409,20 +409,25 @@ static void disk_write(const char *dir, const char *path, const void *img, size_
     }
 }
 
-/* The key of (arch, options): SHA-256 of the source, its headers, arch, the compiler's name and
+/* The key of (arch, options): SHA-256 of the source and every header the compiler is given
+ * (att_jit_kernel_source, the same list: a header left out of the key, as att_sm90.cuh once was,
+ * let a changed wgmma body load its stale image from disk), arch, the compiler's name and
  * version, and every option. */
 static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts,
                          uint32_t n_opts, uint8_t key[KEY_BYTES], at_diag_t *diag) {
-    const char *parts[ATT_JIT_MAX_OPTS + 5];
-    if (n_opts > ATT_JIT_MAX_OPTS)
-        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
-    parts[0] = KERNEL_SRC;
-    parts[1] = KERNEL_HDR;
-    parts[2] = KERNEL_PORT;
-    parts[3] = arch;
-    parts[4] = j->cc.name;
-    memcpy(parts + 5, opts, n_opts * sizeof *opts);
-    if (sha256_strings(parts, n_opts + 5, key) != 0)
+    att_jit_source_t src;
+    att_jit_kernel_source(&src);
+    const char *parts[1 + 3 + 2 + ATT_JIT_MAX_OPTS];
+    if (n_opts > ATT_JIT_MAX_OPTS || src.num_headers > 3)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options or headers");
+    uint32_t n = 0;
+    parts[n++] = src.text;
+    for (uint32_t i = 0; i < src.num_headers; i++)
+        parts[n++] = src.headers[i];
+    parts[n++] = arch;
+    parts[n++] = j->cc.name;
+    memcpy(parts + n, opts, n_opts * sizeof *opts);
+    if (sha256_strings(parts, n + n_opts, key) != 0)
         return at_diag_set(diag, AT_ERR_INTERNAL, "SHA-256 failed");
     return AT_OK;
 }
