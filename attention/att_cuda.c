@@ -794,8 +794,11 @@ out_drain:
 
 /* ---- sessions ---- */
 
-/* Loads img as the module of ms->kind with ms->tile (the session's att_gpu_loader_t). */
-static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_diag_t *diag) {
+/* Loads img as the module of ms->kind with ms->tile (the session's att_gpu_loader_t); the
+ * driver copies what it needs from img (cuModuleLoadData), so bytes is not kept. */
+static at_err_t load_mod(att_kv_t *kv, const void *img, size_t bytes, att_gpu_mod_t *ms,
+                         at_diag_t *diag) {
+    (void)bytes;
     cuda_backend_t *be = kv->be;
     CUmodule mod;
     CUfunction f_attend, f_kv_write;

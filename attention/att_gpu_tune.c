@@ -93,11 +93,11 @@ static void compile_later(att_gpu_cq_t *q, const att_jit_opts_t *o) {
 /* The image of tile t for m from the compile cache (*img malloc'd, the caller's; img NULL: none
  * wanted); AT_ERR_NOT_READY after queueing its compile, AT_ERR_UNSUPPORTED when an earlier
  * compile of it failed. */
-static at_err_t cq_lookup(att_gpu_cq_t *q, const att_model_t *m, const att_tile_t *t, void **img) {
+static at_err_t cq_lookup(att_gpu_cq_t *q, const att_model_t *m, const att_tile_t *t, void **img,
+                          size_t *bytes) {
     att_jit_opts_t o;
-    size_t bytes;
     att_gpu_cq_opts(q, m, t, &o);
-    at_err_t e = att_jit_lookup(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, img, &bytes);
+    at_err_t e = att_jit_lookup(q->jit, att_jit_opts_arch(&o, q->arch), o.ptr, o.n, img, bytes);
     if (e == AT_ERR_NOT_READY)
         compile_later(q, &o);
     return e;
@@ -112,7 +112,8 @@ at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
         from_cfg(&cfgs[i], &plan);
         for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
             if (!wait) {
-                (void)cq_lookup(q, m, &plan.tile[k], NULL);
+                size_t bytes;
+                (void)cq_lookup(q, m, &plan.tile[k], NULL, &bytes);
                 continue;
             }
             att_jit_opts_t o;
@@ -145,9 +146,9 @@ void att_gpu_mods_fini(att_gpu_mods_t *s) {
 
 /* Loads img into slot i (free) as kind with tile t. */
 static at_err_t load_slot(att_gpu_mods_t *s, uint32_t i, uint32_t kind, const att_tile_t *t,
-                          const void *img, at_diag_t *diag) {
+                          const void *img, size_t bytes, at_diag_t *diag) {
     att_gpu_mod_t ms = {.kind = kind, .tile = *t, .used = s->switches};
-    at_err_t e = s->ld->load(s->kv, img, &ms, diag);
+    at_err_t e = s->ld->load(s->kv, img, bytes, &ms, diag);
     if (e == AT_OK)
         s->slot[i] = ms;
     return e;
@@ -163,7 +164,7 @@ at_err_t att_gpu_mods_load_first(att_gpu_mods_t *s, uint32_t kind, const att_til
     if (f->compiled)
         lc_note_compile(s->lc);
     s->cur[kind] = kind;
-    return load_slot(s, kind, kind, t, f->img, diag);
+    return load_slot(s, kind, kind, t, f->img, f->bytes, diag);
 }
 
 const att_gpu_mod_t *att_gpu_mods_cur(const att_gpu_mods_t *s, uint32_t kind) {
@@ -203,11 +204,12 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
      * one is queued before answering NOT_READY, so both compile meanwhile. */
     uint32_t slot[ATT_TILE_KINDS];
     void *img[ATT_TILE_KINDS] = {NULL, NULL}; /* the images to load, ours */
+    size_t bytes[ATT_TILE_KINDS] = {0, 0};
     at_err_t missing = AT_OK;
     for (uint32_t k = 0; k < ATT_TILE_KINDS; k++) {
         if ((slot[k] = find_slot(s, k, &tiles[k])) != ATT_GPU_MOD_SLOTS)
             continue;
-        at_err_t e = cq_lookup(q, m, &tiles[k], &img[k]);
+        at_err_t e = cq_lookup(q, m, &tiles[k], &img[k], &bytes[k]);
         if (e != AT_OK && missing != AT_ERR_CONFIG)
             missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
     }
@@ -217,7 +219,7 @@ at_err_t att_gpu_mods_switch(att_gpu_mods_t *s, att_gpu_cq_t *q, const att_model
         /* keep the other kind's slot: loaded just now, or found loaded but not current (an
          * eviction of it would leave that kind's current slot holding this kind's module) */
         slot[k] = free_slot(s, slot[1u - k]);
-        at_err_t e = load_slot(s, slot[k], k, &tiles[k], img[k], NULL);
+        at_err_t e = load_slot(s, slot[k], k, &tiles[k], img[k], bytes[k], NULL);
         if (e != AT_OK)
             missing = e == AT_ERR_UNSUPPORTED ? AT_ERR_CONFIG : e;
     }

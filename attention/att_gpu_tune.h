@@ -92,10 +92,12 @@ typedef struct att_gpu_mod {
 
 /* A backend's module calls, for a session kv. */
 typedef struct att_gpu_loader {
-    /* Loads image img as out->kind with out->tile: sets out->mod, its kernels and info.
-     * AT_ERR_UNSUPPORTED with diag when the module cannot run on the device; on any error
-     * nothing stays loaded. */
-    at_err_t (*load)(att_kv_t *kv, const void *img, att_gpu_mod_t *out, at_diag_t *diag);
+    /* Loads image img (bytes long; borrowed for the call: the backend keeps its own copy if
+     * its runtime may read the image later) as out->kind with out->tile: sets out->mod, its
+     * kernels and info. AT_ERR_UNSUPPORTED with diag when the module cannot run on the device;
+     * on any error nothing stays loaded. */
+    at_err_t (*load)(att_kv_t *kv, const void *img, size_t bytes, att_gpu_mod_t *out,
+                     at_diag_t *diag);
     /* Unloads a module load made (no run of kv is in flight); errors are logged only. */
     void (*unload)(att_kv_t *kv, void *mod);
 } att_gpu_loader_t;

@@ -385,14 +385,35 @@ out_drain:
 
 /* ---- sessions ---- */
 
+/* A loaded module and the image it was loaded from, kept until the module is unloaded: ROCm's
+ * runtime may refer to the caller's image after hipModuleLoadData instead of copying it (its
+ * code object's host address, for debuggers and profilers), and att_jit's images are the
+ * caller's to free. ms->mod points to one. */
+typedef struct hip_mod {
+    hipModule_t mod;
+    void *image; /* owned */
+} hip_mod_t;
+
 /* Loads img as the module of ms->kind with ms->tile (the session's att_gpu_loader_t). */
-static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_diag_t *diag) {
+static at_err_t load_mod(att_kv_t *kv, const void *img, size_t bytes, att_gpu_mod_t *ms,
+                         at_diag_t *diag) {
     hip_backend_t *be = kv->be;
+    hip_mod_t *hm = malloc(sizeof *hm);
+    void *copy = malloc(bytes);
+    if (hm == NULL || copy == NULL) {
+        free(hm);
+        free(copy);
+        return AT_ERR_NOMEM;
+    }
+    memcpy(copy, img, bytes);
     hipModule_t mod;
     hipFunction_t f_attend, f_kv_write;
     at_err_t e;
-    if ((e = HIP(hipModuleLoadData(&mod, img))) != AT_OK)
+    if ((e = HIP(hipModuleLoadData(&mod, copy))) != AT_OK) {
+        free(hm);
+        free(copy);
         return at_diag_set(diag, e, "hipModuleLoadData failed");
+    }
     hipDeviceptr_t info_d;
     size_t info_n;
     if ((e = HIP(hipModuleGetFunction(&f_attend, mod, "att_k_attend"))) != AT_OK ||
@@ -419,18 +440,24 @@ static at_err_t load_mod(att_kv_t *kv, const void *img, att_gpu_mod_t *ms, at_di
              &occ, f_attend, (int)ms->info[ATT_KINFO_THREADS], smem))) != AT_OK)
         goto out_unload;
     ms->occupancy = occ > 0 ? (uint32_t)occ : 1;
-    ms->mod = mod;
+    *hm = (hip_mod_t){mod, copy};
+    ms->mod = hm;
     ms->f_attend = f_attend;
     ms->f_kv_write = f_kv_write;
     return AT_OK;
 out_unload:
     (void)HIP(hipModuleUnload(mod));
+    free(hm);
+    free(copy);
     return e;
 }
 
 static void unload_mod(att_kv_t *kv, void *mod) {
     hip_backend_t *be = kv->be;
-    (void)HIP(hipModuleUnload((hipModule_t)mod));
+    hip_mod_t *hm = mod;
+    (void)HIP(hipModuleUnload(hm->mod));
+    free(hm->image);
+    free(hm);
 }
 
 static const att_gpu_loader_t hip_loader = {.load = load_mod, .unload = unload_mod};
@@ -524,6 +551,15 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
             (void)HIP(hipFree(dptr(kv->tables_d)));
         if (kv->stage_h != NULL)
             (void)HIP(hipHostFree(kv->stage_h));
+    } else {
+        /* the runtime keeps the lost device's modules; their images and records are ours */
+        for (uint32_t i = 0; i < ATT_GPU_MOD_SLOTS; i++) {
+            hip_mod_t *hm = kv->mods.slot[i].mod;
+            if (hm != NULL) {
+                free(hm->image);
+                free(hm);
+            }
+        }
     }
     lc_destroy(&kv->lc);
     att_gpu_work_fini(&kv->work);

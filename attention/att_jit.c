@@ -2,7 +2,8 @@
  * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
  * Entries are read only under mu, and callers get copies of their images: an insert may move the
- * array and evict (free) the least recently used images once the cache holds more than its limit.
+ * array and evict (free) the least recently used images that the disk also holds once the cache
+ * holds more than its limit.
  * Two threads asking for the same new key may both compile; the first image inserted wins and
  * both return it. Users: a session's creation (two threads, one per tile kind), the CUDA
  * backend's compile threads (tuning candidates) and set_tuning (att_jit_lookup, which never
@@ -13,6 +14,7 @@
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +48,7 @@ typedef struct entry {
     void *image; /* owned; NULL: the key failed to compile (asking again fails at once) */
     size_t bytes;
     uint64_t used; /* the cache's tick at its last use: the least recent goes first */
+    bool on_disk;  /* read from, or written whole to, the cache's directory: it may be dropped */
 } entry_t;
 
 struct att_jit {
@@ -56,8 +59,9 @@ struct att_jit {
     entry_t *entries AT_GUARDED_BY(mu);
     size_t num_entries AT_GUARDED_BY(mu);
     size_t cap_entries AT_GUARDED_BY(mu);
-    size_t limit AT_GUARDED_BY(mu);  /* image bytes kept in memory before evicting */
-    uint64_t tick AT_GUARDED_BY(mu); /* one more per use of an entry */
+    size_t limit_bytes AT_GUARDED_BY(mu); /* image bytes kept in memory before evicting */
+    uint64_t tick AT_GUARDED_BY(mu);      /* one more per use of an entry */
+    bool warned AT_GUARDED_BY(mu);        /* over the limit with nothing to drop, said once */
     att_jit_stats_t stats AT_GUARDED_BY(mu);
 };
 
@@ -74,10 +78,21 @@ static char kernel_hash[2 * KEY_BYTES + 1];
 static void key_hex(const uint8_t key[KEY_BYTES], char hex[2 * KEY_BYTES + 1]);
 static int sha256_strings(const char *const *s, size_t n, uint8_t out[KEY_BYTES]);
 
+/* The source and the headers of att_jit_kernel_source, in its order, into parts: how many. */
+static uint32_t source_parts(const char *parts[1 + ATT_JIT_MAX_HEADERS]) {
+    att_jit_source_t src;
+    att_jit_kernel_source(&src);
+    uint32_t n = 0;
+    parts[n++] = src.text;
+    for (uint32_t i = 0; i < src.num_headers; i++)
+        parts[n++] = src.headers[i];
+    return n;
+}
+
 static void hash_init(void) {
-    const char *parts[] = {KERNEL_SRC, KERNEL_HDR, KERNEL_PORT, KERNEL_SM90};
+    const char *parts[1 + ATT_JIT_MAX_HEADERS];
     uint8_t key[KEY_BYTES];
-    if (sha256_strings(parts, 4, key) == 0)
+    if (sha256_strings(parts, source_parts(parts), key) == 0)
         key_hex(key, kernel_hash);
 }
 
@@ -154,6 +169,8 @@ at_err_t att_jit_compile_failed(const char *compiler, const char *arch, const ch
                        err != NULL ? err : log);
 }
 
+_Static_assert(ATT_JIT_MAX_HEADERS >= 3, "att_jit_kernel_source's headers fit");
+
 void att_jit_kernel_source(att_jit_source_t *out) {
     out->text = KERNEL_SRC;
     out->name = "att_unified.cu";
@@ -202,7 +219,7 @@ at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir
     j->cc.name = j->name;
     if (cache_dir != NULL)
         snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
-    j->limit = ATT_JIT_MEMORY_BYTES;
+    j->limit_bytes = ATT_JIT_MEMORY_BYTES;
     pthread_mutex_init(&j->mu, NULL);
     *out = j;
     return AT_OK;
@@ -220,9 +237,12 @@ void att_jit_destroy(att_jit_t **jp) {
     *jp = NULL;
 }
 
+static void evict(att_jit_t *j, const uint8_t *keep);
+
 void att_jit_set_memory_limit(att_jit_t *j, size_t bytes) {
     pthread_mutex_lock(&j->mu);
-    j->limit = bytes;
+    j->limit_bytes = bytes;
+    evict(j, NULL);
     pthread_mutex_unlock(&j->mu);
 }
 
@@ -263,20 +283,36 @@ static entry_t *find(att_jit_t *j, const uint8_t key[KEY_BYTES]) AT_REQUIRES(j->
     return NULL;
 }
 
-/* Frees the least recently used images but keep's until the images fit the limit (keep stays,
- * however large). Failed keys' entries hold no image and stay. */
-static void evict(att_jit_t *j, const uint8_t keep[KEY_BYTES]) AT_REQUIRES(j->mu) {
-    while (j->stats.memory_bytes > j->limit) {
+/* Frees the least recently used images that the disk also holds, but the key keep's (NULL: none),
+ * until the images fit the limit. An image the disk lacks (no directory, or its write failed)
+ * stays, since att_jit_lookup could not get it back without compiling: such a cache says once
+ * that it is over its limit. Failed keys' entries hold no image and stay. */
+static void evict(att_jit_t *j, const uint8_t *keep) AT_REQUIRES(j->mu) {
+    while (j->stats.memory_bytes > j->limit_bytes) {
         size_t victim = j->num_entries;
         for (size_t i = 0; i < j->num_entries; i++) {
             const entry_t *e = &j->entries[i];
-            if (e->image == NULL || memcmp(e->key, keep, KEY_BYTES) == 0)
+            if (e->image == NULL || !e->on_disk ||
+                (keep != NULL && memcmp(e->key, keep, KEY_BYTES) == 0))
                 continue;
             if (victim == j->num_entries || e->used < j->entries[victim].used)
                 victim = i;
         }
-        if (victim == j->num_entries)
+        if (victim == j->num_entries) {
+            const entry_t *k = keep != NULL ? find(j, keep) : NULL;
+            const uint64_t others = j->stats.memory_bytes - (k != NULL ? k->bytes : 0);
+            if (!j->warned && others > j->limit_bytes) {
+                at_log(AT_LOG_WARN, "jit",
+                       "compiled kernels hold %.1f MiB of memory, over the %.1f MiB limit, and "
+                       "none can be dropped: %s",
+                       (double)j->stats.memory_bytes / (1 << 20),
+                       (double)j->limit_bytes / (1 << 20),
+                       j->dir[0] == '\0' ? "no kernel cache directory keeps them"
+                                         : "the kernel cache directory lacks them");
+                j->warned = true;
+            }
             return;
+        }
         j->stats.memory_bytes -= j->entries[victim].bytes;
         j->stats.evictions++;
         free(j->entries[victim].image);
@@ -284,14 +320,16 @@ static void evict(att_jit_t *j, const uint8_t keep[KEY_BYTES]) AT_REQUIRES(j->mu
     }
 }
 
-/* Inserts (taking image) unless the key is there already (then image is freed), then evicts
- * others past the limit. Returns the entry, or NULL on allocation failure (image freed). */
-static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, size_t bytes)
-    AT_REQUIRES(j->mu) {
+/* Inserts (taking image; on_disk: the directory holds it) unless the key is there already (then
+ * image is freed), then evicts others past the limit. Returns the entry, or NULL on allocation
+ * failure (image freed). */
+static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, size_t bytes,
+                       bool on_disk) AT_REQUIRES(j->mu) {
     entry_t *have = find(j, key);
     if (have != NULL) {
         free(image);
         have->used = ++j->tick;
+        have->on_disk |= on_disk;
         return have;
     }
     if (j->num_entries == j->cap_entries) {
@@ -309,6 +347,7 @@ static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, 
     e->image = image;
     e->bytes = image != NULL ? bytes : 0;
     e->used = ++j->tick;
+    e->on_disk = on_disk;
     j->stats.memory_bytes += e->bytes;
     evict(j, key);
     return find(j, key); /* the eviction may have moved it */
@@ -380,15 +419,15 @@ static int write_all(int fd, const void *p, size_t n) {
 }
 
 /* Temporary file in the same directory, fsync, rename over the key's name, fsync of the
- * directory: a reader sees either no file or a whole one. Failures are logged, not returned: the
- * image is still good in memory. */
-static void disk_write(const char *dir, const char *path, const void *img, size_t n) {
+ * directory: a reader sees either no file or a whole one. A failure is logged (the image is still
+ * good in memory) and makes it false: the memory cache then keeps the image. */
+static bool disk_write(const char *dir, const char *path, const void *img, size_t n) {
     char tmp[640];
     snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path);
     int fd = mkstemp(tmp);
     if (fd < 0) {
         at_log(AT_LOG_WARN, "jit", "cannot write %s: %s", tmp, strerror(errno));
-        return;
+        return false;
     }
     uint8_t hdr[HEADER_BYTES];
     uint64_t n64 = n;
@@ -400,13 +439,14 @@ static void disk_write(const char *dir, const char *path, const void *img, size_
     if (!ok || rename(tmp, path) != 0) {
         at_log(AT_LOG_WARN, "jit", "cannot write %s: %s", path, strerror(errno));
         unlink(tmp);
-        return;
+        return false;
     }
     int dfd = open(dir, O_RDONLY | O_DIRECTORY);
     if (dfd >= 0) {
         (void)fsync(dfd);
         close(dfd);
     }
+    return true;
 }
 
 /* The key of (arch, options): SHA-256 of the source and every header the compiler is given
@@ -415,15 +455,10 @@ static void disk_write(const char *dir, const char *path, const void *img, size_
  * version, and every option. */
 static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts,
                          uint32_t n_opts, uint8_t key[KEY_BYTES], at_diag_t *diag) {
-    att_jit_source_t src;
-    att_jit_kernel_source(&src);
-    const char *parts[1 + 3 + 2 + ATT_JIT_MAX_OPTS];
-    if (n_opts > ATT_JIT_MAX_OPTS || src.num_headers > 3)
-        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options or headers");
-    uint32_t n = 0;
-    parts[n++] = src.text;
-    for (uint32_t i = 0; i < src.num_headers; i++)
-        parts[n++] = src.headers[i];
+    const char *parts[1 + ATT_JIT_MAX_HEADERS + 2 + ATT_JIT_MAX_OPTS];
+    if (n_opts > ATT_JIT_MAX_OPTS)
+        return at_diag_set(diag, AT_ERR_INTERNAL, "too many compile options");
+    uint32_t n = source_parts(parts);
     parts[n++] = arch;
     parts[n++] = j->cc.name;
     memcpy(parts + n, opts, n_opts * sizeof *opts);
@@ -442,18 +477,19 @@ static at_err_t memory_get(att_jit_t *j, const uint8_t key[KEY_BYTES], void **im
     if (hit != NULL) {
         e = hit->image != NULL ? copy_out(hit, image, bytes) : AT_ERR_UNSUPPORTED;
         hit->used = ++j->tick;
-        j->stats.memory_hits += hit->image != NULL;
+        j->stats.memory_hits += e == AT_OK;
     }
     pthread_mutex_unlock(&j->mu);
     return e;
 }
 
-/* Inserts img (taken; NULL records a failed compile) and returns a copy of the entry's image. */
+/* Inserts img (taken; NULL records a failed compile; on_disk: the directory holds it) and returns
+ * a copy of the entry's image. */
 static at_err_t memory_put(att_jit_t *j, const uint8_t key[KEY_BYTES], void *img, size_t n,
-                           int from_disk, int damaged, uint64_t compile_ns, void **image,
-                           size_t *bytes) {
+                           bool on_disk, int from_disk, int damaged, uint64_t compile_ns,
+                           void **image, size_t *bytes) {
     pthread_mutex_lock(&j->mu);
-    const entry_t *ent = insert(j, key, img, n);
+    const entry_t *ent = insert(j, key, img, n, on_disk);
     if (from_disk)
         j->stats.disk_hits++;
     else if (compile_ns != 0) {
@@ -496,7 +532,7 @@ at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts,
     void *img = disk_get(j, key, path, &n, &damaged);
     if (img == NULL)
         return AT_ERR_NOT_READY;
-    return memory_put(j, key, img, n, 1, damaged, 0, image, bytes);
+    return memory_put(j, key, img, n, true, 1, damaged, 0, image, bytes);
 }
 
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
@@ -516,6 +552,7 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
     int damaged = 0;
     void *img = disk_get(j, key, path, &n, &damaged);
     const int from_disk = img != NULL;
+    bool on_disk = from_disk;
     uint64_t dt = 0;
     if (img == NULL) {
         const uint64_t t0 = now_ns();
@@ -523,16 +560,16 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
         dt = now_ns() - t0 + 1;
         if (e == AT_ERR_UNSUPPORTED) { /* remembered: the options never compile */
             size_t zero;
-            (void)memory_put(j, key, NULL, 0, 0, damaged, dt, NULL, &zero);
+            (void)memory_put(j, key, NULL, 0, false, 0, damaged, dt, NULL, &zero);
         }
         if (e != AT_OK)
             return e;
         if (path[0] != '\0')
-            disk_write(j->dir, path, img, n);
+            on_disk = disk_write(j->dir, path, img, n);
         if (compiled != NULL)
             *compiled = 1;
     }
-    return memory_put(j, key, img, n, from_disk, damaged, dt, image, bytes);
+    return memory_put(j, key, img, n, on_disk, from_disk, damaged, dt, image, bytes);
 }
 
 #ifdef AT_HAVE_CUDA

@@ -7,11 +7,13 @@
  * ("sm_90", "gfx90a:sramecc+:xnack-"). Images are cached under a content key: SHA-256 of the
  * source, its headers, every option, the architecture and the compiler's name and version. A key
  * names exactly one image, so the cache is safe to share between models and sessions (unlike a
- * launch cache keyed by less; see cache/lc.h). Cached in memory, the least recently used images
- * dropped past a limit (ATT_JIT_MEMORY_BYTES: a server that tunes many models would otherwise
- * keep every candidate it ever compiled), and on disk (one file per key, written atomically:
- * temporary file, fsync, rename, fsync of the directory); a file that is truncated or whose
- * checksum is wrong is recompiled and replaced, never loaded.
+ * launch cache keyed by less; see cache/lc.h). Cached on disk (one file per key, written
+ * atomically: temporary file, fsync, rename, fsync of the directory; a file that is truncated or
+ * whose checksum is wrong is recompiled and replaced, never loaded) and in memory, where the least
+ * recently used images that the disk also holds are dropped past a limit (ATT_JIT_MEMORY_BYTES: a
+ * server that tunes many models would otherwise keep every candidate it ever compiled). An image
+ * the disk lacks (no directory, a failed write) stays in memory, since a lookup could not get it
+ * back without compiling; the one just asked for stays however large; failed keys stay.
  *
  * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once;
  * see att_jit.c for who calls from which thread). */
@@ -68,6 +70,9 @@ typedef struct att_jit_stats {
  * is about 80 KB), every variant that a handful of models and their tuning use. */
 #define ATT_JIT_MEMORY_BYTES (64u << 20)
 
+/* The most headers the kernel source includes (att_jit_source_t). */
+#define ATT_JIT_MAX_HEADERS 3u
+
 /* Dynamic shared memory of att_k_attend with tile t for model m, in bytes (the kernel's own
  * figure, att_k_info, is the one used to launch; this one lets a plan check a tile fits). */
 uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t);
@@ -102,8 +107,8 @@ void att_jit_opt_add(att_jit_opts_t *o, const char *fmt, unsigned v);
 typedef struct att_jit_source {
     const char *text;
     const char *name;
-    const char *headers[3];
-    const char *header_names[3];
+    const char *headers[ATT_JIT_MAX_HEADERS];
+    const char *header_names[ATT_JIT_MAX_HEADERS];
     uint32_t num_headers;
 } att_jit_source_t;
 void att_jit_kernel_source(att_jit_source_t *out);
@@ -143,11 +148,11 @@ at_err_t att_jit_create(const char *cache_dir, at_diag_t *diag, att_jit_t **out)
 void att_jit_destroy(att_jit_t **j);
 
 /* The image for arch ("sm_90") and options: from memory, disk, or the compiler. *image is a copy,
- * malloc'd and the caller's (free), since the cache may drop its own at any time; image NULL asks
- * for none (to fill the cache ahead of use), *bytes is set either way. A compile error is
- * AT_ERR_UNSUPPORTED (the variant cannot be built) with the first error line in diag and the
- * whole log at ERROR level; AT_ERR_NOMEM when the copy cannot be made. *compiled (may be NULL)
- * says whether the compiler ran. */
+ * malloc'd and the caller's (free), since the cache may drop its own at any time; set only on
+ * AT_OK; image NULL asks for none (to fill the cache ahead of use), *bytes is set either way. A
+ * compile error is AT_ERR_UNSUPPORTED (the variant cannot be built) with the first error line in
+ * diag and the whole log at ERROR level; AT_ERR_NOMEM when the copy cannot be made. *compiled (may
+ * be NULL) says whether the compiler ran. */
 at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
                        void **image, size_t *bytes, int *compiled, at_diag_t *diag);
 
@@ -157,9 +162,8 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
 at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
                         void **image, size_t *bytes);
 
-/* Sets the in-memory images' limit in bytes (ATT_JIT_MEMORY_BYTES until then); images past it
- * are dropped from memory, the least recently used first, at the next insert. The disk cache
- * keeps every image. */
+/* Sets the in-memory images' limit in bytes (ATT_JIT_MEMORY_BYTES until then) and drops the least
+ * recently used images past it that the disk also holds, now and at each insert. */
 void att_jit_set_memory_limit(att_jit_t *j, size_t bytes);
 
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);

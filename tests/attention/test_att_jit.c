@@ -1,8 +1,9 @@
 /* The compiled-image cache (att_jit) with a stand-in compiler, without a GPU: images come back as
  * the caller's own copies; past its memory limit the cache drops the least recently used images
- * (and only those), compiling or reading from disk again when they are asked for; a key that
- * failed to compile stays failed; threads asking for keys while others are dropped get whole,
- * right images. Label: unit. */
+ * that its directory also holds (and only those), reading them from disk again when they are
+ * asked for, lookups included; without a directory it keeps them all; a key that failed to
+ * compile stays failed; threads asking for keys while others are dropped get whole, right
+ * images. Label: unit. */
 #include "tests/test_util.h"
 
 #include <pthread.h>
@@ -111,11 +112,40 @@ static void test_att_jit_copies_and_hits(void **state) {
     att_jit_destroy(&j);
 }
 
+/* A fresh cache directory in dir (at least 32 bytes); rm_dir removes it. */
+static void make_dir(char *dir) {
+    strcpy(dir, "/tmp/att_jit_test.XXXXXX");
+    TU_CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+}
+
+static void rm_dir(const char *dir) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    TU_CHECK(system(cmd) == 0, "%s", cmd);
+}
+
+/* att_jit_lookup of image id (n bytes), which never compiles: its result, the copy checked. */
+static at_err_t lookup(att_jit_t *j, unsigned id, unsigned n) {
+    char o[3][40];
+    snprintf(o[0], sizeof o[0], "-DID=%u", id);
+    snprintf(o[1], sizeof o[1], "-DBYTES=%u", n);
+    snprintf(o[2], sizeof o[2], "-DFAIL=0");
+    const char *opts[3] = {o[0], o[1], o[2]};
+    void *img = NULL;
+    size_t bytes = 0;
+    const at_err_t e = att_jit_lookup(j, "sm_90", opts, 3, &img, &bytes);
+    TU_CHECK(e != AT_OK || (bytes == n && ((uint8_t *)img)[n - 1] == (uint8_t)(id * 7 + n - 1)),
+             "lookup of %u: %zu bytes", id, bytes);
+    free(img);
+    return e;
+}
+
 static void test_att_jit_drops_least_recently_used(void **state) {
     (void)state;
-    att_jit_t *j = make_jit(NULL);
+    char dir[32];
+    make_dir(dir);
+    att_jit_t *j = make_jit(dir);
     att_jit_set_memory_limit(j, 25000);
-    const unsigned before = atomic_load(&g_compiles);
     TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK && ask(j, 2, 10000, false, NULL) == AT_OK,
              "two images");
     TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK, "1 used again: 2 is the least recent");
@@ -126,50 +156,63 @@ static void test_att_jit_drops_least_recently_used(void **state) {
     int compiled = -1;
     TU_CHECK(ask(j, 1, 10000, false, &compiled) == AT_OK && compiled == 0, "1 kept");
     TU_CHECK(ask(j, 3, 10000, false, &compiled) == AT_OK && compiled == 0, "3 kept");
-    TU_CHECK(ask(j, 2, 10000, false, &compiled) == AT_OK && compiled == 1, "2 compiled again");
-    TU_CHECK(atomic_load(&g_compiles) - before == 4, "compiles %u",
-             atomic_load(&g_compiles) - before);
+    s = stats(j);
+    TU_CHECK(s.memory_hits == 3 && s.disk_hits == 0, "hits %llu from disk %llu",
+             (unsigned long long)s.memory_hits, (unsigned long long)s.disk_hits);
+    /* the dropped one comes back from disk, not from the compiler */
+    TU_CHECK(ask(j, 2, 10000, false, &compiled) == AT_OK && compiled == 0, "2 from disk");
+    s = stats(j);
+    TU_CHECK(s.compiles == 3 && s.disk_hits == 1 && s.evictions == 2,
+             "compiles %llu, from disk %llu, evictions %llu", (unsigned long long)s.compiles,
+             (unsigned long long)s.disk_hits, (unsigned long long)s.evictions);
     /* one image over the limit stays (it is the one asked for); every other goes */
     TU_CHECK(ask(j, 4, 40000, false, &compiled) == AT_OK && compiled == 1, "a large image");
     s = stats(j);
     TU_CHECK(s.memory_bytes == 40000 && s.evictions == 4, "bytes %llu evictions %llu",
              (unsigned long long)s.memory_bytes, (unsigned long long)s.evictions);
     TU_CHECK(ask(j, 4, 40000, false, &compiled) == AT_OK && compiled == 0, "the large one hits");
+    /* a lower limit drops at once; a lookup (which never compiles) reads the disk */
+    att_jit_set_memory_limit(j, 0);
+    s = stats(j);
+    TU_CHECK(s.memory_bytes == 0 && s.evictions == 5, "bytes %llu evictions %llu",
+             (unsigned long long)s.memory_bytes, (unsigned long long)s.evictions);
+    TU_CHECK(lookup(j, 4, 40000) == AT_OK && lookup(j, 1, 10000) == AT_OK, "lookups from disk");
+    TU_CHECK(stats(j).compiles == 4, "compiles %llu", (unsigned long long)stats(j).compiles);
+    att_jit_destroy(&j);
+    rm_dir(dir);
+}
+
+/* Without a directory nothing could bring a dropped image back but the compiler, which a lookup
+ * never runs: the memory cache keeps every image, over its limit. */
+static void test_att_jit_keeps_what_the_disk_lacks(void **state) {
+    (void)state;
+    att_jit_t *j = make_jit(NULL);
+    att_jit_set_memory_limit(j, 15000);
+    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK && ask(j, 2, 10000, false, NULL) == AT_OK,
+             "two images");
+    const att_jit_stats_t s = stats(j);
+    TU_CHECK(s.evictions == 0 && s.memory_bytes == 20000, "evictions %llu bytes %llu",
+             (unsigned long long)s.evictions, (unsigned long long)s.memory_bytes);
+    TU_CHECK(lookup(j, 1, 10000) == AT_OK && lookup(j, 2, 10000) == AT_OK, "both looked up");
     att_jit_destroy(&j);
 }
 
 static void test_att_jit_failed_keys_stay_failed(void **state) {
     (void)state;
-    att_jit_t *j = make_jit(NULL);
+    char dir[32];
+    make_dir(dir);
+    att_jit_t *j = make_jit(dir);
     att_jit_set_memory_limit(j, 1000);
     const unsigned before = atomic_load(&g_compiles);
     TU_CHECK(ask(j, 9, 100, true, NULL) == AT_ERR_UNSUPPORTED, "a failing key");
     for (unsigned id = 10; id < 20; id++) /* ten images through a limit that holds one */
         TU_CHECK(ask(j, id, 800, false, NULL) == AT_OK, "image %u", id);
+    TU_CHECK(stats(j).evictions == 9, "evictions %llu", (unsigned long long)stats(j).evictions);
     TU_CHECK(ask(j, 9, 100, true, NULL) == AT_ERR_UNSUPPORTED, "still failing");
     TU_CHECK(atomic_load(&g_compiles) - before == 11, "the failed key compiled once: %u",
              atomic_load(&g_compiles) - before);
     att_jit_destroy(&j);
-}
-
-static void test_att_jit_dropped_images_come_from_disk(void **state) {
-    (void)state;
-    char dir[] = "/tmp/att_jit_test.XXXXXX";
-    TU_CHECK(mkdtemp(dir) != NULL, "mkdtemp");
-    att_jit_t *j = make_jit(dir);
-    att_jit_set_memory_limit(j, 15000);
-    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK && ask(j, 2, 10000, false, NULL) == AT_OK,
-             "two images, the first dropped");
-    int compiled = -1;
-    TU_CHECK(ask(j, 1, 10000, false, &compiled) == AT_OK && compiled == 0, "1 again, no compile");
-    const att_jit_stats_t s = stats(j);
-    TU_CHECK(s.compiles == 2 && s.disk_hits == 1 && s.evictions == 2,
-             "compiles %llu disk hits %llu evictions %llu", (unsigned long long)s.compiles,
-             (unsigned long long)s.disk_hits, (unsigned long long)s.evictions);
-    att_jit_destroy(&j);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    TU_CHECK(system(cmd) == 0, "%s", cmd);
+    rm_dir(dir);
 }
 
 /* Threads asking for 16 keys of different sizes through a limit that holds about four; the
@@ -177,14 +220,19 @@ static void test_att_jit_dropped_images_come_from_disk(void **state) {
 enum { THREADS = 4, ROUNDS = 300 };
 static atomic_uint g_bad;
 
+typedef struct hammer_arg {
+    att_jit_t *j;
+    uint64_t seed;
+} hammer_arg_t;
+
 static void *hammer(void *arg) {
-    att_jit_t *j = arg;
-    unsigned r = (unsigned)(uintptr_t)&r;
+    const hammer_arg_t *a = arg;
+    tu_rng_t r;
+    tu_rng_seed(&r, a->seed);
     for (int i = 0; i < ROUNDS; i++) {
-        r = r * 1103515245u + 12345u;
-        const unsigned id = (r >> 16) % 16;
+        const unsigned id = tu_rng_below(&r, 16);
         bool good = false;
-        if (ask_quiet(j, id, 1000 + id * 100, false, NULL, &good) != AT_OK || !good)
+        if (ask_quiet(a->j, id, 1000 + id * 100, false, NULL, &good) != AT_OK || !good)
             atomic_fetch_add(&g_bad, 1u);
     }
     return NULL;
@@ -192,11 +240,17 @@ static void *hammer(void *arg) {
 
 static void test_att_jit_threads_while_dropping(void **state) {
     (void)state;
-    att_jit_t *j = make_jit(NULL);
+    char dir[32];
+    make_dir(dir);
+    att_jit_t *j = make_jit(dir);
     att_jit_set_memory_limit(j, 7000);
+    const uint64_t base = tu_base_seed("test_att_jit");
     pthread_t t[THREADS];
-    for (int i = 0; i < THREADS; i++)
-        TU_CHECK(pthread_create(&t[i], NULL, hammer, j) == 0, "thread %d", i);
+    hammer_arg_t a[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        a[i] = (hammer_arg_t){j, tu_sub_seed(base, (uint64_t)i)};
+        TU_CHECK(pthread_create(&t[i], NULL, hammer, &a[i]) == 0, "thread %d", i);
+    }
     for (int i = 0; i < THREADS; i++)
         pthread_join(t[i], NULL);
     TU_CHECK(atomic_load(&g_bad) == 0, "%u answers not whole", atomic_load(&g_bad));
@@ -204,14 +258,15 @@ static void test_att_jit_threads_while_dropping(void **state) {
     TU_CHECK(s.memory_bytes <= 7000 && s.evictions > 0, "bytes %llu evictions %llu",
              (unsigned long long)s.memory_bytes, (unsigned long long)s.evictions);
     att_jit_destroy(&j);
+    rm_dir(dir);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_att_jit_copies_and_hits),
         cmocka_unit_test(test_att_jit_drops_least_recently_used),
+        cmocka_unit_test(test_att_jit_keeps_what_the_disk_lacks),
         cmocka_unit_test(test_att_jit_failed_keys_stay_failed),
-        cmocka_unit_test(test_att_jit_dropped_images_come_from_disk),
         cmocka_unit_test(test_att_jit_threads_while_dropping),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
