@@ -144,6 +144,13 @@ void att_gpu_mods_fini(att_gpu_mods_t *s) {
     memset(s->slot, 0, sizeof s->slot);
 }
 
+void att_gpu_mods_forget(att_gpu_mods_t *s) {
+    for (uint32_t i = 0; i < ATT_GPU_MOD_SLOTS; i++)
+        if (s->slot[i].mod != NULL && s->ld->forget != NULL)
+            s->ld->forget(s->kv, s->slot[i].mod);
+    memset(s->slot, 0, sizeof s->slot);
+}
+
 /* Loads img into slot i (free) as kind with tile t. */
 static at_err_t load_slot(att_gpu_mods_t *s, uint32_t i, uint32_t kind, const att_tile_t *t,
                           const void *img, size_t bytes, at_diag_t *diag) {

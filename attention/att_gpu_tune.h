@@ -77,11 +77,12 @@ at_err_t att_gpu_cq_prepare(att_gpu_cq_t *q, const att_model_t *m,
 
 /* ---- a session's loaded modules ---- */
 
-/* A loaded module: one tile kind compiled with one tile. Handles are the runtime's (CUmodule,
- * CUfunction; hipModule_t, hipFunction_t: pointers in both). */
+/* A loaded module: one tile kind compiled with one tile. Handles are the backend's (CUDA: the
+ * CUmodule and CUfunctions; HIP: a record of the hipModule_t and its image, att_hip.c, and the
+ * hipFunction_t: pointers in both). */
 typedef struct att_gpu_mod {
     void *mod; /* owned by the slot table: made by ld->load, freed through ld->unload (eviction,
-                * att_gpu_mods_fini); NULL: the slot is free */
+                * att_gpu_mods_fini) or ld->forget (att_gpu_mods_forget); NULL: the slot is free */
     uint32_t kind;
     att_tile_t tile;
     void *f_attend, *f_kv_write; /* mod's kernels: invalid once mod is unloaded */
@@ -100,6 +101,9 @@ typedef struct att_gpu_loader {
                      at_diag_t *diag);
     /* Unloads a module load made (no run of kv is in flight); errors are logged only. */
     void (*unload)(att_kv_t *kv, void *mod);
+    /* The device is gone (a sticky fault): frees what the module's record holds on the host,
+     * asking nothing of the runtime. NULL: the record is the runtime's handle alone. */
+    void (*forget)(att_kv_t *kv, void *mod);
 } att_gpu_loader_t;
 
 typedef struct att_gpu_mods {
@@ -117,6 +121,8 @@ void att_gpu_mods_init(att_gpu_mods_t *s, const att_gpu_loader_t *ld, att_kv_t *
 
 /* Unloads every loaded module. A zeroed table has none. */
 void att_gpu_mods_fini(att_gpu_mods_t *s);
+/* As att_gpu_mods_fini on a device that is gone: the loader's forget, not its unload. */
+void att_gpu_mods_forget(att_gpu_mods_t *s);
 
 /* A new session's first module of kind, with tile t: f's image (att_gpu_fetch_images) loaded as
  * kind's current module (slot `kind`); a compile counts in the launch cache's figures. f's error

@@ -460,7 +460,17 @@ static void unload_mod(att_kv_t *kv, void *mod) {
     free(hm);
 }
 
-static const att_gpu_loader_t hip_loader = {.load = load_mod, .unload = unload_mod};
+/* A module of a device that is gone: the runtime is not asked to unload it. Its image goes too:
+ * nothing runs on a device after a sticky fault, and every call to it fails. */
+static void forget_mod(att_kv_t *kv, void *mod) {
+    (void)kv;
+    hip_mod_t *hm = mod;
+    free(hm->image);
+    free(hm);
+}
+
+static const att_gpu_loader_t hip_loader = {
+    .load = load_mod, .unload = unload_mod, .forget = forget_mod};
 
 /* hiprtc's options of a tile with the device's wave (the compile queue's att_gpu_opts_fn). */
 static void hip_opts(const void *user, const att_model_t *m, const att_tile_t *t,
@@ -552,14 +562,7 @@ static void hip_kv_destroy(att_backend_t *base, att_kv_t **kvp) {
         if (kv->stage_h != NULL)
             (void)HIP(hipHostFree(kv->stage_h));
     } else {
-        /* the runtime keeps the lost device's modules; their images and records are ours */
-        for (uint32_t i = 0; i < ATT_GPU_MOD_SLOTS; i++) {
-            hip_mod_t *hm = kv->mods.slot[i].mod;
-            if (hm != NULL) {
-                free(hm->image);
-                free(hm);
-            }
-        }
+        att_gpu_mods_forget(&kv->mods);
     }
     lc_destroy(&kv->lc);
     att_gpu_work_fini(&kv->work);

@@ -82,6 +82,7 @@ static int sha256_strings(const char *const *s, size_t n, uint8_t out[KEY_BYTES]
 static uint32_t source_parts(const char *parts[1 + ATT_JIT_MAX_HEADERS]) {
     att_jit_source_t src;
     att_jit_kernel_source(&src);
+    AT_ASSERT(src.num_headers <= ATT_JIT_MAX_HEADERS);
     uint32_t n = 0;
     parts[n++] = src.text;
     for (uint32_t i = 0; i < src.num_headers; i++)
@@ -237,7 +238,7 @@ void att_jit_destroy(att_jit_t **jp) {
     *jp = NULL;
 }
 
-static void evict(att_jit_t *j, const uint8_t *keep);
+static void evict(att_jit_t *j, const uint8_t *keep) AT_REQUIRES(j->mu);
 
 void att_jit_set_memory_limit(att_jit_t *j, size_t bytes) {
     pthread_mutex_lock(&j->mu);
@@ -299,8 +300,10 @@ static void evict(att_jit_t *j, const uint8_t *keep) AT_REQUIRES(j->mu) {
                 victim = i;
         }
         if (victim == j->num_entries) {
+            /* what stays past the one asked for, unless the disk lacks that one too */
             const entry_t *k = keep != NULL ? find(j, keep) : NULL;
-            const uint64_t others = j->stats.memory_bytes - (k != NULL ? k->bytes : 0);
+            const uint64_t others =
+                j->stats.memory_bytes - (k != NULL && k->on_disk ? k->bytes : 0);
             if (!j->warned && others > j->limit_bytes) {
                 at_log(AT_LOG_WARN, "jit",
                        "compiled kernels hold %.1f MiB of memory, over the %.1f MiB limit, and "
@@ -329,7 +332,11 @@ static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, 
     if (have != NULL) {
         free(image);
         have->used = ++j->tick;
-        have->on_disk |= on_disk;
+        if (on_disk && !have->on_disk) { /* now it may go: the limit may be met again */
+            have->on_disk = true;
+            evict(j, key);
+            return find(j, key);
+        }
         return have;
     }
     if (j->num_entries == j->cap_entries) {

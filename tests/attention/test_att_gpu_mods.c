@@ -2,8 +2,8 @@
  * compiler behind att_jit and a stand-in loader that records what it is given and fails where
  * told. Checks that the loader gets each image whole, that a switch whose load fails keeps the
  * current modules and frees its images (ASan's leak check runs this in CI), that a switch to a
- * tile not yet compiled answers NOT_READY and queues the compile, and that every module loaded is
- * unloaded once. Label: unit. */
+ * tile not yet compiled answers NOT_READY and queues the compile, that every module loaded is
+ * unloaded once, and that a table on a device that is gone is forgotten instead. Label: unit. */
 #include "tests/test_util.h"
 
 #include <stdlib.h>
@@ -71,13 +71,22 @@ static at_err_t fake_load(att_kv_t *kv, const void *img, size_t bytes, att_gpu_m
     return AT_OK;
 }
 
+static unsigned g_forgets;
+
 static void fake_unload(att_kv_t *kv, void *mod) {
     (void)kv;
     g_unloads++;
     free(mod);
 }
 
-static const att_gpu_loader_t g_loader = {.load = fake_load, .unload = fake_unload};
+static void fake_forget(att_kv_t *kv, void *mod) {
+    (void)kv;
+    g_forgets++;
+    free(mod);
+}
+
+static const att_gpu_loader_t g_loader = {
+    .load = fake_load, .unload = fake_unload, .forget = fake_forget};
 
 static att_tile_t tile(unsigned tile_k) {
     return (att_tile_t){.warps_m = 1, .warp_mt = 1, .warps_n = 4, .tile_k = tile_k, .stages = 2};
@@ -113,7 +122,7 @@ static void test_att_gpu_mods_switches_and_frees(void **state) {
     memset(&m, 0, sizeof m);
     static char session; /* never dereferenced: the loader's opaque att_kv_t */
     att_kv_t *kv = (att_kv_t *)(void *)&session;
-    g_loads = g_unloads = g_fail_at = g_bad_images = 0;
+    g_loads = g_unloads = g_fail_at = g_bad_images = g_forgets = 0;
 
     /* a new session's two modules, fetched (compiled) and loaded */
     att_gpu_mods_t s;
@@ -153,6 +162,22 @@ static void test_att_gpu_mods_switches_and_frees(void **state) {
 
     att_gpu_mods_fini(&s);
     TU_CHECK(g_unloads == g_loads - 1, "%u loads (one failed), %u unloads", g_loads, g_unloads);
+
+    /* a table on a device that is gone: forgotten, not unloaded, each record once */
+    att_gpu_mods_init(&s, &g_loader, kv, lc);
+    memset(f, 0, sizeof f);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        att_gpu_cq_opts(&q, &m, &first[k], &f[k].opts);
+    att_gpu_fetch_images(j, "sm_90", f);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        TU_CHECK(att_gpu_mods_load_first(&s, k, &first[k], &f[k], &d) == AT_OK, "again %u: %s", k,
+                 d.msg);
+    att_gpu_fetch_release(f);
+    const unsigned unloads = g_unloads;
+    att_gpu_mods_forget(&s);
+    att_gpu_mods_fini(&s); /* nothing left to unload */
+    TU_CHECK(g_forgets == 2 && g_unloads == unloads, "%u forgotten, %u unloaded", g_forgets,
+             g_unloads - unloads);
     att_gpu_cq_fini(&q);
     lc_destroy(&lc);
     att_jit_destroy(&j);

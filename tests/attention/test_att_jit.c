@@ -182,8 +182,8 @@ static void test_att_jit_drops_least_recently_used(void **state) {
     rm_dir(dir);
 }
 
-/* Without a directory nothing could bring a dropped image back but the compiler, which a lookup
- * never runs: the memory cache keeps every image, over its limit. */
+/* Without a directory, or where its writes fail, nothing could bring a dropped image back but the
+ * compiler, which a lookup never runs: the memory cache keeps every image, over its limit. */
 static void test_att_jit_keeps_what_the_disk_lacks(void **state) {
     (void)state;
     att_jit_t *j = make_jit(NULL);
@@ -194,6 +194,19 @@ static void test_att_jit_keeps_what_the_disk_lacks(void **state) {
     TU_CHECK(s.evictions == 0 && s.memory_bytes == 20000, "evictions %llu bytes %llu",
              (unsigned long long)s.evictions, (unsigned long long)s.memory_bytes);
     TU_CHECK(lookup(j, 1, 10000) == AT_OK && lookup(j, 2, 10000) == AT_OK, "both looked up");
+    att_jit_destroy(&j);
+    /* the same where the directory's writes fail (it is gone): nothing reached the disk */
+    char dir[32];
+    make_dir(dir);
+    j = make_jit(dir);
+    rm_dir(dir);
+    att_jit_set_memory_limit(j, 15000);
+    TU_CHECK(ask(j, 3, 10000, false, NULL) == AT_OK && ask(j, 4, 10000, false, NULL) == AT_OK,
+             "two images, their writes failing");
+    const att_jit_stats_t w = stats(j);
+    TU_CHECK(w.evictions == 0 && w.memory_bytes == 20000, "evictions %llu bytes %llu",
+             (unsigned long long)w.evictions, (unsigned long long)w.memory_bytes);
+    TU_CHECK(lookup(j, 3, 10000) == AT_OK && lookup(j, 4, 10000) == AT_OK, "both looked up");
     att_jit_destroy(&j);
 }
 
