@@ -10,6 +10,7 @@
  * compiles). */
 #include "attention/att_jit.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
@@ -63,6 +64,9 @@ struct att_jit {
     uint64_t tick AT_GUARDED_BY(mu);      /* one more per use of an entry */
     bool warned AT_GUARDED_BY(mu);        /* over the limit with nothing to drop, said once */
     att_jit_stats_t stats AT_GUARDED_BY(mu);
+    /* Taken before mu, never after: one prune of the directory at a time. */
+    pthread_mutex_t disk_mu;
+    uint64_t disk_limit_bytes AT_GUARDED_BY(disk_mu); /* image files kept before removing */
 };
 
 uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t) {
@@ -221,7 +225,9 @@ at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir
     if (cache_dir != NULL)
         snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
     j->limit_bytes = ATT_JIT_MEMORY_BYTES;
+    j->disk_limit_bytes = ATT_JIT_DISK_BYTES;
     pthread_mutex_init(&j->mu, NULL);
+    pthread_mutex_init(&j->disk_mu, NULL);
     *out = j;
     return AT_OK;
 }
@@ -234,6 +240,7 @@ void att_jit_destroy(att_jit_t **jp) {
         free(j->entries[i].image);
     free(j->entries);
     pthread_mutex_destroy(&j->mu);
+    pthread_mutex_destroy(&j->disk_mu);
     free(j);
     *jp = NULL;
 }
@@ -524,7 +531,120 @@ static void *disk_get(att_jit_t *j, const uint8_t key[KEY_BYTES], char path[600]
     void *img = disk_read(path, n, damaged);
     if (*damaged)
         at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
+    if (img != NULL) /* its modification time says when it was last used (disk_prune) */
+        (void)utimensat(AT_FDCWD, path, NULL, 0);
     return img;
+}
+
+/* An image file of the directory: its name (the key in hex, then the extension), when it was
+ * last used and its size. */
+typedef struct disk_file {
+    char name[2 * KEY_BYTES + 24];
+    struct timespec used;
+    uint64_t bytes;
+} disk_file_t;
+
+static int older_first(const void *a, const void *b) {
+    const struct timespec *x = &((const disk_file_t *)a)->used;
+    const struct timespec *y = &((const disk_file_t *)b)->used;
+    if (x->tv_sec != y->tv_sec)
+        return x->tv_sec < y->tv_sec ? -1 : 1;
+    if (x->tv_nsec != y->tv_nsec)
+        return x->tv_nsec < y->tv_nsec ? -1 : 1;
+    return strcmp(((const disk_file_t *)a)->name, ((const disk_file_t *)b)->name);
+}
+
+/* Whether name is an image file's: 64 hex digits, '.', the compiler's extension; *key the digits
+ * as bytes. */
+static bool image_name(const att_jit_t *j, const char *name, uint8_t key[KEY_BYTES]) {
+    const size_t ext = strlen(j->cc.image_ext);
+    if (strlen(name) != 2 * KEY_BYTES + 1 + ext || name[2 * KEY_BYTES] != '.' ||
+        strcmp(name + 2 * KEY_BYTES + 1, j->cc.image_ext) != 0)
+        return false;
+    for (int i = 0; i < 2 * KEY_BYTES; i++) {
+        const char c = name[i];
+        const int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (v < 0)
+            return false;
+        key[i / 2] = (uint8_t)(i % 2 == 0 ? v << 4 : key[i / 2] | v);
+    }
+    return true;
+}
+
+/* Removes the directory's least recently used image files (by modification time, which a read
+ * refreshes) but keep (a file name, or NULL) until they fit the disk limit: a server that outlives
+ * its kernel source's versions would otherwise keep every image of each. Other files, other
+ * compilers' images and temporary files stay. The memory entries of those removed stop counting
+ * as on disk, so memory keeps them. Errors are logged; the cache works on without them. */
+static void disk_prune(att_jit_t *j, const char *keep) {
+    if (j->dir[0] == '\0')
+        return;
+    pthread_mutex_lock(&j->disk_mu);
+    DIR *d = opendir(j->dir);
+    disk_file_t *files = NULL;
+    size_t n = 0, cap = 0;
+    uint64_t total = 0;
+    const struct dirent *de;
+    uint8_t key[KEY_BYTES];
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        struct stat st;
+        if (!image_name(j, de->d_name, key) || fstatat(dirfd(d), de->d_name, &st, 0) != 0 ||
+            !S_ISREG(st.st_mode))
+            continue;
+        if (n == cap) {
+            const size_t c = cap != 0 ? 2 * cap : 64;
+            disk_file_t *p = realloc(files, c * sizeof *p);
+            if (p == NULL)
+                break;
+            files = p;
+            cap = c;
+        }
+        const size_t len = strlen(de->d_name);
+        if (len >= sizeof files[n].name)
+            continue;
+        memcpy(files[n].name, de->d_name, len + 1);
+        files[n].used = st.st_mtim;
+        files[n].bytes = (uint64_t)st.st_size;
+        total += files[n++].bytes;
+    }
+    uint32_t removed = 0;
+    uint64_t removed_bytes = 0;
+    const uint64_t limit = j->disk_limit_bytes;
+    if (total > limit)
+        qsort(files, n, sizeof *files, older_first);
+    for (size_t i = 0; i < n && total > limit; i++) {
+        if ((keep != NULL && strcmp(files[i].name, keep) == 0) ||
+            unlinkat(dirfd(d), files[i].name, 0) != 0)
+            continue;
+        total -= files[i].bytes;
+        removed++;
+        removed_bytes += files[i].bytes;
+        (void)image_name(j, files[i].name, key);
+        pthread_mutex_lock(&j->mu);
+        entry_t *e = find(j, key);
+        if (e != NULL)
+            e->on_disk = false;
+        j->stats.disk_removed++;
+        pthread_mutex_unlock(&j->mu);
+    }
+    if (d == NULL)
+        at_log(AT_LOG_WARN, "jit", "cannot read kernel cache dir %s: %s", j->dir, strerror(errno));
+    else
+        closedir(d);
+    if (removed != 0)
+        at_log(AT_LOG_INFO, "jit",
+               "kernel cache dir %s: removed the %u least recently used images (%.1f MiB) to "
+               "keep it under %.1f MiB",
+               j->dir, removed, (double)removed_bytes / (1 << 20), (double)limit / (1 << 20));
+    free(files);
+    pthread_mutex_unlock(&j->disk_mu);
+}
+
+void att_jit_set_disk_limit(att_jit_t *j, uint64_t bytes) {
+    pthread_mutex_lock(&j->disk_mu);
+    j->disk_limit_bytes = bytes;
+    pthread_mutex_unlock(&j->disk_mu);
+    disk_prune(j, NULL);
 }
 
 at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
@@ -576,7 +696,10 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
         if (compiled != NULL)
             *compiled = 1;
     }
-    return memory_put(j, key, img, n, on_disk, from_disk, damaged, dt, image, bytes);
+    e = memory_put(j, key, img, n, on_disk, from_disk, damaged, dt, image, bytes);
+    if (!from_disk && on_disk) /* a new file: the directory may be over its limit now */
+        disk_prune(j, strrchr(path, '/') + 1);
+    return e;
 }
 
 #ifdef AT_HAVE_CUDA

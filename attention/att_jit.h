@@ -9,7 +9,8 @@
  * names exactly one image, so the cache is safe to share between models and sessions (unlike a
  * launch cache keyed by less; see cache/lc.h). Cached on disk (one file per key, written
  * atomically: temporary file, fsync, rename, fsync of the directory; a file that is truncated or
- * whose checksum is wrong is recompiled and replaced, never loaded) and in memory, where the least
+ * whose checksum is wrong is recompiled and replaced, never loaded; past ATT_JIT_DISK_BYTES the
+ * least recently used files are removed) and in memory, where the least
  * recently used images that the disk also holds are dropped past a limit (ATT_JIT_MEMORY_BYTES: a
  * server that tunes many models would otherwise keep every candidate it ever compiled). An image
  * the disk lacks (no directory, a failed write) stays in memory, since a lookup could not get it
@@ -64,11 +65,17 @@ typedef struct att_jit_stats {
     uint64_t compile_ns;   /* wall time inside the compiler */
     uint64_t evictions;    /* images dropped from memory past the limit */
     uint64_t memory_bytes; /* image bytes held in memory now */
+    uint64_t disk_removed; /* image files removed from the directory past its limit */
 } att_jit_stats_t;
 
 /* The in-memory images' default limit in bytes: some 800 images (an att_k_attend cubin for sm_90
  * is about 80 KB), every variant that a handful of models and their tuning use. */
 #define ATT_JIT_MEMORY_BYTES (64u << 20)
+
+/* The image files' default limit in bytes in the cache directory: the least recently used (read
+ * or written) are removed past it, after each new file. Every change of the kernel source makes
+ * every key new, so a long-lived directory would otherwise keep each version's images. */
+#define ATT_JIT_DISK_BYTES (1ull << 30)
 
 /* The most headers the kernel source includes (att_jit_source_t). */
 #define ATT_JIT_MAX_HEADERS 3u
@@ -165,6 +172,11 @@ at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts,
 /* Sets the in-memory images' limit in bytes (ATT_JIT_MEMORY_BYTES until then) and drops the least
  * recently used images past it that the disk also holds, now and at each insert. */
 void att_jit_set_memory_limit(att_jit_t *j, size_t bytes);
+
+/* Sets the cache directory's limit for image files in bytes (ATT_JIT_DISK_BYTES until then) and
+ * removes the least recently used image files past it, now and after each new file. Files of
+ * other compilers (another extension) and other files stay. */
+void att_jit_set_disk_limit(att_jit_t *j, uint64_t bytes);
 
 void att_jit_get_stats(att_jit_t *j, att_jit_stats_t *out);
 

@@ -1,16 +1,21 @@
 /* The compiled-image cache (att_jit) with a stand-in compiler, without a GPU: images come back as
  * the caller's own copies; past its memory limit the cache drops the least recently used images
  * that its directory also holds (and only those), reading them from disk again when they are
- * asked for, lookups included; without a directory it keeps them all; a key that failed to
+ * asked for, lookups included; without a directory it keeps them all; the directory keeps its
+ * image files under its own limit, the least recently used removed first; a key that failed to
  * compile stays failed; threads asking for keys while others are dropped get whole, right
  * images. Label: unit. */
 #include "tests/test_util.h"
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "attention/att_jit.h"
@@ -228,6 +233,98 @@ static void test_att_jit_failed_keys_stay_failed(void **state) {
     rm_dir(dir);
 }
 
+/* The image files in dir (names ending in ".bin"), up to max of them into names; how many. */
+static size_t image_files(const char *dir, char names[][96], size_t max) {
+    DIR *d = opendir(dir);
+    TU_CHECK(d != NULL, "opendir %s", dir);
+    size_t n = 0;
+    const struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        const size_t len = strlen(de->d_name);
+        if (len > 4 && len < 96 && strcmp(de->d_name + len - 4, ".bin") == 0 && n < max)
+            memcpy(names[n++], de->d_name, len + 1);
+    }
+    closedir(d);
+    return n;
+}
+
+/* The name of the one image file in dir that is not among known[0, n): the one just written. */
+static void newest_file(const char *dir, char known[][96], size_t n, char out[96]) {
+    char now[8][96];
+    const size_t m = image_files(dir, now, 8);
+    size_t found = 0;
+    for (size_t i = 0; i < m; i++) {
+        bool old = false;
+        for (size_t k = 0; k < n && !old; k++)
+            old = strcmp(now[i], known[k]) == 0;
+        if (!old) {
+            memcpy(out, now[i], 96);
+            found++;
+        }
+    }
+    TU_CHECK(found == 1, "%zu new files", found);
+}
+
+/* Sets file name in dir as last used at second sec (long ago). */
+static void set_used(const char *dir, const char *name, time_t sec) {
+    char path[160];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    const struct timespec t[2] = {{sec, 0}, {sec, 0}};
+    TU_CHECK(utimensat(AT_FDCWD, path, t, 0) == 0, "utimensat %s", path);
+}
+
+static bool file_exists(const char *dir, const char *name) {
+    char path[160];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return access(path, F_OK) == 0;
+}
+
+/* Past its limit the directory loses its least recently used image files (a read counts as a
+ * use); memory then keeps what the disk lost, and a new file is never the one removed. */
+static void test_att_jit_directory_drops_least_recently_used(void **state) {
+    (void)state;
+    char dir[32];
+    make_dir(dir);
+    /* a file no compiler wrote, past the limit by itself: it stays */
+    char other[64];
+    snprintf(other, sizeof other, "%s/notes.txt", dir);
+    FILE *f = fopen(other, "w");
+    TU_CHECK(f != NULL && fwrite(dir, 1, 32, f) == 32 && fclose(f) == 0, "%s", other);
+    att_jit_t *j = make_jit(dir);
+    att_jit_set_disk_limit(j, 25000); /* two 10000-byte images and their headers */
+    char names[4][96];
+    TU_CHECK(ask(j, 1, 10000, false, NULL) == AT_OK, "image 1");
+    newest_file(dir, names, 0, names[0]);
+    TU_CHECK(ask(j, 2, 10000, false, NULL) == AT_OK, "image 2");
+    newest_file(dir, names, 1, names[1]);
+    set_used(dir, names[0], 1000);
+    set_used(dir, names[1], 2000);
+    TU_CHECK(ask(j, 3, 10000, false, NULL) == AT_OK, "image 3");
+    newest_file(dir, names, 2, names[2]);
+    TU_CHECK(!file_exists(dir, names[0]) && file_exists(dir, names[1]) &&
+                 file_exists(dir, names[2]) && access(other, F_OK) == 0,
+             "the least recently used file (image 1's) is not the one removed");
+    TU_CHECK(stats(j).disk_removed == 1, "removed %llu", (unsigned long long)stats(j).disk_removed);
+    /* memory keeps image 1 now that the disk lacks it, however low its limit */
+    att_jit_set_memory_limit(j, 0);
+    TU_CHECK(lookup(j, 1, 10000) == AT_OK && stats(j).compiles == 3, "image 1 from memory");
+    /* a read of image 2 makes image 3's file the least recently used */
+    set_used(dir, names[2], 3000);
+    TU_CHECK(lookup(j, 2, 10000) == AT_OK, "image 2 from disk");
+    TU_CHECK(ask(j, 4, 10000, false, NULL) == AT_OK, "image 4");
+    newest_file(dir, names, 3, names[3]);
+    TU_CHECK(file_exists(dir, names[1]) && !file_exists(dir, names[2]) &&
+                 file_exists(dir, names[3]),
+             "image 3's file is not the one removed");
+    /* a lower limit removes at once, down to nothing but other files */
+    att_jit_set_disk_limit(j, 0);
+    char left[8][96];
+    TU_CHECK(image_files(dir, left, 8) == 0 && access(other, F_OK) == 0, "files left");
+    TU_CHECK(stats(j).disk_removed == 4, "removed %llu", (unsigned long long)stats(j).disk_removed);
+    att_jit_destroy(&j);
+    rm_dir(dir);
+}
+
 /* Threads asking for 16 keys of different sizes through a limit that holds about four; the
  * answers that were not whole are counted (cmocka's failures belong to the main thread). */
 enum { THREADS = 4, ROUNDS = 300 };
@@ -280,6 +377,7 @@ int main(void) {
         cmocka_unit_test(test_att_jit_drops_least_recently_used),
         cmocka_unit_test(test_att_jit_keeps_what_the_disk_lacks),
         cmocka_unit_test(test_att_jit_failed_keys_stay_failed),
+        cmocka_unit_test(test_att_jit_directory_drops_least_recently_used),
         cmocka_unit_test(test_att_jit_threads_while_dropping),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
