@@ -1,6 +1,9 @@
 /* Run-time compilation (NVRTC here; hiprtc through att_hip.c's compiler) and the content-keyed
  * image cache (see att_jit.h).
  * Thread model: mu guards the in-memory entries and the stats; NVRTC and disk I/O run outside it.
+ * disk_mu (taken before mu, never after) guards the directory's limit and size estimate and
+ * makes this cache's prunes one at a time; flock on the directory makes them one at a time
+ * across caches and processes. A prune runs on the thread that wrote the new file.
  * Entries are read only under mu, and callers get copies of their images: an insert may move the
  * array and evict (free) the least recently used images that the disk also holds once the cache
  * holds more than its limit.
@@ -19,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +54,7 @@ typedef struct entry {
     size_t bytes;
     uint64_t used; /* the cache's tick at its last use: the least recent goes first */
     bool on_disk;  /* read from, or written whole to, the cache's directory: it may be dropped */
+    uint64_t touched_ns; /* when its file was last marked used (disk_touch); 0: not yet */
 } entry_t;
 
 struct att_jit {
@@ -67,6 +72,7 @@ struct att_jit {
     /* Taken before mu, never after: one prune of the directory at a time. */
     pthread_mutex_t disk_mu;
     uint64_t disk_limit_bytes AT_GUARDED_BY(disk_mu); /* image files kept before removing */
+    uint64_t disk_est_bytes AT_GUARDED_BY(disk_mu);   /* the files' bytes, as far as known */
 };
 
 uint32_t att_jit_tile_smem(const att_model_t *m, const att_tile_t *t) {
@@ -226,6 +232,7 @@ at_err_t att_jit_create_with(const att_jit_compiler_t *cc, const char *cache_dir
         snprintf(j->dir, sizeof j->dir, "%s", cache_dir);
     j->limit_bytes = ATT_JIT_MEMORY_BYTES;
     j->disk_limit_bytes = ATT_JIT_DISK_BYTES;
+    j->disk_est_bytes = UINT64_MAX / 2; /* unknown: the first new file looks */
     pthread_mutex_init(&j->mu, NULL);
     pthread_mutex_init(&j->disk_mu, NULL);
     *out = j;
@@ -362,6 +369,7 @@ static entry_t *insert(att_jit_t *j, const uint8_t key[KEY_BYTES], void *image, 
     e->bytes = image != NULL ? bytes : 0;
     e->used = ++j->tick;
     e->on_disk = on_disk;
+    e->touched_ns = 0;
     j->stats.memory_bytes += e->bytes;
     evict(j, key);
     return find(j, key); /* the eviction may have moved it */
@@ -481,19 +489,34 @@ static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts
     return AT_OK;
 }
 
+static void disk_touch(const att_jit_t *j, const uint8_t key[KEY_BYTES]);
+
+/* How often a memory hit marks its file used (disk_touch): the directory's order by use needs
+ * minutes, not each call. */
+#define TOUCH_EVERY_NS (60ull * 1000000000ull)
+
 /* From memory: AT_OK (a copy of the image in *image, as copy_out), AT_ERR_UNSUPPORTED (the key
- * failed to compile before), AT_ERR_NOT_READY (absent) or AT_ERR_NOMEM. */
+ * failed to compile before), AT_ERR_NOT_READY (absent) or AT_ERR_NOMEM. A hit marks its file
+ * used, at most every TOUCH_EVERY_NS. */
 static at_err_t memory_get(att_jit_t *j, const uint8_t key[KEY_BYTES], void **image,
                            size_t *bytes) {
     at_err_t e = AT_ERR_NOT_READY;
+    bool touch = false;
+    const uint64_t now = now_ns();
     pthread_mutex_lock(&j->mu);
     entry_t *hit = find(j, key);
     if (hit != NULL) {
         e = hit->image != NULL ? copy_out(hit, image, bytes) : AT_ERR_UNSUPPORTED;
         hit->used = ++j->tick;
         j->stats.memory_hits += e == AT_OK;
+        touch = e == AT_OK && hit->on_disk &&
+                (hit->touched_ns == 0 || now - hit->touched_ns >= TOUCH_EVERY_NS);
+        if (touch)
+            hit->touched_ns = now;
     }
     pthread_mutex_unlock(&j->mu);
+    if (touch)
+        disk_touch(j, key);
     return e;
 }
 
@@ -571,51 +594,76 @@ static bool image_name(const att_jit_t *j, const char *name, uint8_t key[KEY_BYT
     return true;
 }
 
-/* Removes the directory's least recently used image files (by modification time, which a read
- * refreshes) but keep (a file name, or NULL) until they fit the disk limit: a server that outlives
- * its kernel source's versions would otherwise keep every image of each. Other files, other
- * compilers' images and temporary files stay. The memory entries of those removed stop counting
- * as on disk, so memory keeps them. Errors are logged; the cache works on without them. */
-static void disk_prune(att_jit_t *j, const char *keep) {
+/* Removes the directory's least recently used image files of this compiler (by modification
+ * time, which every use refreshes: disk_get, disk_touch) but keep (a file name, or NULL) until
+ * they fit 90% of the disk limit: a server that outlives its kernel source's versions would
+ * otherwise keep every version's images. Runs when this cache's estimate of the files' bytes
+ * (the last scan's total plus what it wrote since) passes the limit, on the caller's thread,
+ * and only in one cache of any process at a time (flock on the directory: the others skip).
+ * The memory entries of files removed stop counting as on disk, so this cache keeps them in
+ * memory; another cache that loses a file finds it missing and compiles it again. Other files,
+ * other compilers' images and temporary files stay. Errors are logged; the cache works on. */
+static void disk_prune(att_jit_t *j, const char *keep, uint64_t written) {
     if (j->dir[0] == '\0')
         return;
     pthread_mutex_lock(&j->disk_mu);
-    DIR *d = opendir(j->dir);
+    j->disk_est_bytes += written;
+    const uint64_t limit = j->disk_limit_bytes;
+    DIR *d = j->disk_est_bytes > limit ? opendir(j->dir) : NULL;
+    if (d == NULL || flock(dirfd(d), LOCK_EX | LOCK_NB) != 0) {
+        if (j->disk_est_bytes > limit && d == NULL)
+            at_log(AT_LOG_WARN, "jit", "cannot read kernel cache dir %s: %s", j->dir,
+                   strerror(errno));
+        if (d != NULL)
+            closedir(d); /* another cache prunes: this one looks again after its next file */
+        pthread_mutex_unlock(&j->disk_mu);
+        return;
+    }
     disk_file_t *files = NULL;
     size_t n = 0, cap = 0;
     uint64_t total = 0;
     const struct dirent *de;
     uint8_t key[KEY_BYTES];
-    while (d != NULL && (de = readdir(d)) != NULL) {
+    bool short_scan = false;
+    while ((de = readdir(d)) != NULL) {
         struct stat st;
-        if (!image_name(j, de->d_name, key) || fstatat(dirfd(d), de->d_name, &st, 0) != 0 ||
-            !S_ISREG(st.st_mode))
+        const size_t len = strlen(de->d_name);
+        if (!image_name(j, de->d_name, key) || len >= sizeof files[0].name ||
+            fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
             continue;
         if (n == cap) {
             const size_t c = cap != 0 ? 2 * cap : 64;
             disk_file_t *p = realloc(files, c * sizeof *p);
-            if (p == NULL)
+            if (p == NULL) {
+                short_scan = true;
                 break;
+            }
             files = p;
             cap = c;
         }
-        const size_t len = strlen(de->d_name);
-        if (len >= sizeof files[n].name)
-            continue;
         memcpy(files[n].name, de->d_name, len + 1);
         files[n].used = st.st_mtim;
         files[n].bytes = (uint64_t)st.st_size;
         total += files[n++].bytes;
     }
+    if (short_scan)
+        at_log(AT_LOG_WARN, "jit", "kernel cache dir %s: out of memory listing it", j->dir);
     uint32_t removed = 0;
     uint64_t removed_bytes = 0;
-    const uint64_t limit = j->disk_limit_bytes;
+    int unlink_errno = 0;
+    const uint64_t target = limit / 10 * 9;
     if (total > limit)
         qsort(files, n, sizeof *files, older_first);
-    for (size_t i = 0; i < n && total > limit; i++) {
-        if ((keep != NULL && strcmp(files[i].name, keep) == 0) ||
-            unlinkat(dirfd(d), files[i].name, 0) != 0)
+    for (size_t i = 0; i < n && total > limit && total > target; i++) {
+        if (keep != NULL && strcmp(files[i].name, keep) == 0)
             continue;
+        if (unlinkat(dirfd(d), files[i].name, 0) != 0) {
+            if (errno == ENOENT) /* another process removed it */
+                total -= files[i].bytes;
+            else
+                unlink_errno = errno;
+            continue;
+        }
         total -= files[i].bytes;
         removed++;
         removed_bytes += files[i].bytes;
@@ -627,10 +675,11 @@ static void disk_prune(att_jit_t *j, const char *keep) {
         j->stats.disk_removed++;
         pthread_mutex_unlock(&j->mu);
     }
-    if (d == NULL)
-        at_log(AT_LOG_WARN, "jit", "cannot read kernel cache dir %s: %s", j->dir, strerror(errno));
-    else
-        closedir(d);
+    j->disk_est_bytes = total;
+    closedir(d); /* and its lock */
+    if (unlink_errno != 0)
+        at_log(AT_LOG_WARN, "jit", "kernel cache dir %s: cannot remove an image: %s", j->dir,
+               strerror(unlink_errno));
     if (removed != 0)
         at_log(AT_LOG_INFO, "jit",
                "kernel cache dir %s: removed the %u least recently used images (%.1f MiB) to "
@@ -640,11 +689,21 @@ static void disk_prune(att_jit_t *j, const char *keep) {
     pthread_mutex_unlock(&j->disk_mu);
 }
 
+/* Marks the key's file used now (its modification time), so that a prune, in any cache or
+ * process sharing the directory, keeps what is served from memory too. */
+static void disk_touch(const att_jit_t *j, const uint8_t key[KEY_BYTES]) {
+    char hex[2 * KEY_BYTES + 1], path[600];
+    key_hex(key, hex);
+    snprintf(path, sizeof path, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+    (void)utimensat(AT_FDCWD, path, NULL, 0);
+}
+
 void att_jit_set_disk_limit(att_jit_t *j, uint64_t bytes) {
     pthread_mutex_lock(&j->disk_mu);
     j->disk_limit_bytes = bytes;
+    j->disk_est_bytes = UINT64_MAX / 2; /* unknown: look now */
     pthread_mutex_unlock(&j->disk_mu);
-    disk_prune(j, NULL);
+    disk_prune(j, NULL, 0);
 }
 
 at_err_t att_jit_lookup(att_jit_t *j, const char *arch, const char *const *opts, uint32_t n_opts,
@@ -698,7 +757,7 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
     }
     e = memory_put(j, key, img, n, on_disk, from_disk, damaged, dt, image, bytes);
     if (!from_disk && on_disk) /* a new file: the directory may be over its limit now */
-        disk_prune(j, strrchr(path, '/') + 1);
+        disk_prune(j, strrchr(path, '/') + 1, n);
     return e;
 }
 

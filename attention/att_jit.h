@@ -16,8 +16,8 @@
  * the disk lacks (no directory, a failed write) stays in memory, since a lookup could not get it
  * back without compiling; the one just asked for stays however large; failed keys stay.
  *
- * Thread: any; one mutex guards the in-memory map (compiles of different keys may run at once;
- * see att_jit.c for who calls from which thread). */
+ * Thread: any; a mutex guards the in-memory map and another the directory's pruning (compiles
+ * of different keys may run at once; see att_jit.c for who calls from which thread). */
 #ifndef AT_ATTENTION_ATT_JIT_H
 #define AT_ATTENTION_ATT_JIT_H
 
@@ -72,9 +72,11 @@ typedef struct att_jit_stats {
  * is about 80 KB), every variant that a handful of models and their tuning use. */
 #define ATT_JIT_MEMORY_BYTES (64u << 20)
 
-/* The image files' default limit in bytes in the cache directory: the least recently used (read
- * or written) are removed past it, after each new file. Every change of the kernel source makes
- * every key new, so a long-lived directory would otherwise keep each version's images. */
+/* The default limit in bytes of one compiler's image files (one extension) in the cache
+ * directory: past it the least recently used go, down to 90% of it, after a new file (used: read,
+ * written, or served from memory, which marks the file at most once a minute). Every change of
+ * the kernel source makes every key new, so a long-lived directory would otherwise keep each
+ * version's images. Temporary files and other files are not counted and stay. */
 #define ATT_JIT_DISK_BYTES (1ull << 30)
 
 /* The most headers the kernel source includes (att_jit_source_t). */

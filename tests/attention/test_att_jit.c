@@ -285,11 +285,16 @@ static void test_att_jit_directory_drops_least_recently_used(void **state) {
     (void)state;
     char dir[32];
     make_dir(dir);
-    /* a file no compiler wrote, past the limit by itself: it stays */
-    char other[64];
-    snprintf(other, sizeof other, "%s/notes.txt", dir);
-    FILE *f = fopen(other, "w");
-    TU_CHECK(f != NULL && fwrite(dir, 1, 32, f) == 32 && fclose(f) == 0, "%s", other);
+    /* files that are not this compiler's images stay: another file, another extension, a
+     * temporary file */
+    char others[3][160];
+    snprintf(others[0], sizeof others[0], "%s/notes.txt", dir);
+    snprintf(others[1], sizeof others[1], "%s/%064d.hsaco", dir, 0);
+    snprintf(others[2], sizeof others[2], "%s/%064d.bin.tmp.AbCdEf", dir, 0);
+    for (int i = 0; i < 3; i++) {
+        FILE *f = fopen(others[i], "w");
+        TU_CHECK(f != NULL && fwrite(dir, 1, 32, f) == 32 && fclose(f) == 0, "%s", others[i]);
+    }
     att_jit_t *j = make_jit(dir);
     att_jit_set_disk_limit(j, 25000); /* two 10000-byte images and their headers */
     char names[4][96];
@@ -302,7 +307,7 @@ static void test_att_jit_directory_drops_least_recently_used(void **state) {
     TU_CHECK(ask(j, 3, 10000, false, NULL) == AT_OK, "image 3");
     newest_file(dir, names, 2, names[2]);
     TU_CHECK(!file_exists(dir, names[0]) && file_exists(dir, names[1]) &&
-                 file_exists(dir, names[2]) && access(other, F_OK) == 0,
+                 file_exists(dir, names[2]),
              "the least recently used file (image 1's) is not the one removed");
     TU_CHECK(stats(j).disk_removed == 1, "removed %llu", (unsigned long long)stats(j).disk_removed);
     /* memory keeps image 1 now that the disk lacks it, however low its limit */
@@ -316,11 +321,24 @@ static void test_att_jit_directory_drops_least_recently_used(void **state) {
     TU_CHECK(file_exists(dir, names[1]) && !file_exists(dir, names[2]) &&
                  file_exists(dir, names[3]),
              "image 3's file is not the one removed");
-    /* a lower limit removes at once, down to nothing but other files */
+    /* a memory hit marks its file used too (image 4, in memory since its compile) */
+    set_used(dir, names[3], 4000);
+    att_jit_set_memory_limit(j, ATT_JIT_MEMORY_BYTES);
+    TU_CHECK(ask(j, 4, 10000, false, NULL) == AT_OK, "image 4 again");
+    char path[160];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/%s", dir, names[3]);
+    TU_CHECK(stat(path, &st) == 0 && st.st_mtim.tv_sec > 4000, "image 4's file not marked used");
+    /* a lower limit removes at once, down to nothing but the other files */
     att_jit_set_disk_limit(j, 0);
     char left[8][96];
-    TU_CHECK(image_files(dir, left, 8) == 0 && access(other, F_OK) == 0, "files left");
+    TU_CHECK(image_files(dir, left, 8) == 0, "image files left");
+    for (int i = 0; i < 3; i++)
+        TU_CHECK(access(others[i], F_OK) == 0, "%s removed", others[i]);
     TU_CHECK(stats(j).disk_removed == 4, "removed %llu", (unsigned long long)stats(j).disk_removed);
+    /* and a new file past it stays: never the one just written */
+    TU_CHECK(ask(j, 5, 10000, false, NULL) == AT_OK, "image 5");
+    TU_CHECK(image_files(dir, left, 8) == 1, "image 5's file removed");
     att_jit_destroy(&j);
     rm_dir(dir);
 }
