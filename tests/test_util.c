@@ -115,3 +115,11 @@ void *tu_xcalloc(size_t n, size_t size) {
         fail_msg("out of memory (%zu x %zu bytes)", n, size);
     return p;
 }
+
+unsigned tu_opt_value(const char *const *opts, uint32_t n, const char *name) {
+    const size_t len = strlen(name);
+    for (uint32_t i = 0; i < n; i++)
+        if (strncmp(opts[i], name, len) == 0)
+            return (unsigned)strtoul(opts[i] + len, NULL, 10);
+    return 0;
+}

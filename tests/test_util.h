@@ -58,4 +58,8 @@ void tu_fail(const char *file, int line, const char *cond, const char *fmt, ...)
 void *tu_xmalloc(size_t n);
 void *tu_xcalloc(size_t n, size_t size);
 
+/* The number after name in the first of opts[0, n) that starts with name ("-DTK=" in "-DTK=64"),
+ * or 0 when none does: a stand-in compiler's reading of its options. */
+unsigned tu_opt_value(const char *const *opts, uint32_t n, const char *name);
+
 #endif

@@ -14,20 +14,12 @@
 #include "attention/att_jit.h"
 
 /* The stand-in compiler: an image of 3000 + tile_k bytes whose byte i is (tile_k + i) & 255. */
-static unsigned opt_value(const char *const *opts, uint32_t n, const char *name) {
-    const size_t len = strlen(name);
-    for (uint32_t i = 0; i < n; i++)
-        if (strncmp(opts[i], name, len) == 0)
-            return (unsigned)strtoul(opts[i] + len, NULL, 10);
-    return 0;
-}
-
 static at_err_t fake_compile(void *user, const char *arch, const char *const *opts, uint32_t n_opts,
                              void **image, size_t *bytes, at_diag_t *diag) {
     (void)user;
     (void)arch;
     (void)diag;
-    const unsigned k = opt_value(opts, n_opts, "-DTK="), n = 3000 + k;
+    const unsigned k = tu_opt_value(opts, n_opts, "-DTK="), n = 3000 + k;
     uint8_t *img = malloc(n);
     if (img == NULL)
         return AT_ERR_NOMEM;

@@ -24,21 +24,14 @@
  * byte i is (id * 7 + i) & 255; "-DFAIL=1" makes the compile fail. */
 static atomic_uint g_compiles;
 
-static unsigned opt_value(const char *const *opts, uint32_t n, const char *name) {
-    const size_t len = strlen(name);
-    for (uint32_t i = 0; i < n; i++)
-        if (strncmp(opts[i], name, len) == 0)
-            return (unsigned)strtoul(opts[i] + len, NULL, 10);
-    return 0;
-}
-
 static at_err_t fake_compile(void *user, const char *arch, const char *const *opts, uint32_t n_opts,
                              void **image, size_t *bytes, at_diag_t *diag) {
     (void)user;
     atomic_fetch_add(&g_compiles, 1u);
-    if (opt_value(opts, n_opts, "-DFAIL=") != 0)
+    if (tu_opt_value(opts, n_opts, "-DFAIL=") != 0)
         return att_jit_compile_failed("fake", arch, NULL, "asked to fail", diag);
-    const unsigned id = opt_value(opts, n_opts, "-DID="), n = opt_value(opts, n_opts, "-DBYTES=");
+    const unsigned id = tu_opt_value(opts, n_opts, "-DID="),
+                   n = tu_opt_value(opts, n_opts, "-DBYTES=");
     uint8_t *img = malloc(n);
     if (img == NULL)
         return AT_ERR_NOMEM;
