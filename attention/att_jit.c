@@ -489,6 +489,13 @@ static at_err_t make_key(att_jit_t *j, const char *arch, const char *const *opts
     return AT_OK;
 }
 
+/* The key's file in the cache's directory (which the caller knows it has). */
+static void key_path(const att_jit_t *j, const uint8_t key[KEY_BYTES], char path[600]) {
+    char hex[2 * KEY_BYTES + 1];
+    key_hex(key, hex);
+    snprintf(path, 600, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+}
+
 static void disk_touch(const att_jit_t *j, const uint8_t key[KEY_BYTES]);
 
 /* How often a memory hit marks its file used (disk_touch): the directory's order by use needs
@@ -544,13 +551,11 @@ static at_err_t memory_put(att_jit_t *j, const uint8_t key[KEY_BYTES], void *img
 /* The key's file, when the cache has a directory: path set, image or NULL. */
 static void *disk_get(att_jit_t *j, const uint8_t key[KEY_BYTES], char path[600], size_t *n,
                       int *damaged) {
-    char hex[2 * KEY_BYTES + 1];
     *damaged = 0;
     path[0] = '\0';
     if (j->dir[0] == '\0')
         return NULL;
-    key_hex(key, hex);
-    snprintf(path, 600, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+    key_path(j, key, path);
     void *img = disk_read(path, n, damaged);
     if (*damaged)
         at_log(AT_LOG_WARN, "jit", "%s is damaged; compiling it again", path);
@@ -609,11 +614,14 @@ static void disk_prune(att_jit_t *j, const char *keep, uint64_t written) {
     pthread_mutex_lock(&j->disk_mu);
     j->disk_est_bytes += written;
     const uint64_t limit = j->disk_limit_bytes;
-    DIR *d = j->disk_est_bytes > limit ? opendir(j->dir) : NULL;
+    if (j->disk_est_bytes <= limit) {
+        pthread_mutex_unlock(&j->disk_mu);
+        return;
+    }
+    DIR *d = opendir(j->dir);
+    if (d == NULL)
+        at_log(AT_LOG_WARN, "jit", "cannot read kernel cache dir %s: %s", j->dir, strerror(errno));
     if (d == NULL || flock(dirfd(d), LOCK_EX | LOCK_NB) != 0) {
-        if (j->disk_est_bytes > limit && d == NULL)
-            at_log(AT_LOG_WARN, "jit", "cannot read kernel cache dir %s: %s", j->dir,
-                   strerror(errno));
         if (d != NULL)
             closedir(d); /* another cache prunes: this one looks again after its next file */
         pthread_mutex_unlock(&j->disk_mu);
@@ -692,9 +700,8 @@ static void disk_prune(att_jit_t *j, const char *keep, uint64_t written) {
 /* Marks the key's file used now (its modification time), so that a prune, in any cache or
  * process sharing the directory, keeps what is served from memory too. */
 static void disk_touch(const att_jit_t *j, const uint8_t key[KEY_BYTES]) {
-    char hex[2 * KEY_BYTES + 1], path[600];
-    key_hex(key, hex);
-    snprintf(path, sizeof path, "%s/%s.%s", j->dir, hex, j->cc.image_ext);
+    char path[600];
+    key_path(j, key, path);
     (void)utimensat(AT_FDCWD, path, NULL, 0);
 }
 
@@ -757,7 +764,7 @@ at_err_t att_jit_image(att_jit_t *j, const char *arch, const char *const *opts, 
     }
     e = memory_put(j, key, img, n, on_disk, from_disk, damaged, dt, image, bytes);
     if (!from_disk && on_disk) /* a new file: the directory may be over its limit now */
-        disk_prune(j, strrchr(path, '/') + 1, n);
+        disk_prune(j, strrchr(path, '/') + 1, HEADER_BYTES + n);
     return e;
 }
 
