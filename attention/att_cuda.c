@@ -20,9 +20,10 @@
  * forked and joined), one download of out (if copied); then the stream is synchronized and out
  * copied into place where it was staged. An untimed run's kernels read q and write out in host
  * memory themselves where they can ("direct I/O" below): no copy of either. A run of one launch,
- * or a mixed one the plan partitions, that copies at most ATT_CUDL_MAX_COPY_BYTES and is not
- * timed is instead launched from the device (att_cudl.h: the copies and the launches are a job
- * graph that the session's launcher starts when the host writes the job into mapped memory; a
+ * or a mixed one the plan partitions, that is not timed and copies at most
+ * ATT_CUDL_MAX_COPY_BYTES out, is instead launched from the device (att_cudl.h: the copies and
+ * the launches are a job graph that the session's launcher starts when the host writes the job
+ * into mapped memory, or, for inputs over that bound, once the copy engine has carried them; a
  * partitioned mixed batch splits the SMs inside its kernels, not by green contexts).
  * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
  * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
@@ -79,6 +80,7 @@ typedef struct cuda_backend {
     att_jit_t *jit; /* owned */
     att_cudl_t *dl; /* owned: the device-launched calls' module; NULL: every call launches from
                        the host (att_cudl.h says when) */
+    uint64_t dl_engine_bytes; /* att_cuda_cfg_t's */
     atomic_int lost;
     att_gpu_cq_t cq; /* tuning candidates' compiles; initialized once jit exists */
     att_gpu_regions_t regs; /* host memory registered for DMA */
@@ -426,10 +428,9 @@ static at_err_t upload_inputs(att_kv_t *kv, const att_batch_t *b, const io_t *io
  * batch merged from several calls has a run per call and tensor). False when a range is still
  * missing. */
 static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_bytes,
-                      size_t dev_off, bool *staged) {
+                      size_t dev_off, att_dl_copy_t *ranges, bool *staged) {
     cuda_backend_t *be = kv->be;
     const bool out = which == 3;
-    att_dl_copy_t *ranges = att_cudl_copies(kv->dl, out);
     const att_dl_copy_t before = *ranges;
     for (int pass = 0; pass < 2; pass++) {
         bool ok = true;
@@ -458,18 +459,22 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
 /* Whether the device should launch the call: one launch (one tile kind, or an append), or a
  * mixed batch the plan partitions (its narrow kind's persistent grid first, which leaves the wide
  * kind its SMs: att_cudl.h; the wgmma body has no persistent grid, and mixed batches on shared
- * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES to copy: k
- * and v, and q and out where io copies them (the SMs copy 5-8% slower than the copy engine; an
- * 8 x 2048 prefill's 67 MB of k and v made its call 2-3% slower from the device, and a launch's
- * few us of host time are nothing beside its milliseconds: docs/BENCHMARKS.md). */
+ * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES for the SMs
+ * to copy: the metadata, k and v, and q and out where io copies them. Inputs past that (a large
+ * prefill's k and v), or past the backend's dl_engine_bytes, go by the copy engine instead
+ * (*engine), as a host-launched call's do: the SMs copy 5-8% slower, which made an 8 x 2048
+ * prefill's call 2-3% longer (docs/BENCHMARKS.md). An output past it launches from the host. */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
-                     const att_gpu_layout_t *lo, const io_t *io, size_t q_row, size_t kv_row) {
+                     const att_gpu_layout_t *lo, const io_t *io, size_t q_row, size_t kv_row,
+                     bool *engine) {
     if (kv->dl == NULL || kv->be->timing || kv->timing || b->num_chunks == 0)
         return false;
-    uint64_t rows = 2 * kv_row;
-    if (b->attend)
-        rows += (io->q == ATT_GPU_IO_COPY ? q_row : 0) + (io->out == ATT_GPU_IO_COPY ? q_row : 0);
-    if (lo->meta_end + (uint64_t)b->total_tokens * rows > ATT_CUDL_MAX_COPY_BYTES)
+    const uint64_t t = b->total_tokens;
+    const uint64_t in = t * (2 * kv_row + (b->attend && io->q == ATT_GPU_IO_COPY ? q_row : 0));
+    const uint64_t out = b->attend && io->out == ATT_GPU_IO_COPY ? t * q_row : 0;
+    const uint64_t asked = kv->be->dl_engine_bytes;
+    *engine = lo->meta_end + in + out > ATT_CUDL_MAX_COPY_BYTES || (asked != 0 && in > asked);
+    if (lo->meta_end + out + (*engine ? 0 : in) > ATT_CUDL_MAX_COPY_BYTES)
         return false;
     const bool wide = pl->num_items[ATT_TILE_WIDE] != 0;
     const bool narrow = pl->num_items[ATT_TILE_NARROW] != 0;
@@ -496,26 +501,27 @@ static void dl_off(att_kv_t *kv, const char *why) {
  * from the host); nothing was submitted and the host path runs the call. */
 static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout_t *lo,
                               const att_gpu_counts_t *pl, const io_t *io, size_t q_row,
-                              size_t kv_row, uint64_t t0, bool *taken) {
+                              size_t kv_row, bool engine, uint64_t t0, bool *taken) {
     cuda_backend_t *be = kv->be;
     *taken = false;
     att_cudl_begin(kv->dl);
-    bool ok =
-        att_cudl_range_add(att_cudl_copies(kv->dl, false), kv->io_d, kv->stage_d, lo->meta_end);
+    bool ok = att_cudl_range_add(att_cudl_copies(kv->dl, ATT_CUDL_IN), kv->io_d, kv->stage_d,
+                                 lo->meta_end);
+    att_dl_copy_t *in = att_cudl_copies(kv->dl, engine ? ATT_CUDL_ENGINE : ATT_CUDL_IN);
     const bool q_in = b->attend && io->q == ATT_GPU_IO_COPY;
     size_t n = 0;
     bool in_staged = false, out_staged = b->attend && io->out == ATT_GPU_IO_STAGE;
     const uint8_t *span = att_gpu_qkv_span(b, !q_in, q_row, kv_row, &be->regs, lo, &n);
     if (span != NULL)
-        ok = ok && att_cudl_range_add(att_cudl_copies(kv->dl, false),
-                                      kv->io_d + (q_in ? lo->o_q : lo->o_k),
+        ok = ok && att_cudl_range_add(in, kv->io_d + (q_in ? lo->o_q : lo->o_k),
                                       (uint64_t)(uintptr_t)span, n);
     else
-        ok = ok && (!q_in || dl_tensor(kv, b, 0, q_row, lo->o_q, &in_staged)) &&
-             dl_tensor(kv, b, 1, kv_row, lo->o_k, &in_staged) &&
-             dl_tensor(kv, b, 2, kv_row, lo->o_v, &in_staged);
+        ok = ok && (!q_in || dl_tensor(kv, b, 0, q_row, lo->o_q, in, &in_staged)) &&
+             dl_tensor(kv, b, 1, kv_row, lo->o_k, in, &in_staged) &&
+             dl_tensor(kv, b, 2, kv_row, lo->o_v, in, &in_staged);
     ok = ok && (!b->attend || io->out != ATT_GPU_IO_COPY ||
-                dl_tensor(kv, b, 3, q_row, lo->o_out, &out_staged));
+                dl_tensor(kv, b, 3, q_row, lo->o_out, att_cudl_copies(kv->dl, ATT_CUDL_OUT),
+                          &out_staged));
     if (!ok)
         return AT_OK;
     att_kparams_t p;
@@ -544,6 +550,7 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     }
     kv->dl_recording = false;
     if (e == AT_OK) {
+        kv->uploads += engine ? att_cudl_copies(kv->dl, ATT_CUDL_ENGINE)->n : 0;
         e = att_cudl_submit(kv->dl);
         if (e == AT_ERR_UNSUPPORTED) /* no graph of two launches: nothing was submitted */
             return atomic_load_explicit(&be->lost, memory_order_relaxed) ? AT_ERR_DEVICE : AT_OK;
@@ -710,9 +717,11 @@ static at_err_t cuda_run(att_backend_t *base, att_kv_t *kv, const att_batch_t *b
     att_gpu_fill_meta(kv->stage_h, &lo, b, &kv->tables, &kv->work, &pl);
     io_t io;
     io_prepare(kv, b, &lo, q_row, &io);
-    if (dl_suits(kv, b, &pl, &lo, &io, q_row, kv_row)) {
+    bool engine = false;
+    if (dl_suits(kv, b, &pl, &lo, &io, q_row, kv_row, &engine)) {
         bool taken;
-        if ((e = run_on_device(kv, b, &lo, &pl, &io, q_row, kv_row, t0, &taken)) != AT_OK || taken)
+        if ((e = run_on_device(kv, b, &lo, &pl, &io, q_row, kv_row, engine, t0, &taken)) != AT_OK ||
+            taken)
             return e;
     }
     kv->uploads++;
@@ -1150,6 +1159,7 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
     be->drv = drv;
     be->ordinal = cfg->device;
     be->timing = cfg->timing;
+    be->dl_engine_bytes = cfg->dl_engine_bytes;
     if (cfg->plan != NULL) {
         be->has_plan = true;
         be->plan = *cfg->plan;

@@ -80,6 +80,10 @@ typedef struct att_cuda_cfg {
      * timed calls' always are (attention/att_cuda.c, "direct I/O"): tests and comparisons. The
      * environment's ATTND_CUDA_IO=staged asks the same of every backend. */
     bool staged_io;
+    /* A device-launched call's inputs (q, k, v) of more bytes than this go by the copy engine
+     * (attention/att_cudl.h), as they do anyway where its SMs would copy more than
+     * ATT_CUDL_MAX_COPY_BYTES. 0: only then. Tests set it low to take that way with small calls. */
+    uint64_t dl_engine_bytes;
 } att_cuda_cfg_t;
 
 /* The plan for model m on a device of architecture arch ("sm_90": the wgmma wide tile where the

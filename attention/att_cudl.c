@@ -2,6 +2,7 @@
 #include "attention/att_cudl.h"
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,7 @@ struct att_cudl_sess {
     CUstream stream; /* the launcher's */
     /* where graphs are uploaded: not behind the launcher, which may be polling on `stream` */
     CUstream upload;
+    CUstream engine; /* the engine copies, then the stream write of their job's number */
     void *host; /* mapped: the job record, then the state */
     att_dl_job_t *job;
     att_dl_state_t *st;
@@ -58,7 +60,7 @@ struct att_cudl_sess {
     job_graph_t graphs[MAX_GRAPHS];
     uint32_t num_graphs;
     bool no_pairs;           /* a graph of two launches could not be made: calls of one only */
-    att_dl_copy_t copies[2]; /* this call's: in, out */
+    att_dl_copy_t copies[3]; /* this call's, by att_cudl_way_t */
     const lc_launch_t *pending[2]; /* this call's launches (att_cudl_launch), in order */
     uint32_t num_pending;
     uint32_t seq;
@@ -341,6 +343,8 @@ static uint32_t running(const att_cudl_sess_t *s) {
 }
 
 void att_cudl_sess_quiesce(att_cudl_sess_t *s) {
+    /* first: a queued write of a job's number would overwrite the quit */
+    (void)CK(s->dl, cuStreamSynchronize(s->engine));
     if (running(s))
         atomic_store_explicit(&s->job->seq, ATT_DL_QUIT, memory_order_release);
     (void)CK(s->dl, cuStreamSynchronize(s->stream));
@@ -377,6 +381,8 @@ at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
     at_err_t e = CK(dl, cuStreamCreate(&s->stream, CU_STREAM_NON_BLOCKING));
     if (e == AT_OK)
         e = CK(dl, cuStreamCreate(&s->upload, CU_STREAM_NON_BLOCKING));
+    if (e == AT_OK)
+        e = CK(dl, cuStreamCreate(&s->engine, CU_STREAM_NON_BLOCKING));
     if (e == AT_OK)
         e = CK(dl, cuMemHostAlloc(&s->host, job_bytes + sizeof(att_dl_state_t),
                                   CU_MEMHOSTALLOC_DEVICEMAP));
@@ -421,7 +427,7 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
         *sp = NULL;
         return;
     }
-    if (s->st != NULL && s->stream != NULL)
+    if (s->st != NULL && s->stream != NULL && s->engine != NULL)
         att_cudl_sess_quiesce(s);
     att_cudl_sess_forget(s);
     graph_free(dl, &s->lgraph, &s->lexec);
@@ -433,6 +439,8 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
         (void)CK(dl, cuStreamDestroy(s->stream));
     if (s->upload != NULL)
         (void)CK(dl, cuStreamDestroy(s->upload));
+    if (s->engine != NULL)
+        (void)CK(dl, cuStreamDestroy(s->engine));
     free(s);
     *sp = NULL;
 }
@@ -446,7 +454,7 @@ void att_cudl_begin(att_cudl_sess_t *s) {
     s->copies[1].state_d = s->st_d;
 }
 
-att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out) { return &s->copies[out ? 1 : 0]; }
+att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, att_cudl_way_t way) { return &s->copies[way]; }
 
 bool att_cudl_range_add(att_dl_copy_t *c, uint64_t dst, uint64_t src, uint64_t bytes) {
     if (bytes == 0)
@@ -497,6 +505,26 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
 
 bool att_cudl_pairs(const att_cudl_sess_t *s) { return !s->no_pairs; }
 
+/* The engine copies, then the number of the job (whose record is written) by a stream write
+ * behind them, which orders the copies' writes before it (the default: a fence first). The
+ * host's stores of the record come before the driver call that queues the write (a release
+ * fence), so before the launcher can see the number. On a failure the job does not run: the
+ * copies already queued are waited for, so none lands during the host's run of the call. */
+static at_err_t engine_submit(att_cudl_sess_t *s) {
+    att_cudl_t *dl = s->dl;
+    const att_dl_copy_t *c = &s->copies[ATT_CUDL_ENGINE];
+    at_err_t e = AT_OK;
+    for (uint32_t i = 0; i < c->n && e == AT_OK; i++)
+        e = CK(dl, cuMemcpyAsync(c->dst_d[i], c->src_d[i], c->bytes[i], s->engine));
+    atomic_thread_fence(memory_order_release);
+    if (e == AT_OK)
+        e = CK(dl,
+               cuStreamWriteValue32(s->engine, s->job_d + offsetof(att_dl_job_t, seq), s->seq, 0));
+    if (e != AT_OK)
+        (void)CK(dl, cuStreamSynchronize(s->engine));
+    return e;
+}
+
 at_err_t att_cudl_submit(att_cudl_sess_t *s) {
     const uint32_t n = s->num_pending;
     if (n == 0)
@@ -521,10 +549,13 @@ at_err_t att_cudl_submit(att_cudl_sess_t *s) {
      * take a job left in job.seq by a failed relaunch, with this job's record */
     if (++s->seq == ATT_DL_QUIT || s->seq == 0)
         s->seq = 1;
-    atomic_store_explicit(&job->seq, s->seq, memory_order_release);
-    if (!running(s) && (e = relaunch(s)) != AT_OK)
-        return e;
-    return AT_OK;
+    if (s->copies[ATT_CUDL_ENGINE].n != 0)
+        e = engine_submit(s);
+    else
+        atomic_store_explicit(&job->seq, s->seq, memory_order_release);
+    if (e == AT_OK && !running(s))
+        e = relaunch(s);
+    return e;
 }
 
 at_err_t att_cudl_wait(att_cudl_sess_t *s) {

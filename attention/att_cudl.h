@@ -19,8 +19,14 @@
  * on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher ends, holding no SM slot;
  * the next call launches it again from the host first.
  *
+ * A call whose inputs are too large for the SMs to copy well (over ATT_CUDL_MAX_COPY_BYTES: a
+ * large prefill's k and v) has them carried by the copy engine instead ("engine copies"): the
+ * host queues them on the session's engine stream, followed by a stream write of the job's
+ * number, so the launcher sees the job only once its inputs are on the device. The host then
+ * makes copy calls but no launch, and the call takes as long as one launched from the host.
+ *
  * Which calls: those of one launch (decode or prefill alone, or an append), and mixed batches
- * that the plan splits between the SMs, without timing events, that copy at most
+ * that the plan splits between the SMs, without timing events, whose SMs copy at most
  * ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way (the caller, att_cuda.c,
  * decides). From the host such a batch runs its two kinds in two green contexts, whose streams'
  * graphs cannot be made launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200,
@@ -52,10 +58,11 @@
  * layers, shorter than a human notices a spinning thread. */
 #define ATT_CUDL_IDLE_NS 2000000ull
 
-/* The most bytes (in and out) a device-launched call copies. The SMs copy between mapped host
- * memory and the device 5-8% slower than the copy engine (docs/BENCHMARKS.md): a few us on a
- * decode call's few MiB, as much as a launch saves; a hundred on a large prefill's k and v, where
- * a launch's host time does not matter. */
+/* The most bytes (in and out) a device-launched call's SMs copy; larger inputs go by the copy
+ * engine (engine copies), larger outputs make the call launch from the host. The SMs copy between
+ * mapped host memory and the device 5-8% slower than the copy engine (docs/BENCHMARKS.md): a few
+ * us on a decode call's few MiB, less than the engine's copy calls cost the host; a hundred on a
+ * large prefill's k and v, 2-3% of its call. */
 #define ATT_CUDL_MAX_COPY_BYTES (32ull << 20)
 
 /* The backend's check of a driver result (its one CUresult -> at_err_t mapping, which also
@@ -76,13 +83,13 @@ at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch,
 /* lost: the device faulted; its context took the module, so only the host memory goes. */
 void att_cudl_destroy(att_cudl_t **dl, bool lost);
 
-/* A session's launcher, job record and stream; *out is the caller's (att_cudl_sess_destroy). */
+/* A session's launcher, job record and streams; *out is the caller's (att_cudl_sess_destroy). */
 at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out);
 /* Ends the launcher, waits for its stream and frees the session's graphs and memory; with lost
  * (a faulted device, whose context takes its objects along) only the struct, asking nothing of
  * the driver. */
 void att_cudl_sess_destroy(att_cudl_sess_t **s, bool lost);
-/* Ends the launcher (if running) and waits for its stream: nothing of the session runs on the
+/* Ends the launcher (if running) and waits for its streams: nothing of the session runs on the
  * device afterwards, and a cuMemFree need not wait for its polling (the driver's frees wait for
  * the device's work, a polling launcher included, up to its idle spell). The next call launches
  * it again. */
@@ -97,17 +104,24 @@ void att_cudl_sess_forget(att_cudl_sess_t *s);
  * attention launch l with grid_x blocks and params, l->param_bytes of them; of two, the first is
  * a persistent grid the second starts beside), then submit (the job), then wait. */
 void att_cudl_begin(att_cudl_sess_t *s);
-/* This call's ranges in (out false) or out; borrowed until the session goes. */
-att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, bool out);
+/* Which of a call's copies: the SMs' in (the job graph's first node) and out (its last), or the
+ * copy engine's, host to device before the job starts (ATT_CUDL_ENGINE: the host's sources must
+ * be pinned or registered memory, which the device addresses at their host address or the
+ * mapped one). */
+typedef enum att_cudl_way { ATT_CUDL_IN, ATT_CUDL_OUT, ATT_CUDL_ENGINE } att_cudl_way_t;
+/* This call's ranges of one way; borrowed until the session goes. */
+att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, att_cudl_way_t way);
 /* Records a launch (l is borrowed from the session's launch cache until the call's wait);
  * AT_ERR_INTERNAL for a third. */
 at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid_x,
                          const void *params);
-/* Submits the recorded launches as a job, making their job graph on their first call.
- * AT_ERR_UNSUPPORTED, nothing submitted, when the driver refuses a graph of two launches (its
- * programmatic edge or its instantiation for the device: an invalid value or not supported;
- * logged): the caller runs the call from the host, and att_cudl_pairs is false from then on.
- * Other failures through check (AT_ERR_DEVICE). */
+/* Submits the recorded launches as a job, making their job graph on their first call: with
+ * engine copies, queues them and the stream write of the job's number (one copy call a range);
+ * without, stores the number itself. AT_ERR_UNSUPPORTED, nothing submitted, when the driver
+ * refuses a graph of two launches (its programmatic edge or its instantiation for the device: an
+ * invalid value or not supported; logged): the caller runs the call from the host, and
+ * att_cudl_pairs is false from then on. Other failures through check (AT_ERR_DEVICE); the job
+ * does not run, and any engine copy queued has finished. */
 at_err_t att_cudl_submit(att_cudl_sess_t *s);
 /* Whether a call of two launches may come from the device. */
 bool att_cudl_pairs(const att_cudl_sess_t *s);

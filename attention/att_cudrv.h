@@ -76,7 +76,8 @@
     X(cuGreenCtxStreamCreate)
 
 /* Optional: device-launched calls (attention/att_cudl.h): the linker, device-launchable graphs
- * with device-updatable kernel nodes (CUDA 12.4+) and programmatic edges, mapped host memory. */
+ * with device-updatable kernel nodes (CUDA 12.4+) and programmatic edges, mapped host memory,
+ * the engine copies (by unified address) and the stream write behind them. */
 #define ATT_CUDRV_DL_FUNCS(X)                                                                      \
     X(cuLinkCreate)                                                                                \
     X(cuLinkAddData)                                                                               \
@@ -92,7 +93,9 @@
     X(cuGraphUpload)                                                                               \
     X(cuGraphLaunch)                                                                               \
     X(cuGraphExecDestroy)                                                                          \
-    X(cuGraphDestroy)
+    X(cuGraphDestroy)                                                                              \
+    X(cuMemcpyAsync)                                                                               \
+    X(cuStreamWriteValue32)
 
 #define ATT_NVRTC_FUNCS(X)                                                                         \
     X(nvrtcVersion)                                                                                \

@@ -201,6 +201,12 @@ static uint64_t device_calls(att_ctx_t *ctx) {
     return info.kv_stats.device_calls;
 }
 
+static uint64_t uploads(att_ctx_t *ctx) {
+    att_ctx_info_t info;
+    att_ctx_get_info(ctx, &info);
+    return info.kv_stats.uploads;
+}
+
 /* ---- both wide-tile bodies (CUDA) ---- */
 
 /* Prefill, chunks over earlier context and split tiles on a backend of its own whose plan forces
@@ -673,17 +679,22 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
  * mixed batches (both kinds), an append. Each output must be the host-launched one's to the bit
  * and match the oracle; mixed_from_device says whether the mixed batches must launch from the
  * device (a partitioned plan: the narrow kind's persistent grid, then the wide kind's) or from
- * the host (shared SMs). Then a pause longer than the launcher's idle spell, after which it has
+ * the host (shared SMs). With engine, every device-launched call's q, k and v go by the copy
+ * engine (dl_engine_bytes 1: one copy call or more, the job released by a stream write), every
+ * other step's from memory registered with the device-launching backend (k and v one copy from
+ * their host address), the others' through its stage; else the SMs copy them (no copy call).
+ * Then a pause longer than the launcher's idle spell, after which it has
  * ended and the next call must launch it again. */
 static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_from_device,
-                                 uint32_t index) {
+                                 bool engine, uint32_t index) {
     enum { HQ = 8, HKV = 2, D = 128 }; /* bf16 */
     att_rig_spec_t s;
     att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
     tu_rng_t r;
     tu_rng_seed(&r, tu_sub_seed(g_seed, 62000u + index));
     tu_where_set("device-launched, case %u: ATTND_TEST_SEED=%" PRIu64, index, g_seed);
-    const att_cuda_cfg_t dc = {.device = 0, .kernel_cache_dir = "", .plan = plan};
+    const att_cuda_cfg_t dc = {
+        .device = 0, .kernel_cache_dir = "", .plan = plan, .dl_engine_bytes = engine ? 1 : 0};
     const att_cuda_cfg_t hc = {
         .device = 0, .kernel_cache_dir = "", .plan = plan, .host_launches = true};
     att_backend_t *dev = NULL, *host = NULL;
@@ -691,6 +702,12 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
     TU_CHECK(att_cuda_create(&dc, &d, &dev) == AT_OK, "att_cuda_create: %s", d.msg);
     TU_CHECK(att_cuda_create(&hc, &d, &host) == AT_OK, "att_cuda_create: %s", d.msg);
     att_backend_t *const both[2] = {dev, host};
+    const size_t region = 1u << 20;
+    uint8_t *reg = NULL;
+    if (engine) {
+        TU_CHECK(posix_memalign((void **)&reg, 4096, region) == 0, "posix_memalign");
+        TU_CHECK(dev->ops->register_host(dev, reg, region) == AT_OK, "register_host");
+    }
     att_rig_t rig;
     att_rig_init_with(&rig, &s.cfg, 8192, CPU_BE, 0, both, 2, tu_rng_next(&r));
     const att_chunk_t prefill[] = {{1, 0, 300}, {2, 0, 17}};
@@ -710,18 +727,34 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
         const uint32_t t = att_rig_tokens(steps[i].c, steps[i].n);
         void *q = att_rig_random_q(&rig, t), *k = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE),
              *v = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+        const size_t qb = (size_t)t * HQ * D * 2, kb = (size_t)t * HKV * D * 2;
+        const void *in[3] = {q, k, v};
+        if (reg != NULL && i % 2 == 1) { /* q, k, v one after another, as the server's arena */
+            uint8_t *rk = reg + (qb + 63) / 64 * 64, *rv = rk + (kb + 63) / 64 * 64;
+            TU_CHECK(rv + kb <= reg + region, "step %zu does not fit the region", i);
+            memcpy(reg, q, qb);
+            memcpy(rk, k, kb);
+            memcpy(rv, v, kb);
+            in[0] = reg;
+            in[1] = rk;
+            in[2] = rv;
+        }
         const uint64_t before[2] = {device_calls(rig.ctx[0]), device_calls(rig.ctx[1])};
+        const uint64_t up = uploads(rig.ctx[0]);
         void *out[2] = {NULL, NULL};
-        att_rig_attend_with(&rig, 0, steps[i].c, steps[i].n, q, k, v, out);
+        att_rig_attend_with(&rig, 0, steps[i].c, steps[i].n, in[0], in[1], in[2], out);
         TU_CHECK(device_calls(rig.ctx[0]) - before[0] == steps[i].from_device,
                  "step %zu: %" PRIu64 " calls launched from the device, not %u", i,
                  device_calls(rig.ctx[0]) - before[0], steps[i].from_device);
+        if (steps[i].from_device)
+            TU_CHECK((uploads(rig.ctx[0]) != up) == engine,
+                     "step %zu: %" PRIu64 " copy calls from the device-launching backend", i,
+                     uploads(rig.ctx[0]) - up);
         TU_CHECK(device_calls(rig.ctx[1]) == before[1],
                  "step %zu: the host-launch backend "
                  "launched from the device",
                  i);
-        const size_t bytes = (size_t)t * HQ * D * 2;
-        TU_CHECK(memcmp(out[0], out[1], bytes) == 0,
+        TU_CHECK(memcmp(out[0], out[1], qb) == 0,
                  "step %zu: device- and host-launched outputs differ", i);
         free(out[0]);
         free(out[1]);
@@ -731,9 +764,12 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
     }
     const att_chunk_t append[] = {{1, 304, 7}};
     const uint64_t before = device_calls(rig.ctx[0]);
+    const uint64_t up = uploads(rig.ctx[0]);
     att_rig_append(&rig, 0, append, 1);
     TU_CHECK(device_calls(rig.ctx[0]) - before == 1, "the append was not launched from the "
                                                      "device");
+    TU_CHECK((uploads(rig.ctx[0]) != up) == engine, "the append made %" PRIu64 " copy calls",
+             uploads(rig.ctx[0]) - up);
     /* past the launcher's idle spell (ATT_CUDL_IDLE_NS): it has ended; the call relaunches it */
     const struct timespec pause = {0, 3 * 1000 * 1000};
     nanosleep(&pause, NULL);
@@ -746,6 +782,7 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
     att_rig_fini(&rig);
     att_backend_destroy(&dev);
     att_backend_destroy(&host);
+    free(reg);
 }
 
 /* ---- q and out in host memory (att_cuda.c, "direct I/O") ---- */
@@ -923,7 +960,8 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
 
 /* A plan without SM partitions (mixed batches share the SMs: from the host), then one that
  * splits every mixed batch's SMs (from the device, where the driver has green contexts for the
- * host's side to compare with). */
+ * host's side to compare with); each with the SMs and with the copy engine carrying the inputs
+ * of the calls launched from the device. */
 static void test_att_cuda_device_launched_calls(void **state) {
     (void)state;
     NEED_GPU();
@@ -935,14 +973,16 @@ static void test_att_cuda_device_launched_calls(void **state) {
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     plan.mixed_wide_sms = ATT_CUDA_NEVER;
-    device_launched_case(&plan, 0, 0);
+    device_launched_case(&plan, 0, false, 0);
+    device_launched_case(&plan, 0, true, 2);
     if (!has_green()) {
         printf("SKIP the partitioned case: the driver has no green contexts for the host side\n");
         return;
     }
     plan.mixed_wide_sms = 32;
     plan.mixed_part_always = true; /* these batches are far too small to suit one otherwise */
-    device_launched_case(&plan, 1, 1);
+    device_launched_case(&plan, 1, false, 1);
+    device_launched_case(&plan, 1, true, 3);
 }
 #endif
 
