@@ -633,7 +633,7 @@ int bench_gpu_main(int argc, char **argv) {
     double matmul_tflops = 0.0;
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
-    bool has_plan = false, plain_host = false, timing = true;
+    bool has_plan = false, plain_host = false, timing = true, engine_copies = false;
     const char *only_shape = NULL;
     count_list_t seqs = {1, {256}}, ctxs = {2, {1024, 8192}};
     for (int i = 1; i < argc; i++) {
@@ -646,6 +646,8 @@ int bench_gpu_main(int argc, char **argv) {
             plain_host = true;
         else if (strcmp(argv[i], "--no-timing") == 0)
             timing = false;
+        else if (strcmp(argv[i], "--engine-copies") == 0)
+            engine_copies = true;
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             json_path = argv[++i];
         else if (strcmp(argv[i], "--matmul-tflops") == 0 && i + 1 < argc)
@@ -660,14 +662,16 @@ int bench_gpu_main(int argc, char **argv) {
             fprintf(stderr,
                     "usage: attnd bench-gpu [--json FILE] [--matmul-tflops X] [--cases LIST]\n"
                     "                       [--tile KIND=WM,MT,WN,TK,ST[,B]]... [--plan KEY=V]...\n"
-                    "                       [--plain-host] [--no-timing] [--shape NAME]\n"
-                    "                       [--seqs N] [--ctx N]\n"
+                    "                       [--plain-host] [--no-timing] [--engine-copies]\n"
+                    "                       [--shape NAME] [--seqs N] [--ctx N]\n"
                     "  --shape: only llama3-8b or h8-d64; --seqs, --ctx: the decode cases'\n"
                     "  sequences (default 256) and contexts (1024,8192), each a list of up to 8\n"
                     "  --no-timing: no events around a call's kernels (no device times; host\n"
                     "  times as in the server, which records none)\n"
                     "  --plain-host: the calls' tensors in plain memory, staged through pinned\n"
                     "  buffers (default: in one registered region, as the server's arena)\n"
+                    "  --engine-copies: device-launched calls copy q, k and v by the copy\n"
+                    "  engine whatever their size (default: past 32 MiB; smaller by the SMs)\n"
                     "  X: the bf16 matrix rate measured on this GPU "
                     "(tools/gpu_torch_bench.py prints it)\n"
                     "  LIST: some of decode,prefill,mixed,mixparts (the mixed batch's two parts\n"
@@ -694,8 +698,11 @@ int bench_gpu_main(int argc, char **argv) {
     }
     att_backend_t *be = NULL;
     at_diag_t d = {{0}};
-    att_cuda_cfg_t cc = {.device = 0, .kernel_cache_dir = NULL, .timing = timing,
-                         .plan = has_plan ? &plan : NULL};
+    att_cuda_cfg_t cc = {.device = 0,
+                         .kernel_cache_dir = NULL,
+                         .timing = timing,
+                         .plan = has_plan ? &plan : NULL,
+                         .dl_engine_bytes = engine_copies ? 1 : 0};
     if (att_cuda_create(&cc, &d, &be) != AT_OK) {
         fprintf(stderr, "bench-gpu: %s\n", d.msg);
         return 1;

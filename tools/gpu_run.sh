@@ -136,13 +136,14 @@ if has bench; then
   # Timed runs launch from the host (events around the kernels) and copy q and out; untimed
   # ones, as the server's, launch calls of one launch and partitioned mixed batches from the
   # device, and their kernels read q and write out in host memory. Then the same from the
-  # host, and with q and out copied, side by side.
-  for mode in device host staged; do
+  # host, with q and out copied, and with every device-launched call's inputs carried by the
+  # copy engine (engine), side by side.
+  for mode in device host staged engine; do
     note "attnd bench-gpu --no-timing (no events around the kernels, as in the server), $mode"
     if [ "$mode" = host ]; then export ATTND_CUDA_LAUNCH=host; fi
     if [ "$mode" = staged ]; then export ATTND_CUDA_IO=staged; fi
     timeout 120 "$R" attnd bench-gpu --no-timing --cases decode,prefill,mixed \
-      > "$out/bench_gpu_nt.log" 2>&1 || status=1
+      $([ "$mode" = engine ] && echo --engine-copies) > "$out/bench_gpu_nt.log" 2>&1 || status=1
     unset ATTND_CUDA_LAUNCH ATTND_CUDA_IO
     grep -E "^case|^decode|^prefill|^mixed|launch from" "$out/bench_gpu_nt.log"
     cat "$out/bench_gpu_nt.log" >> "$out/bench_gpu_nt_all.log"
