@@ -20,11 +20,12 @@
  * forked and joined), one download of out (if copied); then the stream is synchronized and out
  * copied into place where it was staged. An untimed run's kernels read q and write out in host
  * memory themselves where they can ("direct I/O" below): no copy of either. A run of one launch,
- * or a mixed one the plan partitions, that is not timed and copies at most
- * ATT_CUDL_MAX_COPY_BYTES out, is instead launched from the device (att_cudl.h: the copies and
- * the launches are a job graph that the session's launcher starts when the host writes the job
- * into mapped memory, or, for inputs over that bound, once the copy engine has carried them; a
- * partitioned mixed batch splits the SMs inside its kernels, not by green contexts).
+ * or a mixed one the plan partitions, that is not timed is instead launched from the device
+ * (att_cudl.h: the copies and the launches are a job graph that the session's launcher starts
+ * when the host writes the job into mapped memory; a partitioned mixed batch splits the SMs
+ * inside its kernels, not by green contexts), unless its copies of the metadata and out pass
+ * ATT_CUDL_MAX_COPY_BYTES. The SMs copy q, k and v too unless that makes them pass it: then the
+ * copy engine does, and the job starts once they have landed.
  * Tiles and thresholds come from the session's plan: att_cuda_plan_default at creation, then
  * whatever set_tuning chose (the tuner calls it before every batch, so it is cheap: a session
  * keeps up to ATT_GPU_MOD_SLOTS loaded modules, one per tile kind and config, and a switch to a
@@ -460,10 +461,10 @@ static bool dl_tensor(att_kv_t *kv, const att_batch_t *b, int which, size_t row_
  * mixed batch the plan partitions (its narrow kind's persistent grid first, which leaves the wide
  * kind its SMs: att_cudl.h; the wgmma body has no persistent grid, and mixed batches on shared
  * SMs launch from the host), no timing events, and at most ATT_CUDL_MAX_COPY_BYTES for the SMs
- * to copy: the metadata, k and v, and q and out where io copies them. Inputs past that (a large
- * prefill's k and v), or past the backend's dl_engine_bytes, go by the copy engine instead
- * (*engine), as a host-launched call's do: the SMs copy 5-8% slower, which made an 8 x 2048
- * prefill's call 2-3% longer (docs/BENCHMARKS.md). An output past it launches from the host. */
+ * to copy: the metadata, and out where io copies it. The inputs (k and v, and q where io copies
+ * it) go by the copy engine instead of the SMs (*engine) when all of these together pass that
+ * bound (a large prefill's k and v), or when they pass the backend's dl_engine_bytes: the SMs
+ * copy 5-8% slower, which made an 8 x 2048 prefill's call 2-3% longer (docs/BENCHMARKS.md). */
 static bool dl_suits(const att_kv_t *kv, const att_batch_t *b, const att_gpu_counts_t *pl,
                      const att_gpu_layout_t *lo, const io_t *io, size_t q_row, size_t kv_row,
                      bool *engine) {
@@ -505,9 +506,9 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     cuda_backend_t *be = kv->be;
     *taken = false;
     att_cudl_begin(kv->dl);
-    bool ok = att_cudl_range_add(att_cudl_copies(kv->dl, ATT_CUDL_IN), kv->io_d, kv->stage_d,
+    bool ok = att_cudl_range_add(att_cudl_copies(kv->dl, ATT_CUDL_WAY_IN), kv->io_d, kv->stage_d,
                                  lo->meta_end);
-    att_dl_copy_t *in = att_cudl_copies(kv->dl, engine ? ATT_CUDL_ENGINE : ATT_CUDL_IN);
+    att_dl_copy_t *in = att_cudl_copies(kv->dl, engine ? ATT_CUDL_WAY_ENGINE : ATT_CUDL_WAY_IN);
     const bool q_in = b->attend && io->q == ATT_GPU_IO_COPY;
     size_t n = 0;
     bool in_staged = false, out_staged = b->attend && io->out == ATT_GPU_IO_STAGE;
@@ -520,7 +521,7 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
              dl_tensor(kv, b, 1, kv_row, lo->o_k, in, &in_staged) &&
              dl_tensor(kv, b, 2, kv_row, lo->o_v, in, &in_staged);
     ok = ok && (!b->attend || io->out != ATT_GPU_IO_COPY ||
-                dl_tensor(kv, b, 3, q_row, lo->o_out, att_cudl_copies(kv->dl, ATT_CUDL_OUT),
+                dl_tensor(kv, b, 3, q_row, lo->o_out, att_cudl_copies(kv->dl, ATT_CUDL_WAY_OUT),
                           &out_staged));
     if (!ok)
         return AT_OK;
@@ -550,11 +551,11 @@ static at_err_t run_on_device(att_kv_t *kv, const att_batch_t *b, att_gpu_layout
     }
     kv->dl_recording = false;
     if (e == AT_OK) {
-        kv->uploads += engine ? att_cudl_copies(kv->dl, ATT_CUDL_ENGINE)->n : 0;
         e = att_cudl_submit(kv->dl);
         if (e == AT_ERR_UNSUPPORTED) /* no graph of two launches: nothing was submitted */
             return atomic_load_explicit(&be->lost, memory_order_relaxed) ? AT_ERR_DEVICE : AT_OK;
         kv->dl_failed = e != AT_OK;
+        kv->uploads += e == AT_OK && engine ? in->n : 0;
     }
     if (e != AT_OK) {
         if (!kv->dl_failed || atomic_load_explicit(&be->lost, memory_order_relaxed))

@@ -450,8 +450,8 @@ void att_cudl_sess_destroy(att_cudl_sess_t **sp, bool lost) {
 void att_cudl_begin(att_cudl_sess_t *s) {
     s->num_pending = 0;
     memset(s->copies, 0, sizeof s->copies);
-    s->copies[1].dev_d = s->dev_d; /* the copy out reports the job done */
-    s->copies[1].state_d = s->st_d;
+    s->copies[ATT_CUDL_WAY_OUT].dev_d = s->dev_d; /* the copy out reports the job done */
+    s->copies[ATT_CUDL_WAY_OUT].state_d = s->st_d;
 }
 
 att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, att_cudl_way_t way) { return &s->copies[way]; }
@@ -507,23 +507,23 @@ bool att_cudl_pairs(const att_cudl_sess_t *s) { return !s->no_pairs; }
 
 /* The engine copies, then the number of the job (whose record is written) by a stream write
  * behind them, which orders the copies' writes before it (the default: a fence first). The
- * host's stores of the record come before the driver call that queues the write (a release
- * fence), so before the launcher can see the number. On a failure the job does not run: the
- * copies already queued are waited for, so none lands during the host's run of the call. */
+ * host's stores of the record precede the driver call that queues the write, and work a call
+ * queues sees the host memory written before the call. */
 static at_err_t engine_submit(att_cudl_sess_t *s) {
     att_cudl_t *dl = s->dl;
-    const att_dl_copy_t *c = &s->copies[ATT_CUDL_ENGINE];
+    const att_dl_copy_t *c = &s->copies[ATT_CUDL_WAY_ENGINE];
     at_err_t e = AT_OK;
     for (uint32_t i = 0; i < c->n && e == AT_OK; i++)
         e = CK(dl, cuMemcpyAsync(c->dst_d[i], c->src_d[i], c->bytes[i], s->engine));
-    atomic_thread_fence(memory_order_release);
     if (e == AT_OK)
         e = CK(dl,
                cuStreamWriteValue32(s->engine, s->job_d + offsetof(att_dl_job_t, seq), s->seq, 0));
-    if (e != AT_OK)
-        (void)CK(dl, cuStreamSynchronize(s->engine));
     return e;
 }
+
+/* After a failed submission or wait: the engine copies queued have finished, so none lands
+ * while the host runs the call. */
+static void engine_settle(att_cudl_sess_t *s) { (void)CK(s->dl, cuStreamSynchronize(s->engine)); }
 
 at_err_t att_cudl_submit(att_cudl_sess_t *s) {
     const uint32_t n = s->num_pending;
@@ -539,22 +539,28 @@ at_err_t att_cudl_submit(att_cudl_sess_t *s) {
         return e;
     att_dl_job_t *job = s->job;
     job->fresh = s->num_graphs != graphs ? 1u : 0u; /* a graph was made (maybe after a forget) */
-    copy_update(s->dl, &s->copies[0], j->node[0], &job->upd[0]);
+    copy_update(s->dl, &s->copies[ATT_CUDL_WAY_IN], j->node[0], &job->upd[0]);
     for (uint32_t i = 0; i < n; i++)
         job->upd[1 + i].node = (uint64_t)(uintptr_t)j->node[1 + i];
-    copy_update(s->dl, &s->copies[1], j->node[1 + n], &job->upd[1 + n]);
+    copy_update(s->dl, &s->copies[ATT_CUDL_WAY_OUT], j->node[1 + n], &job->upd[1 + n]);
     job->n_upd = n + 2;
     job->graph = (uint64_t)(uintptr_t)j->exec;
-    /* the number first, then a launcher if none runs: one launched before the store could
-     * take a job left in job.seq by a failed relaunch, with this job's record */
     if (++s->seq == ATT_DL_QUIT || s->seq == 0)
         s->seq = 1;
-    if (s->copies[ATT_CUDL_ENGINE].n != 0)
+    atomic_store_explicit(&job->pending, s->seq, memory_order_relaxed);
+    /* the number first, then a launcher if none runs: one launched before the store could take
+     * a job left in job.seq by a failed relaunch, with this job's record. With engine copies the
+     * number comes later, from the stream; no job is left behind there, since after a failed
+     * call the session's launcher is ended for good (att_cuda.c, dl_off). */
+    const bool engine = s->copies[ATT_CUDL_WAY_ENGINE].n != 0;
+    if (engine)
         e = engine_submit(s);
     else
         atomic_store_explicit(&job->seq, s->seq, memory_order_release);
     if (e == AT_OK && !running(s))
         e = relaunch(s);
+    if (e != AT_OK && engine)
+        engine_settle(s);
     return e;
 }
 
@@ -563,23 +569,18 @@ at_err_t att_cudl_wait(att_cudl_sess_t *s) {
     for (uint32_t i = 1; atomic_load_explicit(&s->st->done, memory_order_acquire) != s->seq; i++) {
         if (i % 4096 != 0)
             continue;
-        /* the launcher ended (idle, or it could not launch itself again) before it took the
-         * job: launch it again (it takes the job unless it took it already) */
-        if (!running(s)) {
-            at_err_t e = relaunch(s);
-            if (e != AT_OK)
-                return e;
-            continue;
-        }
-        const CUresult r = dl->drv->cuStreamQuery(s->stream);
-        if (r == CUDA_SUCCESS &&
-            atomic_load_explicit(&s->st->done, memory_order_acquire) != s->seq) {
-            /* nothing runs on the stream, yet running says 1: no launcher exists */
-            at_err_t e = relaunch(s);
-            if (e != AT_OK)
-                return e;
-        } else if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
-            return dl->check(dl->user, r, "cuStreamQuery", __FILE__, __LINE__);
+        at_err_t e = AT_OK;
+        const CUresult r = running(s) ? dl->drv->cuStreamQuery(s->stream) : CUDA_SUCCESS;
+        if (r == CUDA_SUCCESS && atomic_load_explicit(&s->st->done, memory_order_acquire) != s->seq)
+            /* the launcher ended (idle, or it could not launch itself again) before it took the
+             * job, or running says 1 with nothing on its stream (no launcher exists): launch it
+             * again (it takes the job unless it took it already) */
+            e = relaunch(s);
+        else if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY)
+            e = dl->check(dl->user, r, "cuStreamQuery", __FILE__, __LINE__);
+        if (e != AT_OK) {
+            engine_settle(s);
+            return e;
         }
     }
     if (s->st->failed == s->seq && s->st->launch_err != 0) {

@@ -19,22 +19,25 @@
  * on the done word. After an idle spell (ATT_CUDL_IDLE_NS) the launcher ends, holding no SM slot;
  * the next call launches it again from the host first.
  *
- * A call whose inputs are too large for the SMs to copy well (over ATT_CUDL_MAX_COPY_BYTES: a
- * large prefill's k and v) has them carried by the copy engine instead ("engine copies"): the
- * host queues them on the session's engine stream, followed by a stream write of the job's
- * number, so the launcher sees the job only once its inputs are on the device. The host then
- * makes copy calls but no launch, and the call takes as long as one launched from the host.
+ * A call whose copies are too large for the SMs to do well (over ATT_CUDL_MAX_COPY_BYTES with
+ * its inputs: a large prefill's k and v) has its inputs carried by the copy engine instead
+ * ("engine copies"): the host queues them on the session's engine stream, followed by a stream
+ * write of the job's number, so the launcher sees the job only once its inputs are on the
+ * device (and waits for it past its idle spell: att_dl.h, pending). The host then makes copy
+ * calls but no launch (unless the launcher had ended), and the call takes as long as one
+ * launched from the host.
  *
  * Which calls: those of one launch (decode or prefill alone, or an append), and mixed batches
  * that the plan splits between the SMs, without timing events, whose SMs copy at most
- * ATT_CUDL_MAX_COPY_BYTES, in at most ATT_DL_MAX_SEGS ranges each way (the caller, att_cuda.c,
- * decides). From the host such a batch runs its two kinds in two green contexts, whose streams'
- * graphs cannot be made launchable from the device (CUDA_ERROR_INVALID_VALUE on the H200,
- * docs/BENCHMARKS.md). From the device, its narrow kind runs first as a persistent grid whose
- * blocks leave the wide kind's SMs (att_kparams_t.sm_split), and its wide kind's grid starts once
- * every narrow block has begun (a programmatic edge), so it finds those SMs free. Mixed batches
- * on shared SMs launch from the host. Where a graph of two launches cannot be made (an older
- * driver), the session's mixed batches launch from the host (att_cudl_pairs).
+ * ATT_CUDL_MAX_COPY_BYTES (the metadata, the outputs and any inputs not left to the engine), in at
+ * most ATT_DL_MAX_SEGS ranges each way (the caller, att_cuda.c, decides). From the host such a
+ * batch runs its two kinds in two green contexts, whose streams' graphs cannot be made launchable
+ * from the device (CUDA_ERROR_INVALID_VALUE on the H200, docs/BENCHMARKS.md). From the device, its
+ * narrow kind runs first as a persistent grid whose blocks leave the wide kind's SMs
+ * (att_kparams_t.sm_split), and its wide kind's grid starts once every narrow block has begun (a
+ * programmatic edge), so it finds those SMs free. Mixed batches on shared SMs launch from the host.
+ * Where a graph of two launches cannot be made (an older driver), the session's mixed batches
+ * launch from the host (att_cudl_pairs).
  *
  * Needs: a driver of CUDA 12.4+ (has_dl), the device runtime library libcudadevrt.a (the
  * toolkit's; $ATTND_CUDADEVRT names it, else the toolkit seen at build time), and registered
@@ -85,7 +88,7 @@ void att_cudl_destroy(att_cudl_t **dl, bool lost);
 
 /* A session's launcher, job record and streams; *out is the caller's (att_cudl_sess_destroy). */
 at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out);
-/* Ends the launcher, waits for its stream and frees the session's graphs and memory; with lost
+/* Ends the launcher, waits for its streams and frees the session's graphs and memory; with lost
  * (a faulted device, whose context takes its objects along) only the struct, asking nothing of
  * the driver. */
 void att_cudl_sess_destroy(att_cudl_sess_t **s, bool lost);
@@ -105,10 +108,10 @@ void att_cudl_sess_forget(att_cudl_sess_t *s);
  * a persistent grid the second starts beside), then submit (the job), then wait. */
 void att_cudl_begin(att_cudl_sess_t *s);
 /* Which of a call's copies: the SMs' in (the job graph's first node) and out (its last), or the
- * copy engine's, host to device before the job starts (ATT_CUDL_ENGINE: the host's sources must
+ * copy engine's, host to device before the job starts (ATT_CUDL_WAY_ENGINE: the host's sources must
  * be pinned or registered memory, which the device addresses at their host address or the
  * mapped one). */
-typedef enum att_cudl_way { ATT_CUDL_IN, ATT_CUDL_OUT, ATT_CUDL_ENGINE } att_cudl_way_t;
+typedef enum att_cudl_way { ATT_CUDL_WAY_IN, ATT_CUDL_WAY_OUT, ATT_CUDL_WAY_ENGINE } att_cudl_way_t;
 /* This call's ranges of one way; borrowed until the session goes. */
 att_dl_copy_t *att_cudl_copies(att_cudl_sess_t *s, att_cudl_way_t way);
 /* Records a launch (l is borrowed from the session's launch cache until the call's wait);

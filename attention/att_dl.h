@@ -5,14 +5,17 @@
  * Plain C that the host's C11 compiler and NVRTC both accept (as att_kparams.h): fixed-width
  * fields, device addresses as uint64_t, explicit padding, sizes checked below.
  *
- * Protocol: the host fills job.upd[0, n_upd), job.graph and job.fresh, then stores job.seq (a
- * new number) with release. The launcher, which polls job.seq with acquire loads, applies each
- * update to its device-updatable graph node (the kernel's whole parameter block and its grid; an
- * update equal to the one the node last had is skipped unless job.fresh), launches job.graph and,
- * once that graph has finished (the last block of its last node stores seq into state.done with
- * release), takes the next job. After idle_ns without a job, or when it cannot launch itself
- * again, it stores 0 into state.running and ends; the host, seeing running 0 (or the launcher's
- * stream empty) before the job is done, launches it again. ATT_DL_QUIT ends it for good.
+ * Protocol: the host fills job.upd[0, n_upd), job.graph, job.fresh and job.pending (the new
+ * number), then stores job.seq (that number) with release, or has a stream store it behind the
+ * job's engine copies (attention/att_cudl.h). The launcher, which polls job.seq with acquire loads,
+ * applies each update to its device-updatable graph node (the kernel's whole parameter block and
+ * its grid; an update equal to the one the node last had is skipped unless job.fresh), launches
+ * job.graph and, once that graph has finished (the last block of its last node stores seq into
+ * state.done with release), takes the next job. After idle_ns without a job (up to
+ * ATT_DL_PENDING_NS while job.pending names a job not yet taken: its number is on its way behind
+ * the copies), or when it cannot launch itself again, it stores 0 into state.running and ends; the
+ * host, seeing running 0 (or the launcher's stream empty) before the job is done, launches it
+ * again. ATT_DL_QUIT ends it for good.
  *
  * The fields both sides race on (seq, done, running) are C11 atomics on the host, where the C
  * compiler reads this; the same 32 bits on the device. */
@@ -32,6 +35,10 @@
 #define ATT_DL_MAX_SEGS 9u      /* copy segments per copy node */
 #define ATT_DL_MAX_UPDATES 4u   /* the copy-in node, one or two launches, the copy-out node */
 #define ATT_DL_PARAM_BYTES 256u /* at least LC_MAX_PARAM_BYTES */
+/* How long a launcher waits for a pending job's number (ns): far past the copy engine's time for
+ * the largest call (a 256 MiB message: 5 ms on the H200's link); only a failed submission's job
+ * never comes, and then the session's teardown ends the launcher at once. */
+#define ATT_DL_PENDING_NS 200000000ull
 
 /* The parameter block of att_k_copy: n byte ranges from src_d to dst_d (device addresses;
  * mapped host memory counts). With dev_d and state_d set (the copy out, the job graph's last
@@ -60,7 +67,7 @@ typedef struct att_dl_job {
     uint32_t n_upd;
     uint64_t graph; /* cudaGraphExec_t: the call's graph */
     uint32_t fresh; /* 1: the graph is new, apply every update (its nodes may reuse old handles) */
-    uint32_t reserved;
+    ATT_DL_ATOMIC_U32 pending; /* the job's number, stored before it (read once idle_ns passed) */
     att_dl_update_t upd[ATT_DL_MAX_UPDATES];
 } att_dl_job_t;
 

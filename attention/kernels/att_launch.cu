@@ -72,8 +72,13 @@ extern "C" __global__ void att_k_launcher(const att_dl_job_t *job, att_dl_state_
         unsigned s;
         /* each poll is a read over the link: a short sleep between them keeps a launcher's
          * reads to a few million a second (its answer comes that much later) */
-        while ((s = att_dl_load_acquire(&job->seq)) == last && att_dl_now() - t0 <= idle_ns)
+        while ((s = att_dl_load_acquire(&job->seq)) == last) {
+            const unsigned long long waited = att_dl_now() - t0;
+            if (waited > idle_ns &&
+                (waited > ATT_DL_PENDING_NS || att_dl_load_acquire(&job->pending) == last))
+                break;
             __nanosleep(100);
+        }
         seq = s;
         take = s != last && s != ATT_DL_QUIT;
         if (!take) {

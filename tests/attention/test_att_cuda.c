@@ -682,9 +682,11 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
  * the host (shared SMs). With engine, every device-launched call's q, k and v go by the copy
  * engine (dl_engine_bytes 1: one copy call or more, the job released by a stream write), every
  * other step's from memory registered with the device-launching backend (k and v one copy from
- * their host address), the others' through its stage; else the SMs copy them (no copy call).
- * Then a pause longer than the launcher's idle spell, after which it has
- * ended and the next call must launch it again. */
+ * their host address), the others' through its stage; else the SMs copy them (no copy call),
+ * but for an append of 40 MiB of k and v, past ATT_CUDL_MAX_COPY_BYTES, which the copy engine
+ * carries all the same (its copies take long enough that a job started before they land reads
+ * stale k and v), followed by a decode over it. Then a pause longer than the launcher's idle spell,
+ * after which it has ended and the next call must launch it again. */
 static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_from_device,
                                  bool engine, uint32_t index) {
     enum { HQ = 8, HKV = 2, D = 128 }; /* bf16 */
@@ -709,7 +711,7 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
         TU_CHECK(dev->ops->register_host(dev, reg, region) == AT_OK, "register_host");
     }
     att_rig_t rig;
-    att_rig_init_with(&rig, &s.cfg, 8192, CPU_BE, 0, both, 2, tu_rng_next(&r));
+    att_rig_init_with(&rig, &s.cfg, 49152, CPU_BE, 0, both, 2, tu_rng_next(&r));
     const att_chunk_t prefill[] = {{1, 0, 300}, {2, 0, 17}};
     const att_chunk_t decode[] = {{1, 300, 1}, {2, 17, 1}};
     const att_chunk_t decode2[] = {{1, 301, 1}, {2, 18, 1}};
@@ -770,6 +772,16 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
                                                      "device");
     TU_CHECK((uploads(rig.ctx[0]) != up) == engine, "the append made %" PRIu64 " copy calls",
              uploads(rig.ctx[0]) - up);
+    if (!engine) {
+        const att_chunk_t big[] = {{3, 0, 40960}}, over_big[] = {{3, 40960, 1}};
+        const uint64_t calls0 = device_calls(rig.ctx[0]), up0 = uploads(rig.ctx[0]);
+        att_rig_append(&rig, 0, big, 1);
+        TU_CHECK(device_calls(rig.ctx[0]) - calls0 == 1 && uploads(rig.ctx[0]) != up0,
+                 "the 40 MiB append: %" PRIu64 " calls from the device, %" PRIu64
+                 " copy calls, not 1 and some",
+                 device_calls(rig.ctx[0]) - calls0, uploads(rig.ctx[0]) - up0);
+        att_rig_attend(&rig, 0, over_big, 1);
+    }
     /* past the launcher's idle spell (ATT_CUDL_IDLE_NS): it has ended; the call relaunches it */
     const struct timespec pause = {0, 3 * 1000 * 1000};
     nanosleep(&pause, NULL);
