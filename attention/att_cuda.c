@@ -119,6 +119,7 @@ struct att_kv {
     bool dl_recording;     /* launch_cb hands launches to dl (a device-launched call) */
     bool dl_failed;        /* dl's own step failed in launch_cb (not the launch cache's) */
     uint64_t device_calls; /* runs launched from the device (kv_stats) */
+    uint64_t dl_starts;    /* launcher_starts of dl's before it (kv_stats), now gone */
     uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */
@@ -491,6 +492,7 @@ static void dl_off(att_kv_t *kv, const char *why) {
            "cuda:%d: a session's device-launched call %s; its calls launch "
            "from the host from now on",
            kv->be->ordinal, why);
+    kv->dl_starts += att_cudl_starts(kv->dl);
     att_cudl_sess_destroy(&kv->dl, false);
 }
 
@@ -1078,6 +1080,7 @@ static void cuda_kv_stats(att_backend_t *base, const att_kv_t *kv, att_kv_stats_
     (void)base;
     att_gpu_kv_stats(kv->lc, kv->uploads, kv->last_host_ns, kv->last_device_ns, out);
     out->device_calls = kv->device_calls;
+    out->launcher_starts = kv->dl_starts + (kv->dl != NULL ? att_cudl_starts(kv->dl) : 0);
 }
 
 static at_err_t pin(void *user, void *p, size_t bytes) {
@@ -1234,7 +1237,9 @@ at_err_t att_cuda_create(const att_cuda_cfg_t *cfg, at_diag_t *diag, att_backend
             at_diag_set(&dd, e, "cannot make the device's context current");
         else
             e = att_cudl_create(drv, be->dev, be->arch, be->num_sms, dl_check, be, &dd, &be->dl);
-        if (e != AT_OK)
+        if (e == AT_OK)
+            att_cudl_set_idle_ns(be->dl, cfg->dl_idle_ns);
+        else
             at_log(AT_LOG_WARN, "cuda", "cuda:%d: calls launch from the host: %s", be->ordinal,
                    dd.msg);
     }

@@ -84,6 +84,10 @@ typedef struct att_cuda_cfg {
      * (attention/att_cudl.h), as they do anyway where its SMs would copy more than
      * ATT_CUDL_MAX_COPY_BYTES. 0: only then. Tests set it low to take that way with small calls. */
     uint64_t dl_engine_bytes;
+    /* How long a session's device-side launcher polls without a job before it ends (ns; 0:
+     * ATT_CUDL_IDLE_NS, 2 ms). Tests shorten it to see the launcher wait for a job whose inputs
+     * are still on their way. */
+    uint64_t dl_idle_ns;
 } att_cuda_cfg_t;
 
 /* The plan for model m on a device of architecture arch ("sm_90": the wgmma wide tile where the

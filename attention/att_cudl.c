@@ -24,6 +24,7 @@ struct att_cudl {
     void *user;
     int ordinal; /* the device's, for the log */
     uint32_t num_sms;
+    uint64_t idle_ns; /* the launchers' idle spell */
     CUmodule mod;
     CUfunction launcher; /* att_k_launcher */
     CUfunction copy;     /* att_k_copy */
@@ -64,6 +65,7 @@ struct att_cudl_sess {
     const lc_launch_t *pending[2]; /* this call's launches (att_cudl_launch), in order */
     uint32_t num_pending;
     uint32_t seq;
+    uint64_t starts; /* host launches of the launcher */
 };
 
 #define CK(dl, call) (dl)->check((dl)->user, (dl)->drv->call, #call, __FILE__, __LINE__)
@@ -158,8 +160,12 @@ at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch,
     att_cudl_t *dl = calloc(1, sizeof *dl);
     if (dl == NULL)
         return AT_ERR_NOMEM;
-    *dl = (att_cudl_t){
-        .drv = drv, .check = check, .user = user, .ordinal = (int)dev, .num_sms = num_sms};
+    *dl = (att_cudl_t){.drv = drv,
+                       .check = check,
+                       .user = user,
+                       .ordinal = (int)dev,
+                       .num_sms = num_sms,
+                       .idle_ns = ATT_CUDL_IDLE_NS};
     char *ptx = NULL;
     size_t n = 0;
     at_err_t e = att_cudl_compile_ptx(arch, &ptx, &n, diag);
@@ -178,6 +184,10 @@ at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch,
     }
     *out = dl;
     return AT_OK;
+}
+
+void att_cudl_set_idle_ns(att_cudl_t *dl, uint64_t idle_ns) {
+    dl->idle_ns = idle_ns != 0 ? idle_ns : ATT_CUDL_IDLE_NS;
 }
 
 void att_cudl_destroy(att_cudl_t **dlp, bool lost) {
@@ -364,6 +374,7 @@ void att_cudl_sess_forget(att_cudl_sess_t *s) {
 
 /* Launches the launcher graph from the host (it ended, or never ran). */
 static at_err_t relaunch(att_cudl_sess_t *s) {
+    s->starts++;
     atomic_store_explicit(&s->st->running, 1, memory_order_relaxed);
     const at_err_t e = CK(s->dl, cuGraphLaunch(s->lexec, s->stream));
     if (e != AT_OK) /* none runs: the next call tries again */
@@ -377,7 +388,7 @@ at_err_t att_cudl_sess_create(att_cudl_t *dl, att_cudl_sess_t **out) {
         return AT_ERR_NOMEM;
     s->dl = dl;
     const size_t job_bytes = (sizeof(att_dl_job_t) + 63) / 64 * 64;
-    unsigned long long idle = ATT_CUDL_IDLE_NS;
+    unsigned long long idle = dl->idle_ns;
     at_err_t e = CK(dl, cuStreamCreate(&s->stream, CU_STREAM_NON_BLOCKING));
     if (e == AT_OK)
         e = CK(dl, cuStreamCreate(&s->upload, CU_STREAM_NON_BLOCKING));
@@ -504,6 +515,8 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
 }
 
 bool att_cudl_pairs(const att_cudl_sess_t *s) { return !s->no_pairs; }
+
+uint64_t att_cudl_starts(const att_cudl_sess_t *s) { return s->starts; }
 
 /* The engine copies, then the number of the job (whose record is written) by a stream write
  * behind them, which orders the copies' writes before it (the default: a fence first). The

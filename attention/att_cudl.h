@@ -83,6 +83,9 @@ typedef struct att_cudl_sess att_cudl_sess_t;
  * check. On success *out is the caller's (att_cudl_destroy, after every session's). */
 at_err_t att_cudl_create(const att_cudrv_t *drv, CUdevice dev, const char *arch, uint32_t num_sms,
                          att_cudl_check_fn check, void *user, at_diag_t *diag, att_cudl_t **out);
+/* The idle spell of the launchers of sessions created from now on (ns; 0: ATT_CUDL_IDLE_NS).
+ * Tests shorten it. Not while sessions are being created. */
+void att_cudl_set_idle_ns(att_cudl_t *dl, uint64_t idle_ns);
 /* lost: the device faulted; its context took the module, so only the host memory goes. */
 void att_cudl_destroy(att_cudl_t **dl, bool lost);
 
@@ -128,6 +131,8 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
 at_err_t att_cudl_submit(att_cudl_sess_t *s);
 /* Whether a call of two launches may come from the device. */
 bool att_cudl_pairs(const att_cudl_sess_t *s);
+/* How many times the host has launched the session's launcher. */
+uint64_t att_cudl_starts(const att_cudl_sess_t *s);
 /* Spins until the job is done. AT_ERR_DEVICE (through check) when the context faults (the
  * device is then lost), or when the job's graph or the launcher could not be launched (then the
  * job did not run: the caller may run the call from the host). */

@@ -682,10 +682,8 @@ static void test_att_cuda_adjacent_tensors_in_registered_memory(void **state) {
  * the host (shared SMs). With engine, every device-launched call's q, k and v go by the copy
  * engine (dl_engine_bytes 1: one copy call or more, the job released by a stream write), every
  * other step's from memory registered with the device-launching backend (k and v one copy from
- * their host address), the others' through its stage; else the SMs copy them (no copy call),
- * but for an append of 40 MiB of k and v, past ATT_CUDL_MAX_COPY_BYTES, which the copy engine
- * carries all the same (its copies take long enough that a job started before they land reads
- * stale k and v), followed by a decode over it. Then a pause longer than the launcher's idle spell,
+ * their host address), the others' through its stage; else the SMs copy them (no copy call).
+ * Then a pause longer than the launcher's idle spell,
  * after which it has ended and the next call must launch it again. */
 static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_from_device,
                                  bool engine, uint32_t index) {
@@ -711,7 +709,7 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
         TU_CHECK(dev->ops->register_host(dev, reg, region) == AT_OK, "register_host");
     }
     att_rig_t rig;
-    att_rig_init_with(&rig, &s.cfg, 49152, CPU_BE, 0, both, 2, tu_rng_next(&r));
+    att_rig_init_with(&rig, &s.cfg, 8192, CPU_BE, 0, both, 2, tu_rng_next(&r));
     const att_chunk_t prefill[] = {{1, 0, 300}, {2, 0, 17}};
     const att_chunk_t decode[] = {{1, 300, 1}, {2, 17, 1}};
     const att_chunk_t decode2[] = {{1, 301, 1}, {2, 18, 1}};
@@ -772,16 +770,6 @@ static void device_launched_case(const att_cuda_plan_t *plan, uint32_t mixed_fro
                                                      "device");
     TU_CHECK((uploads(rig.ctx[0]) != up) == engine, "the append made %" PRIu64 " copy calls",
              uploads(rig.ctx[0]) - up);
-    if (!engine) {
-        const att_chunk_t big[] = {{3, 0, 40960}}, over_big[] = {{3, 40960, 1}};
-        const uint64_t calls0 = device_calls(rig.ctx[0]), up0 = uploads(rig.ctx[0]);
-        att_rig_append(&rig, 0, big, 1);
-        TU_CHECK(device_calls(rig.ctx[0]) - calls0 == 1 && uploads(rig.ctx[0]) != up0,
-                 "the 40 MiB append: %" PRIu64 " calls from the device, %" PRIu64
-                 " copy calls, not 1 and some",
-                 device_calls(rig.ctx[0]) - calls0, uploads(rig.ctx[0]) - up0);
-        att_rig_attend(&rig, 0, over_big, 1);
-    }
     /* past the launcher's idle spell (ATT_CUDL_IDLE_NS): it has ended; the call relaunches it */
     const struct timespec pause = {0, 3 * 1000 * 1000};
     nanosleep(&pause, NULL);
@@ -970,6 +958,70 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
     free(reg[1]);
 }
 
+/* Inputs past ATT_CUDL_MAX_COPY_BYTES go by the copy engine whatever dl_engine_bytes says: an
+ * append of 40 MiB of k and v (a new sequence), then a decode over it, each launched from the
+ * device and checked against the host-launched backend (to the bit) and the oracle. The copies
+ * take long enough that a job started before they land would read stale k and v. The launcher's
+ * idle spell is cut to 100 us, far below those copies: it must keep waiting for the announced
+ * job, not end and be launched again by the waiting host (at most one launch from the host,
+ * the submission's, since the launcher ends while the host stages the 40 MiB). */
+static void test_att_cuda_engine_copies_past_the_bound(void **state) {
+    (void)state;
+    NEED_GPU();
+    const char *why = NULL;
+    if (!device_launches(&why)) {
+        printf("SKIP: %s: every call launches from the host\n", why);
+        skip();
+    }
+    enum { HQ = 8, HKV = 2, D = 128, BIG = 40960 }; /* bf16: 1 KiB of k and v a token */
+    att_rig_spec_t s;
+    att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
+    tu_rng_t r;
+    tu_rng_seed(&r, tu_sub_seed(g_seed, 62100u));
+    tu_where_set("engine copies past the bound: ATTND_TEST_SEED=%" PRIu64, g_seed);
+    const att_cuda_cfg_t dc = {.device = 0, .kernel_cache_dir = "", .dl_idle_ns = 100000};
+    const att_cuda_cfg_t hc = {.device = 0, .kernel_cache_dir = "", .host_launches = true};
+    att_backend_t *dev = NULL, *host = NULL;
+    at_diag_t d = {{0}};
+    TU_CHECK(att_cuda_create(&dc, &d, &dev) == AT_OK, "att_cuda_create: %s", d.msg);
+    TU_CHECK(att_cuda_create(&hc, &d, &host) == AT_OK, "att_cuda_create: %s", d.msg);
+    att_backend_t *const both[2] = {dev, host};
+    att_rig_t rig;
+    att_rig_init_with(&rig, &s.cfg, BIG + 1024, CPU_BE, 0, both, 2, tu_rng_next(&r));
+    const att_chunk_t small[] = {{1, 0, 40}}, big[] = {{2, 0, BIG}};
+    const att_chunk_t decode[] = {{1, 40, 1}, {2, BIG, 1}};
+    att_rig_attend(&rig, 0, small, 1);
+    att_ctx_info_t before, after;
+    att_ctx_get_info(rig.ctx[0], &before);
+    att_rig_append(&rig, 0, big, 1);
+    att_ctx_get_info(rig.ctx[0], &after);
+    TU_CHECK(after.kv_stats.device_calls - before.kv_stats.device_calls == 1,
+             "the 40 MiB append was not launched from the device");
+    TU_CHECK(after.kv_stats.uploads != before.kv_stats.uploads,
+             "the 40 MiB append made no copy call: the SMs copied it");
+    TU_CHECK(after.kv_stats.launcher_starts - before.kv_stats.launcher_starts <= 1,
+             "the launcher was launched %" PRIu64 " times from the host during the append",
+             after.kv_stats.launcher_starts - before.kv_stats.launcher_starts);
+    const uint32_t t = att_rig_tokens(decode, 2);
+    void *q = att_rig_random_q(&rig, t), *k = att_rig_random_kv(&rig, t, ATT_RIG_QK_RANGE),
+         *v = att_rig_random_kv(&rig, t, ATT_RIG_V_RANGE);
+    void *out[2] = {NULL, NULL};
+    const uint64_t calls = device_calls(rig.ctx[0]);
+    att_rig_attend_with(&rig, 0, decode, 2, q, k, v, out);
+    TU_CHECK(device_calls(rig.ctx[0]) - calls == 1, "the decode was not launched from the device");
+    TU_CHECK(memcmp(out[0], out[1], (size_t)t * HQ * D * 2) == 0,
+             "device- and host-launched outputs differ");
+    free(out[0]);
+    free(out[1]);
+    free(q);
+    free(k);
+    free(v);
+    att_rig_check_cache(&rig);
+    att_rig_fini(&rig);
+    att_backend_destroy(&dev);
+    att_backend_destroy(&host);
+}
+
 /* A plan without SM partitions (mixed batches share the SMs: from the host), then one that
  * splits every mixed batch's SMs (from the device, where the driver has green contexts for the
  * host's side to compare with); each with the SMs and with the copy engine carrying the inputs
@@ -1090,6 +1142,7 @@ int main(void) {
         cmocka_unit_test(test_att_cuda_adjacent_tensors_in_registered_memory),
 #ifndef ATT_TEST_HIP
         cmocka_unit_test(test_att_cuda_device_launched_calls),
+        cmocka_unit_test(test_att_cuda_engine_copies_past_the_bound),
         cmocka_unit_test(test_att_cuda_q_and_out_in_host_memory),
 #endif
         cmocka_unit_test(test_att_cuda_compile_cache),
