@@ -67,8 +67,8 @@ typedef struct att_kv_stats {
     uint64_t last_host_ns;    /* the last run: host time from entry to its last launch enqueued */
     uint64_t last_device_ns;  /* the last run's device time (kernels only), when timing is on */
     uint64_t device_calls;    /* runs launched from the device (CUDA: attention/att_cudl.h) */
-    /* launches of the device-side launcher from the host (CUDA: after its idle spell, or when
-     * it could not launch itself again), a host cost of device-launched runs */
+    /* launches of the device-side launcher from the host (CUDA: the first, and those after its
+     * idle spell, a quit or a failed relaunch of itself), a host cost of device-launched runs */
     uint64_t launcher_starts;
 } att_kv_stats_t;
 

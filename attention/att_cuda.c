@@ -119,7 +119,7 @@ struct att_kv {
     bool dl_recording;     /* launch_cb hands launches to dl (a device-launched call) */
     bool dl_failed;        /* dl's own step failed in launch_cb (not the launch cache's) */
     uint64_t device_calls; /* runs launched from the device (kv_stats) */
-    uint64_t dl_starts;    /* launcher_starts of dl's before it (kv_stats), now gone */
+    uint64_t dl_starts;    /* dl's launcher_starts (kv_stats), kept when dl_off ends it */
     uint64_t uploads; /* host-to-device copy calls (kv_stats) */
     uint64_t last_host_ns, last_device_ns;
     /* per-call buffers, grown when a call needs more (never per call) */

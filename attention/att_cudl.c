@@ -347,7 +347,8 @@ static at_err_t job_graph(att_cudl_sess_t *s, const lc_launch_t *const *l, uint3
  * full edges order before the copy out) happen before its release store of state.done, which
  * the host's acquire load of it pairs with. state.running: a release store by the device when it
  * ends, acquire loads here; the host's own store of 1 needs no order (it only keeps the host from
- * relaunching twice). */
+ * relaunching twice). job.pending: relaxed, a hint only (a launcher that sees it late ends after
+ * its idle spell and the waiting host launches it again); the record is published by job.seq. */
 static uint32_t running(const att_cudl_sess_t *s) {
     return atomic_load_explicit(&s->st->running, memory_order_acquire);
 }
@@ -377,7 +378,7 @@ static at_err_t relaunch(att_cudl_sess_t *s) {
     s->starts++;
     atomic_store_explicit(&s->st->running, 1, memory_order_relaxed);
     const at_err_t e = CK(s->dl, cuGraphLaunch(s->lexec, s->stream));
-    if (e != AT_OK) /* none runs: the next call tries again */
+    if (e != AT_OK) /* none runs (the caller gives up on the session: att_cudl_submit) */
         atomic_store_explicit(&s->st->running, 0, memory_order_relaxed);
     return e;
 }
@@ -560,11 +561,11 @@ at_err_t att_cudl_submit(att_cudl_sess_t *s) {
     job->graph = (uint64_t)(uintptr_t)j->exec;
     if (++s->seq == ATT_DL_QUIT || s->seq == 0)
         s->seq = 1;
+    /* pending first: a launcher past its idle spell keeps polling for this job (att_dl.h). Then
+     * the number (or, behind the engine copies, the stream's write of it), then a launcher if
+     * none runs. No stale number is left for it to take: after any failure the session goes
+     * (att_cuda.c, dl_off). */
     atomic_store_explicit(&job->pending, s->seq, memory_order_relaxed);
-    /* the number first, then a launcher if none runs: one launched before the store could take
-     * a job left in job.seq by a failed relaunch, with this job's record. With engine copies the
-     * number comes later, from the stream; no job is left behind there, since after a failed
-     * call the session's launcher is ended for good (att_cuda.c, dl_off). */
     const bool engine = s->copies[ATT_CUDL_WAY_ENGINE].n != 0;
     if (engine)
         e = engine_submit(s);

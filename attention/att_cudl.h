@@ -127,15 +127,18 @@ at_err_t att_cudl_launch(att_cudl_sess_t *s, const lc_launch_t *l, uint32_t grid
  * refuses a graph of two launches (its programmatic edge or its instantiation for the device: an
  * invalid value or not supported; logged): the caller runs the call from the host, and
  * att_cudl_pairs is false from then on. Other failures through check (AT_ERR_DEVICE); the job
- * does not run, and any engine copy queued has finished. */
+ * does not run, and any engine copy queued has finished. After such a failure, or one of
+ * att_cudl_wait, the caller may only destroy the session: a job's number may still sit in the
+ * record, where a new launcher would take it with the next job's fields. */
 at_err_t att_cudl_submit(att_cudl_sess_t *s);
 /* Whether a call of two launches may come from the device. */
 bool att_cudl_pairs(const att_cudl_sess_t *s);
-/* How many times the host has launched the session's launcher. */
+/* How many times the host has launched the session's launcher, failed attempts included. */
 uint64_t att_cudl_starts(const att_cudl_sess_t *s);
 /* Spins until the job is done. AT_ERR_DEVICE (through check) when the context faults (the
  * device is then lost), or when the job's graph or the launcher could not be launched (then the
- * job did not run: the caller may run the call from the host). */
+ * job did not run, or ran unseen: a call writes only what running it again from the host
+ * writes, so the caller may do that; any engine copy queued has finished). */
 at_err_t att_cudl_wait(att_cudl_sess_t *s);
 
 /* Threads per block of the copy kernels. */

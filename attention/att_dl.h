@@ -17,8 +17,8 @@
  * host, seeing running 0 (or the launcher's stream empty) before the job is done, launches it
  * again. ATT_DL_QUIT ends it for good.
  *
- * The fields both sides race on (seq, done, running) are C11 atomics on the host, where the C
- * compiler reads this; the same 32 bits on the device. */
+ * The fields both sides race on (seq, pending, done, running) are C11 atomics on the host, where
+ * the C compiler reads this; the same 32 bits on the device. */
 #ifndef AT_ATTENTION_ATT_DL_H
 #define AT_ATTENTION_ATT_DL_H
 
@@ -36,8 +36,9 @@
 #define ATT_DL_MAX_UPDATES 4u   /* the copy-in node, one or two launches, the copy-out node */
 #define ATT_DL_PARAM_BYTES 256u /* at least LC_MAX_PARAM_BYTES */
 /* How long a launcher waits for a pending job's number (ns): far past the copy engine's time for
- * the largest call (a 256 MiB message: 5 ms on the H200's link); only a failed submission's job
- * never comes, and then the session's teardown ends the launcher at once. */
+ * the calls a server takes (a 256 MiB message: 5 ms on the H200's link); past it the waiting
+ * host launches the launcher again. A failed submission's number never comes, and then the
+ * session's teardown ends the launcher at once. */
 #define ATT_DL_PENDING_NS 200000000ull
 
 /* The parameter block of att_k_copy: n byte ranges from src_d to dst_d (device addresses;

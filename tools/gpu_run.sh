@@ -105,10 +105,11 @@ if has sanitize; then
   export LD_LIBRARY_PATH="$here/dist/gpu/lib:/tmp/attnd-nvrtc"
   export ATTND_CUDADEVRT="$here/dist/gpu/lib/libcudadevrt.a"
   # split-KV (the merge in the kernel), the device-resident block tables, the SM partitions, the
-  # last wave's split tiles, q, k and v uploaded in one copy, q and out in host memory
+  # last wave's split tiles, q, k and v uploaded in one copy, q and out in host memory,
+  # device-launched calls, the copy engine carrying a device-launched call's inputs
   for tool in memcheck racecheck; do
     for f in split_kv tables_follow mixed_on_partitions tail_split adjacent_tensors q_and_out \
-             device_launched; do
+             device_launched engine_copies; do
       note "compute-sanitizer $tool on *$f*"
       ATTND_TEST_FILTER="*$f*" timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         dist/gpu/bin/test_att_cuda > "$out/sanitizer_${tool}_$f.log" 2>&1
