@@ -172,6 +172,15 @@ static bool device_launches(const char **why) {
     return false;
 }
 
+/* Skips the test (with a line saying why) unless CUDA backends launch calls from the device. */
+static void need_device_launches(void) {
+    const char *why = NULL;
+    if (!device_launches(&why)) {
+        printf("SKIP: %s: every call launches from the host\n", why);
+        skip();
+    }
+}
+
 /* Whether a CUDA backend's kernels read q and write out in host memory where they can
  * (att_cuda.c, "direct I/O"): unless ATTND_CUDA_IO=staged, on a device that can use registered
  * memory at its host address. */
@@ -968,11 +977,7 @@ static void test_att_cuda_q_and_out_in_host_memory(void **state) {
 static void test_att_cuda_engine_copies_past_the_bound(void **state) {
     (void)state;
     NEED_GPU();
-    const char *why = NULL;
-    if (!device_launches(&why)) {
-        printf("SKIP: %s: every call launches from the host\n", why);
-        skip();
-    }
+    need_device_launches();
     enum { HQ = 8, HKV = 2, D = 128, BIG = 40960 }; /* bf16: 1 KiB of k and v a token */
     att_rig_spec_t s;
     att_rig_spec_init(&s, ATT_DTYPE_BF16, 1, HQ, HKV, D, 16);
@@ -1029,11 +1034,7 @@ static void test_att_cuda_engine_copies_past_the_bound(void **state) {
 static void test_att_cuda_device_launched_calls(void **state) {
     (void)state;
     NEED_GPU();
-    const char *why = NULL;
-    if (!device_launches(&why)) {
-        printf("SKIP: %s: every call launches from the host\n", why);
-        skip();
-    }
+    need_device_launches();
     att_cuda_plan_t plan;
     memset(&plan, 0, sizeof plan);
     plan.mixed_wide_sms = ATT_CUDA_NEVER;
