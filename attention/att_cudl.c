@@ -353,9 +353,12 @@ static uint32_t running(const att_cudl_sess_t *s) {
     return atomic_load_explicit(&s->st->running, memory_order_acquire);
 }
 
+/* Waits for the engine copies queued and the stream write behind them: after a failed
+ * submission or wait, so none lands while the host runs the call, and before a quit. */
+static void engine_settle(att_cudl_sess_t *s) { (void)CK(s->dl, cuStreamSynchronize(s->engine)); }
+
 void att_cudl_sess_quiesce(att_cudl_sess_t *s) {
-    /* first: a queued write of a job's number would overwrite the quit */
-    (void)CK(s->dl, cuStreamSynchronize(s->engine));
+    engine_settle(s); /* first: a queued write of a job's number would overwrite the quit */
     if (running(s))
         atomic_store_explicit(&s->job->seq, ATT_DL_QUIT, memory_order_release);
     (void)CK(s->dl, cuStreamSynchronize(s->stream));
@@ -534,10 +537,6 @@ static at_err_t engine_submit(att_cudl_sess_t *s) {
                cuStreamWriteValue32(s->engine, s->job_d + offsetof(att_dl_job_t, seq), s->seq, 0));
     return e;
 }
-
-/* After a failed submission or wait: the engine copies queued have finished, so none lands
- * while the host runs the call. */
-static void engine_settle(att_cudl_sess_t *s) { (void)CK(s->dl, cuStreamSynchronize(s->engine)); }
 
 at_err_t att_cudl_submit(att_cudl_sess_t *s) {
     const uint32_t n = s->num_pending;
