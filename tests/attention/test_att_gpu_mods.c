@@ -99,6 +99,23 @@ static bool compiled_soon(att_jit_t *j, const att_gpu_cq_t *q, const att_model_t
     return false;
 }
 
+/* A new session's two modules of tiles first (one per kind), fetched (compiled) and loaded;
+ * the fetched images released and cleared. what labels a failure. */
+static void load_first(att_gpu_mods_t *s, att_jit_t *j, att_gpu_cq_t *q, const att_model_t *m,
+                       const att_tile_t *first, const char *what) {
+    att_gpu_fetch_t f[ATT_TILE_KINDS];
+    memset(f, 0, sizeof f);
+    at_diag_t d = {{0}};
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        att_gpu_cq_opts(q, m, &first[k], &f[k].opts);
+    att_gpu_fetch_images(j, "sm_90", f);
+    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
+        TU_CHECK(att_gpu_mods_load_first(s, k, &first[k], &f[k], &d) == AT_OK, "%s %u: %s", what, k,
+                 d.msg);
+    att_gpu_fetch_release(f);
+    TU_CHECK(f[0].img == NULL && f[1].img == NULL, "%s: released images are cleared", what);
+}
+
 static void test_att_gpu_mods_switches_and_frees(void **state) {
     (void)state;
     const att_jit_compiler_t cc = {"fake 1.0", "bin", fake_compile, NULL};
@@ -119,17 +136,8 @@ static void test_att_gpu_mods_switches_and_frees(void **state) {
     /* a new session's two modules, fetched (compiled) and loaded */
     att_gpu_mods_t s;
     att_gpu_mods_init(&s, &g_loader, kv, lc);
-    att_gpu_fetch_t f[ATT_TILE_KINDS];
-    memset(f, 0, sizeof f);
     const att_tile_t first[ATT_TILE_KINDS] = {tile(32), tile(64)};
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        att_gpu_cq_opts(&q, &m, &first[k], &f[k].opts);
-    att_gpu_fetch_images(j, "sm_90", f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        TU_CHECK(att_gpu_mods_load_first(&s, k, &first[k], &f[k], &d) == AT_OK, "first %u: %s", k,
-                 d.msg);
-    att_gpu_fetch_release(f);
-    TU_CHECK(f[0].img == NULL && f[1].img == NULL, "released images are cleared");
+    load_first(&s, j, &q, &m, first, "first");
 
     /* a switch to tiles not compiled yet: NOT_READY, nothing loaded, both queued */
     const att_tile_t next[ATT_TILE_KINDS] = {tile(16), tile(128)};
@@ -157,14 +165,7 @@ static void test_att_gpu_mods_switches_and_frees(void **state) {
 
     /* a table on a device that is gone: forgotten, not unloaded, each record once */
     att_gpu_mods_init(&s, &g_loader, kv, lc);
-    memset(f, 0, sizeof f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        att_gpu_cq_opts(&q, &m, &first[k], &f[k].opts);
-    att_gpu_fetch_images(j, "sm_90", f);
-    for (uint32_t k = 0; k < ATT_TILE_KINDS; k++)
-        TU_CHECK(att_gpu_mods_load_first(&s, k, &first[k], &f[k], &d) == AT_OK, "again %u: %s", k,
-                 d.msg);
-    att_gpu_fetch_release(f);
+    load_first(&s, j, &q, &m, first, "again");
     const unsigned unloads = g_unloads;
     att_gpu_mods_forget(&s);
     att_gpu_mods_fini(&s); /* nothing left to unload */
